@@ -1,0 +1,7 @@
+"""jaxattn: exact and block-sparse attention for JAX, with Pallas FlashAttention kernels."""
+
+from jaxattn import masks
+from jaxattn.api import available_implementations, dot_product_attention
+
+__all__ = ["dot_product_attention", "available_implementations", "masks"]
+__version__ = "0.1.0"

@@ -1,0 +1,49 @@
+"""Registers the built-in implementations beyond the reference.
+
+"xla" and "cudnn" call `jax.nn.dot_product_attention` (the baselines we measure
+against); "pallas_triton" is jaxattn's own FlashAttention kernel.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from jaxattn.api import register_implementation
+from jaxattn.masks import CausalMask, FullMask, Mask
+from jaxattn.reference import allowed_pairs
+
+
+def _jax_nn(implementation, query, key, value, bias, mask: Mask, *, scale, logits_soft_cap,
+            return_residuals):
+    if logits_soft_cap is not None:
+        raise NotImplementedError("jax.nn.dot_product_attention has no logits_soft_cap")
+    if implementation == "cudnn" and jax.default_backend() != "gpu":
+        raise NotImplementedError("cuDNN attention needs a CUDA GPU")
+    if implementation == "cudnn" and query.dtype not in (jnp.bfloat16, jnp.float16):
+        raise NotImplementedError("cuDNN attention takes bfloat16/float16 only")
+    return _jax_nn_jit(query, key, value, bias, mask, implementation=implementation, scale=scale,
+                       return_residuals=return_residuals)
+
+
+@functools.partial(jax.jit, static_argnames=("implementation", "scale", "return_residuals"))
+def _jax_nn_jit(query, key, value, bias, mask, *, implementation, scale, return_residuals):
+    t, s = query.shape[1], key.shape[1]
+    kwargs = {}
+    if isinstance(mask, CausalMask) and mask.offset == 0:
+        kwargs["is_causal"] = True
+    elif not isinstance(mask, FullMask):
+        kwargs["mask"] = allowed_pairs(mask, t, s)
+    out = jax.nn.dot_product_attention(query, key, value, bias, scale=scale,
+                                       implementation=implementation,
+                                       return_residual=return_residuals, **kwargs)
+    if return_residuals:
+        out, lse = out
+        return out, jnp.swapaxes(lse, 1, 2).astype(jnp.float32)
+    return out
+
+
+register_implementation("xla", functools.partial(_jax_nn, "xla"))
+register_implementation("cudnn", functools.partial(_jax_nn, "cudnn"))

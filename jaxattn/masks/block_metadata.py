@@ -1,0 +1,123 @@
+"""From a Mask and tile sizes to the kernels' BlockMetadata (pallas_kernels/metadata.py).
+
+Static masks: numpy at trace time, cached per (mask, lengths, tiles); the tile states
+come from each mask's arithmetic, so a 128k × 128k mask at 128 × 128 tiles costs a
+[1024, 1024] int8 grid, never the dense matrix. Dynamic masks (segment ids, traced
+dense masks): the same steps in jnp, jittable, with the list length fixed at nK.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.metadata import FULL, PARTIAL, BlockMetadata
+from jaxattn.masks.base import AndMask, Mask
+from jaxattn.masks.data import DenseMask
+from jaxattn.masks.structured import CausalMask, FullMask, LocalMask
+
+
+def canonical_mask(mask=None, *, is_causal: bool = False, local_window_size=None) -> Mask:
+    """One Mask from the public arguments: mask (None | bool array | Mask) AND the
+    `is_causal` and `local_window_size` shorthands."""
+    if mask is None:
+        parts = []
+    elif isinstance(mask, Mask):
+        parts = [mask]
+    else:
+        parts = [DenseMask(mask)]
+    if is_causal:
+        parts.append(CausalMask())
+    if local_window_size is not None:
+        left, right = _window(local_window_size)
+        parts.append(LocalMask(left, right))
+    parts = [p for p in parts if not isinstance(p, FullMask)]
+    if not parts:
+        return FullMask()
+    out = parts[0]
+    for p in parts[1:]:
+        out = AndMask.of(out, p)
+    return out
+
+
+def _window(w):
+    if isinstance(w, (int, np.integer)) and not isinstance(w, bool):
+        w = (int(w), int(w))
+    if (not isinstance(w, (tuple, list)) or len(w) != 2
+            or not all(isinstance(x, (int, np.integer)) and not isinstance(x, bool) for x in w)):
+        raise ValueError(f"local_window_size must be an int or a (left, right) pair of ints, got {w!r}. "
+                         "Example: local_window_size=(256, 0) for a causal window of 256 past keys.")
+    if w[0] < 0 or w[1] < 0:
+        raise ValueError(f"local_window_size must be non-negative, got {tuple(w)}. "
+                         "Pass the number of keys visible on each side, e.g. (128, 0).")
+    return int(w[0]), int(w[1])
+
+
+def tile_states(mask: Mask, q_len: int, kv_len: int, block_q: int, block_kv: int):
+    """int8 [Bm, Hm, nQ, nK] with tiles holding padded key columns demoted from FULL."""
+    state = mask.tile_state(q_len, kv_len, block_q, block_kv)
+    xp = np if isinstance(state, np.ndarray) else jnp
+    while state.ndim < 4:
+        state = state[None]
+    if kv_len % block_kv:
+        last_col = xp.arange(state.shape[-1]) == state.shape[-1] - 1
+        state = xp.where(last_col & (state == FULL), PARTIAL, state).astype(xp.int8)
+    return state
+
+
+def _lists(selected, length, xp):
+    """Ascending indices of the True entries along the last axis, padded to `length`
+    by repeating the last valid index; and their counts."""
+    count = selected.sum(-1).astype(xp.int32)
+    if xp is np:
+        order = np.argsort(~selected, axis=-1, kind="stable")[..., :length]
+    else:
+        order = jnp.argsort(~selected, axis=-1, stable=True)[..., :length]
+    last = xp.take_along_axis(order, xp.maximum(count - 1, 0)[..., None], axis=-1)
+    pos = xp.arange(length)
+    index = xp.where(pos < count[..., None], order, last)
+    index = xp.where(count[..., None] > 0, index, 0)
+    return count, index.astype(xp.int32)
+
+
+def _metadata_from_states(state, q_len, kv_len, block_q, block_kv, xp):
+    full, partial = state == FULL, state == PARTIAL
+    t_full, t_partial = xp.swapaxes(full, -1, -2), xp.swapaxes(partial, -1, -2)
+    if xp is np:
+        def length(sel):
+            return max(1, int(sel.sum(-1).max(initial=0)))
+    else:
+        def length(sel):
+            return max(1, sel.shape[-1])
+    fc, fi = _lists(full, length(full), xp)
+    pc, pi = _lists(partial, length(partial), xp)
+    tfc, tfi = _lists(t_full, length(t_full), xp)
+    tpc, tpi = _lists(t_partial, length(t_partial), xp)
+    return BlockMetadata(fc, fi, pc, pi, tfc, tfi, tpc, tpi,
+                         block_q=block_q, block_kv=block_kv, q_len=q_len, kv_len=kv_len)
+
+
+@functools.lru_cache(maxsize=256)
+def _static_metadata(mask: Mask, q_len: int, kv_len: int, block_q: int, block_kv: int):
+    state = tile_states(mask, q_len, kv_len, block_q, block_kv)
+    return _metadata_from_states(state, q_len, kv_len, block_q, block_kv, np)
+
+
+def build_block_metadata(mask: Mask, q_len: int, kv_len: int, block_q: int,
+                         block_kv: int) -> BlockMetadata:
+    """Block metadata for `mask` at tiles (block_q, block_kv). numpy arrays (cached) for
+    static masks, jnp arrays (traceable) for dynamic ones."""
+    if not mask.is_dynamic:
+        return _static_metadata(mask, q_len, kv_len, block_q, block_kv)
+    state = tile_states(mask, q_len, kv_len, block_q, block_kv)
+    return _metadata_from_states(jnp.asarray(state), q_len, kv_len, block_q, block_kv, jnp)
+
+
+def dense_tile_states(dense: np.ndarray, block_q: int, block_kv: int) -> np.ndarray:
+    """Tile states straight from a dense [T, S] bool matrix (the oracle the tests hold
+    the arithmetic to)."""
+    t, s = dense.shape
+    return np.asarray(DenseMask(np.asarray(dense)).tile_state(t, s, block_q, block_kv))[0, 0]

@@ -1,0 +1,128 @@
+"""The block-sparse contract shared by every kernel backend.
+
+A kernel never sees a Mask object. It sees two things, both defined here:
+
+* :class:`BlockMetadata` — for tile sizes ``(block_q, block_kv)`` every tile of the
+  [T, S] score matrix is EMPTY (never loaded), FULL (every pair allowed: no mask work)
+  or PARTIAL (the mask is evaluated inside the tile). Per q-block the forward and dQ
+  kernels get the ordered kv-blocks to visit, split into a full list and a partial list;
+  per kv-block the dK/dV kernel gets the transposed lists.
+
+* :class:`TileMask` — how to evaluate the mask inside a partial tile: a static,
+  hashable function of the absolute query/key positions and of the tiles of a few
+  operand arrays (segment ids, a dense mask, a block layout) that the kernel loads.
+
+Shape legend (written once): B batch, N query heads, T query length, S key length,
+nQ = ceil(T / block_q), nK = ceil(S / block_kv). ``Bm`` is 1 or B and ``Hm`` is 1 or N:
+metadata of a mask that is the same for every batch row / head has a leading 1 there.
+
+Lengths that are not a multiple of the tile: the kernels pad T and S up to whole tiles.
+A tile that holds padded key columns (j >= kv_len) is never FULL, so the kernel masks
+the padding in it; padded query rows are never read back.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+# Tile states, ordered so that AND is min and OR is max.
+EMPTY = 0
+PARTIAL = 1
+FULL = 2
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class BlockMetadata:
+    """Which tiles each kernel visits.
+
+    Fields (all int32):
+
+    full_count      [Bm, Hm, nQ]        number of FULL kv-blocks of each q-block
+    full_index      [Bm, Hm, nQ, Lf]    their kv-block indices, ascending; entries past the
+                                        count repeat the last valid index (safe to prefetch)
+    partial_count   [Bm, Hm, nQ]        number of PARTIAL kv-blocks of each q-block
+    partial_index   [Bm, Hm, nQ, Lp]    their indices, ascending, padded the same way
+    t_full_count    [Bm, Hm, nK]        transposed lists for the dK/dV pass: the FULL
+    t_full_index    [Bm, Hm, nK, Lft]   q-blocks of each kv-block ...
+    t_partial_count [Bm, Hm, nK]        ... and its PARTIAL q-blocks
+    t_partial_index [Bm, Hm, nK, Lpt]
+
+    Static fields: block_q, block_kv (tile sizes), q_len, kv_len (unpadded lengths).
+    L* >= 1 always (an all-empty row has count 0 and index 0).
+    """
+
+    full_count: jax.Array
+    full_index: jax.Array
+    partial_count: jax.Array
+    partial_index: jax.Array
+    t_full_count: jax.Array
+    t_full_index: jax.Array
+    t_partial_count: jax.Array
+    t_partial_index: jax.Array
+    block_q: int = dataclasses.field(metadata=dict(static=True))
+    block_kv: int = dataclasses.field(metadata=dict(static=True))
+    q_len: int = dataclasses.field(metadata=dict(static=True))
+    kv_len: int = dataclasses.field(metadata=dict(static=True))
+
+    @property
+    def num_q_blocks(self) -> int:
+        return self.full_count.shape[-1]
+
+    @property
+    def num_kv_blocks(self) -> int:
+        return self.t_full_count.shape[-1]
+
+    def visited_tiles(self) -> jax.Array:
+        """Tiles the forward pass visits, summed over every (Bm, Hm) slice."""
+        return jnp.sum(self.full_count) + jnp.sum(self.partial_count)
+
+
+# Operand kinds a TileMask may ask the kernel to load for a tile at rows
+# [q0, q0 + block_q) and columns [k0, k0 + block_kv) of batch row b, head h:
+#   "q"     array [Bm, T]          -> tile [block_q, 1]         (query segment ids)
+#   "kv"    array [Bm, S]          -> tile [1, block_kv]        (key segment ids)
+#   "qkv"   array [Bm, Hm, T, S]   -> tile [block_q, block_kv]  (dense mask, int8/bool)
+#   "block" array [Bm, Hm, nBq, nBk] with layout block sizes (bq, bk) that are multiples
+#           of the tile sizes      -> scalar layout[b, h, q0 // bq, k0 // bk]
+# The wrapper pads "q"/"kv"/"qkv" operands along T/S to whole tiles.
+OPERAND_KINDS = ("q", "kv", "qkv", "block")
+
+
+@dataclasses.dataclass(frozen=True)
+class MaskOperand:
+    kind: str
+    array: Any
+    layout_block: tuple[int, int] | None = None  # (bq, bk) for kind "block"
+
+    def __post_init__(self):
+        if self.kind not in OPERAND_KINDS:
+            raise ValueError(f"operand kind must be one of {OPERAND_KINDS}, got {self.kind!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class TileMask:
+    """How a kernel evaluates the mask inside a PARTIAL tile.
+
+    ``fn(q_pos, kv_pos, operand_tiles) -> bool`` where q_pos is int32 [block_q, 1] and
+    kv_pos int32 [1, block_kv] (absolute positions) and operand_tiles is a tuple with one
+    loaded tile per operand (see OPERAND_KINDS); the result broadcasts to
+    [block_q, block_kv]. ``fn`` must be hashable (it is part of the kernel's static
+    identity) and built from jnp element-wise ops only, so it lowers in every backend.
+    The kernel itself ANDs the result with ``kv_pos < kv_len``.
+    """
+
+    fn: Callable[..., jax.Array]
+    operands: tuple[MaskOperand, ...] = ()
+
+    @property
+    def static_key(self):
+        return (self.fn, tuple((o.kind, o.layout_block) for o in self.operands))
+
+
+def pad_to_multiple(n: int, m: int) -> int:
+    return -(-n // m) * m
