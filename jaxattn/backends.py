@@ -47,3 +47,12 @@ def _jax_nn_jit(query, key, value, bias, mask, *, implementation, scale, return_
 
 register_implementation("xla", functools.partial(_jax_nn, "xla"))
 register_implementation("cudnn", functools.partial(_jax_nn, "cudnn"))
+
+
+def _pallas_triton(query, key, value, bias, mask, *, scale, logits_soft_cap, return_residuals):
+    from jaxattn.flash import pallas_attention
+    return pallas_attention("pallas_triton", query, key, value, bias, mask, scale=scale,
+                            logits_soft_cap=logits_soft_cap, return_residuals=return_residuals)
+
+
+register_implementation("pallas_triton", _pallas_triton)

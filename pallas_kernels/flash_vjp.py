@@ -1,0 +1,71 @@
+"""Backend-neutral FlashAttention custom VJP.
+
+Every kernel backend (Triton today, Mosaic GPU next) implements the same two calls
+
+    backend.forward(static, q, k, v, fwd_meta, operands)            -> (out, lse)
+    backend.backward(static, q, k, v, out, lse, dout, delta,
+                     fwd_meta, bwd_meta, operands)                   -> (dq, dk, dv)
+
+on unpadded BTNH arrays, and this module wires them into one `jax.custom_vjp`. The
+metadata (pallas_kernels/metadata.py) and the mask operands travel as ordinary,
+non-differentiable inputs, so a traced SegmentMask works under jit and grad.
+
+Backward identities (FlashAttention-2, Algorithm 2), with P = softmax(S) and
+D_i = Σ_j dO_ij · O_ij = rowsum(dO ∘ O):
+    dV = Pᵀ dO,   dP = dO Vᵀ,   dS = P ∘ (dP − D),   dQ = scale · dS K,   dK = scale · dSᵀ Q.
+A cotangent on the lse output adds P ∘ dlse to dS, i.e. D ← D − dlse, so attention
+built from merged partial results (ring attention) differentiates exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.metadata import BlockMetadata
+
+
+@dataclasses.dataclass(frozen=True)
+class FlashStatic:
+    """Everything static about one attention call (hashable: part of the jit key)."""
+
+    backend: Any                       # module/object with forward() and backward()
+    scale: float
+    logits_soft_cap: float | None
+    mask_fn: Callable | None           # TileMask.fn, or None when no tile is partial
+    operand_kinds: tuple               # ((kind, layout_block), ...) matching `operands`
+    config: Any                        # backend config (tile sizes, warps, stages)
+    interpret: bool
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def flash_attention(static: FlashStatic, q, k, v, fwd_meta: BlockMetadata,
+                    bwd_meta: BlockMetadata, operands: tuple):
+    """(out [B, T, N, H], lse [B, N, T] float32 natural log; -inf on empty rows)."""
+    return static.backend.forward(static, q, k, v, fwd_meta, operands)
+
+
+def _fwd(static, q, k, v, fwd_meta, bwd_meta, operands):
+    out, lse = static.backend.forward(static, q, k, v, fwd_meta, operands)
+    return (out, lse), (q, k, v, out, lse, fwd_meta, bwd_meta, operands)
+
+
+def _bwd(static, residuals, cotangents):
+    q, k, v, out, lse, fwd_meta, bwd_meta, operands = residuals
+    dout, dlse = cotangents
+    acc = jnp.float64 if q.dtype == jnp.float64 else jnp.float32
+    # D = rowsum(dO ∘ O) − dlse, laid out like lse: [B, N, T].
+    delta = jnp.einsum("btnh,btnh->bnt", dout.astype(acc), out.astype(acc))
+    if dlse is not None and not isinstance(dlse, jax.custom_derivatives.SymbolicZero):
+        delta = delta - dlse.astype(acc)
+    dq, dk, dv = static.backend.backward(static, q, k, v, out, lse, dout, delta,
+                                         fwd_meta, bwd_meta, operands)
+    # Metadata and mask operands are integer data: no cotangent.
+    return (dq, dk, dv, None, None, None)
+
+
+flash_attention.defvjp(_fwd, _bwd)

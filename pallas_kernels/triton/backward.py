@@ -1,0 +1,199 @@
+"""Block-sparse FlashAttention backward kernels (Pallas, Triton lowering).
+
+Two kernels, no atomics, so the result is bitwise deterministic:
+
+* dK/dV: one program per (kv-block j, batch b, kv head kh). It keeps K_j, V_j on chip and,
+  for each of the G query heads sharing kh (GQA), walks the q-blocks the *transposed*
+  metadata lists for kv-block j — FULL ones first, then PARTIAL ones:
+      P = exp(S − lse),  dV += Pᵀ dO,  dP = dO Vᵀ,  dS = P ∘ (dP − D),  dK += dSᵀ Q.
+* dQ: one program per (q-block i, batch b, query head n), walking the same kv-block
+  lists as the forward:  dQ += dS K.
+
+Both skip EMPTY tiles exactly like the forward, so backward cost follows the number of
+non-empty tiles. D = rowsum(dO ∘ O) − dlse comes precomputed (pallas_kernels/flash_vjp.py).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from pallas_kernels.metadata import pad_to_multiple
+from pallas_kernels.triton.common import (LOG2E, acc_dtype, dot_nn, dot_nt, dot_tn,
+                                          forward_table, make_operand_access, pad_axis, pad_btnh,
+                                          padded_head_dim, prepare_operands, scaled_logits,
+                                          tile_keep, transposed_table)
+
+
+def _probabilities_and_dlogits(q, k, v, do, lse2, delta, keep, *, scale, cap, acc):
+    """Recompute P for one tile from the saved lse, then dS (w.r.t. the raw q·k)."""
+    logits, tanh = scaled_logits(dot_nt(q, k, acc), scale, cap)
+    p = jnp.exp2(logits * LOG2E - lse2[:, None])
+    if keep is not None:
+        p = jnp.where(keep, p, 0.0)
+    dp = dot_nt(do, v, acc)
+    ds = p * (dp - delta[:, None])
+    if cap is not None:
+        ds = ds * (1.0 - tanh * tanh)   # d(c·tanh(x/c))/dx
+    return p, ds
+
+
+def _dkdv_kernel(table_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, n_operands,
+                 accesses, mask_fn, n_full_slots, per_head_table, groups, scale, cap, kv_len,
+                 bq, bk, acc):
+    operand_refs = refs[:n_operands]
+    dk_ref, dv_ref = refs[n_operands:]
+    j = pl.program_id(0)
+    kv_start = j * bk
+    k = k_ref[...]                                        # [bk, Hp], on chip throughout
+    v = v_ref[...]
+    hp = k.shape[-1]
+
+    def visit(slot, carry, *, g, table, partial):
+        dk, dv = carry
+        q_start = pl.multiple_of(table[slot] * bq, bq)
+        rows = pl.ds(q_start, bq)
+        q = q_ref[rows, g, :]
+        do = do_ref[rows, g, :]
+        lse2 = lse_ref[g, rows] * LOG2E
+        delta = delta_ref[g, rows]
+        keep = None
+        if partial:
+            keep = tile_keep(mask_fn, accesses, operand_refs, q_start, kv_start, kv_len,
+                             bq=bq, bk=bk, g=g)
+        p, ds = _probabilities_and_dlogits(q, k, v, do, lse2, delta, keep, scale=scale, cap=cap,
+                                           acc=acc)
+        dv = dv + dot_tn(p.astype(do.dtype), do, acc)
+        dk = dk + dot_tn(ds.astype(q.dtype), q, acc)
+        return dk, dv
+
+    carry = (jnp.zeros((bk, hp), acc), jnp.zeros((bk, hp), acc))
+    for g in range(groups):                                  # query heads sharing this kv head
+        table = table_ref.at[g] if per_head_table else table_ref
+        n_full, n_partial = table[0], table[1]
+        carry = jax.lax.fori_loop(
+            2, 2 + n_full, functools.partial(visit, g=g, table=table, partial=False), carry)
+        first_partial = 2 + n_full_slots
+        carry = jax.lax.fori_loop(
+            first_partial, first_partial + n_partial,
+            functools.partial(visit, g=g, table=table, partial=True), carry)
+    dk, dv = carry
+    dk_ref[...] = (dk * scale).astype(dk_ref.dtype)
+    dv_ref[...] = dv.astype(dv_ref.dtype)
+
+
+def _dq_kernel(table_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, n_operands,
+               accesses, mask_fn, n_full_slots, scale, cap, kv_len, bq, bk, acc):
+    operand_refs = refs[:n_operands]
+    (dq_ref,) = refs[n_operands:]
+    q_start = pl.program_id(0) * bq
+    q = q_ref[...]
+    do = do_ref[...]
+    lse2 = lse_ref[...] * LOG2E
+    delta = delta_ref[...]
+
+    def visit(slot, dq, *, partial):
+        kv_start = pl.multiple_of(table_ref[slot] * bk, bk)
+        k = k_ref[pl.ds(kv_start, bk), :]
+        v = v_ref[pl.ds(kv_start, bk), :]
+        keep = None
+        if partial:
+            keep = tile_keep(mask_fn, accesses, operand_refs, q_start, kv_start, kv_len,
+                             bq=bq, bk=bk)
+        _, ds = _probabilities_and_dlogits(q, k, v, do, lse2, delta, keep, scale=scale, cap=cap,
+                                           acc=acc)
+        return dq + dot_nn(ds.astype(k.dtype), k, acc)
+
+    dq = jnp.zeros(q.shape, acc)
+    n_full, n_partial = table_ref[0], table_ref[1]
+    dq = jax.lax.fori_loop(2, 2 + n_full, functools.partial(visit, partial=False), dq)
+    first_partial = 2 + n_full_slots
+    dq = jax.lax.fori_loop(first_partial, first_partial + n_partial,
+                           functools.partial(visit, partial=True), dq)
+    dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
+
+
+def backward(static, q, k, v, out, lse, dout, delta, fwd_meta, bwd_meta, operands):
+    del out, fwd_meta  # D already folds in O; the backward has its own tile metadata.
+    cfg = static.config
+    b, t, n, h = q.shape
+    s, kh = k.shape[1], k.shape[2]
+    groups = n // kh
+    bq, bk = cfg.block_q_bwd, cfg.block_kv_bwd
+    assert (bwd_meta.block_q, bwd_meta.block_kv) == (bq, bk), "metadata built for other tiles"
+    hp = padded_head_dim(h)
+    tp, sp = pad_to_multiple(t, bq), pad_to_multiple(s, bk)
+    acc = acc_dtype(q.dtype)
+    qp, dop = pad_btnh(q, tp, hp), pad_btnh(dout.astype(q.dtype), tp, hp)
+    kp, vp = pad_btnh(k, sp, hp), pad_btnh(v, sp, hp)
+    # Padded rows: lse = 0 and D = 0 keep P finite, and dO = 0 makes their dS and dV zero.
+    lse_p = pad_axis(lse.astype(acc), 2, tp)
+    delta_p = pad_axis(delta.astype(acc), 2, tp)
+    prepared = prepare_operands(operands, static.operand_kinds, t, s, tp, sp, bq, bk)
+    common = dict(mask_fn=static.mask_fn, scale=static.scale, cap=static.logits_soft_cap,
+                  kv_len=s, bq=bq, bk=bk, acc=acc)
+    params = plgpu.CompilerParams(num_warps=cfg.num_warps_bwd, num_stages=cfg.num_stages_bwd)
+
+    # ---- dK, dV: programs over kv-blocks, transposed lists --------------------------
+    t_table, t_full_slots = transposed_table(bwd_meta)
+    tbm, thm = t_table.shape[:2]
+    per_head_table = thm > 1
+    accesses = make_operand_access(prepared, "cols", bq=bq, bk=bk, groups=groups)
+    bsel = (lambda bb: bb) if tbm > 1 else (lambda bb: 0)
+    dkdv_in_specs = [
+        pl.BlockSpec((None, groups if per_head_table else None, None, t_table.shape[-1]),
+                     lambda j, bb, hh: (bsel(bb), hh if per_head_table else 0, j, 0)),
+        pl.BlockSpec((None, tp, groups, hp), lambda j, bb, hh: (bb, 0, hh, 0)),    # q (group)
+        pl.BlockSpec((None, bk, None, hp), lambda j, bb, hh: (bb, j, hh, 0)),      # k
+        pl.BlockSpec((None, bk, None, hp), lambda j, bb, hh: (bb, j, hh, 0)),      # v
+        pl.BlockSpec((None, tp, groups, hp), lambda j, bb, hh: (bb, 0, hh, 0)),    # dO (group)
+        pl.BlockSpec((None, groups, tp), lambda j, bb, hh: (bb, hh, 0)),           # lse
+        pl.BlockSpec((None, groups, tp), lambda j, bb, hh: (bb, hh, 0)),           # D
+        *[a.spec() for a in accesses],
+    ]
+    kv_out_spec = pl.BlockSpec((None, bk, None, hp), lambda j, bb, hh: (bb, j, hh, 0))
+    dk, dv = pl.pallas_call(
+        functools.partial(_dkdv_kernel, n_operands=len(accesses), accesses=accesses,
+                          n_full_slots=t_full_slots, per_head_table=per_head_table,
+                          groups=groups, **common),
+        grid=(sp // bk, b, kh),
+        in_specs=dkdv_in_specs,
+        out_specs=[kv_out_spec, kv_out_spec],
+        out_shape=[jax.ShapeDtypeStruct((b, sp, kh, hp), k.dtype),
+                   jax.ShapeDtypeStruct((b, sp, kh, hp), v.dtype)],
+        compiler_params=params,
+        interpret=static.interpret,
+        name="jaxattn_flash_dkdv",
+    )(t_table, qp, kp, vp, dop, lse_p, delta_p, *[a.arr for a in accesses])
+
+    # ---- dQ: programs over q-blocks, forward lists -----------------------------------
+    table, full_slots = forward_table(bwd_meta)
+    fbm, fhm = table.shape[:2]
+    accesses = make_operand_access(prepared, "rows", bq=bq, bk=bk, groups=groups)
+    dq_in_specs = [
+        pl.BlockSpec((None, None, None, table.shape[-1]),
+                     lambda i, bb, nn: (bb if fbm > 1 else 0, nn if fhm > 1 else 0, i, 0)),
+        pl.BlockSpec((None, bq, None, hp), lambda i, bb, nn: (bb, i, nn, 0)),
+        pl.BlockSpec((None, sp, None, hp), lambda i, bb, nn: (bb, 0, nn // groups, 0)),
+        pl.BlockSpec((None, sp, None, hp), lambda i, bb, nn: (bb, 0, nn // groups, 0)),
+        pl.BlockSpec((None, bq, None, hp), lambda i, bb, nn: (bb, i, nn, 0)),
+        pl.BlockSpec((None, None, bq), lambda i, bb, nn: (bb, nn, i)),
+        pl.BlockSpec((None, None, bq), lambda i, bb, nn: (bb, nn, i)),
+        *[a.spec() for a in accesses],
+    ]
+    dq = pl.pallas_call(
+        functools.partial(_dq_kernel, n_operands=len(accesses), accesses=accesses,
+                          n_full_slots=full_slots, **common),
+        grid=(tp // bq, b, n),
+        in_specs=dq_in_specs,
+        out_specs=pl.BlockSpec((None, bq, None, hp), lambda i, bb, nn: (bb, i, nn, 0)),
+        out_shape=jax.ShapeDtypeStruct((b, tp, n, hp), q.dtype),
+        compiler_params=params,
+        interpret=static.interpret,
+        name="jaxattn_flash_dq",
+    )(table, qp, kp, vp, dop, lse_p, delta_p, *[a.arr for a in accesses])
+    return dq[:, :t, :, :h], dk[:, :s, :, :h], dv[:, :s, :, :h]

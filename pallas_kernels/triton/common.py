@@ -1,0 +1,211 @@
+"""Pieces shared by the Triton forward and backward kernels.
+
+Inputs reach the kernels padded: T and S up to whole tiles, the head dim up to a power
+of two >= 16 (Triton tiles must be powers of two). Zero-padded head columns leave q·k
+unchanged; padded key columns sit only in PARTIAL tiles, where `kv_pos < kv_len` masks
+them; padded query rows are computed and dropped.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import pallas as pl
+
+from pallas_kernels.metadata import BlockMetadata
+
+# A finite stand-in for -inf inside the online softmax: -inf - -inf would be NaN.
+MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
+LOG2E = math.log2(math.e)
+LN2 = math.log(2.0)
+
+
+def acc_dtype(dtype):
+    """Accumulate in float32, or in float64 when the inputs are (gradient checks)."""
+    return jnp.float64 if jnp.dtype(dtype) == jnp.float64 else jnp.float32
+
+
+def padded_head_dim(h: int) -> int:
+    return max(16, pl.next_power_of_2(h))
+
+
+def pad_axis(x, axis: int, size: int, value=0):
+    pad = size - x.shape[axis]
+    if pad == 0:
+        return x
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (0, pad)
+    return jnp.pad(x, widths, constant_values=value)
+
+
+def pad_btnh(x, length: int, head_dim: int):
+    return pad_axis(pad_axis(x, 1, length), 3, head_dim)
+
+
+def pack_table(count_a, index_a, count_b, index_b):
+    """One int32 row per block: [n_a, n_b, a_0 .. a_{La-1}, b_0 .. b_{Lb-1}, 0 ...],
+    padded to a power-of-two length. Returns (table [Bm, Hm, n, L], La)."""
+    xp = np if isinstance(count_a, np.ndarray) and isinstance(count_b, np.ndarray) else jnp
+    la = index_a.shape[-1]
+    row = xp.concatenate([count_a[..., None], count_b[..., None], index_a, index_b], axis=-1)
+    length = pl.next_power_of_2(row.shape[-1])
+    if length != row.shape[-1]:
+        widths = [(0, 0)] * (row.ndim - 1) + [(0, length - row.shape[-1])]
+        row = xp.pad(row, widths)
+    return jnp.asarray(row.astype(np.int32)), la
+
+
+def forward_table(meta: BlockMetadata):
+    return pack_table(meta.full_count, meta.full_index, meta.partial_count, meta.partial_index)
+
+
+def transposed_table(meta: BlockMetadata):
+    return pack_table(meta.t_full_count, meta.t_full_index, meta.t_partial_count,
+                      meta.t_partial_index)
+
+
+def prepare_operands(operands, kinds, q_len, kv_len, q_pad, kv_pad, tile_q, tile_kv):
+    """Pad/broadcast mask operands for the kernels. A "block" layout whose blocks the
+    kernel tiles do not divide is expanded to a dense "qkv" operand.
+    Returns [(kind, layout_block, array)]."""
+    prepared = []
+    for (kind, layout_block), arr in zip(kinds, operands):
+        arr = jnp.asarray(arr)
+        if kind == "block":
+            lbq, lbk = layout_block
+            if lbq % tile_q or lbk % tile_kv:
+                arr = jnp.repeat(jnp.repeat(arr, lbq, axis=-2), lbk, axis=-1)
+                arr = pad_axis(pad_axis(arr[..., :q_len, :kv_len], 2, q_pad), 3, kv_pad)
+                kind, layout_block = "qkv", None
+            else:
+                arr = arr.astype(jnp.int32)
+        if kind == "q":
+            arr = pad_axis(arr.astype(jnp.int32), 1, q_pad)
+        elif kind == "kv":
+            arr = pad_axis(arr.astype(jnp.int32), 1, kv_pad)
+        elif kind == "qkv":
+            bm, hm = arr.shape[:2]
+            arr = jnp.broadcast_to(arr, (bm, hm, q_len, kv_len))  # size-1 T/S dims
+            arr = pad_axis(pad_axis(arr.astype(jnp.int8), 2, q_pad), 3, kv_pad)
+        prepared.append((kind, layout_block, arr))
+    return prepared
+
+
+def online_softmax_step(qk2, m_prev, l_prev, acc_prev, v, keep=None):
+    """One kv-tile of FlashAttention-2 Algorithm 1 (lines 8-10), in base 2.
+
+    qk2: logits × log2(e) [bq, bk]; keep: bool mask of allowed pairs (PARTIAL tiles) or
+    None (FULL tiles: no mask work at all). Masked probabilities are zeroed explicitly,
+    so a row that has seen no allowed key keeps l = 0 and acc = 0.
+    """
+    if keep is not None:
+        qk2 = jnp.where(keep, qk2, MASK_VALUE)
+    m_next = jnp.maximum(m_prev, jnp.max(qk2, axis=-1))
+    correction = jnp.exp2(m_prev - m_next)
+    p = jnp.exp2(qk2 - m_next[:, None])
+    if keep is not None:
+        p = jnp.where(keep, p, 0.0)
+    l_next = correction * l_prev + jnp.sum(p, axis=-1)
+    pv = jax.lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())),
+                             preferred_element_type=acc_prev.dtype)
+    return m_next, l_next, correction[:, None] * acc_prev + pv
+
+
+def dot_nt(a, b, acc):
+    """a @ b.T without materialising the transpose."""
+    return jax.lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=acc)
+
+
+def dot_tn(a, b, acc):
+    """a.T @ b."""
+    return jax.lax.dot_general(a, b, (((0,), (0,)), ((), ())), preferred_element_type=acc)
+
+
+def dot_nn(a, b, acc):
+    return jax.lax.dot_general(a, b, (((1,), (0,)), ((), ())), preferred_element_type=acc)
+
+
+def scaled_logits(qk, scale: float, cap: float | None):
+    """Raw q·k → logits (scale, then soft cap c·tanh(x/c)); also returns tanh for the
+    backward's chain rule (None without a cap)."""
+    if cap is None:
+        return qk * scale, None
+    t = jnp.tanh(qk * (scale / cap))
+    return cap * t, t
+
+
+# ---------------------------------------------------------------------------------
+# Mask operands inside the kernels. Two grid layouts exist:
+#   "rows": a program owns one q-block (forward, dQ): grid (nQ, B, N), ids (i, b, n);
+#   "cols": a program owns one kv-block of one kv head (dK/dV): grid (nK, B, K),
+#           ids (j, b, kh), looping over the G = N / K query heads of its group.
+# For each operand kind, spec() gives its BlockSpec and load() the tile (see the
+# OPERAND_KINDS table in pallas_kernels/metadata.py).
+# ---------------------------------------------------------------------------------
+class OperandAccess:
+    def __init__(self, kind, layout_block, arr, layout, *, bq, bk, groups):
+        self.kind, self.layout_block, self.arr = kind, layout_block, arr
+        self.layout, self.bq, self.bk, self.groups = layout, bq, bk, groups
+        self.per_batch = arr.shape[0] > 1
+        self.per_head = kind in ("qkv", "block") and arr.shape[1] > 1
+
+    def spec(self):
+        bsel = (lambda b: b) if self.per_batch else (lambda b: 0)
+        rows = self.layout == "rows"
+        kind, a = self.kind, self.arr
+        if kind == "q":
+            if rows:
+                return pl.BlockSpec((None, self.bq), lambda i, b, n: (bsel(b), i))
+            return pl.BlockSpec((None, a.shape[1]), lambda j, b, kh: (bsel(b), 0))
+        if kind == "kv":
+            if rows:
+                return pl.BlockSpec((None, a.shape[1]), lambda i, b, n: (bsel(b), 0))
+            return pl.BlockSpec((None, self.bk), lambda j, b, kh: (bsel(b), j))
+        hsel = (lambda h: h) if self.per_head else (lambda h: 0)
+        if kind == "qkv":
+            if rows:
+                return pl.BlockSpec((None, None, self.bq, a.shape[3]),
+                                    lambda i, b, n: (bsel(b), hsel(n), i, 0))
+            head_block = self.groups if self.per_head else None
+            return pl.BlockSpec((None, head_block, a.shape[2], self.bk),
+                                lambda j, b, kh: (bsel(b), hsel(kh), 0, j))
+        # "block": the whole (small) layout.
+        if rows:
+            return pl.BlockSpec((None, None, *a.shape[2:]), lambda i, b, n: (bsel(b), hsel(n), 0, 0))
+        head_block = self.groups if self.per_head else None
+        return pl.BlockSpec((None, head_block, *a.shape[2:]), lambda j, b, kh: (bsel(b), hsel(kh), 0, 0))
+
+    def load(self, ref, q_start, kv_start, g):
+        """Tile for absolute q rows [q_start, q_start+bq) and kv columns
+        [kv_start, kv_start+bk); g = query head within the group (cols layout)."""
+        rows = self.layout == "rows"
+        kind = self.kind
+        if kind == "q":
+            return (ref[...] if rows else ref[pl.ds(q_start, self.bq)])[:, None]
+        if kind == "kv":
+            return (ref[pl.ds(kv_start, self.bk)] if rows else ref[...])[None, :]
+        if not rows and self.per_head:
+            ref = ref.at[g]
+        if kind == "qkv":
+            return ref[:, pl.ds(kv_start, self.bk)] if rows else ref[pl.ds(q_start, self.bq), :]
+        lbq, lbk = self.layout_block
+        return ref[q_start // lbq, kv_start // lbk]
+
+
+def make_operand_access(prepared, layout, *, bq, bk, groups):
+    return [OperandAccess(kind, lb, arr, layout, bq=bq, bk=bk, groups=groups)
+            for kind, lb, arr in prepared]
+
+
+def tile_keep(mask_fn, accesses, refs, q_start, kv_start, kv_len, *, bq, bk, g=0):
+    """Allowed pairs of one PARTIAL tile: the mask at absolute positions AND kv < kv_len."""
+    q_pos = q_start + jax.lax.broadcasted_iota(jnp.int32, (bq, 1), 0)
+    kv_pos = kv_start + jax.lax.broadcasted_iota(jnp.int32, (1, bk), 1)
+    keep = kv_pos < kv_len
+    if mask_fn is not None:
+        values = tuple(a.load(r, q_start, kv_start, g) for a, r in zip(accesses, refs))
+        keep = keep & mask_fn(q_pos, kv_pos, values)
+    return jnp.broadcast_to(keep, (bq, bk))

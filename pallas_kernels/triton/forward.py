@@ -1,0 +1,114 @@
+"""Block-sparse FlashAttention forward kernel (Pallas, Triton lowering).
+
+One program per (q-block i, batch b, query head n). It keeps the q tile on chip and
+walks only the kv-blocks the metadata lists for its q-block — first the FULL ones (no
+mask work), then the PARTIAL ones (mask evaluated in the tile) — with the online
+softmax of FlashAttention-2 (Algorithm 1). EMPTY tiles are never loaded. It writes the
+output tile and the row log-sum-exp used by the backward pass.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from pallas_kernels.metadata import pad_to_multiple
+from pallas_kernels.triton.common import (LN2, LOG2E, MASK_VALUE, acc_dtype, dot_nt,
+                                          forward_table, make_operand_access, online_softmax_step,
+                                          pad_btnh, padded_head_dim, prepare_operands,
+                                          scaled_logits, tile_keep)
+
+
+def _forward_kernel(table_ref, q_ref, k_ref, v_ref, *refs, n_operands, accesses, mask_fn,
+                    n_full_slots, scale, cap, kv_len, bq, bk, acc):
+    operand_refs = refs[:n_operands]
+    o_ref, lse_ref = refs[n_operands:]
+    i = pl.program_id(0)
+    q_start = i * bq
+    q = q_ref[...]                                    # [bq, Hp], stays on chip
+    hp = q.shape[-1]
+
+    def visit(slot, carry, *, partial):
+        m_i, l_i, o_acc = carry
+        kv_block = table_ref[slot]
+        kv_start = pl.multiple_of(kv_block * bk, bk)
+        k = k_ref[pl.ds(kv_start, bk), :]
+        v = v_ref[pl.ds(kv_start, bk), :]
+        logits, _ = scaled_logits(dot_nt(q, k, acc), scale, cap)   # S = scale·QKᵀ [bq, bk]
+        keep = None
+        if partial:
+            keep = tile_keep(mask_fn, accesses, operand_refs, q_start, kv_start, kv_len,
+                             bq=bq, bk=bk)
+        return online_softmax_step(logits * LOG2E, m_i, l_i, o_acc, v, keep)
+
+    carry = (jnp.full((bq,), MASK_VALUE, acc), jnp.zeros((bq,), acc), jnp.zeros((bq, hp), acc))
+    n_full = table_ref[0]
+    n_partial = table_ref[1]
+    # FULL tiles: every pair allowed, so no iota, no compare, no select.
+    carry = jax.lax.fori_loop(2, 2 + n_full, functools.partial(visit, partial=False), carry)
+    # PARTIAL tiles: the mask (and kv padding) evaluated element-wise.
+    first_partial = 2 + n_full_slots
+    carry = jax.lax.fori_loop(first_partial, first_partial + n_partial,
+                              functools.partial(visit, partial=True), carry)
+    m_i, l_i, o_acc = carry
+
+    # Epilogue (Algorithm 1, line 12): O = acc / l; a row with no allowed key has
+    # l = 0 and returns O = 0 with lse = -inf.
+    nonempty = l_i > 0
+    l_safe = jnp.where(nonempty, l_i, 1.0)
+    o_ref[...] = (o_acc / l_safe[:, None]).astype(o_ref.dtype)
+    lse = jnp.where(nonempty, (m_i + jnp.log2(l_safe)) * LN2, -jnp.inf)
+    lse_ref[...] = lse.astype(lse_ref.dtype)
+
+
+def forward(static, q, k, v, fwd_meta, operands):
+    """q [B, T, N, H], k/v [B, S, K, H] → (out [B, T, N, H], lse [B, N, T])."""
+    cfg = static.config
+    b, t, n, h = q.shape
+    s, kh = k.shape[1], k.shape[2]
+    groups = n // kh
+    bq, bk = cfg.block_q, cfg.block_kv
+    assert (fwd_meta.block_q, fwd_meta.block_kv) == (bq, bk), "metadata built for other tiles"
+    hp = padded_head_dim(h)
+    tp, sp = pad_to_multiple(t, bq), pad_to_multiple(s, bk)
+    acc = acc_dtype(q.dtype)
+    qp, kp, vp = pad_btnh(q, tp, hp), pad_btnh(k, sp, hp), pad_btnh(v, sp, hp)
+
+    table, n_full_slots = forward_table(fwd_meta)
+    tbm, thm = table.shape[:2]
+    prepared = prepare_operands(operands, static.operand_kinds, t, s, tp, sp, bq, bk)
+    accesses = make_operand_access(prepared, "rows", bq=bq, bk=bk, groups=groups)
+
+    grid = (tp // bq, b, n)
+    in_specs = [
+        pl.BlockSpec((None, None, None, table.shape[-1]),
+                     lambda i, bb, nn: (bb if tbm > 1 else 0, nn if thm > 1 else 0, i, 0)),
+        pl.BlockSpec((None, bq, None, hp), lambda i, bb, nn: (bb, i, nn, 0)),
+        pl.BlockSpec((None, sp, None, hp), lambda i, bb, nn: (bb, 0, nn // groups, 0)),
+        pl.BlockSpec((None, sp, None, hp), lambda i, bb, nn: (bb, 0, nn // groups, 0)),
+        *[a.spec() for a in accesses],
+    ]
+    out_specs = [
+        pl.BlockSpec((None, bq, None, hp), lambda i, bb, nn: (bb, i, nn, 0)),
+        pl.BlockSpec((None, None, bq), lambda i, bb, nn: (bb, nn, i)),
+    ]
+    kernel = functools.partial(
+        _forward_kernel, n_operands=len(accesses), accesses=accesses, mask_fn=static.mask_fn,
+        n_full_slots=n_full_slots, scale=static.scale, cap=static.logits_soft_cap,
+        kv_len=s, bq=bq, bk=bk, acc=acc)
+    out, lse = pl.pallas_call(
+        kernel,
+        grid=grid,
+        in_specs=in_specs,
+        out_specs=out_specs,
+        out_shape=[jax.ShapeDtypeStruct((b, tp, n, hp), q.dtype),
+                   jax.ShapeDtypeStruct((b, n, tp), acc)],
+        compiler_params=plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
+        interpret=static.interpret,
+        name="jaxattn_flash_forward",
+    )(table, qp, kp, vp, *[a.arr for a in accesses])
+    return out[:, :t, :, :h], lse[:, :, :t]
