@@ -43,7 +43,7 @@ def _probabilities_and_dlogits(q, k, v, do, lse2, delta, keep, *, scale, cap, ac
 
 
 def _dkdv_kernel(table_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, n_operands,
-                 accesses, mask_fn, n_full_slots, per_head_table, groups, scale, cap, kv_len,
+                 accesses, mask_fn, n_full_slots, full_contiguous, per_head_table, groups, scale, cap, kv_len,
                  bq, bk, acc):
     operand_refs = refs[:n_operands]
     dk_ref, dv_ref = refs[n_operands:]
@@ -55,7 +55,8 @@ def _dkdv_kernel(table_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *re
 
     def visit(slot, carry, *, g, table, partial):
         dk, dv = carry
-        q_start = pl.multiple_of(table[slot] * bq, bq)
+        q_block = table[2] + (slot - 2) if (full_contiguous and not partial) else table[slot]
+        q_start = pl.multiple_of(q_block * bq, bq)
         rows = pl.ds(q_start, bq)
         q = q_ref[rows, g, :]
         do = do_ref[rows, g, :]
@@ -87,7 +88,7 @@ def _dkdv_kernel(table_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *re
 
 
 def _dq_kernel(table_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, n_operands,
-               accesses, mask_fn, n_full_slots, scale, cap, kv_len, bq, bk, acc):
+               accesses, mask_fn, n_full_slots, full_contiguous, scale, cap, kv_len, bq, bk, acc):
     operand_refs = refs[:n_operands]
     (dq_ref,) = refs[n_operands:]
     q_start = pl.program_id(0) * bq
@@ -96,8 +97,11 @@ def _dq_kernel(table_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs
     lse2 = lse_ref[...] * LOG2E
     delta = delta_ref[...]
 
+    first_full = table_ref[2]
+
     def visit(slot, dq, *, partial):
-        kv_start = pl.multiple_of(table_ref[slot] * bk, bk)
+        kv_block = first_full + (slot - 2) if (full_contiguous and not partial) else table_ref[slot]
+        kv_start = pl.multiple_of(kv_block * bk, bk)
         k = k_ref[pl.ds(kv_start, bk), :]
         v = v_ref[pl.ds(kv_start, bk), :]
         keep = None
@@ -139,7 +143,7 @@ def backward(static, q, k, v, out, lse, dout, delta, fwd_meta, bwd_meta, operand
     params = plgpu.CompilerParams(num_warps=cfg.num_warps_bwd, num_stages=cfg.num_stages_bwd)
 
     # ---- dK, dV: programs over kv-blocks, transposed lists --------------------------
-    t_table, t_full_slots = transposed_table(bwd_meta)
+    t_table, t_full_slots, t_contiguous = transposed_table(bwd_meta)
     tbm, thm = t_table.shape[:2]
     per_head_table = thm > 1
     accesses = make_operand_access(prepared, "cols", bq=bq, bk=bk, groups=groups)
@@ -158,7 +162,8 @@ def backward(static, q, k, v, out, lse, dout, delta, fwd_meta, bwd_meta, operand
     kv_out_spec = pl.BlockSpec((None, bk, None, hp), lambda j, bb, hh: (bb, j, hh, 0))
     dk, dv = pl.pallas_call(
         functools.partial(_dkdv_kernel, n_operands=len(accesses), accesses=accesses,
-                          n_full_slots=t_full_slots, per_head_table=per_head_table,
+                          n_full_slots=t_full_slots, full_contiguous=t_contiguous,
+                          per_head_table=per_head_table,
                           groups=groups, **common),
         grid=(sp // bk, b, kh),
         in_specs=dkdv_in_specs,
@@ -171,7 +176,7 @@ def backward(static, q, k, v, out, lse, dout, delta, fwd_meta, bwd_meta, operand
     )(t_table, qp, kp, vp, dop, lse_p, delta_p, *[a.arr for a in accesses])
 
     # ---- dQ: programs over q-blocks, forward lists -----------------------------------
-    table, full_slots = forward_table(bwd_meta)
+    table, full_slots, contiguous = forward_table(bwd_meta)
     fbm, fhm = table.shape[:2]
     accesses = make_operand_access(prepared, "rows", bq=bq, bk=bk, groups=groups)
     dq_in_specs = [
@@ -187,7 +192,7 @@ def backward(static, q, k, v, out, lse, dout, delta, fwd_meta, bwd_meta, operand
     ]
     dq = pl.pallas_call(
         functools.partial(_dq_kernel, n_operands=len(accesses), accesses=accesses,
-                          n_full_slots=full_slots, **common),
+                          n_full_slots=full_slots, full_contiguous=contiguous, **common),
         grid=(tp // bq, b, n),
         in_specs=dq_in_specs,
         out_specs=pl.BlockSpec((None, bq, None, hp), lambda i, bb, nn: (bb, i, nn, 0)),

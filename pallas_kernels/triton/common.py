@@ -47,15 +47,22 @@ def pad_btnh(x, length: int, head_dim: int):
 
 def pack_table(count_a, index_a, count_b, index_b):
     """One int32 row per block: [n_a, n_b, a_0 .. a_{La-1}, b_0 .. b_{Lb-1}, 0 ...],
-    padded to a power-of-two length. Returns (table [Bm, Hm, n, L], La)."""
+    padded to a power-of-two length. Returns (table [Bm, Hm, n, L], La, a_contiguous)
+    where a_contiguous (static) says every list a is a run a_0, a_0 + 1, ... — true of
+    full/causal/local masks — so kernels can compute block indices instead of loading
+    them, which keeps Triton's software pipelining of the K/V loads intact."""
     xp = np if isinstance(count_a, np.ndarray) and isinstance(count_b, np.ndarray) else jnp
     la = index_a.shape[-1]
+    contiguous = False
+    if xp is np:
+        steps = np.arange(la)
+        contiguous = bool(np.all((index_a - index_a[..., :1] == steps) | (steps >= count_a[..., None])))
     row = xp.concatenate([count_a[..., None], count_b[..., None], index_a, index_b], axis=-1)
     length = pl.next_power_of_2(row.shape[-1])
     if length != row.shape[-1]:
         widths = [(0, 0)] * (row.ndim - 1) + [(0, length - row.shape[-1])]
         row = xp.pad(row, widths)
-    return jnp.asarray(row.astype(np.int32)), la
+    return jnp.asarray(row.astype(np.int32)), la, contiguous
 
 
 def forward_table(meta: BlockMetadata):

@@ -24,7 +24,7 @@ from pallas_kernels.triton.common import (LN2, LOG2E, MASK_VALUE, acc_dtype, dot
 
 
 def _forward_kernel(table_ref, q_ref, k_ref, v_ref, *refs, n_operands, accesses, mask_fn,
-                    n_full_slots, scale, cap, kv_len, bq, bk, acc):
+                    n_full_slots, full_contiguous, scale, cap, kv_len, bq, bk, acc):
     operand_refs = refs[:n_operands]
     o_ref, lse_ref = refs[n_operands:]
     i = pl.program_id(0)
@@ -32,9 +32,11 @@ def _forward_kernel(table_ref, q_ref, k_ref, v_ref, *refs, n_operands, accesses,
     q = q_ref[...]                                    # [bq, Hp], stays on chip
     hp = q.shape[-1]
 
+    first_full = table_ref[2]
+
     def visit(slot, carry, *, partial):
         m_i, l_i, o_acc = carry
-        kv_block = table_ref[slot]
+        kv_block = first_full + (slot - 2) if (full_contiguous and not partial) else table_ref[slot]
         kv_start = pl.multiple_of(kv_block * bk, bk)
         k = k_ref[pl.ds(kv_start, bk), :]
         v = v_ref[pl.ds(kv_start, bk), :]
@@ -78,7 +80,7 @@ def forward(static, q, k, v, fwd_meta, operands):
     acc = acc_dtype(q.dtype)
     qp, kp, vp = pad_btnh(q, tp, hp), pad_btnh(k, sp, hp), pad_btnh(v, sp, hp)
 
-    table, n_full_slots = forward_table(fwd_meta)
+    table, n_full_slots, full_contiguous = forward_table(fwd_meta)
     tbm, thm = table.shape[:2]
     prepared = prepare_operands(operands, static.operand_kinds, t, s, tp, sp, bq, bk)
     accesses = make_operand_access(prepared, "rows", bq=bq, bk=bk, groups=groups)
@@ -98,7 +100,7 @@ def forward(static, q, k, v, fwd_meta, operands):
     ]
     kernel = functools.partial(
         _forward_kernel, n_operands=len(accesses), accesses=accesses, mask_fn=static.mask_fn,
-        n_full_slots=n_full_slots, scale=static.scale, cap=static.logits_soft_cap,
+        n_full_slots=n_full_slots, full_contiguous=full_contiguous, scale=static.scale, cap=static.logits_soft_cap,
         kv_len=s, bq=bq, bk=bk, acc=acc)
     out, lse = pl.pallas_call(
         kernel,

@@ -1,0 +1,201 @@
+"""GPU correctness + speed of the Pallas-Triton kernels beside cuDNN and XLA, same process.
+
+    python benchmarks/flash_bench.py --out results.json [--cases NAME ...] [--tune]
+
+TFLOP/s follow ../shared/ANCHORS.md: forward 4·B·N·T·S·D × (fraction of allowed pairs;
+causal counts ½), backward 2.5× forward, so forward+backward is 3.5× forward. Masked
+cases count useful work only. Times are medians of >= 20 calls after 2 warm-ups, inputs
+rotated among 3 sets so that L2 does not hold them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import statistics
+import sys
+import time
+import traceback
+
+import numpy as np
+import jax
+import jax.numpy as jnp
+
+import jaxattn
+from jaxattn import masks as M
+from jaxattn.flash import pallas_attention
+from pallas_kernels.triton.config import TritonConfig
+
+
+def allowed_fraction(mask, t, s, chunk=2048):
+    """Exact fraction of allowed pairs, counted in row chunks (never T×S at once)."""
+    if isinstance(mask, M.FullMask):
+        return 1.0
+    if isinstance(mask, M.CausalMask) and mask.offset == 0 and t == s:
+        return 0.5  # ANCHORS.md convention: causal counts one half
+    total = 0
+    for r in range(0, t, chunk):
+        rows = min(chunk, t - r)
+        dense = np.asarray(mask.evaluate(np.arange(r, r + rows, dtype=np.int64)[:, None],
+                                         np.arange(s, dtype=np.int64)[None, :],
+                                         tuple(np.asarray(jaxattn.masks.base.full_operand_view(o, t, s))[..., r:r + rows, :]
+                                               for o in mask.operands())))
+        total += int(np.broadcast_to(dense, dense.shape[:-2] + (rows, s)).sum())
+    return total / (t * s)
+
+
+def cases():
+    d = 128
+    out = {}
+    for dh in (64, 128):
+        for s in (1024, 4096, 16384):
+            for causal in (False, True):
+                name = f"D{dh} S{s} {'causal' if causal else 'full'}"
+                out[name] = dict(b=16384 // s, n=2048 // dh, s=s, d=dh,
+                                 mask=M.CausalMask() if causal else M.FullMask())
+    out["D128 S32768 B1 H16 causal window 256"] = dict(
+        b=1, n=16, s=32768, d=d, mask=M.CausalMask() & M.LocalMask(256, 0))
+    out["D128 S32768 B1 H16 causal window 2048"] = dict(
+        b=1, n=16, s=32768, d=d, mask=M.CausalMask() & M.LocalMask(2048, 0))
+    out["D128 S16384 B1 H16 bigbird causal"] = dict(
+        b=1, n=16, s=16384, d=d, mask=M.bigbird_mask(16384, window=1024, num_global=256,
+                                                     num_random_blocks=3, block_size=128,
+                                                     causal=True))
+    return out
+
+
+def timeit(fn, args_list, iters=20):
+    for a in args_list[:2]:
+        jax.block_until_ready(fn(*a))
+    times = []
+    for i in range(iters):
+        a = args_list[i % len(args_list)]
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*a))
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def make_fns(impl, mask, config=None):
+    if impl.startswith("pallas"):
+        def attn(q, k, v):
+            return pallas_attention("pallas_triton", q, k, v, None, mask, scale=q.shape[-1] ** -0.5,
+                                    logits_soft_cap=None, return_residuals=False, config=config)
+    else:
+        kwargs = {}
+        if isinstance(mask, M.CausalMask):
+            kwargs["is_causal"] = True
+        elif isinstance(mask, M.AndMask) and len(mask.parts) == 2 and isinstance(mask.parts[1], M.LocalMask) \
+                and isinstance(mask.parts[0], M.CausalMask):
+            kwargs["is_causal"] = True
+            kwargs["local_window_size"] = (mask.parts[1].left, 0)
+        elif not isinstance(mask, M.FullMask):
+            kwargs["mask"] = "dense"
+
+        def attn(q, k, v):
+            kw = dict(kwargs)
+            if kw.get("mask") == "dense":
+                kw["mask"] = jaxattn.reference.allowed_pairs(mask, q.shape[1], k.shape[1])
+            return jax.nn.dot_product_attention(q, k, v, implementation=impl, **kw)
+    fwd = jax.jit(attn)
+
+    def loss(q, k, v, do):
+        return jnp.sum(attn(q, k, v).astype(jnp.float32) * do.astype(jnp.float32))
+    fwd_bwd = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+    return fwd, fwd_bwd
+
+
+def run_case(name, c, impls, config=None, check=True):
+    b, n, s, d, mask = c["b"], c["n"], c["s"], c["d"], c["mask"]
+    frac = allowed_fraction(mask, s, s)
+    flops_fwd = 4 * b * n * s * s * d * frac
+    key = jax.random.key(0)
+    args = []
+    for i in range(3):
+        ks = jax.random.split(jax.random.fold_in(key, i), 4)
+        q = jax.random.normal(ks[0], (b, s, n, d), jnp.bfloat16)
+        k = jax.random.normal(ks[1], (b, s, n, d), jnp.bfloat16)
+        v = jax.random.normal(ks[2], (b, s, n, d), jnp.bfloat16)
+        do = jax.random.normal(ks[3], (b, s, n, d), jnp.bfloat16)
+        args.append((q, k, v, do))
+    row = dict(case=name, b=b, n=n, s=s, d=d, allowed_fraction=frac, flops_fwd=flops_fwd)
+    for impl in impls:
+        try:
+            fwd, fwd_bwd = make_fns(impl, mask, config if impl.startswith("pallas") else None)
+            tf = timeit(fwd, [a[:3] for a in args])
+            tfb = timeit(fwd_bwd, args)
+            row[impl] = dict(fwd_ms=tf * 1e3, fwd_bwd_ms=tfb * 1e3,
+                             fwd_tflops=flops_fwd / tf / 1e12,
+                             fwd_bwd_tflops=3.5 * flops_fwd / tfb / 1e12)
+        except Exception as e:  # a baseline that cannot run this case (OOM, unsupported)
+            row[impl] = dict(error=f"{type(e).__name__}: {str(e)[:300]}")
+    if check and s <= 4096:
+        q, k, v, do = args[0]
+        ref = jaxattn.dot_product_attention(q[:1].astype(jnp.float32), k[:1].astype(jnp.float32),
+                                            v[:1].astype(jnp.float32), mask=mask, implementation="reference")
+        got = make_fns("pallas", mask, config)[0](q[:1], k[:1], v[:1]).astype(jnp.float32)
+        row["rel_err_vs_f32_reference"] = float(jnp.linalg.norm(got - ref) / jnp.linalg.norm(ref))
+    return row
+
+
+def tune(args):
+    """Time several TritonConfigs on the given cases; print one line per (case, config)."""
+    all_cases = cases()
+    rows = []
+    for name in args.cases:
+        for cfg_json in args.tune:
+            cfg = TritonConfig(**json.loads(cfg_json))
+            try:
+                row = run_case(name, all_cases[name], ["pallas_triton"], cfg, check=False)
+            except Exception as e:
+                row = dict(case=name, error=str(e)[:300])
+            row["config"] = cfg_json
+            rows.append(row)
+            r = row.get("pallas_triton", {})
+            print(f"{name} | {cfg_json} | {r.get('fwd_tflops', float('nan')):.0f}/"
+                  f"{r.get('fwd_bwd_tflops', float('nan')):.0f} {r.get('error', '')[:200]}", flush=True)
+            with open(args.out, "w") as f:
+                json.dump(dict(rows=rows), f, indent=1)
+    return 0
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--out", default="flash_bench.json")
+    p.add_argument("--cases", nargs="*", default=None)
+    p.add_argument("--impls", nargs="*", default=["pallas_triton", "cudnn", "xla"])
+    p.add_argument("--config", default=None, help="TritonConfig fields as JSON")
+    p.add_argument("--tune", nargs="*", default=None,
+                   help="TritonConfig JSONs to time (pallas only) on --cases")
+    args = p.parse_args(argv)
+    if args.tune:
+        return tune(args)
+    config = TritonConfig(**json.loads(args.config)) if args.config else None
+    all_cases = cases()
+    names = args.cases or list(all_cases)
+    rows = []
+    meta = dict(device=str(jax.devices()[0].device_kind), date=datetime.date.today().isoformat(),
+                jax=jax.__version__, config=str(config))
+    for name in names:
+        try:
+            row = run_case(name, all_cases[name], args.impls, config)
+        except Exception:
+            traceback.print_exc()
+            row = dict(case=name, error=traceback.format_exc()[-500:])
+        rows.append(row)
+        line = [name]
+        for impl in args.impls:
+            r = row.get(impl, {})
+            line.append(f"{impl}: {r.get('fwd_tflops', float('nan')):.0f}/{r.get('fwd_bwd_tflops', float('nan')):.0f}"
+                        if "fwd_tflops" in r else f"{impl}: {r.get('error', '-')[:60]}")
+        if "rel_err_vs_f32_reference" in row:
+            line.append(f"err {row['rel_err_vs_f32_reference']:.1e}")
+        print(" | ".join(line), flush=True)
+        with open(args.out, "w") as f:
+            json.dump(dict(meta=meta, rows=rows), f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
