@@ -1,0 +1,377 @@
+"""The length sweep behind `jaxattn compare`.
+
+For every sequence length n and method (cases.COMPARE_METHODS) it records: time per call
+(median after warm-up), peak memory (device statistics when the backend keeps them,
+else XLA's compiled-memory estimate, labelled per row), the FLOPs the mask needs
+(benchmarks.flops), and two errors of the method's output, both against the jnp
+reference computed in float32 on the same inputs:
+
+* ``err_*``: against the reference *with the same mask*: the implementation's error;
+* ``dev_*``: against *full* attention: how far the pattern's result is from full
+  attention (zero for full and flash; by design not zero for local and sparse).
+
+Per length, every method is compiled first; on devices with memory statistics the runs
+then go in order of increasing estimated memory, so that each run can raise the
+process-wide peak counter and be measured (the counter cannot be reset).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Callable
+
+import numpy as np
+import jax
+import jax.numpy as jnp
+
+import jaxattn
+from benchmarks import flops, timing
+from benchmarks.cases import COMPARE_METHODS, PatternParams
+
+# Lengths up to this get their error measured on every query row; longer ones on three
+# windows of ERROR_WINDOW rows (start, middle, end), so the float32 oracle stays small.
+ERROR_ALL_ROWS_MAX = 4096
+ERROR_WINDOW = 256
+_ORACLE_DTYPE = jnp.float32
+
+
+@dataclasses.dataclass(frozen=True)
+class CompareConfig:
+    seq_lens: tuple[int, ...]
+    methods: tuple[tuple[str, str | None], ...]  # (method, implementation or None = resolved)
+    batch: int
+    heads: int
+    head_dim: int
+    dtype: str
+    params: PatternParams
+    implementation: str | None = None  # --implementation (local, sparse and flash methods)
+    warmup: int = 2
+    repeats: int = 20
+    min_repeats: int = 3
+    budget_s: float | None = None
+    interpret_max_len: int | None = None  # cap for Pallas interpret mode (CPU), None = no cap
+    seed: int = 0
+
+
+@dataclasses.dataclass
+class Plan:
+    method: str
+    implementation: str | None
+    reason: str = ""  # why implementation is None
+
+
+def resolve_plan(config: CompareConfig, available: tuple[str, ...]) -> list[Plan]:
+    """Which implementation each method runs with.
+
+    full: "reference" (the definition). flash: --implementation, else "pallas_triton".
+    local and sparse: --implementation, else "pallas_triton" when registered, else
+    "xla" (jax.nn with a dense mask: computes every pair). ``method:impl`` wins over both.
+    """
+    plans = []
+    for method, explicit in config.methods:
+        family = COMPARE_METHODS[method].family
+        if explicit is not None:
+            impl = explicit
+        elif family == "full":
+            impl = "reference"
+        elif config.implementation is not None:
+            impl = config.implementation
+        elif "pallas_triton" in available:
+            impl = "pallas_triton"
+        elif family == "flash":
+            plans.append(Plan(method, None, "pallas_triton is not registered in this installation "
+                                            f"(available: {', '.join(available)})"))
+            continue
+        else:
+            impl = "xla"
+        if impl not in available:
+            plans.append(Plan(method, None, f"implementation {impl!r} is not available "
+                                            f"(available: {', '.join(available)})"))
+            continue
+        plans.append(Plan(method, impl))
+    return plans
+
+
+def _is_interpret(impl: str | None) -> bool:
+    return impl is not None and impl.startswith("pallas") and jax.default_backend() != "gpu"
+
+
+def make_inputs(config: CompareConfig, n: int, n_sets: int):
+    dtype = jnp.dtype(config.dtype)
+    shape = (config.batch, n, config.heads, config.head_dim)
+    sets = []
+    for s in range(n_sets):
+        keys = jax.random.split(jax.random.key(config.seed * 1_000_003 + n * 101 + s), 3)
+        sets.append(tuple(jax.random.normal(k, shape, jnp.float32).astype(dtype) for k in keys))
+    return sets
+
+
+def error_rows(n: int) -> list[tuple[int, int]] | None:
+    """None (all rows) or the row windows the errors are measured on."""
+    if n <= ERROR_ALL_ROWS_MAX:
+        return None
+    w = ERROR_WINDOW
+    return [(0, w), (n // 2 - w // 2, n // 2 + w // 2), (n - w, n)]
+
+
+def oracle(q, k, v, mask, windows) -> jax.Array:
+    """float32 reference output on the rows of ``windows`` (all rows when None), with the
+    mask evaluated at absolute positions."""
+    q, k, v = (x.astype(_ORACLE_DTYPE) for x in (q, k, v))
+    with jax.default_matmul_precision("highest"):  # no TF32 in the oracle on GPUs
+        if windows is None:
+            return jaxattn.dot_product_attention(q, k, v, mask=mask, implementation="reference")
+        outs = []
+        for r0, r1 in windows:
+            allowed = flops.evaluate_window(mask, np.arange(r0, r1), np.arange(k.shape[1]))
+            outs.append(jaxattn.dot_product_attention(q[:, r0:r1], k, v, mask=jnp.asarray(allowed),
+                                                      implementation="reference"))
+        return jnp.concatenate(outs, axis=1)
+
+
+def take_rows(x, windows):
+    if windows is None:
+        return x
+    return jnp.concatenate([x[:, r0:r1] for r0, r1 in windows], axis=1)
+
+
+def error_stats(out, ref) -> tuple[float, float]:
+    """(max |out - ref|, ||out - ref|| / ||ref||), in float64 on the host."""
+    out = np.asarray(jnp.asarray(out, jnp.float32), np.float64)
+    ref = np.asarray(ref, np.float64)
+    diff = out - ref
+    if not np.all(np.isfinite(out)):
+        return math.inf, math.inf
+    norm = float(np.linalg.norm(ref))
+    return float(np.max(np.abs(diff))), float(np.linalg.norm(diff) / norm) if norm else 0.0
+
+
+def memory_estimate(compiled) -> int | None:
+    """argument + output + temp (- aliased) bytes of a compiled call, from XLA."""
+    try:
+        ma = compiled.memory_analysis()
+    except Exception:  # noqa: BLE001  (not every backend implements it)
+        return None
+    if ma is None:
+        return None
+    return int(ma.argument_size_in_bytes + ma.output_size_in_bytes + ma.temp_size_in_bytes
+               - ma.alias_size_in_bytes)
+
+
+def device_memory_stats() -> dict | None:
+    try:
+        return jax.local_devices()[0].memory_stats()
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def _is_oom(err: BaseException) -> bool:
+    text = str(err)
+    return "RESOURCE_EXHAUSTED" in text or "Out of memory" in text or "out of memory" in text
+
+
+def _short(err: BaseException) -> str:
+    line = (str(err).strip().splitlines() or [""])[0]
+    return f"{type(err).__name__}: {line[:200]}"
+
+
+def build_call(mask, impl: str) -> Callable:
+    return jax.jit(functools.partial(jaxattn.dot_product_attention, mask=mask, implementation=impl))
+
+
+@dataclasses.dataclass
+class _Task:
+    row: dict
+    mask: object = None
+    compiled: object = None
+    windows: list | None = None
+    out_rows: object = None  # the output on the error rows, kept for phase 3
+    done: bool = False       # row final enough to report
+
+
+def run_compare(config: CompareConfig, *, on_update: Callable[[list[dict]], None] | None = None,
+                progress: Callable | None = None) -> tuple[list[dict], bool]:
+    """Run the sweep in three phases: compile every (length, method); run and time them
+    (on devices with memory statistics in order of increasing estimated memory, so each
+    run can raise the never-reset peak counter and be measured alone); then compute the
+    float32 oracles and the errors. Returns (rows, interrupted); ``on_update`` gets the
+    finished rows after each step; ``progress(total=, desc=)`` makes a tqdm-like bar.
+    Ctrl-C stops at once and returns what was measured."""
+    available = jaxattn.available_implementations()
+    plans = resolve_plan(config, available)
+    measure_device = device_memory_stats() is not None
+    cache_bytes = timing.L2_BYTES if jax.default_backend() == "gpu" else 0
+    tasks: list[_Task] = []
+    inputs: dict[int, list] = {}
+
+    def finished():
+        return [t.row for t in tasks if t.done]
+
+    def update():
+        if on_update is not None:
+            on_update(finished())
+
+    def bar(total, desc):
+        return progress(total=total, desc=desc) if progress is not None else None
+
+    interrupted = False
+    pbar = None
+    try:
+        pbar = bar(len(config.seq_lens) * len(plans), "compile")
+        for n in config.seq_lens:
+            for plan in plans:
+                if pbar is not None:
+                    pbar.set_postfix_str(f"{plan.method} n={n}")
+                tasks.append(_prepare(config, n, plan, inputs, cache_bytes))
+                if pbar is not None:
+                    pbar.update(1)
+        _close(pbar)
+        update()
+
+        runnable = [t for t in tasks if not t.done]
+        if measure_device:
+            runnable.sort(key=lambda t: t.row["xla_estimate_bytes"] or 0)
+        pbar = bar(len(runnable), "measure")
+        for t in runnable:
+            if pbar is not None:
+                pbar.set_postfix_str(f"{t.row['method']} n={t.row['seq_len']}")
+            _measure(config, t, inputs[t.row["seq_len"]], measure_device)
+            t.compiled = None
+            t.done = True
+            update()
+            if pbar is not None:
+                pbar.update(1)
+        _close(pbar)
+
+        with_output = [t for t in tasks if t.out_rows is not None]
+        pbar = bar(len(with_output), "errors")
+        oracles: dict = {}
+        for n in config.seq_lens:
+            mine = [t for t in with_output if t.row["seq_len"] == n]
+            if config.dtype == "float32" and jax.default_backend() == "cpu":
+                # A float32 "reference" run on CPU computed exactly what the oracle computes.
+                for t in mine:
+                    if t.row["implementation"] == "reference":
+                        oracles.setdefault(t.mask, t.out_rows)
+            for t in mine:
+                _errors(t, inputs[n][0], oracles)
+                t.out_rows = None
+                if pbar is not None:
+                    pbar.update(1)
+            oracles.clear()
+        _close(pbar)
+        update()
+    except KeyboardInterrupt:
+        interrupted = True
+        _close(pbar)
+    return finished(), interrupted
+
+
+def _close(pbar):
+    if pbar is not None:
+        pbar.close()
+
+
+def _base_row(config, n, plan, mask, fraction):
+    method = COMPARE_METHODS[plan.method]
+    return {
+        "method": plan.method, "family": method.family, "implementation": plan.implementation,
+        "seq_len": n, "mask": repr(mask), "allowed_fraction": fraction,
+        "flops_forward": flops.attention_flops(batch=config.batch, heads=config.heads, q_len=n, kv_len=n,
+                                               head_dim=config.head_dim, fraction=fraction),
+        "status": "ok", "reason": "",
+        "time_ms": None, "timing": None,
+        "memory_bytes": None, "memory_source": None, "xla_estimate_bytes": None, "device_peak_bytes": None,
+        "err_max_abs": None, "err_rel_l2": None, "dev_full_max_abs": None, "dev_full_rel_l2": None,
+        "error_rows": "all",
+    }
+
+
+def _prepare(config, n, plan, inputs, cache_bytes) -> _Task:
+    """Build the mask, count its FLOPs and compile the call (phase 1)."""
+    mask = COMPARE_METHODS[plan.method].build(n, config.params)
+    row = _base_row(config, n, plan, mask, flops.allowed_fraction(mask, n, n))
+    task = _Task(row=row, mask=mask, windows=error_rows(n))
+    if task.windows is not None:
+        row["error_rows"] = [list(w) for w in task.windows]
+    if plan.implementation is None:
+        row.update(status="unavailable", reason=plan.reason)
+        task.done = True
+        return task
+    if (_is_interpret(plan.implementation) and config.interpret_max_len is not None
+            and n > config.interpret_max_len):
+        row.update(status="skipped", reason=(
+            f"{plan.implementation} runs in Pallas interpret mode on CPU; lengths above "
+            f"{config.interpret_max_len} are skipped (pass --implementation {plan.implementation} to run them)"))
+        task.done = True
+        return task
+    if n not in inputs:
+        bytes_per_set = 3 * config.batch * n * config.heads * config.head_dim * jnp.dtype(config.dtype).itemsize
+        inputs[n] = make_inputs(config, n, timing.rotation_sets(bytes_per_set, cache_bytes=cache_bytes))
+    try:
+        task.compiled = build_call(mask, plan.implementation).lower(*inputs[n][0]).compile()
+    except KeyboardInterrupt:
+        raise
+    except NotImplementedError as e:
+        row.update(status="unsupported", reason=_short(e))
+        task.done = True
+        return task
+    except Exception as e:  # noqa: BLE001  (report and go on with the sweep)
+        row.update(status="oom" if _is_oom(e) else "failed", reason=_short(e))
+        task.done = True
+        return task
+    est = memory_estimate(task.compiled)
+    row.update(xla_estimate_bytes=est, memory_bytes=est, memory_source="xla_estimate" if est else None)
+    return task
+
+
+def _measure(config, task, sets, measure_device):
+    """Peak memory and time of one compiled call (phase 2)."""
+    row = task.row
+    stats = device_memory_stats() if measure_device else None
+    free = (stats["bytes_limit"] - stats.get("bytes_in_use", 0)) if stats and stats.get("bytes_limit") else None
+    est = row["xla_estimate_bytes"]
+    if free is not None and est and est > free:
+        row.update(status="oom", reason=f"needs ~{est / 2**30:.2f} GiB (XLA estimate), "
+                                        f"{free / 2**30:.2f} GiB free: not run")
+        return
+    try:
+        out = task.compiled(*sets[0])
+        jax.block_until_ready(out)
+        after = device_memory_stats() if measure_device else None
+        if stats and after and after.get("peak_bytes_in_use", 0) > stats.get("peak_bytes_in_use", 0):
+            args = sum(x.nbytes for x in sets[0])
+            peak = int(after["peak_bytes_in_use"] - stats["bytes_in_use"] + args)
+            row.update(device_peak_bytes=peak, memory_bytes=peak, memory_source="device_peak")
+        task.out_rows = take_rows(out, task.windows)
+        del out
+        t = timing.time_call(task.compiled, sets, warmup=max(config.warmup - 1, 0), repeats=config.repeats,
+                             min_repeats=config.min_repeats, budget_s=config.budget_s)
+        row.update(time_ms=t.median_s * 1e3, timing=t.as_dict())
+        row["timing"]["warmup"] = config.warmup  # the first call above was a warm-up too
+    except KeyboardInterrupt:
+        raise
+    except NotImplementedError as e:
+        row.update(status="unsupported", reason=_short(e))
+        task.out_rows = None
+    except Exception as e:  # noqa: BLE001
+        row.update(status="oom" if _is_oom(e) else "failed", reason=_short(e))
+        task.out_rows = None
+
+
+def _errors(task, qkv, oracles):
+    """Errors against the float32 reference with the same mask and with no mask (phase 3)."""
+    row = task.row
+    full = jaxattn.masks.FullMask()
+    try:
+        for m in (task.mask, full):
+            if m not in oracles:
+                oracles[m] = oracle(*qkv, m, task.windows)
+        row["err_max_abs"], row["err_rel_l2"] = error_stats(task.out_rows, oracles[task.mask])
+        row["dev_full_max_abs"], row["dev_full_rel_l2"] = error_stats(task.out_rows, oracles[full])
+    except KeyboardInterrupt:
+        raise
+    except Exception as e:  # noqa: BLE001  (the measurement stands; say why the error is missing)
+        row["reason"] = f"error not computed: {_short(e)}"

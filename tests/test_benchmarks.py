@@ -1,0 +1,110 @@
+"""benchmarks/: the FLOP model's exact pair counts, the timing harness, the named cases."""
+
+from __future__ import annotations
+
+import numpy as np
+import jax.numpy as jnp
+import pytest
+
+from jaxattn import masks as M
+from benchmarks import cases, flops, timing
+
+
+def _dense_count(mask, t, s):
+    d = np.asarray(mask.to_dense(t, s)).reshape(-1, t, s)
+    return d.sum() / d.shape[0]
+
+
+MASKS = [
+    M.FullMask(), M.CausalMask(), M.CausalMask(offset=-3), M.CausalMask(offset=40),
+    M.LocalMask(5, 2), M.LocalMask(None, 3, offset=4), M.LocalMask(7, None), M.LocalMask(0, 0),
+    M.GlobalMask(9), M.GlobalMask(0), M.PrefixLMMask(13), M.StridedMask(7), M.StridedMask(5, offset=-3),
+    M.longformer_mask(20, 8), M.longformer_mask(20, 8, causal=True),
+    M.bigbird_mask(300, window=17, num_global=5, num_random_blocks=2, block_size=32, kv_len=333),
+    M.CausalMask() & (M.LocalMask(30, 0) | M.StridedMask(30)),
+    M.DenseMask(np.random.default_rng(0).random((300, 333)) < 0.3),
+    M.SegmentMask(jnp.asarray(np.sort(np.random.default_rng(1).integers(0, 4, (2, 300))), jnp.int32),
+                  jnp.asarray(np.sort(np.random.default_rng(2).integers(0, 4, (2, 333))), jnp.int32)),
+]
+
+
+@pytest.mark.parametrize("mask", MASKS, ids=repr)
+def test_allowed_pairs_is_exact(mask):
+    t, s = 300, 333  # odd sizes: ragged last tiles
+    want = _dense_count(mask, t, s)
+    assert flops.allowed_pairs(mask, t, s) == want
+    assert flops._count_tiled(mask, t, s) == want  # the generic path, also for closed-form masks
+
+
+def test_counting_at_scale_needs_no_dense_matrix(monkeypatch):
+    monkeypatch.setattr(M.Mask, "to_dense", lambda *a: pytest.fail("built a dense mask"))
+    n, w = 131072, 256
+    window = M.LocalMask(w, 0)
+    # (w + 1) keys per row, minus the triangle cut off at the start.
+    exact = n * (w + 1) - w * (w + 1) // 2
+    assert flops.allowed_pairs(window, n, n) == exact
+    assert flops.allowed_pairs(window & M.CausalMask(), n, n) == exact  # generic tile path
+    causal = flops.allowed_pairs(M.CausalMask(), n, n)
+    assert causal == n * (n + 1) // 2
+
+
+def test_flop_model_modes():
+    kw = dict(batch=2, heads=3, q_len=64, kv_len=32, head_dim=16)
+    fwd = flops.attention_flops(**kw)
+    assert fwd == 4 * 2 * 3 * 64 * 32 * 16
+    assert flops.attention_flops(**kw, mode="backward") == 2.5 * fwd
+    assert flops.attention_flops(**kw, mode="forward_and_vjp") == 3.5 * fwd
+    assert flops.attention_flops(**kw, mask=M.CausalMask()) == pytest.approx(fwd * (32 * 33 / 2 + 32 * 32) / (64 * 32))  # rows 32.. see all 32 keys
+    with pytest.raises(ValueError, match="mode"):
+        flops.attention_flops(**kw, mode="sideways")
+
+
+def test_anchor_cases_follow_anchors_md():
+    names = [c.name for c in cases.ANCHOR_CASES]
+    assert len(names) == len(set(names)) == 15
+    for c in cases.ANCHOR_CASES:
+        if c.pattern in ("full", "causal"):
+            assert c.batch * c.seq_len == 16384 and c.heads * c.head_dim == 2048
+    bigbird = next(c for c in cases.ANCHOR_CASES if c.pattern == "bigbird")
+    assert 0.083 < bigbird.fraction() < 0.085  # "8.4% of pairs"
+    window = next(c for c in cases.ANCHOR_CASES if c.pattern == "window" and c.window == 256)
+    assert window.jax_nn_mask_args() == ({"is_causal": True, "local_window_size": (256, 0)}, None)
+    assert cases.select_cases("window") == tuple(c for c in cases.ANCHOR_CASES if c.pattern == "window")
+    with pytest.raises(ValueError, match="no case matches"):
+        cases.select_cases("S999")
+
+
+def test_jax_nn_dense_mask_matches_our_mask():
+    c = cases.BenchCase("tiny bigbird", 1, 1, 512, 32, "bigbird")
+    kwargs, dense = c.jax_nn_mask_args()
+    assert kwargs == {} and dense.shape == (1, 1, 512, 512)
+    np.testing.assert_array_equal(dense[0, 0], c.mask().to_dense(512, 512))
+
+
+def test_time_call_rotates_inputs_and_reports_the_median():
+    seen = []
+    ticks = iter(float(x) for x in range(1000))
+
+    def fn(x):
+        seen.append(x)
+        return jnp.zeros(())
+
+    sets = [(0,), (1,), (2,)]
+    t = timing.time_call(fn, sets, warmup=2, repeats=5, clock=lambda: next(ticks))
+    assert seen == [0, 1, 2, 0, 1, 2, 0]  # 2 warm-up calls, then 5 timed, rotating
+    assert t.repeats == 5 and t.warmup == 2 and t.input_sets == 3
+    assert t.median_s == 1.0  # each timed call spans one fake tick
+
+
+def test_time_call_budget_stops_early_but_not_below_min_repeats():
+    ticks = iter(float(x) for x in range(0, 10000, 10))  # every call "takes" 10 s
+    t = timing.time_call(lambda: jnp.zeros(()), [()], warmup=0, repeats=20, min_repeats=3,
+                         budget_s=1.0, clock=lambda: next(ticks))
+    assert t.repeats == 3
+
+
+def test_rotation_sets():
+    assert timing.rotation_sets(200 * 2**20) == 1  # already bigger than the L2
+    assert timing.rotation_sets(10 * 2**20) == 10  # 2 × 50 MiB / 10 MiB
+    assert timing.rotation_sets(1) == 32  # capped
+    assert timing.rotation_sets(10 * 2**20, cache_bytes=0) == 1  # CPU: no rotation
