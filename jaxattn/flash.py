@@ -52,15 +52,15 @@ def pallas_attention(backend_name: str, query, key, value, bias, mask: Mask, *, 
 def _pallas_jit(query, key, value, mask, *, backend_name, scale, logits_soft_cap,
                 return_residuals, config, interpret):
     t, s = query.shape[1], key.shape[1]
-    fwd_meta = build_block_metadata(mask, t, s, config.block_q, config.block_kv)
-    bwd_meta = build_block_metadata(mask, t, s, config.block_q_bwd, config.block_kv_bwd)
+    metas = {name: _as_jnp(build_block_metadata(mask, t, s, bq, bk))
+             for name, (bq, bk) in config.metadata_tiles().items()}
     operands = mask.operands()
     static = FlashStatic(
         backend=_BACKENDS[backend_name], scale=scale, logits_soft_cap=logits_soft_cap,
         mask_fn=None if isinstance(mask, FullMask) else mask.evaluate,
         operand_kinds=tuple((o.kind, o.layout_block) for o in operands),
         config=config, interpret=interpret)
-    out, lse = flash_attention(static, query, key, value, _as_jnp(fwd_meta), _as_jnp(bwd_meta),
+    out, lse = flash_attention(static, query, key, value, metas,
                                tuple(jnp.asarray(o.array) for o in operands))
     if return_residuals:
         return out, lse.astype(jnp.float32) if lse.dtype != jnp.float64 else lse

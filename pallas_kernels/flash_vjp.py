@@ -2,9 +2,12 @@
 
 Every kernel backend (Triton today, Mosaic GPU next) implements the same two calls
 
-    backend.forward(static, q, k, v, fwd_meta, operands)            -> (out, lse)
+    backend.forward(static, q, k, v, metas, operands)               -> (out, lse)
     backend.backward(static, q, k, v, out, lse, dout, delta,
-                     fwd_meta, bwd_meta, operands)                   -> (dq, dk, dv)
+                     metas, operands)                                -> (dq, dk, dv)
+
+where `metas` maps the names of `static.config.metadata_tiles()` (e.g. "forward",
+"dkdv", "dq") to the BlockMetadata built for that kernel's tile shape
 
 on unpadded BTNH arrays, and this module wires them into one `jax.custom_vjp`. The
 metadata (pallas_kernels/metadata.py) and the mask operands travel as ordinary,
@@ -43,29 +46,28 @@ class FlashStatic:
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def flash_attention(static: FlashStatic, q, k, v, fwd_meta: BlockMetadata,
-                    bwd_meta: BlockMetadata, operands: tuple):
+def flash_attention(static: FlashStatic, q, k, v, metas: dict[str, BlockMetadata],
+                    operands: tuple):
     """(out [B, T, N, H], lse [B, N, T] float32 natural log; -inf on empty rows)."""
-    return static.backend.forward(static, q, k, v, fwd_meta, operands)
+    return static.backend.forward(static, q, k, v, metas, operands)
 
 
-def _fwd(static, q, k, v, fwd_meta, bwd_meta, operands):
-    out, lse = static.backend.forward(static, q, k, v, fwd_meta, operands)
-    return (out, lse), (q, k, v, out, lse, fwd_meta, bwd_meta, operands)
+def _fwd(static, q, k, v, metas, operands):
+    out, lse = static.backend.forward(static, q, k, v, metas, operands)
+    return (out, lse), (q, k, v, out, lse, metas, operands)
 
 
 def _bwd(static, residuals, cotangents):
-    q, k, v, out, lse, fwd_meta, bwd_meta, operands = residuals
+    q, k, v, out, lse, metas, operands = residuals
     dout, dlse = cotangents
     acc = jnp.float64 if q.dtype == jnp.float64 else jnp.float32
     # D = rowsum(dO ∘ O) − dlse, laid out like lse: [B, N, T].
     delta = jnp.einsum("btnh,btnh->bnt", dout.astype(acc), out.astype(acc))
     if dlse is not None and not isinstance(dlse, jax.custom_derivatives.SymbolicZero):
         delta = delta - dlse.astype(acc)
-    dq, dk, dv = static.backend.backward(static, q, k, v, out, lse, dout, delta,
-                                         fwd_meta, bwd_meta, operands)
+    dq, dk, dv = static.backend.backward(static, q, k, v, out, lse, dout, delta, metas, operands)
     # Metadata and mask operands are integer data: no cotangent.
-    return (dq, dk, dv, None, None, None)
+    return (dq, dk, dv, None, None)
 
 
 flash_attention.defvjp(_fwd, _bwd)

@@ -31,8 +31,8 @@ from pallas_kernels.triton.common import (LOG2E, acc_dtype, dot_nn, dot_nt, dot_
 
 def _probabilities_and_dlogits(q, k, v, do, lse2, delta, keep, *, scale, cap, acc):
     """Recompute P for one tile from the saved lse, then dS (w.r.t. the raw q·k)."""
-    logits, tanh = scaled_logits(dot_nt(q, k, acc), scale, cap)
-    p = jnp.exp2(logits * LOG2E - lse2[:, None])
+    logits2, tanh = scaled_logits(dot_nt(q, k, acc), scale, cap, LOG2E)
+    p = jnp.exp2(logits2 - lse2[:, None])
     if keep is not None:
         p = jnp.where(keep, p, 0.0)
     dp = dot_nt(do, v, acc)
@@ -91,7 +91,7 @@ def _dq_kernel(table_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs
                accesses, mask_fn, n_full_slots, full_contiguous, scale, cap, kv_len, bq, bk, acc):
     operand_refs = refs[:n_operands]
     (dq_ref,) = refs[n_operands:]
-    q_start = pl.program_id(0) * bq
+    q_start = (pl.num_programs(0) - 1 - pl.program_id(0)) * bq   # heaviest q-blocks first
     q = q_ref[...]
     do = do_ref[...]
     lse2 = lse_ref[...] * LOG2E
@@ -121,29 +121,37 @@ def _dq_kernel(table_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs
     dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
 
 
-def backward(static, q, k, v, out, lse, dout, delta, fwd_meta, bwd_meta, operands):
-    del out, fwd_meta  # D already folds in O; the backward has its own tile metadata.
+def backward(static, q, k, v, out, lse, dout, delta, metas, operands):
+    del out  # D = rowsum(dO ∘ O) − dlse already carries what the backward needs of O.
+    dk, dv = _dkdv(static, q, k, v, lse, dout, delta, metas["dkdv"], operands)
+    dq = _dq(static, q, k, v, lse, dout, delta, metas["dq"], operands)
+    return dq, dk, dv
+
+
+def _padded_inputs(q, k, v, lse, dout, delta, bq, bk):
+    t, s, h = q.shape[1], k.shape[1], q.shape[3]
+    hp = padded_head_dim(h)
+    tp, sp = pad_to_multiple(t, bq), pad_to_multiple(s, bk)
+    acc = acc_dtype(q.dtype)
+    # Padded rows: lse = 0 and D = 0 keep P finite, and dO = 0 makes their dS and dV zero.
+    return (tp, sp, hp, acc, pad_btnh(q, tp, hp), pad_btnh(k, sp, hp), pad_btnh(v, sp, hp),
+            pad_btnh(dout.astype(q.dtype), tp, hp), pad_axis(lse.astype(acc), 2, tp),
+            pad_axis(delta.astype(acc), 2, tp))
+
+
+def _dkdv(static, q, k, v, lse, dout, delta, meta, operands):
     cfg = static.config
     b, t, n, h = q.shape
     s, kh = k.shape[1], k.shape[2]
     groups = n // kh
-    bq, bk = cfg.block_q_bwd, cfg.block_kv_bwd
-    assert (bwd_meta.block_q, bwd_meta.block_kv) == (bq, bk), "metadata built for other tiles"
-    hp = padded_head_dim(h)
-    tp, sp = pad_to_multiple(t, bq), pad_to_multiple(s, bk)
-    acc = acc_dtype(q.dtype)
-    qp, dop = pad_btnh(q, tp, hp), pad_btnh(dout.astype(q.dtype), tp, hp)
-    kp, vp = pad_btnh(k, sp, hp), pad_btnh(v, sp, hp)
-    # Padded rows: lse = 0 and D = 0 keep P finite, and dO = 0 makes their dS and dV zero.
-    lse_p = pad_axis(lse.astype(acc), 2, tp)
-    delta_p = pad_axis(delta.astype(acc), 2, tp)
+    bq, bk = meta.block_q, meta.block_kv
+    tp, sp, hp, acc, qp, kp, vp, dop, lse_p, delta_p = _padded_inputs(q, k, v, lse, dout, delta, bq, bk)
     prepared = prepare_operands(operands, static.operand_kinds, t, s, tp, sp, bq, bk)
     common = dict(mask_fn=static.mask_fn, scale=static.scale, cap=static.logits_soft_cap,
                   kv_len=s, bq=bq, bk=bk, acc=acc)
     params = plgpu.CompilerParams(num_warps=cfg.num_warps_bwd, num_stages=cfg.num_stages_bwd)
 
-    # ---- dK, dV: programs over kv-blocks, transposed lists --------------------------
-    t_table, t_full_slots, t_contiguous = transposed_table(bwd_meta)
+    t_table, t_full_slots, t_contiguous = transposed_table(meta)
     tbm, thm = t_table.shape[:2]
     per_head_table = thm > 1
     accesses = make_operand_access(prepared, "cols", bq=bq, bk=bk, groups=groups)
@@ -174,31 +182,45 @@ def backward(static, q, k, v, out, lse, dout, delta, fwd_meta, bwd_meta, operand
         interpret=static.interpret,
         name="jaxattn_flash_dkdv",
     )(t_table, qp, kp, vp, dop, lse_p, delta_p, *[a.arr for a in accesses])
+    return dk[:, :s, :, :h], dv[:, :s, :, :h]
 
-    # ---- dQ: programs over q-blocks, forward lists -----------------------------------
-    table, full_slots, contiguous = forward_table(bwd_meta)
+
+def _dq(static, q, k, v, lse, dout, delta, meta, operands):
+    """dQ: programs over q-blocks, walking the forward lists."""
+    cfg = static.config
+    b, t, n, h = q.shape
+    s, kh = k.shape[1], k.shape[2]
+    groups = n // kh
+    bq, bk = meta.block_q, meta.block_kv
+    tp, sp, hp, acc, qp, kp, vp, dop, lse_p, delta_p = _padded_inputs(q, k, v, lse, dout, delta, bq, bk)
+    prepared = prepare_operands(operands, static.operand_kinds, t, s, tp, sp, bq, bk)
+    common = dict(mask_fn=static.mask_fn, scale=static.scale, cap=static.logits_soft_cap,
+                  kv_len=s, bq=bq, bk=bk, acc=acc)
+    params = plgpu.CompilerParams(num_warps=cfg.num_warps_bwd, num_stages=cfg.num_stages_bwd)
+    table, full_slots, contiguous = forward_table(meta)
     fbm, fhm = table.shape[:2]
     accesses = make_operand_access(prepared, "rows", bq=bq, bk=bk, groups=groups)
+    nq = tp // bq
     dq_in_specs = [
         pl.BlockSpec((None, None, None, table.shape[-1]),
-                     lambda i, bb, nn: (bb if fbm > 1 else 0, nn if fhm > 1 else 0, i, 0)),
-        pl.BlockSpec((None, bq, None, hp), lambda i, bb, nn: (bb, i, nn, 0)),
+                     lambda i, bb, nn: (bb if fbm > 1 else 0, nn if fhm > 1 else 0, nq - 1 - i, 0)),
+        pl.BlockSpec((None, bq, None, hp), lambda i, bb, nn: (bb, nq - 1 - i, nn, 0)),
         pl.BlockSpec((None, sp, None, hp), lambda i, bb, nn: (bb, 0, nn // groups, 0)),
         pl.BlockSpec((None, sp, None, hp), lambda i, bb, nn: (bb, 0, nn // groups, 0)),
-        pl.BlockSpec((None, bq, None, hp), lambda i, bb, nn: (bb, i, nn, 0)),
-        pl.BlockSpec((None, None, bq), lambda i, bb, nn: (bb, nn, i)),
-        pl.BlockSpec((None, None, bq), lambda i, bb, nn: (bb, nn, i)),
-        *[a.spec() for a in accesses],
+        pl.BlockSpec((None, bq, None, hp), lambda i, bb, nn: (bb, nq - 1 - i, nn, 0)),
+        pl.BlockSpec((None, None, bq), lambda i, bb, nn: (bb, nn, nq - 1 - i)),
+        pl.BlockSpec((None, None, bq), lambda i, bb, nn: (bb, nn, nq - 1 - i)),
+        *[a.spec(reverse_rows=nq) for a in accesses],
     ]
     dq = pl.pallas_call(
         functools.partial(_dq_kernel, n_operands=len(accesses), accesses=accesses,
                           n_full_slots=full_slots, full_contiguous=contiguous, **common),
         grid=(tp // bq, b, n),
         in_specs=dq_in_specs,
-        out_specs=pl.BlockSpec((None, bq, None, hp), lambda i, bb, nn: (bb, i, nn, 0)),
+        out_specs=pl.BlockSpec((None, bq, None, hp), lambda i, bb, nn: (bb, nq - 1 - i, nn, 0)),
         out_shape=jax.ShapeDtypeStruct((b, tp, n, hp), q.dtype),
         compiler_params=params,
         interpret=static.interpret,
         name="jaxattn_flash_dq",
     )(table, qp, kp, vp, dop, lse_p, delta_p, *[a.arr for a in accesses])
-    return dq[:, :t, :, :h], dk[:, :s, :, :h], dv[:, :s, :, :h]
+    return dq[:, :t, :, :h]

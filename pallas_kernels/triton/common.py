@@ -135,13 +135,14 @@ def dot_nn(a, b, acc):
     return jax.lax.dot_general(a, b, (((1,), (0,)), ((), ())), preferred_element_type=acc)
 
 
-def scaled_logits(qk, scale: float, cap: float | None):
-    """Raw q·k → logits (scale, then soft cap c·tanh(x/c)); also returns tanh for the
+def scaled_logits(qk, scale: float, cap: float | None, unit: float = 1.0):
+    """Raw q·k → unit × logits (scale, then soft cap c·tanh(x/c)); `unit` = log2(e)
+    folds the base change of exp2 into the same multiply. Also returns tanh for the
     backward's chain rule (None without a cap)."""
     if cap is None:
-        return qk * scale, None
+        return qk * (scale * unit), None
     t = jnp.tanh(qk * (scale / cap))
-    return cap * t, t
+    return (cap * unit) * t, t
 
 
 # ---------------------------------------------------------------------------------
@@ -159,9 +160,14 @@ class OperandAccess:
         self.per_batch = arr.shape[0] > 1
         self.per_head = kind in ("qkv", "block") and arr.shape[1] > 1
 
-    def spec(self):
+    def spec(self, reverse_rows: int | None = None):
+        """BlockSpec; with reverse_rows=nQ, "rows" program i owns q-block nQ - 1 - i."""
         bsel = (lambda b: b) if self.per_batch else (lambda b: 0)
         rows = self.layout == "rows"
+        if rows and reverse_rows:
+            spec = self.spec()
+            return pl.BlockSpec(spec.block_shape,
+                                lambda i, b, n: spec.index_map(reverse_rows - 1 - i, b, n))
         kind, a = self.kind, self.arr
         if kind == "q":
             if rows:

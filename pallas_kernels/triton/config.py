@@ -1,10 +1,14 @@
 """Tile sizes, warps and pipeline stages of the Triton FlashAttention kernels.
 
-Heuristic defaults: starting points from the FlashAttention-2 Triton tutorial shapes
-(128×64 forward tiles, 64×64 backward tiles; 4 warps up to D=64, 8 above), to be
-re-tuned on an H100 with benchmarks/ (see BENCHMARKS.md for the card and date of the
-numbers behind the current table). In interpret mode (CPU) small tiles keep the
-emulated grid cheap and exercise multi-tile logic on small test shapes.
+Heuristic defaults measured on one NVIDIA H100 80GB HBM3, jax 0.11.2, bf16, 2026-11-27
+(`benchmarks/flash_bench.py --tune`, raw numbers in benchmarks/results/tune_*.json):
+  D128, S16k causal, forward: 128×128/8 warps/2 stages 355 TFLOP/s; 128×64/8/3 310;
+       64×128/4/2 282; 128×128/4/2 260.
+  D64, S4k causal, forward: 64×128/4/2 251; 128×128/4/2 243; 128×128/8/2 200.
+  Backward (fwd+bwd, D128 S16k causal): dK/dV and dQ at 64×64/4 warps/2 stages 365;
+       32×128 dK/dV tiles with 4 warps spill (50); 64×128 with 8 warps 236.
+In interpret mode (CPU) small tiles keep the emulated grid cheap and exercise the
+multi-tile logic on small test shapes.
 """
 
 from __future__ import annotations
@@ -22,13 +26,24 @@ class TritonConfig:
     block_kv: int = 64
     num_warps: int = 4
     num_stages: int = 3
-    block_q_bwd: int = 64
-    block_kv_bwd: int = 64
+    # dK/dV programs own a kv-block and walk q-blocks; dQ programs the reverse. Each
+    # kernel gets metadata for its own tile shape.
+    block_q_dkv: int = 64
+    block_kv_dkv: int = 64
+    block_q_dq: int = 64
+    block_kv_dq: int = 64
     num_warps_bwd: int = 4
     num_stages_bwd: int = 2
 
+    def metadata_tiles(self) -> dict[str, tuple[int, int]]:
+        """(block_q, block_kv) of the block metadata each kernel walks."""
+        return {"forward": (self.block_q, self.block_kv),
+                "dkdv": (self.block_q_dkv, self.block_kv_dkv),
+                "dq": (self.block_q_dq, self.block_kv_dq)}
+
     def __post_init__(self):
-        for name in ("block_q", "block_kv", "block_q_bwd", "block_kv_bwd"):
+        for name in ("block_q", "block_kv", "block_q_dkv", "block_kv_dkv", "block_q_dq",
+                     "block_kv_dq"):
             v = getattr(self, name)
             if not _is_pow2(v) or v < 16:
                 raise ValueError(f"TritonConfig.{name}={v} must be a power of two >= 16 "
@@ -45,12 +60,14 @@ class TritonConfig:
 def default_config(head_dim: int, *, interpret: bool = False) -> TritonConfig:
     """Heuristic config per (padded) head dim."""
     if interpret:
-        return TritonConfig(block_q=32, block_kv=32, block_q_bwd=32, block_kv_bwd=32)
+        return TritonConfig(block_q=32, block_kv=32, block_q_dkv=16, block_kv_dkv=32,
+                            block_q_dq=32, block_kv_dq=16)
     if head_dim <= 64:
-        return TritonConfig(block_q=128, block_kv=64, num_warps=4, num_stages=3,
-                            block_q_bwd=64, block_kv_bwd=64, num_warps_bwd=4, num_stages_bwd=2)
+        return TritonConfig(block_q=64, block_kv=128, num_warps=4, num_stages=2,
+                            block_q_dkv=64, block_kv_dkv=64, block_q_dq=64, block_kv_dq=64, num_warps_bwd=4, num_stages_bwd=2)
     if head_dim <= 128:
-        return TritonConfig(block_q=128, block_kv=64, num_warps=8, num_stages=3,
-                            block_q_bwd=64, block_kv_bwd=64, num_warps_bwd=4, num_stages_bwd=2)
+        return TritonConfig(block_q=128, block_kv=128, num_warps=8, num_stages=2,
+                            block_q_dkv=64, block_kv_dkv=64, block_q_dq=64, block_kv_dq=64, num_warps_bwd=4, num_stages_bwd=2)
     return TritonConfig(block_q=64, block_kv=32, num_warps=4, num_stages=2,
-                        block_q_bwd=32, block_kv_bwd=32, num_warps_bwd=4, num_stages_bwd=1)
+                        block_q_dkv=32, block_kv_dkv=32, block_q_dq=32, block_kv_dq=32,
+                        num_warps_bwd=4, num_stages_bwd=1)

@@ -27,8 +27,9 @@ def _forward_kernel(table_ref, q_ref, k_ref, v_ref, *refs, n_operands, accesses,
                     n_full_slots, full_contiguous, scale, cap, kv_len, bq, bk, acc):
     operand_refs = refs[:n_operands]
     o_ref, lse_ref = refs[n_operands:]
-    i = pl.program_id(0)
-    q_start = i * bq
+    # Programs run in reverse q-block order: under causal-like masks the last q-blocks
+    # have the most kv-blocks, and starting them first shortens the tail of the grid.
+    q_start = (pl.num_programs(0) - 1 - pl.program_id(0)) * bq
     q = q_ref[...]                                    # [bq, Hp], stays on chip
     hp = q.shape[-1]
 
@@ -40,12 +41,13 @@ def _forward_kernel(table_ref, q_ref, k_ref, v_ref, *refs, n_operands, accesses,
         kv_start = pl.multiple_of(kv_block * bk, bk)
         k = k_ref[pl.ds(kv_start, bk), :]
         v = v_ref[pl.ds(kv_start, bk), :]
-        logits, _ = scaled_logits(dot_nt(q, k, acc), scale, cap)   # S = scale·QKᵀ [bq, bk]
+        # S·log2(e) with S = scale·QKᵀ (soft-capped), one multiply folded in [bq, bk].
+        logits2, _ = scaled_logits(dot_nt(q, k, acc), scale, cap, LOG2E)
         keep = None
         if partial:
             keep = tile_keep(mask_fn, accesses, operand_refs, q_start, kv_start, kv_len,
                              bq=bq, bk=bk)
-        return online_softmax_step(logits * LOG2E, m_i, l_i, o_acc, v, keep)
+        return online_softmax_step(logits2, m_i, l_i, o_acc, v, keep)
 
     carry = (jnp.full((bq,), MASK_VALUE, acc), jnp.zeros((bq,), acc), jnp.zeros((bq, hp), acc))
     n_full = table_ref[0]
@@ -67,9 +69,10 @@ def _forward_kernel(table_ref, q_ref, k_ref, v_ref, *refs, n_operands, accesses,
     lse_ref[...] = lse.astype(lse_ref.dtype)
 
 
-def forward(static, q, k, v, fwd_meta, operands):
+def forward(static, q, k, v, metas, operands):
     """q [B, T, N, H], k/v [B, S, K, H] → (out [B, T, N, H], lse [B, N, T])."""
     cfg = static.config
+    fwd_meta = metas["forward"]
     b, t, n, h = q.shape
     s, kh = k.shape[1], k.shape[2]
     groups = n // kh
@@ -85,18 +88,19 @@ def forward(static, q, k, v, fwd_meta, operands):
     prepared = prepare_operands(operands, static.operand_kinds, t, s, tp, sp, bq, bk)
     accesses = make_operand_access(prepared, "rows", bq=bq, bk=bk, groups=groups)
 
-    grid = (tp // bq, b, n)
+    nq = tp // bq
+    grid = (nq, b, n)
     in_specs = [
         pl.BlockSpec((None, None, None, table.shape[-1]),
-                     lambda i, bb, nn: (bb if tbm > 1 else 0, nn if thm > 1 else 0, i, 0)),
-        pl.BlockSpec((None, bq, None, hp), lambda i, bb, nn: (bb, i, nn, 0)),
+                     lambda i, bb, nn: (bb if tbm > 1 else 0, nn if thm > 1 else 0, nq - 1 - i, 0)),
+        pl.BlockSpec((None, bq, None, hp), lambda i, bb, nn: (bb, nq - 1 - i, nn, 0)),
         pl.BlockSpec((None, sp, None, hp), lambda i, bb, nn: (bb, 0, nn // groups, 0)),
         pl.BlockSpec((None, sp, None, hp), lambda i, bb, nn: (bb, 0, nn // groups, 0)),
-        *[a.spec() for a in accesses],
+        *[a.spec(reverse_rows=nq) for a in accesses],
     ]
     out_specs = [
-        pl.BlockSpec((None, bq, None, hp), lambda i, bb, nn: (bb, i, nn, 0)),
-        pl.BlockSpec((None, None, bq), lambda i, bb, nn: (bb, nn, i)),
+        pl.BlockSpec((None, bq, None, hp), lambda i, bb, nn: (bb, nq - 1 - i, nn, 0)),
+        pl.BlockSpec((None, None, bq), lambda i, bb, nn: (bb, nn, nq - 1 - i)),
     ]
     kernel = functools.partial(
         _forward_kernel, n_operands=len(accesses), accesses=accesses, mask_fn=static.mask_fn,
