@@ -78,7 +78,16 @@ def timeit(fn, args_list, iters=20):
 
 
 def make_fns(impl, mask, config=None):
-    if impl.startswith("pallas"):
+    if impl == "jax_pallas_mha":
+        # jax's own (deprecated) Pallas-Triton FlashAttention: full and causal only.
+        from jax.experimental.pallas.ops.gpu import attention as jax_mha
+        if not isinstance(mask, (M.FullMask, M.CausalMask)):
+            raise NotImplementedError("jax_pallas_mha supports full and causal only")
+
+        def attn(q, k, v):
+            return jax_mha.mha(q, k, v, None, sm_scale=q.shape[-1] ** -0.5,
+                               causal=isinstance(mask, M.CausalMask))
+    elif impl.startswith("pallas"):
         def attn(q, k, v):
             return pallas_attention("pallas_triton", q, k, v, None, mask, scale=q.shape[-1] ** -0.5,
                                     logits_soft_cap=None, return_residuals=False, config=config)

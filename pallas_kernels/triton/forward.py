@@ -40,14 +40,14 @@ def _forward_kernel(table_ref, q_ref, k_ref, v_ref, *refs, n_operands, accesses,
         kv_block = first_full + (slot - 2) if (full_contiguous and not partial) else table_ref[slot]
         kv_start = pl.multiple_of(kv_block * bk, bk)
         k = k_ref[pl.ds(kv_start, bk), :]
-        v = v_ref[pl.ds(kv_start, bk), :]
         # S·log2(e) with S = scale·QKᵀ (soft-capped), one multiply folded in [bq, bk].
         logits2, _ = scaled_logits(dot_nt(q, k, acc), scale, cap, LOG2E)
         keep = None
         if partial:
             keep = tile_keep(mask_fn, accesses, operand_refs, q_start, kv_start, kv_len,
                              bq=bq, bk=bk)
-        return online_softmax_step(logits2, m_i, l_i, o_acc, v, keep)
+        return online_softmax_step(logits2, m_i, l_i, o_acc,
+                                   lambda: v_ref[pl.ds(kv_start, bk), :], keep)
 
     carry = (jnp.full((bq,), MASK_VALUE, acc), jnp.zeros((bq,), acc), jnp.zeros((bq, hp), acc))
     n_full = table_ref[0]
