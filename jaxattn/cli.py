@@ -51,8 +51,17 @@ def _fmt(t):
     return ",".join(map(str, t))
 
 
+def _both(field: str) -> str:
+    return f"{getattr(CPU_DEFAULTS, field)} on CPU, {getattr(GPU_DEFAULTS, field)} on GPU"
+
+
 class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    pass
+    """Shows "(default: X)" unless the help already says the default or there is none."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -86,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
             "GPU times."))
     c.add_argument("--seq-lens", metavar="N,N,...", default=None,
                    help="comma-separated sequence lengths to sweep (query and key length); "
-                        "default: platform default (see above)")
+                        f"default: {_fmt(CPU_DEFAULTS.seq_lens)} on CPU, {_fmt(GPU_DEFAULTS.seq_lens)} on GPU")
     c.add_argument("--methods", metavar="M[:IMPL],...", default=",".join(METHOD_NAMES),
                    help=f"comma-separated methods among {', '.join(METHOD_NAMES)}")
     c.add_argument("--implementation", metavar="NAME", default=None,
@@ -95,18 +104,18 @@ def build_parser() -> argparse.ArgumentParser:
                         "otherwise, local/sparse fall back to xla). Naming pallas_* on CPU also lifts the "
                         "interpret-mode length cap")
     c.add_argument("--head-dim", type=int, default=64, metavar="H", help="head dimension")
-    c.add_argument("--heads", type=int, default=None, metavar="N", help="attention heads (default: platform)")
-    c.add_argument("--batch", type=int, default=None, metavar="B", help="batch size (default: platform)")
+    c.add_argument("--heads", type=int, default=None, metavar="N", help=f"attention heads (default: {_both('heads')})")
+    c.add_argument("--batch", type=int, default=None, metavar="B", help=f"batch size (default: {_both('batch')})")
     c.add_argument("--dtype", choices=DTYPES, default=None,
                    help="input dtype (default: float32 on CPU, bfloat16 on GPU)")
     c.add_argument("--window", type=int, default=None, metavar="W",
-                   help="local window w of local/longformer/bigbird/strided (default: platform)")
+                   help=f"local window w of local/longformer/bigbird/strided (default: {_both('window')})")
     c.add_argument("--num-global", type=int, default=None, metavar="G",
-                   help="global tokens of longformer and bigbird (default: platform)")
+                   help=f"global tokens of longformer and bigbird (default: {_both('num_global')})")
     c.add_argument("--block-size", type=int, default=None, metavar="BS",
-                   help="bigbird random-block size (default: platform)")
+                   help=f"bigbird random-block size (default: {_both('block_size')})")
     c.add_argument("--random-blocks", type=int, default=None, metavar="R",
-                   help="bigbird random blocks per query block (default: platform)")
+                   help=f"bigbird random blocks per query block (default: {_both('random_blocks')})")
     c.add_argument("--repeats", type=int, default=20, metavar="K",
                    help="timed calls per measurement (median reported); on CPU fewer once --time-budget is "
                         "spent, never under 3")
