@@ -25,7 +25,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest tests
 
 test-gpu: $(STAMP)
-	$(BIN)/python -m pytest tests -m gpu
+	JAX_PLATFORMS=cuda $(BIN)/python -m pytest tests -m gpu
 
 bench: $(STAMP)
 	$(BIN)/jaxattn bench
