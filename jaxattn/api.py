@@ -73,6 +73,12 @@ def validate_inputs(query, key, value, bias, *, scale, logits_soft_cap):
                              f"got {x.dtype}. Cast with x.astype(jnp.bfloat16).")
     b, t, n, h = query.shape
     bk, s, k, hk = key.shape
+    # Zero-size dims used to fail deep inside (numpy "zero-size array to reduction",
+    # ZeroDivisionError from 1/sqrt(H)) and would give kernels an empty grid.
+    for name, x in (("query", query), ("key", key), ("value", value)):
+        if 0 in x.shape:
+            raise _shape_error(f"{name} shape", "every dimension >= 1", tuple(x.shape),
+                               "Skip the call for empty sequences (there is nothing to attend to).")
     if value.shape != key.shape:
         raise _shape_error("value shape", f"the key's shape {tuple(key.shape)}", tuple(value.shape),
                            "key and value must be [B, S, K, H] with the same S, K and H.")
@@ -99,11 +105,12 @@ def validate_inputs(query, key, value, bias, *, scale, logits_soft_cap):
                               or isinstance(scale, bool) or not math.isfinite(scale)):
         raise ValueError(f"scale: expected a finite Python float or None, got {scale!r}. "
                          "Leave it None for 1/sqrt(head_dim).")
+    # Finite too: c = inf would compute inf * tanh(x / inf) = inf * 0 = NaN.
     if logits_soft_cap is not None and (isinstance(logits_soft_cap, bool)
                                         or not isinstance(logits_soft_cap, (int, float, np.floating, np.integer))
-                                        or not logits_soft_cap > 0):
-        raise ValueError(f"logits_soft_cap: expected a positive float or None, got {logits_soft_cap!r}. "
-                         "Typical values are 30.0 or 50.0.")
+                                        or not 0 < logits_soft_cap < math.inf):
+        raise ValueError(f"logits_soft_cap: expected a positive finite float or None, got {logits_soft_cap!r}. "
+                         "Typical values are 30.0 or 50.0; pass None for no cap.")
 
 
 def dot_product_attention(query, key, value, bias=None, mask=None, *, scale=None, is_causal=False,
@@ -135,7 +142,8 @@ def dot_product_attention(query, key, value, bias=None, mask=None, *, scale=None
             raise ValueError(f"mask: expected None, a bool array or a jaxattn.masks.Mask, got "
                              f"{type(mask).__name__}. Build one with jaxattn.masks.")
     if not isinstance(is_causal, (bool, np.bool_)):
-        raise ValueError(f"is_causal: expected a bool, got {is_causal!r}.")
+        raise ValueError(f"is_causal: expected a bool, got {is_causal!r}. Pass True or False "
+                         "(a custom mask goes in `mask=`).")
     b, t, n, h = query.shape
     s = key.shape[1]
     canonical = canonical_mask(mask, is_causal=bool(is_causal), local_window_size=local_window_size)

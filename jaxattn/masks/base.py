@@ -77,17 +77,19 @@ class Mask:
         [..., T, S] when the mask holds per-batch (or per-head) arrays."""
         q_pos = np.arange(q_len, dtype=np.int32)[:, None]
         kv_pos = np.arange(kv_len, dtype=np.int32)[None, :]
-        if not self.is_dynamic and not self.operands():
-            return np.broadcast_to(np.asarray(self.evaluate(q_pos, kv_pos, ())), (q_len, kv_len)).copy()
-        values = tuple(full_operand_view(o, q_len, kv_len) for o in self.operands())
-        dense = self.evaluate(jnp.asarray(q_pos), jnp.asarray(kv_pos), values)
+        # Static masks (numpy operands or none) are evaluated entirely in numpy, so
+        # to_dense also works inside jit (jnp ops there would return tracers, which
+        # np.asarray cannot convert).
+        xp = jnp if self.is_dynamic else np
+        values = tuple(full_operand_view(o, q_len, kv_len, xp) for o in self.operands())
+        dense = self.evaluate(xp.asarray(q_pos), xp.asarray(kv_pos), values)
         bm, hm = self.batch_heads()
-        dense = jnp.broadcast_to(dense, (bm, hm, q_len, kv_len))
+        dense = xp.broadcast_to(xp.asarray(dense), (bm, hm, q_len, kv_len))
         if hm == 1:
             dense = dense[:, 0]
             if bm == 1 and not self.is_dynamic:
-                return np.asarray(dense[0])
-        return dense
+                dense = dense[0]
+        return dense.copy() if xp is np else dense
 
     # -- identity ----------------------------------------------------------------
     def _key(self):
@@ -107,13 +109,13 @@ def _as_mask(x, op: str) -> Mask:
     return x
 
 
-def full_operand_view(op: MaskOperand, q_len: int, kv_len: int):
+def full_operand_view(op: MaskOperand, q_len: int, kv_len: int, xp=jnp):
     """Operand arrays as evaluate() sees them when given whole [T,1]/[1,S] iotas:
-    broadcastable to [Bm, Hm, T, S]."""
-    a = jnp.asarray(op.array)
+    broadcastable to [Bm, Hm, T, S]. ``xp`` is jnp, or np for static (numpy) operands."""
+    a = xp.asarray(op.array)
     if op.kind == "block":
         bq, bk = op.layout_block
-        a = jnp.repeat(jnp.repeat(a, bq, axis=-2), bk, axis=-1)
+        a = xp.repeat(xp.repeat(a, bq, axis=-2), bk, axis=-1)
         return a[..., :q_len, :kv_len]
     if op.kind == "q":
         return a[:, None, :, None]

@@ -54,6 +54,7 @@ class DenseMask(Mask):
         if array.dtype != np.bool_:
             raise ValueError(f"DenseMask array must be boolean (True = attend), got dtype {array.dtype}. "
                              "Convert with `mask.astype(bool)` (or `mask > 0` for 0/1 masks).")
+        self._given_shape = tuple(array.shape)  # for error messages: what the user passed
         while array.ndim < 4:
             array = array[None]
         self.array = array
@@ -68,10 +69,11 @@ class DenseMask(Mask):
     def validate(self, q_len, kv_len, batch, num_heads):
         b, h, t, s = self.array.shape
         if b not in (1, batch) or h not in (1, num_heads) or t not in (1, q_len) or s not in (1, kv_len):
+            given = getattr(self, "_given_shape", tuple(self.array.shape))
             raise ValueError(
-                f"mask of shape {tuple(self.array.shape)} is not broadcastable to [B, N, T, S] = "
-                f"[{batch}, {num_heads}, {q_len}, {kv_len}]. Give a bool array of shape [T, S], "
-                "[B, 1, T, S] or [B, N, T, S] (size-1 dims broadcast).")
+                f"mask shape: expected a bool array broadcastable to [B, N, T, S] = "
+                f"[{batch}, {num_heads}, {q_len}, {kv_len}], got shape {given}. Give a bool array "
+                "of shape [T, S], [B, 1, T, S] or [B, N, T, S] (size-1 dims broadcast).")
 
     def _full(self, q_len, kv_len):
         b, h = self.array.shape[:2]
@@ -137,7 +139,7 @@ class SegmentMask(Mask):
                 raise ValueError(f"{name} must be integers, got dtype {a.dtype}. Use ids.astype(jnp.int32).")
         if q.shape[0] != kv.shape[0]:
             raise ValueError(f"q_segment_ids and kv_segment_ids must share the batch size, got "
-                             f"{q.shape[0]} and {kv.shape[0]}.")
+                             f"{q.shape[0]} and {kv.shape[0]}. Give both one row of ids per batch element.")
         self.q_segment_ids = q.astype(jnp.int32)
         self.kv_segment_ids = kv.astype(jnp.int32)
 

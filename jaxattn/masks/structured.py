@@ -19,7 +19,7 @@ def _check_int(name: str, value, *, minimum: int | None = None, allow_none: bool
         return None
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
         raise ValueError(f"{name} must be an int{' or None' if allow_none else ''}, "
-                         f"got {value!r} ({type(value).__name__}).")
+                         f"got {value!r} ({type(value).__name__}). Pass a Python int, e.g. int(x).")
     if minimum is not None and value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}. "
                          f"Pass a {'non-negative' if minimum == 0 else 'positive'} integer.")
@@ -142,10 +142,11 @@ class StridedMask(Mask):
         self.offset = _check_int("StridedMask offset", offset)
 
     def evaluate(self, q_pos, kv_pos, operand_values=()):
-        # Shift by a large multiple of the stride so the dividend is non-negative and
-        # truncating and flooring remainders agree (kernels lower `%` as C remainder).
-        shift = self.stride * (1 << 24)
-        d = q_pos + self.offset - kv_pos + shift
+        # Divisibility needs no sign fix-up: a truncating (C, as kernels lower `%`) and a
+        # flooring (numpy/jnp) remainder are zero for exactly the same dividends. (An
+        # earlier version added stride * 2**24 to make d non-negative, which overflowed
+        # int32 for every stride >= 128.)
+        d = q_pos + self.offset - kv_pos
         return d % self.stride == 0
 
     def tile_state(self, q_len, kv_len, block_q, block_kv):
@@ -268,9 +269,9 @@ class BlockSparseMask(Mask):
         need = (-(-q_len // self.block_q), -(-kv_len // self.block_kv))
         if self.layout.shape[0] < need[0] or self.layout.shape[1] < need[1]:
             raise ValueError(
-                f"BlockSparseMask layout covers {self.layout.shape} blocks of "
-                f"({self.block_q}, {self.block_kv}) but T={q_len}, S={kv_len} need at least "
-                f"{need}. Pass a layout of shape (ceil(T/block_q), ceil(S/block_kv)).")
+                f"BlockSparseMask layout: expected at least {need} blocks of "
+                f"({self.block_q}, {self.block_kv}) to cover T={q_len}, S={kv_len}, got "
+                f"{self.layout.shape}. Pass a layout of shape (ceil(T/block_q), ceil(S/block_kv)).")
 
     def tile_state(self, q_len, kv_len, block_q, block_kv):
         r0, r1, c0, c1 = tile_bounds(q_len, kv_len, block_q, block_kv)

@@ -1,0 +1,175 @@
+"""Every bad input to jaxattn.dot_product_attention raises ValueError naming what was
+expected, what came, and how to fix it; each message is pinned here. Also the dispatch
+rule: ValueError is raised at once, NotImplementedError moves on to the next backend."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxattn
+from jaxattn import api
+from jaxattn import masks as M
+
+B, T, S, N, K, H = 2, 5, 7, 4, 2, 8
+
+
+def arr(*shape, dtype=np.float32):
+    return np.zeros(shape, dtype)
+
+
+Q, KV = arr(B, T, N, H), arr(B, S, K, H)
+
+
+def call(q=Q, k=KV, v=KV, **kw):
+    return jaxattn.dot_product_attention(q, k, v, implementation=kw.pop("implementation", "reference"), **kw)
+
+
+CASES = {
+    # --- shapes --------------------------------------------------------------------
+    "query_rank": (dict(q=arr(B, T, H)),
+                   r"query rank: expected 4 dims in BTNH layout .*got shape \(2, 5, 8\)\. Add the missing axes"),
+    "key_rank": (dict(k=arr(B, S, K, H, 1)),
+                 r"key rank: expected 4 dims .*got shape \(2, 7, 2, 8, 1\)\. Add the missing axes"),
+    "not_an_array": (dict(q=[[1.0]]), r"query: expected an array, got list\. Pass a jax or numpy array"),
+    "batch": (dict(k=arr(3, S, K, H), v=arr(3, S, K, H)),
+              r"key batch size: expected query's batch size 2, got 3\. Give query and key the same B"),
+    "kv_length": (dict(v=arr(B, S - 1, K, H)),
+                  r"value shape: expected the key's shape \(2, 7, 2, 8\), got \(2, 6, 2, 8\)\. "
+                  r"key and value must be \[B, S, K, H\] with the same S"),
+    "head_dim": (dict(k=arr(B, S, K, 4), v=arr(B, S, K, 4)),
+                 r"key head dim: expected query's head dim 8, got 4\. Project q and k to the same head dim"),
+    "heads_not_multiple": (dict(k=arr(B, S, 3, H), v=arr(B, S, 3, H)),
+                           r"head counts: expected query heads N a multiple of key/value heads K .*"
+                           r"got N=4, K=3\. Use K dividing N"),
+    "zero_length": (dict(k=arr(B, 0, K, H), v=arr(B, 0, K, H)),
+                    r"key shape: expected every dimension >= 1, got \(2, 0, 2, 8\)\. Skip the call"),
+    "zero_head_dim": (dict(q=arr(B, T, N, 0), k=arr(B, S, K, 0), v=arr(B, S, K, 0)),
+                      r"query shape: expected every dimension >= 1, got \(2, 5, 4, 0\)"),
+    # --- dtypes --------------------------------------------------------------------
+    "int_query": (dict(q=arr(B, T, N, H, dtype=np.int32)),
+                  r"query: expected a floating dtype \(bfloat16, float16, float32, float64\), got int32\. "
+                  r"Cast with"),
+    "bool_value": (dict(v=arr(B, S, K, H, dtype=bool)), r"value: expected a floating dtype .*got bool\. Cast"),
+    "mixed_dtypes": (dict(k=jnp.zeros((B, S, K, H), jnp.bfloat16), v=jnp.zeros((B, S, K, H), jnp.bfloat16)),
+                     r"dtypes: expected query, key and value of one dtype, got float32, bfloat16, "
+                     r"bfloat16\. Cast them to one dtype"),
+    # --- mask ----------------------------------------------------------------------
+    "mask_shape": (dict(mask=np.ones((T, S - 1), bool)),
+                   r"mask shape: expected a bool array broadcastable to \[B, N, T, S\] = \[2, 4, 5, 7\], "
+                   r"got shape \(5, 6\)\. Give a bool array of shape \[T, S\]"),
+    "mask_batch": (dict(mask=np.ones((3, 1, T, S), bool)),
+                   r"mask shape: expected .* = \[2, 4, 5, 7\], got shape \(3, 1, 5, 7\)\. Give"),
+    "mask_rank": (dict(mask=np.ones((1, B, N, T, S), bool)),
+                  r"DenseMask array must have 2 to 4 dims .*got shape \(1, 2, 4, 5, 7\)\. Reshape it"),
+    "mask_not_bool": (dict(mask=np.ones((T, S), np.int32)),
+                      r"must be boolean \(True = attend\), got dtype int32\. Convert with `mask.astype\(bool\)`"),
+    "mask_float_jax": (dict(mask=jnp.ones((T, S))),
+                       r"must be boolean \(True = attend\), got dtype float32\. Convert"),
+    "mask_type": (dict(mask=[[True]]),
+                  r"mask: expected None, a bool array or a jaxattn.masks.Mask, got list\. Build one"),
+    "is_causal": (dict(is_causal="yes"), r"is_causal: expected a bool, got 'yes'\. Pass True or False"),
+    "block_layout_too_small": (dict(mask=M.BlockSparseMask(np.ones((2, 2), bool), 2, 2)),
+                               r"BlockSparseMask layout: expected at least \(3, 4\) blocks of \(2, 2\) "
+                               r"to cover T=5, S=7, got \(2, 2\)\. Pass a layout of shape"),
+    "segment_q_length": (dict(mask=M.SegmentMask(np.zeros((B, T - 1), np.int32), np.zeros((B, S), np.int32))),
+                         r"q_segment_ids must have shape \[B, T\] = \[2, 5\], got \(2, 4\)\. One id per query"),
+    "segment_kv_length": (dict(mask=M.SegmentMask(np.zeros((B, T), np.int32), np.zeros((B, S + 1), np.int32))),
+                          r"kv_segment_ids must have shape \[B, S\] = \[2, 7\], got \(2, 8\)\. One id per key"),
+    "segment_batch": (dict(mask=M.SegmentMask(np.zeros((3, T), np.int32), np.zeros((3, S), np.int32))),
+                      r"q_segment_ids must have shape \[B, T\] = \[2, 5\], got \(3, 5\)"),
+    # --- window --------------------------------------------------------------------
+    "window_negative": (dict(local_window_size=(-1, 0)),
+                        r"local_window_size must be non-negative, got \(-1, 0\)\. Pass the number of keys"),
+    "window_negative_int": (dict(local_window_size=-3), r"local_window_size must be non-negative, got \(-3, -3\)"),
+    "window_float": (dict(local_window_size=2.5),
+                     r"local_window_size must be an int or a \(left, right\) pair of ints, got 2\.5\. "
+                     r"Example: local_window_size=\(256, 0\)"),
+    "window_triple": (dict(local_window_size=(1, 2, 3)), r"pair of ints, got \(1, 2, 3\)\. Example"),
+    "window_bool": (dict(local_window_size=True), r"pair of ints, got True\. Example"),
+    "window_float_pair": (dict(local_window_size=(1.0, 2)), r"pair of ints, got \(1\.0, 2\)\. Example"),
+    # --- implementation, scale, softcap, bias --------------------------------------
+    "implementation": (dict(implementation="flash"),
+                       r"implementation: expected None or one of \[.*'reference'.*\], got 'flash'\. "
+                       r"Leave it None"),
+    "scale_nan": (dict(scale=float("nan")), r"scale: expected a finite Python float or None, got nan\. Leave it None"),
+    "scale_str": (dict(scale="0.5"), r"scale: expected a finite Python float or None, got '0\.5'\. Leave"),
+    "scale_bool": (dict(scale=True), r"scale: expected a finite Python float or None, got True"),
+    "softcap_zero": (dict(logits_soft_cap=0.0),
+                     r"logits_soft_cap: expected a positive finite float or None, got 0\.0\. Typical values"),
+    "softcap_negative": (dict(logits_soft_cap=-30), r"logits_soft_cap: expected .*, got -30\. Typical"),
+    "softcap_inf": (dict(logits_soft_cap=float("inf")), r"logits_soft_cap: expected .*, got inf\. .*pass None"),
+    "softcap_nan": (dict(logits_soft_cap=float("nan")), r"logits_soft_cap: expected .*, got nan\."),
+    "softcap_str": (dict(logits_soft_cap="30"), r"logits_soft_cap: expected .*, got '30'\."),
+    "bias_shape": (dict(bias=arr(B, N, T, S - 1)),
+                   r"bias shape: expected broadcastable to \[B, N, T, S\] = \[2, 4, 5, 7\], got "
+                   r"\(2, 4, 5, 6\)\. Use size-1 dims to broadcast"),
+    "bias_heads": (dict(bias=arr(1, K, 1, S)), r"bias shape: expected .* got \(1, 2, 1, 7\)\. Use size-1"),
+    "bias_int": (dict(bias=arr(T, S, dtype=np.int32)),
+                 r"bias: expected a float array broadcastable to \[B, N, T, S\], got int32 \(5, 7\)\. "
+                 r"Pass additive logits"),
+    "bias_rank": (dict(bias=arr(1, B, N, T, S)), r"bias: expected a float array .*got float32 \(1, 2, 4, 5, 7\)"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+@pytest.mark.parametrize("implementation", ["reference", None])
+def test_bad_input_raises_value_error(name, implementation):
+    kwargs, match = CASES[name]
+    kwargs = dict(kwargs)
+    if implementation is None and "implementation" not in kwargs:
+        kwargs["implementation"] = None  # the dispatcher must not swallow a ValueError
+    with pytest.raises(ValueError, match=match):
+        call(**kwargs)
+
+
+@pytest.mark.parametrize("make,match", [
+    (lambda: M.SegmentMask(np.zeros(T, np.int32)),
+     r"q_segment_ids must have shape \[B, length\], got \(5,\)\. Add a batch axis: ids\[None\]"),
+    (lambda: M.SegmentMask(np.zeros((B, T), np.int32), np.zeros((1, 2, S), np.int32)),
+     r"kv_segment_ids must have shape \[B, length\], got \(1, 2, 7\)"),
+    (lambda: M.SegmentMask(np.zeros((B, T), np.float32)),
+     r"q_segment_ids must be integers, got dtype float32\. Use ids.astype\(jnp.int32\)"),
+    (lambda: M.SegmentMask(np.zeros((B, T), np.int32), np.zeros((B + 1, S), np.int32)),
+     r"must share the batch size, got 2 and 3\. Give both one row of ids per batch element"),
+])
+def test_segment_mask_constructor_errors(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()
+
+
+def test_every_message_says_expected_got_and_fix():
+    # A coarse guard on top of the pinned regexes: each message is a sentence that
+    # names what came and ends with advice (at least two sentences).
+    for name, (kwargs, _) in CASES.items():
+        with pytest.raises(ValueError) as info:
+            call(**kwargs)
+        msg = str(info.value)
+        assert "got" in msg and ("expected" in msg or "must" in msg), (name, msg)
+        assert msg.count(". ") >= 1, (name, msg)
+
+
+# ---------------------------------------------------------------------------------
+# Dispatch by error kind.
+# ---------------------------------------------------------------------------------
+def test_not_implemented_falls_back_and_value_error_does_not(monkeypatch):
+    calls = []
+
+    def cannot(*args, **kwargs):
+        calls.append("cannot")
+        raise NotImplementedError("this fake backend serves nothing")
+
+    monkeypatch.setitem(api._IMPLEMENTATIONS, "cannot", cannot)
+    monkeypatch.setattr(api, "default_order", lambda: ("cannot", "reference"))
+    q, kv = jnp.ones((1, 3, 2, 4)), jnp.ones((1, 3, 1, 4))
+    out = jaxattn.dot_product_attention(q, kv, kv, is_causal=True)  # falls back to the reference
+    assert calls == ["cannot"] and out.shape == (1, 3, 2, 4)
+    np.testing.assert_allclose(np.asarray(out), 1.0)
+    with pytest.raises(NotImplementedError, match="serves nothing"):  # named: no fallback
+        jaxattn.dot_product_attention(q, kv, kv, implementation="cannot")
+
+    def bad(*args, **kwargs):
+        raise ValueError("bad input seen by the backend")
+
+    monkeypatch.setitem(api._IMPLEMENTATIONS, "cannot", bad)
+    with pytest.raises(ValueError, match="seen by the backend"):
+        jaxattn.dot_product_attention(q, kv, kv)
