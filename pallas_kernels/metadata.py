@@ -52,7 +52,11 @@ class BlockMetadata:
     t_partial_count [Bm, Hm, nK]        ... and its PARTIAL q-blocks
     t_partial_index [Bm, Hm, nK, Lpt]
 
-    Static fields: block_q, block_kv (tile sizes), q_len, kv_len (unpadded lengths).
+    Static fields: block_q, block_kv (tile sizes), q_len, kv_len (unpadded lengths), and
+    facts known at trace time for static masks (always False for dynamic ones):
+    full_is_run   every q-block's FULL list is a run k0, k0+1, ... (full, causal, local)
+    t_full_is_run the same for the transposed FULL lists
+    dense         every tile is FULL (dense attention, no kv padding)
     L* >= 1 always (an all-empty row has count 0 and index 0).
     """
 
@@ -68,6 +72,9 @@ class BlockMetadata:
     block_kv: int = dataclasses.field(metadata=dict(static=True))
     q_len: int = dataclasses.field(metadata=dict(static=True))
     kv_len: int = dataclasses.field(metadata=dict(static=True))
+    full_is_run: bool = dataclasses.field(default=False, metadata=dict(static=True))
+    t_full_is_run: bool = dataclasses.field(default=False, metadata=dict(static=True))
+    dense: bool = dataclasses.field(default=False, metadata=dict(static=True))
 
     @property
     def num_q_blocks(self) -> int:

@@ -96,8 +96,18 @@ def _metadata_from_states(state, q_len, kv_len, block_q, block_kv, xp):
     pc, pi = _lists(partial, length(partial), xp)
     tfc, tfi = _lists(t_full, length(t_full), xp)
     tpc, tpi = _lists(t_partial, length(t_partial), xp)
-    return BlockMetadata(fc, fi, pc, pi, tfc, tfi, tpc, tpi,
-                         block_q=block_q, block_kv=block_kv, q_len=q_len, kv_len=kv_len)
+    facts = {}
+    if xp is np:
+        facts = dict(full_is_run=_lists_are_runs(fc, fi), t_full_is_run=_lists_are_runs(tfc, tfi),
+                     dense=bool(np.all(full)))
+    return BlockMetadata(fc, fi, pc, pi, tfc, tfi, tpc, tpi, block_q=block_q, block_kv=block_kv,
+                         q_len=q_len, kv_len=kv_len, **facts)
+
+
+def _lists_are_runs(count, index) -> bool:
+    """True when every list is a run of consecutive blocks (index[t] = index[0] + t)."""
+    steps = np.arange(index.shape[-1])
+    return bool(np.all((index - index[..., :1] == steps) | (steps >= count[..., None])))
 
 
 @functools.lru_cache(maxsize=256)

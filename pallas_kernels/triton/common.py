@@ -47,31 +47,28 @@ def pad_btnh(x, length: int, head_dim: int):
 
 def pack_table(count_a, index_a, count_b, index_b):
     """One int32 row per block: [n_a, n_b, a_0 .. a_{La-1}, b_0 .. b_{Lb-1}, 0 ...],
-    padded to a power-of-two length. Returns (table [Bm, Hm, n, L], La, a_contiguous)
-    where a_contiguous (static) says every list a is a run a_0, a_0 + 1, ... — true of
-    full/causal/local masks — so kernels can compute block indices instead of loading
-    them, which keeps Triton's software pipelining of the K/V loads intact."""
-    xp = np if isinstance(count_a, np.ndarray) and isinstance(count_b, np.ndarray) else jnp
+    padded to a power-of-two length. Returns (table [Bm, Hm, n, L], La)."""
     la = index_a.shape[-1]
-    contiguous = False
-    if xp is np:
-        steps = np.arange(la)
-        contiguous = bool(np.all((index_a - index_a[..., :1] == steps) | (steps >= count_a[..., None])))
-    row = xp.concatenate([count_a[..., None], count_b[..., None], index_a, index_b], axis=-1)
+    row = jnp.concatenate([jnp.asarray(count_a)[..., None], jnp.asarray(count_b)[..., None],
+                           jnp.asarray(index_a), jnp.asarray(index_b)], axis=-1)
     length = pl.next_power_of_2(row.shape[-1])
     if length != row.shape[-1]:
-        widths = [(0, 0)] * (row.ndim - 1) + [(0, length - row.shape[-1])]
-        row = xp.pad(row, widths)
-    return jnp.asarray(row.astype(np.int32)), la, contiguous
+        row = jnp.pad(row, [(0, 0)] * (row.ndim - 1) + [(0, length - row.shape[-1])])
+    return row.astype(jnp.int32), la
 
 
 def forward_table(meta: BlockMetadata):
-    return pack_table(meta.full_count, meta.full_index, meta.partial_count, meta.partial_index)
+    """(table, La, runs): runs (static) says every FULL list is a run k0, k0+1, ... so
+    kernels compute block indices instead of loading them, which keeps Triton's software
+    pipelining of the K/V loads intact."""
+    table, la = pack_table(meta.full_count, meta.full_index, meta.partial_count, meta.partial_index)
+    return table, la, meta.full_is_run
 
 
 def transposed_table(meta: BlockMetadata):
-    return pack_table(meta.t_full_count, meta.t_full_index, meta.t_partial_count,
-                      meta.t_partial_index)
+    table, la = pack_table(meta.t_full_count, meta.t_full_index, meta.t_partial_count,
+                           meta.t_partial_index)
+    return table, la, meta.t_full_is_run
 
 
 def prepare_operands(operands, kinds, q_len, kv_len, q_pad, kv_pad, tile_q, tile_kv):

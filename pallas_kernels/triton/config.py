@@ -2,8 +2,10 @@
 
 Heuristic defaults measured on one NVIDIA H100 80GB HBM3, jax 0.11.2, bf16, 2026-11-27
 (`benchmarks/flash_bench.py --tune`, raw numbers in benchmarks/results/tune_*.json):
-  D128, S16k causal, forward: 128×128/8 warps/2 stages 355 TFLOP/s; 128×64/8/3 310;
-       64×128/4/2 282; 128×128/4/2 260.
+  D128, S16k, forward (full / causal), once kernels computed the block index of runs
+       of FULL tiles instead of loading it: 128×64/4 warps/3 stages 432 / 383;
+       128×64/8/3 396 / 393; 64×64/4/4 311 / 282 (tune_2026-11-27_c.json). Before
+       that change: 128×128/8/2 355 (causal), 128×64/8/3 310, 128×128/4/2 260.
   D64, S4k causal, forward: 64×128/4/2 251; 128×128/4/2 243; 128×128/8/2 200.
   Backward (fwd+bwd, D128 S16k causal): dK/dV and dQ at 64×64/4 warps/2 stages 365;
        32×128 dK/dV tiles with 4 warps spill (50); 64×128 with 8 warps 236.
@@ -66,7 +68,7 @@ def default_config(head_dim: int, *, interpret: bool = False) -> TritonConfig:
         return TritonConfig(block_q=64, block_kv=128, num_warps=4, num_stages=2,
                             block_q_dkv=64, block_kv_dkv=64, block_q_dq=64, block_kv_dq=64, num_warps_bwd=4, num_stages_bwd=2)
     if head_dim <= 128:
-        return TritonConfig(block_q=128, block_kv=128, num_warps=8, num_stages=2,
+        return TritonConfig(block_q=128, block_kv=64, num_warps=4, num_stages=3,
                             block_q_dkv=64, block_kv_dkv=64, block_q_dq=64, block_kv_dq=64, num_warps_bwd=4, num_stages_bwd=2)
     return TritonConfig(block_q=64, block_kv=32, num_warps=4, num_stages=2,
                         block_q_dkv=32, block_kv_dkv=32, block_q_dq=32, block_kv_dq=32,

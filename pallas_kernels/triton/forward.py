@@ -24,7 +24,7 @@ from pallas_kernels.triton.common import (LN2, LOG2E, MASK_VALUE, acc_dtype, dot
 
 
 def _forward_kernel(table_ref, q_ref, k_ref, v_ref, *refs, n_operands, accesses, mask_fn,
-                    n_full_slots, full_contiguous, scale, cap, kv_len, bq, bk, acc):
+                    n_full_slots, full_contiguous, dense_full, has_partial, scale, cap, kv_len, bq, bk, acc):
     operand_refs = refs[:n_operands]
     o_ref, lse_ref = refs[n_operands:]
     # Programs run in reverse q-block order: under causal-like masks the last q-blocks
@@ -50,14 +50,17 @@ def _forward_kernel(table_ref, q_ref, k_ref, v_ref, *refs, n_operands, accesses,
                                    lambda: v_ref[pl.ds(kv_start, bk), :], keep)
 
     carry = (jnp.full((bq,), MASK_VALUE, acc), jnp.zeros((bq,), acc), jnp.zeros((bq, hp), acc))
-    n_full = table_ref[0]
-    n_partial = table_ref[1]
-    # FULL tiles: every pair allowed, so no iota, no compare, no select.
+    # FULL tiles: every pair allowed, so no iota, no compare, no select. When every
+    # q-block visits all kv-blocks (dense attention) the trip count is static, which
+    # lets Triton pipeline the loop with known bounds.
+    n_full = table_ref[0] if dense_full is None else dense_full
     carry = jax.lax.fori_loop(2, 2 + n_full, functools.partial(visit, partial=False), carry)
     # PARTIAL tiles: the mask (and kv padding) evaluated element-wise.
-    first_partial = 2 + n_full_slots
-    carry = jax.lax.fori_loop(first_partial, first_partial + n_partial,
-                              functools.partial(visit, partial=True), carry)
+    if dense_full is None or has_partial:
+        n_partial = table_ref[1]
+        first_partial = 2 + n_full_slots
+        carry = jax.lax.fori_loop(first_partial, first_partial + n_partial,
+                                  functools.partial(visit, partial=True), carry)
     m_i, l_i, o_acc = carry
 
     # Epilogue (Algorithm 1, line 12): O = acc / l; a row with no allowed key has
@@ -102,9 +105,13 @@ def forward(static, q, k, v, metas, operands):
         pl.BlockSpec((None, bq, None, hp), lambda i, bb, nn: (bb, nq - 1 - i, nn, 0)),
         pl.BlockSpec((None, None, bq), lambda i, bb, nn: (bb, nn, nq - 1 - i)),
     ]
+    # Dense attention (every tile FULL): the FULL loop has a static trip count nK.
+    dense_full = sp // bk if fwd_meta.dense else None
+    has_partial = not fwd_meta.dense
     kernel = functools.partial(
         _forward_kernel, n_operands=len(accesses), accesses=accesses, mask_fn=static.mask_fn,
-        n_full_slots=n_full_slots, full_contiguous=full_contiguous, scale=static.scale, cap=static.logits_soft_cap,
+        n_full_slots=n_full_slots, full_contiguous=full_contiguous, dense_full=dense_full,
+        has_partial=has_partial, scale=static.scale, cap=static.logits_soft_cap,
         kv_len=s, bq=bq, bk=bk, acc=acc)
     out, lse = pl.pallas_call(
         kernel,
