@@ -24,25 +24,17 @@ import jax.numpy as jnp
 
 import jaxattn
 from jaxattn import masks as M
+from benchmarks import flops
 from jaxattn.flash import pallas_attention
 from pallas_kernels.triton.config import TritonConfig
 
 
-def allowed_fraction(mask, t, s, chunk=2048):
-    """Exact fraction of allowed pairs, counted in row chunks (never T×S at once)."""
-    if isinstance(mask, M.FullMask):
-        return 1.0
+def allowed_fraction(mask, t, s):
+    """Fraction of allowed pairs from the repo's one FLOP model (benchmarks/flops.py),
+    except plain causal, which counts ½ as in ../shared/ANCHORS.md."""
     if isinstance(mask, M.CausalMask) and mask.offset == 0 and t == s:
-        return 0.5  # ANCHORS.md convention: causal counts one half
-    total = 0
-    for r in range(0, t, chunk):
-        rows = min(chunk, t - r)
-        dense = np.asarray(mask.evaluate(np.arange(r, r + rows, dtype=np.int64)[:, None],
-                                         np.arange(s, dtype=np.int64)[None, :],
-                                         tuple(np.asarray(jaxattn.masks.base.full_operand_view(o, t, s))[..., r:r + rows, :]
-                                               for o in mask.operands())))
-        total += int(np.broadcast_to(dense, dense.shape[:-2] + (rows, s)).sum())
-    return total / (t * s)
+        return 0.5
+    return flops.allowed_fraction(mask, t, s)
 
 
 def cases():

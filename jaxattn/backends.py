@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxattn.api import register_implementation
-from jaxattn.masks import CausalMask, FullMask, Mask
+from jaxattn.masks import AndMask, CausalMask, FullMask, LocalMask, Mask
 from jaxattn.reference import allowed_pairs
 
 
@@ -31,11 +31,9 @@ def _jax_nn(implementation, query, key, value, bias, mask: Mask, *, scale, logit
 @functools.partial(jax.jit, static_argnames=("implementation", "scale", "return_residuals"))
 def _jax_nn_jit(query, key, value, bias, mask, *, implementation, scale, return_residuals):
     t, s = query.shape[1], key.shape[1]
-    kwargs = {}
-    if isinstance(mask, CausalMask) and mask.offset == 0:
-        kwargs["is_causal"] = True
-    elif not isinstance(mask, FullMask):
-        kwargs["mask"] = allowed_pairs(mask, t, s)
+    kwargs = _jax_nn_mask_arguments(mask)
+    if kwargs is None:  # no structured equivalent: a dense [.., T, S] bool mask
+        kwargs = {"mask": allowed_pairs(mask, t, s)}
     out = jax.nn.dot_product_attention(query, key, value, bias, scale=scale,
                                        implementation=implementation,
                                        return_residual=return_residuals, **kwargs)
@@ -43,6 +41,24 @@ def _jax_nn_jit(query, key, value, bias, mask, *, implementation, scale, return_
         out, lse = out
         return out, jnp.swapaxes(lse, 1, 2).astype(jnp.float32)
     return out
+
+
+def _jax_nn_mask_arguments(mask: Mask):
+    """jax.nn's own structured arguments for full / causal / sliding-window masks (so
+    cuDNN and XLA get their fast paths, not an O(T·S) bool mask); None otherwise."""
+    parts = mask.parts if isinstance(mask, AndMask) else (mask,)
+    kwargs = {}
+    for p in parts:
+        if isinstance(p, FullMask):
+            continue
+        if isinstance(p, CausalMask) and p.offset == 0 and "is_causal" not in kwargs:
+            kwargs["is_causal"] = True
+        elif (isinstance(p, LocalMask) and p.offset == 0 and p.left is not None
+              and p.right is not None and "local_window_size" not in kwargs):
+            kwargs["local_window_size"] = (p.left, p.right)
+        else:
+            return None
+    return kwargs
 
 
 register_implementation("xla", functools.partial(_jax_nn, "xla"))
