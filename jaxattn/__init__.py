@@ -2,6 +2,7 @@
 
 from jaxattn import masks
 from jaxattn.api import available_implementations, dot_product_attention
+from jaxattn.parallel import ring_attention
 
-__all__ = ["dot_product_attention", "available_implementations", "masks"]
+__all__ = ["dot_product_attention", "available_implementations", "masks", "ring_attention"]
 __version__ = "0.1.0"
