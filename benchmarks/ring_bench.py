@@ -22,6 +22,10 @@ FLOP model (../shared/ANCHORS.md): forward 4·B·N·T²·D·½ for causal, backw
 forward, so a step is 3.5× forward. Times are medians after 2 warm-up calls
 (benchmarks/timing.py). The implementation of the local blocks is "pallas_triton" when
 registered (else cuDNN through jax.nn). A short table is printed last.
+
+If overlap_ratio is well above 1 while comm_only_ms is small next to local_kernels_ms,
+the transfers are being serialised with the kernels: rerun with
+XLA_FLAGS=--xla_gpu_enable_latency_hiding_scheduler=true and compare.
 """
 
 from __future__ import annotations
