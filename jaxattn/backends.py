@@ -32,15 +32,24 @@ def _jax_nn(implementation, query, key, value, bias, mask: Mask, *, scale, logit
 def _jax_nn_jit(query, key, value, bias, mask, *, implementation, scale, return_residuals):
     t, s = query.shape[1], key.shape[1]
     kwargs = _jax_nn_mask_arguments(mask)
+    row_has_key = None
     if kwargs is None:  # no structured equivalent: a dense [.., T, S] bool mask
-        kwargs = {"mask": allowed_pairs(mask, t, s)}
+        allowed = allowed_pairs(mask, t, s)
+        kwargs = {"mask": allowed}
+        # jax.nn averages all keys for a row with none allowed; our contract is 0.
+        row_has_key = jnp.swapaxes(jnp.any(allowed, axis=-1), 1, 2)[..., None]  # [B|1, T, N|1, 1]
     out = jax.nn.dot_product_attention(query, key, value, bias, scale=scale,
                                        implementation=implementation,
                                        return_residual=return_residuals, **kwargs)
+    lse = None
     if return_residuals:
         out, lse = out
-        return out, jnp.swapaxes(lse, 1, 2).astype(jnp.float32)
-    return out
+        lse = jnp.swapaxes(lse, 1, 2).astype(jnp.float32)
+    if row_has_key is not None:
+        out = jnp.where(row_has_key, out, 0).astype(out.dtype)
+        if lse is not None:
+            lse = jnp.where(jnp.swapaxes(row_has_key[..., 0], 1, 2), lse, -jnp.inf)
+    return (out, lse) if return_residuals else out
 
 
 def _jax_nn_mask_arguments(mask: Mask):
