@@ -1,0 +1,103 @@
+"""jaxattn's multi-head attention layer for Flax nnx.
+
+    attn = MultiHeadAttention(num_heads=8, in_features=512, num_kv_heads=2, rope=True,
+                              mask=masks.LocalMask(256, 0), is_causal=True,
+                              implementation="pallas_triton", rngs=nnx.Rngs(0))
+    y = attn(x)                                        # x [B, T, 512] -> [B, T, 512]
+    y = attn(x, mask=masks.SegmentMask(doc_ids))       # per-batch masks at call time
+
+The structured mask given at construction is static: the kernels analyse it once and
+skip every tile it rules out. Per-batch masks (segment ids, a boolean array) are given at
+call time and ANDed in. Parameters: query [D, N, H], key/value [D, K, H], out [N, H, D']
+(the same names and shapes as the linen twin, `jaxattn.layers.linen_attention`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxattn.api import dot_product_attention
+from jaxattn.layers._common import check_heads, check_layer_mask, combine
+from jaxattn.layers.rope import apply_rope
+from jaxattn.masks import Mask
+
+__all__ = ["MultiHeadAttention"]
+
+_default_init = nnx.initializers.lecun_normal()
+
+
+class MultiHeadAttention(nnx.Module):
+    """Multi-head attention with GQA/MQA, optional RoPE, any jaxattn Mask.
+
+    Args:
+      num_heads: query heads N.
+      in_features: model width D of the inputs.
+      num_kv_heads: key/value heads K (a divisor of N; 1 = MQA). Default N.
+      head_dim: H. Default D // N.
+      out_features: output width. Default D.
+      mask: a static `jaxattn.masks.Mask` applied at every call (None = full attention).
+      is_causal, local_window_size, logits_soft_cap, scale: as in `dot_product_attention`.
+      rope: rotate q and k with RoPE (positions default to 0..T-1), base `rope_theta`.
+      implementation: as in `dot_product_attention` (None = best available).
+      use_bias: biases in the four projections.
+      dtype: computation dtype (None: the inputs'); param_dtype: parameter dtype.
+    """
+
+    def __init__(self, num_heads: int, in_features: int, *, num_kv_heads: int | None = None,
+                 head_dim: int | None = None, out_features: int | None = None,
+                 mask: Mask | None = None, is_causal: bool = False, local_window_size=None,
+                 logits_soft_cap: float | None = None, scale: float | None = None,
+                 rope: bool = False, rope_theta: float = 10000.0, implementation: str | None = None,
+                 use_bias: bool = False, dtype: Any = None, param_dtype: Any = jnp.float32,
+                 kernel_init=_default_init, rngs: nnx.Rngs):
+        num_kv_heads, head_dim = check_heads(num_heads, num_kv_heads, in_features, head_dim)
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.in_features = in_features
+        self.out_features = in_features if out_features is None else out_features
+        self.mask = check_layer_mask(mask)
+        self.is_causal = bool(is_causal)
+        self.local_window_size = local_window_size
+        self.logits_soft_cap = logits_soft_cap
+        self.scale = scale
+        self.rope, self.rope_theta = bool(rope), float(rope_theta)
+        self.implementation = implementation
+        self.dtype = dtype
+        kw = dict(use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
+                  kernel_init=kernel_init, rngs=rngs)
+        self.query = nnx.LinearGeneral(in_features, (num_heads, head_dim), **kw)
+        self.key = nnx.LinearGeneral(in_features, (num_kv_heads, head_dim), **kw)
+        self.value = nnx.LinearGeneral(in_features, (num_kv_heads, head_dim), **kw)
+        self.out = nnx.LinearGeneral((num_heads, head_dim), self.out_features, axis=(-2, -1), **kw)
+
+    def __call__(self, inputs_q: jax.Array, inputs_kv: jax.Array | None = None, *,
+                 mask=None, positions=None, kv_positions=None) -> jax.Array:
+        """inputs_q [B, T, D] (inputs_kv [B, S, D], default inputs_q) -> [B, T, D'].
+
+        mask: None, a Mask (e.g. SegmentMask) or a bool array broadcastable to [B, N, T, S],
+        ANDed with the layer's mask. positions / kv_positions: RoPE positions [T] or [B, T]
+        (default 0..T-1; kv_positions default to positions for self-attention)."""
+        self_attention = inputs_kv is None
+        inputs_kv = inputs_q if self_attention else inputs_kv
+        if inputs_q.ndim != 3 or inputs_kv.ndim != 3:
+            raise ValueError(f"inputs: expected [batch, length, features], got shapes "
+                             f"{tuple(inputs_q.shape)} and {tuple(inputs_kv.shape)}. "
+                             "Use jax.vmap for extra leading axes.")
+        q = self.query(inputs_q)
+        k = self.key(inputs_kv)
+        v = self.value(inputs_kv)
+        if self.rope:
+            t, s = inputs_q.shape[1], inputs_kv.shape[1]
+            q_pos = jnp.arange(t) if positions is None else positions
+            if kv_positions is None:
+                kv_positions = q_pos if self_attention else jnp.arange(s)
+            q = apply_rope(q, q_pos, self.rope_theta)
+            k = apply_rope(k, kv_positions, self.rope_theta)
+        x = dot_product_attention(q, k, v, mask=combine(self.mask, mask), scale=self.scale,
+                                  is_causal=self.is_causal, local_window_size=self.local_window_size,
+                                  logits_soft_cap=self.logits_soft_cap,
+                                  implementation=self.implementation)
+        return self.out(x)
