@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
+import os
 import platform
 import statistics
 import time
@@ -182,7 +182,9 @@ def planned_memory_mb(compiled) -> float | None:
 
 
 def device_peak_mb() -> float | None:
-    """Peak bytes the device allocator saw in this process (GPU; None on CPU)."""
+    """Peak bytes the device allocator has seen in this process so far (GPU; None on CPU).
+    Cumulative over the choices run before: compare choices by compiled_step_mb, or run
+    one --attention choice per process to compare this."""
     stats = jax.devices()[0].memory_stats() or {}
     peak = stats.get("peak_bytes_in_use")
     return None if peak is None else peak / 2**20
@@ -275,11 +277,14 @@ def parse_args(argv=None):
 def format_table(results: list[dict]) -> str:
     def mb(x):
         return "n/a" if x is None else f"{x:.1f}"
+
+    def acc(x):
+        return "n/a" if x is None else f"{x:.3f}"
     lines = ["| attention | answer accuracy | final loss | step time (ms) | compiled step memory (MiB) "
              "| attention tiles vs full |",
              "|---|---|---|---|---|---|"]
     for r in results:
-        lines.append(f"| {r['attention']} | {r['accuracy']:.3f} | {r['final_loss']:.3f} | {r['step_ms']:.1f} "
+        lines.append(f"| {r['attention']} | {acc(r['accuracy'])} | {r['final_loss']:.3f} | {r['step_ms']:.1f} "
                      f"| {mb(r['compiled_step_mb'])} | {r['attention_tiles_vs_full']:.2f} |")
     return "\n".join(lines)
 
@@ -294,13 +299,14 @@ def main(argv=None):
     for choice in args.attention:
         r = run_choice(args, choice)
         results.append(r)
-        print(f"{choice}: accuracy {r['accuracy']:.3f}, step {r['step_ms']:.1f} ms, "
+        print(f"{choice}: accuracy {r['accuracy'] if r['accuracy'] is None else round(r['accuracy'], 3)}, step {r['step_ms']:.1f} ms, "
               f"tiles vs full {r['attention_tiles_vs_full']:.2f}")
     print()
     print(format_table(results))
     if args.out:
-        meta = {"jax": jax.__version__, "platform": device.platform, "device_kind": device.device_kind,
-                "host": platform.processor() or platform.machine(), "implementation": args.implementation,
+        meta = {"date": time.strftime("%Y-%m-%d"), "jax": jax.__version__, "platform": device.platform,
+                "device_kind": device.device_kind, "host": platform.processor() or platform.machine(),
+                "cpu_count": os.cpu_count(), "implementation": args.implementation,
                 "args": {k: v for k, v in vars(args).items() if k != "out"}}
         with open(args.out, "w") as f:
             json.dump({"meta": meta, "results": results}, f, indent=2)
