@@ -54,6 +54,14 @@ def cases():
         b=1, n=16, s=16384, d=d, mask=M.bigbird_mask(16384, window=1024, num_global=256,
                                                      num_random_blocks=3, block_size=128,
                                                      causal=True))
+    # Cost must follow the number of non-empty tiles: random block-sparse layouts of
+    # 128×128 blocks keeping a given share of tiles, beside the dense FullMask.
+    rng = np.random.default_rng(0)
+    for share in (0.125, 0.25, 0.5):
+        layout = rng.random((128, 128)) < share
+        out[f"D128 S16384 B1 H16 blocksparse {share:.1%} of tiles"] = dict(
+            b=1, n=16, s=16384, d=d, mask=M.BlockSparseMask(layout, 128, 128))
+    out["D128 S16384 B1 H16 full"] = dict(b=1, n=16, s=16384, d=d, mask=M.FullMask())
     return out
 
 
