@@ -47,12 +47,10 @@ def pallas_attention(backend_name: str, query, key, value, bias, mask: Mask, *, 
                        config=config, interpret=interpret)
 
 
-@functools.partial(jax.jit, static_argnames=("backend_name", "scale", "logits_soft_cap",
-                                             "return_residuals", "config", "interpret"))
-def _pallas_jit(query, key, value, mask, *, backend_name, scale, logits_soft_cap,
-                return_residuals, config, interpret):
-    t, s = query.shape[1], key.shape[1]
-    metas = {name: _as_jnp(build_block_metadata(mask, t, s, bq, bk))
+def prepare_call(backend_name: str, mask: Mask, q_len: int, kv_len: int, *, scale,
+                 logits_soft_cap, config, interpret):
+    """The static description, per-kernel block metadata and mask operands of one call."""
+    metas = {name: _as_jnp(build_block_metadata(mask, q_len, kv_len, bq, bk))
              for name, (bq, bk) in config.metadata_tiles().items()}
     operands = mask.operands()
     static = FlashStatic(
@@ -60,8 +58,35 @@ def _pallas_jit(query, key, value, mask, *, backend_name, scale, logits_soft_cap
         mask_fn=None if isinstance(mask, FullMask) else mask.evaluate,
         operand_kinds=tuple((o.kind, o.layout_block) for o in operands),
         config=config, interpret=interpret)
-    out, lse = flash_attention(static, query, key, value, metas,
-                               tuple(jnp.asarray(o.array) for o in operands))
+    return static, metas, tuple(jnp.asarray(o.array) for o in operands)
+
+
+@functools.partial(jax.jit, static_argnames=("backend_name", "scale", "logits_soft_cap",
+                                             "return_residuals", "config", "interpret"))
+def _pallas_jit(query, key, value, mask, *, backend_name, scale, logits_soft_cap,
+                return_residuals, config, interpret):
+    static, metas, operands = prepare_call(
+        backend_name, mask, query.shape[1], key.shape[1], scale=scale,
+        logits_soft_cap=logits_soft_cap, config=config, interpret=interpret)
+    out, lse = flash_attention(static, query, key, value, metas, operands)
     if return_residuals:
         return out, lse.astype(jnp.float32) if lse.dtype != jnp.float64 else lse
     return out
+
+
+def pallas_backward(backend_name: str, q, k, v, out, lse, dout, delta, mask: Mask, *, scale,
+                    logits_soft_cap=None, config=None, interpret=None):
+    """The kernels' backward alone, from given residuals: (dq, dk, dv) for
+    D = `delta` (rowsum(dO ∘ O) − dlse, [B, N, T]). Used where out/lse come from a merge
+    of several calls (ring attention), so no forward is recomputed."""
+    if interpret is None:
+        interpret = default_interpret()
+    backend = _BACKENDS[backend_name]
+    if config is None:
+        config = backend.default_config(padded_head_dim(q.shape[-1]), interpret=interpret)
+    static, metas, operands = prepare_call(
+        backend_name, mask, q.shape[1], k.shape[1], scale=scale,
+        logits_soft_cap=logits_soft_cap, config=config, interpret=interpret)
+    acc = jnp.float64 if q.dtype == jnp.float64 else jnp.float32
+    return backend.backward(static, q, k, v, out, lse.astype(acc), dout.astype(q.dtype),
+                            delta.astype(acc), metas, operands)

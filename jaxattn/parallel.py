@@ -321,27 +321,10 @@ def _reference_block_backward(q, k, v, out, lse, dout, delta, mask, scale):
 
 
 def _pallas_block_backward(backend_name):
-    """The Pallas kernels' own backward, fed the global out/lse/D (jaxattn.flash's set-up
-    of one call, minus the forward)."""
+    """The Pallas kernels' own backward, fed the global out/lse/D (no forward recompute)."""
     def run(q, k, v, out, lse, dout, delta, mask, scale):
-        from jaxattn import flash
-        from jaxattn.masks import FullMask, build_block_metadata
-        from pallas_kernels.flash_vjp import FlashStatic
-        from pallas_kernels.triton.common import padded_head_dim
-        backend = flash._BACKENDS[backend_name]
-        interpret = flash.default_interpret()
-        config = backend.default_config(padded_head_dim(q.shape[-1]), interpret=interpret)
-        t, s = q.shape[1], k.shape[1]
-        metas = {name: flash._as_jnp(build_block_metadata(mask, t, s, bq, bk))
-                 for name, (bq, bk) in config.metadata_tiles().items()}
-        operands = mask.operands()
-        static = FlashStatic(backend=backend, scale=scale, logits_soft_cap=None,
-                             mask_fn=None if isinstance(mask, FullMask) else mask.evaluate,
-                             operand_kinds=tuple((o.kind, o.layout_block) for o in operands),
-                             config=config, interpret=interpret)
-        return backend.backward(static, q, k, v, out, lse.astype(jnp.float32), dout.astype(q.dtype),
-                                delta.astype(jnp.float32), metas,
-                                tuple(jnp.asarray(o.array) for o in operands))
+        from jaxattn.flash import pallas_backward
+        return pallas_backward(backend_name, q, k, v, out, lse, dout, delta, mask, scale=scale)
     return run
 
 
