@@ -81,3 +81,14 @@ def _pallas_triton(query, key, value, bias, mask, *, scale, logits_soft_cap, ret
 
 
 register_implementation("pallas_triton", _pallas_triton)
+
+
+def _pallas_mosaic_gpu(query, key, value, bias, mask, *, scale, logits_soft_cap, return_residuals):
+    # Named in the public contract (DESIGN.md); the Hopper backend is not built yet. A
+    # NotImplementedError lets implementation=None move on, and tells a caller who named
+    # it what to use instead.
+    raise NotImplementedError("the Mosaic GPU (Hopper) backend is not built yet; use "
+                              "implementation='pallas_triton' (any CUDA GPU) or None")
+
+
+register_implementation("pallas_mosaic_gpu", _pallas_mosaic_gpu)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import functools
 
 import numpy as np
-import jax
 import jax.numpy as jnp
 
 from pallas_kernels.metadata import FULL, PARTIAL, BlockMetadata

@@ -139,17 +139,25 @@ def _padded_inputs(q, k, v, lse, dout, delta, bq, bk):
             pad_axis(delta.astype(acc), 2, tp))
 
 
-def _dkdv(static, q, k, v, lse, dout, delta, meta, operands):
-    cfg = static.config
+def _setup(static, q, k, v, lse, dout, delta, meta, operands):
+    """Shapes, padded inputs, mask operands and kernel parameters shared by both kernels."""
     b, t, n, h = q.shape
     s, kh = k.shape[1], k.shape[2]
-    groups = n // kh
     bq, bk = meta.block_q, meta.block_kv
     tp, sp, hp, acc, qp, kp, vp, dop, lse_p, delta_p = _padded_inputs(q, k, v, lse, dout, delta, bq, bk)
     prepared = prepare_operands(operands, static.operand_kinds, t, s, tp, sp, bq, bk)
     common = dict(mask_fn=static.mask_fn, scale=static.scale, cap=static.logits_soft_cap,
                   kv_len=s, bq=bq, bk=bk, acc=acc)
-    params = plgpu.CompilerParams(num_warps=cfg.num_warps_bwd, num_stages=cfg.num_stages_bwd)
+    params = plgpu.CompilerParams(num_warps=static.config.num_warps_bwd,
+                                  num_stages=static.config.num_stages_bwd)
+    return (b, t, n, h, s, kh, n // kh, bq, bk, tp, sp, hp, qp, kp, vp, dop, lse_p, delta_p,
+            prepared, common, params)
+
+
+def _dkdv(static, q, k, v, lse, dout, delta, meta, operands):
+    """dK, dV: programs over kv-blocks, walking the transposed lists."""
+    (b, t, n, h, s, kh, groups, bq, bk, tp, sp, hp, qp, kp, vp, dop, lse_p, delta_p, prepared,
+     common, params) = _setup(static, q, k, v, lse, dout, delta, meta, operands)
 
     t_table, t_full_slots, t_contiguous = transposed_table(meta)
     tbm, thm = t_table.shape[:2]
@@ -187,16 +195,8 @@ def _dkdv(static, q, k, v, lse, dout, delta, meta, operands):
 
 def _dq(static, q, k, v, lse, dout, delta, meta, operands):
     """dQ: programs over q-blocks, walking the forward lists."""
-    cfg = static.config
-    b, t, n, h = q.shape
-    s, kh = k.shape[1], k.shape[2]
-    groups = n // kh
-    bq, bk = meta.block_q, meta.block_kv
-    tp, sp, hp, acc, qp, kp, vp, dop, lse_p, delta_p = _padded_inputs(q, k, v, lse, dout, delta, bq, bk)
-    prepared = prepare_operands(operands, static.operand_kinds, t, s, tp, sp, bq, bk)
-    common = dict(mask_fn=static.mask_fn, scale=static.scale, cap=static.logits_soft_cap,
-                  kv_len=s, bq=bq, bk=bk, acc=acc)
-    params = plgpu.CompilerParams(num_warps=cfg.num_warps_bwd, num_stages=cfg.num_stages_bwd)
+    (b, t, n, h, s, kh, groups, bq, bk, tp, sp, hp, qp, kp, vp, dop, lse_p, delta_p, prepared,
+     common, params) = _setup(static, q, k, v, lse, dout, delta, meta, operands)
     table, full_slots, contiguous = forward_table(meta)
     fbm, fhm = table.shape[:2]
     accesses = make_operand_access(prepared, "rows", bq=bq, bk=bk, groups=groups)
