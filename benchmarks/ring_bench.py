@@ -63,7 +63,6 @@ import datetime  # noqa: E402
 import json  # noqa: E402
 import traceback  # noqa: E402
 
-import numpy as np  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec  # noqa: E402
