@@ -26,7 +26,7 @@ from pallas_kernels.metadata import pad_to_multiple
 from pallas_kernels.triton.common import (LOG2E, acc_dtype, dot_nn, dot_nt, dot_tn,
                                           forward_table, make_operand_access, pad_axis, pad_btnh,
                                           padded_head_dim, prepare_operands, scaled_logits,
-                                          tile_keep, transposed_table)
+                                          tile_keep, transposed_table, walk_tiles)
 
 
 def _probabilities_and_dlogits(q, k, v, do, lse2, delta, keep, *, scale, cap, acc):
@@ -43,19 +43,17 @@ def _probabilities_and_dlogits(q, k, v, do, lse2, delta, keep, *, scale, cap, ac
 
 
 def _dkdv_kernel(table_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, n_operands,
-                 accesses, mask_fn, n_full_slots, full_contiguous, per_head_table, groups, scale, cap, kv_len,
-                 bq, bk, acc):
+                 accesses, mask_fn, layout, per_head_table, groups, scale, cap, kv_len, bq, bk,
+                 acc):
     operand_refs = refs[:n_operands]
     dk_ref, dv_ref = refs[n_operands:]
-    j = pl.program_id(0)
-    kv_start = j * bk
+    kv_start = pl.program_id(0) * bk
     k = k_ref[...]                                        # [bk, Hp], on chip throughout
     v = v_ref[...]
     hp = k.shape[-1]
 
-    def visit(slot, carry, *, g, table, partial):
+    def visit(q_block, carry, partial, *, g):
         dk, dv = carry
-        q_block = table[2] + (slot - 2) if (full_contiguous and not partial) else table[slot]
         q_start = pl.multiple_of(q_block * bq, bq)
         rows = pl.ds(q_start, bq)
         q = q_ref[rows, g, :]
@@ -75,20 +73,14 @@ def _dkdv_kernel(table_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *re
     carry = (jnp.zeros((bk, hp), acc), jnp.zeros((bk, hp), acc))
     for g in range(groups):                                  # query heads sharing this kv head
         table = table_ref.at[g] if per_head_table else table_ref
-        n_full, n_partial = table[0], table[1]
-        carry = jax.lax.fori_loop(
-            2, 2 + n_full, functools.partial(visit, g=g, table=table, partial=False), carry)
-        first_partial = 2 + n_full_slots
-        carry = jax.lax.fori_loop(
-            first_partial, first_partial + n_partial,
-            functools.partial(visit, g=g, table=table, partial=True), carry)
+        carry = walk_tiles(table, layout, functools.partial(visit, g=g), carry)
     dk, dv = carry
     dk_ref[...] = (dk * scale).astype(dk_ref.dtype)
     dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
 def _dq_kernel(table_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, n_operands,
-               accesses, mask_fn, n_full_slots, full_contiguous, scale, cap, kv_len, bq, bk, acc):
+               accesses, mask_fn, layout, scale, cap, kv_len, bq, bk, acc):
     operand_refs = refs[:n_operands]
     (dq_ref,) = refs[n_operands:]
     q_start = (pl.num_programs(0) - 1 - pl.program_id(0)) * bq   # heaviest q-blocks first
@@ -97,10 +89,7 @@ def _dq_kernel(table_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs
     lse2 = lse_ref[...] * LOG2E
     delta = delta_ref[...]
 
-    first_full = table_ref[2]
-
-    def visit(slot, dq, *, partial):
-        kv_block = first_full + (slot - 2) if (full_contiguous and not partial) else table_ref[slot]
+    def visit(kv_block, dq, partial):
         kv_start = pl.multiple_of(kv_block * bk, bk)
         k = k_ref[pl.ds(kv_start, bk), :]
         v = v_ref[pl.ds(kv_start, bk), :]
@@ -112,12 +101,7 @@ def _dq_kernel(table_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs
                                            acc=acc)
         return dq + dot_nn(ds.astype(k.dtype), k, acc)
 
-    dq = jnp.zeros(q.shape, acc)
-    n_full, n_partial = table_ref[0], table_ref[1]
-    dq = jax.lax.fori_loop(2, 2 + n_full, functools.partial(visit, partial=False), dq)
-    first_partial = 2 + n_full_slots
-    dq = jax.lax.fori_loop(first_partial, first_partial + n_partial,
-                           functools.partial(visit, partial=True), dq)
+    dq = walk_tiles(table_ref, layout, visit, jnp.zeros(q.shape, acc))
     dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
 
 
@@ -159,7 +143,7 @@ def _dkdv(static, q, k, v, lse, dout, delta, meta, operands):
     (b, t, n, h, s, kh, groups, bq, bk, tp, sp, hp, qp, kp, vp, dop, lse_p, delta_p, prepared,
      common, params) = _setup(static, q, k, v, lse, dout, delta, meta, operands)
 
-    t_table, t_full_slots, t_contiguous = transposed_table(meta)
+    t_table, layout = transposed_table(meta)
     tbm, thm = t_table.shape[:2]
     per_head_table = thm > 1
     accesses = make_operand_access(prepared, "cols", bq=bq, bk=bk, groups=groups)
@@ -178,8 +162,7 @@ def _dkdv(static, q, k, v, lse, dout, delta, meta, operands):
     kv_out_spec = pl.BlockSpec((None, bk, None, hp), lambda j, bb, hh: (bb, j, hh, 0))
     dk, dv = pl.pallas_call(
         functools.partial(_dkdv_kernel, n_operands=len(accesses), accesses=accesses,
-                          n_full_slots=t_full_slots, full_contiguous=t_contiguous,
-                          per_head_table=per_head_table,
+                          layout=layout, per_head_table=per_head_table,
                           groups=groups, **common),
         grid=(sp // bk, b, kh),
         in_specs=dkdv_in_specs,
@@ -197,7 +180,7 @@ def _dq(static, q, k, v, lse, dout, delta, meta, operands):
     """dQ: programs over q-blocks, walking the forward lists."""
     (b, t, n, h, s, kh, groups, bq, bk, tp, sp, hp, qp, kp, vp, dop, lse_p, delta_p, prepared,
      common, params) = _setup(static, q, k, v, lse, dout, delta, meta, operands)
-    table, full_slots, contiguous = forward_table(meta)
+    table, layout = forward_table(meta)
     fbm, fhm = table.shape[:2]
     accesses = make_operand_access(prepared, "rows", bq=bq, bk=bk, groups=groups)
     nq = tp // bq
@@ -214,7 +197,7 @@ def _dq(static, q, k, v, lse, dout, delta, meta, operands):
     ]
     dq = pl.pallas_call(
         functools.partial(_dq_kernel, n_operands=len(accesses), accesses=accesses,
-                          n_full_slots=full_slots, full_contiguous=contiguous, **common),
+                          layout=layout, **common),
         grid=(tp // bq, b, n),
         in_specs=dq_in_specs,
         out_specs=pl.BlockSpec((None, bq, None, hp), lambda i, bb, nn: (bb, nq - 1 - i, nn, 0)),

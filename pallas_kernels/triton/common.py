@@ -8,6 +8,7 @@ them; padded query rows are computed and dropped.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import jax
@@ -45,30 +46,83 @@ def pad_btnh(x, length: int, head_dim: int):
     return pad_axis(pad_axis(x, 1, length), 3, head_dim)
 
 
-def pack_table(count_a, index_a, count_b, index_b):
-    """One int32 row per block: [n_a, n_b, a_0 .. a_{La-1}, b_0 .. b_{Lb-1}, 0 ...],
-    padded to a power-of-two length. Returns (table [Bm, Hm, n, L], La)."""
+def full_runs(count, index):
+    """Split each ascending FULL list into runs of consecutive blocks.
+
+    Returns (n_runs [...], run_start [..., L], run_length [..., L]) with L = index's last
+    dim; entries past n_runs have length 0. Kernels walk a run with computed addresses
+    (k0 + t), which Triton can software-pipeline; loading every block index from memory
+    inside the loop would serialise each K/V load behind an index load."""
+    count, index = jnp.asarray(count), jnp.asarray(index)
+    length = index.shape[-1]
+    t = jnp.arange(length)
+    valid = t < count[..., None]
+    previous = jnp.concatenate([index[..., :1] - 2, index[..., :-1]], axis=-1)
+    is_start = valid & (index != previous + 1)
+    n_runs = jnp.sum(is_start, axis=-1).astype(jnp.int32)
+    start_pos = jnp.argsort(~is_start, axis=-1, stable=True)       # run starts first, in order
+    next_pos = jnp.concatenate([start_pos[..., 1:], start_pos[..., :1]], axis=-1)
+    next_pos = jnp.where(t + 1 < n_runs[..., None], next_pos, count[..., None])
+    run_length = jnp.where(t < n_runs[..., None], next_pos - start_pos, 0)
+    run_start = jnp.take_along_axis(index, start_pos, axis=-1)
+    return n_runs, run_start, run_length
+
+
+@dataclasses.dataclass(frozen=True)
+class TableLayout:
+    """Static description of a packed table row (see pack_table)."""
+    la: int                      # slots of the FULL run arrays
+    full_is_run: bool            # every FULL list is one run (full, causal, windows)
+    dense_count: int | None      # every list is 0..dense_count-1 and nothing is PARTIAL
+
+
+def pack_table(count_a, index_a, count_b, index_b, *, full_is_run=False, dense_count=None):
+    """One int32 row per block, padded to a power-of-two length:
+    [n_runs_a, n_b, run_start_a (La), run_length_a (La), b_0 .. b_{Lb-1}, 0 ...].
+    Returns (table [Bm, Hm, n, L], TableLayout)."""
     la = index_a.shape[-1]
-    row = jnp.concatenate([jnp.asarray(count_a)[..., None], jnp.asarray(count_b)[..., None],
-                           jnp.asarray(index_a), jnp.asarray(index_b)], axis=-1)
+    n_runs, run_start, run_length = full_runs(count_a, index_a)
+    row = jnp.concatenate([n_runs[..., None], jnp.asarray(count_b)[..., None], run_start,
+                           run_length, jnp.asarray(index_b)], axis=-1)
     length = pl.next_power_of_2(row.shape[-1])
     if length != row.shape[-1]:
         row = jnp.pad(row, [(0, 0)] * (row.ndim - 1) + [(0, length - row.shape[-1])])
-    return row.astype(jnp.int32), la
+    return row.astype(jnp.int32), TableLayout(la, full_is_run, dense_count)
 
 
 def forward_table(meta: BlockMetadata):
-    """(table, La, runs): runs (static) says every FULL list is a run k0, k0+1, ... so
-    kernels compute block indices instead of loading them, which keeps Triton's software
-    pipelining of the K/V loads intact."""
-    table, la = pack_table(meta.full_count, meta.full_index, meta.partial_count, meta.partial_index)
-    return table, la, meta.full_is_run
+    """Per q-block: its FULL kv-blocks as runs, then its PARTIAL kv-blocks."""
+    return pack_table(meta.full_count, meta.full_index, meta.partial_count, meta.partial_index,
+                      full_is_run=meta.full_is_run,
+                      dense_count=meta.num_kv_blocks if meta.dense else None)
 
 
 def transposed_table(meta: BlockMetadata):
-    table, la = pack_table(meta.t_full_count, meta.t_full_index, meta.t_partial_count,
-                           meta.t_partial_index)
-    return table, la, meta.t_full_is_run
+    """Per kv-block: its FULL q-blocks as runs, then its PARTIAL q-blocks."""
+    return pack_table(meta.t_full_count, meta.t_full_index, meta.t_partial_count,
+                      meta.t_partial_index, full_is_run=meta.t_full_is_run,
+                      dense_count=meta.num_q_blocks if meta.dense else None)
+
+
+def walk_tiles(table, layout: TableLayout, visit, carry):
+    """Visit this block's FULL tiles, then its PARTIAL ones: visit(block, carry, partial).
+
+    FULL tiles go run by run with computed indices (a single run, or a static trip count
+    for dense attention, needs no outer loop); PARTIAL tiles load their index per tile."""
+    la = layout.la
+    if layout.dense_count is not None:
+        return jax.lax.fori_loop(0, layout.dense_count, lambda t, c: visit(t, c, False), carry)
+
+    def walk_run(start, n, c):
+        return jax.lax.fori_loop(0, n, lambda t, c: visit(start + t, c, False), c)
+
+    if layout.full_is_run:
+        carry = walk_run(table[2], table[2 + la], carry)
+    else:
+        carry = jax.lax.fori_loop(0, table[0], lambda r, c: walk_run(table[2 + r], table[2 + la + r], c),
+                                  carry)
+    first_partial = 2 + 2 * la
+    return jax.lax.fori_loop(0, table[1], lambda t, c: visit(table[first_partial + t], c, True), carry)
 
 
 def prepare_operands(operands, kinds, q_len, kv_len, q_pad, kv_pad, tile_q, tile_kv):

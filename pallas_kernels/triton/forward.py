@@ -20,11 +20,11 @@ from pallas_kernels.metadata import pad_to_multiple
 from pallas_kernels.triton.common import (LN2, LOG2E, MASK_VALUE, acc_dtype, dot_nt,
                                           forward_table, make_operand_access, online_softmax_step,
                                           pad_btnh, padded_head_dim, prepare_operands,
-                                          scaled_logits, tile_keep)
+                                          scaled_logits, tile_keep, walk_tiles)
 
 
 def _forward_kernel(table_ref, q_ref, k_ref, v_ref, *refs, n_operands, accesses, mask_fn,
-                    n_full_slots, full_contiguous, dense_full, has_partial, scale, cap, kv_len, bq, bk, acc):
+                    layout, scale, cap, kv_len, bq, bk, acc):
     operand_refs = refs[:n_operands]
     o_ref, lse_ref = refs[n_operands:]
     # Programs run in reverse q-block order: under causal-like masks the last q-blocks
@@ -33,34 +33,23 @@ def _forward_kernel(table_ref, q_ref, k_ref, v_ref, *refs, n_operands, accesses,
     q = q_ref[...]                                    # [bq, Hp], stays on chip
     hp = q.shape[-1]
 
-    first_full = table_ref[2]
-
-    def visit(slot, carry, *, partial):
+    def visit(kv_block, carry, partial):
         m_i, l_i, o_acc = carry
-        kv_block = first_full + (slot - 2) if (full_contiguous and not partial) else table_ref[slot]
         kv_start = pl.multiple_of(kv_block * bk, bk)
         k = k_ref[pl.ds(kv_start, bk), :]
         # S·log2(e) with S = scale·QKᵀ (soft-capped), one multiply folded in [bq, bk].
         logits2, _ = scaled_logits(dot_nt(q, k, acc), scale, cap, LOG2E)
         keep = None
-        if partial:
+        if partial:   # PARTIAL tile: the mask (and kv padding) evaluated element-wise
             keep = tile_keep(mask_fn, accesses, operand_refs, q_start, kv_start, kv_len,
                              bq=bq, bk=bk)
         return online_softmax_step(logits2, m_i, l_i, o_acc,
                                    lambda: v_ref[pl.ds(kv_start, bk), :], keep)
 
+    # FULL tiles first (no iota, no compare, no select), then PARTIAL ones; EMPTY tiles
+    # are in neither list and are never loaded.
     carry = (jnp.full((bq,), MASK_VALUE, acc), jnp.zeros((bq,), acc), jnp.zeros((bq, hp), acc))
-    # FULL tiles: every pair allowed, so no iota, no compare, no select. When every
-    # q-block visits all kv-blocks (dense attention) the trip count is static, which
-    # lets Triton pipeline the loop with known bounds.
-    n_full = table_ref[0] if dense_full is None else dense_full
-    carry = jax.lax.fori_loop(2, 2 + n_full, functools.partial(visit, partial=False), carry)
-    # PARTIAL tiles: the mask (and kv padding) evaluated element-wise.
-    if dense_full is None or has_partial:
-        n_partial = table_ref[1]
-        first_partial = 2 + n_full_slots
-        carry = jax.lax.fori_loop(first_partial, first_partial + n_partial,
-                                  functools.partial(visit, partial=True), carry)
+    carry = walk_tiles(table_ref, layout, visit, carry)
     m_i, l_i, o_acc = carry
 
     # Epilogue (Algorithm 1, line 12): O = acc / l; a row with no allowed key has
@@ -86,7 +75,7 @@ def forward(static, q, k, v, metas, operands):
     acc = acc_dtype(q.dtype)
     qp, kp, vp = pad_btnh(q, tp, hp), pad_btnh(k, sp, hp), pad_btnh(v, sp, hp)
 
-    table, n_full_slots, full_contiguous = forward_table(fwd_meta)
+    table, layout = forward_table(fwd_meta)
     tbm, thm = table.shape[:2]
     prepared = prepare_operands(operands, static.operand_kinds, t, s, tp, sp, bq, bk)
     accesses = make_operand_access(prepared, "rows", bq=bq, bk=bk, groups=groups)
@@ -105,13 +94,9 @@ def forward(static, q, k, v, metas, operands):
         pl.BlockSpec((None, bq, None, hp), lambda i, bb, nn: (bb, nq - 1 - i, nn, 0)),
         pl.BlockSpec((None, None, bq), lambda i, bb, nn: (bb, nn, nq - 1 - i)),
     ]
-    # Dense attention (every tile FULL): the FULL loop has a static trip count nK.
-    dense_full = sp // bk if fwd_meta.dense else None
-    has_partial = not fwd_meta.dense
     kernel = functools.partial(
         _forward_kernel, n_operands=len(accesses), accesses=accesses, mask_fn=static.mask_fn,
-        n_full_slots=n_full_slots, full_contiguous=full_contiguous, dense_full=dense_full,
-        has_partial=has_partial, scale=static.scale, cap=static.logits_soft_cap,
+        layout=layout, scale=static.scale, cap=static.logits_soft_cap,
         kv_len=s, bq=bq, bk=bk, acc=acc)
     out, lse = pl.pallas_call(
         kernel,
