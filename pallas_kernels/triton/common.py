@@ -46,44 +46,20 @@ def pad_btnh(x, length: int, head_dim: int):
     return pad_axis(pad_axis(x, 1, length), 3, head_dim)
 
 
-def full_runs(count, index):
-    """Split each ascending FULL list into runs of consecutive blocks.
-
-    Returns (n_runs [...], run_start [..., L], run_length [..., L]) with L = index's last
-    dim; entries past n_runs have length 0. Kernels walk a run with computed addresses
-    (k0 + t), which Triton can software-pipeline; loading every block index from memory
-    inside the loop would serialise each K/V load behind an index load."""
-    count, index = jnp.asarray(count), jnp.asarray(index)
-    length = index.shape[-1]
-    t = jnp.arange(length)
-    valid = t < count[..., None]
-    previous = jnp.concatenate([index[..., :1] - 2, index[..., :-1]], axis=-1)
-    is_start = valid & (index != previous + 1)
-    n_runs = jnp.sum(is_start, axis=-1).astype(jnp.int32)
-    start_pos = jnp.argsort(~is_start, axis=-1, stable=True)       # run starts first, in order
-    next_pos = jnp.concatenate([start_pos[..., 1:], start_pos[..., :1]], axis=-1)
-    next_pos = jnp.where(t + 1 < n_runs[..., None], next_pos, count[..., None])
-    run_length = jnp.where(t < n_runs[..., None], next_pos - start_pos, 0)
-    run_start = jnp.take_along_axis(index, start_pos, axis=-1)
-    return n_runs, run_start, run_length
-
-
 @dataclasses.dataclass(frozen=True)
 class TableLayout:
     """Static description of a packed table row (see pack_table)."""
-    la: int                      # slots of the FULL run arrays
+    la: int                      # slots of the FULL list
     full_is_run: bool            # every FULL list is one run (full, causal, windows)
     dense_count: int | None      # every list is 0..dense_count-1 and nothing is PARTIAL
 
 
 def pack_table(count_a, index_a, count_b, index_b, *, full_is_run=False, dense_count=None):
-    """One int32 row per block, padded to a power-of-two length:
-    [n_runs_a, n_b, run_start_a (La), run_length_a (La), b_0 .. b_{Lb-1}, 0 ...].
-    Returns (table [Bm, Hm, n, L], TableLayout)."""
+    """One int32 row per block: [n_a, n_b, a_0 .. a_{La-1}, b_0 .. b_{Lb-1}, 0 ...],
+    padded to a power-of-two length. Returns (table [Bm, Hm, n, L], TableLayout)."""
     la = index_a.shape[-1]
-    n_runs, run_start, run_length = full_runs(count_a, index_a)
-    row = jnp.concatenate([n_runs[..., None], jnp.asarray(count_b)[..., None], run_start,
-                           run_length, jnp.asarray(index_b)], axis=-1)
+    row = jnp.concatenate([jnp.asarray(count_a)[..., None], jnp.asarray(count_b)[..., None],
+                           jnp.asarray(index_a), jnp.asarray(index_b)], axis=-1)
     length = pl.next_power_of_2(row.shape[-1])
     if length != row.shape[-1]:
         row = jnp.pad(row, [(0, 0)] * (row.ndim - 1) + [(0, length - row.shape[-1])])
@@ -107,21 +83,20 @@ def transposed_table(meta: BlockMetadata):
 def walk_tiles(table, layout: TableLayout, visit, carry):
     """Visit this block's FULL tiles, then its PARTIAL ones: visit(block, carry, partial).
 
-    FULL tiles go run by run with computed indices (a single run, or a static trip count
-    for dense attention, needs no outer loop); PARTIAL tiles load their index per tile."""
+    FULL lists that are one run (full, causal, windows) get computed indices k0 + t, and
+    dense attention a static trip count, so Triton can software-pipeline the K/V loads;
+    other lists load each index from the table. (Walking such lists run by run in a
+    nested loop measured slower on an H100: BigBird 152/195 vs 222-242/237-255 TFLOP/s,
+    benchmarks/results/flash_bench_2026-11-27_h100_runs_experiment.json.)"""
     la = layout.la
     if layout.dense_count is not None:
         return jax.lax.fori_loop(0, layout.dense_count, lambda t, c: visit(t, c, False), carry)
-
-    def walk_run(start, n, c):
-        return jax.lax.fori_loop(0, n, lambda t, c: visit(start + t, c, False), c)
-
     if layout.full_is_run:
-        carry = walk_run(table[2], table[2 + la], carry)
+        first = table[2]
+        carry = jax.lax.fori_loop(0, table[0], lambda t, c: visit(first + t, c, False), carry)
     else:
-        carry = jax.lax.fori_loop(0, table[0], lambda r, c: walk_run(table[2 + r], table[2 + la + r], c),
-                                  carry)
-    first_partial = 2 + 2 * la
+        carry = jax.lax.fori_loop(0, table[0], lambda t, c: visit(table[2 + t], c, False), carry)
+    first_partial = 2 + la
     return jax.lax.fori_loop(0, table[1], lambda t, c: visit(table[first_partial + t], c, True), carry)
 
 
