@@ -128,7 +128,8 @@ def dot_product_attention(query, key, value, bias=None, mask=None, *, scale=None
       logits_soft_cap: c > 0 maps logits to c·tanh(logits / c).
       implementation: None (best available), "reference", "xla", "cudnn",
         "pallas_triton", "pallas_mosaic_gpu".
-      return_residuals: also return lse [B, N, T] (float32, natural log).
+      return_residuals: also return lse [B, N, T] (natural log; float32, or float64 for
+        float64 inputs so gradient checks stay exact; -inf on rows with no allowed key).
 
     A query row that may attend to no key returns zeros (and zero gradients).
     """

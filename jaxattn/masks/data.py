@@ -121,7 +121,8 @@ class SegmentMask(Mask):
 
     Packs several documents in one row; ``CausalMask() & SegmentMask(ids, ids)`` is causal
     document packing. Ids may be traced values: tile states come from per-tile min/max
-    of the ids (exact for sorted ids, conservative otherwise) under jit.
+    of the ids under jit: exact when queries and keys carry the same sorted ids (packed
+    documents), conservative otherwise (a tile may be PARTIAL yet hold no allowed pair).
     """
 
     is_dynamic = True
