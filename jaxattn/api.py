@@ -142,6 +142,9 @@ def dot_product_attention(query, key, value, bias=None, mask=None, *, scale=None
         if not hasattr(mask, "dtype"):
             raise ValueError(f"mask: expected None, a bool array or a jaxattn.masks.Mask, got "
                              f"{type(mask).__name__}. Build one with jaxattn.masks.")
+    if not isinstance(return_residuals, (bool, np.bool_)):
+        raise ValueError(f"return_residuals: expected a bool, got {return_residuals!r}. "
+                         "Pass True to also get the lse [B, N, T].")
     if not isinstance(is_causal, (bool, np.bool_)):
         raise ValueError(f"is_causal: expected a bool, got {is_causal!r}. Pass True or False "
                          "(a custom mask goes in `mask=`).")

@@ -24,6 +24,8 @@ def _jax_nn(implementation, query, key, value, bias, mask: Mask, *, scale, logit
         raise NotImplementedError("cuDNN attention needs a CUDA GPU")
     if implementation == "cudnn" and query.dtype not in (jnp.bfloat16, jnp.float16):
         raise NotImplementedError("cuDNN attention takes bfloat16/float16 only")
+    if implementation == "xla" and jax.default_backend() == "cpu" and query.dtype == jnp.float16:
+        raise NotImplementedError("XLA's CPU dot has no float16 x float16 -> float32 mode")
     return _jax_nn_jit(query, key, value, bias, mask, implementation=implementation, scale=scale,
                        return_residuals=return_residuals)
 
@@ -31,24 +33,33 @@ def _jax_nn(implementation, query, key, value, bias, mask: Mask, *, scale, logit
 @functools.partial(jax.jit, static_argnames=("implementation", "scale", "return_residuals"))
 def _jax_nn_jit(query, key, value, bias, mask, *, implementation, scale, return_residuals):
     t, s = query.shape[1], key.shape[1]
+    # jax.nn averages all keys for a row with none allowed; our contract is 0 (lse -inf),
+    # so rows without a key are found (O(T) for structured masks) and zeroed.
     kwargs = _jax_nn_mask_arguments(mask)
-    row_has_key = None
     if kwargs is None:  # no structured equivalent: a dense [.., T, S] bool mask
         allowed = allowed_pairs(mask, t, s)
         kwargs = {"mask": allowed}
-        # jax.nn averages all keys for a row with none allowed; our contract is 0.
         row_has_key = jnp.swapaxes(jnp.any(allowed, axis=-1), 1, 2)[..., None]  # [B|1, T, N|1, 1]
+    else:
+        i = jnp.arange(t)
+        lo, hi = jnp.zeros_like(i), jnp.full_like(i, s - 1)
+        if "local_window_size" in kwargs:
+            left, right = kwargs["local_window_size"]
+            lo, hi = jnp.maximum(lo, i - left), jnp.minimum(hi, i + right)
+        if kwargs.get("is_causal"):
+            hi = jnp.minimum(hi, i)
+        row_has_key = (lo <= hi)[None, :, None, None]
     out = jax.nn.dot_product_attention(query, key, value, bias, scale=scale,
                                        implementation=implementation,
                                        return_residual=return_residuals, **kwargs)
     lse = None
     if return_residuals:
         out, lse = out
-        lse = jnp.swapaxes(lse, 1, 2).astype(jnp.float32)
-    if row_has_key is not None:
-        out = jnp.where(row_has_key, out, 0).astype(out.dtype)
-        if lse is not None:
-            lse = jnp.where(jnp.swapaxes(row_has_key[..., 0], 1, 2), lse, -jnp.inf)
+        lse_dtype = jnp.float64 if query.dtype == jnp.float64 else jnp.float32
+        lse = jnp.swapaxes(lse, 1, 2).astype(lse_dtype)
+    out = jnp.where(row_has_key, out, 0).astype(out.dtype)
+    if lse is not None:
+        lse = jnp.where(jnp.swapaxes(row_has_key[..., 0], 1, 2), lse, -jnp.inf)
     return (out, lse) if return_residuals else out
 
 

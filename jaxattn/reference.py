@@ -65,6 +65,9 @@ def reference_attention(query, key, value, bias=None, mask: Mask | None = None, 
     neg = jnp.asarray(-0.7 * jnp.finfo(ct).max, ct)
     logits = jnp.where(allowed, logits, neg)
     m = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
+    # A row whose allowed logits are all -inf (e.g. an all -inf bias row) is empty too:
+    # shift by 0 so exp gives 0 instead of exp(-inf - -inf) = NaN.
+    m = jnp.where(jnp.isfinite(m), m, 0)
     p = jnp.where(allowed, jnp.exp(logits - m), 0)
     l = jnp.sum(p, axis=-1, keepdims=True)
     nonempty = l > 0

@@ -60,7 +60,7 @@ CASES = {
     "mask_batch": (dict(mask=np.ones((3, 1, T, S), bool)),
                    r"mask shape: expected .* = \[2, 4, 5, 7\], got shape \(3, 1, 5, 7\)\. Give"),
     "mask_rank": (dict(mask=np.ones((1, B, N, T, S), bool)),
-                  r"DenseMask array must have 2 to 4 dims .*got shape \(1, 2, 4, 5, 7\)\. Reshape it"),
+                  r"DenseMask array must have at most 4 dims.*got shape \(1, 2, 4, 5, 7\)\. Reshape it"),
     "mask_not_bool": (dict(mask=np.ones((T, S), np.int32)),
                       r"must be boolean \(True = attend\), got dtype int32\. Convert with `mask.astype\(bool\)`"),
     "mask_float_jax": (dict(mask=jnp.ones((T, S))),

@@ -72,6 +72,11 @@ CASES = {
     "bigbird_unaligned": ((1, 96, 96, 2, 2, 16),
                           M.bigbird_mask(96, window=8, num_global=4, num_random_blocks=1, block_size=16, causal=True),
                           None),
+    # layout blocks (16, 48) the tiles do not divide, on ragged lengths (regression:
+    # the expanded dense operand was padded twice)
+    "block_sparse_unaligned_ragged": ((1, 40, 53, 1, 1, 16),
+                                      M.BlockSparseMask(np.random.default_rng(3).random((3, 2)) < 0.6, 16, 48),
+                                      None),
     "dense_random": ((2, 45, 60, 2, 2, 16), M.DenseMask(np.random.default_rng(0).random((45, 60)) < 0.2), None),
     "dense_per_head": ((1, 33, 40, 2, 1, 16), M.DenseMask(np.random.default_rng(1).random((1, 2, 33, 40)) < 0.5), None),
 }

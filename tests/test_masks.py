@@ -390,7 +390,7 @@ def test_causal_document_definition():
     (lambda: M.BlockSparseMask(np.ones(4, bool), 2, 2), "layout must be 2-D"),
     (lambda: M.BlockSparseMask(np.full((2, 2), 2), 2, 2), "layout must be boolean"),
     (lambda: M.BlockSparseMask(np.ones((2, 2), bool), 0, 2), "block_q must be >= 1"),
-    (lambda: M.DenseMask(np.ones(6, bool)), "2 to 4 dims"),
+    (lambda: M.DenseMask(np.ones((1, 1, 1, 6, 6), bool)), "at most 4 dims"),
     (lambda: M.DenseMask(np.ones((4, 6), np.int32)), "must be boolean"),
 ])
 def test_constructor_errors(make, match):

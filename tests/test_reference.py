@@ -235,3 +235,58 @@ def test_all_masked_is_zero_not_nan():
     q, k, v = qkv(11, b=1, t=3, s=4, n=2, k=2)
     out = ref(q, k, v, mask=np.zeros((3, 4), bool))
     assert (np.asarray(out) == 0).all()
+
+
+# ---------------------------------------------------------------------------------------
+# Regressions found in review: the jax.nn wrappers keep the empty-row contract, DenseMask
+# owns its data, low-rank masks broadcast, return_residuals must be a bool.
+# ---------------------------------------------------------------------------------------
+def test_xla_structured_window_empty_rows_are_zero():
+    ks = jax.random.split(jax.random.key(7), 2)
+    q = jax.random.normal(ks[0], (1, 8, 2, 16))
+    k = jax.random.normal(ks[1], (1, 4, 2, 16))
+    out, lse = jaxattn.dot_product_attention(q, k, k, local_window_size=(1, 0), implementation="xla",
+                                             return_residuals=True)
+    ref, ref_lse = jaxattn.dot_product_attention(q, k, k, local_window_size=(1, 0),
+                                                 implementation="reference", return_residuals=True)
+    np.testing.assert_allclose(out, ref, atol=1e-5)
+    assert np.all(np.asarray(out)[:, 5:] == 0)
+    assert np.all(np.isneginf(np.asarray(lse)[:, :, 5:]))
+    np.testing.assert_allclose(np.asarray(lse)[:, :, :5], np.asarray(ref_lse)[:, :, :5], atol=1e-5)
+
+
+def test_dense_mask_copies_numpy_data():
+    arr = np.tril(np.ones((8, 8), bool))
+    m = M.DenseMask(arr)
+    arr[:] = True
+    assert not m.to_dense(8, 8).all()
+
+
+def test_rank1_bool_mask_broadcasts():
+    ks = jax.random.split(jax.random.key(8), 2)
+    q = jax.random.normal(ks[0], (1, 5, 1, 16))
+    k = jax.random.normal(ks[1], (1, 6, 1, 16))
+    keep = np.array([True, False, True, True, False, True])
+    out = jaxattn.dot_product_attention(q, k, k, mask=keep, implementation="reference")
+    want = jaxattn.dot_product_attention(q, k, k, mask=np.broadcast_to(keep, (5, 6)), implementation="reference")
+    np.testing.assert_allclose(out, want, atol=1e-6)
+
+
+def test_return_residuals_must_be_bool():
+    q = jnp.zeros((1, 2, 1, 8))
+    with pytest.raises(ValueError, match=r"return_residuals: expected a bool, got 'no'"):
+        jaxattn.dot_product_attention(q, q, q, return_residuals="no")
+
+
+def test_all_minus_inf_bias_row_is_empty_not_nan():
+    ks = jax.random.split(jax.random.key(9), 2)
+    q = jax.random.normal(ks[0], (1, 4, 1, 8))
+    k = jax.random.normal(ks[1], (1, 5, 1, 8))
+    bias = jnp.zeros((1, 1, 4, 5)).at[:, :, 2].set(-jnp.inf)
+
+    def f(q, k):
+        return jnp.sum(jaxattn.dot_product_attention(q, k, k, bias, implementation="reference") ** 2)
+    out = jaxattn.dot_product_attention(q, k, k, bias, implementation="reference")
+    grads = jax.grad(f, argnums=(0, 1))(q, k)
+    assert np.all(np.asarray(out)[:, 2] == 0) and not np.isnan(np.asarray(out)).any()
+    assert not any(np.isnan(np.asarray(g)).any() for g in grads)

@@ -47,9 +47,9 @@ class DenseMask(Mask):
     def __init__(self, array):
         is_jax = isinstance(array, jax.Array) or isinstance(array, jax.core.Tracer)
         if not is_jax:
-            array = np.asarray(array)
-        if array.ndim < 2 or array.ndim > 4:
-            raise ValueError(f"DenseMask array must have 2 to 4 dims broadcastable to [B, N, T, S], "
+            array = np.array(array)  # a copy: later writes to the caller's buffer can't change the mask
+        if array.ndim > 4:
+            raise ValueError(f"DenseMask array must have at most 4 dims, broadcastable to [B, N, T, S], "
                              f"got shape {tuple(array.shape)}. Reshape it, e.g. mask[:, None] for [B, T, S].")
         if array.dtype != np.bool_:
             raise ValueError(f"DenseMask array must be boolean (True = attend), got dtype {array.dtype}. "

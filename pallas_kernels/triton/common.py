@@ -111,7 +111,7 @@ def prepare_operands(operands, kinds, q_len, kv_len, q_pad, kv_pad, tile_q, tile
             lbq, lbk = layout_block
             if lbq % tile_q or lbk % tile_kv:
                 arr = jnp.repeat(jnp.repeat(arr, lbq, axis=-2), lbk, axis=-1)
-                arr = pad_axis(pad_axis(arr[..., :q_len, :kv_len], 2, q_pad), 3, kv_pad)
+                arr = arr[..., :q_len, :kv_len]   # the "qkv" branch below pads it
                 kind, layout_block = "qkv", None
             else:
                 arr = arr.astype(jnp.int32)
