@@ -1,3 +1,12 @@
+"""The Pallas-Triton kernels alone (no reference, no random-number kernels) for
+compute-sanitizer, one mask kind per argument:
+
+    compute-sanitizer --tool memcheck python3 benchmarks/sanitizer_kernels_only.py fwd causal window bigbird docs dense
+    compute-sanitizer --tool memcheck python3 benchmarks/sanitizer_kernels_only.py grad causal window bigbird docs dense
+
+(benchmarks/sanitize_kernels.py also checks values against the reference, but the
+sanitizer 2025.3.1 segfaults on that process on the H100 image; see BENCHMARKS.md.)
+"""
 import sys, jax, jax.numpy as jnp, numpy as np
 import jaxattn
 from jaxattn import masks as M
