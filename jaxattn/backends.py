@@ -26,6 +26,14 @@ def _jax_nn(implementation, query, key, value, bias, mask: Mask, *, scale, logit
         raise NotImplementedError("cuDNN attention takes bfloat16/float16 only")
     if implementation == "xla" and jax.default_backend() == "cpu" and query.dtype == jnp.float16:
         raise NotImplementedError("XLA's CPU dot has no float16 x float16 -> float32 mode")
+    if implementation == "cudnn":
+        try:
+            return _jax_nn_jit(query, key, value, bias, mask, implementation=implementation,
+                               scale=scale, return_residuals=return_residuals)
+        except (ValueError, RuntimeError) as e:
+            # jax.nn's cuDNN path rejects shapes/dtypes it has no kernel for; the inputs
+            # were already validated, so this is "cannot serve", not "bad input".
+            raise NotImplementedError(f"cuDNN cannot serve this call: {e}") from e
     return _jax_nn_jit(query, key, value, bias, mask, implementation=implementation, scale=scale,
                        return_residuals=return_residuals)
 
