@@ -2,6 +2,7 @@
 expected, what came, and how to fix it; each message is pinned here. Also the dispatch
 rule: ValueError is raised at once, NotImplementedError moves on to the next backend."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -173,3 +174,17 @@ def test_not_implemented_falls_back_and_value_error_does_not(monkeypatch):
     monkeypatch.setitem(api._IMPLEMENTATIONS, "cannot", bad)
     with pytest.raises(ValueError, match="seen by the backend"):
         jaxattn.dot_product_attention(q, kv, kv)
+
+
+def test_gpu_order_falls_back_through_cudnn_to_reference_for_bias(monkeypatch):
+    """On a GPU a bias skips the kernels (NotImplementedError), then cuDNN (float32 here:
+    NotImplementedError), and ends at the reference, never at an error."""
+    from jaxattn import api
+    assert api.default_order() == ("reference",)  # CPU
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert api.default_order() == ("pallas_triton", "cudnn", "reference")
+    q = jax.random.normal(jax.random.key(0), (1, 6, 2, 8))
+    bias = jax.random.normal(jax.random.key(1), (1, 2, 6, 6))
+    got = jaxattn.dot_product_attention(q, q, q, bias)
+    want = jaxattn.dot_product_attention(q, q, q, bias, implementation="reference")
+    np.testing.assert_allclose(got, want, atol=1e-6)
