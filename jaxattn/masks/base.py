@@ -21,6 +21,7 @@ their tile states come from a jittable jnp function instead of numpy.
 from __future__ import annotations
 
 import functools
+import operator
 from typing import Sequence
 
 import numpy as np
@@ -153,6 +154,7 @@ def states_from(full, empty) -> np.ndarray:
 class _Composite(Mask):
     _combine_np = None
     _combine_jnp = None
+    _combine_pairs = None
     _symbol = "?"
 
     def __init__(self, parts: tuple[Mask, ...]):
@@ -198,6 +200,11 @@ class _Composite(Mask):
             return out
         return functools.reduce(self._combine_np, states)
 
+    def evaluate(self, q_pos, kv_pos, operand_values=()):
+        values = self._split(operand_values)
+        return functools.reduce(self._combine_pairs,
+                                (p.evaluate(q_pos, kv_pos, v) for p, v in zip(self.parts, values)))
+
     def _key(self):
         return self.parts
 
@@ -206,27 +213,19 @@ class _Composite(Mask):
 
 
 class AndMask(_Composite):
-    """Pairs allowed by every part."""
+    """Pairs allowed by every part (tile states: element-wise min)."""
     _combine_np = staticmethod(np.minimum)
     _combine_jnp = staticmethod(jnp.minimum)
+    _combine_pairs = staticmethod(operator.and_)
     _symbol = "&"
-
-    def evaluate(self, q_pos, kv_pos, operand_values=()):
-        vals = self._split(operand_values)
-        return functools.reduce(
-            lambda a, b: a & b, (p.evaluate(q_pos, kv_pos, v) for p, v in zip(self.parts, vals)))
 
 
 class OrMask(_Composite):
-    """Pairs allowed by any part."""
+    """Pairs allowed by any part (tile states: element-wise max)."""
     _combine_np = staticmethod(np.maximum)
     _combine_jnp = staticmethod(jnp.maximum)
+    _combine_pairs = staticmethod(operator.or_)
     _symbol = "|"
-
-    def evaluate(self, q_pos, kv_pos, operand_values=()):
-        vals = self._split(operand_values)
-        return functools.reduce(
-            lambda a, b: a | b, (p.evaluate(q_pos, kv_pos, v) for p, v in zip(self.parts, vals)))
 
 
 # ---------------------------------------------------------------------------------
