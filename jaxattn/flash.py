@@ -42,9 +42,70 @@ def pallas_attention(backend_name: str, query, key, value, bias, mask: Mask, *, 
     backend = _BACKENDS[backend_name]
     if config is None:
         config = backend.default_config(padded_head_dim(query.shape[-1]), interpret=interpret)
-    return _pallas_jit(query, key, value, mask, backend_name=backend_name, scale=scale,
-                       logits_soft_cap=logits_soft_cap, return_residuals=return_residuals,
-                       config=config, interpret=interpret)
+    call = functools.partial(_pallas_jit, backend_name=backend_name, scale=scale,
+                             logits_soft_cap=logits_soft_cap, return_residuals=return_residuals,
+                             config=config, interpret=interpret)
+    plan = _explicit_sharding_plan(query, key, value)
+    if plan is None:
+        return call(query, key, value, mask)
+    return _sharded_call(call, plan, query, key, value, mask, return_residuals)
+
+
+# ---------------------------------------------------------------------------------
+# Explicit sharding (jax.make_mesh's default axis type): a kernel sees whole arrays, so
+# inputs sharded over batch and/or heads run the kernel per shard under shard_map. Every
+# (batch row, head) is independent, so this is exact; the mask's arrays follow the batch
+# and head axes they carry. Sequence-sharded inputs need jaxattn.ring_attention.
+# ---------------------------------------------------------------------------------
+def _spec4(x):
+    try:
+        sharding = jax.typeof(x).sharding
+    except Exception:  # noqa: BLE001 - not a jax value with a sharding
+        return None, None
+    mesh, spec = getattr(sharding, "mesh", None), getattr(sharding, "spec", None)
+    if mesh is None or spec is None or getattr(mesh, "empty", True):
+        return None, None
+    return mesh, tuple(spec) + (None,) * (4 - len(spec))
+
+
+def _explicit_sharding_plan(query, key, value):
+    mesh, qspec = _spec4(query)
+    if mesh is None or all(a is None for a in qspec):
+        return None
+    _, kspec = _spec4(key)
+    _, vspec = _spec4(value)
+    if qspec[1] is not None or qspec[3] is not None or kspec[1] is not None or kspec[3] is not None:
+        raise NotImplementedError("inputs sharded along the sequence or head dim: use "
+                                  "jaxattn.ring_attention for sequence (context) parallelism")
+    if kspec != vspec or kspec[0] != qspec[0] or (qspec[2] is not None and kspec[2] != qspec[2]):
+        raise NotImplementedError("query, key and value must share their batch sharding, and "
+                                  "key/value heads must be sharded like query heads")
+    return mesh, qspec[0], qspec[2]
+
+
+def _leaf_spec(leaf, batch, heads, b_axis, h_axis):
+    dims = [None] * leaf.ndim
+    if leaf.ndim >= 1 and batch > 1 and leaf.shape[0] == batch:
+        dims[0] = b_axis
+    if leaf.ndim == 4 and heads > 1 and leaf.shape[1] == heads:
+        dims[1] = h_axis
+    return jax.sharding.PartitionSpec(*dims)
+
+
+def _sharded_call(call, plan, query, key, value, mask, return_residuals):
+    mesh, b_axis, h_axis = plan
+    P = jax.sharding.PartitionSpec
+    leaves, treedef = jax.tree_util.tree_flatten(mask)
+    b, n = query.shape[0], query.shape[2]
+    leaf_specs = tuple(_leaf_spec(x, b, n, b_axis, h_axis) for x in leaves)
+    qkv_spec = P(b_axis, None, h_axis, None)
+    out_specs = (qkv_spec, P(b_axis, h_axis, None)) if return_residuals else qkv_spec
+
+    def local(q, k, v, leaves):
+        return call(q, k, v, jax.tree_util.tree_unflatten(treedef, leaves))
+
+    return jax.shard_map(local, mesh=mesh, in_specs=(qkv_spec, qkv_spec, qkv_spec, leaf_specs),
+                         out_specs=out_specs, check_vma=False)(query, key, value, tuple(leaves))
 
 
 def prepare_call(backend_name: str, mask: Mask, q_len: int, kv_len: int, *, scale,
