@@ -52,8 +52,8 @@ def _load_builtin_implementations():
 def default_order() -> tuple[str, ...]:
     """Implementations tried by implementation=None, best first, for this platform."""
     if jax.default_backend() == "gpu":
-        # cuDNN serves what the kernels do not yet (an additive bias) in O(T) memory
-        # before the O(T·S) reference.
+        # cuDNN serves, in O(T) memory, what the kernels decline, before the O(T·S)
+        # reference.
         return ("pallas_triton", "cudnn", "reference")
     return ("reference",)
 

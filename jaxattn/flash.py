@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels import triton as triton_backend
-from pallas_kernels.flash_vjp import FlashStatic, flash_attention
+from pallas_kernels.flash_vjp import FlashStatic, backward_lse, flash_attention
 from pallas_kernels.metadata import BlockMetadata
 from pallas_kernels.triton.common import padded_head_dim
 from jaxattn.masks import FullMask, Mask, build_block_metadata
@@ -33,8 +33,6 @@ def default_interpret() -> bool:
 def pallas_attention(backend_name: str, query, key, value, bias, mask: Mask, *, scale,
                      logits_soft_cap, return_residuals, config=None, interpret=None):
     """Implementation entry point (see jaxattn.api's dispatch contract)."""
-    if bias is not None:
-        raise NotImplementedError(f"{backend_name} has no additive bias input yet; express it as a Mask")
     if interpret is None:
         interpret = default_interpret()
     if not interpret and jax.default_backend() != "gpu":
@@ -45,10 +43,12 @@ def pallas_attention(backend_name: str, query, key, value, bias, mask: Mask, *, 
     call = functools.partial(_pallas_jit, backend_name=backend_name, scale=scale,
                              logits_soft_cap=logits_soft_cap, return_residuals=return_residuals,
                              config=config, interpret=interpret)
+    if bias is not None:
+        bias = jnp.reshape(bias, (1,) * (4 - bias.ndim) + tuple(bias.shape))
     plan = _explicit_sharding_plan(query, key, value)
     if plan is None:
-        return call(query, key, value, mask)
-    return _sharded_call(call, plan, query, key, value, mask, return_residuals)
+        return call(query, key, value, bias, mask)
+    return _sharded_call(call, plan, query, key, value, bias, mask, return_residuals)
 
 
 # ---------------------------------------------------------------------------------
@@ -92,7 +92,7 @@ def _leaf_spec(leaf, batch, heads, b_axis, h_axis):
     return jax.sharding.PartitionSpec(*dims)
 
 
-def _sharded_call(call, plan, query, key, value, mask, return_residuals):
+def _sharded_call(call, plan, query, key, value, bias, mask, return_residuals):
     mesh, b_axis, h_axis = plan
     P = jax.sharding.PartitionSpec
     leaves, treedef = jax.tree_util.tree_flatten(mask)
@@ -101,11 +101,14 @@ def _sharded_call(call, plan, query, key, value, mask, return_residuals):
     qkv_spec = P(b_axis, None, h_axis, None)
     out_specs = (qkv_spec, P(b_axis, h_axis, None)) if return_residuals else qkv_spec
 
-    def local(q, k, v, leaves):
-        return call(q, k, v, jax.tree_util.tree_unflatten(treedef, leaves))
+    bias_spec = None if bias is None else _leaf_spec(bias, b, n, b_axis, h_axis)
 
-    return jax.shard_map(local, mesh=mesh, in_specs=(qkv_spec, qkv_spec, qkv_spec, leaf_specs),
-                         out_specs=out_specs, check_vma=False)(query, key, value, tuple(leaves))
+    def local(q, k, v, bias, leaves):
+        return call(q, k, v, bias, jax.tree_util.tree_unflatten(treedef, leaves))
+
+    return jax.shard_map(local, mesh=mesh,
+                         in_specs=(qkv_spec, qkv_spec, qkv_spec, bias_spec, leaf_specs),
+                         out_specs=out_specs, check_vma=False)(query, key, value, bias, tuple(leaves))
 
 
 def prepare_call(backend_name: str, mask: Mask, q_len: int, kv_len: int, *, scale,
@@ -124,12 +127,12 @@ def prepare_call(backend_name: str, mask: Mask, q_len: int, kv_len: int, *, scal
 
 @functools.partial(jax.jit, static_argnames=("backend_name", "scale", "logits_soft_cap",
                                              "return_residuals", "config", "interpret"))
-def _pallas_jit(query, key, value, mask, *, backend_name, scale, logits_soft_cap,
+def _pallas_jit(query, key, value, bias, mask, *, backend_name, scale, logits_soft_cap,
                 return_residuals, config, interpret):
     static, metas, operands = prepare_call(
         backend_name, mask, query.shape[1], key.shape[1], scale=scale,
         logits_soft_cap=logits_soft_cap, config=config, interpret=interpret)
-    out, lse = flash_attention(static, query, key, value, metas, operands)
+    out, lse = flash_attention(static, query, key, value, bias, metas, operands)
     if return_residuals:
         return out, lse.astype(jnp.float32) if lse.dtype != jnp.float64 else lse
     return out
@@ -149,5 +152,6 @@ def pallas_backward(backend_name: str, q, k, v, out, lse, dout, delta, mask: Mas
         backend_name, mask, q.shape[1], k.shape[1], scale=scale,
         logits_soft_cap=logits_soft_cap, config=config, interpret=interpret)
     acc = jnp.float64 if q.dtype == jnp.float64 else jnp.float32
-    return backend.backward(static, q, k, v, out, lse.astype(acc), dout.astype(q.dtype),
-                            delta.astype(acc), metas, operands)
+    dq, dk, dv, _ = backend.backward(static, q, k, v, None, out, backward_lse(lse.astype(acc)),
+                                     dout.astype(q.dtype), delta.astype(acc), metas, operands)
+    return dq, dk, dv

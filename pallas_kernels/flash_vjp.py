@@ -2,9 +2,9 @@
 
 Every kernel backend (Triton today, Mosaic GPU next) implements the same two calls
 
-    backend.forward(static, q, k, v, metas, operands)               -> (out, lse)
-    backend.backward(static, q, k, v, out, lse, dout, delta,
-                     metas, operands)                                -> (dq, dk, dv)
+    backend.forward(static, q, k, v, bias, metas, operands)         -> (out, lse)
+    backend.backward(static, q, k, v, bias, out, lse, dout, delta,
+                     metas, operands)                                -> (dq, dk, dv, dbias)
 
 where `metas` maps the names of `static.config.metadata_tiles()` (e.g. "forward",
 "dkdv", "dq") to the BlockMetadata built for that kernel's tile shape
@@ -46,28 +46,36 @@ class FlashStatic:
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def flash_attention(static: FlashStatic, q, k, v, metas: dict[str, BlockMetadata],
+def flash_attention(static: FlashStatic, q, k, v, bias, metas: dict[str, BlockMetadata],
                     operands: tuple):
-    """(out [B, T, N, H], lse [B, N, T] float32 natural log; -inf on empty rows)."""
-    return static.backend.forward(static, q, k, v, metas, operands)
+    """(out [B, T, N, H], lse [B, N, T] float32 natural log; -inf on empty rows).
+    bias: None or additive logits [Bb, Hb, T|1, S|1] (Bb in {1, B}, Hb in {1, N})."""
+    return static.backend.forward(static, q, k, v, bias, metas, operands)
 
 
-def _fwd(static, q, k, v, metas, operands):
-    out, lse = static.backend.forward(static, q, k, v, metas, operands)
-    return (out, lse), (q, k, v, out, lse, metas, operands)
+def _fwd(static, q, k, v, bias, metas, operands):
+    out, lse = static.backend.forward(static, q, k, v, bias, metas, operands)
+    return (out, lse), (q, k, v, bias, out, lse, metas, operands)
+
+
+def backward_lse(lse):
+    """The lse the backward kernels read: +inf instead of -inf on rows with no allowed
+    key, so P = exp(S − lse) is exactly 0 there even where S = −inf (a −inf bias)."""
+    return jnp.where(jnp.isneginf(lse), jnp.inf, lse)
 
 
 def _bwd(static, residuals, cotangents):
-    q, k, v, out, lse, metas, operands = residuals
+    q, k, v, bias, out, lse, metas, operands = residuals
     dout, dlse = cotangents
     acc = jnp.float64 if q.dtype == jnp.float64 else jnp.float32
     # D = rowsum(dO ∘ O) − dlse, laid out like lse: [B, N, T].
     delta = jnp.einsum("btnh,btnh->bnt", dout.astype(acc), out.astype(acc))
     if dlse is not None and not isinstance(dlse, jax.custom_derivatives.SymbolicZero):
         delta = delta - dlse.astype(acc)
-    dq, dk, dv = static.backend.backward(static, q, k, v, out, lse, dout, delta, metas, operands)
+    dq, dk, dv, dbias = static.backend.backward(static, q, k, v, bias, out, backward_lse(lse),
+                                                dout, delta, metas, operands)
     # Metadata and mask operands are integer data: no cotangent.
-    return (dq, dk, dv, None, None)
+    return (dq, dk, dv, dbias, None, None)
 
 
 flash_attention.defvjp(_fwd, _bwd)

@@ -176,13 +176,18 @@ def test_not_implemented_falls_back_and_value_error_does_not(monkeypatch):
         jaxattn.dot_product_attention(q, kv, kv)
 
 
-def test_gpu_order_falls_back_through_cudnn_to_reference_for_bias(monkeypatch):
-    """On a GPU a bias skips the kernels (NotImplementedError), then cuDNN (float32 here:
-    NotImplementedError), and ends at the reference, never at an error."""
+def test_gpu_order_falls_back_through_cudnn_to_reference(monkeypatch):
+    """On a GPU, a request the kernels decline goes to cuDNN, and one cuDNN declines too
+    (float32 here) ends at the reference, never at an error."""
     from jaxattn import api
     assert api.default_order() == ("reference",)  # CPU
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     assert api.default_order() == ("pallas_triton", "cudnn", "reference")
+
+    def declines(*args, **kwargs):
+        raise NotImplementedError("pretend the kernels cannot serve this")
+    api._load_builtin_implementations()
+    monkeypatch.setitem(api._IMPLEMENTATIONS, "pallas_triton", declines)
     q = jax.random.normal(jax.random.key(0), (1, 6, 2, 8))
     bias = jax.random.normal(jax.random.key(1), (1, 2, 6, 6))
     got = jaxattn.dot_product_attention(q, q, q, bias)

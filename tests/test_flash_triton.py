@@ -160,11 +160,43 @@ def test_explicit_config_and_validation():
         TritonConfig(num_warps=3)
 
 
-def test_bias_is_not_implemented_and_falls_back():
-    q, k, v, _ = _inputs(1, 16, 16, 1, 1, 16)
-    bias = jnp.zeros((1, 1, 16, 16))
-    with pytest.raises(NotImplementedError, match="bias"):
-        jaxattn.dot_product_attention(q, k, v, bias, implementation=IMPL)
+@pytest.mark.parametrize("bias_shape,mask,cap", [
+    ((2, 4, 45, 60), M.CausalMask(offset=15), None),        # full [B, N, T, S]
+    ((45, 60), M.LocalMask(10, 3) | M.GlobalMask(2), 3.0),  # shared [T, S], soft cap
+    ((2, 1, 1, 60), None, None),                             # per-key (padding-style) bias
+    ((1, 4, 45, 60), M.CausalMask(), None),                  # per query head, GQA 4/2
+])
+def test_bias_values_and_grads_match_reference(bias_shape, mask, cap):
+    q, k, v, do = _inputs(2, 45, 60, 4, 2, 16)
+    bias = jax.random.normal(jax.random.key(5), bias_shape)
+
+    @jax.jit
+    def both(q, k, v, bias):
+        def run(impl):
+            def loss(q, k, v, bias):
+                out = jaxattn.dot_product_attention(q, k, v, bias, mask=mask, logits_soft_cap=cap,
+                                                    implementation=impl)
+                return jnp.sum(out * do), out
+            return jax.value_and_grad(loss, argnums=(0, 1, 2, 3), has_aux=True)(q, k, v, bias)
+        return run("reference"), run(IMPL)
+
+    ((_, ref), ref_grads), ((_, out), grads) = both(q, k, v, bias)
+    np.testing.assert_allclose(out, ref, atol=2e-5)
+    for name, got, want in zip(("dq", "dk", "dv", "dbias"), grads, ref_grads):
+        assert got.shape == want.shape, name
+        np.testing.assert_allclose(got, want, atol=1e-4, err_msg=name)
+
+
+def test_minus_inf_bias_row_is_empty_not_nan():
+    q, k, v, do = _inputs(1, 20, 30, 1, 1, 16)
+    bias = jnp.zeros((1, 1, 20, 30)).at[:, :, 4].set(-jnp.inf)
+
+    def loss(q, k, v):
+        return jnp.sum(jaxattn.dot_product_attention(q, k, v, bias, implementation=IMPL) * do)
+    grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
+    out = jaxattn.dot_product_attention(q, k, v, bias, implementation=IMPL)
+    assert np.all(np.asarray(out)[:, 4] == 0)
+    assert not any(np.isnan(np.asarray(g)).any() for g in (out, *grads))
 
 
 # ------------------------------------------------------------------------------------
@@ -173,15 +205,17 @@ def test_bias_is_not_implemented_and_falls_back():
 _H100 = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="cuda")
 
 
-def _lower_for_h100(b, t, s, n, k, h, mask, dtype=jnp.bfloat16, cap=None):
+def _lower_for_h100(b, t, s, n, k, h, mask, dtype=jnp.bfloat16, cap=None, bias=False):
     cfg = default_config(max(16, 1 << (h - 1).bit_length()))
 
     def fn(q, kk, v):
-        def loss(q, kk, v):
-            out = pallas_attention(IMPL, q, kk, v, None, mask, scale=h ** -0.5, logits_soft_cap=cap,
+        bias_arr = jnp.zeros((1, 1, t, s), jnp.float32) if bias else None
+
+        def loss(q, kk, v, bias_arr):
+            out = pallas_attention(IMPL, q, kk, v, bias_arr, mask, scale=h ** -0.5, logits_soft_cap=cap,
                                    return_residuals=False, config=cfg, interpret=False)
             return jnp.sum(out.astype(jnp.float32))
-        return jax.grad(loss, argnums=(0, 1, 2))(q, kk, v)
+        return jax.grad(loss, argnums=(0, 1, 2) + ((3,) if bias else ()))(q, kk, v, bias_arr)
 
     mesh = jax.sharding.AbstractMesh((1,), ("x",), abstract_device=_H100)
     sds = [jax.ShapeDtypeStruct((b, t, n, h), dtype), jax.ShapeDtypeStruct((b, s, k, h), dtype),
@@ -207,6 +241,10 @@ def pretend_gpu(monkeypatch):
 def test_lowers_for_h100(pretend_gpu, h, mask):
     t = 300 if isinstance(mask, M.DenseMask) else 512
     _lower_for_h100(1, t, t, 4, 2, h, mask, cap=30.0 if h == 64 else None)
+
+
+def test_bias_lowers_for_h100(pretend_gpu):
+    _lower_for_h100(2, 384, 384, 4, 2, 128, M.CausalMask(), bias=True)
 
 
 # ------------------------------------------------------------------------------------

@@ -26,12 +26,14 @@ from pallas_kernels.metadata import pad_to_multiple
 from pallas_kernels.triton.common import (LOG2E, acc_dtype, dot_nn, dot_nt, dot_tn,
                                           forward_table, make_operand_access, pad_axis, pad_btnh,
                                           padded_head_dim, prepare_operands, scaled_logits,
-                                          tile_keep, transposed_table, walk_tiles)
+                                          tile_keep, transposed_table, walk_tiles,
+                                          bias_access, prepare_bias)
 
 
-def _probabilities_and_dlogits(q, k, v, do, lse2, delta, keep, *, scale, cap, acc):
-    """Recompute P for one tile from the saved lse, then dS (w.r.t. the raw q·k)."""
-    logits2, tanh = scaled_logits(dot_nt(q, k, acc), scale, cap, LOG2E)
+def _probabilities_and_dlogits(q, k, v, do, lse2, delta, keep, *, scale, cap, acc, bias=None):
+    """Recompute P for one tile from the saved lse, then dS w.r.t. the pre-cap logits
+    scale·q·k + bias (= dbias; dQ and dK scale it by `scale`)."""
+    logits2, tanh = scaled_logits(dot_nt(q, k, acc), scale, cap, LOG2E, bias)
     p = jnp.exp2(logits2 - lse2[:, None])
     if keep is not None:
         p = jnp.where(keep, p, 0.0)
@@ -43,10 +45,11 @@ def _probabilities_and_dlogits(q, k, v, do, lse2, delta, keep, *, scale, cap, ac
 
 
 def _dkdv_kernel(table_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, n_operands,
-                 accesses, mask_fn, layout, per_head_table, groups, scale, cap, kv_len, bq, bk,
-                 acc):
+                 accesses, mask_fn, bias_acc, layout, per_head_table, groups, scale, cap, kv_len,
+                 bq, bk, acc):
     operand_refs = refs[:n_operands]
-    dk_ref, dv_ref = refs[n_operands:]
+    bias_ref = refs[n_operands] if bias_acc is not None else None
+    dk_ref, dv_ref = refs[n_operands + (bias_acc is not None):]
     kv_start = pl.program_id(0) * bk
     k = k_ref[...]                                        # [bk, Hp], on chip throughout
     v = v_ref[...]
@@ -64,8 +67,9 @@ def _dkdv_kernel(table_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *re
         if partial:
             keep = tile_keep(mask_fn, accesses, operand_refs, q_start, kv_start, kv_len,
                              bq=bq, bk=bk, g=g)
+        bias = None if bias_acc is None else bias_acc.load(bias_ref, q_start, kv_start, g)
         p, ds = _probabilities_and_dlogits(q, k, v, do, lse2, delta, keep, scale=scale, cap=cap,
-                                           acc=acc)
+                                           acc=acc, bias=bias)
         dv = dv + dot_tn(p.astype(do.dtype), do, acc)
         dk = dk + dot_tn(ds.astype(q.dtype), q, acc)
         return dk, dv
@@ -80,9 +84,10 @@ def _dkdv_kernel(table_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *re
 
 
 def _dq_kernel(table_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, n_operands,
-               accesses, mask_fn, layout, scale, cap, kv_len, bq, bk, acc):
+               accesses, mask_fn, bias_acc, layout, scale, cap, kv_len, bq, bk, acc):
     operand_refs = refs[:n_operands]
-    (dq_ref,) = refs[n_operands:]
+    bias_ref = refs[n_operands] if bias_acc is not None else None
+    dq_ref, *dbias_ref = refs[n_operands + (bias_acc is not None):]
     q_start = (pl.num_programs(0) - 1 - pl.program_id(0)) * bq   # heaviest q-blocks first
     q = q_ref[...]
     do = do_ref[...]
@@ -97,19 +102,32 @@ def _dq_kernel(table_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs
         if partial:
             keep = tile_keep(mask_fn, accesses, operand_refs, q_start, kv_start, kv_len,
                              bq=bq, bk=bk)
+        bias = None if bias_acc is None else bias_acc.load(bias_ref, q_start, kv_start, 0)
         _, ds = _probabilities_and_dlogits(q, k, v, do, lse2, delta, keep, scale=scale, cap=cap,
-                                           acc=acc)
+                                           acc=acc, bias=bias)
+        if dbias_ref:   # dbias of this tile is dS itself; EMPTY tiles keep their zeros
+            dbias_ref[0][:, pl.ds(kv_start, bk)] = ds.astype(dbias_ref[0].dtype)
         return dq + dot_nn(ds.astype(k.dtype), k, acc)
 
+    if dbias_ref:
+        def zero_tile(j, c):
+            dbias_ref[0][:, pl.ds(pl.multiple_of(j * bk, bk), bk)] = jnp.zeros((bq, bk), dbias_ref[0].dtype)
+            return c
+        jax.lax.fori_loop(0, dbias_ref[0].shape[-1] // bk, zero_tile, 0)
     dq = walk_tiles(table_ref, layout, visit, jnp.zeros(q.shape, acc))
     dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
 
 
-def backward(static, q, k, v, out, lse, dout, delta, metas, operands):
+def backward(static, q, k, v, bias, out, lse, dout, delta, metas, operands):
+    """(dq, dk, dv, dbias): dbias has the bias's own shape (None without a bias)."""
     del out  # D = rowsum(dO ∘ O) − dlse already carries what the backward needs of O.
-    dk, dv = _dkdv(static, q, k, v, lse, dout, delta, metas["dkdv"], operands)
-    dq = _dq(static, q, k, v, lse, dout, delta, metas["dq"], operands)
-    return dq, dk, dv
+    dk, dv = _dkdv(static, q, k, v, bias, lse, dout, delta, metas["dkdv"], operands)
+    dq, dbias = _dq(static, q, k, v, bias, lse, dout, delta, metas["dq"], operands)
+    if bias is not None:
+        # dS over [B, N, T, S]; a bias broadcast along an axis gets the sum over it.
+        sum_axes = tuple(a for a in range(4) if bias.shape[a] == 1 and dbias.shape[a] != 1)
+        dbias = jnp.sum(dbias, axis=sum_axes, keepdims=True).astype(bias.dtype)
+    return dq, dk, dv, dbias
 
 
 def _padded_inputs(q, k, v, lse, dout, delta, bq, bk):
@@ -138,7 +156,7 @@ def _setup(static, q, k, v, lse, dout, delta, meta, operands):
             prepared, common, params)
 
 
-def _dkdv(static, q, k, v, lse, dout, delta, meta, operands):
+def _dkdv(static, q, k, v, bias, lse, dout, delta, meta, operands):
     """dK, dV: programs over kv-blocks, walking the transposed lists."""
     (b, t, n, h, s, kh, groups, bq, bk, tp, sp, hp, qp, kp, vp, dop, lse_p, delta_p, prepared,
      common, params) = _setup(static, q, k, v, lse, dout, delta, meta, operands)
@@ -147,6 +165,8 @@ def _dkdv(static, q, k, v, lse, dout, delta, meta, operands):
     tbm, thm = t_table.shape[:2]
     per_head_table = thm > 1
     accesses = make_operand_access(prepared, "cols", bq=bq, bk=bk, groups=groups)
+    bias_p = prepare_bias(bias, t, s, tp, sp, common["acc"])
+    bias_acc = bias_access(bias_p, "cols", bq=bq, bk=bk, groups=groups)
     bsel = (lambda bb: bb) if tbm > 1 else (lambda bb: 0)
     dkdv_in_specs = [
         pl.BlockSpec((None, groups if per_head_table else None, None, t_table.shape[-1]),
@@ -158,11 +178,12 @@ def _dkdv(static, q, k, v, lse, dout, delta, meta, operands):
         pl.BlockSpec((None, groups, tp), lambda j, bb, hh: (bb, hh, 0)),           # lse
         pl.BlockSpec((None, groups, tp), lambda j, bb, hh: (bb, hh, 0)),           # D
         *[a.spec() for a in accesses],
+        *([bias_acc.spec()] if bias_acc is not None else []),
     ]
     kv_out_spec = pl.BlockSpec((None, bk, None, hp), lambda j, bb, hh: (bb, j, hh, 0))
     dk, dv = pl.pallas_call(
         functools.partial(_dkdv_kernel, n_operands=len(accesses), accesses=accesses,
-                          layout=layout, per_head_table=per_head_table,
+                          bias_acc=bias_acc, layout=layout, per_head_table=per_head_table,
                           groups=groups, **common),
         grid=(sp // bk, b, kh),
         in_specs=dkdv_in_specs,
@@ -172,17 +193,20 @@ def _dkdv(static, q, k, v, lse, dout, delta, meta, operands):
         compiler_params=params,
         interpret=static.interpret,
         name="jaxattn_flash_dkdv",
-    )(t_table, qp, kp, vp, dop, lse_p, delta_p, *[a.arr for a in accesses])
+    )(t_table, qp, kp, vp, dop, lse_p, delta_p, *[a.arr for a in accesses],
+      *([bias_p] if bias_p is not None else []))
     return dk[:, :s, :, :h], dv[:, :s, :, :h]
 
 
-def _dq(static, q, k, v, lse, dout, delta, meta, operands):
+def _dq(static, q, k, v, bias, lse, dout, delta, meta, operands):
     """dQ: programs over q-blocks, walking the forward lists."""
     (b, t, n, h, s, kh, groups, bq, bk, tp, sp, hp, qp, kp, vp, dop, lse_p, delta_p, prepared,
      common, params) = _setup(static, q, k, v, lse, dout, delta, meta, operands)
     table, layout = forward_table(meta)
     fbm, fhm = table.shape[:2]
     accesses = make_operand_access(prepared, "rows", bq=bq, bk=bk, groups=groups)
+    bias_p = prepare_bias(bias, t, s, tp, sp, common["acc"])
+    bias_acc = bias_access(bias_p, "rows", bq=bq, bk=bk, groups=groups)
     nq = tp // bq
     dq_in_specs = [
         pl.BlockSpec((None, None, None, table.shape[-1]),
@@ -194,16 +218,23 @@ def _dq(static, q, k, v, lse, dout, delta, meta, operands):
         pl.BlockSpec((None, None, bq), lambda i, bb, nn: (bb, nn, nq - 1 - i)),
         pl.BlockSpec((None, None, bq), lambda i, bb, nn: (bb, nn, nq - 1 - i)),
         *[a.spec(reverse_rows=nq) for a in accesses],
+        *([bias_acc.spec(reverse_rows=nq)] if bias_acc is not None else []),
     ]
-    dq = pl.pallas_call(
+    out_specs = [pl.BlockSpec((None, bq, None, hp), lambda i, bb, nn: (bb, nq - 1 - i, nn, 0))]
+    out_shape = [jax.ShapeDtypeStruct((b, tp, n, hp), q.dtype)]
+    if bias is not None:   # dS of every (b, n), reduced to the bias's shape by the caller
+        out_specs.append(pl.BlockSpec((None, None, bq, sp), lambda i, bb, nn: (bb, nn, nq - 1 - i, 0)))
+        out_shape.append(jax.ShapeDtypeStruct((b, n, tp, sp), common["acc"]))
+    dq, *dbias = pl.pallas_call(
         functools.partial(_dq_kernel, n_operands=len(accesses), accesses=accesses,
-                          layout=layout, **common),
+                          bias_acc=bias_acc, layout=layout, **common),
         grid=(tp // bq, b, n),
         in_specs=dq_in_specs,
-        out_specs=pl.BlockSpec((None, bq, None, hp), lambda i, bb, nn: (bb, nq - 1 - i, nn, 0)),
-        out_shape=jax.ShapeDtypeStruct((b, tp, n, hp), q.dtype),
+        out_specs=out_specs,
+        out_shape=out_shape,
         compiler_params=params,
         interpret=static.interpret,
         name="jaxattn_flash_dq",
-    )(table, qp, kp, vp, dop, lse_p, delta_p, *[a.arr for a in accesses])
-    return dq[:, :t, :, :h]
+    )(table, qp, kp, vp, dop, lse_p, delta_p, *[a.arr for a in accesses],
+      *([bias_p] if bias_p is not None else []))
+    return dq[:, :t, :, :h], (dbias[0][:, :, :t, :s] if dbias else None)

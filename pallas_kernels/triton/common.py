@@ -165,14 +165,25 @@ def dot_nn(a, b, acc):
     return jax.lax.dot_general(a, b, (((1,), (0,)), ((), ())), preferred_element_type=acc)
 
 
-def scaled_logits(qk, scale: float, cap: float | None, unit: float = 1.0):
-    """Raw q·k → unit × logits (scale, then soft cap c·tanh(x/c)); `unit` = log2(e)
-    folds the base change of exp2 into the same multiply. Also returns tanh for the
-    backward's chain rule (None without a cap)."""
+def scaled_logits(qk, scale: float, cap: float | None, unit: float = 1.0, bias=None):
+    """Raw q·k → unit × logits: scale, add the bias tile, then soft cap c·tanh(x/c);
+    `unit` = log2(e) folds the base change of exp2 into the same multiply. Also returns
+    tanh for the backward's chain rule (None without a cap)."""
     if cap is None:
-        return qk * (scale * unit), None
-    t = jnp.tanh(qk * (scale / cap))
+        if bias is None:
+            return qk * (scale * unit), None
+        return (qk * scale + bias) * unit, None
+    x = qk * scale if bias is None else qk * scale + bias
+    t = jnp.tanh(x * (1.0 / cap))
     return (cap * unit) * t, t
+
+
+def prepare_bias(bias, q_len, kv_len, q_pad, kv_pad, dtype):
+    """bias [Bb, Hb, T|1, S|1] → [Bb, Hb, Tp, Sp] in the accumulation dtype, zero padded."""
+    if bias is None:
+        return None
+    bias = jnp.broadcast_to(bias, (*bias.shape[:2], q_len, kv_len)).astype(dtype)
+    return pad_axis(pad_axis(bias, 2, q_pad), 3, kv_pad)
 
 
 # ---------------------------------------------------------------------------------
@@ -241,6 +252,11 @@ class OperandAccess:
 def make_operand_access(prepared, layout, *, bq, bk, groups):
     return [OperandAccess(kind, lb, arr, layout, bq=bq, bk=bk, groups=groups)
             for kind, lb, arr in prepared]
+
+
+def bias_access(bias, layout, *, bq, bk, groups):
+    """A dense float operand read in every visited tile (FULL and PARTIAL)."""
+    return None if bias is None else OperandAccess("qkv", None, bias, layout, bq=bq, bk=bk, groups=groups)
 
 
 def tile_keep(mask_fn, accesses, refs, q_start, kv_start, kv_len, *, bq, bk, g=0):

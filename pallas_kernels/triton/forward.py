@@ -20,13 +20,15 @@ from pallas_kernels.metadata import pad_to_multiple
 from pallas_kernels.triton.common import (LN2, LOG2E, MASK_VALUE, acc_dtype, dot_nt,
                                           forward_table, make_operand_access, online_softmax_step,
                                           pad_btnh, padded_head_dim, prepare_operands,
-                                          scaled_logits, tile_keep, walk_tiles)
+                                          scaled_logits, tile_keep, walk_tiles,
+                                          bias_access, prepare_bias)
 
 
 def _forward_kernel(table_ref, q_ref, k_ref, v_ref, *refs, n_operands, accesses, mask_fn,
-                    layout, scale, cap, kv_len, bq, bk, acc):
+                    bias_acc, layout, scale, cap, kv_len, bq, bk, acc):
     operand_refs = refs[:n_operands]
-    o_ref, lse_ref = refs[n_operands:]
+    bias_ref = refs[n_operands] if bias_acc is not None else None
+    o_ref, lse_ref = refs[n_operands + (bias_acc is not None):]
     # Programs run in reverse q-block order: under causal-like masks the last q-blocks
     # have the most kv-blocks, and starting them first shortens the tail of the grid.
     q_start = (pl.num_programs(0) - 1 - pl.program_id(0)) * bq
@@ -38,7 +40,8 @@ def _forward_kernel(table_ref, q_ref, k_ref, v_ref, *refs, n_operands, accesses,
         kv_start = pl.multiple_of(kv_block * bk, bk)
         k = k_ref[pl.ds(kv_start, bk), :]
         # S·log2(e) with S = scale·QKᵀ (soft-capped), one multiply folded in [bq, bk].
-        logits2, _ = scaled_logits(dot_nt(q, k, acc), scale, cap, LOG2E)
+        bias = None if bias_acc is None else bias_acc.load(bias_ref, q_start, kv_start, 0)
+        logits2, _ = scaled_logits(dot_nt(q, k, acc), scale, cap, LOG2E, bias)
         keep = None
         if partial:   # PARTIAL tile: the mask (and kv padding) evaluated element-wise
             keep = tile_keep(mask_fn, accesses, operand_refs, q_start, kv_start, kv_len,
@@ -61,8 +64,9 @@ def _forward_kernel(table_ref, q_ref, k_ref, v_ref, *refs, n_operands, accesses,
     lse_ref[...] = lse.astype(lse_ref.dtype)
 
 
-def forward(static, q, k, v, metas, operands):
-    """q [B, T, N, H], k/v [B, S, K, H] → (out [B, T, N, H], lse [B, N, T])."""
+def forward(static, q, k, v, bias, metas, operands):
+    """q [B, T, N, H], k/v [B, S, K, H], bias None or [Bb, Hb, T|1, S|1]
+    → (out [B, T, N, H], lse [B, N, T])."""
     cfg = static.config
     fwd_meta = metas["forward"]
     b, t, n, h = q.shape
@@ -79,6 +83,8 @@ def forward(static, q, k, v, metas, operands):
     tbm, thm = table.shape[:2]
     prepared = prepare_operands(operands, static.operand_kinds, t, s, tp, sp, bq, bk)
     accesses = make_operand_access(prepared, "rows", bq=bq, bk=bk, groups=groups)
+    bias_p = prepare_bias(bias, t, s, tp, sp, acc)
+    bias_acc = bias_access(bias_p, "rows", bq=bq, bk=bk, groups=groups)
 
     nq = tp // bq
     grid = (nq, b, n)
@@ -89,6 +95,7 @@ def forward(static, q, k, v, metas, operands):
         pl.BlockSpec((None, sp, None, hp), lambda i, bb, nn: (bb, 0, nn // groups, 0)),
         pl.BlockSpec((None, sp, None, hp), lambda i, bb, nn: (bb, 0, nn // groups, 0)),
         *[a.spec(reverse_rows=nq) for a in accesses],
+        *([bias_acc.spec(reverse_rows=nq)] if bias_acc is not None else []),
     ]
     out_specs = [
         pl.BlockSpec((None, bq, None, hp), lambda i, bb, nn: (bb, nq - 1 - i, nn, 0)),
@@ -96,6 +103,7 @@ def forward(static, q, k, v, metas, operands):
     ]
     kernel = functools.partial(
         _forward_kernel, n_operands=len(accesses), accesses=accesses, mask_fn=static.mask_fn,
+        bias_acc=bias_acc,
         layout=layout, scale=static.scale, cap=static.logits_soft_cap,
         kv_len=s, bq=bq, bk=bk, acc=acc)
     out, lse = pl.pallas_call(
@@ -108,5 +116,5 @@ def forward(static, q, k, v, metas, operands):
         compiler_params=plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
         interpret=static.interpret,
         name="jaxattn_flash_forward",
-    )(table, qp, kp, vp, *[a.arr for a in accesses])
+    )(table, qp, kp, vp, *[a.arr for a in accesses], *([bias_p] if bias_p is not None else []))
     return out[:, :t, :, :h], lse[:, :, :t]
