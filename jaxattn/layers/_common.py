@@ -48,3 +48,11 @@ def check_heads(num_heads: int, num_kv_heads: int | None, features: int, head_di
     if not isinstance(head_dim, int) or head_dim < 1:
         raise ValueError(f"head_dim: expected a positive int, got {head_dim!r}.")
     return num_kv_heads, head_dim
+
+
+def check_inputs(inputs_q, inputs_kv, vmap_hint: str = "jax.vmap"):
+    """Both inputs must be [batch, length, features]."""
+    if inputs_q.ndim != 3 or inputs_kv.ndim != 3:
+        raise ValueError(f"inputs: expected [batch, length, features], got shapes "
+                         f"{tuple(inputs_q.shape)} and {tuple(inputs_kv.shape)}. "
+                         f"Use {vmap_hint} for extra leading axes.")

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from jaxattn.api import dot_product_attention
-from jaxattn.layers._common import check_heads, check_layer_mask, combine
+from jaxattn.layers._common import check_heads, check_inputs, check_layer_mask, combine
 from jaxattn.layers.rope import apply_rope
 from jaxattn.masks import Mask
 
@@ -55,10 +55,7 @@ class LinenMultiHeadAttention(nn.Module):
         layer_mask = check_layer_mask(self.mask)
         self_attention = inputs_kv is None
         inputs_kv = inputs_q if self_attention else inputs_kv
-        if inputs_q.ndim != 3 or inputs_kv.ndim != 3:
-            raise ValueError(f"inputs: expected [batch, length, features], got shapes "
-                             f"{tuple(inputs_q.shape)} and {tuple(inputs_kv.shape)}. "
-                             "Use jax.vmap (or nn.vmap) for extra leading axes.")
+        check_inputs(inputs_q, inputs_kv, "jax.vmap (or nn.vmap)")
         features = inputs_q.shape[-1]
         num_kv_heads, head_dim = check_heads(self.num_heads, self.num_kv_heads, features, self.head_dim)
         dense = lambda feats, name, axis=-1: nn.DenseGeneral(  # noqa: E731

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxattn.api import dot_product_attention
-from jaxattn.layers._common import check_heads, check_layer_mask, combine
+from jaxattn.layers._common import check_heads, check_inputs, check_layer_mask, combine
 from jaxattn.layers.rope import apply_rope
 from jaxattn.masks import Mask
 
@@ -82,10 +82,7 @@ class MultiHeadAttention(nnx.Module):
         (default 0..T-1; kv_positions default to positions for self-attention)."""
         self_attention = inputs_kv is None
         inputs_kv = inputs_q if self_attention else inputs_kv
-        if inputs_q.ndim != 3 or inputs_kv.ndim != 3:
-            raise ValueError(f"inputs: expected [batch, length, features], got shapes "
-                             f"{tuple(inputs_q.shape)} and {tuple(inputs_kv.shape)}. "
-                             "Use jax.vmap for extra leading axes.")
+        check_inputs(inputs_q, inputs_kv)
         q = self.query(inputs_q)
         k = self.key(inputs_kv)
         v = self.value(inputs_kv)

@@ -7,7 +7,7 @@ Two kernels, no atomics, so the result is bitwise deterministic:
   metadata lists for kv-block j — FULL ones first, then PARTIAL ones:
       P = exp(S − lse),  dV += Pᵀ dO,  dP = dO Vᵀ,  dS = P ∘ (dP − D),  dK += dSᵀ Q.
 * dQ: one program per (q-block i, batch b, query head n), walking the same kv-block
-  lists as the forward:  dQ += dS K.
+  lists as the forward:  dQ += dS K; with a bias it also writes dbias = dS per tile.
 
 Both skip EMPTY tiles exactly like the forward, so backward cost follows the number of
 non-empty tiles. D = rowsum(dO ∘ O) − dlse comes precomputed (pallas_kernels/flash_vjp.py).
@@ -27,7 +27,7 @@ from pallas_kernels.triton.common import (LOG2E, acc_dtype, dot_nn, dot_nt, dot_
                                           forward_table, make_operand_access, pad_axis, pad_btnh,
                                           padded_head_dim, prepare_operands, scaled_logits,
                                           tile_keep, transposed_table, walk_tiles,
-                                          bias_access, prepare_bias)
+                                          bias_access, prepare_bias, split_refs)
 
 
 def _probabilities_and_dlogits(q, k, v, do, lse2, delta, keep, *, scale, cap, acc, bias=None):
@@ -47,9 +47,7 @@ def _probabilities_and_dlogits(q, k, v, do, lse2, delta, keep, *, scale, cap, ac
 def _dkdv_kernel(table_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, n_operands,
                  accesses, mask_fn, bias_acc, layout, per_head_table, groups, scale, cap, kv_len,
                  bq, bk, acc):
-    operand_refs = refs[:n_operands]
-    bias_ref = refs[n_operands] if bias_acc is not None else None
-    dk_ref, dv_ref = refs[n_operands + (bias_acc is not None):]
+    operand_refs, bias_ref, (dk_ref, dv_ref) = split_refs(refs, n_operands, bias_acc)
     kv_start = pl.program_id(0) * bk
     k = k_ref[...]                                        # [bk, Hp], on chip throughout
     v = v_ref[...]
@@ -85,9 +83,7 @@ def _dkdv_kernel(table_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *re
 
 def _dq_kernel(table_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, n_operands,
                accesses, mask_fn, bias_acc, layout, scale, cap, kv_len, bq, bk, acc):
-    operand_refs = refs[:n_operands]
-    bias_ref = refs[n_operands] if bias_acc is not None else None
-    dq_ref, *dbias_ref = refs[n_operands + (bias_acc is not None):]
+    operand_refs, bias_ref, (dq_ref, *dbias_ref) = split_refs(refs, n_operands, bias_acc)
     q_start = (pl.num_programs(0) - 1 - pl.program_id(0)) * bq   # heaviest q-blocks first
     q = q_ref[...]
     do = do_ref[...]

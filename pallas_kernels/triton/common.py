@@ -67,14 +67,14 @@ def pack_table(count_a, index_a, count_b, index_b, *, full_is_run=False, dense_c
 
 
 def forward_table(meta: BlockMetadata):
-    """Per q-block: its FULL kv-blocks as runs, then its PARTIAL kv-blocks."""
+    """Per q-block: its FULL kv-blocks, then its PARTIAL kv-blocks."""
     return pack_table(meta.full_count, meta.full_index, meta.partial_count, meta.partial_index,
                       full_is_run=meta.full_is_run,
                       dense_count=meta.num_kv_blocks if meta.dense else None)
 
 
 def transposed_table(meta: BlockMetadata):
-    """Per kv-block: its FULL q-blocks as runs, then its PARTIAL q-blocks."""
+    """Per kv-block: its FULL q-blocks, then its PARTIAL q-blocks."""
     return pack_table(meta.t_full_count, meta.t_full_index, meta.t_partial_count,
                       meta.t_partial_index, full_is_run=meta.t_full_is_run,
                       dense_count=meta.num_q_blocks if meta.dense else None)
@@ -257,6 +257,13 @@ def make_operand_access(prepared, layout, *, bq, bk, groups):
 def bias_access(bias, layout, *, bq, bk, groups):
     """A dense float operand read in every visited tile (FULL and PARTIAL)."""
     return None if bias is None else OperandAccess("qkv", None, bias, layout, bq=bq, bk=bk, groups=groups)
+
+
+def split_refs(refs, n_operands: int, bias_acc):
+    """A kernel's trailing refs: (mask operand refs, bias ref or None, output refs)."""
+    has_bias = bias_acc is not None
+    return (refs[:n_operands], refs[n_operands] if has_bias else None,
+            refs[n_operands + has_bias:])
 
 
 def tile_keep(mask_fn, accesses, refs, q_start, kv_start, kv_len, *, bq, bk, g=0):

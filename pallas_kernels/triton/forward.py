@@ -21,14 +21,12 @@ from pallas_kernels.triton.common import (LN2, LOG2E, MASK_VALUE, acc_dtype, dot
                                           forward_table, make_operand_access, online_softmax_step,
                                           pad_btnh, padded_head_dim, prepare_operands,
                                           scaled_logits, tile_keep, walk_tiles,
-                                          bias_access, prepare_bias)
+                                          bias_access, prepare_bias, split_refs)
 
 
 def _forward_kernel(table_ref, q_ref, k_ref, v_ref, *refs, n_operands, accesses, mask_fn,
                     bias_acc, layout, scale, cap, kv_len, bq, bk, acc):
-    operand_refs = refs[:n_operands]
-    bias_ref = refs[n_operands] if bias_acc is not None else None
-    o_ref, lse_ref = refs[n_operands + (bias_acc is not None):]
+    operand_refs, bias_ref, (o_ref, lse_ref) = split_refs(refs, n_operands, bias_acc)
     # Programs run in reverse q-block order: under causal-like masks the last q-blocks
     # have the most kv-blocks, and starting them first shortens the tail of the grid.
     q_start = (pl.num_programs(0) - 1 - pl.program_id(0)) * bq
