@@ -13,9 +13,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import statistics
 import sys
-import time
 import traceback
 
 import numpy as np
@@ -25,6 +23,7 @@ import jax.numpy as jnp
 import jaxattn
 from jaxattn import masks as M
 from benchmarks import flops
+from benchmarks.timing import time_call
 from jaxattn.flash import pallas_attention
 from pallas_kernels.triton.config import TritonConfig
 
@@ -63,18 +62,6 @@ def cases():
             b=1, n=16, s=16384, d=d, mask=M.BlockSparseMask(layout, 128, 128))
     out["D128 S16384 B1 H16 full"] = dict(b=1, n=16, s=16384, d=d, mask=M.FullMask())
     return out
-
-
-def timeit(fn, args_list, iters=20):
-    for a in args_list[:2]:
-        jax.block_until_ready(fn(*a))
-    times = []
-    for i in range(iters):
-        a = args_list[i % len(args_list)]
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*a))
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def make_fns(impl, mask, config=None):
@@ -132,8 +119,8 @@ def run_case(name, c, impls, config=None, check=True):
     for impl in impls:
         try:
             fwd, fwd_bwd = make_fns(impl, mask, config if impl.startswith("pallas") else None)
-            tf = timeit(fwd, [a[:3] for a in args])
-            tfb = timeit(fwd_bwd, args)
+            tf = time_call(fwd, [a[:3] for a in args], warmup=2, repeats=20).median_s
+            tfb = time_call(fwd_bwd, args, warmup=2, repeats=20).median_s
             row[impl] = dict(fwd_ms=tf * 1e3, fwd_bwd_ms=tfb * 1e3,
                              fwd_tflops=flops_fwd / tf / 1e12,
                              fwd_bwd_tflops=3.5 * flops_fwd / tfb / 1e12)
