@@ -139,10 +139,11 @@ def _pallas_jit(query, key, value, bias, mask, *, backend_name, scale, logits_so
 
 
 def pallas_backward(backend_name: str, q, k, v, out, lse, dout, delta, mask: Mask, *, scale,
-                    logits_soft_cap=None, config=None, interpret=None):
+                    logits_soft_cap=None, config=None, interpret=None, parts=("dq", "dkdv")):
     """The kernels' backward alone, from given residuals: (dq, dk, dv) for
     D = `delta` (rowsum(dO ∘ O) − dlse, [B, N, T]). Used where out/lse come from a merge
-    of several calls (ring attention), so no forward is recomputed."""
+    of several calls (ring attention), so no forward is recomputed. `parts` as in the
+    backends' backward: ("dkdv",) runs the dK/dV kernel alone (dq comes back None)."""
     if interpret is None:
         interpret = default_interpret()
     backend = _BACKENDS[backend_name]
@@ -153,5 +154,6 @@ def pallas_backward(backend_name: str, q, k, v, out, lse, dout, delta, mask: Mas
         logits_soft_cap=logits_soft_cap, config=config, interpret=interpret)
     acc = jnp.float64 if q.dtype == jnp.float64 else jnp.float32
     dq, dk, dv, _ = backend.backward(static, q, k, v, None, out, backward_lse(lse.astype(acc)),
-                                     dout.astype(q.dtype), delta.astype(acc), metas, operands)
+                                     dout.astype(q.dtype), delta.astype(acc), metas, operands,
+                                     parts=tuple(parts))
     return dq, dk, dv

@@ -37,9 +37,11 @@ states. Devices whose local problems have the same static structure share one
 ``lax.switch`` branch (their traced mask data is selected by device index), so a causal
 ring compiles two or three distinct kernel calls per step, not P.
 
-Backward (``jax.custom_vjp``): dQ stays home; dK/dV accumulators travel with their K/V
-shard (one more hop returns them to the owner), summed in ring order, so the result is
-deterministic. Each step computes the block gradients of global attention from the
+Backward (``jax.custom_vjp``): dQ stays home; float32 dK/dV accumulators travel one
+step behind their K/V shard, in the same buffer (one collective per hop, see _Packing),
+summed in ring order, so the result is deterministic; each step's own share comes out of
+the kernels in K/V's dtype, as any single call's gradients do. The last hop home is sent
+once the last dK/dV kernel is done and overlaps the last dQ kernel. Each step computes the block gradients of global attention from the
 GLOBAL residuals (out, lse, D = rowsum(dO ∘ out)): P_s = exp(S_s − lse), no forward
 recompute; pallas_triton uses its own backward kernels, the reference and jax.nn's
 xla/cudnn (whose lse has no gradient) dense jnp math per block. Other implementations
@@ -68,6 +70,7 @@ from jaxattn.reference import allowed_pairs
 __all__ = ["ring_attention", "zigzag_permutation", "inverse_zigzag_permutation"]
 
 _LAYOUTS = ("contiguous", "zigzag")
+_BOTH = ("dq", "dkdv")   # the two halves of a block backward: dQ, and dK with dV
 
 
 # ---------------------------------------------------------------------------------
@@ -243,6 +246,60 @@ def _merge(o_a, lse_a, o_b, lse_b):
 
 
 # ---------------------------------------------------------------------------------
+# One buffer per hop. XLA's GPU scheduler keeps at most one collective-permute in
+# flight, and ppermute of a tuple is one collective per array: K and V sent as two
+# would overlap the step's kernel with one of them and expose the other. So each hop
+# sends a single flat buffer holding every array that travels, as unsigned ints of
+# the widest dtype's size (bf16 K/V two to a uint32 beside float32 dK/dV): the float32
+# parts are then plain elementwise views, so adding a step's gradient and packing the
+# next hop fuse into one pass over memory, and bits are never reinterpreted as floats.
+# ---------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class _Packing:
+    shapes: tuple
+    dtypes: tuple
+
+    @classmethod
+    def of(cls, xs):
+        return cls(tuple(x.shape for x in xs), tuple(jnp.dtype(x.dtype) for x in xs))
+
+    @property
+    def unit(self):
+        return jnp.dtype(f"uint{8 * max(d.itemsize for d in self.dtypes)}")
+
+    def _ratio(self, dtype):
+        return self.unit.itemsize // dtype.itemsize
+
+    def _size(self, shape, dtype):
+        return -(-math.prod(shape) // self._ratio(dtype))  # units, rounded up
+
+    def pack(self, xs):
+        flat = []
+        for x in xs:
+            r = self._ratio(jnp.dtype(x.dtype))
+            x = x.reshape(-1)
+            if r > 1:  # r narrow values per unit (padded to a whole unit)
+                x = jnp.pad(x, (0, -x.size % r)).reshape(-1, r)
+            flat.append(jax.lax.bitcast_convert_type(x, self.unit))
+        return flat[0] if len(flat) == 1 else jnp.concatenate(flat)
+
+    def unpack(self, buf):
+        out, off = [], 0
+        for shape, dtype in zip(self.shapes, self.dtypes):
+            n = self._size(shape, dtype)
+            piece = jax.lax.bitcast_convert_type(jax.lax.slice_in_dim(buf, off, off + n), dtype)
+            off += n
+            out.append(piece.reshape(-1)[:math.prod(shape)].reshape(shape))
+        return tuple(out)
+
+
+def _send_on(xs, axis_name, p):
+    """Pass a tuple of arrays one step along the ring as one collective."""
+    packing = _Packing.of(xs)
+    return packing.unpack(jax.lax.ppermute(packing.pack(xs), axis_name, _ring_perm(p)))
+
+
+# ---------------------------------------------------------------------------------
 # The ring, per device (inside shard_map).
 # ---------------------------------------------------------------------------------
 def _ring_perm(p):
@@ -273,13 +330,20 @@ def _ring_forward(cfg: _RingConfig, q, k, v, leaves):
                     _update_rows(lse_acc, lse_new, call.q_slices))
         return _maybe_skip(call, cfg, compute, carry)
 
-    kv = (k, v)
+    # K and V travel as one buffer, forwarded as received (packed once, unpacked per step).
+    packing = _Packing.of((k, v))
+    buf = packing.pack((k, v)) if p > 1 else None
     for s in range(p):
         # Send the shard on before computing with it, so the transfer overlaps the step.
-        nxt = jax.lax.ppermute(kv, cfg.axis_name, _ring_perm(p)) if s + 1 < p else None
+        nxt = jax.lax.ppermute(buf, cfg.axis_name, _ring_perm(p)) if s + 1 < p else None
+        kv = (k, v) if s == 0 else packing.unpack(buf)
         calls = [_device_call(cfg, mask, d, (d - s) % p) for d in range(p)]
         carry = _dispatch(calls, device, body, carry, q, *kv)
-        kv = nxt
+        if nxt is not None:
+            # The next hop forwards what arrived here; without this tie XLA may run the
+            # whole chain of hops up front, with no kernel to hide them behind.
+            nxt, carry = jax.lax.optimization_barrier((nxt, carry))
+        buf = nxt
     out, lse = carry
     return out.astype(q.dtype), lse
 
@@ -294,7 +358,7 @@ def _ring_core_fwd(cfg, q, k, v, leaves):
     return out, (q, k, v, leaves, out, lse)
 
 
-def _reference_block_backward(q, k, v, out, lse, dout, delta, mask, scale):
+def _reference_block_backward(q, k, v, out, lse, dout, delta, mask, scale, parts=_BOTH):
     """dQ, dK, dV of one block of a larger attention, from that attention's GLOBAL
     row statistics (jnp, dense in the block): p = exp(scale·q·kᵀ − lse) on allowed
     pairs, dV = pᵀdO, dS = p ∘ (dO·vᵀ − D), dQ = scale·dS·k, dK = scale·dSᵀ·q.
@@ -317,14 +381,20 @@ def _reference_block_backward(q, k, v, out, lse, dout, delta, mask, scale):
               - delta.astype(ct).reshape(b, kh, g, t)[..., None])
     dq = jnp.einsum("bkgts,bskh->btkgh", ds, k.astype(ct)).reshape(b, t, n, h) * scale
     dk = jnp.einsum("bkgts,btkgh->bskh", ds, qg) * scale
-    return dq, dk, dv
+    return _select(parts, dq, dk, dv)
+
+
+def _select(parts, dq, dk, dv):
+    """(dq, dk, dv) with the halves not in `parts` replaced by None (XLA drops their math)."""
+    return (dq if "dq" in parts else None,) + ((dk, dv) if "dkdv" in parts else (None, None))
 
 
 def _pallas_block_backward(backend_name):
     """The Pallas kernels' own backward, fed the global out/lse/D (no forward recompute)."""
-    def run(q, k, v, out, lse, dout, delta, mask, scale):
+    def run(q, k, v, out, lse, dout, delta, mask, scale, parts=_BOTH):
         from jaxattn.flash import pallas_backward
-        return pallas_backward(backend_name, q, k, v, out, lse, dout, delta, mask, scale=scale)
+        return pallas_backward(backend_name, q, k, v, out, lse, dout, delta, mask, scale=scale,
+                               parts=parts)
     return run
 
 
@@ -352,12 +422,12 @@ def _ring_core_bwd(cfg, residuals, dout):
     block_backward = _block_backward(cfg.implementation)
     to_bnt = lambda x, sl: jnp.swapaxes(_rows(x, sl), 1, 2)  # noqa: E731
 
-    def step_grads(call, q, k, v):
+    def step_grads(call, q, k, v, parts):
         qc, kc, vc = _rows(q, call.q_slices), _rows(k, call.kv_slices), _rows(v, call.kv_slices)
         do = _rows(dout, call.q_slices)
         if block_backward is not None:
             return block_backward(qc, kc, vc, _rows(out, call.q_slices), to_bnt(lse, call.q_slices),
-                                  do, to_bnt(delta, call.q_slices), call.mask, cfg.scale)
+                                  do, to_bnt(delta, call.q_slices), call.mask, cfg.scale, parts)
         # Generic: re-run this step's forward under jax.vjp and give it cotangents
         # (w·dO, w·(dO·o_s − D)) with w = exp(lse_s − lse), this step's share of each
         # row (0 where lse_s = -inf): exactly the block gradients of global attention.
@@ -367,30 +437,52 @@ def _ring_core_bwd(cfg, residuals, dout):
         do = do.astype(acc)
         ct_o = (do * w[..., None]).astype(o.dtype)
         ct_lse = w * (jnp.einsum("btnh,btnh->btn", do, o.astype(acc)) - _rows(delta, call.q_slices))
-        return vjp((ct_o, jnp.swapaxes(ct_lse, 1, 2).astype(lse_s.dtype)))
+        return _select(parts, *vjp((ct_o, jnp.swapaxes(ct_lse, 1, 2).astype(lse_s.dtype))))
 
-    def body(call, carry, q, k, v):
-        # carry: (dQ accumulator, this step's dK, dV contributions (zeros on entry)).
-        def compute(carry):
-            dq, dk, dv = carry
-            gq, gk, gv = step_grads(call, q, k, v)
-            add = lambda x, g, sl: _update_rows(x, _rows(x, sl) + g.astype(acc), sl)  # noqa: E731
-            return add(dq, gq, call.q_slices), add(dk, gk, call.kv_slices), add(dv, gv, call.kv_slices)
-        return _maybe_skip(call, cfg, compute, carry)
+    def body_for(parts):
+        """body(call, carry, q, k, v) adding this step's `parts` of the block gradients to
+        the carry: (dQ, dK, dV), (dK, dV) or (dQ,). dQ accumulates in float32 across
+        steps; dK/dV start from zeros in K/V's dtype (this step's share only: the
+        float32 sum is made outside, in the same pass that packs the next hop)."""
+        def body(call, carry, q, k, v):
+            def compute(carry):
+                gq, gk, gv = step_grads(call, q, k, v, parts)
+                add = lambda x, g, sl: _update_rows(x, _rows(x, sl) + g.astype(x.dtype), sl)  # noqa: E731
+                new = []
+                if "dq" in parts:
+                    new.append(add(carry[0], gq, call.q_slices))
+                if "dkdv" in parts:
+                    new += [add(carry[-2], gk, call.kv_slices), add(carry[-1], gv, call.kv_slices)]
+                return tuple(new)
+            return _maybe_skip(call, cfg, compute, carry)
+        return body
 
+    # The ring. At step s this device holds the K/V shard of src = d - s, and gets, in
+    # one buffer from device d - 1: the next K/V shard, and the dK/dV accumulator of
+    # `src` holding the contributions of every device that saw `src` before it (summed
+    # in ring order: deterministic). It adds its own and sends the sum on at the start
+    # of the next step with that step's K/V, so both transfers overlap a step's kernels.
+    # After the last step the accumulators are one hop from their owners; that hop is
+    # sent as soon as the last dK/dV kernel is done, and overlaps the last dQ kernel.
+    zeros_kv = lambda: (jnp.zeros(k.shape, k.dtype), jnp.zeros(v.shape, v.dtype))  # noqa: E731
     dq = jnp.zeros(q.shape, acc)
-    dkv = (jnp.zeros(k.shape, acc), jnp.zeros(v.shape, acc))
-    kv = (k, v)
+    kv, finished = (k, v), ()  # the K/V held now; the accumulators completed last step
     for s in range(p):
-        nxt = jax.lax.ppermute(kv, cfg.axis_name, _ring_perm(p)) if s + 1 < p else None
+        last = s == p - 1
         calls = [_device_call(cfg, mask, d, (d - s) % p) for d in range(p)]
-        # The step's compute does not wait for the travelling dK/dV: it starts from zeros
-        # and is added after, so their transfer overlaps the computation too.
-        dq, gk, gv = _dispatch(calls, device, body, (dq, jnp.zeros(k.shape, acc), jnp.zeros(v.shape, acc)),
-                               q, *kv)
-        # dK/dV travel with their K/V shard (summed in ring order: deterministic); after
-        # P hops they are back with the owner.
-        dkv = jax.lax.ppermute((dkv[0] + gk, dkv[1] + gv), cfg.axis_name, _ring_perm(p))
+        sent = (kv if not last else ()) + finished
+        received = _send_on(sent, cfg.axis_name, p)
+        if not last:
+            dq, gk, gv = _dispatch(calls, device, body_for(_BOTH), (dq, *zeros_kv()), q, *kv)
+        else:
+            gk, gv = _dispatch(calls, device, body_for(("dkdv",)), zeros_kv(), q, *kv)
+        nxt = received[:2] if not last else None
+        incoming = received[len(received) - len(finished):] if finished else ()
+        gk, gv = gk.astype(acc), gv.astype(acc)
+        finished = (incoming[0] + gk, incoming[1] + gv) if incoming else (gk, gv)
+        if last:
+            dkv = _send_on(finished, cfg.axis_name, p)  # home, overlapping the last dQ
+            (dq,) = _dispatch(calls, device, body_for(("dq",)), (dq,), q, *kv)
         kv = nxt
     zeros = jax.tree_util.tree_map(lambda x: None, leaves)
     return dq.astype(q.dtype), dkv[0].astype(k.dtype), dkv[1].astype(v.dtype), zeros

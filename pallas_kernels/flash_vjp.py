@@ -4,7 +4,9 @@ Every kernel backend (Triton today, Mosaic GPU next) implements the same two cal
 
     backend.forward(static, q, k, v, bias, metas, operands)         -> (out, lse)
     backend.backward(static, q, k, v, bias, out, lse, dout, delta,
-                     metas, operands)                                -> (dq, dk, dv, dbias)
+                     metas, operands, parts=("dq", "dkdv"))          -> (dq, dk, dv, dbias)
+
+(`parts` asks for the dQ and/or the dK/dV half alone; the half not asked for is None)
 
 where `metas` maps the names of `static.config.metadata_tiles()` (e.g. "forward",
 "dkdv", "dq") to the BlockMetadata built for that kernel's tile shape

@@ -152,6 +152,28 @@ def test_batch_axis_and_zigzag_layout():
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5, rtol=1e-5)
 
 
+def test_bfloat16_inputs_float32_accumulators(mesh):
+    # bf16 K/V travel in one buffer with the float32 dK/dV accumulators (viewed as
+    # uint16): a wrong offset or view would scramble the gradients, not round them.
+    q, k, v, do = (x.astype(jnp.bfloat16) for x in _inputs(seed=5))
+    _ring_vs_reference(mesh, lambda: M.CausalMask(), q, k, v, do, atol=3e-2)
+
+
+def test_packing_round_trips_mixed_dtypes():
+    xs = (jnp.arange(12, dtype=jnp.bfloat16).reshape(3, 4) - 5.5,
+          jnp.linspace(-1e30, 1e30, 10, dtype=jnp.float32).reshape(2, 5),
+          jnp.array([jnp.nan, -jnp.inf, 1e-40], jnp.float32))
+    packing = parallel._Packing.of(xs)
+    buf = jax.jit(packing.pack)(xs)
+    assert buf.ndim == 1 and buf.dtype == jnp.uint32 and buf.size == 12 // 2 + 10 + 3
+    for a, b in zip(xs, jax.jit(packing.unpack)(buf)):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        assert np.array_equal(np.asarray(a).view(np.uint8), np.asarray(b).view(np.uint8))
+    odd = (jnp.arange(5, dtype=jnp.bfloat16), xs[2])  # an odd count of bf16: padded
+    got = parallel._Packing.of(odd).unpack(parallel._Packing.of(odd).pack(odd))
+    assert np.array_equal(np.asarray(got[0]), np.asarray(odd[0])) and got[0].shape == (5,)
+
+
 @pytest.mark.slow
 def test_pallas_triton_blocks():
     # The Pallas kernels (interpret mode on CPU) as the per-step blocks, with a mask whose

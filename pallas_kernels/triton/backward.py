@@ -114,12 +114,18 @@ def _dq_kernel(table_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs
     dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
 
 
-def backward(static, q, k, v, bias, out, lse, dout, delta, metas, operands):
-    """(dq, dk, dv, dbias): dbias has the bias's own shape (None without a bias)."""
+def backward(static, q, k, v, bias, out, lse, dout, delta, metas, operands,
+             parts=("dq", "dkdv")):
+    """(dq, dk, dv, dbias): dbias has the bias's own shape (None without a bias).
+    `parts` runs only the dQ kernel ("dq") or only the dK/dV kernel ("dkdv"); what was
+    not asked for comes back as None (ring attention sends dK/dV on while dQ runs)."""
     del out  # D = rowsum(dO ∘ O) − dlse already carries what the backward needs of O.
-    dk, dv = _dkdv(static, q, k, v, bias, lse, dout, delta, metas["dkdv"], operands)
-    dq, dbias = _dq(static, q, k, v, bias, lse, dout, delta, metas["dq"], operands)
-    if bias is not None:
+    dq = dk = dv = dbias = None
+    if "dkdv" in parts:
+        dk, dv = _dkdv(static, q, k, v, bias, lse, dout, delta, metas["dkdv"], operands)
+    if "dq" in parts:
+        dq, dbias = _dq(static, q, k, v, bias, lse, dout, delta, metas["dq"], operands)
+    if dbias is not None:
         # dS over [B, N, T, S]; a bias broadcast along an axis gets the sum over it.
         sum_axes = tuple(a for a in range(4) if bias.shape[a] == 1 and dbias.shape[a] != 1)
         dbias = jnp.sum(dbias, axis=sum_axes, keepdims=True).astype(bias.dtype)
