@@ -14,9 +14,11 @@ jitted forward+backward step (jax.vjp of ring_attention with a fixed dO):
 2. longest causal sequence that trains: T doubles from 128k on all GPUs until a step
    fails (out of memory) or --max-seq; each length is timed with a few calls.
 3. overlap at 32k tokens per GPU: the ring step vs the same local kernel calls without
-   any communication (one [2c, 2c] causal block and P-1 [2c, c] full blocks, c = T/(2P):
-   exactly what zigzag gives each device), and vs the K/V(+dK/dV) transfers alone.
-   overlap_ratio = ring / local: 1.0 means communication is completely hidden.
+   any communication (one [2c, 2c] causal block and P-1 full blocks, c = T/(2P): what
+   zigzag gives each device, [2c, c] on device P-1 and [c, 2c] on device 0, both timed;
+   the slower is the baseline, as the ring waits for its slowest device), and vs the
+   K/V(+dK/dV) transfers alone. overlap_ratio = ring / local: 1.0 means communication
+   is completely hidden.
 
 FLOP model (../shared/ANCHORS.md): forward 4·B·N·T²·D·½ for causal, backward 2.5×
 forward, so a step is 3.5× forward. Times are medians after 2 warm-up calls
@@ -107,9 +109,12 @@ def ring_step(mesh, impl, layout="contiguous"):
     return jax.jit(step)
 
 
-def local_blocks_step(impl, c, n, d, p):
+def local_blocks_step(impl, c, n, d, p, shape="2c x c"):
     """The kernel calls one device makes in a P-way zigzag causal ring, without the ring:
-    a causal [2c, 2c] block and P-1 full [2c, c] blocks, each forward + backward."""
+    a causal [2c, 2c] block and P-1 full blocks, each forward + backward. The full blocks
+    are [2c, c] (both query chunks against the early K/V chunk: device P-1's steps) or,
+    with shape="c x 2c", [c, 2c] (the late query chunk against both K/V chunks: device
+    0's steps); devices between make some of each."""
     def attn(q, k, v, causal):
         return jaxattn.dot_product_attention(q, k, v, is_causal=causal, implementation=impl)
 
@@ -121,10 +126,13 @@ def local_blocks_step(impl, c, n, d, p):
             # Distinct inputs per block (a cheap roll by i rows): identical slices would be
             # merged by XLA's common-subexpression elimination, and the baseline would then
             # time fewer blocks than the ring computes (seen: 120 ms for 4/3 of the work).
-            kk = jnp.roll(k, i, axis=1)[:, i % 2 * c:(i % 2 + 1) * c]
-            vv = jnp.roll(v, i, axis=1)[:, i % 2 * c:(i % 2 + 1) * c]
-            _, vjp = jax.vjp(lambda q, k, v: attn(q, k, v, False), q, kk, vv)
-            grads.append(vjp(do))
+            qq, kk, vv, dd = (jnp.roll(x, i, axis=1) for x in (q, k, v, do))
+            if shape == "2c x c":
+                kk, vv = kk[:, i % 2 * c:(i % 2 + 1) * c], vv[:, i % 2 * c:(i % 2 + 1) * c]
+            else:
+                qq, dd = qq[:, c:], dd[:, c:]
+            _, vjp = jax.vjp(lambda q, k, v: attn(q, k, v, False), qq, kk, vv)
+            grads.append(vjp(dd))
         return grads
     return jax.jit(step)
 
@@ -204,14 +212,21 @@ def overlap(impl, p, cfg, repeats):
     ring_s = _timed(ring_step(mesh, impl), _inputs(t, n, d, mesh), repeats)
     ring_zz_s = _timed(ring_step(mesh, impl, "zigzag"), _inputs(t, n, d, mesh), repeats)
     c = t // (2 * p)
-    local_s = _timed(local_blocks_step(impl, c, n, d, p), _inputs(2 * c, n, d), repeats)
+    # The ring's step lasts as long as its slowest device's kernels: time both extremes.
+    local = {shape: _timed(local_blocks_step(impl, c, n, d, p, shape), _inputs(2 * c, n, d), repeats)
+             for shape in ("2c x c", "c x 2c")}
+    local_s = max(local.values())
     kv = _inputs(t, n, d, mesh)[:2]
     comm_s = _timed(comm_only_step(mesh, p), kv, repeats)
     out = {"gpus": p, "seq_len": t, "ring_ms": ring_s * 1e3, "local_kernels_ms": local_s * 1e3,
+           "local_kernels_2c_x_c_ms": local["2c x c"] * 1e3, "local_kernels_c_x_2c_ms": local["c x 2c"] * 1e3,
            "comm_only_ms": comm_s * 1e3, "overlap_ratio": ring_s / local_s,
-           "ring_zigzag_layout_ms": ring_zz_s * 1e3, "overlap_ratio_zigzag_layout": ring_zz_s / local_s}
+           "ring_zigzag_layout_ms": ring_zz_s * 1e3, "overlap_ratio_zigzag_layout": ring_zz_s / local_s,
+           "overlap_ratio_vs_2c_x_c": ring_s / local["2c x c"],
+           "overlap_ratio_zigzag_layout_vs_2c_x_c": ring_zz_s / local["2c x c"]}
     print(f"overlap: ring {ring_s * 1e3:.1f} ms (zigzag layout in/out: {ring_zz_s * 1e3:.1f} ms), "
-          f"local kernels {local_s * 1e3:.1f} ms, transfers alone {comm_s * 1e3:.1f} ms", flush=True)
+          f"local kernels {local_s * 1e3:.1f} ms (blocks [2c, c]: {local['2c x c'] * 1e3:.1f} ms, "
+          f"[c, 2c]: {local['c x 2c'] * 1e3:.1f} ms), transfers alone {comm_s * 1e3:.1f} ms", flush=True)
     return out
 
 
