@@ -4,9 +4,10 @@ Every kernel backend (Triton today, Mosaic GPU next) implements the same two cal
 
     backend.forward(static, q, k, v, bias, metas, operands)         -> (out, lse)
     backend.backward(static, q, k, v, bias, out, lse, dout, delta,
-                     metas, operands, parts=("dq", "dkdv"))          -> (dq, dk, dv, dbias)
+                     metas, operands, parts=("dq", "dkdv", "dbias")) -> (dq, dk, dv, dbias)
 
-(`parts` asks for the dQ and/or the dK/dV half alone; the half not asked for is None)
+(`parts` asks for the dQ and/or the dK/dV half alone, and for the bias gradient or not;
+what was not asked for is None. dbias is asked for only when the bias is differentiated.)
 
 where `metas` maps the names of `static.config.metadata_tiles()` (e.g. "forward",
 "dkdv", "dq") to the BlockMetadata built for that kernel's tile shape
@@ -55,9 +56,17 @@ def flash_attention(static: FlashStatic, q, k, v, bias, metas: dict[str, BlockMe
     return static.backend.forward(static, q, k, v, bias, metas, operands)
 
 
-def _fwd(static, q, k, v, bias, metas, operands):
+def _fwd(static, *primals):
+    # symbolic_zeros=True: each array input arrives as CustomVJPPrimal(value, perturbed),
+    # which tells whether the bias is differentiated (a constant bias needs no dbias).
+    is_primal = lambda x: isinstance(x, jax.custom_derivatives.CustomVJPPrimal)  # noqa: E731
+    q, k, v, bias, metas, operands = jax.tree_util.tree_map(lambda x: x.value, primals,
+                                                            is_leaf=is_primal)
+    want_dbias = bias is not None and any(
+        x.perturbed for x in jax.tree_util.tree_leaves(primals[3], is_leaf=is_primal))
     out, lse = static.backend.forward(static, q, k, v, bias, metas, operands)
-    return (out, lse), (q, k, v, bias, out, lse, metas, operands)
+    # The flag travels as pytree structure (() vs None), residuals being arrays only.
+    return (out, lse), (q, k, v, bias, out, lse, metas, operands, () if want_dbias else None)
 
 
 def backward_lse(lse):
@@ -67,17 +76,22 @@ def backward_lse(lse):
 
 
 def _bwd(static, residuals, cotangents):
-    q, k, v, bias, out, lse, metas, operands = residuals
+    q, k, v, bias, out, lse, metas, operands, want_dbias = residuals
     dout, dlse = cotangents
+    if isinstance(dout, jax.custom_derivatives.SymbolicZero):  # only the lse is used
+        dout = jnp.zeros(out.shape, out.dtype)
     acc = jnp.float64 if q.dtype == jnp.float64 else jnp.float32
     # D = rowsum(dO ∘ O) − dlse, laid out like lse: [B, N, T].
     delta = jnp.einsum("btnh,btnh->bnt", dout.astype(acc), out.astype(acc))
     if dlse is not None and not isinstance(dlse, jax.custom_derivatives.SymbolicZero):
         delta = delta - dlse.astype(acc)
+    parts = ("dq", "dkdv") + (("dbias",) if want_dbias is not None else ())
     dq, dk, dv, dbias = static.backend.backward(static, q, k, v, bias, out, backward_lse(lse),
-                                                dout, delta, metas, operands)
+                                                dout, delta, metas, operands, parts=parts)
+    if bias is not None and dbias is None:
+        dbias = jnp.zeros(bias.shape, bias.dtype)   # not differentiated: never read
     # Metadata and mask operands are integer data: no cotangent.
     return (dq, dk, dv, dbias, None, None)
 
 
-flash_attention.defvjp(_fwd, _bwd)
+flash_attention.defvjp(_fwd, _bwd, symbolic_zeros=True)

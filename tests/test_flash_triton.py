@@ -165,6 +165,8 @@ def test_explicit_config_and_validation():
     ((45, 60), M.LocalMask(10, 3) | M.GlobalMask(2), 3.0),  # shared [T, S], soft cap
     ((2, 1, 1, 60), None, None),                             # per-key (padding-style) bias
     ((1, 4, 45, 60), M.CausalMask(), None),                  # per query head, GQA 4/2
+    ((1, 4, 1, 60), M.CausalMask(offset=15), None),          # per-head key bias: dK/dV kernel sums
+    ((2, 1, 45, 1), M.CausalMask(offset=15), 2.0),           # per-query bias (soft cap: dbias ≠ 0)
 ])
 def test_bias_values_and_grads_match_reference(bias_shape, mask, cap):
     q, k, v, do = _inputs(2, 45, 60, 4, 2, 16)
@@ -187,6 +189,29 @@ def test_bias_values_and_grads_match_reference(bias_shape, mask, cap):
         np.testing.assert_allclose(got, want, atol=1e-4, err_msg=name)
 
 
+def test_constant_bias_gets_no_gradient_kernel_output():
+    # A bias that is not differentiated (symbolic zeros in the custom VJP): the dQ kernel
+    # has dQ as its only output, and no [B, N, T, S] dS is written.
+    q, k, v, do = _inputs(1, 40, 40, 2, 2, 16)
+    bias = jnp.ones((1, 2, 40, 40))
+
+    def outputs_of_dq_kernel(argnums):
+        def loss(q, k, v, bias):
+            return jnp.sum(jaxattn.dot_product_attention(q, k, v, bias, implementation=IMPL) * do)
+        lines = str(jax.make_jaxpr(jax.grad(loss, argnums=argnums))(q, k, v, bias)).splitlines()
+        found = []
+        for i, line in enumerate(lines):
+            if "= pallas_call[" in line:
+                name = next(x for x in lines[i:] if "name=jaxattn_flash" in x)
+                if "name=jaxattn_flash_dq" in name:   # outputs: the typed names left of "="
+                    found.append(line.split("=")[0].count(":"))
+        assert len(found) == 1
+        return found[0]
+
+    assert outputs_of_dq_kernel((0, 1, 2)) == 1
+    assert outputs_of_dq_kernel((0, 1, 2, 3)) == 2
+
+
 def test_minus_inf_bias_row_is_empty_not_nan():
     q, k, v, do = _inputs(1, 20, 30, 1, 1, 16)
     bias = jnp.zeros((1, 1, 20, 30)).at[:, :, 4].set(-jnp.inf)
@@ -205,11 +230,12 @@ def test_minus_inf_bias_row_is_empty_not_nan():
 _H100 = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="cuda")
 
 
-def _lower_for_h100(b, t, s, n, k, h, mask, dtype=jnp.bfloat16, cap=None, bias=False):
+def _lower_for_h100(b, t, s, n, k, h, mask, dtype=jnp.bfloat16, cap=None, bias=None):
+    """bias: None or the bias's shape (differentiated too)."""
     cfg = default_config(max(16, 1 << (h - 1).bit_length()))
 
     def fn(q, kk, v):
-        bias_arr = jnp.zeros((1, 1, t, s), jnp.float32) if bias else None
+        bias_arr = jnp.zeros(bias, jnp.bfloat16) if bias else None
 
         def loss(q, kk, v, bias_arr):
             out = pallas_attention(IMPL, q, kk, v, bias_arr, mask, scale=h ** -0.5, logits_soft_cap=cap,
@@ -243,8 +269,12 @@ def test_lowers_for_h100(pretend_gpu, h, mask):
     _lower_for_h100(1, t, t, 4, 2, h, mask, cap=30.0 if h == 64 else None)
 
 
-def test_bias_lowers_for_h100(pretend_gpu):
-    _lower_for_h100(2, 384, 384, 4, 2, 128, M.CausalMask(), bias=True)
+@pytest.mark.parametrize("bias_shape", [(1, 1, 384, 384), (1, 4, 384, 384), (2, 1, 1, 384),
+                                        (1, 4, 1, 384), (2, 4, 384, 1)])
+def test_bias_lowers_for_h100(pretend_gpu, bias_shape):
+    # Every bias layout the kernels read differently (per head in the dK/dV kernel once
+    # failed to lower on an H100: "No support for multiple indexers", not seen in interpret mode).
+    _lower_for_h100(2, 384, 384, 4, 2, 128, M.CausalMask(), bias=bias_shape)
 
 
 # ------------------------------------------------------------------------------------

@@ -47,14 +47,14 @@ def _probabilities_and_dlogits(q, k, v, do, lse2, delta, keep, *, scale, cap, ac
 def _dkdv_kernel(table_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, n_operands,
                  accesses, mask_fn, bias_acc, layout, per_head_table, groups, scale, cap, kv_len,
                  bq, bk, acc):
-    operand_refs, bias_ref, (dk_ref, dv_ref) = split_refs(refs, n_operands, bias_acc)
+    operand_refs, bias_ref, (dk_ref, dv_ref, *dbias_ref) = split_refs(refs, n_operands, bias_acc)
     kv_start = pl.program_id(0) * bk
     k = k_ref[...]                                        # [bk, Hp], on chip throughout
     v = v_ref[...]
     hp = k.shape[-1]
 
     def visit(q_block, carry, partial, *, g):
-        dk, dv = carry
+        dk, dv, *colsum = carry
         q_start = pl.multiple_of(q_block * bq, bq)
         rows = pl.ds(q_start, bq)
         q = q_ref[rows, g, :]
@@ -70,19 +70,24 @@ def _dkdv_kernel(table_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *re
                                            acc=acc, bias=bias)
         dv = dv + dot_tn(p.astype(do.dtype), do, acc)
         dk = dk + dot_tn(ds.astype(q.dtype), q, acc)
-        return dk, dv
+        if colsum:   # a [.., 1, S] bias: its gradient is dS summed over the query rows
+            colsum = [colsum[0] + jnp.sum(ds, axis=0)]
+        return (dk, dv, *colsum)
 
     carry = (jnp.zeros((bk, hp), acc), jnp.zeros((bk, hp), acc))
     for g in range(groups):                                  # query heads sharing this kv head
         table = table_ref.at[g] if per_head_table else table_ref
+        carry = (*carry[:2], *([jnp.zeros((bk,), acc)] if dbias_ref else []))
         carry = walk_tiles(table, layout, functools.partial(visit, g=g), carry)
-    dk, dv = carry
+        if dbias_ref:
+            dbias_ref[0][g, :] = carry[2].astype(dbias_ref[0].dtype)
+    dk, dv = carry[:2]
     dk_ref[...] = (dk * scale).astype(dk_ref.dtype)
     dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
 def _dq_kernel(table_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, n_operands,
-               accesses, mask_fn, bias_acc, layout, scale, cap, kv_len, bq, bk, acc):
+               accesses, mask_fn, bias_acc, dbias_mode, layout, scale, cap, kv_len, bq, bk, acc):
     operand_refs, bias_ref, (dq_ref, *dbias_ref) = split_refs(refs, n_operands, bias_acc)
     q_start = (pl.num_programs(0) - 1 - pl.program_id(0)) * bq   # heaviest q-blocks first
     q = q_ref[...]
@@ -101,32 +106,58 @@ def _dq_kernel(table_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs
         bias = None if bias_acc is None else bias_acc.load(bias_ref, q_start, kv_start, 0)
         _, ds = _probabilities_and_dlogits(q, k, v, do, lse2, delta, keep, scale=scale, cap=cap,
                                            acc=acc, bias=bias)
-        if dbias_ref:   # dbias of this tile is dS itself; EMPTY tiles keep their zeros
+        dq, *rowsum = dq
+        if dbias_mode == "tiles":   # dbias of this tile is dS itself; EMPTY tiles keep zeros
             dbias_ref[0][:, pl.ds(kv_start, bk)] = ds.astype(dbias_ref[0].dtype)
-        return dq + dot_nn(ds.astype(k.dtype), k, acc)
+        elif dbias_mode == "rows":  # a [.., T|1, 1] bias: dS summed over the key columns
+            rowsum = [rowsum[0] + jnp.sum(ds, axis=1)]
+        return (dq + dot_nn(ds.astype(k.dtype), k, acc), *rowsum)
 
-    if dbias_ref:
+    if dbias_mode == "tiles":
         def zero_tile(j, c):
             dbias_ref[0][:, pl.ds(pl.multiple_of(j * bk, bk), bk)] = jnp.zeros((bq, bk), dbias_ref[0].dtype)
             return c
         jax.lax.fori_loop(0, dbias_ref[0].shape[-1] // bk, zero_tile, 0)
-    dq = walk_tiles(table_ref, layout, visit, jnp.zeros(q.shape, acc))
+    carry = (jnp.zeros(q.shape, acc), *([jnp.zeros((bq,), acc)] if dbias_mode == "rows" else []))
+    dq, *rowsum = walk_tiles(table_ref, layout, visit, carry)
     dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
+    if dbias_mode == "rows":
+        dbias_ref[0][...] = rowsum[0].astype(dbias_ref[0].dtype)
 
 
 def backward(static, q, k, v, bias, out, lse, dout, delta, metas, operands,
-             parts=("dq", "dkdv")):
+             parts=("dq", "dkdv", "dbias")):
     """(dq, dk, dv, dbias): dbias has the bias's own shape (None without a bias).
-    `parts` runs only the dQ kernel ("dq") or only the dK/dV kernel ("dkdv"); what was
-    not asked for comes back as None (ring attention sends dK/dV on while dQ runs)."""
+    `parts` runs only the dQ kernel ("dq") or only the dK/dV kernel ("dkdv"), and asks
+    for the bias gradient ("dbias") or not; what was not asked for comes back as None
+    (ring attention sends dK/dV on while dQ runs; a constant bias needs no gradient).
+
+    dbias is dS reduced to the bias's shape. The kernels reduce over what they loop
+    over: a [.., 1, S] bias gets column sums from the dK/dV kernel, a [.., T|1, 1] one row
+    sums from the dQ kernel; only a [.., T, S] bias has dS written per (b, n) tile."""
     del out  # D = rowsum(dO ∘ O) − dlse already carries what the backward needs of O.
     dq = dk = dv = dbias = None
-    if "dkdv" in parts:
-        dk, dv = _dkdv(static, q, k, v, bias, lse, dout, delta, metas["dkdv"], operands)
-    if "dq" in parts:
-        dq, dbias = _dq(static, q, k, v, bias, lse, dout, delta, metas["dq"], operands)
-    if dbias is not None:
-        # dS over [B, N, T, S]; a bias broadcast along an axis gets the sum over it.
+    want = bias is not None and "dbias" in parts
+    full_cols = want and bias.shape[3] > 1
+    cols_mode = want and full_cols and bias.shape[2] == 1      # from the dK/dV kernel
+    rows_mode = "tiles" if want and full_cols and not cols_mode else ("rows" if want and not full_cols else None)
+    if "dkdv" in parts or cols_mode:
+        dk, dv, dbias_cols = _dkdv(static, q, k, v, bias, lse, dout, delta, metas["dkdv"], operands,
+                                   dbias=cols_mode)
+        if cols_mode:
+            dbias = dbias_cols[:, :, None, :]                # [B, N, 1, S]
+        if "dkdv" not in parts:
+            dk = dv = None
+    if "dq" in parts or rows_mode is not None:
+        dq, dbias_rows = _dq(static, q, k, v, bias, lse, dout, delta, metas["dq"], operands,
+                             dbias_mode=rows_mode)
+        if rows_mode == "tiles":
+            dbias = dbias_rows                               # [B, N, T, S]
+        elif rows_mode == "rows":
+            dbias = dbias_rows[..., None]                    # [B, N, T, 1]
+        if "dq" not in parts:
+            dq = None
+    if dbias is not None:   # sum over the axes the bias is broadcast along
         sum_axes = tuple(a for a in range(4) if bias.shape[a] == 1 and dbias.shape[a] != 1)
         dbias = jnp.sum(dbias, axis=sum_axes, keepdims=True).astype(bias.dtype)
     return dq, dk, dv, dbias
@@ -158,8 +189,9 @@ def _setup(static, q, k, v, lse, dout, delta, meta, operands):
             prepared, common, params)
 
 
-def _dkdv(static, q, k, v, bias, lse, dout, delta, meta, operands):
-    """dK, dV: programs over kv-blocks, walking the transposed lists."""
+def _dkdv(static, q, k, v, bias, lse, dout, delta, meta, operands, dbias=False):
+    """dK, dV (and, with `dbias`, dS summed over the query rows: [B, N, S]): programs over
+    kv-blocks, walking the transposed lists."""
     (b, t, n, h, s, kh, groups, bq, bk, tp, sp, hp, qp, kp, vp, dop, lse_p, delta_p, prepared,
      common, params) = _setup(static, q, k, v, lse, dout, delta, meta, operands)
 
@@ -167,7 +199,7 @@ def _dkdv(static, q, k, v, bias, lse, dout, delta, meta, operands):
     tbm, thm = t_table.shape[:2]
     per_head_table = thm > 1
     accesses = make_operand_access(prepared, "cols", bq=bq, bk=bk, groups=groups)
-    bias_p = prepare_bias(bias, t, s, tp, sp, common["acc"])
+    bias_p = prepare_bias(bias, tp, sp, common["acc"])
     bias_acc = bias_access(bias_p, "cols", bq=bq, bk=bk, groups=groups)
     bsel = (lambda bb: bb) if tbm > 1 else (lambda bb: 0)
     dkdv_in_specs = [
@@ -183,31 +215,38 @@ def _dkdv(static, q, k, v, bias, lse, dout, delta, meta, operands):
         *([bias_acc.spec()] if bias_acc is not None else []),
     ]
     kv_out_spec = pl.BlockSpec((None, bk, None, hp), lambda j, bb, hh: (bb, j, hh, 0))
-    dk, dv = pl.pallas_call(
+    out_specs = [kv_out_spec, kv_out_spec]
+    out_shape = [jax.ShapeDtypeStruct((b, sp, kh, hp), k.dtype),
+                 jax.ShapeDtypeStruct((b, sp, kh, hp), v.dtype)]
+    if dbias:   # per query head: the G heads of group hh are rows hh·G … hh·G + G − 1
+        out_specs.append(pl.BlockSpec((None, groups, bk), lambda j, bb, hh: (bb, hh, j)))
+        out_shape.append(jax.ShapeDtypeStruct((b, n, sp), common["acc"]))
+    dk, dv, *dbias_cols = pl.pallas_call(
         functools.partial(_dkdv_kernel, n_operands=len(accesses), accesses=accesses,
                           bias_acc=bias_acc, layout=layout, per_head_table=per_head_table,
                           groups=groups, **common),
         grid=(sp // bk, b, kh),
         in_specs=dkdv_in_specs,
-        out_specs=[kv_out_spec, kv_out_spec],
-        out_shape=[jax.ShapeDtypeStruct((b, sp, kh, hp), k.dtype),
-                   jax.ShapeDtypeStruct((b, sp, kh, hp), v.dtype)],
+        out_specs=out_specs,
+        out_shape=out_shape,
         compiler_params=params,
         interpret=static.interpret,
         name="jaxattn_flash_dkdv",
     )(t_table, qp, kp, vp, dop, lse_p, delta_p, *[a.arr for a in accesses],
       *([bias_p] if bias_p is not None else []))
-    return dk[:, :s, :, :h], dv[:, :s, :, :h]
+    return dk[:, :s, :, :h], dv[:, :s, :, :h], (dbias_cols[0][:, :, :s] if dbias else None)
 
 
-def _dq(static, q, k, v, bias, lse, dout, delta, meta, operands):
-    """dQ: programs over q-blocks, walking the forward lists."""
+def _dq(static, q, k, v, bias, lse, dout, delta, meta, operands, dbias_mode=None):
+    """dQ: programs over q-blocks, walking the forward lists. dbias_mode "tiles" also
+    writes dS per (b, n) ([B, N, T, S]); "rows" its sums over the key columns
+    ([B, N, T])."""
     (b, t, n, h, s, kh, groups, bq, bk, tp, sp, hp, qp, kp, vp, dop, lse_p, delta_p, prepared,
      common, params) = _setup(static, q, k, v, lse, dout, delta, meta, operands)
     table, layout = forward_table(meta)
     fbm, fhm = table.shape[:2]
     accesses = make_operand_access(prepared, "rows", bq=bq, bk=bk, groups=groups)
-    bias_p = prepare_bias(bias, t, s, tp, sp, common["acc"])
+    bias_p = prepare_bias(bias, tp, sp, common["acc"])
     bias_acc = bias_access(bias_p, "rows", bq=bq, bk=bk, groups=groups)
     nq = tp // bq
     dq_in_specs = [
@@ -224,12 +263,15 @@ def _dq(static, q, k, v, bias, lse, dout, delta, meta, operands):
     ]
     out_specs = [pl.BlockSpec((None, bq, None, hp), lambda i, bb, nn: (bb, nq - 1 - i, nn, 0))]
     out_shape = [jax.ShapeDtypeStruct((b, tp, n, hp), q.dtype)]
-    if bias is not None:   # dS of every (b, n), reduced to the bias's shape by the caller
+    if dbias_mode == "tiles":   # dS of every (b, n), reduced to the bias's shape by the caller
         out_specs.append(pl.BlockSpec((None, None, bq, sp), lambda i, bb, nn: (bb, nn, nq - 1 - i, 0)))
         out_shape.append(jax.ShapeDtypeStruct((b, n, tp, sp), common["acc"]))
+    elif dbias_mode == "rows":
+        out_specs.append(pl.BlockSpec((None, None, bq), lambda i, bb, nn: (bb, nn, nq - 1 - i)))
+        out_shape.append(jax.ShapeDtypeStruct((b, n, tp), common["acc"]))
     dq, *dbias = pl.pallas_call(
         functools.partial(_dq_kernel, n_operands=len(accesses), accesses=accesses,
-                          bias_acc=bias_acc, layout=layout, **common),
+                          bias_acc=bias_acc, dbias_mode=dbias_mode, layout=layout, **common),
         grid=(tp // bq, b, n),
         in_specs=dq_in_specs,
         out_specs=out_specs,
@@ -239,4 +281,6 @@ def _dq(static, q, k, v, bias, lse, dout, delta, meta, operands):
         name="jaxattn_flash_dq",
     )(table, qp, kp, vp, dop, lse_p, delta_p, *[a.arr for a in accesses],
       *([bias_p] if bias_p is not None else []))
-    return dq[:, :t, :, :h], (dbias[0][:, :, :t, :s] if dbias else None)
+    if dbias_mode == "tiles":
+        return dq[:, :t, :, :h], dbias[0][:, :, :t, :s]
+    return dq[:, :t, :, :h], (dbias[0][:, :, :t] if dbias_mode == "rows" else None)

@@ -172,18 +172,26 @@ def scaled_logits(qk, scale: float, cap: float | None, unit: float = 1.0, bias=N
     if cap is None:
         if bias is None:
             return qk * (scale * unit), None
-        return (qk * scale + bias) * unit, None
-    x = qk * scale if bias is None else qk * scale + bias
+        return (qk * scale + bias.astype(qk.dtype)) * unit, None
+    x = qk * scale if bias is None else qk * scale + bias.astype(qk.dtype)
     t = jnp.tanh(x * (1.0 / cap))
     return (cap * unit) * t, t
 
 
-def prepare_bias(bias, q_len, kv_len, q_pad, kv_pad, dtype):
-    """bias [Bb, Hb, T|1, S|1] → [Bb, Hb, Tp, Sp] in the accumulation dtype, zero padded."""
+def prepare_bias(bias, q_pad, kv_pad, acc):
+    """bias [Bb, Hb, T|1, S|1] → the same with its full-length axes zero padded to
+    (q_pad, kv_pad). Broadcast axes stay of size 1 (a [1, 1, 1, S] bias is read as one
+    row per tile, never materialised as [T, S]); float32 and narrower dtypes are kept
+    (added in `acc` inside the kernels), wider ones are cast to `acc`."""
     if bias is None:
         return None
-    bias = jnp.broadcast_to(bias, (*bias.shape[:2], q_len, kv_len)).astype(dtype)
-    return pad_axis(pad_axis(bias, 2, q_pad), 3, kv_pad)
+    if jnp.dtype(bias.dtype).itemsize > jnp.dtype(acc).itemsize:
+        bias = bias.astype(acc)
+    if bias.shape[2] > 1:
+        bias = pad_axis(bias, 2, q_pad)
+    if bias.shape[3] > 1:
+        bias = pad_axis(bias, 3, kv_pad)
+    return bias
 
 
 # ---------------------------------------------------------------------------------
@@ -254,9 +262,38 @@ def make_operand_access(prepared, layout, *, bq, bk, groups):
             for kind, lb, arr in prepared]
 
 
+class BiasAccess:
+    """The additive bias inside the kernels: [Bb, Hb, Tb, Sb] with Tb in {1, Tp} and Sb in
+    {1, Sp}; a tile is [bq|1, bk|1] and broadcasts against the logits. One indexer per
+    load (Triton lowering takes no chained ref views)."""
+
+    def __init__(self, arr, layout, *, bq, bk, groups):
+        self.arr, self.layout, self.bq, self.bk, self.groups = arr, layout, bq, bk, groups
+        self.per_batch, self.per_head = arr.shape[0] > 1, arr.shape[1] > 1
+        self.full_rows, self.full_cols = arr.shape[2] > 1, arr.shape[3] > 1
+
+    def spec(self, reverse_rows: int | None = None):
+        bsel = (lambda b: b) if self.per_batch else (lambda b: 0)
+        hsel = (lambda h: h) if self.per_head else (lambda h: 0)
+        tb, sb = self.arr.shape[2:]
+        if self.layout == "rows":   # grid (i, b, n): rows of q-block i, every column
+            row = (lambda i: reverse_rows - 1 - i) if reverse_rows else (lambda i: i)
+            return pl.BlockSpec((None, None, self.bq if self.full_rows else 1, sb),
+                                lambda i, b, n: (bsel(b), hsel(n), row(i) if self.full_rows else 0, 0))
+        # "cols", grid (j, b, kh): every row of kv-block j, for the G heads of group kh
+        return pl.BlockSpec((None, self.groups if self.per_head else None, tb, self.bk if self.full_cols else 1),
+                            lambda j, b, kh: (bsel(b), hsel(kh), 0, j if self.full_cols else 0))
+
+    def load(self, ref, q_start, kv_start, g):
+        if self.layout == "rows":
+            return ref[:, pl.ds(kv_start, self.bk) if self.full_cols else slice(None)]
+        rows = pl.ds(q_start, self.bq) if self.full_rows else slice(None)
+        return ref[g, rows, :] if self.per_head else ref[rows, :]
+
+
 def bias_access(bias, layout, *, bq, bk, groups):
-    """A dense float operand read in every visited tile (FULL and PARTIAL)."""
-    return None if bias is None else OperandAccess("qkv", None, bias, layout, bq=bq, bk=bk, groups=groups)
+    """BiasAccess for a prepared bias, or None."""
+    return None if bias is None else BiasAccess(bias, layout, bq=bq, bk=bk, groups=groups)
 
 
 def split_refs(refs, n_operands: int, bias_acc):

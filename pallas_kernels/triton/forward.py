@@ -81,7 +81,7 @@ def forward(static, q, k, v, bias, metas, operands):
     tbm, thm = table.shape[:2]
     prepared = prepare_operands(operands, static.operand_kinds, t, s, tp, sp, bq, bk)
     accesses = make_operand_access(prepared, "rows", bq=bq, bk=bk, groups=groups)
-    bias_p = prepare_bias(bias, t, s, tp, sp, acc)
+    bias_p = prepare_bias(bias, tp, sp, acc)
     bias_acc = bias_access(bias_p, "rows", bq=bq, bk=bk, groups=groups)
 
     nq = tp // bq
