@@ -61,22 +61,36 @@ def cases():
         out[f"D128 S16384 B1 H16 blocksparse {share:.1%} of tiles"] = dict(
             b=1, n=16, s=16384, d=d, mask=M.BlockSparseMask(layout, 128, 128))
     out["D128 S16384 B1 H16 full"] = dict(b=1, n=16, s=16384, d=d, mask=M.FullMask())
+    # An additive bias as an input: a per-head [1, N, T, S] one (relative-position style)
+    # and a [1, 1, 1, S] row (key padding style). "fwd+bwd" differentiates q, k, v only;
+    # "fwd+bwd+dbias" also the bias.
+    for causal in (False, True):
+        out[f"D128 S4096 B4 H16 {'causal' if causal else 'full'} bias[1,N,T,S]"] = dict(
+            b=4, n=16, s=4096, d=d, mask=M.CausalMask() if causal else M.FullMask(),
+            bias=(1, 16, 4096, 4096))
+    out["D128 S16384 B1 H16 causal bias[1,1,1,S]"] = dict(
+        b=1, n=16, s=16384, d=d, mask=M.CausalMask(), bias=(1, 1, 1, 16384))
     return out
 
 
-def make_fns(impl, mask, config=None):
+def make_fns(impl, mask, config=None, with_bias=False):
+    """fwd(q, k, v[, bias]) and fwd_bwd(q, k, v[, bias], do) -> grads of q, k, v; with
+    `with_bias` also a third function that differentiates the bias too."""
     if impl == "jax_pallas_mha":
         # jax's own (deprecated) Pallas-Triton FlashAttention: full and causal only.
         from jax.experimental.pallas.ops.gpu import attention as jax_mha
         if not isinstance(mask, (M.FullMask, M.CausalMask)):
             raise NotImplementedError("jax_pallas_mha supports full and causal only")
 
+        if with_bias:
+            raise NotImplementedError("jax_pallas_mha takes no bias")
+
         def attn(q, k, v):
             return jax_mha.mha(q, k, v, None, sm_scale=q.shape[-1] ** -0.5,
                                causal=isinstance(mask, M.CausalMask))
     elif impl.startswith("pallas"):
-        def attn(q, k, v):
-            return pallas_attention("pallas_triton", q, k, v, None, mask, scale=q.shape[-1] ** -0.5,
+        def attn(q, k, v, bias=None):
+            return pallas_attention("pallas_triton", q, k, v, bias, mask, scale=q.shape[-1] ** -0.5,
                                     logits_soft_cap=None, return_residuals=False, config=config)
     else:
         kwargs = {}
@@ -89,16 +103,19 @@ def make_fns(impl, mask, config=None):
         elif not isinstance(mask, M.FullMask):
             kwargs["mask"] = "dense"
 
-        def attn(q, k, v):
+        def attn(q, k, v, bias=None):
             kw = dict(kwargs)
             if kw.get("mask") == "dense":
                 kw["mask"] = jaxattn.reference.allowed_pairs(mask, q.shape[1], k.shape[1])
-            return jax.nn.dot_product_attention(q, k, v, implementation=impl, **kw)
+            return jax.nn.dot_product_attention(q, k, v, bias, implementation=impl, **kw)
     fwd = jax.jit(attn)
 
-    def loss(q, k, v, do):
-        return jnp.sum(attn(q, k, v).astype(jnp.float32) * do.astype(jnp.float32))
+    def loss(*args):
+        *inputs, do = args
+        return jnp.sum(attn(*inputs).astype(jnp.float32) * do.astype(jnp.float32))
     fwd_bwd = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+    if with_bias:
+        return fwd, fwd_bwd, jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))
     return fwd, fwd_bwd
 
 
@@ -114,23 +131,34 @@ def run_case(name, c, impls, config=None, check=True):
         k = jax.random.normal(ks[1], (b, s, n, d), jnp.bfloat16)
         v = jax.random.normal(ks[2], (b, s, n, d), jnp.bfloat16)
         do = jax.random.normal(ks[3], (b, s, n, d), jnp.bfloat16)
-        args.append((q, k, v, do))
+        bias = (0.5 * jax.random.normal(jax.random.fold_in(ks[3], 1), c["bias"], jnp.bfloat16),) \
+            if "bias" in c else ()
+        args.append((q, k, v, *bias, do))
     row = dict(case=name, b=b, n=n, s=s, d=d, allowed_fraction=frac, flops_fwd=flops_fwd)
+    if "bias" in c:
+        row["bias_shape"] = list(c["bias"])
     for impl in impls:
         try:
-            fwd, fwd_bwd = make_fns(impl, mask, config if impl.startswith("pallas") else None)
-            tf = time_call(fwd, [a[:3] for a in args], warmup=2, repeats=20).median_s
-            tfb = time_call(fwd_bwd, args, warmup=2, repeats=20).median_s
+            fns = make_fns(impl, mask, config if impl.startswith("pallas") else None,
+                           with_bias="bias" in c)
+            tf = time_call(fns[0], [a[:-1] for a in args], warmup=2, repeats=20).median_s
+            tfb = time_call(fns[1], args, warmup=2, repeats=20).median_s
             row[impl] = dict(fwd_ms=tf * 1e3, fwd_bwd_ms=tfb * 1e3,
                              fwd_tflops=flops_fwd / tf / 1e12,
                              fwd_bwd_tflops=3.5 * flops_fwd / tfb / 1e12)
+            if len(fns) == 3:  # the bias's gradient as well
+                tfbb = time_call(fns[2], args, warmup=2, repeats=20).median_s
+                row[impl].update(fwd_bwd_dbias_ms=tfbb * 1e3,
+                                 fwd_bwd_dbias_tflops=3.5 * flops_fwd / tfbb / 1e12)
         except Exception as e:  # a baseline that cannot run this case (OOM, unsupported)
             row[impl] = dict(error=f"{type(e).__name__}: {str(e)[:300]}")
     if check and s <= 4096:
-        q, k, v, do = args[0]
-        ref = jaxattn.dot_product_attention(q[:1].astype(jnp.float32), k[:1].astype(jnp.float32),
-                                            v[:1].astype(jnp.float32), mask=mask, implementation="reference")
-        got = make_fns("pallas", mask, config)[0](q[:1], k[:1], v[:1]).astype(jnp.float32)
+        q, k, v, *bias, _ = args[0]
+        f32 = [x[:1].astype(jnp.float32) for x in (q, k, v)]
+        ref = jaxattn.dot_product_attention(*f32, *[x.astype(jnp.float32) for x in bias],
+                                            mask=mask, implementation="reference")
+        got = make_fns("pallas", mask, config, with_bias=bool(bias))[0](
+            q[:1], k[:1], v[:1], *bias).astype(jnp.float32)
         row["rel_err_vs_f32_reference"] = float(jnp.linalg.norm(got - ref) / jnp.linalg.norm(ref))
     return row
 
@@ -183,7 +211,8 @@ def main(argv=None):
         line = [name]
         for impl in args.impls:
             r = row.get(impl, {})
-            line.append(f"{impl}: {r.get('fwd_tflops', float('nan')):.0f}/{r.get('fwd_bwd_tflops', float('nan')):.0f}"
+            dbias = f" (+dbias {r['fwd_bwd_dbias_tflops']:.0f})" if "fwd_bwd_dbias_tflops" in r else ""
+            line.append(f"{impl}: {r.get('fwd_tflops', float('nan')):.0f}/{r.get('fwd_bwd_tflops', float('nan')):.0f}{dbias}"
                         if "fwd_tflops" in r else f"{impl}: {r.get('error', '-')[:60]}")
         if "rel_err_vs_f32_reference" in row:
             line.append(f"err {row['rel_err_vs_f32_reference']:.1e}")
