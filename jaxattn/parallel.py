@@ -117,6 +117,35 @@ def _from_zigzag(x, axis_name, p):
     return jnp.concatenate([a, b], 1)
 
 
+def _zigzag_move(xs, axis_name, p, inverse):
+    """_to_zigzag (or, with `inverse`, _from_zigzag) of arrays that share the sequence
+    axis, moved as one array stacked on the head axis (one pair of ppermutes for all)."""
+    y = xs[0] if len(xs) == 1 else jnp.concatenate(xs, axis=2)
+    y = (_from_zigzag if inverse else _to_zigzag)(y, axis_name, p)
+    offsets = np.cumsum([0] + [x.shape[2] for x in xs])
+    return tuple(jax.lax.slice_in_dim(y, int(a), int(b), axis=2) for a, b in zip(offsets[:-1], offsets[1:]))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
+def _zigzag(xs, axis_name, p, inverse):
+    """The permutation with its inverse as its gradient (a permutation's transpose is
+    its inverse): the backward moves cotangents as lean as the forward moves values,
+    instead of differentiating the halves' slices, selects and concatenations (pads,
+    masked copies and adds of every array)."""
+    return _zigzag_move(xs, axis_name, p, inverse)
+
+
+def _zigzag_fwd(xs, axis_name, p, inverse):
+    return _zigzag_move(xs, axis_name, p, inverse), None
+
+
+def _zigzag_bwd(axis_name, p, inverse, _, cotangents):
+    return (_zigzag_move(tuple(cotangents), axis_name, p, not inverse),)
+
+
+_zigzag.defvjp(_zigzag_fwd, _zigzag_bwd)
+
+
 # ---------------------------------------------------------------------------------
 # The plan: which call each device makes at each ring step.
 # ---------------------------------------------------------------------------------
@@ -495,15 +524,14 @@ def _ring_body(cfg: _RingConfig, zigzag_inside: bool, q, k, v, leaves):
     if cfg.num_shards == 1:  # one device on the axis: plain attention, no ring
         return dot_product_attention(q, k, v, mask=jax.tree_util.tree_unflatten(cfg.mask_treedef, leaves),
                                      scale=cfg.scale, implementation=cfg.implementation)
+    axis, p = cfg.axis_name, cfg.num_shards
     if zigzag_inside:  # one permute of [q | k | v] stacked on the head axis
         if q.shape[1] == k.shape[1]:
-            n, kh = q.shape[2], k.shape[2]
-            qkv = _to_zigzag(jnp.concatenate([q, k, v], axis=2), cfg.axis_name, cfg.num_shards)
-            q, k, v = qkv[:, :, :n], qkv[:, :, n:n + kh], qkv[:, :, n + kh:]
+            q, k, v = _zigzag((q, k, v), axis, p, False)
         else:
-            q, k, v = (_to_zigzag(x, cfg.axis_name, cfg.num_shards) for x in (q, k, v))
+            (q,), (k, v) = _zigzag((q,), axis, p, False), _zigzag((k, v), axis, p, False)
     out = _ring_core(cfg, q, k, v, leaves)
-    return _from_zigzag(out, cfg.axis_name, cfg.num_shards) if zigzag_inside else out
+    return _zigzag((out,), axis, p, True)[0] if zigzag_inside else out
 
 
 # ---------------------------------------------------------------------------------
