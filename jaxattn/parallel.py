@@ -510,11 +510,13 @@ def _ring_core_bwd(cfg, residuals, dout):
         gk, gv = gk.astype(acc), gv.astype(acc)
         finished = (incoming[0] + gk, incoming[1] + gv) if incoming else (gk, gv)
         if last:
-            dkv = _send_on(finished, cfg.axis_name, p)  # home, overlapping the last dQ
+            # Home, overlapping the last dQ kernel; the sums are complete, so they travel
+            # in K/V's dtype (the same values as casting after the hop, half the bytes).
+            dkv = _send_on((finished[0].astype(k.dtype), finished[1].astype(v.dtype)), cfg.axis_name, p)
             (dq,) = _dispatch(calls, device, body_for(("dq",)), (dq,), q, *kv)
         kv = nxt
     zeros = jax.tree_util.tree_map(lambda x: None, leaves)
-    return dq.astype(q.dtype), dkv[0].astype(k.dtype), dkv[1].astype(v.dtype), zeros
+    return dq.astype(q.dtype), dkv[0], dkv[1], zeros
 
 
 _ring_core.defvjp(_ring_core_fwd, _ring_core_bwd)
