@@ -40,8 +40,9 @@ ring compiles two or three distinct kernel calls per step, not P.
 Backward (``jax.custom_vjp``): dQ stays home; float32 dK/dV accumulators travel one
 step behind their K/V shard, in the same buffer (one collective per hop, see _Packing),
 summed in ring order, so the result is deterministic; each step's own share comes out of
-the kernels in K/V's dtype, as any single call's gradients do. The last hop home is sent
-once the last dK/dV kernel is done and overlaps the last dQ kernel. Each step computes the block gradients of global attention from the
+the kernels in K/V's dtype, as any single call's gradients do. The last hop home (the
+complete sums, in K/V's dtype) is sent once the last dK/dV kernel is done and overlaps the
+last dQ kernel. Each step computes the block gradients of global attention from the
 GLOBAL residuals (out, lse, D = rowsum(dO ∘ out)): P_s = exp(S_s − lse), no forward
 recompute; pallas_triton uses its own backward kernels, the reference and jax.nn's
 xla/cudnn (whose lse has no gradient) dense jnp math per block. Other implementations
