@@ -76,9 +76,9 @@ def _dkdv_kernel(table_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *re
 
     carry = (jnp.zeros((bk, hp), acc), jnp.zeros((bk, hp), acc))
     for g in range(groups):                                  # query heads sharing this kv head
-        table = table_ref.at[g] if per_head_table else table_ref
         carry = (*carry[:2], *([jnp.zeros((bk,), acc)] if dbias_ref else []))
-        carry = walk_tiles(table, layout, functools.partial(visit, g=g), carry)
+        carry = walk_tiles(table_ref, layout, functools.partial(visit, g=g), carry,
+                           head=g if per_head_table else None)
         if dbias_ref:
             dbias_ref[0][g, :] = carry[2].astype(dbias_ref[0].dtype)
     dk, dv = carry[:2]

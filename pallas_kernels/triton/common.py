@@ -80,7 +80,7 @@ def transposed_table(meta: BlockMetadata):
                       dense_count=meta.num_q_blocks if meta.dense else None)
 
 
-def walk_tiles(table, layout: TableLayout, visit, carry):
+def walk_tiles(table_ref, layout: TableLayout, visit, carry, head=None):
     """Visit this block's FULL tiles, then its PARTIAL ones: visit(block, carry, partial).
 
     FULL lists that are one run (full, causal, windows) get computed indices k0 + t, and
@@ -91,6 +91,9 @@ def walk_tiles(table, layout: TableLayout, visit, carry):
     la = layout.la
     if layout.dense_count is not None:
         return jax.lax.fori_loop(0, layout.dense_count, lambda t, c: visit(t, c, False), carry)
+    # `head`: row of a per-head table, read in the same indexer as the entry (a chained
+    # ref view, table_ref.at[head][i], does not lower on a GPU).
+    table = _Rows(table_ref, head)
     if layout.full_is_run:
         first = table[2]
         carry = jax.lax.fori_loop(0, table[0], lambda t, c: visit(first + t, c, False), carry)
@@ -98,6 +101,16 @@ def walk_tiles(table, layout: TableLayout, visit, carry):
         carry = jax.lax.fori_loop(0, table[0], lambda t, c: visit(table[2 + t], c, False), carry)
     first_partial = 2 + la
     return jax.lax.fori_loop(0, table[1], lambda t, c: visit(table[first_partial + t], c, True), carry)
+
+
+class _Rows:
+    """table[i] of a [L] table ref, or of row `head` of a [H, L] one, as one indexer."""
+
+    def __init__(self, ref, head):
+        self.ref, self.head = ref, head
+
+    def __getitem__(self, i):
+        return self.ref[i] if self.head is None else self.ref[self.head, i]
 
 
 def prepare_operands(operands, kinds, q_len, kv_len, q_pad, kv_pad, tile_q, tile_kv):
@@ -202,70 +215,11 @@ def prepare_bias(bias, q_pad, kv_pad, acc):
 # For each operand kind, spec() gives its BlockSpec and load() the tile (see the
 # OPERAND_KINDS table in pallas_kernels/metadata.py).
 # ---------------------------------------------------------------------------------
-class OperandAccess:
-    def __init__(self, kind, layout_block, arr, layout, *, bq, bk, groups):
-        self.kind, self.layout_block, self.arr = kind, layout_block, arr
-        self.layout, self.bq, self.bk, self.groups = layout, bq, bk, groups
-        self.per_batch = arr.shape[0] > 1
-        self.per_head = kind in ("qkv", "block") and arr.shape[1] > 1
-
-    def spec(self, reverse_rows: int | None = None):
-        """BlockSpec; with reverse_rows=nQ, "rows" program i owns q-block nQ - 1 - i."""
-        bsel = (lambda b: b) if self.per_batch else (lambda b: 0)
-        rows = self.layout == "rows"
-        if rows and reverse_rows:
-            spec = self.spec()
-            return pl.BlockSpec(spec.block_shape,
-                                lambda i, b, n: spec.index_map(reverse_rows - 1 - i, b, n))
-        kind, a = self.kind, self.arr
-        if kind == "q":
-            if rows:
-                return pl.BlockSpec((None, self.bq), lambda i, b, n: (bsel(b), i))
-            return pl.BlockSpec((None, a.shape[1]), lambda j, b, kh: (bsel(b), 0))
-        if kind == "kv":
-            if rows:
-                return pl.BlockSpec((None, a.shape[1]), lambda i, b, n: (bsel(b), 0))
-            return pl.BlockSpec((None, self.bk), lambda j, b, kh: (bsel(b), j))
-        hsel = (lambda h: h) if self.per_head else (lambda h: 0)
-        if kind == "qkv":
-            if rows:
-                return pl.BlockSpec((None, None, self.bq, a.shape[3]),
-                                    lambda i, b, n: (bsel(b), hsel(n), i, 0))
-            head_block = self.groups if self.per_head else None
-            return pl.BlockSpec((None, head_block, a.shape[2], self.bk),
-                                lambda j, b, kh: (bsel(b), hsel(kh), 0, j))
-        # "block": the whole (small) layout.
-        if rows:
-            return pl.BlockSpec((None, None, *a.shape[2:]), lambda i, b, n: (bsel(b), hsel(n), 0, 0))
-        head_block = self.groups if self.per_head else None
-        return pl.BlockSpec((None, head_block, *a.shape[2:]), lambda j, b, kh: (bsel(b), hsel(kh), 0, 0))
-
-    def load(self, ref, q_start, kv_start, g):
-        """Tile for absolute q rows [q_start, q_start+bq) and kv columns
-        [kv_start, kv_start+bk); g = query head within the group (cols layout)."""
-        rows = self.layout == "rows"
-        kind = self.kind
-        if kind == "q":
-            return (ref[...] if rows else ref[pl.ds(q_start, self.bq)])[:, None]
-        if kind == "kv":
-            return (ref[pl.ds(kv_start, self.bk)] if rows else ref[...])[None, :]
-        if not rows and self.per_head:
-            ref = ref.at[g]
-        if kind == "qkv":
-            return ref[:, pl.ds(kv_start, self.bk)] if rows else ref[pl.ds(q_start, self.bq), :]
-        lbq, lbk = self.layout_block
-        return ref[q_start // lbq, kv_start // lbk]
-
-
-def make_operand_access(prepared, layout, *, bq, bk, groups):
-    return [OperandAccess(kind, lb, arr, layout, bq=bq, bk=bk, groups=groups)
-            for kind, lb, arr in prepared]
-
-
-class BiasAccess:
-    """The additive bias inside the kernels: [Bb, Hb, Tb, Sb] with Tb in {1, Tp} and Sb in
-    {1, Sp}; a tile is [bq|1, bk|1] and broadcasts against the logits. One indexer per
-    load (Triton lowering takes no chained ref views)."""
+class DenseAccess:
+    """A dense [Bb, Hb, Tb, Sb] operand read tile by tile: the additive bias, and "qkv"
+    mask operands. Tb in {1, Tp} and Sb in {1, Sp}; a tile is [bq|1, bk|1] and broadcasts
+    against the logits. One indexer per load (Triton lowering takes no chained ref views:
+    `ref.at[g][rows, :]` fails on a GPU with "No support for multiple indexers")."""
 
     def __init__(self, arr, layout, *, bq, bk, groups):
         self.arr, self.layout, self.bq, self.bk, self.groups = arr, layout, bq, bk, groups
@@ -291,9 +245,64 @@ class BiasAccess:
         return ref[g, rows, :] if self.per_head else ref[rows, :]
 
 
+class OperandAccess:
+    def __init__(self, kind, layout_block, arr, layout, *, bq, bk, groups):
+        self.kind, self.layout_block, self.arr = kind, layout_block, arr
+        self.layout, self.bq, self.bk, self.groups = layout, bq, bk, groups
+        self.per_batch = arr.shape[0] > 1
+        self.per_head = kind in ("qkv", "block") and arr.shape[1] > 1
+        self._dense = DenseAccess(arr, layout, bq=bq, bk=bk, groups=groups) if kind == "qkv" else None
+
+    def spec(self, reverse_rows: int | None = None):
+        """BlockSpec; with reverse_rows=nQ, "rows" program i owns q-block nQ - 1 - i."""
+        bsel = (lambda b: b) if self.per_batch else (lambda b: 0)
+        rows = self.layout == "rows"
+        if rows and reverse_rows:
+            spec = self.spec()
+            return pl.BlockSpec(spec.block_shape,
+                                lambda i, b, n: spec.index_map(reverse_rows - 1 - i, b, n))
+        kind, a = self.kind, self.arr
+        if kind == "q":
+            if rows:
+                return pl.BlockSpec((None, self.bq), lambda i, b, n: (bsel(b), i))
+            return pl.BlockSpec((None, a.shape[1]), lambda j, b, kh: (bsel(b), 0))
+        if kind == "kv":
+            if rows:
+                return pl.BlockSpec((None, a.shape[1]), lambda i, b, n: (bsel(b), 0))
+            return pl.BlockSpec((None, self.bk), lambda j, b, kh: (bsel(b), j))
+        if kind == "qkv":
+            return self._dense.spec()
+        hsel = (lambda h: h) if self.per_head else (lambda h: 0)
+        # "block": the whole (small) layout.
+        if rows:
+            return pl.BlockSpec((None, None, *a.shape[2:]), lambda i, b, n: (bsel(b), hsel(n), 0, 0))
+        head_block = self.groups if self.per_head else None
+        return pl.BlockSpec((None, head_block, *a.shape[2:]), lambda j, b, kh: (bsel(b), hsel(kh), 0, 0))
+
+    def load(self, ref, q_start, kv_start, g):
+        """Tile for absolute q rows [q_start, q_start+bq) and kv columns
+        [kv_start, kv_start+bk); g = query head within the group (cols layout)."""
+        rows = self.layout == "rows"
+        kind = self.kind
+        if kind == "q":
+            return (ref[...] if rows else ref[pl.ds(q_start, self.bq)])[:, None]
+        if kind == "kv":
+            return (ref[pl.ds(kv_start, self.bk)] if rows else ref[...])[None, :]
+        if kind == "qkv":
+            return self._dense.load(ref, q_start, kv_start, g)
+        lbq, lbk = self.layout_block
+        at = (q_start // lbq, kv_start // lbk)
+        return ref[(g, *at) if not rows and self.per_head else at]   # one indexer
+
+
+def make_operand_access(prepared, layout, *, bq, bk, groups):
+    return [OperandAccess(kind, lb, arr, layout, bq=bq, bk=bk, groups=groups)
+            for kind, lb, arr in prepared]
+
+
 def bias_access(bias, layout, *, bq, bk, groups):
-    """BiasAccess for a prepared bias, or None."""
-    return None if bias is None else BiasAccess(bias, layout, bq=bq, bk=bk, groups=groups)
+    """DenseAccess for a prepared bias, or None."""
+    return None if bias is None else DenseAccess(bias, layout, bq=bq, bk=bk, groups=groups)
 
 
 def split_refs(refs, n_operands: int, bias_acc):
