@@ -362,7 +362,7 @@ def _ring_forward(cfg: _RingConfig, q, k, v, leaves):
 
     # K and V travel as one buffer, forwarded as received (packed once, unpacked per step).
     packing = _Packing.of((k, v))
-    buf = packing.pack((k, v)) if p > 1 else None
+    buf = packing.pack((k, v))   # (p > 1 here: one device runs no ring)
     for s in range(p):
         # Send the shard on before computing with it, so the transfer overlaps the step.
         nxt = jax.lax.ppermute(buf, cfg.axis_name, _ring_perm(p)) if s + 1 < p else None

@@ -86,10 +86,9 @@ def _bwd(static, residuals, cotangents):
     if dlse is not None and not isinstance(dlse, jax.custom_derivatives.SymbolicZero):
         delta = delta - dlse.astype(acc)
     parts = ("dq", "dkdv") + (("dbias",) if want_dbias is not None else ())
+    # dbias stays None for a bias that is not differentiated (a zero cotangent).
     dq, dk, dv, dbias = static.backend.backward(static, q, k, v, bias, out, backward_lse(lse),
                                                 dout, delta, metas, operands, parts=parts)
-    if bias is not None and dbias is None:
-        dbias = jnp.zeros(bias.shape, bias.dtype)   # not differentiated: never read
     # Metadata and mask operands are integer data: no cotangent.
     return (dq, dk, dv, dbias, None, None)
 

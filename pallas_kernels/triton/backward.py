@@ -137,24 +137,23 @@ def backward(static, q, k, v, bias, out, lse, dout, delta, metas, operands,
     sums from the dQ kernel; only a [.., T, S] bias has dS written per (b, n) tile."""
     del out  # D = rowsum(dO ∘ O) − dlse already carries what the backward needs of O.
     dq = dk = dv = dbias = None
-    want = bias is not None and "dbias" in parts
-    full_cols = want and bias.shape[3] > 1
-    cols_mode = want and full_cols and bias.shape[2] == 1      # from the dK/dV kernel
-    rows_mode = "tiles" if want and full_cols and not cols_mode else ("rows" if want and not full_cols else None)
-    if "dkdv" in parts or cols_mode:
+    mode = None   # which kernel makes dbias, and how
+    if bias is not None and "dbias" in parts:
+        t_full, s_full = bias.shape[2] > 1, bias.shape[3] > 1
+        mode = "tiles" if t_full and s_full else ("cols" if s_full else "rows")
+    if "dkdv" in parts or mode == "cols":
         dk, dv, dbias_cols = _dkdv(static, q, k, v, bias, lse, dout, delta, metas["dkdv"], operands,
-                                   dbias=cols_mode)
-        if cols_mode:
+                                   dbias=mode == "cols")
+        if mode == "cols":
             dbias = dbias_cols[:, :, None, :]                # [B, N, 1, S]
         if "dkdv" not in parts:
             dk = dv = None
-    if "dq" in parts or rows_mode is not None:
+    if "dq" in parts or mode in ("tiles", "rows"):
+        dq_mode = mode if mode in ("tiles", "rows") else None
         dq, dbias_rows = _dq(static, q, k, v, bias, lse, dout, delta, metas["dq"], operands,
-                             dbias_mode=rows_mode)
-        if rows_mode == "tiles":
-            dbias = dbias_rows                               # [B, N, T, S]
-        elif rows_mode == "rows":
-            dbias = dbias_rows[..., None]                    # [B, N, T, 1]
+                             dbias_mode=dq_mode)
+        if dq_mode is not None:
+            dbias = dbias_rows if mode == "tiles" else dbias_rows[..., None]   # [B, N, T, S|1]
         if "dq" not in parts:
             dq = None
     if dbias is not None:   # sum over the axes the bias is broadcast along
