@@ -307,17 +307,7 @@ def run_compare_command(config, out_dir: Path, *, plots: bool = True) -> int:
     total = len(config.seq_lens) * len(plans)
     rows, interrupted = compare.run_compare(config, on_update=on_update, progress=progress)
     payload["results"] = rows
-    payload["interrupted"] = interrupted
-    payload["complete"] = not interrupted
-    report.write_json(json_path, payload)
-
-    text = report.compare_table(rows)
-    print()
-    print(text)
-    print()
-    for note in notes:
-        print("note: " + note)
-    (out_dir / "compare.txt").write_text(text + "\n\n" + "\n".join("note: " + n for n in notes) + "\n")
+    _finish_run(payload, json_path, interrupted, report.compare_table(rows), out_dir / "compare.txt", notes)
     written = [json_path, out_dir / "compare.txt"]
     if plots and rows:
         try:
@@ -330,6 +320,22 @@ def run_compare_command(config, out_dir: Path, *, plots: bool = True) -> int:
     if interrupted:
         return 130
     return 1 if any(r["status"] == "failed" for r in rows) else 0
+
+
+def _finish_run(payload, json_path, interrupted, table, txt_path, notes=()):
+    """The final JSON (complete or interrupted), then the table, with any notes under
+    it, on stdout and in its .txt."""
+    from benchmarks import report
+    payload["interrupted"] = interrupted
+    payload["complete"] = not interrupted
+    report.write_json(json_path, payload)
+    notes = "\n".join("note: " + n for n in notes)
+    print()
+    print(table)
+    if notes:
+        print()
+        print(notes)
+    txt_path.write_text(table + "\n" + ("\n" + notes + "\n" if notes else ""))
 
 
 def _compare_notes(config, meta) -> list[str]:
@@ -428,13 +434,7 @@ def run_bench_command(chosen, impls, modes, dtype, warmup, repeats, out_dir: Pat
                                             on_row=on_row, progress=bar)
     finally:
         bar.close()
-    payload["interrupted"] = interrupted
-    payload["complete"] = not interrupted
-    report.write_json(json_path, payload)
-    text = report.bench_table(rows)
-    print()
-    print(text)
-    (out_dir / "bench.txt").write_text(text + "\n")
+    _finish_run(payload, json_path, interrupted, report.bench_table(rows), out_dir / "bench.txt")
     written = [json_path, out_dir / "bench.txt"]
     if plots and rows:
         written.append(plotting.bench_plot(rows, meta, out_dir / "bench.png"))
