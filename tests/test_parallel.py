@@ -4,7 +4,7 @@ Values and gradients of `ring_attention` must equal `dot_product_attention(...,
 implementation="reference")` on the unsharded arrays for causal, windowed, segmented
 (documents) and BigBird-style masks with GQA, with lengths that are not a multiple of
 the zigzag chunk count; the backward must be bitwise deterministic. The per-shard mask
-localisation (jaxattn.parallel_masks) is checked against the dense global mask with
+localisation (jaxattn.parallel.masks) is checked against the dense global mask with
 numpy, for every mask type, without compiling anything.
 """
 
@@ -17,10 +17,11 @@ import pytest
 
 import jaxattn
 from jaxattn import masks as M
-from jaxattn import parallel
-from jaxattn.parallel import (_RingConfig, _device_call, inverse_zigzag_permutation,
-                              ring_attention, zigzag_permutation)
-from jaxattn.parallel_masks import PiecewiseView, localize, merge_pieces
+from jaxattn.parallel import inverse_zigzag_permutation, ring_attention, zigzag_permutation
+from jaxattn.parallel import backward as ring_backward_module
+from jaxattn.parallel.hops import Packing
+from jaxattn.parallel.plan import RingConfig, device_call
+from jaxattn.parallel.masks import PiecewiseView, localize, merge_pieces
 from pallas_kernels.metadata import EMPTY, FULL
 
 pytestmark = pytest.mark.skipif(jax.device_count() < 4, reason="needs 4 (simulated) devices")
@@ -112,7 +113,7 @@ CASES = {
 def test_matches_reference(mesh, name, monkeypatch):
     make_mask, implementation, backward = CASES[name]
     if backward == "vjp":
-        monkeypatch.setattr(parallel, "_block_backward", lambda implementation: None)
+        monkeypatch.setattr(ring_backward_module, "_block_backward", lambda implementation: None)
     _ring_vs_reference(mesh, make_mask, *_inputs(), implementation=implementation)
 
 
@@ -163,14 +164,14 @@ def test_packing_round_trips_mixed_dtypes():
     xs = (jnp.arange(12, dtype=jnp.bfloat16).reshape(3, 4) - 5.5,
           jnp.linspace(-1e30, 1e30, 10, dtype=jnp.float32).reshape(2, 5),
           jnp.array([jnp.nan, -jnp.inf, 1e-40], jnp.float32))
-    packing = parallel._Packing.of(xs)
+    packing = Packing.of(xs)
     buf = jax.jit(packing.pack)(xs)
     assert buf.ndim == 1 and buf.dtype == jnp.uint32 and buf.size == 12 // 2 + 10 + 3
     for a, b in zip(xs, jax.jit(packing.unpack)(buf)):
         assert a.dtype == b.dtype and a.shape == b.shape
         assert np.array_equal(np.asarray(a).view(np.uint8), np.asarray(b).view(np.uint8))
     odd = (jnp.arange(5, dtype=jnp.bfloat16), xs[2])  # an odd count of bf16: padded
-    got = parallel._Packing.of(odd).unpack(parallel._Packing.of(odd).pack(odd))
+    got = Packing.of(odd).unpack(Packing.of(odd).pack(odd))
     assert np.array_equal(np.asarray(got[0]), np.asarray(odd[0])) and got[0].shape == (5,)
 
 
@@ -191,7 +192,7 @@ def test_pallas_triton_blocks():
 # The plan: zigzag balance, static skipping, and simple local masks for causal.
 # ---------------------------------------------------------------------------------
 def _config(p=4, t=T, s=T):
-    return _RingConfig(AXIS, p, t // (2 * p), s // (2 * p), t, s, 1.0, None, None)
+    return RingConfig(AXIS, p, t // (2 * p), s // (2 * p), t, s, 1.0, None, None)
 
 
 def _allowed_pairs(call):
@@ -202,7 +203,7 @@ def _allowed_pairs(call):
 def test_zigzag_causal_is_balanced_and_simple():
     cfg, p, c = _config(), 4, T // 8
     for s in range(p):
-        calls = [_device_call(cfg, M.CausalMask(), d, (d - s) % p) for d in range(p)]
+        calls = [device_call(cfg, M.CausalMask(), d, (d - s) % p) for d in range(p)]
         # Every local problem is a plain CausalMask() (step 0) or FullMask() (later
         # steps, on half of the local rows or columns): what cuDNN and the kernels like.
         assert all(type(c_.mask) is (M.CausalMask if s == 0 else M.FullMask) for c_ in calls)
@@ -217,7 +218,7 @@ def test_zigzag_causal_is_balanced_and_simple():
 def test_masked_steps_are_skipped_statically():
     cfg, p = _config(), 4
     window = M.CausalMask() & M.LocalMask(3, 0)
-    calls = [[_device_call(cfg, window, d, (d - s) % p) for d in range(p)] for s in range(p)]
+    calls = [[device_call(cfg, window, d, (d - s) % p) for d in range(p)] for s in range(p)]
     # A 3-token causal window reaches only the neighbouring chunk: most (device, step)
     # pairs compute nothing, decided at trace time.
     # Device d holds chunks (d, 7-d) of 8; only a kv chunk equal to or just before a

@@ -16,17 +16,13 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
 
+from pallas_kernels.common import acc_dtype  # noqa: F401  (re-exported to the kernels)
 from pallas_kernels.metadata import BlockMetadata
 
 # A finite stand-in for -inf inside the online softmax: -inf - -inf would be NaN.
 MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
 LOG2E = math.log2(math.e)
 LN2 = math.log(2.0)
-
-
-def acc_dtype(dtype):
-    """Accumulate in float32, or in float64 when the inputs are (gradient checks)."""
-    return jnp.float64 if jnp.dtype(dtype) == jnp.float64 else jnp.float32
 
 
 def padded_head_dim(h: int) -> int:

@@ -1,0 +1,145 @@
+"""ring_attention: the public entry, and the ring as one custom VJP.
+
+`ring_attention` validates, pads T and S to a multiple of the zigzag chunk count, places
+the arrays on the mesh and runs `_ring_body` under shard_map: the zigzag permutation
+(jaxattn.parallel.layout) around the ring core, whose forward and backward live in
+jaxattn.parallel.forward and jaxattn.parallel.backward.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import numpy as np
+import jax
+import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec
+
+from jaxattn.api import available_implementations, dot_product_attention, validate_inputs
+from jaxattn.masks import canonical_mask
+from jaxattn.parallel.backward import ring_backward
+from jaxattn.parallel.forward import ring_forward
+from jaxattn.parallel.layout import zigzag
+from jaxattn.parallel.plan import RingConfig
+
+_LAYOUTS = ("contiguous", "zigzag")
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def ring_core(cfg: RingConfig, q, k, v, leaves):
+    return ring_forward(cfg, q, k, v, leaves)[0]
+
+
+def ring_core_fwd(cfg, q, k, v, leaves):
+    out, lse = ring_forward(cfg, q, k, v, leaves)
+    return out, (q, k, v, leaves, out, lse)
+
+
+ring_core.defvjp(ring_core_fwd, ring_backward)
+
+
+def _ring_body(cfg: RingConfig, zigzag_inside: bool, q, k, v, leaves):
+    if cfg.num_shards == 1:  # one device on the axis: plain attention, no ring
+        return dot_product_attention(q, k, v, mask=jax.tree_util.tree_unflatten(cfg.mask_treedef, leaves),
+                                     scale=cfg.scale, implementation=cfg.implementation)
+    axis, p = cfg.axis_name, cfg.num_shards
+    if zigzag_inside:  # one permute of [q | k | v] stacked on the head axis
+        if q.shape[1] == k.shape[1]:
+            q, k, v = zigzag((q, k, v), axis, p, False)
+        else:
+            (q,), (k, v) = zigzag((q,), axis, p, False), zigzag((k, v), axis, p, False)
+    out = ring_core(cfg, q, k, v, leaves)
+    return zigzag((out,), axis, p, True)[0] if zigzag_inside else out
+
+
+# ---------------------------------------------------------------------------------
+# Public entry point.
+# ---------------------------------------------------------------------------------
+def _place(x, mesh, spec):
+    """Put x on `spec` when the mesh has Explicit axes (shard_map requires it there);
+    Auto meshes let shard_map reshard on its own."""
+    explicit = jax.sharding.AxisType.Explicit
+    if any(t == explicit for t in getattr(mesh, "axis_types", ())):
+        return jax.reshard(x, NamedSharding(mesh, spec))
+    return x
+
+
+def ring_attention(query, key, value, mask=None, *, mesh, axis_name, is_causal=False,
+                   scale=None, implementation=None, sequence_layout="contiguous",
+                   batch_axis_name=None):
+    """`dot_product_attention` with the sequence axis (axis 1) sharded over `axis_name`.
+
+    Args:
+      query [B, T, N, H], key/value [B, S, K, H] (N a multiple of K), any sharding: they
+        are placed with T and S split over `axis_name` of `mesh` (and B over
+        `batch_axis_name`, if given; other mesh axes see replicated work).
+      mask: None, a bool array broadcastable to [B, N, T, S], or a `jaxattn.masks.Mask`,
+        always in absolute (natural-order) positions; `is_causal` is AND-ed in.
+      scale: defaults to 1/sqrt(H). implementation: as in `dot_product_attention`,
+        used for every per-step block (it must differentiate its lse output).
+      sequence_layout: "contiguous" (default: permuted to zigzag order inside and back)
+        or "zigzag" (query/key/value are already `x[:, zigzag_permutation(T, P)]`, the
+        output comes back in that order; needs T and S multiples of 2P).
+
+    T or S not a multiple of 2P: padded inside (padding keys are never attended, padded
+    rows are dropped). Returns [B, T, N, H] in the query's dtype.
+    """
+    validate_inputs(query, key, value, None, scale=scale, logits_soft_cap=None)
+    if implementation is not None and implementation not in available_implementations():
+        raise ValueError(f"implementation: expected None or one of {sorted(available_implementations())}, "
+                         f"got {implementation!r}. Leave it None to pick the best available.")
+    if axis_name not in mesh.shape:
+        raise ValueError(f"axis_name: expected one of the mesh axes {tuple(mesh.shape)}, got "
+                         f"{axis_name!r}. Pass the mesh axis the sequence is sharded over.")
+    if batch_axis_name is not None and (batch_axis_name not in mesh.shape or batch_axis_name == axis_name):
+        raise ValueError(f"batch_axis_name: expected None or a mesh axis other than {axis_name!r}, "
+                         f"got {batch_axis_name!r}; mesh axes are {tuple(mesh.shape)}.")
+    if sequence_layout not in _LAYOUTS:
+        raise ValueError(f"sequence_layout: expected one of {_LAYOUTS}, got {sequence_layout!r}.")
+    if not isinstance(is_causal, (bool, np.bool_)):
+        raise ValueError(f"is_causal: expected a bool, got {is_causal!r}.")
+    b, t, n, h = query.shape
+    s = key.shape[1]
+    canonical = canonical_mask(mask, is_causal=bool(is_causal))
+    canonical.validate(t, s, b, n)
+    scale = float(1.0 / math.sqrt(h)) if scale is None else float(scale)
+    p = int(mesh.shape[axis_name])
+    if batch_axis_name is not None and b % mesh.shape[batch_axis_name]:
+        raise ValueError(f"batch size {b} must be a multiple of the {batch_axis_name!r} axis size "
+                         f"{mesh.shape[batch_axis_name]} to shard the batch over it.")
+    if sequence_layout == "zigzag" and (t % (2 * p) or s % (2 * p)):
+        raise ValueError(f"sequence_layout='zigzag' needs T and S multiples of 2 * {p} (the "
+                         f"number of zigzag chunks), got T={t}, S={s}. Use 'contiguous' to pad inside.")
+    return _ring_jit(query, key, value, canonical, mesh=mesh, axis_name=axis_name, scale=scale,
+                     implementation=implementation, zigzag_inside=sequence_layout == "contiguous",
+                     batch_axis_name=batch_axis_name)
+
+
+@functools.partial(jax.jit, static_argnames=("mesh", "axis_name", "scale", "implementation",
+                                             "zigzag_inside", "batch_axis_name"))
+def _ring_jit(query, key, value, mask, *, mesh, axis_name, scale, implementation,
+              zigzag_inside, batch_axis_name):
+    b, t = query.shape[:2]
+    s = key.shape[1]
+    p = int(mesh.shape[axis_name])
+    chunks = 2 * p if p > 1 else 1
+    tp, sp = -(-t // chunks) * chunks, -(-s // chunks) * chunks
+    pad = lambda x, L: jnp.pad(x, [(0, 0), (0, L - x.shape[1]), (0, 0), (0, 0)])  # noqa: E731
+    padded = tp != t or sp != s
+    if padded:  # (Explicit meshes cannot pad a sharded axis in place: gather it first)
+        query, key, value = (_place(x, mesh, PartitionSpec(batch_axis_name)) for x in (query, key, value))
+        query, key, value = pad(query, tp), pad(key, sp), pad(value, sp)
+    leaves, treedef = jax.tree_util.tree_flatten(mask)
+    cfg = RingConfig(axis_name, p, tp // chunks, sp // chunks, t, s, scale, implementation, treedef)
+    seq = PartitionSpec(batch_axis_name, axis_name)
+    def leaf_spec(x):  # mask data is small next to K/V: replicated, batch-split if B-sized
+        x = jnp.asarray(x)
+        return PartitionSpec(batch_axis_name) if batch_axis_name and x.ndim and x.shape[0] == b > 1 else PartitionSpec()
+    leaf_specs = [leaf_spec(x) for x in leaves]
+    query, key, value = (_place(x, mesh, seq) for x in (query, key, value))
+    leaves = [_place(jnp.asarray(x), mesh, sp_) for x, sp_ in zip(leaves, leaf_specs)]
+    out = jax.shard_map(functools.partial(_ring_body, cfg, zigzag_inside), mesh=mesh,
+                        in_specs=(seq, seq, seq, leaf_specs), out_specs=seq,
+                        check_vma=False)(query, key, value, leaves)
+    return _place(out, mesh, PartitionSpec(batch_axis_name))[:, :t] if padded else out
