@@ -12,50 +12,16 @@ NotImplementedError means "this implementation cannot serve this valid request" 
 from __future__ import annotations
 
 import math
-from typing import Callable
-
-import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxattn import implementations
+from jaxattn.implementations import available_implementations
 from jaxattn.masks import Mask, canonical_mask
-from jaxattn.reference import reference_attention
 
-# name -> fn(query, key, value, bias, mask, *, scale, logits_soft_cap, return_residuals)
-_IMPLEMENTATIONS: dict[str, Callable] = {}
+__all__ = ["dot_product_attention", "available_implementations", "validate_inputs"]
+
 _FLOAT_DTYPES = (jnp.float16, jnp.bfloat16, jnp.float32, jnp.float64)
-
-
-def register_implementation(name: str, fn: Callable) -> None:
-    """Make `fn` callable as dot_product_attention(..., implementation=name)."""
-    _IMPLEMENTATIONS[name] = fn
-
-
-def available_implementations() -> tuple[str, ...]:
-    _load_builtin_implementations()
-    return tuple(_IMPLEMENTATIONS)
-
-
-def _reference_impl(query, key, value, bias, mask, *, scale, logits_soft_cap, return_residuals):
-    return reference_attention(query, key, value, bias, mask, scale=scale,
-                               logits_soft_cap=logits_soft_cap, return_residuals=return_residuals)
-
-
-register_implementation("reference", _reference_impl)
-
-
-def _load_builtin_implementations():
-    # Imported lazily so that `import jaxattn` stays cheap and kernels stay optional.
-    from jaxattn import backends  # noqa: F401  (registers xla, cudnn, pallas_*)
-
-
-def default_order() -> tuple[str, ...]:
-    """Implementations tried by implementation=None, best first, for this platform."""
-    if jax.default_backend() == "gpu":
-        # cuDNN serves, in O(T) memory, what the kernels decline, before the O(T·S)
-        # reference.
-        return ("pallas_triton", "cudnn", "reference")
-    return ("reference",)
 
 
 def _shape_error(what: str, expected: str, got, fix: str):
@@ -128,16 +94,16 @@ def dot_product_attention(query, key, value, bias=None, mask=None, *, scale=None
         (int w or (left, right): i - left <= j <= i + right) are AND-ed in.
       scale: multiplies q·k; defaults to 1/sqrt(H).
       logits_soft_cap: c > 0 maps logits to c·tanh(logits / c).
-      implementation: None (best available), "reference", "xla", "cudnn",
-        "pallas_triton", "pallas_mosaic_gpu".
+      implementation: None (best available), "reference", "xla", "cudnn", or a kernel
+        backend's name such as "pallas_triton" (see `available_implementations()`).
       return_residuals: also return lse [B, N, T] (natural log; float32, or float64 for
         float64 inputs so gradient checks stay exact; -inf on rows with no allowed key).
 
     A query row that may attend to no key returns zeros (and zero gradients).
     """
-    _load_builtin_implementations()
-    if implementation is not None and implementation not in _IMPLEMENTATIONS:
-        raise ValueError(f"implementation: expected None or one of {sorted(_IMPLEMENTATIONS)}, "
+    available = available_implementations()
+    if implementation is not None and implementation not in available:
+        raise ValueError(f"implementation: expected None or one of {sorted(available)}, "
                          f"got {implementation!r}. Leave it None to pick the best available.")
     validate_inputs(query, key, value, bias, scale=scale, logits_soft_cap=logits_soft_cap)
     if mask is not None and not isinstance(mask, Mask):
@@ -157,12 +123,13 @@ def dot_product_attention(query, key, value, bias=None, mask=None, *, scale=None
     scale = float(1.0 / math.sqrt(h)) if scale is None else float(scale)
     cap = None if logits_soft_cap is None else float(logits_soft_cap)
 
-    order = (implementation,) if implementation is not None else default_order()
+    order = (implementation,) if implementation is not None else implementations.default_order()
     reasons = []
     for name in order:
         try:
-            return _IMPLEMENTATIONS[name](query, key, value, bias, canonical, scale=scale,
-                                          logits_soft_cap=cap, return_residuals=bool(return_residuals))
+            fn = implementations.get_implementation(name)
+            return fn(query, key, value, bias, canonical, scale=scale, logits_soft_cap=cap,
+                      return_residuals=bool(return_residuals))
         except NotImplementedError as e:
             if implementation is not None:
                 raise

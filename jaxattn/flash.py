@@ -1,8 +1,10 @@
 """Glue between masks and kernel backends: canonical Mask → block metadata + mask
 operands → the backend-neutral custom VJP (pallas_kernels/flash_vjp.py).
 
-A new backend (e.g. Mosaic GPU) plugs in by providing forward/backward and a config;
-nothing here or in the masks changes.
+Backends are known only by name, through pallas_kernels/registry.py: each call asks the
+backend whether it `supports` the request (a reason becomes NotImplementedError, so
+`implementation=None` falls back) and for its `default_config`. A new backend plugs in
+with no change here or in the masks.
 """
 
 from __future__ import annotations
@@ -12,13 +14,12 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels import triton as triton_backend
-from pallas_kernels.flash_vjp import FlashStatic, backward_lse, flash_attention
+from pallas_kernels.backend import KernelRequest
+from pallas_kernels.common import acc_dtype, backward_lse
+from pallas_kernels.flash_vjp import FlashStatic, flash_attention
 from pallas_kernels.metadata import BlockMetadata
-from pallas_kernels.triton.common import padded_head_dim
+from pallas_kernels.registry import get_backend
 from jaxattn.masks import FullMask, Mask, build_block_metadata
-
-_BACKENDS = {"pallas_triton": triton_backend}
 
 
 def _as_jnp(meta: BlockMetadata) -> BlockMetadata:
@@ -30,21 +31,42 @@ def default_interpret() -> bool:
     return jax.default_backend() != "gpu"
 
 
+def kernel_request(query, key, bias, mask: Mask, logits_soft_cap) -> KernelRequest:
+    """The request a backend's supports() and default_config() see (bias already 4-d)."""
+    b, t, n, h = query.shape
+    s, kh = key.shape[1], key.shape[2]
+    devices = jax.devices()
+    return KernelRequest(
+        dtype=query.dtype, batch=b, q_len=t, kv_len=s, num_heads=n, num_kv_heads=kh, head_dim=h,
+        has_bias=bias is not None, bias_shape=None if bias is None else tuple(bias.shape),
+        operand_kinds=tuple((o.kind, o.layout_block) for o in mask.operands()),
+        has_partial_tiles=not isinstance(mask, FullMask), logits_soft_cap=logits_soft_cap,
+        platform=jax.default_backend(), device_kind=devices[0].device_kind if devices else None)
+
+
+def _served(backend_name: str, request: KernelRequest, config, interpret):
+    """(backend, config) for the call, or NotImplementedError with the backend's reason."""
+    backend = get_backend(backend_name)
+    reason = backend.supports(request, interpret=interpret)
+    if reason is not None:
+        raise NotImplementedError(f"{backend_name} cannot serve this call: {reason}")
+    return backend, config if config is not None else backend.default_config(request, interpret=interpret)
+
+
 def pallas_attention(backend_name: str, query, key, value, bias, mask: Mask, *, scale,
                      logits_soft_cap, return_residuals, config=None, interpret=None):
-    """Implementation entry point (see jaxattn.api's dispatch contract)."""
+    """Implementation entry point (see jaxattn.api's dispatch contract). `config` and
+    `interpret` default to the backend's default config and to interpret mode exactly
+    when there is no GPU."""
     if interpret is None:
         interpret = default_interpret()
-    if not interpret and jax.default_backend() != "gpu":
-        raise NotImplementedError(f"{backend_name} needs a CUDA GPU (or interpret=True)")
-    backend = _BACKENDS[backend_name]
-    if config is None:
-        config = backend.default_config(padded_head_dim(query.shape[-1]), interpret=interpret)
+    if bias is not None:
+        bias = jnp.reshape(bias, (1,) * (4 - bias.ndim) + tuple(bias.shape))
+    request = kernel_request(query, key, bias, mask, logits_soft_cap)
+    _, config = _served(backend_name, request, config, interpret)
     call = functools.partial(_pallas_jit, backend_name=backend_name, scale=scale,
                              logits_soft_cap=logits_soft_cap, return_residuals=return_residuals,
                              config=config, interpret=interpret)
-    if bias is not None:
-        bias = jnp.reshape(bias, (1,) * (4 - bias.ndim) + tuple(bias.shape))
     plan = _explicit_sharding_plan(query, key, value)
     if plan is None:
         return call(query, key, value, bias, mask)
@@ -118,7 +140,7 @@ def prepare_call(backend_name: str, mask: Mask, q_len: int, kv_len: int, *, scal
              for name, (bq, bk) in config.metadata_tiles().items()}
     operands = mask.operands()
     static = FlashStatic(
-        backend=_BACKENDS[backend_name], scale=scale, logits_soft_cap=logits_soft_cap,
+        backend=get_backend(backend_name), scale=scale, logits_soft_cap=logits_soft_cap,
         mask_fn=None if isinstance(mask, FullMask) else mask.evaluate,
         operand_kinds=tuple((o.kind, o.layout_block) for o in operands),
         config=config, interpret=interpret)
@@ -134,7 +156,7 @@ def _pallas_jit(query, key, value, bias, mask, *, backend_name, scale, logits_so
         logits_soft_cap=logits_soft_cap, config=config, interpret=interpret)
     out, lse = flash_attention(static, query, key, value, bias, metas, operands)
     if return_residuals:
-        return out, lse.astype(jnp.float32) if lse.dtype != jnp.float64 else lse
+        return out, lse.astype(acc_dtype(query.dtype))
     return out
 
 
@@ -146,13 +168,12 @@ def pallas_backward(backend_name: str, q, k, v, out, lse, dout, delta, mask: Mas
     backends' backward: ("dkdv",) runs the dK/dV kernel alone (dq comes back None)."""
     if interpret is None:
         interpret = default_interpret()
-    backend = _BACKENDS[backend_name]
-    if config is None:
-        config = backend.default_config(padded_head_dim(q.shape[-1]), interpret=interpret)
+    request = kernel_request(q, k, None, mask, logits_soft_cap)
+    backend, config = _served(backend_name, request, config, interpret)
     static, metas, operands = prepare_call(
         backend_name, mask, q.shape[1], k.shape[1], scale=scale,
         logits_soft_cap=logits_soft_cap, config=config, interpret=interpret)
-    acc = jnp.float64 if q.dtype == jnp.float64 else jnp.float32
+    acc = acc_dtype(q.dtype)
     dq, dk, dv, _ = backend.backward(static, q, k, v, None, out, backward_lse(lse.astype(acc)),
                                      dout.astype(q.dtype), delta.astype(acc), metas, operands,
                                      parts=tuple(parts))

@@ -9,8 +9,10 @@ Shape legend: B batch, T query length, S key length, N query heads, K key/value 
     out    = p · v                              [B, T, N, H]
     lse    = log Σ_allowed exp(logits)          [B, N, T], natural log
 
-A row with no allowed key returns out = 0, lse = -inf, and zero gradients.
-Computes in float32, or float64 when any input is float64.
+A row with no allowed key returns out = 0, lse = -inf, and zero gradients. A key no
+query may attend and a query that may attend no key never reach a result, even when
+they hold NaN or Inf (padding, unwritten cache slots): they are selected away, never
+multiplied by a zero weight. Computes in float32, or float64 for float64 inputs.
 """
 
 from __future__ import annotations
@@ -20,11 +22,26 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.common import MASK_VALUE, acc_dtype
 from jaxattn.masks.base import Mask, full_operand_view
 
 
-def compute_dtype(*dtypes):
-    return jnp.float64 if any(jnp.dtype(d) == jnp.float64 for d in dtypes if d is not None) else jnp.float32
+def grouped_allowed_pairs(mask: Mask, q_len: int, kv_len: int, kv_heads: int, groups: int):
+    """allowed_pairs laid out for grouped heads: [Bm, K|1, G|1, T, S] (query head n is
+    (n // G, n % G))."""
+    a = allowed_pairs(mask, q_len, kv_len)  # [Bm, Hm, T, S], Hm in (1, N)
+    return a[:, :, None] if a.shape[1] == 1 else a.reshape(a.shape[0], kv_heads, groups, q_len, kv_len)
+
+
+def select_reachable(q, k, v, allowed):
+    """q [B, T, K, G, H], k/v [B, S, K, H] with every key no query may attend, and every
+    query that may attend no key, replaced by zeros (allowed: [Bm, K|1, G|1, T, S]). The
+    products q·kᵀ and p·v then never meet NaN/Inf held there, and their gradients are
+    exact zeros (a select's gradient, not 0 · NaN)."""
+    key_ok = jnp.moveaxis(jnp.any(allowed, axis=(2, 3)), -1, 1)[..., None]       # [Bm, S, K|1, 1]
+    query_ok = jnp.moveaxis(jnp.any(allowed, axis=-1), -1, 1)[..., None]         # [Bm, T, K|1, G|1, 1]
+    zero = lambda ok, x: jnp.where(ok, x, jnp.zeros((), x.dtype))  # noqa: E731
+    return zero(query_ok, q), zero(key_ok, k), zero(key_ok, v)
 
 
 def allowed_pairs(mask: Mask, q_len: int, kv_len: int) -> jax.Array:
@@ -45,25 +62,22 @@ def reference_attention(query, key, value, bias=None, mask: Mask | None = None, 
     b, t, n, h = query.shape
     s, k = key.shape[1], key.shape[2]
     g = n // k
-    ct = compute_dtype(query.dtype, key.dtype, value.dtype)
-    q = query.astype(ct).reshape(b, t, k, g, h)
-    logits = jnp.einsum("btkgh,bskh->bkgts", q, key.astype(ct)) * jnp.asarray(scale, ct)
+    ct = acc_dtype(query.dtype)
+    q, key, value = query.astype(ct).reshape(b, t, k, g, h), key.astype(ct), value.astype(ct)
+    if mask is None:
+        allowed = jnp.ones((1, 1, 1, 1, 1), bool)
+    else:
+        allowed = grouped_allowed_pairs(mask, t, s, k, g)
+    logits = jnp.einsum("btkgh,bskh->bkgts", q, key) * jnp.asarray(scale, ct)
     if bias is not None:
         logits = logits + jnp.broadcast_to(bias.astype(ct), (b, n, t, s)).reshape(b, k, g, t, s)
     if logits_soft_cap is not None:
         cap = jnp.asarray(logits_soft_cap, ct)
         logits = cap * jnp.tanh(logits / cap)
 
-    if mask is None:
-        allowed = jnp.ones((1, 1, 1, 1, 1), bool)
-    else:
-        a = allowed_pairs(mask, t, s)  # [Bm, Hm, T, S], Hm in (1, N)
-        allowed = a[:, :, None] if a.shape[1] == 1 else a.reshape(a.shape[0], k, g, t, s)
-
     # Masked logits get a finite stand-in (never -inf: -inf - -inf is NaN) and their
     # probabilities are zeroed explicitly, so an all-masked row sums to l = 0.
-    neg = jnp.asarray(-0.7 * jnp.finfo(ct).max, ct)
-    logits = jnp.where(allowed, logits, neg)
+    logits = jnp.where(allowed, logits, jnp.asarray(MASK_VALUE, ct))
     m = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
     # A row whose allowed logits are all -inf (e.g. an all -inf bias row) is empty too:
     # shift by 0 so exp gives 0 instead of exp(-inf - -inf) = NaN.
@@ -72,7 +86,7 @@ def reference_attention(query, key, value, bias=None, mask: Mask | None = None, 
     l = jnp.sum(p, axis=-1, keepdims=True)
     nonempty = l > 0
     l_safe = jnp.where(nonempty, l, 1)
-    out = jnp.einsum("bkgts,bskh->btkgh", p / l_safe, value.astype(ct))
+    out = jnp.einsum("bkgts,bskh->btkgh", p / l_safe, value)
     out = out.reshape(b, t, n, h).astype(query.dtype)
     if not return_residuals:
         return out

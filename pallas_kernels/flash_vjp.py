@@ -1,18 +1,16 @@
 """Backend-neutral FlashAttention custom VJP.
 
-Every kernel backend (Triton today, Mosaic GPU next) implements the same two calls
+Every kernel backend (pallas_kernels/backend.py) implements the same two calls
 
     backend.forward(static, q, k, v, bias, metas, operands)         -> (out, lse)
     backend.backward(static, q, k, v, bias, out, lse, dout, delta,
                      metas, operands, parts=("dq", "dkdv", "dbias")) -> (dq, dk, dv, dbias)
 
-(`parts` asks for the dQ and/or the dK/dV half alone, and for the bias gradient or not;
-what was not asked for is None. dbias is asked for only when the bias is differentiated.)
-
-where `metas` maps the names of `static.config.metadata_tiles()` (e.g. "forward",
-"dkdv", "dq") to the BlockMetadata built for that kernel's tile shape
-
-on unpadded BTNH arrays, and this module wires them into one `jax.custom_vjp`. The
+on unpadded BTNH arrays, where `metas` maps the names of
+`static.config.metadata_tiles()` ("forward", "dkdv", "dq") to the BlockMetadata built
+for that kernel's tile shape; this module wires them into one `jax.custom_vjp`. `parts`
+asks for the dQ and/or the dK/dV half alone, and for the bias gradient or not (dbias is
+asked for only when the bias is differentiated); what was not asked for is None. The
 metadata (pallas_kernels/metadata.py) and the mask operands travel as ordinary,
 non-differentiable inputs, so a traced SegmentMask works under jit and grad.
 
@@ -32,19 +30,37 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.common import acc_dtype, backward_lse
 from pallas_kernels.metadata import BlockMetadata
 
 
 @dataclasses.dataclass(frozen=True)
 class FlashStatic:
-    """Everything static about one attention call (hashable: part of the jit key)."""
+    """Everything static about one attention call (hashable: part of the jit key).
 
-    backend: Any                       # module/object with forward() and backward()
+    backend        the KernelBackend (pallas_kernels/backend.py) running the call
+    scale          multiplies q·k
+    logits_soft_cap  c of c·tanh(logits / c), or None
+    mask_fn        the mask inside a PARTIAL tile, or None for the full mask (then no tile
+                   is PARTIAL): ``mask_fn(q_pos, kv_pos, operand_tiles) -> bool`` with
+                   q_pos int32 [block_q, 1] and kv_pos int32 [1, block_kv] absolute
+                   positions, and operand_tiles one loaded tile per mask operand, in the
+                   order of operand_kinds ("q" [block_q, 1], "kv" [1, block_kv], "qkv"
+                   [block_q, block_kv], "block" a scalar; pallas_kernels/metadata.py).
+                   Built from jnp element-wise ops only, so it lowers in every backend;
+                   its result broadcasts to [block_q, block_kv]. The kernel ANDs it with
+                   ``kv_pos < kv_len`` (key padding).
+    operand_kinds  ((kind, layout_block), ...) matching the `operands` arrays
+    config         the backend's config (tile sizes and whatever else it tunes)
+    interpret      run the kernels in Pallas interpret mode (CPU)
+    """
+
+    backend: Any
     scale: float
     logits_soft_cap: float | None
-    mask_fn: Callable | None           # TileMask.fn, or None when no tile is partial
-    operand_kinds: tuple               # ((kind, layout_block), ...) matching `operands`
-    config: Any                        # backend config (tile sizes, warps, stages)
+    mask_fn: Callable | None
+    operand_kinds: tuple
+    config: Any
     interpret: bool
 
 
@@ -69,18 +85,12 @@ def _fwd(static, *primals):
     return (out, lse), (q, k, v, bias, out, lse, metas, operands, () if want_dbias else None)
 
 
-def backward_lse(lse):
-    """The lse the backward kernels read: +inf instead of -inf on rows with no allowed
-    key, so P = exp(S − lse) is exactly 0 there even where S = −inf (a −inf bias)."""
-    return jnp.where(jnp.isneginf(lse), jnp.inf, lse)
-
-
 def _bwd(static, residuals, cotangents):
     q, k, v, bias, out, lse, metas, operands, want_dbias = residuals
     dout, dlse = cotangents
     if isinstance(dout, jax.custom_derivatives.SymbolicZero):  # only the lse is used
         dout = jnp.zeros(out.shape, out.dtype)
-    acc = jnp.float64 if q.dtype == jnp.float64 else jnp.float32
+    acc = acc_dtype(q.dtype)
     # D = rowsum(dO ∘ O) − dlse, laid out like lse: [B, N, T].
     delta = jnp.einsum("btnh,btnh->bnt", dout.astype(acc), out.astype(acc))
     if dlse is not None and not isinstance(dlse, jax.custom_derivatives.SymbolicZero):

@@ -8,9 +8,9 @@ A kernel never sees a Mask object. It sees two things, both defined here:
   kernels get the ordered kv-blocks to visit, split into a full list and a partial list;
   per kv-block the dK/dV kernel gets the transposed lists.
 
-* :class:`TileMask` — how to evaluate the mask inside a partial tile: a static,
-  hashable function of the absolute query/key positions and of the tiles of a few
-  operand arrays (segment ids, a dense mask, a block layout) that the kernel loads.
+* mask operands (:class:`MaskOperand`, kinds in ``OPERAND_KINDS``) — the arrays (segment
+  ids, a dense mask, a block layout) the kernel loads a tile of, to evaluate the mask
+  function ``FlashStatic.mask_fn`` (pallas_kernels/flash_vjp.py) inside a PARTIAL tile.
 
 Shape legend (written once): B batch, N query heads, T query length, S key length,
 nQ = ceil(T / block_q), nK = ceil(S / block_kv). ``Bm`` is 1 or B and ``Hm`` is 1 or N:
@@ -24,7 +24,7 @@ the padding in it; padded query rows are never read back.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -89,19 +89,22 @@ class BlockMetadata:
         return jnp.sum(self.full_count) + jnp.sum(self.partial_count)
 
 
-# Operand kinds a TileMask may ask the kernel to load for a tile at rows
+# Operand kinds a mask may ask the kernel to load for a tile at rows
 # [q0, q0 + block_q) and columns [k0, k0 + block_kv) of batch row b, head h:
 #   "q"     array [Bm, T]          -> tile [block_q, 1]         (query segment ids)
 #   "kv"    array [Bm, S]          -> tile [1, block_kv]        (key segment ids)
-#   "qkv"   array [Bm, Hm, T, S]   -> tile [block_q, block_kv]  (dense mask, int8/bool)
-#   "block" array [Bm, Hm, nBq, nBk] with layout block sizes (bq, bk) that are multiples
-#           of the tile sizes      -> scalar layout[b, h, q0 // bq, k0 // bk]
-# The wrapper pads "q"/"kv"/"qkv" operands along T/S to whole tiles.
+#   "qkv"   array [Bm, Hm, T|1, S|1] -> tile [block_q, block_kv]  (dense mask, int8/bool)
+#   "block" array [Bm, Hm, nBq, nBk] with layout block sizes (bq, bk) = layout_block
+#                                  -> scalar layout[b, h, q0 // bq, k0 // bk]
+# (Bm in {1, B}, Hm in {1, N}.) pallas_kernels.common.prepare_operands pads "q"/"kv"/"qkv"
+# operands along T/S to whole tiles and turns a "block" layout whose blocks are not
+# multiples of the tiles into a "qkv" operand, so kernels load exactly these tiles.
 OPERAND_KINDS = ("q", "kv", "qkv", "block")
 
 
 @dataclasses.dataclass(frozen=True)
 class MaskOperand:
+    """One array a mask needs inside its PARTIAL tiles, and how the kernel loads it."""
     kind: str
     array: Any
     layout_block: tuple[int, int] | None = None  # (bq, bk) for kind "block"
@@ -109,27 +112,3 @@ class MaskOperand:
     def __post_init__(self):
         if self.kind not in OPERAND_KINDS:
             raise ValueError(f"operand kind must be one of {OPERAND_KINDS}, got {self.kind!r}")
-
-
-@dataclasses.dataclass(frozen=True)
-class TileMask:
-    """How a kernel evaluates the mask inside a PARTIAL tile.
-
-    ``fn(q_pos, kv_pos, operand_tiles) -> bool`` where q_pos is int32 [block_q, 1] and
-    kv_pos int32 [1, block_kv] (absolute positions) and operand_tiles is a tuple with one
-    loaded tile per operand (see OPERAND_KINDS); the result broadcasts to
-    [block_q, block_kv]. ``fn`` must be hashable (it is part of the kernel's static
-    identity) and built from jnp element-wise ops only, so it lowers in every backend.
-    The kernel itself ANDs the result with ``kv_pos < kv_len``.
-    """
-
-    fn: Callable[..., jax.Array]
-    operands: tuple[MaskOperand, ...] = ()
-
-    @property
-    def static_key(self):
-        return (self.fn, tuple((o.kind, o.layout_block) for o in self.operands))
-
-
-def pad_to_multiple(n: int, m: int) -> int:
-    return -(-n // m) * m

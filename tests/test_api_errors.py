@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import jaxattn
-from jaxattn import api
+from jaxattn import implementations
 from jaxattn import masks as M
 
 B, T, S, N, K, H = 2, 5, 7, 4, 2, 8
@@ -159,8 +159,8 @@ def test_not_implemented_falls_back_and_value_error_does_not(monkeypatch):
         calls.append("cannot")
         raise NotImplementedError("this fake backend serves nothing")
 
-    monkeypatch.setitem(api._IMPLEMENTATIONS, "cannot", cannot)
-    monkeypatch.setattr(api, "default_order", lambda: ("cannot", "reference"))
+    monkeypatch.setitem(implementations._IMPLEMENTATIONS, "cannot", cannot)
+    monkeypatch.setattr(implementations, "default_order", lambda: ("cannot", "reference"))
     q, kv = jnp.ones((1, 3, 2, 4)), jnp.ones((1, 3, 1, 4))
     out = jaxattn.dot_product_attention(q, kv, kv, is_causal=True)  # falls back to the reference
     assert calls == ["cannot"] and out.shape == (1, 3, 2, 4)
@@ -171,7 +171,7 @@ def test_not_implemented_falls_back_and_value_error_does_not(monkeypatch):
     def bad(*args, **kwargs):
         raise ValueError("bad input seen by the backend")
 
-    monkeypatch.setitem(api._IMPLEMENTATIONS, "cannot", bad)
+    monkeypatch.setitem(implementations._IMPLEMENTATIONS, "cannot", bad)
     with pytest.raises(ValueError, match="seen by the backend"):
         jaxattn.dot_product_attention(q, kv, kv)
 
@@ -179,15 +179,13 @@ def test_not_implemented_falls_back_and_value_error_does_not(monkeypatch):
 def test_gpu_order_falls_back_through_cudnn_to_reference(monkeypatch):
     """On a GPU, a request the kernels decline goes to cuDNN, and one cuDNN declines too
     (float32 here) ends at the reference, never at an error."""
-    from jaxattn import api
-    assert api.default_order() == ("reference",)  # CPU
+    assert implementations.default_order() == ("reference",)  # CPU
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-    assert api.default_order() == ("pallas_triton", "cudnn", "reference")
+    assert implementations.default_order() == ("pallas_triton", "cudnn", "reference")
 
     def declines(*args, **kwargs):
         raise NotImplementedError("pretend the kernels cannot serve this")
-    api._load_builtin_implementations()
-    monkeypatch.setitem(api._IMPLEMENTATIONS, "pallas_triton", declines)
+    monkeypatch.setitem(implementations._IMPLEMENTATIONS, "pallas_triton", declines)
     q = jax.random.normal(jax.random.key(0), (1, 6, 2, 8))
     bias = jax.random.normal(jax.random.key(1), (1, 2, 6, 6))
     got = jaxattn.dot_product_attention(q, q, q, bias)

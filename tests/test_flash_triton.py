@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import jaxattn
 from jaxattn import masks as M
 from jaxattn.flash import pallas_attention
-from pallas_kernels.triton.config import TritonConfig, default_config
+from pallas_kernels.triton.config import TritonConfig
 
 IMPL = "pallas_triton"
 
@@ -232,14 +232,13 @@ _H100 = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cor
 
 def _lower_for_h100(b, t, s, n, k, h, mask, dtype=jnp.bfloat16, cap=None, bias=None):
     """bias: None or the bias's shape (differentiated too)."""
-    cfg = default_config(max(16, 1 << (h - 1).bit_length()))
 
     def fn(q, kk, v):
         bias_arr = jnp.zeros(bias, jnp.bfloat16) if bias else None
 
         def loss(q, kk, v, bias_arr):
             out = pallas_attention(IMPL, q, kk, v, bias_arr, mask, scale=h ** -0.5, logits_soft_cap=cap,
-                                   return_residuals=False, config=cfg, interpret=False)
+                                   return_residuals=False, interpret=False)
             return jnp.sum(out.astype(jnp.float32))
         return jax.grad(loss, argnums=(0, 1, 2) + ((3,) if bias else ()))(q, kk, v, bias_arr)
 

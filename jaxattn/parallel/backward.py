@@ -21,11 +21,13 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels.common import acc_dtype
-from jaxattn.api import default_order
+from pallas_kernels.registry import backend_names
+from jaxattn.flash import pallas_backward
+from jaxattn.implementations import default_order
 from jaxattn.parallel.forward import attend
 from jaxattn.parallel.hops import send_on
 from jaxattn.parallel.plan import dispatch, device_call, maybe_skip, rows, update_rows
-from jaxattn.reference import allowed_pairs
+from jaxattn.reference import grouped_allowed_pairs
 
 BOTH = ("dq", "dkdv")   # the two halves of a block backward: dQ, and dK with dV
 
@@ -40,18 +42,17 @@ def _reference_block_backward(q, k, v, out, lse, dout, delta, mask, scale, parts
     s, kh = k.shape[1], k.shape[2]
     g = n // kh
     ct = acc_dtype(q.dtype)
-    qg = q.astype(ct).reshape(b, t, kh, g, h)
-    logits = jnp.einsum("btkgh,bskh->bkgts", qg, k.astype(ct)) * jnp.asarray(scale, ct)
-    allowed = allowed_pairs(mask, t, s)  # [Bm, Hm, T, S], Hm in (1, N)
-    allowed = allowed[:, :, None] if allowed.shape[1] == 1 else allowed.reshape(-1, kh, g, t, s)
+    allowed = grouped_allowed_pairs(mask, t, s, kh, g)   # [Bm, K|1, G|1, T, S]
+    qg, k, v = q.astype(ct).reshape(b, t, kh, g, h), k.astype(ct), v.astype(ct)
+    logits = jnp.einsum("btkgh,bskh->bkgts", qg, k) * jnp.asarray(scale, ct)
     row_lse = lse.astype(ct).reshape(b, kh, g, t)[..., None]
     keep = allowed & ~jnp.isneginf(row_lse)
     p = jnp.where(keep, jnp.exp(logits - jnp.where(jnp.isneginf(row_lse), 0, row_lse)), 0)
     do = dout.astype(ct).reshape(b, t, kh, g, h)
     dv = jnp.einsum("bkgts,btkgh->bskh", p, do)
-    ds = p * (jnp.einsum("btkgh,bskh->bkgts", do, v.astype(ct))
+    ds = p * (jnp.einsum("btkgh,bskh->bkgts", do, v)
               - delta.astype(ct).reshape(b, kh, g, t)[..., None])
-    dq = jnp.einsum("bkgts,bskh->btkgh", ds, k.astype(ct)).reshape(b, t, n, h) * scale
+    dq = jnp.einsum("bkgts,bskh->btkgh", ds, k).reshape(b, t, n, h) * scale
     dk = jnp.einsum("bkgts,btkgh->bskh", ds, qg) * scale
     return _select(parts, dq, dk, dv)
 
@@ -61,10 +62,10 @@ def _select(parts, dq, dk, dv):
     return (dq if "dq" in parts else None,) + ((dk, dv) if "dkdv" in parts else (None, None))
 
 
-def _pallas_block_backward(backend_name):
-    """The Pallas kernels' own backward, fed the global out/lse/D (no forward recompute)."""
+def _kernel_block_backward(backend_name):
+    """The kernel backend's own backward, fed the global out/lse/D (no forward
+    recompute); `parts` runs the dQ or the dK/dV half alone (the backend contract)."""
     def run(q, k, v, out, lse, dout, delta, mask, scale, parts=BOTH):
-        from jaxattn.flash import pallas_backward
         return pallas_backward(backend_name, q, k, v, out, lse, dout, delta, mask, scale=scale,
                                parts=parts)
     return run
@@ -79,8 +80,8 @@ def _block_backward(implementation):
     name = implementation if implementation is not None else default_order()[0]
     if name in ("reference", "xla", "cudnn"):
         return _reference_block_backward
-    if name == "pallas_triton":
-        return _pallas_block_backward(name)
+    if name in backend_names():
+        return _kernel_block_backward(name)
     return None
 
 

@@ -15,6 +15,7 @@ non-empty tiles. D = rowsum(dO ∘ O) − dlse comes precomputed (pallas_kernels
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -22,12 +23,12 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.metadata import pad_to_multiple
-from pallas_kernels.triton.common import (LOG2E, acc_dtype, dot_nn, dot_nt, dot_tn,
-                                          forward_table, make_operand_access, pad_axis, pad_btnh,
-                                          padded_head_dim, prepare_operands, scaled_logits,
-                                          tile_keep, transposed_table, walk_tiles,
-                                          bias_access, prepare_bias, split_refs)
+from pallas_kernels.common import (LOG2E, acc_dtype, dbias_mode, pad_axis, pad_btnh,
+                                   pad_to_multiple, prepare_bias, prepare_operands, reduce_dbias,
+                                   reversed_q_block)
+from pallas_kernels.triton.common import (bias_access, dot_nn, dot_nt, dot_tn, forward_table,
+                                          make_operand_access, padded_head_dim, scaled_logits,
+                                          split_refs, tile_keep, transposed_table, walk_tiles)
 
 
 def _probabilities_and_dlogits(q, k, v, do, lse2, delta, keep, *, scale, cap, acc, bias=None):
@@ -89,7 +90,7 @@ def _dkdv_kernel(table_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *re
 def _dq_kernel(table_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, n_operands,
                accesses, mask_fn, bias_acc, dbias_mode, layout, scale, cap, kv_len, bq, bk, acc):
     operand_refs, bias_ref, (dq_ref, *dbias_ref) = split_refs(refs, n_operands, bias_acc)
-    q_start = (pl.num_programs(0) - 1 - pl.program_id(0)) * bq   # heaviest q-blocks first
+    q_start = reversed_q_block(pl.program_id(0), pl.num_programs(0)) * bq   # heaviest first
     q = q_ref[...]
     do = do_ref[...]
     lse2 = lse_ref[...] * LOG2E
@@ -100,7 +101,7 @@ def _dq_kernel(table_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs
         k = k_ref[pl.ds(kv_start, bk), :]
         v = v_ref[pl.ds(kv_start, bk), :]
         keep = None
-        if partial:
+        if partial:   # keys no query here may attend (padding) may hold NaN: dQ += dS·K
             keep = tile_keep(mask_fn, accesses, operand_refs, q_start, kv_start, kv_len,
                              bq=bq, bk=bk)
         bias = None if bias_acc is None else bias_acc.load(bias_ref, q_start, kv_start, 0)
@@ -131,78 +132,119 @@ def backward(static, q, k, v, bias, out, lse, dout, delta, metas, operands,
     `parts` runs only the dQ kernel ("dq") or only the dK/dV kernel ("dkdv"), and asks
     for the bias gradient ("dbias") or not; what was not asked for comes back as None
     (ring attention sends dK/dV on while dQ runs; a constant bias needs no gradient).
-
-    dbias is dS reduced to the bias's shape. The kernels reduce over what they loop
-    over: a [.., 1, S] bias gets column sums from the dK/dV kernel, a [.., T|1, 1] one row
-    sums from the dQ kernel; only a [.., T, S] bias has dS written per (b, n) tile."""
+    dbias is dS reduced to the bias's shape by the kernel that loops over the reduced
+    axis (pallas_kernels.common.dbias_mode)."""
     del out  # D = rowsum(dO ∘ O) − dlse already carries what the backward needs of O.
     dq = dk = dv = dbias = None
-    mode = None   # which kernel makes dbias, and how
-    if bias is not None and "dbias" in parts:
-        t_full, s_full = bias.shape[2] > 1, bias.shape[3] > 1
-        mode = "tiles" if t_full and s_full else ("cols" if s_full else "rows")
+    mode = dbias_mode(bias.shape) if bias is not None and "dbias" in parts else None
     if "dkdv" in parts or mode == "cols":
-        dk, dv, dbias_cols = _dkdv(static, q, k, v, bias, lse, dout, delta, metas["dkdv"], operands,
-                                   dbias=mode == "cols")
+        pb = _Problem.of(q, k, v, bias, lse, dout, delta, metas["dkdv"])
+        dk, dv, dbias_cols = _dkdv(pb, static, metas["dkdv"], operands, dbias=mode == "cols")
         if mode == "cols":
             dbias = dbias_cols[:, :, None, :]                # [B, N, 1, S]
         if "dkdv" not in parts:
             dk = dv = None
     if "dq" in parts or mode in ("tiles", "rows"):
         dq_mode = mode if mode in ("tiles", "rows") else None
-        dq, dbias_rows = _dq(static, q, k, v, bias, lse, dout, delta, metas["dq"], operands,
-                             dbias_mode=dq_mode)
+        pb = _Problem.of(q, k, v, bias, lse, dout, delta, metas["dq"])
+        dq, dbias_rows = _dq(pb, static, metas["dq"], operands, dbias_mode=dq_mode)
         if dq_mode is not None:
             dbias = dbias_rows if mode == "tiles" else dbias_rows[..., None]   # [B, N, T, S|1]
         if "dq" not in parts:
             dq = None
-    if dbias is not None:   # sum over the axes the bias is broadcast along
-        sum_axes = tuple(a for a in range(4) if bias.shape[a] == 1 and dbias.shape[a] != 1)
-        dbias = jnp.sum(dbias, axis=sum_axes, keepdims=True).astype(bias.dtype)
+    if dbias is not None:
+        dbias = reduce_dbias(dbias, bias)
     return dq, dk, dv, dbias
 
 
-def _padded_inputs(q, k, v, lse, dout, delta, bq, bk):
-    t, s, h = q.shape[1], k.shape[1], q.shape[3]
-    hp = padded_head_dim(h)
-    tp, sp = pad_to_multiple(t, bq), pad_to_multiple(s, bk)
-    acc = acc_dtype(q.dtype)
-    # Padded rows: lse = 0 and D = 0 keep P finite, and dO = 0 makes their dS and dV zero.
-    return (tp, sp, hp, acc, pad_btnh(q, tp, hp), pad_btnh(k, sp, hp), pad_btnh(v, sp, hp),
-            pad_btnh(dout.astype(q.dtype), tp, hp), pad_axis(lse.astype(acc), 2, tp),
-            pad_axis(delta.astype(acc), 2, tp))
+@dataclasses.dataclass(frozen=True)
+class _Problem:
+    """One backward kernel's inputs, padded to its tiles (block_q, block_kv) and to the
+    padded head dim hp: q, dO [B, Tp, N, hp]; k, v [B, Sp, K, hp]; lse, D [B, N, Tp] in
+    the accumulation dtype; the bias [Bb, Hb, Tp|1, Sp|1] or None."""
+    b: int
+    t: int
+    n: int
+    h: int
+    s: int
+    kh: int
+    bq: int
+    bk: int
+    tp: int
+    sp: int
+    hp: int
+    acc: object
+    q: jax.Array
+    k: jax.Array
+    v: jax.Array
+    do: jax.Array
+    lse: jax.Array
+    delta: jax.Array
+    bias: jax.Array | None
+
+    @property
+    def groups(self) -> int:
+        return self.n // self.kh
+
+    @classmethod
+    def of(cls, q, k, v, bias, lse, dout, delta, meta):
+        b, t, n, h = q.shape
+        s, kh = k.shape[1], k.shape[2]
+        bq, bk = meta.block_q, meta.block_kv
+        hp = padded_head_dim(h)
+        tp, sp = pad_to_multiple(t, bq), pad_to_multiple(s, bk)
+        acc = acc_dtype(q.dtype)
+        # Padded rows: lse = 0 and D = 0 keep P finite, and dO = 0 makes their dS and dV zero.
+        return cls(b, t, n, h, s, kh, bq, bk, tp, sp, hp, acc,
+                   pad_btnh(q, tp, hp), pad_btnh(k, sp, hp), pad_btnh(v, sp, hp),
+                   pad_btnh(dout.astype(q.dtype), tp, hp), pad_axis(lse.astype(acc), 2, tp),
+                   pad_axis(delta.astype(acc), 2, tp), prepare_bias(bias, tp, sp, acc))
+
+    def kernel_params(self, static):
+        """Keyword arguments every backward kernel takes."""
+        return dict(mask_fn=static.mask_fn, scale=static.scale, cap=static.logits_soft_cap,
+                    kv_len=self.s, bq=self.bq, bk=self.bk, acc=self.acc)
+
+    def operands(self, static, operands, layout):
+        return make_operand_access(
+            prepare_operands(operands, static.operand_kinds, self.t, self.s, self.tp, self.sp,
+                             self.bq, self.bk),
+            layout, bq=self.bq, bk=self.bk, groups=self.groups)
 
 
-def _setup(static, q, k, v, lse, dout, delta, meta, operands):
-    """Shapes, padded inputs, mask operands and kernel parameters shared by both kernels."""
-    b, t, n, h = q.shape
-    s, kh = k.shape[1], k.shape[2]
-    bq, bk = meta.block_q, meta.block_kv
-    tp, sp, hp, acc, qp, kp, vp, dop, lse_p, delta_p = _padded_inputs(q, k, v, lse, dout, delta, bq, bk)
-    prepared = prepare_operands(operands, static.operand_kinds, t, s, tp, sp, bq, bk)
-    common = dict(mask_fn=static.mask_fn, scale=static.scale, cap=static.logits_soft_cap,
-                  kv_len=s, bq=bq, bk=bk, acc=acc)
-    params = plgpu.CompilerParams(num_warps=static.config.num_warps_bwd,
-                                  num_stages=static.config.num_stages_bwd)
-    return (b, t, n, h, s, kh, n // kh, bq, bk, tp, sp, hp, qp, kp, vp, dop, lse_p, delta_p,
-            prepared, common, params)
+def _call(kernel, pb: _Problem, static, table, accesses, bias_acc, *, grid, specs, out_specs,
+          out_shape, name, reverse_rows=None):
+    """pallas_call of one backward kernel. `specs` are the BlockSpecs of
+    (table, q, k, v, dO, lse, D); the mask operands and the bias follow them (their
+    q-blocks in reverse order when `reverse_rows` = nQ, as the dQ grid runs them)."""
+    operand_specs = [a.spec(reverse_rows=reverse_rows) for a in accesses]
+    bias_specs = [] if bias_acc is None else [bias_acc.spec(reverse_rows=reverse_rows)]
+    return pl.pallas_call(
+        kernel,
+        grid=grid,
+        in_specs=[*specs, *operand_specs, *bias_specs],
+        out_specs=out_specs,
+        out_shape=out_shape,
+        compiler_params=plgpu.CompilerParams(num_warps=static.config.num_warps_bwd,
+                                             num_stages=static.config.num_stages_bwd),
+        interpret=static.interpret,
+        name=name,
+    )(table, pb.q, pb.k, pb.v, pb.do, pb.lse, pb.delta, *[a.arr for a in accesses],
+      *([pb.bias] if pb.bias is not None else []))
 
 
-def _dkdv(static, q, k, v, bias, lse, dout, delta, meta, operands, dbias=False):
+def _dkdv(pb: _Problem, static, meta, operands, dbias=False):
     """dK, dV (and, with `dbias`, dS summed over the query rows: [B, N, S]): programs over
-    kv-blocks, walking the transposed lists."""
-    (b, t, n, h, s, kh, groups, bq, bk, tp, sp, hp, qp, kp, vp, dop, lse_p, delta_p, prepared,
-     common, params) = _setup(static, q, k, v, lse, dout, delta, meta, operands)
-
-    t_table, layout = transposed_table(meta)
-    tbm, thm = t_table.shape[:2]
+    (kv-block j, batch, kv head), walking the transposed lists."""
+    bk, tp, hp, groups = pb.bk, pb.tp, pb.hp, pb.groups
+    table, layout = transposed_table(meta)
+    tbm, thm = table.shape[:2]
     per_head_table = thm > 1
-    accesses = make_operand_access(prepared, "cols", bq=bq, bk=bk, groups=groups)
-    bias_p = prepare_bias(bias, tp, sp, common["acc"])
-    bias_acc = bias_access(bias_p, "cols", bq=bq, bk=bk, groups=groups)
+    accesses = pb.operands(static, operands, "cols")
+    bias_acc = bias_access(pb.bias, "cols", bq=pb.bq, bk=bk, groups=groups)
     bsel = (lambda bb: bb) if tbm > 1 else (lambda bb: 0)
-    dkdv_in_specs = [
-        pl.BlockSpec((None, groups if per_head_table else None, None, t_table.shape[-1]),
+    specs = [
+        pl.BlockSpec((None, groups if per_head_table else None, None, table.shape[-1]),
                      lambda j, bb, hh: (bsel(bb), hh if per_head_table else 0, j, 0)),
         pl.BlockSpec((None, tp, groups, hp), lambda j, bb, hh: (bb, 0, hh, 0)),    # q (group)
         pl.BlockSpec((None, bk, None, hp), lambda j, bb, hh: (bb, j, hh, 0)),      # k
@@ -210,76 +252,57 @@ def _dkdv(static, q, k, v, bias, lse, dout, delta, meta, operands, dbias=False):
         pl.BlockSpec((None, tp, groups, hp), lambda j, bb, hh: (bb, 0, hh, 0)),    # dO (group)
         pl.BlockSpec((None, groups, tp), lambda j, bb, hh: (bb, hh, 0)),           # lse
         pl.BlockSpec((None, groups, tp), lambda j, bb, hh: (bb, hh, 0)),           # D
-        *[a.spec() for a in accesses],
-        *([bias_acc.spec()] if bias_acc is not None else []),
     ]
     kv_out_spec = pl.BlockSpec((None, bk, None, hp), lambda j, bb, hh: (bb, j, hh, 0))
     out_specs = [kv_out_spec, kv_out_spec]
-    out_shape = [jax.ShapeDtypeStruct((b, sp, kh, hp), k.dtype),
-                 jax.ShapeDtypeStruct((b, sp, kh, hp), v.dtype)]
+    out_shape = [jax.ShapeDtypeStruct(pb.k.shape, pb.k.dtype), jax.ShapeDtypeStruct(pb.v.shape, pb.v.dtype)]
     if dbias:   # per query head: the G heads of group hh are rows hh·G … hh·G + G − 1
         out_specs.append(pl.BlockSpec((None, groups, bk), lambda j, bb, hh: (bb, hh, j)))
-        out_shape.append(jax.ShapeDtypeStruct((b, n, sp), common["acc"]))
-    dk, dv, *dbias_cols = pl.pallas_call(
-        functools.partial(_dkdv_kernel, n_operands=len(accesses), accesses=accesses,
-                          bias_acc=bias_acc, layout=layout, per_head_table=per_head_table,
-                          groups=groups, **common),
-        grid=(sp // bk, b, kh),
-        in_specs=dkdv_in_specs,
-        out_specs=out_specs,
-        out_shape=out_shape,
-        compiler_params=params,
-        interpret=static.interpret,
-        name="jaxattn_flash_dkdv",
-    )(t_table, qp, kp, vp, dop, lse_p, delta_p, *[a.arr for a in accesses],
-      *([bias_p] if bias_p is not None else []))
+        out_shape.append(jax.ShapeDtypeStruct((pb.b, pb.n, pb.sp), pb.acc))
+    kernel = functools.partial(_dkdv_kernel, n_operands=len(accesses), accesses=accesses,
+                               bias_acc=bias_acc, layout=layout, per_head_table=per_head_table,
+                               groups=groups, **pb.kernel_params(static))
+    dk, dv, *dbias_cols = _call(kernel, pb, static, table, accesses, bias_acc,
+                                grid=(pb.sp // bk, pb.b, pb.kh), specs=specs, out_specs=out_specs,
+                                out_shape=out_shape, name="jaxattn_flash_dkdv")
+    s, h = pb.s, pb.h
     return dk[:, :s, :, :h], dv[:, :s, :, :h], (dbias_cols[0][:, :, :s] if dbias else None)
 
 
-def _dq(static, q, k, v, bias, lse, dout, delta, meta, operands, dbias_mode=None):
-    """dQ: programs over q-blocks, walking the forward lists. dbias_mode "tiles" also
-    writes dS per (b, n) ([B, N, T, S]); "rows" its sums over the key columns
-    ([B, N, T])."""
-    (b, t, n, h, s, kh, groups, bq, bk, tp, sp, hp, qp, kp, vp, dop, lse_p, delta_p, prepared,
-     common, params) = _setup(static, q, k, v, lse, dout, delta, meta, operands)
+def _dq(pb: _Problem, static, meta, operands, dbias_mode=None):
+    """dQ: programs over (q-block, batch, query head), walking the forward lists.
+    dbias_mode "tiles" also writes dS per (b, n) ([B, N, T, S]); "rows" its sums over
+    the key columns ([B, N, T])."""
+    bq, hp, sp, groups = pb.bq, pb.hp, pb.sp, pb.groups
     table, layout = forward_table(meta)
     fbm, fhm = table.shape[:2]
-    accesses = make_operand_access(prepared, "rows", bq=bq, bk=bk, groups=groups)
-    bias_p = prepare_bias(bias, tp, sp, common["acc"])
-    bias_acc = bias_access(bias_p, "rows", bq=bq, bk=bk, groups=groups)
-    nq = tp // bq
-    dq_in_specs = [
+    accesses = pb.operands(static, operands, "rows")
+    bias_acc = bias_access(pb.bias, "rows", bq=bq, bk=pb.bk, groups=groups)
+    nq = pb.tp // bq
+    row = lambda i: reversed_q_block(i, nq)  # noqa: E731  (q-block of program i)
+    q_tile = pl.BlockSpec((None, bq, None, hp), lambda i, bb, nn: (bb, row(i), nn, 0))
+    row_stat = pl.BlockSpec((None, None, bq), lambda i, bb, nn: (bb, nn, row(i)))
+    kv_all = pl.BlockSpec((None, sp, None, hp), lambda i, bb, nn: (bb, 0, nn // groups, 0))
+    specs = [
         pl.BlockSpec((None, None, None, table.shape[-1]),
-                     lambda i, bb, nn: (bb if fbm > 1 else 0, nn if fhm > 1 else 0, nq - 1 - i, 0)),
-        pl.BlockSpec((None, bq, None, hp), lambda i, bb, nn: (bb, nq - 1 - i, nn, 0)),
-        pl.BlockSpec((None, sp, None, hp), lambda i, bb, nn: (bb, 0, nn // groups, 0)),
-        pl.BlockSpec((None, sp, None, hp), lambda i, bb, nn: (bb, 0, nn // groups, 0)),
-        pl.BlockSpec((None, bq, None, hp), lambda i, bb, nn: (bb, nq - 1 - i, nn, 0)),
-        pl.BlockSpec((None, None, bq), lambda i, bb, nn: (bb, nn, nq - 1 - i)),
-        pl.BlockSpec((None, None, bq), lambda i, bb, nn: (bb, nn, nq - 1 - i)),
-        *[a.spec(reverse_rows=nq) for a in accesses],
-        *([bias_acc.spec(reverse_rows=nq)] if bias_acc is not None else []),
+                     lambda i, bb, nn: (bb if fbm > 1 else 0, nn if fhm > 1 else 0, row(i), 0)),
+        q_tile, kv_all, kv_all, q_tile, row_stat, row_stat,      # q, k, v, dO, lse, D
     ]
-    out_specs = [pl.BlockSpec((None, bq, None, hp), lambda i, bb, nn: (bb, nq - 1 - i, nn, 0))]
-    out_shape = [jax.ShapeDtypeStruct((b, tp, n, hp), q.dtype)]
+    out_specs = [q_tile]
+    out_shape = [jax.ShapeDtypeStruct(pb.q.shape, pb.q.dtype)]
     if dbias_mode == "tiles":   # dS of every (b, n), reduced to the bias's shape by the caller
-        out_specs.append(pl.BlockSpec((None, None, bq, sp), lambda i, bb, nn: (bb, nn, nq - 1 - i, 0)))
-        out_shape.append(jax.ShapeDtypeStruct((b, n, tp, sp), common["acc"]))
+        out_specs.append(pl.BlockSpec((None, None, bq, sp), lambda i, bb, nn: (bb, nn, row(i), 0)))
+        out_shape.append(jax.ShapeDtypeStruct((pb.b, pb.n, pb.tp, sp), pb.acc))
     elif dbias_mode == "rows":
-        out_specs.append(pl.BlockSpec((None, None, bq), lambda i, bb, nn: (bb, nn, nq - 1 - i)))
-        out_shape.append(jax.ShapeDtypeStruct((b, n, tp), common["acc"]))
-    dq, *dbias = pl.pallas_call(
-        functools.partial(_dq_kernel, n_operands=len(accesses), accesses=accesses,
-                          bias_acc=bias_acc, dbias_mode=dbias_mode, layout=layout, **common),
-        grid=(tp // bq, b, n),
-        in_specs=dq_in_specs,
-        out_specs=out_specs,
-        out_shape=out_shape,
-        compiler_params=params,
-        interpret=static.interpret,
-        name="jaxattn_flash_dq",
-    )(table, qp, kp, vp, dop, lse_p, delta_p, *[a.arr for a in accesses],
-      *([bias_p] if bias_p is not None else []))
+        out_specs.append(row_stat)
+        out_shape.append(jax.ShapeDtypeStruct((pb.b, pb.n, pb.tp), pb.acc))
+    kernel = functools.partial(_dq_kernel, n_operands=len(accesses), accesses=accesses,
+                               bias_acc=bias_acc, dbias_mode=dbias_mode, layout=layout,
+                               **pb.kernel_params(static))
+    dq, *dbias = _call(kernel, pb, static, table, accesses, bias_acc, grid=(nq, pb.b, pb.n),
+                       specs=specs, out_specs=out_specs, out_shape=out_shape, name="jaxattn_flash_dq",
+                       reverse_rows=nq)
+    t, s, h = pb.t, pb.s, pb.h
     if dbias_mode == "tiles":
         return dq[:, :t, :, :h], dbias[0][:, :, :t, :s]
     return dq[:, :t, :, :h], (dbias[0][:, :, :t] if dbias_mode == "rows" else None)

@@ -1,45 +1,27 @@
-"""Pieces shared by the Triton forward and backward kernels.
+"""Pieces shared by the Triton forward and backward kernels: the head-dim padding
+rule, the packed tile tables and their walk, the online-softmax step, and how mask
+operands and the bias are read tile by tile. What every backend shares lives in
+pallas_kernels/common.py.
 
-Inputs reach the kernels padded: T and S up to whole tiles, the head dim up to a power
-of two >= 16 (Triton tiles must be powers of two). Zero-padded head columns leave q·k
-unchanged; padded key columns sit only in PARTIAL tiles, where `kv_pos < kv_len` masks
-them; padded query rows are computed and dropped.
+Inputs reach the kernels padded (pallas_kernels/README.md, "Padding"): T and S up to
+whole tiles, the head dim up to a power of two >= 16 (Triton tiles must be powers of
+two).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.experimental import pallas as pl
 
-from pallas_kernels.common import acc_dtype  # noqa: F401  (re-exported to the kernels)
+from pallas_kernels.common import MASK_VALUE, reversed_q_block
 from pallas_kernels.metadata import BlockMetadata
 
-# A finite stand-in for -inf inside the online softmax: -inf - -inf would be NaN.
-MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
-LOG2E = math.log2(math.e)
-LN2 = math.log(2.0)
-
-
 def padded_head_dim(h: int) -> int:
+    """Triton tiles are powers of two, and tensor-core dots want at least 16 columns."""
     return max(16, pl.next_power_of_2(h))
-
-
-def pad_axis(x, axis: int, size: int, value=0):
-    pad = size - x.shape[axis]
-    if pad == 0:
-        return x
-    widths = [(0, 0)] * x.ndim
-    widths[axis] = (0, pad)
-    return jnp.pad(x, widths, constant_values=value)
-
-
-def pad_btnh(x, length: int, head_dim: int):
-    return pad_axis(pad_axis(x, 1, length), 3, head_dim)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,41 +91,14 @@ class _Rows:
         return self.ref[i] if self.head is None else self.ref[self.head, i]
 
 
-def prepare_operands(operands, kinds, q_len, kv_len, q_pad, kv_pad, tile_q, tile_kv):
-    """Pad/broadcast mask operands for the kernels. A "block" layout whose blocks the
-    kernel tiles do not divide is expanded to a dense "qkv" operand.
-    Returns [(kind, layout_block, array)]."""
-    prepared = []
-    for (kind, layout_block), arr in zip(kinds, operands):
-        arr = jnp.asarray(arr)
-        if kind == "block":
-            lbq, lbk = layout_block
-            if lbq % tile_q or lbk % tile_kv:
-                arr = jnp.repeat(jnp.repeat(arr, lbq, axis=-2), lbk, axis=-1)
-                arr = arr[..., :q_len, :kv_len]   # the "qkv" branch below pads it
-                kind, layout_block = "qkv", None
-            else:
-                arr = arr.astype(jnp.int32)
-        if kind == "q":
-            arr = pad_axis(arr.astype(jnp.int32), 1, q_pad)
-        elif kind == "kv":
-            arr = pad_axis(arr.astype(jnp.int32), 1, kv_pad)
-        elif kind == "qkv":
-            bm, hm = arr.shape[:2]
-            arr = jnp.broadcast_to(arr, (bm, hm, q_len, kv_len))  # size-1 T/S dims
-            arr = pad_axis(pad_axis(arr.astype(jnp.int8), 2, q_pad), 3, kv_pad)
-        prepared.append((kind, layout_block, arr))
-    return prepared
-
-
 def online_softmax_step(qk2, m_prev, l_prev, acc_prev, load_v, keep=None):
     """One kv-tile of FlashAttention-2 Algorithm 1 (lines 8-10), in base 2.
 
     qk2: logits × log2(e) [bq, bk]; keep: bool mask of allowed pairs (PARTIAL tiles) or
     None (FULL tiles: no mask work at all). Masked probabilities are zeroed explicitly,
-    so a row that has seen no allowed key keeps l = 0 and acc = 0. V is loaded only once
-    the softmax statistics are done (load_v()), which keeps register pressure lower
-    while the V tile is in flight (measured faster on H100 than loading K and V together).
+    so a row that has seen no allowed key keeps l = 0 and acc = 0. V is loaded only once the softmax statistics
+    are done (load_v()), which keeps register pressure lower while the V tile is in
+    flight (measured faster on H100 than loading K and V together).
     """
     if keep is not None:
         qk2 = jnp.where(keep, qk2, MASK_VALUE)
@@ -187,22 +142,6 @@ def scaled_logits(qk, scale: float, cap: float | None, unit: float = 1.0, bias=N
     return (cap * unit) * t, t
 
 
-def prepare_bias(bias, q_pad, kv_pad, acc):
-    """bias [Bb, Hb, T|1, S|1] → the same with its full-length axes zero padded to
-    (q_pad, kv_pad). Broadcast axes stay of size 1 (a [1, 1, 1, S] bias is read as one
-    row per tile, never materialised as [T, S]); float32 and narrower dtypes are kept
-    (added in `acc` inside the kernels), wider ones are cast to `acc`."""
-    if bias is None:
-        return None
-    if jnp.dtype(bias.dtype).itemsize > jnp.dtype(acc).itemsize:
-        bias = bias.astype(acc)
-    if bias.shape[2] > 1:
-        bias = pad_axis(bias, 2, q_pad)
-    if bias.shape[3] > 1:
-        bias = pad_axis(bias, 3, kv_pad)
-    return bias
-
-
 # ---------------------------------------------------------------------------------
 # Mask operands inside the kernels. Two grid layouts exist:
 #   "rows": a program owns one q-block (forward, dQ): grid (nQ, B, N), ids (i, b, n);
@@ -227,7 +166,7 @@ class DenseAccess:
         hsel = (lambda h: h) if self.per_head else (lambda h: 0)
         tb, sb = self.arr.shape[2:]
         if self.layout == "rows":   # grid (i, b, n): rows of q-block i, every column
-            row = (lambda i: reverse_rows - 1 - i) if reverse_rows else (lambda i: i)
+            row = (lambda i: reversed_q_block(i, reverse_rows)) if reverse_rows else (lambda i: i)
             return pl.BlockSpec((None, None, self.bq if self.full_rows else 1, sb),
                                 lambda i, b, n: (bsel(b), hsel(n), row(i) if self.full_rows else 0, 0))
         # "cols", grid (j, b, kh): every row of kv-block j, for the G heads of group kh
@@ -250,13 +189,14 @@ class OperandAccess:
         self._dense = DenseAccess(arr, layout, bq=bq, bk=bk, groups=groups) if kind == "qkv" else None
 
     def spec(self, reverse_rows: int | None = None):
-        """BlockSpec; with reverse_rows=nQ, "rows" program i owns q-block nQ - 1 - i."""
+        """BlockSpec; with reverse_rows=nQ, "rows" program i owns q-block
+        reversed_q_block(i, nQ)."""
         bsel = (lambda b: b) if self.per_batch else (lambda b: 0)
         rows = self.layout == "rows"
         if rows and reverse_rows:
             spec = self.spec()
             return pl.BlockSpec(spec.block_shape,
-                                lambda i, b, n: spec.index_map(reverse_rows - 1 - i, b, n))
+                                lambda i, b, n: spec.index_map(reversed_q_block(i, reverse_rows), b, n))
         kind, a = self.kind, self.arr
         if kind == "q":
             if rows:

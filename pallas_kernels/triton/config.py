@@ -17,6 +17,9 @@ from __future__ import annotations
 
 import dataclasses
 
+from pallas_kernels.backend import KernelRequest
+from pallas_kernels.triton.common import padded_head_dim
+
 
 def _is_pow2(x: int) -> bool:
     return x > 0 and (x & (x - 1)) == 0
@@ -59,17 +62,30 @@ class TritonConfig:
                 raise ValueError(f"TritonConfig.{name} must be >= 1, got {getattr(self, name)}.")
 
 
-def default_config(head_dim: int, *, interpret: bool = False) -> TritonConfig:
-    """Heuristic config per (padded) head dim."""
+def default_config(request: KernelRequest, *, interpret: bool = False) -> TritonConfig:
+    """Heuristic config per padded head dim (the tables above); small tiles in interpret
+    mode."""
+    head_dim = padded_head_dim(request.head_dim)
     if interpret:
         return TritonConfig(block_q=32, block_kv=32, block_q_dkv=16, block_kv_dkv=32,
                             block_q_dq=32, block_kv_dq=16)
     if head_dim <= 64:
         return TritonConfig(block_q=64, block_kv=128, num_warps=4, num_stages=2,
-                            block_q_dkv=64, block_kv_dkv=64, block_q_dq=64, block_kv_dq=64, num_warps_bwd=4, num_stages_bwd=2)
+                            block_q_dkv=64, block_kv_dkv=64, block_q_dq=64, block_kv_dq=64,
+                            num_warps_bwd=4, num_stages_bwd=2)
     if head_dim <= 128:
         return TritonConfig(block_q=128, block_kv=64, num_warps=4, num_stages=3,
-                            block_q_dkv=64, block_kv_dkv=64, block_q_dq=64, block_kv_dq=64, num_warps_bwd=4, num_stages_bwd=2)
+                            block_q_dkv=64, block_kv_dkv=64, block_q_dq=64, block_kv_dq=64,
+                            num_warps_bwd=4, num_stages_bwd=2)
     return TritonConfig(block_q=64, block_kv=32, num_warps=4, num_stages=2,
                         block_q_dkv=32, block_kv_dkv=32, block_q_dq=32, block_kv_dq=32,
                         num_warps_bwd=4, num_stages_bwd=1)
+
+
+def supports(request: KernelRequest, *, interpret: bool) -> str | None:
+    """None, or why these kernels cannot serve the request. Every mask, bias layout, soft
+    cap, GQA ratio, dtype and length is served; compiled kernels need a CUDA GPU."""
+    if not interpret and request.platform != "gpu":
+        return (f"the Triton kernels need a CUDA GPU (platform is {request.platform!r}); "
+                "pass interpret=True to run them in Pallas interpret mode")
+    return None

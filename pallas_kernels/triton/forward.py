@@ -16,20 +16,18 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.metadata import pad_to_multiple
-from pallas_kernels.triton.common import (LN2, LOG2E, MASK_VALUE, acc_dtype, dot_nt,
-                                          forward_table, make_operand_access, online_softmax_step,
-                                          pad_btnh, padded_head_dim, prepare_operands,
-                                          scaled_logits, tile_keep, walk_tiles,
-                                          bias_access, prepare_bias, split_refs)
+from pallas_kernels.common import (LN2, LOG2E, MASK_VALUE, acc_dtype, pad_btnh, pad_to_multiple,
+                                   prepare_bias, prepare_operands, reversed_q_block)
+from pallas_kernels.triton.common import (bias_access, dot_nt, forward_table, make_operand_access,
+                                          online_softmax_step, padded_head_dim, scaled_logits,
+                                          split_refs, tile_keep, walk_tiles)
 
 
 def _forward_kernel(table_ref, q_ref, k_ref, v_ref, *refs, n_operands, accesses, mask_fn,
                     bias_acc, layout, scale, cap, kv_len, bq, bk, acc):
     operand_refs, bias_ref, (o_ref, lse_ref) = split_refs(refs, n_operands, bias_acc)
-    # Programs run in reverse q-block order: under causal-like masks the last q-blocks
-    # have the most kv-blocks, and starting them first shortens the tail of the grid.
-    q_start = (pl.num_programs(0) - 1 - pl.program_id(0)) * bq
+    # Programs run in reverse q-block order (heaviest q-blocks first).
+    q_start = reversed_q_block(pl.program_id(0), pl.num_programs(0)) * bq
     q = q_ref[...]                                    # [bq, Hp], stays on chip
     hp = q.shape[-1]
 
@@ -85,19 +83,20 @@ def forward(static, q, k, v, bias, metas, operands):
     bias_acc = bias_access(bias_p, "rows", bq=bq, bk=bk, groups=groups)
 
     nq = tp // bq
+    row = lambda i: reversed_q_block(i, nq)  # noqa: E731  (q-block of program i)
     grid = (nq, b, n)
     in_specs = [
         pl.BlockSpec((None, None, None, table.shape[-1]),
-                     lambda i, bb, nn: (bb if tbm > 1 else 0, nn if thm > 1 else 0, nq - 1 - i, 0)),
-        pl.BlockSpec((None, bq, None, hp), lambda i, bb, nn: (bb, nq - 1 - i, nn, 0)),
+                     lambda i, bb, nn: (bb if tbm > 1 else 0, nn if thm > 1 else 0, row(i), 0)),
+        pl.BlockSpec((None, bq, None, hp), lambda i, bb, nn: (bb, row(i), nn, 0)),
         pl.BlockSpec((None, sp, None, hp), lambda i, bb, nn: (bb, 0, nn // groups, 0)),
         pl.BlockSpec((None, sp, None, hp), lambda i, bb, nn: (bb, 0, nn // groups, 0)),
         *[a.spec(reverse_rows=nq) for a in accesses],
         *([bias_acc.spec(reverse_rows=nq)] if bias_acc is not None else []),
     ]
     out_specs = [
-        pl.BlockSpec((None, bq, None, hp), lambda i, bb, nn: (bb, nq - 1 - i, nn, 0)),
-        pl.BlockSpec((None, None, bq), lambda i, bb, nn: (bb, nn, nq - 1 - i)),
+        pl.BlockSpec((None, bq, None, hp), lambda i, bb, nn: (bb, row(i), nn, 0)),
+        pl.BlockSpec((None, None, bq), lambda i, bb, nn: (bb, nn, row(i))),
     ]
     kernel = functools.partial(
         _forward_kernel, n_operands=len(accesses), accesses=accesses, mask_fn=static.mask_fn,

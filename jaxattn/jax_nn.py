@@ -1,8 +1,6 @@
-"""Registers the built-in implementations beyond the reference.
-
-"xla" and "cudnn" call `jax.nn.dot_product_attention` (the baselines we measure
-against); "pallas_triton" is jaxattn's own FlashAttention kernel.
-"""
+"""The "xla" and "cudnn" implementations: `jax.nn.dot_product_attention`, the
+baselines we measure against, held to jaxattn's contract (empty rows give 0, masks
+given as jax.nn's structured arguments where it has them)."""
 
 from __future__ import annotations
 
@@ -11,12 +9,12 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from jaxattn.api import register_implementation
+from pallas_kernels.common import acc_dtype
 from jaxattn.masks import AndMask, CausalMask, FullMask, LocalMask, Mask
 from jaxattn.reference import allowed_pairs
 
 
-def _jax_nn(implementation, query, key, value, bias, mask: Mask, *, scale, logits_soft_cap,
+def jax_nn_attention(implementation, query, key, value, bias, mask: Mask, *, scale, logits_soft_cap,
             return_residuals):
     if logits_soft_cap is not None:
         raise NotImplementedError("jax.nn.dot_product_attention has no logits_soft_cap")
@@ -63,8 +61,7 @@ def _jax_nn_jit(query, key, value, bias, mask, *, implementation, scale, return_
     lse = None
     if return_residuals:
         out, lse = out
-        lse_dtype = jnp.float64 if query.dtype == jnp.float64 else jnp.float32
-        lse = jnp.swapaxes(lse, 1, 2).astype(lse_dtype)
+        lse = jnp.swapaxes(lse, 1, 2).astype(acc_dtype(query.dtype))
     out = jnp.where(row_has_key, out, 0).astype(out.dtype)
     if lse is not None:
         lse = jnp.where(jnp.swapaxes(row_has_key[..., 0], 1, 2), lse, -jnp.inf)
@@ -87,27 +84,3 @@ def _jax_nn_mask_arguments(mask: Mask):
         else:
             return None
     return kwargs
-
-
-register_implementation("xla", functools.partial(_jax_nn, "xla"))
-register_implementation("cudnn", functools.partial(_jax_nn, "cudnn"))
-
-
-def _pallas_triton(query, key, value, bias, mask, *, scale, logits_soft_cap, return_residuals):
-    from jaxattn.flash import pallas_attention
-    return pallas_attention("pallas_triton", query, key, value, bias, mask, scale=scale,
-                            logits_soft_cap=logits_soft_cap, return_residuals=return_residuals)
-
-
-register_implementation("pallas_triton", _pallas_triton)
-
-
-def _pallas_mosaic_gpu(query, key, value, bias, mask, *, scale, logits_soft_cap, return_residuals):
-    # Named in the public contract (DESIGN.md); the Hopper backend is not built yet. A
-    # NotImplementedError lets implementation=None move on, and tells a caller who named
-    # it what to use instead.
-    raise NotImplementedError("the Mosaic GPU (Hopper) backend is not built yet; use "
-                              "implementation='pallas_triton' (any CUDA GPU) or None")
-
-
-register_implementation("pallas_mosaic_gpu", _pallas_mosaic_gpu)
