@@ -68,6 +68,7 @@ def reference_attention(query, key, value, bias=None, mask: Mask | None = None, 
         allowed = jnp.ones((1, 1, 1, 1, 1), bool)
     else:
         allowed = grouped_allowed_pairs(mask, t, s, k, g)
+        q, key, value = select_reachable(q, key, value, allowed)
     logits = jnp.einsum("btkgh,bskh->bkgts", q, key) * jnp.asarray(scale, ct)
     if bias is not None:
         logits = logits + jnp.broadcast_to(bias.astype(ct), (b, n, t, s)).reshape(b, k, g, t, s)

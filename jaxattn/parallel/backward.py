@@ -27,7 +27,7 @@ from jaxattn.implementations import default_order
 from jaxattn.parallel.forward import attend
 from jaxattn.parallel.hops import send_on
 from jaxattn.parallel.plan import dispatch, device_call, maybe_skip, rows, update_rows
-from jaxattn.reference import grouped_allowed_pairs
+from jaxattn.reference import grouped_allowed_pairs, select_reachable
 
 BOTH = ("dq", "dkdv")   # the two halves of a block backward: dQ, and dK with dV
 
@@ -43,7 +43,7 @@ def _reference_block_backward(q, k, v, out, lse, dout, delta, mask, scale, parts
     g = n // kh
     ct = acc_dtype(q.dtype)
     allowed = grouped_allowed_pairs(mask, t, s, kh, g)   # [Bm, K|1, G|1, T, S]
-    qg, k, v = q.astype(ct).reshape(b, t, kh, g, h), k.astype(ct), v.astype(ct)
+    qg, k, v = select_reachable(q.astype(ct).reshape(b, t, kh, g, h), k.astype(ct), v.astype(ct), allowed)
     logits = jnp.einsum("btkgh,bskh->bkgts", qg, k) * jnp.asarray(scale, ct)
     row_lse = lse.astype(ct).reshape(b, kh, g, t)[..., None]
     keep = allowed & ~jnp.isneginf(row_lse)

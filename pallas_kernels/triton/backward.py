@@ -28,12 +28,15 @@ from pallas_kernels.common import (LOG2E, acc_dtype, dbias_mode, pad_axis, pad_b
                                    reversed_q_block)
 from pallas_kernels.triton.common import (bias_access, dot_nn, dot_nt, dot_tn, forward_table,
                                           make_operand_access, padded_head_dim, scaled_logits,
-                                          split_refs, tile_keep, transposed_table, walk_tiles)
+                                          split_refs, tile_keep, transposed_table, walk_tiles,
+                                          zero_unreachable)
 
 
 def _probabilities_and_dlogits(q, k, v, do, lse2, delta, keep, *, scale, cap, acc, bias=None):
     """Recompute P for one tile from the saved lse, then dS w.r.t. the pre-cap logits
-    scale·q·k + bias (= dbias; dQ and dK scale it by `scale`)."""
+    scale·q·k + bias (= dbias; dQ and dK scale it by `scale`). In a PARTIAL tile both
+    are selected to 0 on masked pairs, so NaN/Inf in a masked key's logits or in its V
+    row (through dP = dO·Vᵀ) never reaches a gradient."""
     logits2, tanh = scaled_logits(dot_nt(q, k, acc), scale, cap, LOG2E, bias)
     p = jnp.exp2(logits2 - lse2[:, None])
     if keep is not None:
@@ -42,6 +45,8 @@ def _probabilities_and_dlogits(q, k, v, do, lse2, delta, keep, *, scale, cap, ac
     ds = p * (dp - delta[:, None])
     if cap is not None:
         ds = ds * (1.0 - tanh * tanh)   # d(c·tanh(x/c))/dx
+    if keep is not None:
+        ds = jnp.where(keep, ds, 0.0)
     return p, ds
 
 
@@ -69,6 +74,8 @@ def _dkdv_kernel(table_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *re
         bias = None if bias_acc is None else bias_acc.load(bias_ref, q_start, kv_start, g)
         p, ds = _probabilities_and_dlogits(q, k, v, do, lse2, delta, keep, scale=scale, cap=cap,
                                            acc=acc, bias=bias)
+        if partial:   # query rows that may attend no key here (padding) may hold NaN
+            q = zero_unreachable(q, keep, axis=1)
         dv = dv + dot_tn(p.astype(do.dtype), do, acc)
         dk = dk + dot_tn(ds.astype(q.dtype), q, acc)
         if colsum:   # a [.., 1, S] bias: its gradient is dS summed over the query rows
@@ -104,6 +111,7 @@ def _dq_kernel(table_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs
         if partial:   # keys no query here may attend (padding) may hold NaN: dQ += dS·K
             keep = tile_keep(mask_fn, accesses, operand_refs, q_start, kv_start, kv_len,
                              bq=bq, bk=bk)
+            k = zero_unreachable(k, keep, axis=0)
         bias = None if bias_acc is None else bias_acc.load(bias_ref, q_start, kv_start, 0)
         _, ds = _probabilities_and_dlogits(q, k, v, do, lse2, delta, keep, scale=scale, cap=cap,
                                            acc=acc, bias=bias)

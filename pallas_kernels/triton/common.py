@@ -95,8 +95,11 @@ def online_softmax_step(qk2, m_prev, l_prev, acc_prev, load_v, keep=None):
     """One kv-tile of FlashAttention-2 Algorithm 1 (lines 8-10), in base 2.
 
     qk2: logits × log2(e) [bq, bk]; keep: bool mask of allowed pairs (PARTIAL tiles) or
-    None (FULL tiles: no mask work at all). Masked probabilities are zeroed explicitly,
-    so a row that has seen no allowed key keeps l = 0 and acc = 0. V is loaded only once the softmax statistics
+    None (FULL tiles: no mask work at all). Masked logits and probabilities are
+    selected away (never multiplied), so a row that has seen no allowed key keeps l = 0
+    and acc = 0, and a masked key holding NaN or Inf cannot reach them: its logits are
+    replaced, and its V row is zeroed when no query of the tile may attend it (P·V
+    would otherwise make 0 · NaN = NaN). V is loaded only once the softmax statistics
     are done (load_v()), which keeps register pressure lower while the V tile is in
     flight (measured faster on H100 than loading K and V together).
     """
@@ -110,9 +113,20 @@ def online_softmax_step(qk2, m_prev, l_prev, acc_prev, load_v, keep=None):
     l_next = correction * l_prev + jnp.sum(p, axis=-1)
     acc_corrected = correction[:, None] * acc_prev
     v = load_v()
+    if keep is not None:
+        v = zero_unreachable(v, keep, axis=0)
     pv = jax.lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())),
                              preferred_element_type=acc_prev.dtype)
     return m_next, l_next, acc_corrected + pv
+
+
+def zero_unreachable(x, keep, *, axis):
+    """Rows of a K/V tile (axis=0: keys no query of the tile may attend) or of a Q tile
+    (axis=1: queries that may attend no key of the tile) replaced by zeros, so padding
+    or unwritten slots holding NaN/Inf cannot meet a zero probability in a dot
+    (0 · NaN = NaN). keep: [bq, bk] allowed pairs of a PARTIAL tile."""
+    reachable = jnp.max(keep.astype(jnp.int32), axis=axis) > 0
+    return jnp.where(reachable[:, None], x, jnp.zeros_like(x))
 
 
 def dot_nt(a, b, acc):
