@@ -14,7 +14,7 @@ import pytest  # noqa: E402
 
 try:
     # Importing this once up front avoids compiling the first interpret-mode
-    # pallas_call twice (see shared/PLATFORM.md, "Gotchas").
+    # pallas_call twice.
     import jax._src.pallas.mosaic.interpret.interpret_pallas_call  # noqa: F401
 except Exception:  # pragma: no cover - private module; absent in other jax versions
     pass

@@ -28,6 +28,8 @@ import jax.numpy as jnp
 import jaxattn
 from jaxattn import masks as M
 from jaxattn.flash import pallas_attention
+from jaxattn.reference import allowed_pairs
+from pallas_kernels.common import MASK_VALUE
 
 
 def kernel_cases(f: int = 1):
@@ -379,7 +381,6 @@ class InterpretOnlyCases:
 def naive_attention(q, k, v, bias, mask, cap, *, return_residuals=True):
     """Attention computed plainly in the inputs' dtype (bfloat16: every product, sum and
     exponential rounded to it): the yardstick of the GPU tier's tolerances."""
-    from jaxattn.reference import allowed_pairs
     dt = q.dtype
     b, t, n, h = q.shape
     s, g = k.shape[1], n // k.shape[2]
@@ -390,7 +391,7 @@ def naive_attention(q, k, v, bias, mask, cap, *, return_residuals=True):
     if cap is not None:
         logits = jnp.asarray(cap, dt) * jnp.tanh(logits / jnp.asarray(cap, dt))
     allowed = jnp.ones((1, 1, 1, 1), bool) if mask is None else allowed_pairs(mask, t, s)
-    logits = jnp.where(allowed, logits, jnp.asarray(-0.7 * jnp.finfo(dt).max, dt))
+    logits = jnp.where(allowed, logits, jnp.asarray(MASK_VALUE, dt))
     m = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
     m = jnp.where(jnp.isfinite(m), m, jnp.zeros((), dt))
     p = jnp.where(allowed, jnp.exp(logits - m), jnp.zeros((), dt))
