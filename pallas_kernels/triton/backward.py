@@ -170,18 +170,18 @@ class _Problem:
     """One backward kernel's inputs, padded to its tiles (block_q, block_kv) and to the
     padded head dim hp: q, dO [B, Tp, N, hp]; k, v [B, Sp, K, hp]; lse, D [B, N, Tp] in
     the accumulation dtype; the bias [Bb, Hb, Tp|1, Sp|1] or None."""
-    b: int
+    b: int      # B, T, N, H, S, K: the unpadded sizes
     t: int
     n: int
     h: int
     s: int
     kh: int
-    bq: int
+    bq: int     # the kernel's tile
     bk: int
-    tp: int
+    tp: int     # T, S and H padded
     sp: int
     hp: int
-    acc: object
+    acc: object  # accumulation dtype
     q: jax.Array
     k: jax.Array
     v: jax.Array
