@@ -1,0 +1,197 @@
+"""One GPU call's worth of checks and timings for the Mosaic GPU (Hopper) forward.
+
+    python3 -m benchmarks.mosaic_check --part check   # values/lse vs the float32 oracle
+    python3 -m benchmarks.mosaic_check --part bench   # TFLOP/s beside cuDNN and Triton
+
+check: every case compares out and lse per query row (worst row reported) with
+jaxattn.reference in float32, fills never-visited keys with NaN, and runs twice to
+check the result is bitwise identical.
+bench: forward TFLOP/s = 4·B·N·T·S·D·density / t, the median of >= 20 calls after two
+warm-ups, for this kernel, cuDNN (jax.nn.dot_product_attention) and the Triton backend
+in the same process. JSON goes to $OUT (or --out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import sys
+import time
+import traceback
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from benchmarks import timing
+from benchmarks.cases import BenchCase
+from jaxattn import masks
+from jaxattn.masks import build_block_metadata
+from jaxattn.reference import allowed_pairs, reference_attention
+from pallas_kernels import mosaic_gpu, triton as triton_backend
+from pallas_kernels.flash_vjp import FlashStatic
+from pallas_kernels.triton.common import padded_head_dim as triton_head_dim
+
+
+def make_forward(backend, mask, t, s, h, scale):
+    """A jitted (q, k, v) -> (out, lse) through `backend`'s forward with metadata built
+    outside the timed region (as the public API caches it for static masks)."""
+    if backend is mosaic_gpu:
+        cfg = mosaic_gpu.config_for_head_dim(mosaic_gpu.padded_head_dim(h))
+    else:
+        cfg = triton_backend.default_config(triton_head_dim(h))
+    bq, bk = cfg.metadata_tiles()["forward"]
+    meta = jax.tree_util.tree_map(jnp.asarray, build_block_metadata(mask, t, s, bq, bk))
+    ops = mask.operands()
+    static = FlashStatic(backend=backend, scale=scale, logits_soft_cap=None,
+                         mask_fn=None if isinstance(mask, masks.FullMask) else mask.evaluate,
+                         operand_kinds=tuple((o.kind, o.layout_block) for o in ops), config=cfg,
+                         interpret=False)
+    arrays = tuple(jnp.asarray(o.array) for o in ops)
+    fn = jax.jit(lambda q, k, v, meta, arrays: backend.forward(static, q, k, v, None,
+                                                               {"forward": meta}, arrays))
+    return lambda q, k, v: fn(q, k, v, meta, arrays)
+
+
+CHECKS = [
+    # name, mask, B, T, S, N, K, H, dtype
+    ("full D128", masks.FullMask(), 2, 1024, 1024, 4, 4, 128, jnp.bfloat16),
+    ("causal D64 GQA ragged", masks.CausalMask(), 1, 1000, 1000, 4, 2, 64, jnp.bfloat16),
+    ("causal D256", masks.CausalMask(), 1, 512, 512, 2, 1, 256, jnp.bfloat16),
+    ("local 256 T!=S f16", masks.LocalMask(256, 0), 1, 777, 1300, 4, 1, 128, jnp.float16),
+    ("bigbird causal", masks.bigbird_mask(1024, window=128, num_global=64, num_random_blocks=2,
+                                          causal=True), 1, 1024, 1024, 2, 2, 128, jnp.bfloat16),
+    ("strided causal D96", masks.CausalMask() & masks.StridedMask(3), 1, 640, 640, 2, 2, 96,
+     jnp.bfloat16),
+    ("empty rows (causal offset -300)", masks.CausalMask(offset=-300), 1, 700, 700, 2, 1, 128,
+     jnp.bfloat16),
+    ("full S1k B4 D64 f16", masks.FullMask(), 4, 1024, 1024, 4, 1, 64, jnp.float16),
+]
+
+
+def run_checks():
+    results = []
+    key = jax.random.PRNGKey(0)
+    for name, mask, b, t, s, n, kh, h, dtype in CHECKS:
+        key, kq, kk, kv = jax.random.split(key, 4)
+        q = jax.random.normal(kq, (b, t, n, h), jnp.float32).astype(dtype)
+        k = jax.random.normal(kk, (b, s, kh, h), jnp.float32).astype(dtype)
+        v = jax.random.normal(kv, (b, s, kh, h), jnp.float32).astype(dtype)
+        # Keys no row may see hold NaN in K (and in V where no visited tile holds them).
+        seen = np.asarray(allowed_pairs(mask, t, s)).any(axis=(0, 1, 2))
+        k = jnp.where(jnp.asarray(seen)[None, :, None, None], k, jnp.nan).astype(dtype)
+        scale = h ** -0.5
+        entry = {"case": name, "shape": [b, t, s, n, kh, h], "dtype": jnp.dtype(dtype).name}
+        try:
+            fwd = make_forward(mosaic_gpu, mask, t, s, h, scale)
+            out, lse = jax.block_until_ready(fwd(q, k, v))
+            out2, lse2 = jax.block_until_ready(fwd(q, k, v))
+            ref_out, ref_lse = reference_attention(q.astype(jnp.float32), k.astype(jnp.float32),
+                                                   v.astype(jnp.float32), None, mask, scale=scale,
+                                                   return_residuals=True)
+            err = np.abs(np.asarray(out, np.float32) - np.asarray(ref_out))       # [B, T, N, H]
+            row_err = err.max(axis=(2, 3))                                        # [B, T]
+            ref_lse, lse_np = np.asarray(ref_lse), np.asarray(lse)
+            both_inf = np.isneginf(ref_lse) & np.isneginf(lse_np)
+            lse_err = np.where(both_inf, 0.0, np.abs(lse_np - ref_lse))          # [B, N, T]
+            worst = np.unravel_index(np.argmax(row_err), row_err.shape)
+            tol = 2e-2 if dtype == jnp.bfloat16 else 5e-3
+            entry.update(
+                out_worst_row_err=float(row_err.max()), worst_row=[int(x) for x in worst],
+                out_mean_err=float(err.mean()), lse_worst_err=float(np.nan_to_num(lse_err, nan=1e9).max()),
+                nan=bool(np.isnan(np.asarray(out, np.float32)).any() or np.isnan(lse_np).any()),
+                empty_rows=int(np.isneginf(ref_lse).sum()),
+                deterministic=bool(np.array_equal(np.asarray(out), np.asarray(out2))
+                                   and np.array_equal(lse_np, np.asarray(lse2), equal_nan=True)))
+            entry["ok"] = bool(entry["out_worst_row_err"] <= tol and entry["lse_worst_err"] <= 1e-3
+                               and not entry["nan"] and entry["deterministic"])
+        except Exception as e:  # noqa: BLE001 - report every case, keep going
+            entry.update(ok=False, error=f"{type(e).__name__}: {e}"[:3000])
+            traceback.print_exc()
+        print(json.dumps(entry), flush=True)
+        results.append(entry)
+    return results
+
+
+BENCH = [
+    BenchCase("D128 S16384 B1 H16 full", 1, 16, 16384, 128, "full"),
+    BenchCase("D128 S16384 B1 H16 causal", 1, 16, 16384, 128, "causal"),
+    BenchCase("D128 S1024 B16 H16 full", 16, 16, 1024, 128, "full"),
+    BenchCase("D128 S32768 B1 H16 causal window 2048", 1, 16, 32768, 128, "window", 2048),
+    BenchCase("D128 S32768 B1 H16 causal window 256", 1, 16, 32768, 128, "window", 256),
+    BenchCase("D128 S16384 B1 H16 bigbird", 1, 16, 16384, 128, "bigbird"),
+]
+
+
+def cudnn_forward(case):
+    kwargs, dense = case.jax_nn_mask_args()
+    dense = None if dense is None else jnp.asarray(dense)
+    fn = jax.jit(lambda q, k, v, m: jax.nn.dot_product_attention(
+        q, k, v, mask=m, implementation="cudnn", **kwargs))
+    return lambda q, k, v: fn(q, k, v, dense)
+
+
+def run_bench(names, repeats):
+    results = []
+    key = jax.random.PRNGKey(1)
+    for case in BENCH:
+        if names and not any(x.lower() in case.name.lower() for x in names):
+            continue
+        b, n, sl, h = case.batch, case.heads, case.seq_len, case.head_dim
+        mask = case.mask()
+        flops = case.flops("forward")
+        shape = (b, sl, n, h)
+        nbytes = 4 * int(np.prod(shape)) * 2
+        sets = timing.rotation_sets(nbytes)
+        inputs = []
+        for _ in range(sets):
+            key, *ks = jax.random.split(key, 4)
+            inputs.append(tuple(jax.random.normal(kk, shape, jnp.bfloat16) for kk in ks))
+        entry = {"case": case.name, "flops": flops, "input_sets": sets}
+        impls = {"mosaic": lambda: make_forward(mosaic_gpu, mask, sl, sl, h, h ** -0.5),
+                 "cudnn": lambda: cudnn_forward(case),
+                 "triton": lambda: make_forward(triton_backend, mask, sl, sl, h, h ** -0.5)}
+        for impl, build in impls.items():
+            try:
+                fn = build()
+                jax.block_until_ready(fn(*inputs[0]))
+                tm = timing.time_call(fn, inputs, repeats=repeats)
+                entry[impl] = {"ms": tm.median_s * 1e3, "tflops": flops / tm.median_s / 1e12,
+                               "min_ms": tm.min_s * 1e3}
+            except Exception as e:  # noqa: BLE001
+                entry[impl] = {"error": f"{type(e).__name__}: {e}"[:1500]}
+        print(json.dumps(entry), flush=True)
+        results.append(entry)
+    return results
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser()
+    p.add_argument("--part", choices=("check", "bench"), required=True)
+    p.add_argument("--cases", nargs="*", default=None)
+    p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--out", default=os.environ.get("OUT", "."))
+    args = p.parse_args(argv)
+    meta = {"device": jax.devices()[0].device_kind, "jax": jax.__version__,
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    print(json.dumps(meta), flush=True)
+    t0 = time.time()
+    res = run_checks() if args.part == "check" else run_bench(args.cases, args.repeats)
+    meta["wall_s"] = time.time() - t0
+    with open(os.path.join(args.out, f"mosaic_{args.part}.json"), "w") as f:
+        json.dump({"meta": meta, "results": res}, f, indent=1)
+    if args.part == "check":
+        print("CHECK", "PASS" if all(r.get("ok") for r in res) else "FAIL",
+              sum(bool(r.get("ok")) for r in res), "/", len(res))
+    else:
+        for r in res:
+            row = [r["case"]] + [f"{impl} {r[impl].get('tflops', float('nan')):.0f}"
+                                 for impl in ("mosaic", "cudnn", "triton")]
+            print(" | ".join(row))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

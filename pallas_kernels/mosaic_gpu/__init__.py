@@ -1,0 +1,66 @@
+"""Hopper FlashAttention backend: Pallas kernels lowered through Mosaic GPU (sm90 only).
+
+Implements the kernel-backend protocol (name, padded_head_dim, default_config, supports,
+forward, backward, decode). The forward is this package's warp-specialised TMA + wgmma
+kernel (forward.py). The backward is, until this package has its own kernels, the Triton
+backend's dQ and dK/dV kernels, run on metadata built for the Triton tiles that
+``MosaicConfig.backward`` names (same metadata contract, same residuals: out and the
+natural-log lse).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax.numpy as jnp
+
+from pallas_kernels import triton as _triton
+from pallas_kernels.mosaic_gpu.common import padded_head_dim
+from pallas_kernels.mosaic_gpu.config import MosaicConfig, default_config as config_for_head_dim
+from pallas_kernels.mosaic_gpu.forward import forward
+
+name = "pallas_mosaic_gpu"
+decode = None
+
+__all__ = ["name", "padded_head_dim", "default_config", "supports", "forward", "backward",
+           "decode", "MosaicConfig", "config_for_head_dim"]
+
+_SM90_NAMES = ("H100", "H200", "H800", "H20", "GH200")
+
+
+def default_config(request, *, interpret: bool = False) -> MosaicConfig:
+    del interpret   # the kernels do not run in an interpreter (see supports)
+    return config_for_head_dim(padded_head_dim(request.head_dim))
+
+
+def supports(request, *, interpret: bool = False) -> str | None:
+    """None when the kernels can serve `request`, otherwise why not."""
+    if interpret or request.platform != "gpu":
+        return ("the Mosaic GPU kernels need an sm90 (Hopper) GPU; the Mosaic GPU interpreter "
+                "cannot run wgmma with a register operand")
+    if not any(s in (request.device_kind or "") for s in _SM90_NAMES):
+        return f"the Mosaic GPU kernels are written for sm90 (H100/H200), got {request.device_kind!r}"
+    if jnp.dtype(request.dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+        return f"the Mosaic GPU kernels take bfloat16/float16, got {jnp.dtype(request.dtype).name}"
+    if request.head_dim > 256:
+        return f"the Mosaic GPU kernels take head dims up to 256, got {request.head_dim}"
+    if request.has_bias:
+        return "the Mosaic GPU forward takes no bias yet"
+    if request.logits_soft_cap is not None:
+        return "the Mosaic GPU forward has no logits soft cap yet"
+    cfg = config_for_head_dim(padded_head_dim(request.head_dim))
+    for kind, layout_block in request.operand_kinds:
+        if kind != "block":
+            return f"the Mosaic GPU forward reads no {kind!r} mask operands yet"
+        lbq, lbk = layout_block
+        if lbq % cfg.block_q or lbk % cfg.block_kv:
+            return (f"block-sparse layout blocks {layout_block} are not multiples of the "
+                    f"Mosaic GPU tiles ({cfg.block_q}, {cfg.block_kv})")
+    return None
+
+
+def backward(static, q, k, v, bias, out, lse, dout, delta, metas, operands, parts):
+    """The Triton backend's dQ and dK/dV kernels (see the module docstring)."""
+    triton_static = dataclasses.replace(static, backend=_triton, config=static.config.backward)
+    return _triton.backward(triton_static, q, k, v, bias, out, lse, dout, delta, metas, operands,
+                            parts=parts)
