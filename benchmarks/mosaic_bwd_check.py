@@ -1,0 +1,227 @@
+"""Check and time the Mosaic GPU backward kernels on a Hopper GPU, one JSON out.
+
+    python benchmarks/mosaic_bwd_check.py correctness OUT.json
+    python benchmarks/mosaic_bwd_check.py timing OUT.json
+
+correctness: dQ, dK, dV of the kernels (driven directly, with out/lse from the float32
+reference) against jax.vjp of jaxattn.reference in float32, worst row of each tensor;
+two runs bitwise identical. timing: the backward kernels alone vs cuDNN's backward
+(jax.vjp of jax.nn.dot_product_attention(implementation="cudnn"), backward call only),
+TFLOP/s = 2.5 · 4·B·N·T·S·D·density / t.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import sys
+import time
+import traceback
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from benchmarks.cases import (BIGBIRD_BLOCK, BIGBIRD_GLOBAL, BIGBIRD_RANDOM_BLOCKS,
+                              BIGBIRD_WINDOW)
+from jaxattn.masks import (CausalMask, FullMask, LocalMask, bigbird_mask, build_block_metadata,
+                           causal_document_mask)
+from jaxattn.masks.structured import GlobalMask
+from jaxattn.reference import reference_attention
+from pallas_kernels.flash_vjp import FlashStatic, backward_lse
+from pallas_kernels.mosaic_gpu import backward_kernels as mb
+
+RESULTS: dict = {}
+
+
+@dataclasses.dataclass(frozen=True)
+class ConfigHolder:
+    """Stands in for the backend config: the backward reads its `backward` field."""
+    backward: object
+
+
+def _dump(path):
+    with open(path, "w") as f:
+        json.dump(RESULTS, f, indent=1)
+
+
+def prepare(mask, t, s, h, cap, scale):
+    cfg = mb.default_backward_config(mb.padded_head_dim(h))
+    metas = {n: jax.tree_util.tree_map(jnp.asarray, build_block_metadata(mask, t, s, *tl))
+             for n, tl in cfg.metadata_tiles().items()}
+    operands = mask.operands()
+    static = FlashStatic(backend=None, scale=scale, logits_soft_cap=cap,
+                         mask_fn=None if isinstance(mask, FullMask) else mask.evaluate,
+                         operand_kinds=tuple((o.kind, o.layout_block) for o in operands),
+                         config=None, interpret=False)
+    return static, metas, tuple(jnp.asarray(o.array) for o in operands)
+
+
+def kernel_backward(static, metas, operands):
+    @jax.jit
+    def run(q, k, v, out, lse, do):
+        delta = jnp.einsum("btnh,btnh->bnt", do.astype(jnp.float32), out.astype(jnp.float32))
+        dq, dk, dv, _ = mb.backward(static, q, k, v, None, out, backward_lse(lse), do, delta,
+                                    metas, operands, parts=("dq", "dkdv"))
+        return dq, dk, dv
+    return run
+
+
+def worst_row(a, r):
+    """max over rows of |a − r|₂ / max(|r|₂, 5e-2·rms row norm) (rows = all but the
+    last axis; see tests/test_mosaic_gpu_backward.py for the floor)."""
+    a = np.asarray(a, np.float32).reshape(-1, a.shape[-1])
+    r = np.asarray(r, np.float32).reshape(-1, r.shape[-1])
+    num = np.linalg.norm(a - r, axis=-1)
+    den = np.linalg.norm(r, axis=-1)
+    floor = 5e-2 * np.sqrt(np.mean(den ** 2)) + 1e-30
+    return float(np.max(num / np.maximum(den, floor))), bool(np.all(np.isfinite(a)))
+
+
+def correctness_case(name, mask, b, t, s, n, kh, h, dtype=jnp.bfloat16, cap=None):
+    key = jax.random.PRNGKey(hash(name) % 2**31)
+    kq, kk, kv, ko = jax.random.split(key, 4)
+    q = jax.random.normal(kq, (b, t, n, h), jnp.float32).astype(dtype)
+    k = jax.random.normal(kk, (b, s, kh, h), jnp.float32).astype(dtype)
+    v = jax.random.normal(kv, (b, s, kh, h), jnp.float32).astype(dtype)
+    do = jax.random.normal(ko, (b, t, n, h), jnp.float32).astype(dtype)
+    scale = h ** -0.5
+    f32 = lambda x: x.astype(jnp.float32)  # noqa: E731
+    ref = lambda q_, k_, v_: reference_attention(q_, k_, v_, None, mask, scale=scale,  # noqa: E731
+                                                 logits_soft_cap=cap, return_residuals=True)
+    (out, lse), vjp = jax.vjp(ref, f32(q), f32(k), f32(v))
+    rdq, rdk, rdv = vjp((f32(do), jnp.zeros_like(lse)))
+    static, metas, operands = prepare(mask, t, s, h, cap, scale)
+    run = kernel_backward(static, metas, operands)
+    t0 = time.time()
+    dq, dk, dv = jax.block_until_ready(run(q, k, v, out.astype(dtype), lse, do))
+    compile_s = time.time() - t0
+    dq2, dk2, dv2 = jax.block_until_ready(run(q, k, v, out.astype(dtype), lse, do))
+    same = all(bool(jnp.array_equal(x, y)) for x, y in ((dq, dq2), (dk, dk2), (dv, dv2)))
+    res = {"shape": [b, t, s, n, kh, h], "dtype": jnp.dtype(dtype).name, "cap": cap,
+           "deterministic": same, "first_call_s": round(compile_s, 2)}
+    for nm, got, want in (("dq", dq, rdq), ("dk", dk, rdk), ("dv", dv, rdv)):
+        err, finite = worst_row(got, want)
+        res[nm + "_worst_row"] = err
+        res[nm + "_finite"] = finite
+    res["ok"] = bool(same and all(res[x + "_finite"] and res[x + "_worst_row"] < 0.03
+                                  for x in ("dq", "dk", "dv")))
+    return res
+
+
+def correctness(path):
+    cases = [
+        ("full_d64", FullMask(), 1, 256, 256, 2, 2, 64),
+        ("causal_d128", CausalMask(), 2, 512, 512, 2, 2, 128),
+        ("local_gqa_d128", LocalMask(100, 30), 1, 384, 384, 4, 2, 128),
+        ("causal_ragged_d64", CausalMask(), 1, 300, 200, 4, 1, 64),
+        ("full_ragged_TneS_d128", FullMask(), 1, 200, 333, 2, 1, 128),
+        ("longformer_causal_d128", (LocalMask(64, 64) | GlobalMask(32)) & CausalMask(), 1, 640, 640, 2, 1, 128),
+        ("empty_rows_ragged_d128", CausalMask(offset=-50), 1, 300, 200, 2, 1, 128),
+        ("bigbird_gqa_d128", bigbird_mask(640, window=64, num_global=32, num_random_blocks=1,
+                                          block_size=128, causal=True), 1, 640, 640, 4, 2, 128),
+        ("documents_d64", causal_document_mask(jnp.asarray(
+            np.repeat(np.arange(3), [100, 250, 162])[None].repeat(2, 0))), 2, 512, 512, 2, 1, 64),
+        ("causal_softcap_d128", CausalMask(), 1, 256, 256, 2, 2, 128, jnp.bfloat16, 20.0),
+        ("causal_f16_d96", CausalMask(), 1, 256, 256, 2, 2, 96, jnp.float16),
+    ]
+    for case in cases:
+        name = case[0]
+        try:
+            RESULTS[name] = correctness_case(*case)
+        except Exception as e:  # noqa: BLE001 - record and go on
+            RESULTS[name] = {"error": f"{type(e).__name__}: {e}"[:2000],
+                             "trace": traceback.format_exc()[-3000:]}
+        print(name, RESULTS[name], flush=True)
+        _dump(path)
+
+
+def _median_time(fn, args, reps=20):
+    jax.block_until_ready(fn(*args))
+    jax.block_until_ready(fn(*args))
+    ts = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        ts.append(time.perf_counter() - t0)
+    return float(np.median(ts))
+
+
+def timing_case(name, mask, t, window, b=1, n=16, h=128):
+    dtype = jnp.bfloat16
+    ks = jax.random.split(jax.random.PRNGKey(0), 4)
+    q, k, v, do = (jax.random.normal(kk, (b, t, n, h), dtype) for kk in ks)
+    scale = h ** -0.5
+    sparse = mask is BIGBIRD_16K      # no cuDNN equivalent: dense residuals, timing only
+    causal = not isinstance(mask, FullMask) and not sparse
+    local = None if window is None else (window - 1, 0)
+    cudnn = lambda q_, k_, v_: jax.nn.dot_product_attention(  # noqa: E731
+        q_, k_, v_, scale=scale, is_causal=causal, local_window_size=local,
+        implementation="cudnn")
+    out, vjp = jax.vjp(cudnn, q, k, v)
+    _, lse = jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=causal,
+                                          local_window_size=local, implementation="cudnn",
+                                          return_residual=True)
+    lse = jnp.swapaxes(lse, 1, 2).astype(jnp.float32)         # [B, T, N] -> [B, N, T]
+    cudnn_bwd = jax.jit(lambda do_: vjp(do_))
+    i = np.arange(t)
+    if sparse:
+        density = float(np.mean(mask.to_dense(t, t)))
+    else:
+        allowed = (np.minimum(i + 1, window) if window else (i + 1 if causal else np.full(t, t)))
+        density = float(allowed.sum()) / (t * t)
+    flops = 2.5 * 4 * b * n * t * t * h * density
+    res = {"shape": [b, t, t, n, h], "density": density}
+    try:
+        if not sparse:
+            tc = _median_time(cudnn_bwd, (do,))
+            res.update(cudnn_ms=tc * 1e3, cudnn_tflops=flops / tc / 1e12)
+    except Exception as e:  # noqa: BLE001
+        res["cudnn_error"] = f"{type(e).__name__}: {e}"[:1000]
+    static, metas, operands = prepare(mask, t, t, h, None, scale)
+    run = kernel_backward(static, metas, operands)
+    try:
+        tm = _median_time(run, (q, k, v, out, lse, do))
+        res.update(mosaic_ms=tm * 1e3, mosaic_tflops=flops / tm / 1e12)
+        holder = ConfigHolder(mb.MosaicBackwardConfig(num_stages=3))
+        run3 = kernel_backward(dataclasses.replace(static, config=holder), metas, operands)
+        tm3 = _median_time(run3, (q, k, v, out, lse, do))
+        res.update(mosaic_stages3_ms=tm3 * 1e3, mosaic_stages3_tflops=flops / tm3 / 1e12)
+        static2 = static
+        for part in ("dq", "dkdv"):
+            one = jax.jit(lambda q_, k_, v_, o_, l_, d_, part=part: mb.backward(
+                static2, q_, k_, v_, None, o_, backward_lse(l_), d_,
+                jnp.zeros(l_.shape, jnp.float32), metas, operands, parts=(part,)))
+            res[part + "_ms"] = _median_time(one, (q, k, v, out, lse, do)) * 1e3
+    except Exception as e:  # noqa: BLE001
+        res["mosaic_error"] = f"{type(e).__name__}: {e}"[:2000]
+    return res
+
+
+# The BigBird case of benchmarks/cases.py (the Triton backend's numbers use the same).
+BIGBIRD_16K = bigbird_mask(16384, window=BIGBIRD_WINDOW, num_global=BIGBIRD_GLOBAL,
+                           num_random_blocks=BIGBIRD_RANDOM_BLOCKS, block_size=BIGBIRD_BLOCK, seed=0)
+
+
+def timing(path):
+    cases = [("full_d128_s16k", FullMask(), 16384, None),
+             ("causal_d128_s16k", CausalMask(), 16384, None),
+             ("causal_window2048_s32k", LocalMask(2047, 0), 32768, 2048),
+             ("bigbird_causal_s16k", BIGBIRD_16K, 16384, None)]
+    for name, mask, t, window in cases:
+        try:
+            RESULTS[name] = timing_case(name, mask, t, window)
+        except Exception as e:  # noqa: BLE001
+            RESULTS[name] = {"error": f"{type(e).__name__}: {e}"[:2000]}
+        print(name, RESULTS[name], flush=True)
+        _dump(path)
+
+
+if __name__ == "__main__":
+    mode, path = sys.argv[1], sys.argv[2]
+    RESULTS["meta"] = {"device": str(jax.devices()[0].device_kind), "jax": jax.__version__,
+                       "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+                       "mode": mode}
+    {"correctness": correctness, "timing": timing}[mode](path)
+    _dump(path)

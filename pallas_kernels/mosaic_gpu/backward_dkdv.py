@@ -1,0 +1,157 @@
+"""The dK/dV kernel of the Mosaic GPU backward (Hopper: TMA, wgmma, warp specialisation).
+
+One program per (kv-block j, kv head, batch row). Its `wgs` compute warpgroups each own
+`block_kv / wgs` rows of K_j and V_j (loaded once into shared memory) and two float32
+accumulators dK, dV in registers; a memory warpgroup streams the tiles (Q_i, dO_i,
+lse_i, D_i) of every query block i on kv-block j's TRANSPOSED lists — FULL q-blocks
+first, then PARTIAL ones — once per query head of the group (GQA: the group's dK/dV
+sum in registers, no atomics, so the result is deterministic).
+
+Per tile, in the transposed orientation (rows = keys, columns = queries), so that Pᵀ
+and dSᵀ are already the register operands of the next wgmma (FlashAttention-2, Alg. 2):
+    Sᵀ = K Qᵀ                      (wgmma, both from shared memory)
+    Pᵀ = exp2(scale·log2e·Sᵀ − lse·log2e)   masked to 0 on PARTIAL tiles only
+    dV += Pᵀ dO                    (Pᵀ from registers)
+    dPᵀ = V dOᵀ
+    dSᵀ = Pᵀ ∘ (dPᵀ − D)           (× (1 − tanh²) with a soft cap)
+    dK += dSᵀ Q                    (dSᵀ from registers); dK is scaled once at the end.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from pallas_kernels.mosaic_gpu.backward_walk import (WGMMA_COL, OperandTiles, TileLists, dlogits,
+                                                     keep_partial, logits_and_probabilities,
+                                                     swizzled, tile_positions)
+
+
+def dkdv_call(q, k, v, do, lse2, delta, meta_arrays, *, block_q: int, block_kv: int,
+              wgs: int, stages: int, scale: float, cap, mask_fn, kv_len: int, operands=(),
+              operand_kinds=()):
+    """q, do [B, Tp, N, Hp]; k, v [B, Sp, K, Hp] (padded to whole tiles, Hp % 64 == 0);
+    lse2 = lse·log2e and delta [B, N, Tp] float32; meta_arrays = the transposed lists
+    (t_full_count, t_full_index, t_partial_count, t_partial_index) at tiles
+    (block_q, block_kv). Returns dK, dV [B, Sp, K, Hp] in k's dtype."""
+    b, tp, n, hp = q.shape
+    sp, kh = k.shape[1], k.shape[2]
+    groups = n // kh
+    rows = block_kv // wgs                     # key rows per compute warpgroup
+    dtype = q.dtype
+    n_blocks = meta_arrays[0].shape[-1]
+    kv_padded = n_blocks * block_kv != kv_len   # the last tile holds padded keys
+
+    def kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, tfc_ref, tfi_ref, tpc_ref,
+               tpi_ref, *refs):
+        *operand_refs, dk_ref, dv_ref, k_smems, v_smems, kv_barriers = refs
+        operand_tiles = OperandTiles(operand_refs, operand_kinds, q_axis=1)
+        j = lax.axis_index("kv_blocks")
+        head_kv = lax.axis_index("kv_heads")
+        bi = lax.axis_index("batch")
+        wg = lax.axis_index("wg")
+        lists = TileLists((tfc_ref, tfi_ref, tpc_ref, tpi_ref), batch=bi, block=j,
+                          head0=head_kv * groups, groups=groups)
+        kv_base = j * block_kv + wg * rows
+        kv_rows = pl.ds(kv_base, rows)
+        k_smem, v_smem, barrier = k_smems.at[wg], v_smems.at[wg], kv_barriers.at[wg]
+
+        def compute_thread(pipeline):
+            plgpu.copy_gmem_to_smem(k_ref.at[bi, kv_rows, head_kv], k_smem, barrier)
+            plgpu.copy_gmem_to_smem(v_ref.at[bi, kv_rows, head_kv], v_smem, barrier)
+            plgpu.barrier_wait(barrier)
+
+            def accumulate(dk_acc, dv_acc):
+                pipeline((dk_acc, dv_acc))
+                return dk_acc[...], dv_acc[...]
+
+            acc = plgpu.ACC((rows, hp), jnp.float32)
+            dk, dv = pl.run_scoped(accumulate, acc, acc)
+            # K_j and V_j are no longer read: their buffers stage the results.
+            k_smem[...] = (dk * scale).astype(k_smem.dtype)
+            v_smem[...] = dv.astype(v_smem.dtype)
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(k_smem, dk_ref.at[bi, kv_rows, head_kv], commit_group=False)
+            plgpu.copy_smem_to_gmem(v_smem, dv_ref.at[bi, kv_rows, head_kv], commit_group=False)
+            plgpu.commit_smem_to_gmem_group()
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+        def tile(index, q_smem, do_smem, lse_smem, delta_smem, q_done, do_done, lse_done,
+                 delta_done, carry):
+            (s,) = index
+            step = lists.decode(s)
+            dk_acc, dv_acc = carry
+
+            def scores(acc):
+                plgpu.wgmma(acc, k_smem, q_smem.T)                       # Sᵀ = K Qᵀ
+                lse2_i = plgpu.load(lse_smem, (), layout=WGMMA_COL)
+                delta_i = plgpu.load(delta_smem, (), layout=WGMMA_COL)
+                plgpu.barrier_arrive(lse_done)
+                plgpu.barrier_arrive(delta_done)
+                return acc[...], lse2_i, delta_i
+
+            tile_acc = plgpu.ACC((rows, block_q), jnp.float32)
+            s_t, lse2_i, delta_i = pl.run_scoped(scores, tile_acc)
+            p_t, tanh = logits_and_probabilities(s_t, lse2_i, scale=scale, cap=cap, row_axis=1)
+            positions = functools.partial(tile_positions, s_t.shape, step.block * block_q, 1,
+                                          kv_base, 0)
+            operands_here = functools.partial(
+                operand_tiles, s_t.shape, batch=bi, head=head_kv * groups + step.head,
+                q_start=step.block * block_q, kv_start=kv_base)
+            p_t = keep_partial(p_t, step.partial, mask_fn, positions, kv_len, kv_padded,
+                               operands_here)
+
+            def probabilities_grad(acc):
+                plgpu.wgmma(acc, v_smem, do_smem.T)                      # dPᵀ = V dOᵀ
+                plgpu.wgmma(dv_acc, p_t.astype(dtype), do_smem)          # dV += Pᵀ dO
+                return plgpu.wgmma_accumulator_load(acc, wait_n=1)       # dPᵀ only
+
+            dp_t = pl.run_scoped(probabilities_grad, tile_acc)
+            ds_t = dlogits(p_t, dp_t, delta_i, tanh, row_axis=1)
+            plgpu.wgmma(dk_acc, ds_t.astype(dtype), q_smem)              # dK += dSᵀ Q
+            plgpu.wgmma_wait(1)                                          # dV's wgmma done
+            plgpu.barrier_arrive(do_done)
+            plgpu.wgmma_wait(0)
+            plgpu.barrier_arrive(q_done)
+            return dk_acc, dv_acc
+
+        def q_index(s):
+            step = lists.decode(s)
+            return step.block, head_kv * groups + step.head, 0
+
+        def row_index(s):
+            step = lists.decode(s)
+            return head_kv * groups + step.head, step.block
+
+        qspec = plgpu.BlockSpec((block_q, None, hp), q_index,
+                                transforms=swizzled((block_q, hp), dtype))
+        rowspec = plgpu.BlockSpec((None, block_q), row_index)
+        plgpu.emit_pipeline_warp_specialized(
+            tile,
+            grid=(lists.total,),
+            max_concurrent_steps=stages,
+            num_compute_wgs=wgs,
+            memory_registers=40,
+            wg_axis="wg",
+            manual_consumed_barriers=True,
+            compute_context=compute_thread,
+            in_specs=[qspec, qspec, rowspec, rowspec],
+        )(q_ref.at[bi], do_ref.at[bi], lse_ref.at[bi], delta_ref.at[bi])
+
+    kv_smem = plgpu.SMEM((wgs, rows, hp), dtype, transforms=swizzled((rows, hp), dtype))
+    out = jax.ShapeDtypeStruct((b, sp, kh, hp), dtype)
+    return plgpu.kernel(
+        kernel,
+        out_type=(out, out),
+        scratch_types=[kv_smem, kv_smem, plgpu.Barrier(num_barriers=wgs, num_arrivals=2)],
+        compiler_params=plgpu.CompilerParams(approx_math=True),
+        grid=(n_blocks, kh, b),
+        grid_names=("kv_blocks", "kv_heads", "batch"),
+        num_threads=wgs + 1,
+        thread_name="wg",
+    )(q, k, v, do, lse2, delta, *meta_arrays, *operands)

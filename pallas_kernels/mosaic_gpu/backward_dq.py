@@ -1,0 +1,132 @@
+"""The dQ kernel of the Mosaic GPU backward (Hopper: TMA, wgmma, warp specialisation).
+
+One program per (q-block i, query head n, batch row), heaviest q-blocks first (the last
+q-blocks of a causal mask have the longest lists). Its `wgs` compute warpgroups each
+own `block_q / wgs` rows of Q_i and dO_i (loaded once into shared memory), their lse and
+D, and a float32 accumulator dQ in registers; a memory warpgroup streams K_j, V_j of
+every kv-block j on q-block i's lists — FULL kv-blocks first, then PARTIAL ones; EMPTY
+tiles are never loaded. Per tile (FlashAttention-2, Alg. 2):
+    S = Q Kᵀ,  dP = dO Vᵀ               (wgmma, both from shared memory)
+    P = exp2(scale·log2e·S − lse·log2e)  masked to 0 on PARTIAL tiles only
+    dS = P ∘ (dP − D)                    (× (1 − tanh²) with a soft cap)
+    dQ += dS K                           (dS from registers); dQ is scaled once at the end.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from pallas_kernels.mosaic_gpu.backward_walk import (WGMMA_ROW, OperandTiles, TileLists, dlogits,
+                                                     keep_partial, logits_and_probabilities,
+                                                     swizzled, tile_positions)
+
+
+def dq_call(q, k, v, do, lse2, delta, meta_arrays, *, block_q: int, block_kv: int, wgs: int,
+            stages: int, scale: float, cap, mask_fn, kv_len: int, operands=(),
+            operand_kinds=()):
+    """Shapes as in backward_dkdv.dkdv_call; meta_arrays = the forward lists
+    (full_count, full_index, partial_count, partial_index) at tiles (block_q, block_kv).
+    Returns dQ [B, Tp, N, Hp] in q's dtype."""
+    b, tp, n, hp = q.shape
+    kh = k.shape[2]
+    groups = n // kh
+    rows = block_q // wgs                      # query rows per compute warpgroup
+    dtype = q.dtype
+    n_q_blocks = meta_arrays[0].shape[-1]
+    kv_padded = kv_len % block_kv != 0         # the last kv tile holds padded keys
+
+    def kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, fc_ref, fi_ref, pc_ref, pi_ref,
+               *refs):
+        *operand_refs, dq_ref, q_smems, do_smems, qdo_barriers = refs
+        operand_tiles = OperandTiles(operand_refs, operand_kinds, q_axis=0)
+        i = n_q_blocks - 1 - lax.axis_index("q_blocks")      # heaviest q-blocks first
+        head = lax.axis_index("heads")
+        bi = lax.axis_index("batch")
+        wg = lax.axis_index("wg")
+        head_kv = lax.div(head, jnp.int32(groups))
+        lists = TileLists((fc_ref, fi_ref, pc_ref, pi_ref), batch=bi, block=i, head0=head,
+                          groups=1)
+        q_base = i * block_q + wg * rows
+        q_rows = pl.ds(q_base, rows)
+        q_smem, do_smem, barrier = q_smems.at[wg], do_smems.at[wg], qdo_barriers.at[wg]
+
+        def compute_thread(pipeline):
+            plgpu.copy_gmem_to_smem(q_ref.at[bi, q_rows, head], q_smem, barrier)
+            plgpu.copy_gmem_to_smem(do_ref.at[bi, q_rows, head], do_smem, barrier)
+            lse2_i = plgpu.load(lse_ref.at[bi, head, q_rows], (), layout=WGMMA_ROW,
+                                optimized=False)
+            delta_i = plgpu.load(delta_ref.at[bi, head, q_rows], (), layout=WGMMA_ROW,
+                                 optimized=False)
+            plgpu.barrier_wait(barrier)
+
+            def accumulate(dq_acc):
+                pipeline((dq_acc, lse2_i, delta_i))
+                return dq_acc[...]
+
+            dq = pl.run_scoped(accumulate, plgpu.ACC((rows, hp), jnp.float32))
+            q_smem[...] = (dq * scale).astype(q_smem.dtype)    # Q_i's buffer stages dQ_i
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(q_smem, dq_ref.at[bi, q_rows, head])
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+        def tile(index, k_smem, v_smem, k_done, v_done, carry):
+            (s,) = index
+            step = lists.decode(s)
+            dq_acc, lse2_i, delta_i = carry
+
+            def scores_and_grads(dp_acc, s_acc):
+                plgpu.wgmma(dp_acc, do_smem, v_smem.T)                  # dP = dO Vᵀ
+                plgpu.wgmma(s_acc, q_smem, k_smem.T)                    # S = Q Kᵀ
+                plgpu.wgmma_wait(1)
+                plgpu.barrier_arrive(v_done)
+                return dp_acc[...], s_acc[...]
+
+            tile_acc = plgpu.ACC((rows, block_kv), jnp.float32)
+            dp, s_i = pl.run_scoped(scores_and_grads, tile_acc, tile_acc)
+            p, tanh = logits_and_probabilities(s_i, lse2_i, scale=scale, cap=cap, row_axis=0)
+            positions = functools.partial(tile_positions, s_i.shape, q_base, 0,
+                                          step.block * block_kv, 1)
+            operands_here = functools.partial(operand_tiles, s_i.shape, batch=bi, head=head,
+                                              q_start=q_base, kv_start=step.block * block_kv)
+            p = keep_partial(p, step.partial, mask_fn, positions, kv_len, kv_padded,
+                             operands_here)
+            ds = dlogits(p, dp, delta_i, tanh, row_axis=0)
+            plgpu.wgmma(dq_acc, ds.astype(dtype), k_smem)                # dQ += dS K
+            plgpu.wgmma_wait(0)
+            plgpu.barrier_arrive(k_done)
+            return dq_acc, lse2_i, delta_i
+
+        def kv_index(s):
+            return lists.decode(s).block, 0
+
+        kvspec = plgpu.BlockSpec((block_kv, hp), kv_index,
+                                 transforms=swizzled((block_kv, hp), dtype))
+        plgpu.emit_pipeline_warp_specialized(
+            tile,
+            grid=(lists.total,),
+            max_concurrent_steps=stages,
+            num_compute_wgs=wgs,
+            memory_registers=40,
+            wg_axis="wg",
+            manual_consumed_barriers=True,
+            compute_context=compute_thread,
+            in_specs=[kvspec, kvspec],
+        )(k_ref.at[bi, :, head_kv], v_ref.at[bi, :, head_kv])
+
+    qdo_smem = plgpu.SMEM((wgs, rows, hp), dtype, transforms=swizzled((rows, hp), dtype))
+    return plgpu.kernel(
+        kernel,
+        out_type=jax.ShapeDtypeStruct((b, tp, n, hp), dtype),
+        scratch_types=[qdo_smem, qdo_smem, plgpu.Barrier(num_barriers=wgs, num_arrivals=2)],
+        compiler_params=plgpu.CompilerParams(approx_math=True),
+        grid=(n_q_blocks, n, b),
+        grid_names=("q_blocks", "heads", "batch"),
+        num_threads=wgs + 1,
+        thread_name="wg",
+    )(q, k, v, do, lse2, delta, *meta_arrays, *operands)

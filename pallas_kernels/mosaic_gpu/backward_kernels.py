@@ -1,0 +1,197 @@
+"""FlashAttention backward on Hopper with Pallas Mosaic GPU: entry point, config, and
+what it declines.
+
+Two kernels, no floating-point atomics, so two runs are bitwise identical:
+
+* dK/dV (backward_dkdv.py): one program per (kv-block, kv head, batch row) walking the
+  TRANSPOSED tile lists, the G query heads of its KV head looped in-kernel;
+* dQ (backward_dq.py): one program per (q-block, query head, batch row) walking the
+  forward lists.
+
+Both skip EMPTY tiles (never loaded), do no mask work on FULL tiles, and on PARTIAL
+tiles select P to exactly 0 where static.mask_fn or kv_pos >= kv_len rules a pair out.
+D = rowsum(dO ∘ O) − dlse comes precomputed (pallas_kernels/flash_vjp.py), as does the
+backward lse (+inf on rows with no allowed key, so P = 0 there).
+
+Inputs are zero-padded to whole tiles along T and S and to a multiple of 64 along the
+head dim (wgmma's K). Padded query rows get lse = 0, D = 0 and dO = 0, so their P is
+finite and their dS and dV contributions are zero; padded keys sit only in PARTIAL
+tiles, where kv_pos < kv_len masks them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax.numpy as jnp
+
+from pallas_kernels.mosaic_gpu.backward_dkdv import dkdv_call
+from pallas_kernels.mosaic_gpu.backward_dq import dq_call
+from pallas_kernels.mosaic_gpu.backward_walk import LOG2E, prepare_operands
+
+ROWS_PER_WARPGROUP = 64     # the M of one wgmma
+SMEM_BYTES = 227 * 1024     # what one sm90 CTA may allocate (checked at lowering)
+
+
+@dataclasses.dataclass(frozen=True)
+class MosaicBackwardConfig:
+    """Tiles of the two backward kernels. The dK/dV kernel splits block_kv_dkv and the
+    dQ kernel block_q_dq between `compute_warpgroups` warpgroups of 64 rows each;
+    `num_stages` tiles of the streamed operand are in flight.
+
+    Defaults (bf16, D 64/128, jax 0.11.2): tokamax's sm90 VJP heuristic and
+    FlashAttention-3's backward (64-row warpgroup tiles, 2 stages), with two compute
+    warpgroups per CTA. Shared memory at D128: dK/dV 2·(K+V) 64 KB + 2 stages·(Q+dO)
+    64 KB; dQ 2·(Q+dO) 64 KB + 2 stages·(K+V) 64 KB. Registers per compute thread at
+    D128: dK and dV accumulators 64 + 64, Sᵀ and dPᵀ 32 + 32 (of 232)."""
+    block_q_dkv: int = 64
+    block_kv_dkv: int = 128
+    block_q_dq: int = 128
+    block_kv_dq: int = 64
+    compute_warpgroups: int = 2
+    num_stages: int = 2
+
+    def __post_init__(self):
+        for name in ("block_q_dkv", "block_kv_dq"):
+            value = getattr(self, name)
+            if value <= 0 or value % 64:
+                raise ValueError(f"MosaicBackwardConfig.{name} must be a positive multiple of 64 "
+                                 f"(wgmma's K), got {value}.")
+        for name in ("block_kv_dkv", "block_q_dq"):
+            value = getattr(self, name)
+            if value != ROWS_PER_WARPGROUP * self.compute_warpgroups:
+                raise ValueError(
+                    f"MosaicBackwardConfig.{name} must be {ROWS_PER_WARPGROUP} rows per compute "
+                    f"warpgroup × {self.compute_warpgroups} warpgroups = "
+                    f"{ROWS_PER_WARPGROUP * self.compute_warpgroups}, got {value}.")
+        if self.num_stages < 1:
+            raise ValueError(f"MosaicBackwardConfig.num_stages must be >= 1, got {self.num_stages}.")
+
+    def metadata_tiles(self) -> dict[str, tuple[int, int]]:
+        return {"dkdv": (self.block_q_dkv, self.block_kv_dkv),
+                "dq": (self.block_q_dq, self.block_kv_dq)}
+
+    def smem_bytes(self, head_dim: int, itemsize: int) -> int:
+        """The larger of the two kernels' shared memory (operand tiles + barriers)."""
+        row = head_dim * itemsize
+        dkdv = (2 * self.block_kv_dkv * row
+                + self.num_stages * (2 * self.block_q_dkv * row + 2 * self.block_q_dkv * 4))
+        dq = 2 * self.block_q_dq * row + self.num_stages * 2 * self.block_kv_dq * row
+        return max(dkdv, dq) + 1024
+
+
+def default_backward_config(head_dim: int) -> MosaicBackwardConfig:
+    """Config for a padded head dim (64 or 128; see backward_supports for 256)."""
+    del head_dim   # one shape serves 64 and 128; more stages did not fit a measured gain yet
+    return MosaicBackwardConfig()
+
+
+def padded_head_dim(h: int) -> int:
+    """Head dim the backward kernels run at: wgmma's K is a multiple of 64."""
+    return -(-h // 64) * 64
+
+
+def backward_supports(request) -> str | None:
+    """None if the backward kernels can serve `request` (a KernelRequest: dtype,
+    head_dim, has_bias, operand_kinds); otherwise why not."""
+    dtype = jnp.dtype(request.dtype)
+    if dtype not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+        return f"the Mosaic GPU backward runs bfloat16 and float16, not {dtype}"
+    hp = padded_head_dim(request.head_dim)
+    if hp > 128:
+        return (f"the Mosaic GPU backward runs head dims up to 128 (got {request.head_dim}): "
+                "at 256 the dK and dV accumulators alone need 256 registers per thread and "
+                "K, V plus two stages of Q, dO need 256 KB of shared memory")
+    if request.has_bias:
+        return "the Mosaic GPU backward has no bias (nor bias gradient) yet"
+    return _operands_reason(request.operand_kinds, default_backward_config(hp))
+
+
+def _operands_reason(kinds, config: MosaicBackwardConfig) -> str | None:
+    """Mask operands the kernels read: segment ids ("q", "kv") and block layouts whose
+    blocks are whole tiles of both kernels ("block"); not dense [T, S] masks ("qkv")."""
+    for kind, layout_block in kinds:
+        if kind == "qkv":
+            return "the Mosaic GPU backward reads no dense ('qkv') mask operands"
+        if kind == "block":
+            lbq, lbk = layout_block
+            for name, (bq, bk) in config.metadata_tiles().items():
+                if lbq % bq or lbk % bk:
+                    return (f"block-sparse layout blocks {layout_block} are not multiples of "
+                            f"the Mosaic GPU backward's {name} tiles {(bq, bk)}")
+    return None
+
+
+def _pad(x, axis: int, size: int):
+    pad = size - x.shape[axis]
+    if pad == 0:
+        return x
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (0, pad)
+    return jnp.pad(x, widths)
+
+
+def _round_up(n: int, m: int) -> int:
+    return -(-n // m) * m
+
+
+def backward(static, q, k, v, bias, out, lse, dout, delta, metas, operands,
+             parts=("dq", "dkdv", "dbias")):
+    """(dq, dk, dv, dbias) per the backend contract; what `parts` does not ask for is
+    None. Raises NotImplementedError for what backward_supports declines."""
+    del out   # D already carries what the backward needs of O
+    if bias is not None:
+        raise NotImplementedError("the Mosaic GPU backward has no bias yet")
+    if q.dtype not in (jnp.bfloat16, jnp.float16):
+        raise NotImplementedError(f"the Mosaic GPU backward runs bfloat16/float16, not {q.dtype}")
+    config = getattr(static.config, "backward", None)
+    if not isinstance(config, MosaicBackwardConfig):
+        config = default_backward_config(padded_head_dim(q.shape[-1]))
+    t, h = q.shape[1], q.shape[3]
+    s = k.shape[1]
+    hp = padded_head_dim(h)
+    if hp > 128:
+        raise NotImplementedError(f"the Mosaic GPU backward runs head dims up to 128, got {h}")
+    want_dq, want_dkdv = "dq" in parts, "dkdv" in parts
+    tiles = {name: (metas[name].block_q, metas[name].block_kv)
+             for name, wanted in (("dq", want_dq), ("dkdv", want_dkdv)) if wanted}
+    for name, (bq, bk) in tiles.items():
+        if (bq, bk) != config.metadata_tiles()[name]:
+            raise ValueError(f"metas[{name!r}] is built for tiles {(bq, bk)}, the Mosaic GPU "
+                             f"backward config expects {config.metadata_tiles()[name]}: build "
+                             "the metadata from config.metadata_tiles()")
+    tp = _round_up(t, max(bq for bq, _ in tiles.values())) if tiles else t
+    sp = _round_up(s, max(bk for _, bk in tiles.values())) if tiles else s
+    reason = _operands_reason(static.operand_kinds, config)
+    if reason is not None:
+        raise NotImplementedError(reason)
+
+    def btnh(x, length):
+        return _pad(_pad(x, 1, length), 3, hp)
+
+    qp, dop = btnh(q, tp), btnh(dout.astype(q.dtype), tp)
+    kp, vp = btnh(k.astype(q.dtype), sp), btnh(v.astype(q.dtype), sp)
+    # The kernels read lse·log2e (exp2 with log2e folded in); +inf stays +inf.
+    lse2 = _pad(lse.astype(jnp.float32) * LOG2E, 2, tp)
+    delta_p = _pad(delta.astype(jnp.float32), 2, tp)
+    common = dict(wgs=config.compute_warpgroups, stages=config.num_stages, scale=static.scale,
+                  cap=static.logits_soft_cap, mask_fn=static.mask_fn, kv_len=s,
+                  operands=prepare_operands(operands, static.operand_kinds, q_pad=tp, kv_pad=sp),
+                  operand_kinds=static.operand_kinds)
+
+    dq = dk = dv = None
+    if want_dkdv:
+        m = metas["dkdv"]
+        lists = (m.t_full_count, m.t_full_index, m.t_partial_count, m.t_partial_index)
+        lists = tuple(jnp.asarray(a, jnp.int32) for a in lists)
+        dk, dv = dkdv_call(qp, kp, vp, dop, lse2, delta_p, lists, block_q=m.block_q,
+                           block_kv=m.block_kv, **common)
+        dk, dv = dk[:, :s, :, :h].astype(k.dtype), dv[:, :s, :, :h].astype(v.dtype)
+    if want_dq:
+        m = metas["dq"]
+        lists = (m.full_count, m.full_index, m.partial_count, m.partial_index)
+        lists = tuple(jnp.asarray(a, jnp.int32) for a in lists)
+        dq = dq_call(qp, kp, vp, dop, lse2, delta_p, lists, block_q=m.block_q,
+                     block_kv=m.block_kv, **common)
+        dq = dq[:, :t, :, :h]
+    return dq, dk, dv, None

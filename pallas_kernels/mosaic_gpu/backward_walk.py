@@ -1,0 +1,186 @@
+"""What the Mosaic GPU backward kernels share: walking a block's tile lists, and the
+per-tile arithmetic of FlashAttention-2's backward (Algorithm 2).
+
+Tile lists (pallas_kernels/metadata.py) arrive in global memory untouched. A program
+walks its block's FULL list, then its PARTIAL list, as one flat sequence of pipeline
+steps; the dK/dV kernel repeats that sequence once per query head of its KV head (GQA),
+so a step is decoded into (head in group, block index, is-partial). Both the memory
+warpgroup (to start the TMA copy of the step's tile) and the compute warpgroups (to
+place the mask) decode the same step from the same scalars, so they always agree.
+EMPTY tiles are in no list and are never loaded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+LOG2E = math.log2(math.e)
+
+WGMMA = plgpu.Layout.WGMMA
+WGMMA_ROW = plgpu.Layout.WGMMA.reduce(1)   # one value per accumulator row
+WGMMA_COL = plgpu.Layout.WGMMA.reduce(0)   # one value per accumulator column
+
+
+def swizzled(shape, dtype) -> tuple:
+    """Tiling + 128-byte swizzle transforms for a [rows, head_dim] operand of wgmma."""
+    bits = jnp.finfo(dtype).bits
+    swizzle = plgpu.find_swizzle(shape[-1] * bits)
+    return (plgpu.TilingTransform((8, 8 * swizzle // bits)), plgpu.SwizzleTransform(swizzle))
+
+
+@dataclasses.dataclass(frozen=True)
+class Step:
+    """One decoded pipeline step: the tile's block index along the walked axis, the
+    query head within the KV head's group (0 for the dQ kernel), and whether the tile
+    is PARTIAL (mask evaluated) rather than FULL."""
+    block: jax.Array
+    head: jax.Array
+    partial: jax.Array
+
+
+class TileLists:
+    """The FULL-then-PARTIAL lists of one block for the `groups` query heads
+    head0 … head0 + groups − 1, read as scalars from the metadata arrays in GMEM
+    (counts [Bm, Hm, n], indices [Bm, Hm, n, L]; Bm in {1, B}, Hm in {1, N})."""
+
+    def __init__(self, meta_refs, *, batch, block, head0, groups: int):
+        self.full_count, self.full_index, self.partial_count, self.partial_index = meta_refs
+        self.bm = batch if self.full_count.shape[0] > 1 else 0
+        self.per_head = self.full_count.shape[1] > 1
+        self.block, self.groups = block, groups
+        rows = [head0 + g for g in range(groups)] if self.per_head else [0]
+        self.rows = rows
+        self.n_full = [self.full_count[self.bm, r, block] for r in rows]
+        self.n_partial = [self.partial_count[self.bm, r, block] for r in rows]
+        self.l_full = self.full_index.shape[-1]
+        self.l_partial = self.partial_index.shape[-1]
+        # Steps before head g's sequence starts (shared lists: g · (n_full + n_partial)).
+        self.starts = []
+        start = jnp.int32(0)
+        for g in range(groups):
+            self.starts.append(start)
+            h = g if self.per_head else 0
+            start = start + self.n_full[h] + self.n_partial[h]
+        self.total = start
+
+    def decode(self, step) -> Step:
+        head = jnp.int32(0)
+        for g in range(1, self.groups):        # few heads per group: unrolled selects
+            head = lax.select(step >= self.starts[g], jnp.int32(g), head)
+        if self.per_head:
+            start, n_full, row = self.starts[0], self.n_full[0], self.rows[0]
+            for g in range(1, self.groups):
+                here = head == g
+                start = lax.select(here, self.starts[g], start)
+                n_full = lax.select(here, self.n_full[g], n_full)
+                row = lax.select(here, self.rows[g], row)
+        else:
+            start = head * (self.n_full[0] + self.n_partial[0])
+            n_full, row = self.n_full[0], 0
+        i = step - start
+        partial = i >= n_full
+        # Both lists are read at clamped positions; the select keeps the right entry.
+        in_full = self.full_index[self.bm, row, self.block, jnp.minimum(i, self.l_full - 1)]
+        in_partial = self.partial_index[self.bm, row, self.block,
+                                        jnp.clip(i - n_full, 0, self.l_partial - 1)]
+        return Step(block=lax.select(partial, in_partial, in_full), head=head, partial=partial)
+
+
+def logits_and_probabilities(s, lse2, *, scale: float, cap: float | None, row_axis: int):
+    """P = exp2(scale·log2e·s − lse·log2e) for one tile of raw scores s = q·k (f32,
+    WGMMA layout), with the soft cap c·tanh(x/c) applied to x = scale·s first.
+    lse2 (lse·log2e, +inf on rows with no allowed key, which makes P exactly 0) is laid
+    out along `row_axis` of the tile (the query axis). Returns (p, tanh or None)."""
+    lse_b = lax.broadcast_in_dim(lse2, s.shape, [row_axis])
+    if cap is None:
+        return jnp.exp2(s * (scale * LOG2E) - lse_b), None
+    t = jnp.tanh(s * (scale / cap))
+    return jnp.exp2(t * (cap * LOG2E) - lse_b), t
+
+
+def keep_partial(p, partial, mask_fn: Callable | None, positions, kv_len: int,
+                 kv_padded: bool, operands=lambda: ()):
+    """On a PARTIAL tile, P is selected to exactly 0 where the mask (or kv_pos >= kv_len)
+    rules a pair out; FULL tiles skip this work entirely (lax.cond on the step's kind).
+    positions() -> (q_pos, kv_pos): int32 positions of the tile's elements, same shape
+    and layout as p (the mask is element-wise, so the tile may be transposed);
+    operands() -> the mask operands' values for this tile (see OperandTiles)."""
+    if mask_fn is None and not kv_padded:
+        return p
+
+    def masked():
+        q_pos, kv_pos = positions()
+        keep = kv_pos < kv_len
+        if mask_fn is not None:
+            keep = keep & mask_fn(q_pos, kv_pos, operands())
+        return jnp.where(keep, p, 0.0)
+
+    return lax.cond(partial, masked, lambda: p)
+
+
+class OperandTiles:
+    """Loads the mask operands of one tile, shaped and laid out like the tile.
+
+    refs: the operand arrays in GMEM, prepared by `prepare_operands`; kinds: their
+    ((kind, layout_block), ...). q_axis: which axis of the tile runs along the queries
+    (0 in the dQ kernel, 1 in the transposed dK/dV kernel). Only PARTIAL tiles call it."""
+
+    def __init__(self, refs, kinds, *, q_axis: int):
+        self.refs, self.kinds, self.q_axis = refs, kinds, q_axis
+
+    def __call__(self, shape, *, batch, head, q_start, kv_start):
+        values = []
+        q_len, kv_len = shape[self.q_axis], shape[1 - self.q_axis]
+        for (kind, layout_block), ref in zip(self.kinds, self.refs):
+            bm = batch if ref.shape[0] > 1 else 0
+            if kind in ("q", "kv"):
+                along_q = kind == "q"
+                axis = self.q_axis if along_q else 1 - self.q_axis
+                start, size = (q_start, q_len) if along_q else (kv_start, kv_len)
+                row = plgpu.load(ref.at[bm, pl.ds(start, size)], (),
+                                 layout=WGMMA_ROW if axis == 0 else WGMMA_COL, optimized=False)
+                values.append(lax.broadcast_in_dim(row, shape, [axis]))
+            else:   # "block": one layout entry covers the whole tile
+                lbq, lbk = layout_block
+                hm = head if ref.shape[1] > 1 else 0
+                entry = ref[bm, hm, lax.div(q_start, jnp.int32(lbq)),
+                            lax.div(kv_start, jnp.int32(lbk))]
+                values.append(jnp.full(shape, entry, jnp.int32))
+        return tuple(values)
+
+
+def prepare_operands(operands, kinds, *, q_pad: int, kv_pad: int):
+    """Operand arrays as the kernels read them: int32, "q" / "kv" ids zero-padded to
+    the padded lengths (padded keys are masked by kv_len, padded queries dropped)."""
+    prepared = []
+    for (kind, _), arr in zip(kinds, operands):
+        arr = jnp.asarray(arr).astype(jnp.int32)
+        if kind in ("q", "kv"):
+            length = q_pad if kind == "q" else kv_pad
+            arr = jnp.pad(arr, [(0, 0), (0, length - arr.shape[1])])
+        prepared.append(arr)
+    return tuple(prepared)
+
+
+def tile_positions(shape, q_start, q_axis: int, kv_start, kv_axis: int):
+    """Absolute (q_pos, kv_pos) of every element of a [rows, cols] tile in WGMMA layout."""
+    def iota(axis):
+        return plgpu.broadcasted_iota(jnp.int32, shape, axis, layout=WGMMA)
+    return q_start + iota(q_axis), kv_start + iota(kv_axis)
+
+
+def dlogits(p, dp, delta, tanh, *, row_axis: int):
+    """dS = P ∘ (dP − D), times the soft cap's derivative 1 − tanh² when capped: the
+    gradient w.r.t. scale·q·k (dQ and dK multiply by `scale` once at the end)."""
+    ds = p * (dp - lax.broadcast_in_dim(delta, p.shape, [row_axis]))
+    if tanh is not None:
+        ds = ds * (1.0 - tanh * tanh)
+    return ds
