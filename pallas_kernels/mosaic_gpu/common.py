@@ -69,11 +69,13 @@ class _Walker:
         self.lists, self.at = lists, at
         self.num_full = lists.full_count[at]
         self.total = self.num_full + lists.partial_count[at]
+        # full, causal, windows: every FULL list is one run k0, k0 + 1, ...
+        self.first_full = lists.full_index[(*at, 0)] if lists.full_is_run else None
 
     def full_block(self, step):
         lists = self.lists
-        if lists.full_is_run:     # full, causal, windows: one run k0, k0 + 1, ...
-            return lists.full_index[(*self.at, 0)] + step
+        if lists.full_is_run:
+            return self.first_full + step
         last = lists.full_index.shape[-1] - 1
         return lists.full_index[(*self.at, jnp.minimum(step, last))]
 

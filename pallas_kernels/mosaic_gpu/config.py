@@ -34,6 +34,7 @@ class MosaicConfig:
     block_q: int = 128
     block_kv: int = 128
     num_stages: int = 2
+    persistent: bool = False      # one CTA per SM looping over work items (forward.py)
     backward: TritonConfig = dataclasses.field(default_factory=TritonConfig)
 
     def __post_init__(self):
@@ -52,9 +53,9 @@ class MosaicConfig:
                 "dkdv": (self.backward.block_q_dkv, self.backward.block_kv_dkv),
                 "dq": (self.backward.block_q_dq, self.backward.block_kv_dq)}
 
-    def smem_bytes(self, head_dim: int, itemsize: int) -> int:
+    def smem_bytes(self, head_dim: int, itemsize: int, q_buffers: int = 1) -> int:
         """Shared memory of the forward kernel: q/out tiles, K and V slots, lse rows."""
-        q = self.block_q * head_dim * itemsize
+        q = q_buffers * self.block_q * head_dim * itemsize
         kv = 2 * self.num_stages * self.block_kv * head_dim * itemsize
         return q + kv + self.block_q * 4 + 1024   # + barriers and alignment slack
 

@@ -24,6 +24,7 @@ One CTA per (q-block of 128 rows, query head n, batch row b), three warpgroups:
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -35,10 +36,17 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from pallas_kernels.metadata import pad_to_multiple
 from pallas_kernels.mosaic_gpu.common import (LN2, LOG2E, MASK_VALUE, OperandRef, TileLists,
                                               pad_btnh, padded_head_dim)
-from pallas_kernels.mosaic_gpu.config import CONSUMER_WARPGROUPS, ROWS_PER_WARPGROUP
+from pallas_kernels.mosaic_gpu.config import CONSUMER_WARPGROUPS, ROWS_PER_WARPGROUP, SMEM_BYTES
 
 _WGMMA = plgpu.Layout.WGMMA
 _WGMMA_ROW = plgpu.Layout.WGMMA.reduce(1)
+
+
+def _num_sms() -> int:
+    """Streaming multiprocessors of the GPU (132 on an H100/H200 SXM when unknown, e.g.
+    when lowering for an abstract device)."""
+    device = jax.devices()[0]
+    return int(getattr(device, "core_count", 0) or 132) if device.platform == "gpu" else 132
 
 
 def _smem_tile(shape, dtype):
@@ -49,18 +57,61 @@ def _smem_tile(shape, dtype):
         plgpu.SwizzleTransform(swizzle)))
 
 
+@dataclasses.dataclass(frozen=True)
+class _Schedule:
+    """Which work items (q-block, head, batch row) a CTA runs.
+
+    One CTA per item (grid (nQ, N, B)), or ``persistent``: ``num_ctas`` CTAs (one per SM)
+    each loop over items cta, cta + num_ctas, ..., so one item's epilogue and the next
+    item's first K/V copies overlap, and no CTA launch sits between items. Items are
+    ordered q-block fastest, heaviest (last) q-block first: CTAs running at the same
+    time share a head's K/V in L2, and under causal-like masks long items start early.
+    """
+
+    num_q_blocks: int
+    num_heads: int
+    batch: int
+    persistent: bool
+    num_ctas: int
+
+    @property
+    def num_items(self) -> int:
+        return self.num_q_blocks * self.num_heads * self.batch
+
+    def grid(self):
+        if self.persistent:
+            return (self.num_ctas,), ("cta",)
+        return (self.num_q_blocks, self.num_heads, self.batch), ("q", "heads", "batch")
+
+    def my_item_count(self):
+        if not self.persistent:
+            return jnp.int32(1)
+        cta = lax.axis_index("cta")
+        return lax.div(self.num_items - cta + self.num_ctas - 1, jnp.int32(self.num_ctas))
+
+    def item(self, i):
+        """(q-block, head, batch row) of this CTA's i-th item."""
+        if self.persistent:
+            flat = lax.axis_index("cta") + i * self.num_ctas
+            reversed_q = lax.rem(flat, self.num_q_blocks)
+            rest = lax.div(flat, jnp.int32(self.num_q_blocks))
+            head, batch = lax.rem(rest, self.num_heads), lax.div(rest, jnp.int32(self.num_heads))
+        else:
+            reversed_q = lax.axis_index("q")
+            head, batch = lax.axis_index("heads"), lax.axis_index("batch")
+        return self.num_q_blocks - 1 - reversed_q, head, batch
+
+
 def _kernel(lists: TileLists, q_ref, k_ref, v_ref, operand_refs, o_ref, lse_ref, scratch, *,
-            num_q_blocks, groups, block_kv, stages, scale, kv_len, mask_fn, dtype):
+            schedule_: _Schedule, groups, block_kv, stages, scale, kv_len, mask_fn, dtype):
     (q_smem, k_smem, v_smem, lse_smem), (k_ready, v_ready, q_ready), consumed, schedule = scratch
     k_consumed, v_consumed = consumed
     rows = ROWS_PER_WARPGROUP
-    # Heaviest q-blocks (under causal-like masks, the last ones) are scheduled first.
-    qi = num_q_blocks - 1 - lax.axis_index("q")
-    head = lax.axis_index("heads")
-    batch = lax.axis_index("batch")
     wg = lax.axis_index("wg")
-    walk = lists.walker(batch, head, qi)
-    num_full, total = walk.num_full, walk.total
+    num_items = schedule_.my_item_count()
+    logit_unit = scale * LOG2E          # raw q·k → base-2 logits
+    # K/V slots are used round-robin over every step of every item of this CTA: the
+    # global step `first + step` of an item picks slot (first + step) % stages.
 
     def schedule_turn():
         plgpu.barrier_arrive(schedule)
@@ -69,112 +120,176 @@ def _kernel(lists: TileLists, q_ref, k_ref, v_ref, operand_refs, o_ref, lse_ref,
     @pl.when(wg < CONSUMER_WARPGROUPS)
     def _consumer():
         plgpu.set_max_registers(232, action="increase")
-        q_start = qi * (CONSUMER_WARPGROUPS * rows) + wg * rows
-        q_tile = q_smem.at[wg]
-        plgpu.copy_gmem_to_smem(q_ref.at[batch, pl.ds(q_start, rows), head], q_tile,
-                                q_ready.at[wg])
-        plgpu.barrier_wait(q_ready.at[wg])
 
-        m_i = plgpu.layout_cast(jnp.full((rows,), MASK_VALUE, jnp.float32), _WGMMA_ROW)
-        l_i = plgpu.layout_cast(jnp.zeros((rows,), jnp.float32), _WGMMA_ROW)
-        acc = plgpu.layout_cast(jnp.zeros((rows, q_smem.shape[-1]), jnp.float32), _WGMMA)
+        q_buffers = q_smem.shape[0]
 
-        @pl.when(total > 0)
-        def _():
-            plgpu.barrier_wait(k_ready.at[0])
+        def load_q(item, buf):
+            qi, head, batch = schedule_.item(item)
+            q_start = qi * (CONSUMER_WARPGROUPS * rows) + wg * rows
+            plgpu.copy_gmem_to_smem(q_ref.at[batch, pl.ds(q_start, rows), head],
+                                    q_smem.at[buf, wg], q_ready.at[buf * CONSUMER_WARPGROUPS + wg])
 
-        # Consumer 1 starts one turn behind, so the two alternate on the tensor cores.
-        pl.when(wg == 1)(schedule_turn)
+        if q_buffers == 2:   # double-buffered Q: item i + 1's Q loads during item i
+            load_q(0, 0)
 
-        def visit(step, carry, partial):
-            acc, m_i, l_i = carry
-            slot = lax.rem(step, stages)
+        def run_item(item, first):
+            qi, head, batch = schedule_.item(item)
+            walk = lists.walker(batch, head, qi)
+            num_full, total = walk.num_full, walk.total
+            cta_start = qi * (CONSUMER_WARPGROUPS * rows)
+            q_start = cta_start + wg * rows
+            buf = lax.rem(item, q_buffers)
+            q_tile = q_smem.at[buf, wg]
+            if q_buffers == 1:
+                # The previous item's output left from q_tile (and lse_smem) by TMA: wait
+                # until that store has read them, then load this item's Q over it.
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+                load_q(item, 0)
 
-            def qk_product(acc_ref):                       # S = Q Kᵀ (line 8)
-                plgpu.wgmma(acc_ref, q_tile, k_smem.at[slot].T)
-                schedule_turn()
-                return acc_ref[...]
-
-            s = pl.run_scoped(qk_product, plgpu.ACC((rows, block_kv), jnp.float32))
-            plgpu.barrier_arrive(k_consumed.at[slot])
-            s = s * (scale * LOG2E)                        # base-2 logits
-            if partial:   # PARTIAL tile: the mask and the kv padding, element-wise
+            def partial_tile_inputs(step):
+                """kv start and mask operand values of PARTIAL step `step` (global loads)."""
                 kv_start = walk.partial_block(step) * block_kv
-                q_pos = q_start + plgpu.broadcasted_iota(jnp.int32, (rows, block_kv), 0,
-                                                         layout=_WGMMA)
-                kv_pos = kv_start + plgpu.broadcasted_iota(jnp.int32, (rows, block_kv), 1,
-                                                           layout=_WGMMA)
-                keep = kv_pos < kv_len
-                if mask_fn is not None:
-                    cta_start = qi * (CONSUMER_WARPGROUPS * rows)
-                    tiles = tuple(o.tile(batch, head, cta_start, kv_start) for o in operand_refs)
-                    keep = keep & mask_fn(q_pos, kv_pos, tiles)
-                s = jnp.where(keep, s, -jnp.inf)
-            # Online softmax (line 9); m stays finite, masked scores give p = exp2(-inf) = 0.
-            m_next = jnp.maximum(m_i, s.max(axis=1))
-            correction = jnp.exp2(m_i - m_next)
-            p = jnp.exp2(s - lax.broadcast_in_dim(m_next, s.shape, [0]))
-            l_i = l_i * correction + p.sum(axis=1)
-            acc = acc * lax.broadcast_in_dim(correction, acc.shape, [0])
-            p = p.astype(dtype)
-            # Keep the softmax before the hand-over of the tensor cores (the compiler
-            # would otherwise sink it past the barriers).
-            acc, l_i, m_next, p = lax.optimization_barrier((acc, l_i, m_next, p))
-            plgpu.barrier_arrive(schedule)
-            plgpu.barrier_wait(v_ready.at[slot])
-            plgpu.barrier_wait(schedule)
+                return kv_start, tuple(o.tile(batch, head, cta_start, kv_start)
+                                       for o in operand_refs)
 
-            def pv_product(acc_ref):                       # O += P V (line 10)
-                plgpu.wgmma(acc_ref, p, v_smem.at[slot])
-                nxt = step + 1
+            m_i = plgpu.layout_cast(jnp.full((rows,), MASK_VALUE, jnp.float32), _WGMMA_ROW)
+            l_i = plgpu.layout_cast(jnp.zeros((rows,), jnp.float32), _WGMMA_ROW)
+            acc = plgpu.layout_cast(jnp.zeros((rows, q_smem.shape[-1]), jnp.float32), _WGMMA)
+            plgpu.barrier_wait(q_ready.at[buf * CONSUMER_WARPGROUPS + wg])
 
-                @pl.when(nxt < total)
+            @pl.when(total > 0)
+            def _():
+                plgpu.barrier_wait(k_ready.at[lax.rem(first, stages)])
+
+            # Consumer 1 starts one turn behind, so the two alternate on the tensor cores.
+            pl.when(wg == 1)(schedule_turn)
+
+            def visit(step, carry, partial):
+                acc, m_i, l_i, tile_inputs = carry
+                slot = lax.rem(first + step, stages)
+                if partial:
+                    # The next PARTIAL tile's list entry and operand values are loaded one
+                    # step ahead, so their global-memory latency hides behind this step.
+                    next_inputs = partial_tile_inputs(jnp.minimum(step + 1, total - 1))
+
+                def qk_product(acc_ref):                       # S = Q Kᵀ (line 8)
+                    plgpu.wgmma(acc_ref, q_tile, k_smem.at[slot].T)
+                    schedule_turn()
+                    return acc_ref[...]
+
+                s = pl.run_scoped(qk_product, plgpu.ACC((rows, block_kv), jnp.float32))
+                plgpu.barrier_arrive(k_consumed.at[slot])
+                if partial:   # PARTIAL tile: the mask and the kv padding, element-wise
+                    kv_start, operand_values = tile_inputs
+                    q_pos = q_start + plgpu.broadcasted_iota(jnp.int32, (rows, block_kv), 0,
+                                                             layout=_WGMMA)
+                    kv_pos = kv_start + plgpu.broadcasted_iota(jnp.int32, (rows, block_kv), 1,
+                                                               layout=_WGMMA)
+                    keep = kv_pos < kv_len
+                    if mask_fn is not None:
+                        keep = keep & mask_fn(q_pos, kv_pos, operand_values)
+                    s = jnp.where(keep, s, -jnp.inf)
+                    tile_inputs = next_inputs
+                # Online softmax (line 9); m stays finite, masked scores give p = 0.
+                # With m kept in base-2 units, p = exp2(s·c - m) is one FMA per score ahead
+                # of the exp2 (c = scale·log2(e) > 0, so max(s)·c = max(s·c)).
+                if logit_unit > 0:
+                    m_next = jnp.maximum(m_i, s.max(axis=1) * logit_unit)
+                    p = jnp.exp2(s * logit_unit - lax.broadcast_in_dim(m_next, s.shape, [0]))
+                else:
+                    s = s * logit_unit
+                    m_next = jnp.maximum(m_i, s.max(axis=1))
+                    p = jnp.exp2(s - lax.broadcast_in_dim(m_next, s.shape, [0]))
+                correction = jnp.exp2(m_i - m_next)
+                l_i = l_i * correction + p.sum(axis=1)
+                acc = acc * lax.broadcast_in_dim(correction, acc.shape, [0])
+                p = p.astype(dtype)
+                # Keep the softmax before the hand-over of the tensor cores (the compiler
+                # would otherwise sink it past the barriers).
+                acc, l_i, m_next, p = lax.optimization_barrier((acc, l_i, m_next, p))
+                plgpu.barrier_arrive(schedule)
+                plgpu.barrier_wait(v_ready.at[slot])
+                plgpu.barrier_wait(schedule)
+
+                def pv_product(acc_ref):                       # O += P V (line 10)
+                    plgpu.wgmma(acc_ref, p, v_smem.at[slot])
+
+                    @pl.when(step + 1 < total)
+                    def _():
+                        plgpu.barrier_wait(k_ready.at[lax.rem(first + step + 1, stages)])
+
+                acc = pl.run_state(pv_product)(plgpu.ACC.init(acc))
+                plgpu.barrier_arrive(v_consumed.at[slot])
+                return acc, m_next, l_i, tile_inputs
+
+            # FULL tiles (no mask work), then PARTIAL ones; EMPTY tiles are never visited.
+            acc, m_i, l_i, _ = lax.fori_loop(0, num_full, functools.partial(visit, partial=False),
+                                             (acc, m_i, l_i, ()))
+            acc, m_i, l_i, _ = lax.fori_loop(num_full, total, functools.partial(visit, partial=True),
+                                             (acc, m_i, l_i, partial_tile_inputs(num_full)))
+            pl.when(wg == 0)(schedule_turn)
+            if q_buffers == 2:
+                # The other buffer's output (item - 1) and lse_smem must have been read by
+                # their TMA stores before the next Q and this lse overwrite them.
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+                @pl.when(item + 1 < num_items)
                 def _():
-                    plgpu.barrier_wait(k_ready.at[lax.rem(nxt, stages)])
+                    load_q(item + 1, 1 - buf)
 
-            acc = pl.run_state(pv_product)(plgpu.ACC.init(acc))
-            plgpu.barrier_arrive(v_consumed.at[slot])
-            return acc, m_next, l_i
+            # Epilogue (line 12): O = acc / l; empty rows (l = 0) give O = 0, lse = -inf.
+            nonempty = l_i > 0.0
+            l_safe = jnp.where(nonempty, l_i, 1.0)
+            acc = acc * lax.broadcast_in_dim(1.0 / l_safe, acc.shape, [0])
+            q_tile[...] = acc.astype(dtype)       # this warpgroup's Q is no longer read
+            lse_smem[wg] = jnp.where(nonempty, (m_i + jnp.log2(l_safe)) * LN2, -jnp.inf)
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(q_tile, o_ref.at[batch, pl.ds(q_start, rows), head])
+            plgpu.copy_smem_to_gmem(lse_smem.at[wg],
+                                    lse_ref.at[batch, head, pl.ds(q_start, rows)])
+            return first + total
 
-        # FULL tiles (no mask work), then PARTIAL ones; EMPTY tiles are never visited.
-        carry = (acc, m_i, l_i)
-        carry = lax.fori_loop(0, num_full, functools.partial(visit, partial=False), carry)
-        acc, m_i, l_i = lax.fori_loop(num_full, total, functools.partial(visit, partial=True),
-                                      carry)
-        pl.when(wg == 0)(schedule_turn)
-
-        # Epilogue (line 12): O = acc / l; empty rows (l = 0) give O = 0 and lse = -inf.
-        nonempty = l_i > 0.0
-        inv_l = 1.0 / jnp.where(nonempty, l_i, 1.0)
-        acc = acc * lax.broadcast_in_dim(inv_l, acc.shape, [0])
-        q_tile[...] = acc.astype(dtype)       # this warpgroup's Q is no longer read
-        lse_smem[wg] = jnp.where(nonempty, (m_i + jnp.log2(jnp.where(nonempty, l_i, 1.0))) * LN2,
-                                 -jnp.inf)
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(q_tile, o_ref.at[batch, pl.ds(q_start, rows), head])
-        plgpu.copy_smem_to_gmem(lse_smem.at[wg], lse_ref.at[batch, head, pl.ds(q_start, rows)])
+        lax.fori_loop(0, num_items, run_item, jnp.int32(0))
         plgpu.wait_smem_to_gmem(0)
 
     @pl.when(wg == CONSUMER_WARPGROUPS)
     def _producer():
         plgpu.set_max_registers(40, action="decrease")
-        kv_head = lax.div(head, jnp.int32(groups))
 
-        def issue(step, slot):
-            kv = pl.ds(walk.kv_block(step) * block_kv, block_kv)
-            plgpu.copy_gmem_to_smem(k_ref.at[batch, kv, kv_head], k_smem.at[slot], k_ready.at[slot])
-            plgpu.copy_gmem_to_smem(v_ref.at[batch, kv, kv_head], v_smem.at[slot], v_ready.at[slot])
+        def run_item(item, first):
+            qi, head, batch = schedule_.item(item)
+            walk = lists.walker(batch, head, qi)
+            kv_head = lax.div(head, jnp.int32(groups))
 
-        # Fill every slot, then refill a slot once both consumers released it.
-        for step in range(stages):
-            pl.when(step < total)(functools.partial(issue, step, step))
+            def copy(src_ref, dst_smem, ready, kv_block, slot):
+                kv = pl.ds(kv_block * block_kv, block_kv)
+                plgpu.copy_gmem_to_smem(src_ref.at[batch, kv, kv_head], dst_smem.at[slot],
+                                        ready.at[slot])
 
-        @pl.loop(stages, jnp.maximum(total, stages))
-        def _(step):
-            slot = lax.rem(step, stages)
-            plgpu.barrier_wait(k_consumed.at[slot])
-            plgpu.barrier_wait(v_consumed.at[slot])
-            issue(step, slot)
+            # Refill a slot's K (V) as soon as both consumers are done with the K (V)
+            # tile in it; the first `stages` steps of the CTA find their slots free. The
+            # list entry is read before waiting, so its latency overlaps the wait.
+            @pl.loop(0, walk.total)
+            def _(step):
+                at = first + step
+                slot = lax.rem(at, stages)
+                kv_block = walk.kv_block(step)
+
+                @pl.when(at >= stages)
+                def _():
+                    plgpu.barrier_wait(k_consumed.at[slot])
+
+                copy(k_ref, k_smem, k_ready, kv_block, slot)
+
+                @pl.when(at >= stages)
+                def _():
+                    plgpu.barrier_wait(v_consumed.at[slot])
+
+                copy(v_ref, v_smem, v_ready, kv_block, slot)
+
+            return first + walk.total
+
+        lax.fori_loop(0, num_items, run_item, jnp.int32(0))
 
 
 def forward(static, q, k, v, bias, metas, operands):
@@ -198,6 +313,9 @@ def forward(static, q, k, v, bias, metas, operands):
     stages = cfg.num_stages
     rows = ROWS_PER_WARPGROUP
     nq = tp // bq
+    schedule = _Schedule(nq, n, b, cfg.persistent, min(_num_sms(), nq * n * b))
+    # A persistent CTA double-buffers Q when shared memory allows it (not at head dim 256).
+    q_buffers = 2 if cfg.persistent and cfg.smem_bytes(hp, q.dtype.itemsize, 2) <= SMEM_BYTES else 1
 
     def entry(*refs):
         n_lists = len(lists.arrays())
@@ -208,32 +326,35 @@ def forward(static, q, k, v, bias, metas, operands):
         o_ref, lse_ref = rest[len(operand_arrays):]
         bound = lists.bind(list_refs)
         scratch_types = (
-            (_smem_tile((CONSUMER_WARPGROUPS, rows, hp), q.dtype),
+            (_smem_tile((q_buffers, CONSUMER_WARPGROUPS, rows, hp), q.dtype),
              _smem_tile((stages, bk, hp), k.dtype),
              _smem_tile((stages, bk, hp), v.dtype),
              plgpu.SMEM((CONSUMER_WARPGROUPS, rows), jnp.float32)),
             (plgpu.Barrier(num_barriers=stages), plgpu.Barrier(num_barriers=stages),
-             plgpu.Barrier(num_barriers=CONSUMER_WARPGROUPS)),
+             plgpu.Barrier(num_barriers=q_buffers * CONSUMER_WARPGROUPS)),
             (plgpu.Barrier(num_arrivals=CONSUMER_WARPGROUPS, num_barriers=stages),) * 2,
             plgpu.Barrier(num_arrivals=CONSUMER_WARPGROUPS),
         )
         pl.run_scoped(
             lambda *scratch: _kernel(
                 bound, q_ref, k_ref, v_ref, operand_refs, o_ref, lse_ref, scratch,
-                num_q_blocks=nq, groups=n // kh, block_kv=bk, stages=stages,
+                schedule_=schedule, groups=n // kh, block_kv=bk, stages=stages,
                 scale=static.scale, kv_len=s, mask_fn=static.mask_fn,
                 dtype=q.dtype),
             *scratch_types, collective_axes="wg")
 
+    grid, grid_names = schedule.grid()
     out, lse = plgpu.kernel(
         entry,
         out_type=(jax.ShapeDtypeStruct((b, tp, n, hp), q.dtype),
                   jax.ShapeDtypeStruct((b, n, tp), jnp.float32)),
-        grid=(nq, n, b),
-        grid_names=("q", "heads", "batch"),
+        grid=grid,
+        grid_names=grid_names,
         num_threads=CONSUMER_WARPGROUPS + 1,
         thread_name="wg",
-        compiler_params=plgpu.CompilerParams(approx_math=True),
+        # No cross-warp reductions (row max/sum stay within a warp): no reduction scratch,
+        # which leaves room for a third K/V stage at head dim 128.
+        compiler_params=plgpu.CompilerParams(approx_math=True, reduction_scratch_bytes=0),
         kernel_name="jaxattn_mosaic_forward",
     )(*lists.arrays(), qp, kp, vp, *operand_arrays)
     return out[:, :t, :, :h], lse[:, :, :t]
