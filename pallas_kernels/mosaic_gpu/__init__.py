@@ -1,11 +1,11 @@
 """Hopper FlashAttention backend: Pallas kernels lowered through Mosaic GPU (sm90 only).
 
 Implements the kernel-backend protocol (name, padded_head_dim, default_config, supports,
-forward, backward, decode). The forward is this package's warp-specialised TMA + wgmma
-kernel (forward.py). The backward is, until this package has its own kernels, the Triton
-backend's dQ and dK/dV kernels, run on metadata built for the Triton tiles that
-``MosaicConfig.backward`` names (same metadata contract, same residuals: out and the
-natural-log lse).
+forward, backward, decode). The forward is the warp-specialised TMA + wgmma kernel of
+forward.py. The backward is this package's dQ and dK/dV kernels (backward_kernels.py)
+for head dims up to 128; at head dim 256 it is the Triton backend's kernels, run on
+metadata built for the Triton tiles that ``MosaicConfig.backward`` names (same metadata
+contract, same residuals: out and the natural-log lse).
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import dataclasses
 import jax.numpy as jnp
 
 from pallas_kernels import triton as _triton
+from pallas_kernels.mosaic_gpu import backward_kernels as _mosaic_backward
 from pallas_kernels.mosaic_gpu.common import padded_head_dim
 from pallas_kernels.mosaic_gpu.config import MosaicConfig, default_config as config_for_head_dim
 from pallas_kernels.mosaic_gpu.forward import forward
@@ -60,7 +61,11 @@ def supports(request, *, interpret: bool = False) -> str | None:
 
 
 def backward(static, q, k, v, bias, out, lse, dout, delta, metas, operands, parts):
-    """The Triton backend's dQ and dK/dV kernels (see the module docstring)."""
+    """This package's backward kernels, or the Triton backend's at head dim 256 (see the
+    module docstring)."""
+    if not static.config.triton_backward:
+        return _mosaic_backward.backward(static, q, k, v, bias, out, lse, dout, delta, metas,
+                                         operands, parts=parts)
     triton_static = dataclasses.replace(static, backend=_triton, config=static.config.backward)
     return _triton.backward(triton_static, q, k, v, bias, out, lse, dout, delta, metas, operands,
                             parts=parts)

@@ -1,25 +1,32 @@
-"""Tile shapes and pipeline depth of the Mosaic GPU (Hopper) FlashAttention forward.
+"""Tile shapes and pipeline depth of the Mosaic GPU (Hopper) FlashAttention kernels.
 
-A CTA owns ``block_q`` = 128 query rows, split between two consumer warpgroups of 64
-rows each (one wgmma M-tile each); a third warpgroup only issues TMA copies. Both
-consumers walk the same tile list, so the forward metadata is built for
+Forward: a CTA owns ``block_q`` = 128 query rows, split between two consumer
+warpgroups of 64 rows each (one wgmma M-tile each); a third warpgroup only issues TMA
+copies. Both consumers walk the same tile list, so the forward metadata is built for
 (block_q, block_kv). K/V tiles rotate through ``num_stages`` shared-memory slots.
 
-Where the numbers come from (bf16, jax 0.11.2):
+Where the numbers come from (bf16, jax 0.11.2, one H200, 2026-11-29; raw JSON in
+benchmarks/results/mosaic_fwd_2026-11-29_h200_*; the story in NOTES.md beside this file):
 
 | head dim | block_q | block_kv | stages | source |
 |---|---|---|---|---|
-| 64, 128  | 128 | 128 | 2 | FA3 / tokamax sm90 defaults (2 x 64-row warpgroups, block_kv 128, 2 stages); measured in NOTES.md |
-| 256      | 128 |  64 | 2 | shared memory: q 64 KB + 2 x (K 32 KB + V 32 KB) = 192 KB of the 227 KB an sm90 CTA may use; block_kv 128 needs 320 KB |
+| 64, 128  | 128 | 128 | 2 | FA3 / tokamax sm90 defaults (2 x 64-row warpgroups, block_kv 128, 2 stages). A third stage at D128 (fits once no reduction scratch is reserved) measured no faster: D128 S16k full 552 vs 582 TFLOP/s, causal 538 vs 552, window 2048 407 vs 410 (run b) |
+| 256      | 128 |  64 | 2 | shared memory: Q 64 KB + 2 x (K 32 KB + V 32 KB) = 192 KB of the 227 KB an sm90 CTA may use; block_kv 128 (or a third stage) does not fit |
 
-The backward is, for now, the Triton backend's kernels (see ``forward.py``), so the
-``dkdv`` and ``dq`` tiles are those of the Triton config for the same head dim.
+``persistent`` (one CTA per SM looping over work items, Q double-buffered) lowers but
+has not yet run on a GPU; it is off by default and nothing selects it.
+
+Backward: head dims up to 128 run this package's own dQ and dK/dV kernels
+(backward_kernels.py, their config ``MosaicBackwardConfig``); at head dim 256 (beyond
+those kernels' registers and shared memory) the backward is the Triton backend's, with
+the Triton config for that head dim.
 """
 
 from __future__ import annotations
 
 import dataclasses
 
+from pallas_kernels.mosaic_gpu.backward_kernels import MosaicBackwardConfig, default_backward_config
 from pallas_kernels.triton.config import TritonConfig
 from pallas_kernels.triton.config import default_config as triton_default_config
 
@@ -35,7 +42,8 @@ class MosaicConfig:
     block_kv: int = 128
     num_stages: int = 2
     persistent: bool = False      # one CTA per SM looping over work items (forward.py)
-    backward: TritonConfig = dataclasses.field(default_factory=TritonConfig)
+    backward: MosaicBackwardConfig | TritonConfig = dataclasses.field(
+        default_factory=MosaicBackwardConfig)
 
     def __post_init__(self):
         if self.block_q != ROWS_PER_WARPGROUP * CONSUMER_WARPGROUPS:
@@ -46,12 +54,20 @@ class MosaicConfig:
                              f"of the P·V product), got {self.block_kv}.")
         if self.num_stages < 1:
             raise ValueError(f"MosaicConfig.num_stages must be >= 1, got {self.num_stages}.")
+        if not isinstance(self.backward, (MosaicBackwardConfig, TritonConfig)):
+            raise ValueError("MosaicConfig.backward must be a MosaicBackwardConfig or a "
+                             f"TritonConfig, got {type(self.backward).__name__}.")
+
+    @property
+    def triton_backward(self) -> bool:
+        """True when the backward runs the Triton backend's kernels."""
+        return isinstance(self.backward, TritonConfig)
 
     def metadata_tiles(self) -> dict[str, tuple[int, int]]:
         """(block_q, block_kv) of the block metadata each kernel walks."""
+        backward = self.backward.metadata_tiles()
         return {"forward": (self.block_q, self.block_kv),
-                "dkdv": (self.backward.block_q_dkv, self.backward.block_kv_dkv),
-                "dq": (self.backward.block_q_dq, self.backward.block_kv_dq)}
+                "dkdv": backward["dkdv"], "dq": backward["dq"]}
 
     def smem_bytes(self, head_dim: int, itemsize: int, q_buffers: int = 1) -> int:
         """Shared memory of the forward kernel: q/out tiles, K and V slots, lse rows."""
@@ -62,7 +78,8 @@ class MosaicConfig:
 
 def default_config(head_dim: int) -> MosaicConfig:
     """Config for a padded head dim (64, 128 or 256)."""
-    backward = triton_default_config(head_dim)
     if head_dim <= 128:
-        return MosaicConfig(block_q=128, block_kv=128, num_stages=2, backward=backward)
-    return MosaicConfig(block_q=128, block_kv=64, num_stages=2, backward=backward)
+        return MosaicConfig(block_q=128, block_kv=128, num_stages=2,
+                            backward=default_backward_config(head_dim))
+    return MosaicConfig(block_q=128, block_kv=64, num_stages=2,
+                        backward=triton_default_config(head_dim))
