@@ -1,7 +1,7 @@
 """Check and time the Mosaic GPU backward kernels on a Hopper GPU, one JSON out.
 
-    python benchmarks/mosaic_bwd_check.py correctness OUT.json
-    python benchmarks/mosaic_bwd_check.py timing OUT.json
+    python benchmarks/mosaic_bwd_check.py correctness OUT.json [CASE ...]
+    python benchmarks/mosaic_bwd_check.py timing OUT.json [CASE ...]
 
 correctness: dQ, dK, dV of the kernels (driven directly, with out/lse from the float32
 reference) against jax.vjp of jaxattn.reference in float32, worst row of each tensor;
@@ -18,6 +18,7 @@ import json
 import sys
 import time
 import traceback
+import zlib
 
 import jax
 import jax.numpy as jnp
@@ -33,6 +34,7 @@ from pallas_kernels.flash_vjp import FlashStatic, backward_lse
 from pallas_kernels.mosaic_gpu import backward_kernels as mb
 
 RESULTS: dict = {}
+ONLY: tuple = ()     # case names given after OUT.json on the command line (all if none)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,7 +82,7 @@ def worst_row(a, r):
 
 
 def correctness_case(name, mask, b, t, s, n, kh, h, dtype=jnp.bfloat16, cap=None):
-    key = jax.random.PRNGKey(hash(name) % 2**31)
+    key = jax.random.PRNGKey(zlib.crc32(name.encode()))   # the same inputs every run
     kq, kk, kv, ko = jax.random.split(key, 4)
     q = jax.random.normal(kq, (b, t, n, h), jnp.float32).astype(dtype)
     k = jax.random.normal(kk, (b, s, kh, h), jnp.float32).astype(dtype)
@@ -95,9 +97,11 @@ def correctness_case(name, mask, b, t, s, n, kh, h, dtype=jnp.bfloat16, cap=None
     static, metas, operands = prepare(mask, t, s, h, cap, scale)
     run = kernel_backward(static, metas, operands)
     t0 = time.time()
-    dq, dk, dv = jax.block_until_ready(run(q, k, v, out.astype(dtype), lse, do))
+    # D = rowsum(dO ∘ O) from the float32 output: the kernels' own error, not that of
+    # a bf16-rounded O (which alone moves rows with near-zero gradient by up to ~9 %).
+    dq, dk, dv = jax.block_until_ready(run(q, k, v, out, lse, do))
     compile_s = time.time() - t0
-    dq2, dk2, dv2 = jax.block_until_ready(run(q, k, v, out.astype(dtype), lse, do))
+    dq2, dk2, dv2 = jax.block_until_ready(run(q, k, v, out, lse, do))
     same = all(bool(jnp.array_equal(x, y)) for x, y in ((dq, dq2), (dk, dk2), (dv, dv2)))
     res = {"shape": [b, t, s, n, kh, h], "dtype": jnp.dtype(dtype).name, "cap": cap,
            "deterministic": same, "first_call_s": round(compile_s, 2)}
@@ -128,6 +132,8 @@ def correctness(path):
     ]
     for case in cases:
         name = case[0]
+        if ONLY and name not in ONLY:
+            continue
         try:
             RESULTS[name] = correctness_case(*case)
         except Exception as e:  # noqa: BLE001 - record and go on
@@ -210,6 +216,8 @@ def timing(path):
              ("causal_window2048_s32k", LocalMask(2047, 0), 32768, 2048),
              ("bigbird_causal_s16k", BIGBIRD_16K, 16384, None)]
     for name, mask, t, window in cases:
+        if ONLY and name not in ONLY:
+            continue
         try:
             RESULTS[name] = timing_case(name, mask, t, window)
         except Exception as e:  # noqa: BLE001
@@ -219,7 +227,7 @@ def timing(path):
 
 
 if __name__ == "__main__":
-    mode, path = sys.argv[1], sys.argv[2]
+    mode, path, ONLY = sys.argv[1], sys.argv[2], tuple(sys.argv[3:])
     RESULTS["meta"] = {"device": str(jax.devices()[0].device_kind), "jax": jax.__version__,
                        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
                        "mode": mode}

@@ -20,6 +20,7 @@ from jaxattn import masks as M
 from jaxattn.reference import reference_attention
 from pallas_kernels.flash_vjp import FlashStatic, backward_lse
 from pallas_kernels.mosaic_gpu import backward_kernels as mb
+from pallas_kernels.mosaic_gpu.backward_walk import TileLists
 
 H100 = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132,
                                    platform="cuda")
@@ -75,6 +76,41 @@ def test_shipped_configurations_lower_for_h100(name):
     text = _lowered_text(mask, **kwargs)
     calls = 1 if kwargs.get("parts") == ("dkdv",) else 2
     assert text.count("mosaic_gpu") >= calls
+
+
+def _expected_walk(meta, block, heads, batch=0):
+    """(head in group, block index, partial) in the order the kernels visit, from numpy."""
+    a = [np.asarray(x) for x in (meta.t_full_count, meta.t_full_index, meta.t_partial_count,
+                                 meta.t_partial_index)]
+    walk = []
+    for g, hrow in enumerate(heads):
+        row = hrow if a[0].shape[1] > 1 else 0
+        bm = batch if a[0].shape[0] > 1 else 0
+        walk += [(g, int(i), False) for i in a[1][bm, row, block, :a[0][bm, row, block]]]
+        walk += [(g, int(i), True) for i in a[3][bm, row, block, :a[2][bm, row, block]]]
+    return walk
+
+
+@pytest.mark.parametrize("per_head", [False, True])
+def test_tile_lists_decode_every_step_of_the_group(per_head):
+    """The step → (head, block, partial) decoding both kernels share, on the transposed
+    lists of a GQA group (2 query heads per KV head), against the lists read in numpy."""
+    if per_head:   # different documents per head: one list per head
+        ids = np.stack([np.repeat(np.arange(2), [70, 186]), np.repeat(np.arange(3), [20, 100, 136]),
+                        np.repeat(np.arange(2), [200, 56]), np.zeros(256, int)])[None]
+        mask = M.CausalMask() & M.DenseMask(jnp.asarray(ids[:, :, :, None] == ids[:, :, None, :]))
+    else:
+        mask = M.LocalMask(100, 0) | M.GlobalMask(16)
+    meta = M.build_block_metadata(mask, 256, 256, 64, 128)
+    assert (np.asarray(meta.t_full_count).shape[1] > 1) == per_head
+    arrays = tuple(jnp.asarray(x) for x in (meta.t_full_count, meta.t_full_index,
+                                            meta.t_partial_count, meta.t_partial_index))
+    for kv_head in (0, 1):
+        for block in range(meta.num_kv_blocks):
+            lists = TileLists(arrays, batch=0, block=block, head0=2 * kv_head, groups=2)
+            got = [lists.decode(jnp.int32(i)) for i in range(int(lists.total))]
+            got = [(int(x.head), int(x.block), bool(x.partial)) for x in got]
+            assert got == _expected_walk(meta, block, [2 * kv_head, 2 * kv_head + 1])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,8 +176,8 @@ GPU_CASES = {
 
 def worst_row_error(got, want) -> float:
     """max over rows of ‖got − want‖ / ‖want‖, rows with a tiny reference gradient
-    held to 5 % of the rms row norm (the first row of a causal mask has dS ≡ 0 exactly,
-    so only the rounding of D = rowsum(dO ∘ O) in bf16 remains there)."""
+    held to 5 % of the rms row norm (the first row of a causal mask has dS ≡ 0 exactly:
+    only rounding is left there, which no relative measure can hold)."""
     got = np.asarray(got, np.float32).reshape(-1, got.shape[-1])
     want = np.asarray(want, np.float32).reshape(-1, want.shape[-1])
     norm = np.linalg.norm(want, axis=-1)
@@ -166,9 +202,11 @@ def test_gradients_match_the_reference_per_row(name):
     (out, lse), vjp = jax.vjp(ref, f32(q), f32(k), f32(v))
     want = vjp((f32(do), jnp.zeros_like(lse)))
     run = jax.jit(_backward_fn(mask, t, s, h))
-    got = run(q, k, v, out.astype(jnp.bfloat16), lse, do)
-    again = run(q, k, v, out.astype(jnp.bfloat16), lse, do)
+    # D from the float32 output, so the comparison sees the kernels' error alone (bf16
+    # P and dS operands: ~0.004 worst row, emulated on CPU) and not that of a rounded O.
+    got = run(q, k, v, out, lse, do)
+    again = run(q, k, v, out, lse, do)
     for name_, g, w, g2 in zip(("dq", "dk", "dv"), got, want, again):
         assert bool(jnp.all(jnp.isfinite(g))), name_
-        assert worst_row_error(g, w) < 0.03, name_
+        assert worst_row_error(g, w) < 0.02, name_
         assert bool(jnp.array_equal(g, g2)), f"{name_} differs between two runs"
