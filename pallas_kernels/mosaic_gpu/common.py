@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import dataclasses
 
-import jax
 import jax.numpy as jnp
 from jax import lax
 
 from pallas_kernels.metadata import BlockMetadata
-from pallas_kernels.triton.common import LN2, LOG2E, MASK_VALUE, pad_axis, pad_btnh  # noqa: F401
+from pallas_kernels.triton.common import LN2, LOG2E, MASK_VALUE, pad_btnh
 
 __all__ = ["LN2", "LOG2E", "MASK_VALUE", "pad_btnh", "padded_head_dim", "TileLists", "OperandRef"]
 

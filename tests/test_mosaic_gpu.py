@@ -1,0 +1,236 @@
+"""The Mosaic GPU (Hopper) forward backend.
+
+CPU tier: every shipped configuration lowers for an H100 target (the program carries
+a mosaic_gpu custom call), supports() declines what the kernels do not serve, configs
+check themselves, and the tile-list walk with its data-dependent TMA offsets runs in
+the Mosaic GPU interpreter against numpy (the interpreter cannot run the attention
+kernel itself: it has no register-operand wgmma).
+GPU tier (marked gpu, skipped on CPU): values and lse against the float32 reference,
+compared row by row, on masks, GQA, T != S, ragged lengths and head dims 64/128/256;
+two runs bitwise identical.
+"""
+
+from __future__ import annotations
+
+import types
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from jaxattn import masks as M
+from jaxattn.masks import build_block_metadata
+from jaxattn.reference import reference_attention
+from pallas_kernels import mosaic_gpu
+from pallas_kernels.flash_vjp import FlashStatic, flash_attention
+from pallas_kernels.mosaic_gpu.common import TileLists
+from pallas_kernels.mosaic_gpu.config import SMEM_BYTES, MosaicConfig
+from pallas_kernels.triton.config import TritonConfig
+
+H100 = "NVIDIA H100 80GB HBM3"
+
+
+def _call(mask, t, s, h, config=None):
+    """(static, metas, operands) for the mosaic backend, as jaxattn builds them."""
+    cfg = config or mosaic_gpu.config_for_head_dim(mosaic_gpu.padded_head_dim(h))
+    metas = {name: jax.tree_util.tree_map(jnp.asarray, build_block_metadata(mask, t, s, bq, bk))
+             for name, (bq, bk) in cfg.metadata_tiles().items()}
+    operands = mask.operands()
+    static = FlashStatic(backend=mosaic_gpu, scale=h ** -0.5, logits_soft_cap=None,
+                         mask_fn=None if isinstance(mask, M.FullMask) else mask.evaluate,
+                         operand_kinds=tuple((o.kind, o.layout_block) for o in operands),
+                         config=cfg, interpret=False)
+    return static, metas, tuple(jnp.asarray(o.array) for o in operands)
+
+
+def _lower_for_h100(fn, *shapes):
+    device = jax.sharding.AbstractDevice(device_kind=H100, num_cores=132, platform="cuda")
+    mesh = jax.sharding.AbstractMesh((1,), ("x",), abstract_device=device)
+    with jax.sharding.use_abstract_mesh(mesh):
+        return jax.jit(fn).trace(*shapes).lower(lowering_platforms=("cuda",)).as_text()
+
+
+def _shapes(b, t, s, n, kh, h, dtype=jnp.bfloat16):
+    return (jax.ShapeDtypeStruct((b, t, n, h), dtype), jax.ShapeDtypeStruct((b, s, kh, h), dtype),
+            jax.ShapeDtypeStruct((b, s, kh, h), dtype))
+
+
+# Each shipped config (head dims 64, 128, 256) and each mask family at least once.
+LOWERING_CASES = {
+    "full D64 f16": (M.FullMask(), 256, 256, 2, 2, 64, jnp.float16),
+    "causal D128 GQA ragged": (M.CausalMask(), 300, 300, 4, 2, 128, jnp.bfloat16),
+    "window D128 T!=S": (M.LocalMask(64, 0), 200, 333, 2, 1, 128, jnp.bfloat16),
+    "bigbird D128": (M.bigbird_mask(512, window=64, num_global=32, num_random_blocks=1,
+                                    causal=True), 512, 512, 2, 2, 128, jnp.bfloat16),
+    "strided D256": (M.CausalMask() & M.StridedMask(3), 256, 256, 2, 1, 256, jnp.bfloat16),
+    "prefix D96": (M.PrefixLMMask(40) & M.GlobalMask(8), 256, 256, 2, 2, 96, jnp.bfloat16),
+}
+
+
+@pytest.mark.parametrize("name", list(LOWERING_CASES))
+def test_forward_lowers_for_h100(name):
+    mask, t, s, n, kh, h, dtype = LOWERING_CASES[name]
+    static, metas, operands = _call(mask, t, s, h)
+    text = _lower_for_h100(lambda q, k, v: flash_attention(static, q, k, v, None, metas, operands),
+                           *_shapes(1, t, s, n, kh, h, dtype))
+    assert "mosaic_gpu" in text
+
+
+@pytest.mark.parametrize("h, mosaic_kernels", [(128, 3), (256, 1)])
+def test_gradient_lowers_for_h100(h, mosaic_kernels):
+    """D128: forward, dK/dV and dQ are Mosaic kernels; D256: the backward is Triton's."""
+    static, metas, operands = _call(M.CausalMask(), 256, 256, h)
+
+    def loss(q, k, v):
+        out, _ = flash_attention(static, q, k, v, None, metas, operands)
+        return jnp.sum(out.astype(jnp.float32))
+
+    text = _lower_for_h100(jax.grad(loss, argnums=(0, 1, 2)), *_shapes(1, 256, 256, 2, 1, h))
+    assert text.count("mosaic_gpu_v2") == mosaic_kernels
+    assert ("triton" in text) == (mosaic_kernels == 1)
+
+
+def test_every_shipped_config_fits_shared_memory():
+    for h in (64, 128, 256):
+        cfg = mosaic_gpu.config_for_head_dim(h)
+        assert cfg.smem_bytes(h, 2) <= SMEM_BYTES
+        assert cfg.metadata_tiles()["forward"] == (128, cfg.block_kv)
+    assert mosaic_gpu.config_for_head_dim(256).triton_backward
+    assert not mosaic_gpu.config_for_head_dim(128).triton_backward
+
+
+def test_config_checks_itself():
+    with pytest.raises(ValueError, match="block_q must be 128"):
+        MosaicConfig(block_q=64)
+    with pytest.raises(ValueError, match="multiple of 64"):
+        MosaicConfig(block_kv=96)
+    with pytest.raises(ValueError, match="num_stages"):
+        MosaicConfig(num_stages=0)
+    with pytest.raises(ValueError, match="MosaicBackwardConfig or a TritonConfig"):
+        MosaicConfig(backward=None)
+    tiles = MosaicConfig(backward=TritonConfig()).metadata_tiles()
+    assert tiles["forward"] == (128, 128) and tiles["dq"] == (TritonConfig().block_q_dq,
+                                                              TritonConfig().block_kv_dq)
+
+
+def test_padded_head_dim():
+    assert [mosaic_gpu.padded_head_dim(h) for h in (8, 64, 65, 128, 200, 256)] == \
+        [64, 64, 128, 128, 256, 256]
+    with pytest.raises(NotImplementedError, match="256"):
+        mosaic_gpu.padded_head_dim(257)
+
+
+def _request(**changes):
+    base = dict(dtype=jnp.bfloat16, head_dim=128, q_len=1024, kv_len=1024, num_heads=8,
+                num_kv_heads=2, batch=1, has_bias=False, bias_shape=None, operand_kinds=(),
+                has_partial_tiles=True, logits_soft_cap=None, platform="gpu",
+                device_kind="NVIDIA H200")
+    return types.SimpleNamespace(**{**base, **changes})
+
+
+def test_supports_serves_what_the_kernels_run():
+    assert mosaic_gpu.supports(_request()) is None
+    assert mosaic_gpu.supports(_request(dtype=jnp.float16, head_dim=256)) is None
+    assert mosaic_gpu.supports(_request(operand_kinds=(("block", (128, 256)),))) is None
+
+
+@pytest.mark.parametrize("changes, reason", [
+    (dict(platform="cpu"), "sm90"),
+    (dict(device_kind="NVIDIA A100-SXM4-80GB"), "sm90"),
+    (dict(dtype=jnp.float32), "bfloat16/float16"),
+    (dict(head_dim=512), "up to 256"),
+    (dict(has_bias=True, bias_shape=(1, 8, 1024, 1024)), "bias"),
+    (dict(logits_soft_cap=30.0), "soft cap"),
+    (dict(operand_kinds=(("q", None), ("kv", None))), "'q'"),
+    (dict(operand_kinds=(("qkv", None),)), "'qkv'"),
+    (dict(operand_kinds=(("block", (64, 128)),)), "not multiples"),
+])
+def test_supports_declines_with_a_reason(changes, reason):
+    assert reason in mosaic_gpu.supports(_request(**changes))
+
+
+def test_supports_declines_interpret_mode():
+    assert "interpreter" in mosaic_gpu.supports(_request(), interpret=True)
+
+
+@pytest.mark.parametrize("mask", [M.CausalMask(),
+                                  M.bigbird_mask(64, window=10, num_global=4, num_random_blocks=1,
+                                                 block_size=16, causal=True)],
+                         ids=["causal (FULL lists are runs)", "bigbird (listed FULL tiles)"])
+def test_tile_walk_and_tma_offsets_in_the_interpreter(mask):
+    """The producer's walk: step j of q-block i copies K tile (FULL list, then PARTIAL
+    list)[j] by TMA at a data-dependent offset; checked against the lists in numpy."""
+    bq, bk, t, d = 16, 8, 64, 8
+    meta = build_block_metadata(mask, t, t, bq, bk)
+    lists = TileLists.from_metadata(meta)
+    nq, nk = t // bq, t // bk
+    keys = jnp.arange(t * d, dtype=jnp.float32).reshape(1, t, 1, d)
+
+    def body(fc, fi, pc, pi, k_ref, o_ref, smem, ready):
+        qi = lax.axis_index("q")
+        walk = lists.bind((fc, fi, pc, pi)).walker(jnp.int32(0), jnp.int32(0), qi)
+
+        @pl.loop(0, walk.total)
+        def _(step):
+            plgpu.copy_gmem_to_smem(k_ref.at[0, pl.ds(walk.kv_block(step) * bk, bk), 0], smem,
+                                    ready)
+            plgpu.barrier_wait(ready)
+            plgpu.copy_smem_to_gmem(smem, o_ref.at[qi, step])
+            plgpu.wait_smem_to_gmem(0)
+
+    walked = plgpu.kernel(body, out_type=jax.ShapeDtypeStruct((nq, nk, bk, d), jnp.float32),
+                          grid=(nq,), grid_names=("q",),
+                          scratch_types=(plgpu.SMEM((bk, d), jnp.float32), plgpu.Barrier()),
+                          interpret=plgpu.InterpretGPUParams())
+    got = np.asarray(jax.jit(walked)(*lists.arrays(), keys))
+    m = jax.tree_util.tree_map(np.asarray, meta)
+    for i in range(nq):
+        blocks = [*m.full_index[0, 0, i, :m.full_count[0, 0, i]],
+                  *m.partial_index[0, 0, i, :m.partial_count[0, 0, i]]]
+        assert blocks, "every q-block sees some key under these masks"
+        for j, blk in enumerate(blocks):
+            np.testing.assert_array_equal(got[i, j], np.asarray(keys)[0, blk * bk:(blk + 1) * bk, 0])
+
+
+# ---------------------------------------------------------------------------------
+# GPU tier
+# ---------------------------------------------------------------------------------
+GPU_CASES = {
+    "full D128": (M.FullMask(), 2, 1024, 1024, 4, 4, 128, jnp.bfloat16),
+    "causal D64 GQA ragged": (M.CausalMask(), 1, 1000, 1000, 4, 2, 64, jnp.bfloat16),
+    "causal D256": (M.CausalMask(), 1, 512, 512, 2, 1, 256, jnp.bfloat16),
+    "window T!=S f16": (M.LocalMask(256, 0), 1, 777, 1300, 4, 1, 128, jnp.float16),
+    "bigbird": (M.bigbird_mask(1024, window=128, num_global=64, num_random_blocks=2,
+                               causal=True), 1, 1024, 1024, 2, 2, 128, jnp.bfloat16),
+    "strided D96": (M.CausalMask() & M.StridedMask(3), 1, 640, 640, 2, 2, 96, jnp.bfloat16),
+    "empty rows": (M.CausalMask(offset=-300), 1, 700, 700, 2, 1, 128, jnp.bfloat16),
+}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", list(GPU_CASES))
+def test_forward_matches_reference_row_by_row(name):
+    mask, b, t, s, n, kh, h, dtype = GPU_CASES[name]
+    kq, kk, kv = jax.random.split(jax.random.key(0), 3)
+    q = jax.random.normal(kq, (b, t, n, h), jnp.float32).astype(dtype)
+    k = jax.random.normal(kk, (b, s, kh, h), jnp.float32).astype(dtype)
+    v = jax.random.normal(kv, (b, s, kh, h), jnp.float32).astype(dtype)
+    static, metas, operands = _call(mask, t, s, h)
+    run = jax.jit(lambda q, k, v: flash_attention(static, q, k, v, None, metas, operands))
+    out, lse = run(q, k, v)
+    out2, lse2 = run(q, k, v)
+    f32 = lambda x: x.astype(jnp.float32)  # noqa: E731
+    ref_out, ref_lse = reference_attention(f32(q), f32(k), f32(v), None, mask, scale=h ** -0.5,
+                                           return_residuals=True)
+    row_err = np.abs(np.asarray(out, np.float32) - np.asarray(ref_out)).max(axis=(2, 3))
+    assert row_err.max() <= (2e-2 if dtype == jnp.bfloat16 else 5e-3), np.argmax(row_err)
+    lse, ref_lse = np.asarray(lse), np.asarray(ref_lse)
+    np.testing.assert_array_equal(np.isneginf(lse), np.isneginf(ref_lse))
+    finite = np.isfinite(ref_lse)
+    assert np.abs(lse[finite] - ref_lse[finite]).max() <= 1e-3
+    assert np.array_equal(np.asarray(out), np.asarray(out2))
+    assert np.array_equal(lse, np.asarray(lse2))
