@@ -123,6 +123,7 @@ def correctness(path):
         ("full_ragged_TneS_d128", FullMask(), 1, 200, 333, 2, 1, 128),
         ("longformer_causal_d128", (LocalMask(64, 64) | GlobalMask(32)) & CausalMask(), 1, 640, 640, 2, 1, 128),
         ("empty_rows_ragged_d128", CausalMask(offset=-50), 1, 300, 200, 2, 1, 128),
+        ("empty_programs_d64", CausalMask(), 1, 256, 512, 2, 1, 64),
         ("bigbird_gqa_d128", bigbird_mask(640, window=64, num_global=32, num_random_blocks=1,
                                           block_size=128, causal=True), 1, 640, 640, 4, 2, 128),
         ("documents_d64", causal_document_mask(jnp.asarray(

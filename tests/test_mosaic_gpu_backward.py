@@ -167,6 +167,7 @@ GPU_CASES = {
     "window_gqa_d128": (M.LocalMask(100, 30), 1, 384, 384, 4, 2, 128),
     "ragged_t_ne_s_d128": (M.FullMask(), 1, 200, 333, 2, 1, 128),
     "empty_rows_d128": (M.CausalMask(offset=-50), 1, 300, 200, 2, 1, 128),
+    "empty_programs_d64": (M.CausalMask(), 1, 256, 512, 2, 1, 64),   # keys 256+ seen by none
     "bigbird_gqa_d128": (M.bigbird_mask(640, window=64, num_global=32, num_random_blocks=1,
                                         block_size=128, causal=True), 1, 640, 640, 4, 2, 128),
     "documents_d64": (M.causal_document_mask(jnp.asarray(np.repeat(np.arange(3), [100, 250, 162])[None])),
