@@ -196,6 +196,16 @@ def test_tile_walk_and_tma_offsets_in_the_interpreter(mask):
             np.testing.assert_array_equal(got[i, j], np.asarray(keys)[0, blk * bk:(blk + 1) * bk, 0])
 
 
+def test_forward_refuses_operands_it_cannot_read():
+    """Called directly (not through supports()), the forward refuses rather than
+    misreading a segment-id operand."""
+    mask = M.causal_document_mask(jnp.zeros((1, 128), jnp.int32))
+    static, metas, operands = _call(mask, 128, 128, 64)
+    q = jnp.zeros((1, 128, 1, 64), jnp.bfloat16)
+    with pytest.raises(NotImplementedError, match="only 'block' mask operands"):
+        mosaic_gpu.forward(static, q, q, q, None, metas, operands)
+
+
 # ---------------------------------------------------------------------------------
 # GPU tier
 # ---------------------------------------------------------------------------------
@@ -234,3 +244,4 @@ def test_forward_matches_reference_row_by_row(name):
     assert np.abs(lse[finite] - ref_lse[finite]).max() <= 1e-3
     assert np.array_equal(np.asarray(out), np.asarray(out2))
     assert np.array_equal(lse, np.asarray(lse2))
+

@@ -1,6 +1,7 @@
 """Block-sparse FlashAttention forward for Hopper (Pallas Mosaic GPU), FA3-style.
 
-One CTA per (q-block of 128 rows, query head n, batch row b), three warpgroups:
+A work item is (q-block of 128 rows, query head n, batch row b); by default one CTA
+runs one item (see _Schedule for the opt-in persistent loop). Three warpgroups:
 
 * warpgroup 2, the producer, keeps few registers and only issues TMA copies: it walks
   this q-block's FULL list, then its PARTIAL list (counts and kv-block indices read from
@@ -10,13 +11,15 @@ One CTA per (q-block of 128 rows, query head n, batch row b), three warpgroups:
   K/V are indexed, never repeated.
 * warpgroups 0 and 1, the consumers, own 64 query rows each. Per listed tile
   (FlashAttention-2 Algorithm 1, lines 6-10): S = Q Kᵀ by wgmma from shared memory,
-  the online softmax in float32 registers in base 2 (log2(e)·scale folded into one
-  multiply), then O += P V by wgmma with P in registers. A shared "schedule" barrier
+  the online softmax in float32 registers in base 2 (log2(e)·scale folded into the
+  FMA ahead of each exp2), then O += P V by wgmma with P in registers. A shared "schedule" barrier
   makes the two consumers take turns on the tensor cores, so one computes its softmax
   while the other multiplies (FlashAttention-3's ping-pong).
 * FULL tiles do no mask work. PARTIAL tiles evaluate ``mask_fn`` and ``kv_pos < kv_len``
   in the wgmma accumulator layout and *select* -inf for what the mask rules out, so a NaN
-  in a masked score cannot reach the sums.
+  in a masked score cannot reach the sums. Padded keys are zeros (the wrapper pads K/V),
+  so P·V never meets a NaN there either; a NaN in the V row of a real but masked key of
+  a PARTIAL tile would (0·NaN), as in the float32 reference.
 * Epilogue (Algorithm 1, line 12): O = acc / l staged through shared memory and stored
   by TMA; lse = ln(2)·(m + log2 l). A row with no allowed key has l = 0 and returns
   O = 0, lse = -inf (the running max starts at a finite MASK_VALUE, so no -inf - -inf).
@@ -306,6 +309,11 @@ def forward(static, q, k, v, bias, metas, operands):
     hp = padded_head_dim(h)
     tp, sp = pad_to_multiple(t, bq), pad_to_multiple(s, bk)
     qp, kp, vp = pad_btnh(q, tp, hp), pad_btnh(k, sp, hp), pad_btnh(v, sp, hp)
+    for kind, layout_block in static.operand_kinds:
+        if kind != "block" or layout_block[0] % bq or layout_block[1] % bk:
+            raise NotImplementedError(f"the Mosaic GPU forward reads only 'block' mask operands "
+                                      f"whose layout blocks are whole ({bq}, {bk}) tiles, got "
+                                      f"{kind!r} {layout_block}")
     lists = TileLists.from_metadata(meta)
     operand_arrays = [jnp.asarray(a, jnp.int32) for a in operands]
     operand_kinds = tuple(kind for kind, _ in static.operand_kinds)
