@@ -34,6 +34,7 @@ from jaxattn.reference import allowed_pairs, reference_attention
 from pallas_kernels import mosaic_gpu, triton as triton_backend
 from pallas_kernels.flash_vjp import FlashStatic
 from pallas_kernels.triton.common import padded_head_dim as triton_head_dim
+from pallas_kernels.triton.config import config_for_head_dim as triton_config
 
 
 def make_forward(backend, mask, t, s, h, scale, overrides=None):
@@ -44,7 +45,7 @@ def make_forward(backend, mask, t, s, h, scale, overrides=None):
         cfg = mosaic_gpu.config_for_head_dim(mosaic_gpu.padded_head_dim(h))
         cfg = dataclasses.replace(cfg, **(overrides or {}))
     else:
-        cfg = triton_backend.default_config(triton_head_dim(h))
+        cfg = triton_config(triton_head_dim(h))
     bq, bk = cfg.metadata_tiles()["forward"]
     meta = jax.tree_util.tree_map(jnp.asarray, build_block_metadata(mask, t, s, bq, bk))
     ops = mask.operands()

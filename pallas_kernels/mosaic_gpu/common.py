@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from pallas_kernels.metadata import BlockMetadata
-from pallas_kernels.triton.common import LN2, LOG2E, MASK_VALUE, pad_btnh
+from pallas_kernels.common import LN2, LOG2E, MASK_VALUE, pad_btnh
 
 __all__ = ["LN2", "LOG2E", "MASK_VALUE", "pad_btnh", "padded_head_dim", "TileLists", "OperandRef"]
 

@@ -28,7 +28,7 @@ import dataclasses
 
 from pallas_kernels.mosaic_gpu.backward_kernels import MosaicBackwardConfig, default_backward_config
 from pallas_kernels.triton.config import TritonConfig
-from pallas_kernels.triton.config import default_config as triton_default_config
+from pallas_kernels.triton.config import config_for_head_dim as triton_config_for_head_dim
 
 # Rows of one consumer warpgroup: the M of one wgmma.
 ROWS_PER_WARPGROUP = 64
@@ -82,4 +82,4 @@ def default_config(head_dim: int) -> MosaicConfig:
         return MosaicConfig(block_q=128, block_kv=128, num_stages=2,
                             backward=default_backward_config(head_dim))
     return MosaicConfig(block_q=128, block_kv=64, num_stages=2,
-                        backward=triton_default_config(head_dim))
+                        backward=triton_config_for_head_dim(head_dim))

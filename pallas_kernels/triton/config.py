@@ -65,7 +65,12 @@ class TritonConfig:
 def default_config(request: KernelRequest, *, interpret: bool = False) -> TritonConfig:
     """Heuristic config per padded head dim (the tables above); small tiles in interpret
     mode."""
-    head_dim = padded_head_dim(request.head_dim)
+    return config_for_head_dim(padded_head_dim(request.head_dim), interpret=interpret)
+
+
+def config_for_head_dim(head_dim: int, *, interpret: bool = False) -> TritonConfig:
+    """The config of `default_config` for a padded head dim (other backends that borrow
+    these kernels, e.g. the Mosaic GPU backward at head dim 256, ask by head dim)."""
     if interpret:
         return TritonConfig(block_q=32, block_kv=32, block_q_dkv=16, block_kv_dkv=32,
                             block_q_dq=32, block_kv_dq=16)
