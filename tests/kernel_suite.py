@@ -27,9 +27,10 @@ import jax.numpy as jnp
 
 import jaxattn
 from jaxattn import masks as M
-from jaxattn.flash import pallas_attention
+from jaxattn.flash import default_interpret, kernel_request, pallas_attention
 from jaxattn.reference import allowed_pairs
 from pallas_kernels.common import MASK_VALUE
+from pallas_kernels.registry import get_backend
 
 
 def kernel_cases(f: int = 1):
@@ -124,6 +125,19 @@ class KernelCases:
         """What `check` gets as `naive`; the CPU tier needs none."""
         return None
 
+    def declined(self, q, k, v, do, mask, cap=None, bias=None):
+        """True when the backend's supports() declines this call (a finer form of the
+        capability flags: e.g. mask operands it does not read), after checking that the
+        call raises NotImplementedError so dispatch can fall back."""
+        canonical = M.canonical_mask(mask)
+        bias4 = None if bias is None else jnp.reshape(bias, (1,) * (4 - bias.ndim) + bias.shape)
+        request = kernel_request(q, k, bias4, canonical, cap)
+        if get_backend(self.backend).supports(request, interpret=default_interpret()) is None:
+            return False
+        with pytest.raises(NotImplementedError):
+            run(self.backend, q, k, v, do, mask, cap, bias)
+        return True
+
     def compare(self, q, k, v, do, mask, cap=None, bias=None):
         """The backend against the reference (float32 on the same values), values, lse,
         and every gradient."""
@@ -134,6 +148,8 @@ class KernelCases:
         if bias is not None and not self.supports_bias:
             with pytest.raises(NotImplementedError):
                 run(self.backend, q, k, v, do, mask, cap, bias)
+            return
+        if self.declined(q, k, v, do, mask, cap, bias):
             return
         f32 = lambda x: None if x is None else x.astype(jnp.float32)  # noqa: E731
 
@@ -185,6 +201,8 @@ class KernelCases:
         empty = [0, 7, 33 * f, 40 * f - 1]
         dense[empty] = False  # rows with no allowed key
         q, k, v, do = make_inputs(1, 40 * f, 50 * f, 2, 2, 16, dtype=self.dtype)
+        if self.declined(q, k, v, do, M.DenseMask(dense)):
+            return
         out, lse, (dq, dk, dv) = jax.jit(lambda *a: run(self.backend, *a, M.DenseMask(dense)))(q, k, v, do)
         assert np.all(np.asarray(out)[:, empty] == 0)
         assert np.all(np.isneginf(np.asarray(lse)[:, :, empty]))
@@ -243,6 +261,8 @@ class KernelCases:
         f = self.length_scale
         masks, clean, dirty, bad_keys, bad_queries = self._poisoned(f)
         mask = masks[mask_name]
+        if self.declined(*dirty, mask):
+            return
 
         f32 = lambda xs: tuple(x.astype(jnp.float32) for x in xs)  # noqa: E731
 

@@ -16,3 +16,12 @@ pytestmark = pytest.mark.gpu
 
 class TestTritonGPU(GPUTier):
     backend = "pallas_triton"
+
+
+class TestMosaicGPU(GPUTier):
+    """The Hopper backend: what its supports() declines (bias, soft cap, segment ids and
+    dense mask operands in the forward) is asserted to raise NotImplementedError."""
+    backend = "pallas_mosaic_gpu"
+    supports_bias = False
+    supports_softcap = False
+    supports_dynamic_masks = False
