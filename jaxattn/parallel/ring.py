@@ -65,6 +65,21 @@ def _place(x, mesh, spec):
     return x
 
 
+def _mesh_for(mesh, *arrays):
+    """The mesh to run on. On a mesh with Explicit axes (jax.make_mesh's default) the
+    output's type carries the mesh, and a `jax.grad` taken outside `jit` then fails in
+    JAX unless the caller is inside `jax.set_mesh` (the loss's cotangent is built on the
+    mesh without one). Inputs whose types carry no mesh, outside any mesh context, so run
+    on the same devices with Auto axes: the same shards, a result typed like its inputs."""
+    explicit = jax.sharding.AxisType.Explicit
+    if (not isinstance(mesh, jax.sharding.Mesh) or explicit not in mesh.axis_types
+            or not jax.sharding.get_abstract_mesh().empty
+            or any(not jax.typeof(x).sharding.mesh.empty for x in arrays)):
+        return mesh
+    auto = (jax.sharding.AxisType.Auto,) * len(mesh.axis_names)
+    return jax.sharding.Mesh(mesh.devices, mesh.axis_names, axis_types=auto)
+
+
 def ring_attention(query, key, value, mask=None, *, mesh, axis_name, is_causal=False,
                    scale=None, implementation=None, sequence_layout="contiguous",
                    batch_axis_name=None):
@@ -111,6 +126,7 @@ def ring_attention(query, key, value, mask=None, *, mesh, axis_name, is_causal=F
     if sequence_layout == "zigzag" and (t % (2 * p) or s % (2 * p)):
         raise ValueError(f"sequence_layout='zigzag' needs T and S multiples of 2 * {p} (the "
                          f"number of zigzag chunks), got T={t}, S={s}. Use 'contiguous' to pad inside.")
+    mesh = _mesh_for(mesh, query, key, value, *jax.tree_util.tree_leaves(canonical))
     return _ring_jit(query, key, value, canonical, mesh=mesh, axis_name=axis_name, scale=scale,
                      implementation=implementation, zigzag_inside=sequence_layout == "contiguous",
                      batch_axis_name=batch_axis_name)
