@@ -248,7 +248,22 @@ def report(inp: Inputs):
              f"({1 / inp.perm_s_per_byte / 1e9:.0f} GB/s)",
              "- kernel rate below 16k tokens per GPU (fraction of R): "
              + ", ".join(f"{s // 1024}k: {f:.2f}" for s, f in sorted(inp.rate_curve)),
-             "", "## Crossover: tokens per GPU (per ring member) below which transfers show", ""]
+             ""]
+    l = inp.sources["tokens_per_gpu"]
+    e = l * KV_HEADS * HEAD_DIM
+    kf = 2 * HEADS * HEAD_DIM * l * l / (inp.rate_tflops * 1e12)
+    bw = NVLINK_GBPS * 1e9 * inp.nvlink_efficiency
+    lines += [f"## One ring step at {l // 1024}k tokens per GPU (N=K={HEADS}, D={HEAD_DIM}, bf16)", "",
+              "| hop | bytes | transfer at the measured NVLink rate | kernels of the step | headroom |",
+              "|---|---|---|---|---|"]
+    for name, nbytes, kernels in (("forward: K, V", 4 * e, kf),
+                                  ("backward: K, V + float32 dK, dV", 12 * e, BACKWARD_FACTOR * kf),
+                                  ("backward, last: float32 dK, dV", 8 * e, BACKWARD_FACTOR * kf),
+                                  ("home: dK, dV in bf16 (behind the last dQ kernel)", 4 * e,
+                                   DQ_SHARE * BACKWARD_FACTOR * kf)):
+        lines.append(f"| {name} | {nbytes / 1e6:.0f} MB | {nbytes / bw * 1e3:.2f} ms | {kernels * 1e3:.1f} ms | "
+                     f"{kernels * bw / nbytes:.1f}x |")
+    lines += ["", "## Crossover: tokens per GPU (per ring member) below which transfers show", ""]
     for name, gbps in (("NVLink", NVLINK_GBPS), ("InfiniBand NDR, one port per GPU", IB_NDR_GBPS)):
         lines.append(f"- {name} ({gbps:.0f} GB/s datasheet): L* = {crossover_tokens(inp, gbps):,.0f} "
                      f"(at the full datasheet rate: {crossover_tokens(inp, gbps) * inp.nvlink_efficiency:,.0f})")
@@ -262,7 +277,7 @@ def report(inp: Inputs):
               "|---|---|---|---|---|---|---|"]
     for r in predictions(inp):
         mark = " †" if r["tokens_per_gpu"] > MEASURED_TOKENS_PER_GPU else ""
-        lines.append(f"| {r['gpus']} | {r['tokens'] // 1024}k | {r['tokens_per_gpu'] // 1024}k{mark} | "
+        lines.append(f"| {r['gpus']} | {r['tokens'] // 1024}k | {r['tokens_per_gpu'] / 1024:g}k{mark} | "
                      f"{r['plan']} | {r['ratio']:.2f} | {r['tflops_per_gpu']:.0f} | {r['step_s']:.3g} s |")
     return "\n".join(lines)
 
