@@ -68,7 +68,7 @@ def parse_args(argv=None):
                    help="devices per ring (the ctx axis); 0 = every device of a host")
     p.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up")
     p.add_argument("--implementation", default=None,
-                   help="per-block attention (default: best available: pallas_triton on GPUs)")
+                   help="per-block attention; None picks the best available (pallas_triton on GPUs)")
     p.add_argument("--check", action="store_true",
                    help="compare with single-process attention on the whole batch (small sizes only)")
     return p.parse_args(argv)
