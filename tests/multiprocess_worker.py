@@ -49,12 +49,13 @@ def _global(x, sharding):
     return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
 
 
-def _value_and_grads(attn):
-    def loss(q, k, v, do):
-        out = attn(q, k, v)
-        return jnp.sum(out * do), out
-    grad = jax.grad(loss, argnums=(0, 1, 2), has_aux=True)
-    return lambda q, k, v, do: (lambda g: (g[1], *g[0]))(grad(q, k, v, do))
+def _out_and_grads(attn):
+    """fn(q, k, v, dO) -> (out, dq, dk, dv): attn's output and its vector-Jacobian
+    product with dO (the gradients of sum(out * dO))."""
+    def fn(q, k, v, do):
+        out, vjp = jax.vjp(attn, q, k, v)
+        return (out, *vjp(do))
+    return fn
 
 
 def _compiled(fn, *args):
@@ -83,7 +84,7 @@ def _reference(mask, inputs):
         q, k, v, mask=mask, implementation="reference")
     local = jax.local_devices()[0]
     args = [jax.device_put(x, local) for x in inputs]
-    return _compiled(_value_and_grads(attn), *args)(*args)
+    return _compiled(_out_and_grads(attn), *args)(*args)
 
 
 def _ring(mesh, mask, **kw):
@@ -110,7 +111,7 @@ def check_ring(mesh):
         order, back = (perm, inverse) if layout == "zigzag" else (slice(None), slice(None))
         args = [_global(x[:, order], sequence) for x in inputs]
         ring = _ring(mesh, mask, sequence_layout=layout, implementation="reference")
-        got = [_gather(x)[:, back] for x in _compiled(_value_and_grads(ring), *args)(*args)]
+        got = [_gather(x)[:, back] for x in _compiled(_out_and_grads(ring), *args)(*args)]
         _check(f"ring {mask_name} {layout}", got, _reference(mask, inputs), atol=2e-5)
 
 
@@ -127,7 +128,7 @@ def check_ring_pallas_triton():
     inputs = _inputs(b=2, t=32, n=2, kh=1, h=8, seed=2)
     args = [_global(x, NamedSharding(mesh, P("data", AXIS))) for x in inputs]
     ring = _ring(mesh, None, is_causal=True, batch_axis_name="data", implementation="pallas_triton")
-    got = [_gather(x) for x in _compiled(_value_and_grads(ring), *args)(*args)]
+    got = [_gather(x) for x in _compiled(_out_and_grads(ring), *args)(*args)]
     _check("ring causal pallas_triton (batch axis inside, ring across processes)", got,
            _reference(M.CausalMask(), inputs), atol=5e-5)
 
@@ -148,7 +149,7 @@ def check_batch_and_head_sharding():
     args = [jax.make_array_from_process_local_data(sharding, local(x), x.shape) for x in inputs]
     attn = lambda q, k, v: jaxattn.dot_product_attention(  # noqa: E731
         q, k, v, is_causal=True, local_window_size=(6, 0), implementation="reference")
-    got = _compiled(_value_and_grads(attn), *args)(*args)
+    got = _compiled(_out_and_grads(attn), *args)(*args)
     assert got[0].sharding.is_equivalent_to(sharding, 4), got[0].sharding
     got = [_gather(x) for x in got]
     want = _reference(M.CausalMask() & M.LocalMask(6, 0), inputs)
