@@ -19,8 +19,8 @@ import pytest
 
 WORKER = Path(__file__).with_name("multiprocess_worker.py")
 NUM_PROCESSES = 2
-# Each process spends ~22 s of CPU (mostly compiles): ~25 s of wall time on an idle 2-core
-# machine, 190 s measured with ~20 other jobs running. The limit leaves room for a busy
+# Each process spends ~22 s of CPU, mostly compiles (so ~25 s of wall time on an idle 2-core
+# machine; measured: 140-190 s while ~10-20 other jobs shared the machine). The limit leaves room for a busy
 # machine, and a hung collective ends here rather than at CI's own timeout.
 TIMEOUT_S = 480
 
