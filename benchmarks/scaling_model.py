@@ -23,7 +23,7 @@ Datasheet inputs (vendor figures, not measured here):
   Cross-host transfers are assumed to reach the same fraction `eff` of their line rate as
   NVLink does here (not measured: no multi-host run yet).
 
-What travels (jaxattn/parallel.py: one packed buffer per hop, each hop overlapping one
+What travels (jaxattn.parallel: one packed buffer per hop, each hop overlapping one
 step's kernels): forward, P−1 hops of the K and V shards (bf16: 4·L·K·D bytes); backward,
 hop 0 K/V, hops 1..P−2 K/V plus the float32 dK/dV sums (12·L·K·D), hop P−1 the sums alone
 (8·L·K·D), then the sums home in bf16 (4·L·K·D) overlapping the last dQ kernel.

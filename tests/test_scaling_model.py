@@ -2,6 +2,7 @@
 docs/scaling.md quotes (the 2-GPU ratio within 5 %, transfers hidden above the crossover)."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -52,3 +53,12 @@ def test_transfers_hide_above_the_crossover_only(inputs):
     # Compute per hop grows as L², bytes as L: across hosts the crossover is ~9x NVLink's.
     ratio = model.crossover_tokens(inputs, model.IB_NDR_GBPS) / model.crossover_tokens(inputs, model.NVLINK_GBPS)
     assert ratio == pytest.approx(model.NVLINK_GBPS / model.IB_NDR_GBPS)
+
+
+def test_docs_quote_the_script(inputs):
+    # docs/scaling.md quotes the script's tables; rerun the script and paste them when the
+    # model or its inputs change.
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "scaling.md").read_text()
+    rows = [line for line in model.report(inputs).splitlines() if line.startswith("| ")]
+    missing = [row for row in rows if row not in doc]
+    assert len(rows) > 50 and not missing, missing[:5]
