@@ -363,3 +363,32 @@ def test_terminal_gets_one_progress_display_with_eta():
         assert not progress.live
         progress.finished("full (reference) n=64: 1 ms")
     assert log.getvalue() == "[1/1] full (reference) n=64: 1 ms\n"
+
+
+def _example_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("long_range_lm_cli", ROOT / "examples" / "long_range_lm.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_example_help_shows_every_option_with_its_default_and_a_quick_mode():
+    ex = _example_module()
+    parser = ex.build_parser()
+    text = " ".join(parser.format_help().split())  # as one line: help wraps anywhere
+    for action in parser._actions:
+        if action.dest == "help":
+            continue
+        assert action.help, f"{action.option_strings} has no help line"
+        assert action.option_strings[0] in text
+        if action.default not in (None, False):
+            assert f"(default: {action.default})" in text, action.option_strings
+    quick = ex.parse_args(["--quick", "--steps", "7"])
+    assert quick.steps == 7  # an explicit option wins over --quick
+    assert (quick.batch, quick.eval_batches) == (ex.QUICK["batch"], ex.QUICK["eval_batches"])
+    full = ex.parse_args([])
+    assert (full.steps, full.batch) == (200, 32)
+    with pytest.raises(SystemExit):
+        ex.parse_args(["--attention", "full,dilated"])
