@@ -149,10 +149,13 @@ def test_help_explains_each_flag(capsys):
     assert "default" in text
 
 
-def test_ctrl_c_keeps_what_was_measured(tmp_path, monkeypatch):
-    from jaxattn.benchmarking import timing
+@pytest.mark.parametrize("stage", ["compile", "timing"])
+def test_ctrl_c_keeps_what_was_measured(stage, tmp_path, monkeypatch):
+    """Ctrl-C while the second case compiles, or while it is timed: the first case is kept."""
+    from jaxattn.benchmarking import compare, timing
 
-    real = timing.time_call
+    module, name = (compare, "build_call") if stage == "compile" else (timing, "time_call")
+    real = getattr(module, name)
     calls = []
 
     def interrupted_on_second_call(*args, **kwargs):
@@ -161,14 +164,16 @@ def test_ctrl_c_keeps_what_was_measured(tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(timing, "time_call", interrupted_on_second_call)
+    monkeypatch.setattr(module, name, interrupted_on_second_call)
     code = cli.main(["compare", "--seq-lens", "32,64,128", "--methods", "full", "--heads", "1",
                      "--head-dim", "8", "--repeats", "1", "--out", str(tmp_path), "--no-plots"])
     assert code == 130
     data = _load(tmp_path / "compare.json")
     assert data["interrupted"] and not data["complete"]
     assert [(r["seq_len"], r["status"]) for r in data["results"]] == [(32, "ok")]
-    assert (tmp_path / "compare.txt").exists()
+    assert data["results"][0]["err_max_abs"] == 0  # finished means measured and checked
+    text = (tmp_path / "compare.txt").read_text()
+    assert "interrupted (Ctrl-C)" in text and " 32 " in text
 
 
 @pytest.mark.skipif(ON_GPU, reason="checks the message shown without a GPU")
