@@ -1,9 +1,10 @@
 """jaxattn: exact and block-sparse attention for JAX, with Pallas FlashAttention kernels.
 
-The public names below are loaded on first use (PEP 562 module `__getattr__`): `import
-jaxattn` costs nothing until one is touched, so the `jaxattn` command answers `--help`
-without importing jax or flax. `jaxattn.dot_product_attention`, `from jaxattn import
-masks` and the rest work as plain attributes.
+The public names below, and the submodules, are loaded on first use (PEP 562 module
+`__getattr__`): `import jaxattn` costs nothing until one is touched, so the `jaxattn`
+command answers `--help` without importing jax or flax. `jaxattn.dot_product_attention`,
+`from jaxattn import masks`, `jaxattn.parallel.zigzag_permutation` and the rest work as
+plain attributes.
 """
 
 from __future__ import annotations
@@ -45,6 +46,13 @@ def __getattr__(name: str):
         value = import_module(module)
         if attr is not None:
             value = getattr(value, attr)
+    elif not name.startswith("__"):  # a submodule, as `jaxattn.parallel.zigzag_permutation`
+        try:
+            value = import_module(f"{__name__}.{name}")
+        except ModuleNotFoundError as err:
+            if err.name != f"{__name__}.{name}":
+                raise  # the submodule exists but something it imports does not
+            raise AttributeError(f"module 'jaxattn' has no attribute {name!r}") from None
     else:
         raise AttributeError(f"module 'jaxattn' has no attribute {name!r}")
     globals()[name] = value  # later look-ups skip this function

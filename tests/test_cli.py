@@ -280,9 +280,11 @@ def test_public_names_load_on_first_use():
                    "assert 'jax' not in sys.modules\n"
                    "from jaxattn import masks\n"
                    "print(callable(jaxattn.dot_product_attention), callable(jaxattn.ring_attention),\n"
-                   "      masks.CausalMask.__name__, jaxattn.layers.Decoder.__name__)")
+                   "      masks.CausalMask.__name__, jaxattn.layers.Decoder.__name__,\n"
+                   "      callable(jaxattn.parallel.zigzag_permutation), sorted(jaxattn.__all__) == sorted(\n"
+                   "      n for n in jaxattn.__all__ if hasattr(jaxattn, n)))")
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.split() == ["True", "True", "CausalMask", "Decoder"]
+    assert proc.stdout.split() == ["True", "True", "CausalMask", "Decoder", "True", "True"]
     with pytest.raises(AttributeError, match="no attribute 'frobnicate'"):
         jaxattn.frobnicate  # noqa: B018
 
