@@ -2,8 +2,9 @@
 
     python benchmarks/flash_bench.py --out results.json [--cases NAME ...] [--tune]
 
-TFLOP/s follow ../shared/ANCHORS.md: forward 4·B·N·T·S·D × (fraction of allowed pairs;
-causal counts ½), backward 2.5× forward, so forward+backward is 3.5× forward. Masked
+TFLOP/s follow the FLOP model of jaxattn/benchmarking/flops.py: forward 4·B·N·T·S·D ×
+(fraction of allowed pairs; plain causal counts ½ here, as in the FlashAttention papers),
+backward 2.5× forward, so forward+backward is 3.5× forward. Masked
 cases count useful work only. Times are medians of >= 20 calls after 2 warm-ups, inputs
 rotated among 3 sets so that L2 does not hold them.
 """
@@ -13,24 +14,28 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import sys
 import traceback
 
-import numpy as np
-import jax
-import jax.numpy as jnp
+# This checkout's jaxattn, also when another copy is installed.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import jaxattn
-from jaxattn import masks as M
-from benchmarks import flops
-from benchmarks.timing import time_call
-from jaxattn.flash import pallas_attention
-from pallas_kernels.triton.config import TritonConfig
+import numpy as np  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+import jaxattn  # noqa: E402
+from jaxattn import masks as M  # noqa: E402
+from jaxattn.benchmarking import flops  # noqa: E402
+from jaxattn.benchmarking.timing import time_call  # noqa: E402
+from jaxattn.flash import pallas_attention  # noqa: E402
+from pallas_kernels.triton.config import TritonConfig  # noqa: E402
 
 
 def allowed_fraction(mask, t, s):
-    """Fraction of allowed pairs from the repo's one FLOP model (benchmarks/flops.py),
-    except plain causal, which counts ½ as in ../shared/ANCHORS.md."""
+    """Fraction of allowed pairs from the repo's one FLOP model (jaxattn/benchmarking/flops.py),
+    except plain causal, which counts ½ as the FlashAttention papers do."""
     if isinstance(mask, M.CausalMask) and mask.offset == 0 and t == s:
         return 0.5
     return flops.allowed_fraction(mask, t, s)

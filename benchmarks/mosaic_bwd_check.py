@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.cases import (BIGBIRD_BLOCK, BIGBIRD_GLOBAL, BIGBIRD_RANDOM_BLOCKS,
+from jaxattn.benchmarking.cases import (BIGBIRD_BLOCK, BIGBIRD_GLOBAL, BIGBIRD_RANDOM_BLOCKS,
                               BIGBIRD_WINDOW)
 from jaxattn.masks import (CausalMask, FullMask, LocalMask, bigbird_mask, build_block_metadata,
                            causal_document_mask)

@@ -26,8 +26,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks import timing
-from benchmarks.cases import BenchCase
+from jaxattn.benchmarking import timing
+from jaxattn.benchmarking.cases import BenchCase
 from jaxattn import masks
 from jaxattn.masks import build_block_metadata
 from jaxattn.reference import allowed_pairs, reference_attention

@@ -20,9 +20,9 @@ jitted forward+backward step (jax.vjp of ring_attention with a fixed dO):
    K/V(+dK/dV) transfers alone. overlap_ratio = ring / local: 1.0 means communication
    is completely hidden.
 
-FLOP model (../shared/ANCHORS.md): forward 4·B·N·T²·D·½ for causal, backward 2.5×
-forward, so a step is 3.5× forward. Times are medians after 2 warm-up calls
-(benchmarks/timing.py). The implementation of the local blocks is "pallas_triton" when
+FLOP model (jaxattn/benchmarking/flops.py): forward 4·B·N·T²·D·½ for causal, backward
+2.5× forward, so a step is 3.5× forward. Times are medians after 2 warm-up calls
+(jaxattn/benchmarking/timing.py). The implementation of the local blocks is "pallas_triton" when
 registered (else cuDNN through jax.nn). A short table is printed last.
 
 If overlap_ratio is well above 1 while comm_only_ms is small next to local_kernels_ms,
@@ -70,7 +70,7 @@ import jax.numpy as jnp  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec  # noqa: E402
 
 import jaxattn  # noqa: E402
-from benchmarks.timing import time_call  # noqa: E402
+from jaxattn.benchmarking.timing import time_call  # noqa: E402
 
 AXIS = "ctx"
 

@@ -26,11 +26,13 @@ import json
 import os
 import sys
 
+# The repository root (jaxattn, when not installed) and this folder (ring_bench, a sibling script).
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import jax  # noqa: E402
 
-from benchmarks import ring_bench  # noqa: E402
+import ring_bench  # noqa: E402
 
 
 def trace_one_call(fn, args, log_dir):

@@ -231,37 +231,78 @@ def run_choice(args, choice: str, log=print) -> dict:
     }
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--attention", default="full,local,local_global,full_local",
-                   help=f"comma-separated choices from {', '.join(ATTENTION_CHOICES)}")
+def _choices(text: str) -> list[str]:
+    chosen = [c.strip() for c in text.split(",") if c.strip()]
+    unknown = [c for c in chosen if c not in ATTENTION_CHOICES]
+    if not chosen or unknown:
+        raise argparse.ArgumentTypeError(f"expected comma-separated choices from {', '.join(ATTENTION_CHOICES)}, "
+                                         f"got {text!r}")
+    return chosen
+
+
+def _at_least(low: int):
+    def check(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = low - 1
+        if value < low:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}")
+        return value
+    check.__name__ = f"integer >= {low}"
+    return check
+
+
+# --quick: a short run that checks the whole pipeline on two choices, one that cannot
+# reach the facts and one that can (accuracies are not converged).
+QUICK = {"attention": "local,local_global", "steps": 30, "batch": 8, "eval_batches": 2, "log_every": 10}
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    pass
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=_HelpFormatter,
+                                epilog="Attention choices (per layer, all causal):\n"
+                                       + __doc__.split("Choices (per layer, all causal):\n")[1].split("\n\n")[0])
+    positive, non_negative = _at_least(1), _at_least(0)
+    p.add_argument("--attention", type=_choices, default="full,local,local_global,full_local",
+                   help=f"comma-separated choices from {', '.join(ATTENTION_CHOICES)}, trained one after the other")
     p.add_argument("--implementation", default="reference",
                    help="jaxattn implementation (reference, xla, pallas_triton, ...; 'auto' = best available)")
-    p.add_argument("--steps", type=int, default=200)
-    p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--window", type=int, default=16, help="local window (keys to the left)")
-    p.add_argument("--pairs", type=int, default=8, help="facts (key/value pairs) per sequence")
-    p.add_argument("--keys", type=int, default=16)
-    p.add_argument("--values", type=int, default=8)
-    p.add_argument("--noise", type=int, default=16)
-    p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--d-model", type=int, default=64)
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--kv-heads", type=int, default=2)
-    p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--block", type=int, default=0,
+    p.add_argument("--steps", type=positive, default=200, help="training steps per choice")
+    p.add_argument("--seq-len", type=positive, default=128, help="tokens per sequence T")
+    p.add_argument("--window", type=positive, default=16, help="local window (keys to the left)")
+    p.add_argument("--pairs", type=positive, default=8, help="facts (key/value pairs) per sequence")
+    p.add_argument("--keys", type=positive, default=16, help="distinct key tokens")
+    p.add_argument("--values", type=positive, default=8, help="distinct value tokens (chance = 1 / values)")
+    p.add_argument("--noise", type=positive, default=16, help="distinct noise tokens in the gap")
+    p.add_argument("--layers", type=_at_least(2), default=2,
+                   help="decoder layers (at least 2: the mixed choices need a full and a local layer)")
+    p.add_argument("--d-model", type=positive, default=64, help="model width")
+    p.add_argument("--heads", type=positive, default=4, help="query heads")
+    p.add_argument("--kv-heads", type=positive, default=2, help="key/value heads (GQA)")
+    p.add_argument("--batch", type=positive, default=32, help="sequences per training step")
+    p.add_argument("--lr", type=float, default=3e-3, help="AdamW learning rate")
+    p.add_argument("--block", type=non_negative, default=0,
                    help="tile size of the tile-share cost model (0: seq_len // 8, clipped to [16, 128])")
-    p.add_argument("--eval-batches", type=int, default=8)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--log-every", type=int, default=100, help="0 = quiet")
+    p.add_argument("--eval-batches", type=non_negative, default=8, help="held-out batches for the accuracy")
+    p.add_argument("--seed", type=int, default=0, help="seed of the parameters and the generated data")
+    p.add_argument("--log-every", type=non_negative, default=100, help="print the loss every this many steps; 0 = quiet")
     p.add_argument("--out", default=None, help="write results as JSON here")
+    p.add_argument("--quick", action="store_true",
+                   help="a short run that checks the pipeline, accuracies not converged: "
+                        + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in QUICK.items())
+                        + " unless given")
+    return p
+
+
+def parse_args(argv=None):
+    p = build_parser()
+    if p.parse_known_args(argv)[0].quick:
+        p.set_defaults(**QUICK)  # options given on the command line still win
     args = p.parse_args(argv)
-    args.attention = [c.strip() for c in args.attention.split(",") if c.strip()]
-    for c in args.attention:
-        if c not in ATTENTION_CHOICES:
-            p.error(f"--attention: unknown choice {c!r}; pick from {', '.join(ATTENTION_CHOICES)}")
     if args.block <= 0:
         args.block = int(min(128, max(16, args.seq_len // 8)))
     if args.implementation == "auto":
@@ -269,8 +310,6 @@ def parse_args(argv=None):
     elif args.implementation not in jaxattn.available_implementations():
         p.error(f"--implementation {args.implementation!r} is not available here; "
                 f"available: {', '.join(jaxattn.available_implementations())}")
-    if args.layers < 2:
-        p.error("--layers must be at least 2 (the mixed patterns need a full and a local layer)")
     return args
 
 

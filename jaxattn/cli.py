@@ -2,11 +2,12 @@
 
     jaxattn compare                 # full vs local vs sparse vs flash, swept over n
     jaxattn compare --quick         # a smaller sweep
-    jaxattn bench                   # TFLOP/s on the GPU, ANCHORS.md cases, beside jax.nn
+    jaxattn bench                   # TFLOP/s on the GPU, named cases, beside jax.nn
 
-Also `python -m jaxattn ...`. jax is imported only after the arguments are parsed, so
-`--help` and usage errors answer at once. The engines live in benchmarks/ (compare,
-bench, flops, timing, cases, report, plots); this file is options and orchestration.
+Also `python -m jaxattn ...`. This file is the options only: every value is checked by its
+argparse `type=` as it is parsed, so a bad one prints the usage of the subcommand it belongs
+to. jax, flax and the engines (jaxattn/benchmarking/) are imported only once the options are
+parsed, so `--help` and usage errors answer at once (tests/test_cli.py times it).
 """
 
 from __future__ import annotations
@@ -64,6 +65,89 @@ class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaults
         return super()._get_help_string(action)
 
 
+# ------------------------------------------------------------------------------------
+# Option types: each checks one value as it is parsed (argparse reports the error with
+# the subcommand's usage).
+# ------------------------------------------------------------------------------------
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return value
+
+
+def non_negative_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"expected seconds >= 0, got {text!r}")
+    return value
+
+
+def length_list(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        values = ()
+    if not values or any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated positive integers like 256,512,1024, got {text!r}")
+    return values
+
+
+def method_list(text: str) -> tuple[tuple[str, str | None], ...]:
+    """`full,local:xla,...` -> ((method, implementation or None), ...). Whether an
+    implementation is available is checked once jax is loaded."""
+    out = []
+    for item in (x.strip() for x in text.split(",")):
+        if not item:
+            continue
+        name, _, impl = item.partition(":")
+        if name not in METHOD_NAMES:
+            raise argparse.ArgumentTypeError(f"unknown method {name!r}; choose from {', '.join(METHOD_NAMES)}")
+        if any(m == name for m, _ in out):
+            raise argparse.ArgumentTypeError(f"{name} is listed twice")
+        out.append((name, impl or None))
+    if not out:
+        raise argparse.ArgumentTypeError("name at least one method")
+    return tuple(out)
+
+
+BENCH_MODES = ("forward", "forward_and_vjp")
+
+
+def mode_list(text: str) -> tuple[str, ...]:
+    modes = tuple(m.strip() for m in text.split(",") if m.strip())
+    if not modes or any(m not in BENCH_MODES for m in modes):
+        raise argparse.ArgumentTypeError(f"expected forward and/or forward_and_vjp, got {text!r}")
+    return modes
+
+
+def name_list(text: str) -> tuple[str, ...]:
+    names = tuple(x.strip() for x in text.split(",") if x.strip())
+    if not names:
+        raise argparse.ArgumentTypeError(f"expected comma-separated names, got {text!r}")
+    return names
+
+
+# ------------------------------------------------------------------------------------
+# The parser
+# ------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="jaxattn", formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -76,9 +160,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="time, memory, FLOPs and error of full, local, sparse and flash attention vs length",
         description=(
             "Sweep the sequence length n and measure, for each attention method: time per call\n"
-            "(median after warm-up), peak memory, the FLOPs its mask needs, and the error of its\n"
-            "output against the float32 jnp reference with the same mask, and against full attention.\n"
-            "Prints a table and writes compare.json, compare.txt and PNG plots to --out.\n\n"
+            "(median after warm-up), peak memory (MiB), the FLOPs its mask needs, and the error of\n"
+            "its output against the float32 jnp reference with the same mask, and against full\n"
+            "attention. Each case is compiled and measured before the next starts (Ctrl-C keeps\n"
+            "what finished). Prints a table and writes compare.json, compare.txt and PNG plots\n"
+            "to --out.\n\n"
             "Methods:\n"
             "  full        full attention, dense O(n²) jnp reference (the definition)\n"
             "  local       sliding window: key j visible from query i when |i - j| <= w\n"
@@ -93,35 +179,37 @@ def build_parser() -> argparse.ArgumentParser:
             f"{GPU_DEFAULTS.window}. On CPU the Pallas kernels run in interpret mode\n"
             "(same kernel code, emulated): their memory and FLOPs are meaningful, their times are not\n"
             "GPU times."))
-    c.add_argument("--seq-lens", metavar="N,N,...", default=None,
+    c.add_argument("--seq-lens", type=length_list, metavar="N,N,...", default=None,
                    help="comma-separated sequence lengths to sweep (query and key length); "
                         f"default: {_fmt(CPU_DEFAULTS.seq_lens)} on CPU, {_fmt(GPU_DEFAULTS.seq_lens)} on GPU")
-    c.add_argument("--methods", metavar="M[:IMPL],...", default=",".join(METHOD_NAMES),
+    c.add_argument("--methods", type=method_list, metavar="M[:IMPL],...", default=",".join(METHOD_NAMES),
                    help=f"comma-separated methods among {', '.join(METHOD_NAMES)}")
     c.add_argument("--implementation", metavar="NAME", default=None,
                    help="implementation for the local, sparse and flash methods (e.g. pallas_triton, xla, "
                         "reference); default: pallas_triton when registered (flash is reported missing "
                         "otherwise, local/sparse fall back to xla). Naming pallas_* on CPU also lifts the "
                         "interpret-mode length cap")
-    c.add_argument("--head-dim", type=int, default=64, metavar="H", help="head dimension")
-    c.add_argument("--heads", type=int, default=None, metavar="N", help=f"attention heads (default: {_both('heads')})")
-    c.add_argument("--batch", type=int, default=None, metavar="B", help=f"batch size (default: {_both('batch')})")
+    c.add_argument("--head-dim", type=positive_int, default=64, metavar="H", help="head dimension")
+    c.add_argument("--heads", type=positive_int, default=None, metavar="N",
+                   help=f"attention heads (default: {_both('heads')})")
+    c.add_argument("--batch", type=positive_int, default=None, metavar="B",
+                   help=f"batch size (default: {_both('batch')})")
     c.add_argument("--dtype", choices=DTYPES, default=None,
                    help="input dtype (default: float32 on CPU, bfloat16 on GPU)")
-    c.add_argument("--window", type=int, default=None, metavar="W",
+    c.add_argument("--window", type=positive_int, default=None, metavar="W",
                    help=f"local window w of local/longformer/bigbird/strided (default: {_both('window')})")
-    c.add_argument("--num-global", type=int, default=None, metavar="G",
+    c.add_argument("--num-global", type=non_negative_int, default=None, metavar="G",
                    help=f"global tokens of longformer and bigbird (default: {_both('num_global')})")
-    c.add_argument("--block-size", type=int, default=None, metavar="BS",
+    c.add_argument("--block-size", type=positive_int, default=None, metavar="BS",
                    help=f"bigbird random-block size (default: {_both('block_size')})")
-    c.add_argument("--random-blocks", type=int, default=None, metavar="R",
+    c.add_argument("--random-blocks", type=non_negative_int, default=None, metavar="R",
                    help=f"bigbird random blocks per query block (default: {_both('random_blocks')})")
-    c.add_argument("--repeats", type=int, default=20, metavar="K",
+    c.add_argument("--repeats", type=positive_int, default=20, metavar="K",
                    help="timed calls per measurement (median reported); on CPU fewer once --time-budget is "
                         "spent, never under 3")
-    c.add_argument("--warmup", type=int, default=None, metavar="K",
+    c.add_argument("--warmup", type=non_negative_int, default=None, metavar="K",
                    help="untimed calls before timing (default: 1 on CPU, 2 on GPU)")
-    c.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
+    c.add_argument("--time-budget", type=non_negative_seconds, default=None, metavar="SECONDS",
                    help="stop timing a measurement after this many seconds of timed calls (default: 1.0 on "
                         "CPU, none on GPU; 0 = no budget)")
     c.add_argument("--quick", action="store_true",
@@ -131,28 +219,31 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--out", type=Path, default=Path("jaxattn_out"), metavar="DIR",
                    help="output directory for compare.json, compare.txt and the PNG plots")
     c.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    c.set_defaults(run=_compare, subparser=c)
 
     b = sub.add_parser(
         "bench", formatter_class=_Formatter,
-        help="TFLOP/s on the GPU for the ANCHORS.md cases, ours beside jax.nn xla and cudnn",
+        help="TFLOP/s on the GPU for the named cases, ours beside jax.nn xla and cudnn",
         description=(
             "Measure TFLOP/s of useful work (FLOPs of the pairs the mask allows; backward = 2.5×\n"
-            "forward) for the named cases of ANCHORS.md: our Pallas implementations beside\n"
+            "forward) for named cases (dense D64/D128 at 1k-16k tokens, causal windows at 32k, a\n"
+            "BigBird-style block mask at 16k): our Pallas implementations beside\n"
             "jax.nn.dot_product_attention with xla and cudnn, in the same process, forward and\n"
             "forward+backward. Median of >= 20 calls after 2 warm-up calls, inputs rotated past the\n"
             "L2. Writes bench.json (with device, date and versions), bench.txt and bench.png to --out.\n"
             "Needs a GPU; --allow-cpu runs a tiny smoke version on CPU (not a benchmark)."))
     b.add_argument("--cases", metavar="TEXT,...", default=None,
                    help="run only cases whose name contains one of these (case-insensitive), "
-                        "e.g. 'S4096,window'; default: all ANCHORS.md cases")
-    b.add_argument("--implementations", metavar="NAME,...", default=None,
+                        "e.g. 'S4096,window'; default: all named cases")
+    b.add_argument("--implementations", type=name_list, metavar="NAME,...", default=None,
                    help="implementations to measure: registered pallas_* names and 'jax.nn xla', "
                         "'jax.nn cudnn' (or xla, cudnn); default: every pallas_* plus both baselines")
-    b.add_argument("--modes", default="forward,forward_and_vjp", metavar="MODE,...",
-                   help="forward and/or forward_and_vjp")
+    b.add_argument("--modes", type=mode_list, default=BENCH_MODES, metavar="MODE,...",
+                   help="forward and/or forward_and_vjp (default: both)")
     b.add_argument("--dtype", choices=DTYPES, default="bfloat16", help="input dtype")
-    b.add_argument("--repeats", type=int, default=20, metavar="K", help="timed calls per measurement (median)")
-    b.add_argument("--warmup", type=int, default=2, metavar="K", help="untimed calls before timing")
+    b.add_argument("--repeats", type=positive_int, default=20, metavar="K",
+                   help="timed calls per measurement (median)")
+    b.add_argument("--warmup", type=non_negative_int, default=2, metavar="K", help="untimed calls before timing")
     b.add_argument("--quick", action="store_true",
                    help="a few representative cases only (D128 S4096 full/causal, window 2048, bigbird)")
     b.add_argument("--allow-cpu", action="store_true",
@@ -160,200 +251,55 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--out", type=Path, default=Path("jaxattn_out"), metavar="DIR",
                    help="output directory for bench.json, bench.txt and bench.png")
     b.add_argument("--no-plots", action="store_true", help="skip the PNG bar chart")
+    b.set_defaults(run=_bench, subparser=b)
     return parser
-
-
-def _int_list(parser, text: str, flag: str) -> tuple[int, ...]:
-    try:
-        values = tuple(int(x) for x in text.split(",") if x.strip())
-    except ValueError:
-        parser.error(f"{flag}: expected comma-separated positive integers like 256,512,1024, got {text!r}")
-    if not values or any(v < 1 for v in values):
-        parser.error(f"{flag}: expected comma-separated positive integers like 256,512,1024, got {text!r}")
-    return values
-
-
-def _check_positive(parser, args, names):
-    for name in names:
-        v = getattr(args, name)
-        if v is not None and v < 1:
-            parser.error(f"--{name.replace('_', '-')}: expected a positive integer, got {v}")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
     if args.command is None:
         parser.print_help(sys.stderr)
         parser.exit(2, "\njaxattn: error: choose a command, e.g. `jaxattn compare`\n")
-    if args.command == "compare":
-        return _compare(parser, args)
-    return _bench(parser, args)
+    if unknown:  # reported with the usage of the subcommand they were given to
+        args.subparser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    return args.run(args.subparser, args)
 
 
 # ------------------------------------------------------------------------------------
 # compare
 # ------------------------------------------------------------------------------------
-def _parse_methods(parser, text: str, available) -> tuple[tuple[str, str | None], ...]:
-    out = []
-    for item in (x.strip() for x in text.split(",")):
-        if not item:
-            continue
-        name, _, impl = item.partition(":")
-        if name not in METHOD_NAMES:
-            parser.error(f"--methods: unknown method {name!r}; choose from {', '.join(METHOD_NAMES)}")
-        if impl and impl not in available:
-            parser.error(f"--methods: implementation {impl!r} of {name} is not available; "
-                         f"available: {', '.join(available)}")
-        if any(m == name for m, _ in out):
-            parser.error(f"--methods: {name} is listed twice")
-        out.append((name, impl or None))
-    if not out:
-        parser.error("--methods: name at least one method")
-    return tuple(out)
-
-
-def _compare(parser, args) -> int:
-    _check_positive(parser, args, ("head_dim", "heads", "batch", "window", "block_size", "repeats"))
-    for name in ("num_global", "random_blocks", "warmup"):
-        if getattr(args, name) is not None and getattr(args, name) < 0:
-            parser.error(f"--{name.replace('_', '-')}: expected a non-negative integer")
-    if args.time_budget is not None and args.time_budget < 0:
-        parser.error("--time-budget: expected seconds >= 0")
-    seq_lens = _int_list(parser, args.seq_lens, "--seq-lens") if args.seq_lens is not None else None
-
+def _compare(parser: argparse.ArgumentParser, args) -> int:
     import jax
+
     import jaxattn
-    from benchmarks.cases import PatternParams
-    from benchmarks.compare import CompareConfig
+    from jaxattn.benchmarking.cases import PatternParams
+    from jaxattn.benchmarking.commands import run_compare_command
+    from jaxattn.benchmarking.compare import CompareConfig
 
     available = jaxattn.available_implementations()
-    methods = _parse_methods(parser, args.methods, available)
+    for name, impl in args.methods:
+        if impl is not None and impl not in available:
+            parser.error(f"argument --methods: implementation {impl!r} of {name} is not available here; "
+                         f"available: {', '.join(available)}")
     if args.implementation is not None and args.implementation not in available:
-        parser.error(f"--implementation: {args.implementation!r} is not available here; "
+        parser.error(f"argument --implementation: {args.implementation!r} is not available here; "
                      f"available: {', '.join(available)}")
-    on_gpu = jax.default_backend() == "gpu"
-    d = GPU_DEFAULTS if on_gpu else CPU_DEFAULTS
+    d = GPU_DEFAULTS if jax.default_backend() == "gpu" else CPU_DEFAULTS
     pick = lambda v, default: default if v is None else v  # noqa: E731
-    if seq_lens is None:
-        seq_lens = d.quick_seq_lens if args.quick else d.seq_lens
+    seq_lens = args.seq_lens or (d.quick_seq_lens if args.quick else d.seq_lens)
     repeats = min(args.repeats, 5) if args.quick else args.repeats
-    budget = pick(args.time_budget, d.time_budget) or None
     explicit_pallas = args.implementation is not None and args.implementation.startswith("pallas")
     config = CompareConfig(
-        seq_lens=seq_lens, methods=methods, batch=pick(args.batch, d.batch), heads=pick(args.heads, d.heads),
-        head_dim=args.head_dim, dtype=pick(args.dtype, d.dtype),
+        seq_lens=seq_lens, methods=args.methods, batch=pick(args.batch, d.batch),
+        heads=pick(args.heads, d.heads), head_dim=args.head_dim, dtype=pick(args.dtype, d.dtype),
         params=PatternParams(window=pick(args.window, d.window), num_global=pick(args.num_global, d.num_global),
                              block_size=pick(args.block_size, d.block_size),
                              random_blocks=pick(args.random_blocks, d.random_blocks), seed=args.seed),
         implementation=args.implementation, warmup=pick(args.warmup, d.warmup), repeats=repeats,
-        min_repeats=min(repeats, d.min_repeats), budget_s=budget,
+        min_repeats=min(repeats, d.min_repeats), budget_s=pick(args.time_budget, d.time_budget) or None,
         interpret_max_len=None if explicit_pallas else d.interpret_max_len, seed=args.seed)
     return run_compare_command(config, args.out, plots=not args.no_plots)
-
-
-def _prepare_interpret_mode() -> None:
-    """The first interpret-mode pallas_call of a process compiles twice unless this private
-    module is imported first (shared/PLATFORM.md, "Gotchas"): saves a compile on CPU."""
-    import jax
-    if jax.default_backend() != "gpu":
-        try:
-            import jax._src.pallas.mosaic.interpret.interpret_pallas_call  # noqa: F401
-        except Exception:  # noqa: BLE001  (private module; only a speed-up)
-            pass
-
-
-def run_compare_command(config, out_dir: Path, *, plots: bool = True) -> int:
-    import jaxattn
-    from tqdm.auto import tqdm
-
-    _prepare_interpret_mode()
-    from benchmarks import compare, plots as plotting, report
-    from benchmarks.cases import COMPARE_METHODS
-
-    meta = report.run_metadata()
-    plans = compare.resolve_plan(config, jaxattn.available_implementations())
-    cfg = dataclasses.asdict(config)
-    notes = _compare_notes(config, meta)
-    payload = {
-        "kind": "jaxattn compare", "meta": meta, "config": cfg,
-        "methods": {p.method: {"implementation": p.implementation, "family": COMPARE_METHODS[p.method].family,
-                               "description": COMPARE_METHODS[p.method].description,
-                               "flops_scaling": COMPARE_METHODS[p.method].scaling,
-                               "unavailable_reason": p.reason or None} for p in plans},
-        "notes": notes, "interrupted": False, "complete": False, "results": [],
-    }
-    json_path = out_dir / "compare.json"
-    print(f"jaxattn compare on {meta['device']} ({meta['platform']}), jax {meta['jax_version']}: "
-          f"B={config.batch} N={config.heads} H={config.head_dim} {config.dtype}, "
-          f"n = {_fmt(config.seq_lens)}, window w={config.params.window}")
-    interpret = meta["platform"] != "gpu"
-    for p in plans:
-        how = p.implementation or "unavailable: " + p.reason
-        if interpret and (p.implementation or "").startswith("pallas"):
-            how += " (Pallas interpret mode on CPU)"
-        print(f"  {p.method:<11} {how}")
-    sys.stdout.flush()
-
-    def on_update(rows):
-        payload["results"] = rows
-        report.write_json(json_path, payload)
-
-    def progress(total, desc):
-        return tqdm(total=total, desc=f"{desc:<8}", unit="run", disable=None, file=sys.stderr,
-                    dynamic_ncols=True)
-
-    report.write_json(json_path, payload)
-    total = len(config.seq_lens) * len(plans)
-    rows, interrupted = compare.run_compare(config, on_update=on_update, progress=progress)
-    payload["results"] = rows
-    _finish_run(payload, json_path, interrupted, report.compare_table(rows), out_dir / "compare.txt", notes)
-    written = [json_path, out_dir / "compare.txt"]
-    if plots and rows:
-        try:
-            written += plotting.compare_plots(rows, meta, cfg, out_dir)
-        except KeyboardInterrupt:
-            interrupted = True
-    if interrupted:
-        print(f"\ninterrupted (Ctrl-C): {len(rows)} of {total} measurements kept.", file=sys.stderr)
-    print("wrote " + ", ".join(str(p) for p in written))
-    if interrupted:
-        return 130
-    return 1 if any(r["status"] == "failed" for r in rows) else 0
-
-
-def _finish_run(payload, json_path, interrupted, table, txt_path, notes=()):
-    """The final JSON (complete or interrupted), then the table, with any notes under
-    it, on stdout and in its .txt."""
-    from benchmarks import report
-    payload["interrupted"] = interrupted
-    payload["complete"] = not interrupted
-    report.write_json(json_path, payload)
-    notes = "\n".join("note: " + n for n in notes)
-    print()
-    print(table)
-    if notes:
-        print()
-        print(notes)
-    txt_path.write_text(table + "\n" + ("\n" + notes + "\n" if notes else ""))
-
-
-def _compare_notes(config, meta) -> list[str]:
-    notes = [
-        "time: median per call after warm-up; GFLOP: forward FLOPs the mask needs, 4·B·N·n²·H × allowed.",
-        "err vs same-mask ref: max |output - jnp reference in float32 with the same mask| (the "
-        "implementation's error); dev vs full attn: max |output - full attention| (by design not 0 "
-        "for local and sparse patterns).",
-    ]
-    if meta["platform"] == "gpu":
-        notes.append("memory: peak device memory of the call (memory_stats); '~' marks rows where the "
-                     "peak could not be isolated and XLA's compiled estimate is shown instead.")
-    else:
-        notes.append(f"memory: '~' = XLA estimate (argument + output + temp bytes of the compiled call): "
-                     f"the {meta['platform']} backend keeps no device memory statistics.")
-        notes.append("On CPU the pallas_* kernels run in Pallas interpret mode (the same kernel code, "
-                     "emulated): their memory and errors are representative, their times are not GPU times.")
-    return notes
 
 
 # ------------------------------------------------------------------------------------
@@ -367,17 +313,12 @@ NO_GPU_MESSAGE = (
     "smoke test (not a benchmark).\n")
 
 
-def _bench(parser, args) -> int:
-    _check_positive(parser, args, ("repeats",))
-    if args.warmup < 0:
-        parser.error("--warmup: expected a non-negative integer")
-    modes = tuple(m.strip() for m in args.modes.split(",") if m.strip())
-    if not modes or any(m not in ("forward", "forward_and_vjp") for m in modes):
-        parser.error(f"--modes: expected forward and/or forward_and_vjp, got {args.modes!r}")
-
+def _bench(parser: argparse.ArgumentParser, args) -> int:
     import jax
+
     import jaxattn
-    from benchmarks import bench, cases
+    from jaxattn.benchmarking import bench, cases
+    from jaxattn.benchmarking.commands import run_bench_command
 
     smoke = jax.default_backend() != "gpu"
     if smoke and not args.allow_cpu:
@@ -387,63 +328,18 @@ def _bench(parser, args) -> int:
     try:
         chosen = cases.select_cases(args.cases, quick=args.quick, smoke=smoke)
     except ValueError as e:
-        parser.error(f"--cases: {e}")
+        parser.error(f"argument --cases: {e}")
     if args.implementations is None:
         impls = bench.default_implementations()
     else:
-        impls = []
-        for name in (x.strip() for x in args.implementations.split(",") if x.strip()):
-            name = {"xla": "jax.nn xla", "cudnn": "jax.nn cudnn"}.get(name, name)
+        impls = tuple({"xla": "jax.nn xla", "cudnn": "jax.nn cudnn"}.get(n, n) for n in args.implementations)
+        for name in impls:
             if name not in bench.BASELINES and name not in jaxattn.available_implementations():
-                parser.error(f"--implementations: unknown {name!r}; choose from "
+                parser.error(f"argument --implementations: unknown {name!r}; choose from "
                              f"{', '.join(bench.default_implementations())}")
-            impls.append(name)
-        impls = tuple(impls)
     warmup, repeats = (min(args.warmup, 1), min(args.repeats, 3)) if smoke else (args.warmup, args.repeats)
-    return run_bench_command(chosen, impls, modes, args.dtype, warmup, repeats, args.out,
+    return run_bench_command(chosen, impls, args.modes, args.dtype, warmup, repeats, args.out,
                              plots=not args.no_plots, smoke=smoke)
-
-
-def run_bench_command(chosen, impls, modes, dtype, warmup, repeats, out_dir: Path, *, plots=True,
-                      smoke=False) -> int:
-    from tqdm.auto import tqdm
-
-    from benchmarks import bench, plots as plotting, report
-
-    _prepare_interpret_mode()
-    meta = report.run_metadata()
-    payload = {"kind": "jaxattn bench", "meta": meta, "smoke_run_on_cpu": smoke,
-               "config": {"cases": [dataclasses.asdict(c) for c in chosen], "implementations": list(impls),
-                          "modes": list(modes), "dtype": dtype, "warmup": warmup, "repeats": repeats},
-               "flop_model": "forward 4·B·N·T·S·H × allowed fraction; backward 2.5× forward",
-               "interrupted": False, "complete": False, "results": []}
-    json_path = out_dir / "bench.json"
-    print(f"jaxattn bench on {meta['device']} ({meta['platform']}), jax {meta['jax_version']}, {dtype}"
-          + ("  [CPU smoke run: not a benchmark]" if smoke else ""))
-    sys.stdout.flush()
-
-    def on_row(row):
-        payload["results"].append(row)
-        report.write_json(json_path, payload)
-
-    report.write_json(json_path, payload)
-    total = len(chosen) * len(impls) * len(modes)
-    bar = tqdm(total=total, desc="bench", unit="run", disable=None, file=sys.stderr, dynamic_ncols=True)
-    try:
-        rows, interrupted = bench.run_bench(chosen, impls, modes, dtype=dtype, warmup=warmup, repeats=repeats,
-                                            on_row=on_row, progress=bar)
-    finally:
-        bar.close()
-    _finish_run(payload, json_path, interrupted, report.bench_table(rows), out_dir / "bench.txt")
-    written = [json_path, out_dir / "bench.txt"]
-    if plots and rows:
-        written.append(plotting.bench_plot(rows, meta, out_dir / "bench.png"))
-    print("wrote " + ", ".join(str(p) for p in written))
-    if interrupted:
-        print(f"interrupted (Ctrl-C): {len(rows)} of {total} measurements kept.", file=sys.stderr)
-        return 130
-    ours_failed = any(r["status"] == "failed" and r["implementation"] not in bench.BASELINES for r in rows)
-    return 1 if ours_failed else 0
 
 
 if __name__ == "__main__":

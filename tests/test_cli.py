@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
+import importlib.metadata
+import io
 import json
+import os
 import runpy
+import subprocess
 import sys
+import time
+from pathlib import Path
 
 import jax
 import pytest
@@ -29,8 +36,10 @@ def _load(path):
 @pytest.fixture(scope="module")
 def tiny_compare(tmp_path_factory):
     out = tmp_path_factory.mktemp("compare")
-    code = cli.main(["compare", *TINY, "--methods", "full,local:xla,flash", "--out", str(out)])
-    return code, out, _load(out / "compare.json")
+    log = io.StringIO()  # not a terminal: one line per finished measurement
+    with contextlib.redirect_stdout(log):
+        code = cli.main(["compare", *TINY, "--methods", "full,local:xla,flash", "--out", str(out)])
+    return code, out, _load(out / "compare.json"), log.getvalue()
 
 
 def _rows(data, method):
@@ -40,7 +49,7 @@ def _rows(data, method):
 
 
 def test_compare_writes_table_json_and_plots(tiny_compare, capsys):
-    code, out, data = tiny_compare
+    code, out, data, _ = tiny_compare
     assert code == 0
     assert data["complete"] and not data["interrupted"]
     for key in ("device", "platform", "date", "jax_version"):
@@ -53,7 +62,7 @@ def test_compare_writes_table_json_and_plots(tiny_compare, capsys):
 
 
 def test_compare_numbers_are_sane(tiny_compare):
-    _, _, data = tiny_compare
+    _, _, data, _ = tiny_compare
     for r in data["results"]:
         if r["method"] == "flash" and not HAS_FLASH:
             assert r["status"] == "unavailable" and "pallas_triton" in r["reason"]
@@ -73,7 +82,7 @@ def test_compare_numbers_are_sane(tiny_compare):
 
 @pytest.mark.skipif(not HAS_FLASH, reason="pallas_triton is not registered")
 def test_flash_matches_full_reference(tiny_compare):
-    _, _, data = tiny_compare
+    _, _, data, _ = tiny_compare
     for r in _rows(data, "flash"):
         assert r["implementation"] == "pallas_triton"
         assert r["status"] == "ok", r
@@ -82,7 +91,7 @@ def test_flash_matches_full_reference(tiny_compare):
 
 
 def test_flops_follow_the_mask(tiny_compare):
-    _, _, data = tiny_compare
+    _, _, data, _ = tiny_compare
     for r in _rows(data, "full"):
         n = r["seq_len"]
         assert r["allowed_fraction"] == 1.0
@@ -108,16 +117,26 @@ def test_flops_follow_the_mask(tiny_compare):
     ["compare", "--methods", "local:nonexistent"],
     ["compare", "--implementation", "nonexistent"],
     ["compare", "--head-dim", "0"],
+    ["compare", "--window", "0"],
+    ["compare", "--num-global", "-1"],
+    ["compare", "--time-budget", "-2"],
     ["compare", "--no-such-flag"],
     ["bench", "--modes", "sideways"],
     ["bench", "--repeats", "0"],
+    ["bench", "--warmup", "x"],
     ["frobnicate"],
 ])
 def test_bad_flags_are_usage_errors(argv, capsys):
     with pytest.raises(SystemExit) as exc:
         cli.main(argv)
     assert exc.value.code == 2
-    assert "usage:" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "usage:" in err
+    if argv and argv[0] in ("compare", "bench"):  # the subcommand's usage, not the top level's
+        assert f"usage: jaxattn {argv[0]} " in err
+        assert "usage: jaxattn [-h]" not in err
+    if argv[:2] == ["compare", "--window"]:
+        assert "argument --window: expected a positive integer, got '0'" in err
 
 
 def test_help_explains_each_flag(capsys):
@@ -130,10 +149,13 @@ def test_help_explains_each_flag(capsys):
     assert "default" in text
 
 
-def test_ctrl_c_keeps_what_was_measured(tmp_path, monkeypatch):
-    from benchmarks import timing
+@pytest.mark.parametrize("stage", ["compile", "timing"])
+def test_ctrl_c_keeps_what_was_measured(stage, tmp_path, monkeypatch):
+    """Ctrl-C while the second case compiles, or while it is timed: the first case is kept."""
+    from jaxattn.benchmarking import compare, timing
 
-    real = timing.time_call
+    module, name = (compare, "build_call") if stage == "compile" else (timing, "time_call")
+    real = getattr(module, name)
     calls = []
 
     def interrupted_on_second_call(*args, **kwargs):
@@ -142,14 +164,16 @@ def test_ctrl_c_keeps_what_was_measured(tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(timing, "time_call", interrupted_on_second_call)
+    monkeypatch.setattr(module, name, interrupted_on_second_call)
     code = cli.main(["compare", "--seq-lens", "32,64,128", "--methods", "full", "--heads", "1",
                      "--head-dim", "8", "--repeats", "1", "--out", str(tmp_path), "--no-plots"])
     assert code == 130
     data = _load(tmp_path / "compare.json")
     assert data["interrupted"] and not data["complete"]
     assert [(r["seq_len"], r["status"]) for r in data["results"]] == [(32, "ok")]
-    assert (tmp_path / "compare.txt").exists()
+    assert data["results"][0]["err_max_abs"] == 0  # finished means measured and checked
+    text = (tmp_path / "compare.txt").read_text()
+    assert "interrupted (Ctrl-C)" in text and " 32 " in text
 
 
 @pytest.mark.skipif(ON_GPU, reason="checks the message shown without a GPU")
@@ -201,7 +225,7 @@ def _fake_stats(limit):
 
 
 def test_device_peak_is_used_where_the_backend_keeps_statistics(tmp_path, monkeypatch):
-    from benchmarks import compare
+    from jaxattn.benchmarking import compare
 
     monkeypatch.setattr(compare, "device_memory_stats", _fake_stats(limit=10**12))
     code = cli.main(["compare", "--seq-lens", "32", "--methods", "full", "--heads", "1", "--head-dim", "8",
@@ -215,7 +239,7 @@ def test_device_peak_is_used_where_the_backend_keeps_statistics(tmp_path, monkey
 
 
 def test_estimated_oom_is_reported_not_run(tmp_path, monkeypatch):
-    from benchmarks import compare, timing
+    from jaxattn.benchmarking import compare, timing
 
     monkeypatch.setattr(compare, "device_memory_stats", _fake_stats(limit=5 * 10**5 + 1000))
     monkeypatch.setattr(timing, "time_call", lambda *a, **k: pytest.fail("ran a call that cannot fit"))
@@ -224,3 +248,154 @@ def test_estimated_oom_is_reported_not_run(tmp_path, monkeypatch):
     assert code == 0
     (row,) = _load(tmp_path / "compare.json")["results"]
     assert row["status"] == "oom" and "XLA estimate" in row["reason"]
+
+
+# ------------------------------------------------------------------------------------
+# What a newcomer sees: a fast --help, a readable log, a header, 100 columns, MiB, plots
+# ------------------------------------------------------------------------------------
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _python(code: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
+
+
+def test_help_answers_at_once_without_jax():
+    """`jaxattn --help` imports neither jax nor flax (measured ~0.05 s of imports; the bound
+    is generous for a loaded 2-core CI machine)."""
+    start = time.perf_counter()
+    proc = _python("import sys; from jaxattn.cli import main\n"
+                   "try:\n    main(['compare', '--help'])\nexcept SystemExit:\n    pass\n"
+                   "print('loaded:', sorted(m for m in ('jax', 'flax', 'rich', 'matplotlib') if m in sys.modules))")
+    elapsed = time.perf_counter() - start
+    assert proc.returncode == 0, proc.stderr
+    assert "usage: jaxattn compare" in proc.stdout
+    assert "loaded: []" in proc.stdout
+    assert elapsed < 2.0, f"jaxattn compare --help took {elapsed:.2f} s"
+
+
+def test_public_names_load_on_first_use():
+    proc = _python("import sys, jaxattn\n"
+                   "assert 'jax' not in sys.modules\n"
+                   "from jaxattn import masks\n"
+                   "print(callable(jaxattn.dot_product_attention), callable(jaxattn.ring_attention),\n"
+                   "      masks.CausalMask.__name__, jaxattn.layers.Decoder.__name__,\n"
+                   "      callable(jaxattn.parallel.zigzag_permutation), sorted(jaxattn.__all__) == sorted(\n"
+                   "      n for n in jaxattn.__all__ if hasattr(jaxattn, n)))")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["True", "True", "CausalMask", "Decoder", "True", "True"]
+    with pytest.raises(AttributeError, match="no attribute 'frobnicate'"):
+        jaxattn.frobnicate  # noqa: B018
+
+
+def test_version_comes_from_the_installed_metadata():
+    try:
+        want = importlib.metadata.version("jaxattn")
+    except importlib.metadata.PackageNotFoundError:
+        want = "0+unknown"
+    assert jaxattn.__version__ == want
+
+
+def test_log_has_one_line_per_finished_measurement(tiny_compare):
+    _, _, data, log = tiny_compare
+    lines = [ln for ln in log.splitlines() if ln.startswith("[")]
+    total = len(data["results"])
+    assert [ln.split("]")[0] for ln in lines] == [f"[{i}/{total}" for i in range(1, total + 1)]
+    assert any("local (xla) n=128:" in ln and " MiB, err " in ln for ln in lines)
+
+
+def test_compare_txt_has_a_header_fits_100_columns_and_speaks_mib(tiny_compare):
+    _, out, data, log = tiny_compare
+    text = (out / "compare.txt").read_text()
+    head = text.split("\n\n")[0]
+    assert head.startswith("jaxattn compare, ")
+    for needle in (f"device: {data['meta']['device']}", "float32", "B=1 N=2 H=16", "window w=16",
+                   "commit " + (data["meta"]["git_commit"] or "not a git checkout")):
+        assert needle in head, needle
+    assert max(len(line) for line in text.splitlines()) <= 100
+    assert max(len(line) for line in log.splitlines()) <= 100
+    assert "memory" in text and "MiB" in text
+    for other_unit in (" KB", " MB", " GB", " GiB", " KiB"):
+        assert other_unit not in text
+    assert text.split("\n\n")[1] in log  # the same table on stdout
+
+
+def test_plots_tell_lines_apart_keep_legends_off_the_data_and_say_cpu(tiny_compare, monkeypatch):
+    from matplotlib.figure import Figure
+
+    from jaxattn.benchmarking import plots
+
+    _, out, data, _ = tiny_compare
+    seen = []
+
+    def inspect(fig):  # at save time, while the figure still has its Agg canvas
+        fig.canvas.draw()
+        renderer = fig.canvas.get_renderer()
+        for ax in fig.axes:
+            legend = ax.get_legend()
+            assert legend is not None
+            assert not legend.get_window_extent(renderer).overlaps(ax.get_window_extent(renderer))
+            lines = [ln for ln in ax.get_lines() if not ln.get_label().startswith("_")]
+            styles = {(ln.get_marker(), str(ln.get_linestyle())) for ln in lines}
+            assert len(styles) == len(lines)  # full and flash lie on top of each other: told apart
+            seen.append(ax.get_title())
+
+    real_savefig = Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda fig, *a, **k: (inspect(fig), real_savefig(fig, *a, **k)))
+    plots.compare_plots(data["results"], data["meta"], data["config"], out)
+    assert len(seen) == 3 + 3  # three single panels, then the three of compare.png
+    for title in seen:
+        assert ("CPU run" in title) != ON_GPU, title
+
+
+def test_terminal_gets_one_progress_display_with_eta():
+    from rich.console import Console
+
+    from jaxattn.benchmarking.progress import RunProgress
+
+    screen = io.StringIO()
+    console = Console(file=screen, force_terminal=True, width=100, color_system=None)
+    with RunProgress(2, "compare", console=console) as progress:
+        assert progress.live
+        progress.start("full n=64")
+        progress.finished("full (reference) n=64: 1 ms")
+        progress.finished("flash (pallas_triton) n=64: 2 ms")
+    shown = screen.getvalue()
+    assert "[1/2] full (reference) n=64: 1 ms" in shown and "2/2" in shown
+    assert "left" in shown and "0:00:00" in shown  # time left (ETA) and elapsed columns
+
+    log = io.StringIO()
+    with RunProgress(1, "compare", console=Console(file=log, force_terminal=False)) as progress:
+        assert not progress.live
+        progress.finished("full (reference) n=64: 1 ms")
+    assert log.getvalue() == "[1/1] full (reference) n=64: 1 ms\n"
+
+
+def _example_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("long_range_lm_cli", ROOT / "examples" / "long_range_lm.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_example_help_shows_every_option_with_its_default_and_a_quick_mode():
+    ex = _example_module()
+    parser = ex.build_parser()
+    text = " ".join(parser.format_help().split())  # as one line: help wraps anywhere
+    for action in parser._actions:
+        if action.dest == "help":
+            continue
+        assert action.help, f"{action.option_strings} has no help line"
+        assert action.option_strings[0] in text
+        if action.default not in (None, False):
+            assert f"(default: {action.default})" in text, action.option_strings
+    quick = ex.parse_args(["--quick", "--steps", "7"])
+    assert quick.steps == 7  # an explicit option wins over --quick
+    assert (quick.batch, quick.eval_batches) == (ex.QUICK["batch"], ex.QUICK["eval_batches"])
+    full = ex.parse_args([])
+    assert (full.steps, full.batch) == (200, 32)
+    with pytest.raises(SystemExit):
+        ex.parse_args(["--attention", "full,dilated"])

@@ -16,11 +16,6 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PACKAGES = ("jaxattn", "pallas_kernels")
 
-# The `jaxattn` command's engines still live in benchmarks/ on this branch; the package
-# work moves them into jaxattn. Moved by the package work: delete this entry at merge.
-_KNOWN_BENCHMARKS_IMPORTERS = {"jaxattn.cli"}
-
-
 def _module_name(path: pathlib.Path) -> str:
     parts = list(path.relative_to(ROOT).with_suffix("").parts)
     if parts[-1] == "__init__":
@@ -73,7 +68,7 @@ def test_pallas_kernels_never_imports_jaxattn():
 
 def test_no_package_imports_benchmarks():
     modules = _modules()
-    bad = sorted(f"{m} imports {i}" for m, p in modules.items() if m not in _KNOWN_BENCHMARKS_IMPORTERS
+    bad = sorted(f"{m} imports {i}" for m, p in modules.items()
                  for i in _imports(p, m, top_level_only=False) if i.split(".")[0] == "benchmarks")
     assert not bad, "benchmarks/ holds scripts, not a dependency:\n" + "\n".join(bad)
 

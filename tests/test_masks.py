@@ -1,4 +1,4 @@
-"""Masks against their formulas (DESIGN.md's table), on the literal 4×6 matrices that
+"""Masks against their formulas (the table in README.md's "Masks"), on the literal 4×6 matrices that
 the docstrings in jaxattn/masks/structured.py and data.py show, and on sweeps of
 T ≠ S and offsets; the algebra, identity (hash/eq, jit static args) and recipes."""
 

@@ -1,8 +1,20 @@
-"""Rotary position embedding (RoPE), shared by the nnx and linen layers.
+"""Rotary position embedding (RoPE), used by both the nnx and the linen layers.
 
 The "rotate half" convention (GPT-NeoX, Llama, Flax's nnx.RoPE): channel i of the first
 half is paired with channel i of the second half and the pair is rotated by the angle
 position · theta^(-2i/H). q·k then depends on positions only through their difference.
+
+Why not `flax.nnx.RoPE` (flax 0.12.12), which computes the same rotation (float32 results
+agree to ~2e-7)? It does not fit the layers' needs in three ways:
+* positions per batch row: the layers take positions [B, T] (packed documents restart
+  their positions), while nnx.RoPE flattens its positions with `jnp.outer`, so only one
+  [T] vector works;
+* layout: nnx.RoPE rotates [..., T, H] (sequence next to the head dim); the layers hold
+  [B, T, N, H] and would transpose q and k around every call;
+* dtype: nnx.RoPE returns float32 for bfloat16 inputs; `apply_rope` computes in float32
+  and returns the input's dtype, as the kernels expect.
+It is also an nnx Module, and the linen layer calls the same function. Users of Flax's own
+attention layers can still pass `nnx.RoPE` through `jaxattn.layers.attention_fn(rope=...)`.
 """
 
 from __future__ import annotations

@@ -3,16 +3,18 @@
 For every sequence length n and method (cases.COMPARE_METHODS) it records: time per call
 (median after warm-up), peak memory (device statistics when the backend keeps them,
 else XLA's compiled-memory estimate, labelled per row), the FLOPs the mask needs
-(benchmarks.flops), and two errors of the method's output, both against the jnp
+(flops.py), and two errors of the method's output, both against the jnp
 reference computed in float32 on the same inputs:
 
 * ``err_*``: against the reference *with the same mask*: the implementation's error;
 * ``dev_*``: against *full* attention: how far the pattern's result is from full
   attention (zero for full and flash; by design not zero for local and sparse).
 
-Per length, every method is compiled first; on devices with memory statistics the runs
-then go in order of increasing estimated memory, so that each run can raise the
-process-wide peak counter and be measured (the counter cannot be reset).
+Each case (one length, one method) is compiled, run, timed and checked before the next one
+starts, so a run stopped with Ctrl-C keeps every case that finished. On devices with memory
+statistics the cases go in order of increasing expected memory, so that each one can raise
+the process-wide peak counter and be measured (the counter cannot be reset); elsewhere they
+go by length, then method.
 """
 
 from __future__ import annotations
@@ -27,8 +29,9 @@ import jax
 import jax.numpy as jnp
 
 import jaxattn
-from benchmarks import flops, timing
-from benchmarks.cases import COMPARE_METHODS, PatternParams
+from jaxattn.benchmarking import flops, timing
+from jaxattn.benchmarking.cases import COMPARE_METHODS, PatternParams
+from jaxattn.benchmarking.report import is_oom, short_error
 
 # Lengths up to this get their error measured on every query row; longer ones on three
 # windows of ERROR_WINDOW rows (start, middle, end), so the float32 oracle stays small.
@@ -167,111 +170,62 @@ def device_memory_stats() -> dict | None:
         return None
 
 
-def _is_oom(err: BaseException) -> bool:
-    text = str(err)
-    return "RESOURCE_EXHAUSTED" in text or "Out of memory" in text or "out of memory" in text
-
-
-def _short(err: BaseException) -> str:
-    line = (str(err).strip().splitlines() or [""])[0]
-    return f"{type(err).__name__}: {line[:200]}"
-
-
 def build_call(mask, impl: str) -> Callable:
     return jax.jit(functools.partial(jaxattn.dot_product_attention, mask=mask, implementation=impl))
 
 
-@dataclasses.dataclass
-class _Task:
-    row: dict
-    mask: object = None
-    compiled: object = None
-    windows: list | None = None
-    out_rows: object = None  # the output on the error rows, kept for phase 3
-    done: bool = False       # row final enough to report
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """One measurement of the sweep: a method at one length."""
+    seq_len: int
+    plan: Plan
 
 
-def run_compare(config: CompareConfig, *, on_update: Callable[[list[dict]], None] | None = None,
-                progress: Callable | None = None) -> tuple[list[dict], bool]:
-    """Run the sweep in three phases: compile every (length, method); run and time them
-    (on devices with memory statistics in order of increasing estimated memory, so each
-    run can raise the never-reset peak counter and be measured alone); then compute the
-    float32 oracles and the errors. Returns (rows, interrupted); ``on_update`` gets the
-    finished rows after each step; ``progress(total=, desc=)`` makes a tqdm-like bar.
-    Ctrl-C stops at once and returns what was measured."""
-    available = jaxattn.available_implementations()
-    plans = resolve_plan(config, available)
+def plan_cases(config: CompareConfig, plans: list[Plan], *, by_memory: bool) -> list[Case]:
+    """The cases in run order: by length, then method; with ``by_memory``, by the memory
+    each is expected to need (dense implementations hold B·N·n² float32 logits, the
+    kernels only their inputs and outputs), so each run can raise the device's peak."""
+    cases = [Case(n, plan) for n in config.seq_lens for plan in plans]
+    if by_memory:
+        cases.sort(key=lambda c: _expected_bytes(config, c))  # stable: ties keep length order
+    return cases
+
+
+def _expected_bytes(config: CompareConfig, case: Case) -> int:
+    n = case.seq_len
+    io = 4 * config.batch * n * config.heads * config.head_dim * jnp.dtype(config.dtype).itemsize
+    if case.plan.implementation in ("reference", "xla"):
+        return io + 4 * config.batch * config.heads * n * n
+    return io
+
+
+def run_compare(config: CompareConfig, *, on_start: Callable[[Case], None] | None = None,
+                on_row: Callable[[dict, list[dict]], None] | None = None) -> tuple[list[dict], bool]:
+    """Measure every case, one after the other: compile, run (peak memory), time, then the
+    errors against the float32 oracles. ``on_start(case)`` is called as a case begins and
+    ``on_row(row, rows)`` once its row is final. Returns (finished rows, interrupted):
+    Ctrl-C stops at once and keeps every finished row."""
+    plans = resolve_plan(config, jaxattn.available_implementations())
     measure_device = device_memory_stats() is not None
     cache_bytes = timing.L2_BYTES if jax.default_backend() == "gpu" else 0
-    tasks: list[_Task] = []
-    inputs: dict[int, list] = {}
-
-    def finished():
-        return [t.row for t in tasks if t.done]
-
-    def update():
-        if on_update is not None:
-            on_update(finished())
-
-    def bar(total, desc):
-        return progress(total=total, desc=desc) if progress is not None else None
-
-    interrupted = False
-    pbar = None
+    rows: list[dict] = []
+    inputs: dict[int, list] = {}   # the input sets of the length being run
+    oracles: dict = {}             # float32 references of that length, by mask
     try:
-        pbar = bar(len(config.seq_lens) * len(plans), "compile")
-        for n in config.seq_lens:
-            for plan in plans:
-                if pbar is not None:
-                    pbar.set_postfix_str(f"{plan.method} n={n}")
-                tasks.append(_prepare(config, n, plan, inputs, cache_bytes))
-                if pbar is not None:
-                    pbar.update(1)
-        _close(pbar)
-        update()
-
-        runnable = [t for t in tasks if not t.done]
-        if measure_device:
-            runnable.sort(key=lambda t: t.row["xla_estimate_bytes"] or 0)
-        pbar = bar(len(runnable), "measure")
-        for t in runnable:
-            if pbar is not None:
-                pbar.set_postfix_str(f"{t.row['method']} n={t.row['seq_len']}")
-            _measure(config, t, inputs[t.row["seq_len"]], measure_device)
-            t.compiled = None
-            t.done = True
-            update()
-            if pbar is not None:
-                pbar.update(1)
-        _close(pbar)
-
-        with_output = [t for t in tasks if t.out_rows is not None]
-        pbar = bar(len(with_output), "errors")
-        oracles: dict = {}
-        for n in config.seq_lens:
-            mine = [t for t in with_output if t.row["seq_len"] == n]
-            if config.dtype == "float32" and jax.default_backend() == "cpu":
-                # A float32 "reference" run on CPU computed exactly what the oracle computes.
-                for t in mine:
-                    if t.row["implementation"] == "reference":
-                        oracles.setdefault(t.mask, t.out_rows)
-            for t in mine:
-                _errors(t, inputs[n][0], oracles)
-                t.out_rows = None
-                if pbar is not None:
-                    pbar.update(1)
-            oracles.clear()
-        _close(pbar)
-        update()
+        for case in plan_cases(config, plans, by_memory=measure_device):
+            if on_start is not None:
+                on_start(case)
+            n = case.seq_len
+            if n not in inputs:
+                inputs.clear()
+                oracles.clear()
+            row = _measure_case(config, case, inputs, oracles, measure_device, cache_bytes)
+            rows.append(row)
+            if on_row is not None:
+                on_row(row, rows)
     except KeyboardInterrupt:
-        interrupted = True
-        _close(pbar)
-    return finished(), interrupted
-
-
-def _close(pbar):
-    if pbar is not None:
-        pbar.close()
+        return rows, True
+    return rows, False
 
 
 def _base_row(config, n, plan, mask, fraction):
@@ -289,89 +243,85 @@ def _base_row(config, n, plan, mask, fraction):
     }
 
 
-def _prepare(config, n, plan, inputs, cache_bytes) -> _Task:
-    """Build the mask, count its FLOPs and compile the call (phase 1)."""
+def _measure_case(config, case, inputs, oracles, measure_device, cache_bytes) -> dict:
+    """The final row of one case; failures are recorded in it, never raised (but Ctrl-C)."""
+    n, plan = case.seq_len, case.plan
     mask = COMPARE_METHODS[plan.method].build(n, config.params)
     row = _base_row(config, n, plan, mask, flops.allowed_fraction(mask, n, n))
-    task = _Task(row=row, mask=mask, windows=error_rows(n))
-    if task.windows is not None:
-        row["error_rows"] = [list(w) for w in task.windows]
+    windows = error_rows(n)
+    if windows is not None:
+        row["error_rows"] = [list(w) for w in windows]
     if plan.implementation is None:
         row.update(status="unavailable", reason=plan.reason)
-        task.done = True
-        return task
+        return row
     if (_is_interpret(plan.implementation) and config.interpret_max_len is not None
             and n > config.interpret_max_len):
         row.update(status="skipped", reason=(
             f"{plan.implementation} runs in Pallas interpret mode on CPU; lengths above "
             f"{config.interpret_max_len} are skipped (pass --implementation {plan.implementation} to run them)"))
-        task.done = True
-        return task
+        return row
     if n not in inputs:
         bytes_per_set = 3 * config.batch * n * config.heads * config.head_dim * jnp.dtype(config.dtype).itemsize
         inputs[n] = make_inputs(config, n, timing.rotation_sets(bytes_per_set, cache_bytes=cache_bytes))
+    sets = inputs[n]
     try:
-        task.compiled = build_call(mask, plan.implementation).lower(*inputs[n][0]).compile()
+        compiled = build_call(mask, plan.implementation).lower(*sets[0]).compile()
+        est = memory_estimate(compiled)
+        row.update(xla_estimate_bytes=est, memory_bytes=est, memory_source="xla_estimate" if est else None)
+        out_rows = _run_and_time(config, row, compiled, sets, windows, measure_device)
     except KeyboardInterrupt:
         raise
     except NotImplementedError as e:
-        row.update(status="unsupported", reason=_short(e))
-        task.done = True
-        return task
+        row.update(status="unsupported", reason=short_error(e))
+        return row
     except Exception as e:  # noqa: BLE001  (report and go on with the sweep)
-        row.update(status="oom" if _is_oom(e) else "failed", reason=_short(e))
-        task.done = True
-        return task
-    est = memory_estimate(task.compiled)
-    row.update(xla_estimate_bytes=est, memory_bytes=est, memory_source="xla_estimate" if est else None)
-    return task
+        row.update(status="oom" if is_oom(e) else "failed", reason=short_error(e))
+        return row
+    if out_rows is not None:
+        if (config.dtype == "float32" and jax.default_backend() == "cpu"
+                and plan.implementation == "reference"):
+            # A float32 "reference" run on CPU computed exactly what the oracle computes.
+            oracles.setdefault(mask, out_rows)
+        _errors(row, mask, out_rows, sets[0], windows, oracles)
+    return row
 
 
-def _measure(config, task, sets, measure_device):
-    """Peak memory and time of one compiled call (phase 2)."""
-    row = task.row
+def _run_and_time(config, row, compiled, sets, windows, measure_device):
+    """Peak memory of the first call, then the timing; the output on the error rows, or
+    None when the call would not fit (estimated)."""
     stats = device_memory_stats() if measure_device else None
     free = (stats["bytes_limit"] - stats.get("bytes_in_use", 0)) if stats and stats.get("bytes_limit") else None
     est = row["xla_estimate_bytes"]
     if free is not None and est and est > free:
-        row.update(status="oom", reason=f"needs ~{est / 2**30:.2f} GiB (XLA estimate), "
-                                        f"{free / 2**30:.2f} GiB free: not run")
-        return
-    try:
-        out = task.compiled(*sets[0])
-        jax.block_until_ready(out)
-        after = device_memory_stats() if measure_device else None
-        if stats and after and after.get("peak_bytes_in_use", 0) > stats.get("peak_bytes_in_use", 0):
-            args = sum(x.nbytes for x in sets[0])
-            peak = int(after["peak_bytes_in_use"] - stats["bytes_in_use"] + args)
-            row.update(device_peak_bytes=peak, memory_bytes=peak, memory_source="device_peak")
-        task.out_rows = take_rows(out, task.windows)
-        del out
-        t = timing.time_call(task.compiled, sets, warmup=max(config.warmup - 1, 0), repeats=config.repeats,
-                             min_repeats=config.min_repeats, budget_s=config.budget_s)
-        row.update(time_ms=t.median_s * 1e3, timing=t.as_dict())
-        row["timing"]["warmup"] = config.warmup  # the first call above was a warm-up too
-    except KeyboardInterrupt:
-        raise
-    except NotImplementedError as e:
-        row.update(status="unsupported", reason=_short(e))
-        task.out_rows = None
-    except Exception as e:  # noqa: BLE001
-        row.update(status="oom" if _is_oom(e) else "failed", reason=_short(e))
-        task.out_rows = None
+        row.update(status="oom", reason=f"needs ~{est / 2**20:,.0f} MiB (XLA estimate), "
+                                        f"{free / 2**20:,.0f} MiB free: not run")
+        return None
+    out = compiled(*sets[0])
+    jax.block_until_ready(out)
+    after = device_memory_stats() if measure_device else None
+    if stats and after and after.get("peak_bytes_in_use", 0) > stats.get("peak_bytes_in_use", 0):
+        args = sum(x.nbytes for x in sets[0])
+        peak = int(after["peak_bytes_in_use"] - stats["bytes_in_use"] + args)
+        row.update(device_peak_bytes=peak, memory_bytes=peak, memory_source="device_peak")
+    out_rows = take_rows(out, windows)
+    del out
+    t = timing.time_call(compiled, sets, warmup=max(config.warmup - 1, 0), repeats=config.repeats,
+                         min_repeats=config.min_repeats, budget_s=config.budget_s)
+    row.update(time_ms=t.median_s * 1e3, timing=t.as_dict())
+    row["timing"]["warmup"] = config.warmup  # the first call above was a warm-up too
+    return out_rows
 
 
-def _errors(task, qkv, oracles):
-    """Errors against the float32 reference with the same mask and with no mask (phase 3)."""
-    row = task.row
+def _errors(row, mask, out_rows, qkv, windows, oracles):
+    """Errors against the float32 reference with the same mask and with no mask."""
     full = jaxattn.masks.FullMask()
     try:
-        for m in (task.mask, full):
+        for m in (mask, full):
             if m not in oracles:
-                oracles[m] = oracle(*qkv, m, task.windows)
-        row["err_max_abs"], row["err_rel_l2"] = error_stats(task.out_rows, oracles[task.mask])
-        row["dev_full_max_abs"], row["dev_full_rel_l2"] = error_stats(task.out_rows, oracles[full])
+                oracles[m] = oracle(*qkv, m, windows)
+        row["err_max_abs"], row["err_rel_l2"] = error_stats(out_rows, oracles[mask])
+        row["dev_full_max_abs"], row["dev_full_rel_l2"] = error_stats(out_rows, oracles[full])
     except KeyboardInterrupt:
         raise
     except Exception as e:  # noqa: BLE001  (the measurement stands; say why the error is missing)
-        row["reason"] = f"error not computed: {_short(e)}"
+        row["reason"] = f"error not computed: {short_error(e)}"

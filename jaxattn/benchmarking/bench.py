@@ -1,11 +1,11 @@
-"""TFLOP/s of attention kernels on the named cases of ANCHORS.md (`jaxattn bench`).
+"""TFLOP/s of attention kernels on the named cases of cases.py (`jaxattn bench`).
 
 Every case runs our Pallas implementations (every registered "pallas_*") beside
 `jax.nn.dot_product_attention` with implementation="xla" and "cudnn", in the same
 process on the same inputs, forward and forward+backward (jax.vjp with a random
-cotangent). FLOPs count useful work only (benchmarks.flops). The baselines get the
+cotangent). FLOPs count useful work only (flops.py). The baselines get the
 mask in the form jax.nn takes best: is_causal / local_window_size, or a dense bool mask
-for the BigBird-style case (as in ANCHORS.md).
+for the BigBird-style case (the only way to give jax.nn a block-sparse pattern).
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ import jax
 import jax.numpy as jnp
 
 import jaxattn
-from benchmarks import timing
-from benchmarks.cases import BenchCase
-from benchmarks.compare import _is_oom, _short
+from jaxattn.benchmarking import timing
+from jaxattn.benchmarking.cases import BenchCase
+from jaxattn.benchmarking.report import is_oom, short_error
 
 BASELINES = ("jax.nn xla", "jax.nn cudnn")
 MODES = ("forward", "forward_and_vjp")
@@ -75,8 +75,11 @@ def unavailable_reason(impl: str) -> str | None:
 
 
 def run_bench(cases, implementations, modes=MODES, *, dtype="bfloat16", warmup=timing.DEFAULT_WARMUP,
-              repeats=timing.DEFAULT_REPEATS, on_row=None, progress=None) -> tuple[list[dict], bool]:
-    """Returns (rows, interrupted); Ctrl-C keeps what was measured."""
+              repeats=timing.DEFAULT_REPEATS, on_start=None, on_row=None) -> tuple[list[dict], bool]:
+    """Measure case by case, implementation by implementation, mode by mode (each one
+    compiled, then timed). ``on_start(label)`` is called as a measurement begins and
+    ``on_row(row)`` once it is final. Returns (rows, interrupted); Ctrl-C keeps every
+    finished row."""
     rows: list[dict] = []
     dtype = jnp.dtype(dtype)
     cache = timing.L2_BYTES if jax.default_backend() == "gpu" else 0
@@ -85,8 +88,6 @@ def run_bench(cases, implementations, modes=MODES, *, dtype="bfloat16", warmup=t
         rows.append(row)
         if on_row is not None:
             on_row(row)
-        if progress is not None:
-            progress.update(1)
 
     try:
         for case in cases:
@@ -102,8 +103,8 @@ def run_bench(cases, implementations, modes=MODES, *, dtype="bfloat16", warmup=t
                            "head_dim": case.head_dim, "pattern": case.pattern, "window": case.window,
                            "dtype": dtype.name, "allowed_fraction": fraction, "flops": case.flops(mode, fraction),
                            "status": "ok", "reason": "", "time_ms": None, "tflops": None, "timing": None}
-                    if progress is not None:
-                        progress.set_postfix_str(f"{case.name} {impl} {mode}")
+                    if on_start is not None:
+                        on_start(f"{case.name} {impl} {mode}")
                     reason = unavailable_reason(impl)
                     if reason:
                         row.update(status="unavailable", reason=reason)
@@ -133,9 +134,9 @@ def _run_one(case, impl, mode, row, inputs, warmup, repeats, outputs):
     except KeyboardInterrupt:
         raise
     except NotImplementedError as e:
-        row.update(status="unsupported", reason=_short(e))
+        row.update(status="unsupported", reason=short_error(e))
     except Exception as e:  # noqa: BLE001
-        row.update(status="oom" if _is_oom(e) else "failed", reason=_short(e))
+        row.update(status="oom" if is_oom(e) else "failed", reason=short_error(e))
 
 
 def _agreement(case_rows, outputs):

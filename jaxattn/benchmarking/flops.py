@@ -1,12 +1,23 @@
-"""The FLOP model of ANCHORS.md, with the mask's allowed pairs counted exactly.
+"""The FLOP model every jaxattn benchmark reports, with the mask's allowed pairs counted exactly.
+
+Attention of a query block [B, T, N, H] against keys and values [B, S, K, H] does two matrix
+products per head: the logits q·kᵀ (T·S dot products of length H: 2·T·S·H FLOPs, a multiply
+and an add each) and the output p·v (another 2·T·S·H). So, for the pairs a mask allows:
 
     forward          = 4 · B · N · T · S · H · fraction
     backward         = 2.5 · forward
     forward_and_vjp  = 3.5 · forward
 
-``fraction`` is the share of (query i, key j) pairs the mask allows (the FlashAttention
-papers' convention: causal counts ≈ ½; here it is the exact (T+1)/(2T) for T = S). It is
-the work a kernel *needs*: a kernel that computes masked-out pairs gets no credit.
+``fraction`` is the share of (query i, key j) pairs the mask allows: 1 for full attention,
+exactly (T+1)/(2T) for causal with T = S (≈ ½, the convention of the FlashAttention papers),
+about (w+1)/S for a causal window of w keys. The backward's 2.5 is the usual count for
+FlashAttention's backward: it recomputes q·kᵀ and does four more products (dV, dP, dQ, dK),
+five in all against the forward's two.
+
+These are the FLOPs of *useful work only*: the pairs the mask rules out count for nothing,
+so a kernel that computes masked-out tiles and throws them away is charged the time and
+given no credit; softmax, exponentials and the head-dim padding of a kernel count for
+nothing either. TFLOP/s = these FLOPs / median seconds per call.
 
 Counting never builds the T×S matrix at large sizes:
 * single structured masks (full, causal, local, strided, global, prefix-LM) have a
@@ -132,7 +143,7 @@ def allowed_fraction(mask: Mask | None, q_len: int, kv_len: int) -> float:
 def attention_flops(*, batch: int, heads: int, q_len: int, kv_len: int, head_dim: int,
                     mask: Mask | None = None, mode: str = "forward",
                     fraction: float | None = None) -> float:
-    """FLOPs of useful work (ANCHORS.md). ``mode``: forward, backward or forward_and_vjp.
+    """FLOPs of useful work (the model of this module's docstring). ``mode``: forward, backward or forward_and_vjp.
     Pass ``fraction`` to reuse an allowed fraction already counted."""
     if mode not in MODE_FACTORS:
         raise ValueError(f"mode must be one of {tuple(MODE_FACTORS)}, got {mode!r}.")

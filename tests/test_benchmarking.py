@@ -1,4 +1,4 @@
-"""benchmarks/: the FLOP model's exact pair counts, the timing harness, the named cases."""
+"""jaxattn/benchmarking/: the FLOP model's exact pair counts, the timing harness, the named cases."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import pytest
 
 from jaxattn import masks as M
-from benchmarks import cases, flops, timing
+from jaxattn.benchmarking import cases, flops, timing
 
 
 def _dense_count(mask, t, s):

@@ -1,9 +1,12 @@
-"""Named cases: the bench cases of ../shared/ANCHORS.md and the methods of `jaxattn compare`.
+"""Named cases: the cases `jaxattn bench` measures and the methods `jaxattn compare` sweeps.
 
-Bench cases (ANCHORS.md "Measured side by side"): heads = 2048 / D and batch = 16384 / S
-unless the row says otherwise; bf16. Each case knows its jaxattn Mask (what our kernels
-get) and how `jax.nn.dot_product_attention` expresses the same pairs (what the xla and
-cudnn baselines get: is_causal, local_window_size, or a dense bool mask).
+Bench cases are the ones BENCHMARKS.md reports beside cuDNN and XLA: head dim D 64 and
+128, S = 1k, 4k, 16k, full and causal, with heads = 2048 / D and batch = 16384 / S (the same
+token and width budget in every row, as in the FlashAttention papers); a causal sliding
+window of 256 and 2048 keys at 32k tokens; and a BigBird-style block mask at 16k tokens.
+Each case knows its jaxattn Mask (what our kernels get) and how
+`jax.nn.dot_product_attention` expresses the same pairs (what the xla and cudnn baselines
+get: is_causal, local_window_size, or a dense bool mask).
 """
 
 from __future__ import annotations
@@ -16,10 +19,10 @@ import numpy as np
 from jaxattn import masks
 from jaxattn.masks import Mask
 
-from benchmarks import flops
+from jaxattn.benchmarking import flops
 
 # BigBird-style case: local window ±256 | 256 global tokens | 3 random 128-blocks per
-# query block (seed 0) = 8.36% of pairs at S=16384, ANCHORS.md's "8.4% of pairs".
+# query block (seed 0) = 8.36% of pairs at S=16384 ("8.4 % of pairs" in BENCHMARKS.md).
 BIGBIRD_WINDOW, BIGBIRD_GLOBAL, BIGBIRD_RANDOM_BLOCKS, BIGBIRD_BLOCK = 256, 256, 3, 128
 
 

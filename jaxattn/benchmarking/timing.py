@@ -1,9 +1,13 @@
-"""GPU timing harness (../shared/PLATFORM.md, "GPU timing").
+"""How jaxattn times a call on a GPU (and, with a time budget, on CPU).
 
-* warm-up: two calls (compilation must already be done: pass a compiled function);
-* then at least 20 timed calls, each ended by ``jax.block_until_ready``; report the median;
-* inputs rotate between several copies when one set would stay resident in the 50 MB L2
-  of an H100 (a kernel reading the same warm tiles every call looks faster than it is).
+* compile first (pass a compiled function), so no compile lands in a timed call;
+* warm-up: two untimed calls (the first run of a program pays for autotuning, loading
+  and allocation);
+* then at least 20 timed calls, each ended by ``jax.block_until_ready`` (JAX dispatches
+  asynchronously: without it the clock measures the dispatch, not the kernel); report
+  the median, which one slow call (a clock boost, another process) does not move;
+* inputs rotate between several copies when one set would stay resident in the ~50 MB
+  L2 of an H100 (a kernel reading the same warm tiles every call looks faster than it is).
 
 The same harness runs on CPU for `jaxattn compare`, where a per-measurement time budget
 may stop the repeats early (never below ``min_repeats``); the count is recorded.
