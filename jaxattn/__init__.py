@@ -15,13 +15,16 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:  # what static tools see; at run time these load lazily
     from jaxattn import layers, masks
     from jaxattn.api import available_implementations, dot_product_attention
+    from jaxattn.decode import decode_attention
     from jaxattn.parallel import ring_attention
 
-__all__ = ["dot_product_attention", "available_implementations", "masks", "ring_attention", "layers"]
+__all__ = ["dot_product_attention", "decode_attention", "available_implementations", "masks",
+           "ring_attention", "layers"]
 
 # public name -> (module, attribute in it; None = the module itself)
 _LAZY = {
     "dot_product_attention": ("jaxattn.api", "dot_product_attention"),
+    "decode_attention": ("jaxattn.decode", "decode_attention"),
     "available_implementations": ("jaxattn.api", "available_implementations"),
     "ring_attention": ("jaxattn.parallel", "ring_attention"),
     "masks": ("jaxattn.masks", None),

@@ -28,17 +28,21 @@ def _shape_error(what: str, expected: str, got, fix: str):
     return ValueError(f"{what}: expected {expected}, got {got}. {fix}")
 
 
+def check_float_array(name: str, x, layout: str = "BTNH layout ([batch, length, heads, head_dim])"):
+    """x must be a 4-D floating array (`layout` names its axes in the message)."""
+    if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+        raise ValueError(f"{name}: expected an array, got {type(x).__name__}. Pass a jax or numpy array.")
+    if x.ndim != 4:
+        raise _shape_error(f"{name} rank", f"4 dims in {layout}", f"shape {tuple(x.shape)}",
+                           "Add the missing axes, e.g. x[None] for batch or x[:, :, None] for one head.")
+    if jnp.dtype(x.dtype) not in [jnp.dtype(d) for d in _FLOAT_DTYPES]:
+        raise ValueError(f"{name}: expected a floating dtype (bfloat16, float16, float32, float64), "
+                         f"got {x.dtype}. Cast with x.astype(jnp.bfloat16).")
+
+
 def validate_inputs(query, key, value, bias, *, scale, logits_soft_cap):
     for name, x in (("query", query), ("key", key), ("value", value)):
-        if not hasattr(x, "shape") or not hasattr(x, "dtype"):
-            raise ValueError(f"{name}: expected an array, got {type(x).__name__}. Pass a jax or numpy array.")
-        if x.ndim != 4:
-            raise _shape_error(f"{name} rank", "4 dims in BTNH layout ([batch, length, heads, head_dim])",
-                               f"shape {tuple(x.shape)}",
-                               "Add the missing axes, e.g. x[None] for batch or x[:, :, None] for one head.")
-        if jnp.dtype(x.dtype) not in [jnp.dtype(d) for d in _FLOAT_DTYPES]:
-            raise ValueError(f"{name}: expected a floating dtype (bfloat16, float16, float32, float64), "
-                             f"got {x.dtype}. Cast with x.astype(jnp.bfloat16).")
+        check_float_array(name, x)
     b, t, n, h = query.shape
     bk, s, k, hk = key.shape
     # Zero-size dims used to fail deep inside (numpy "zero-size array to reduction",
@@ -69,6 +73,11 @@ def validate_inputs(query, key, value, bias, *, scale, logits_soft_cap):
         if any(d not in (1, want) for d, want in zip(full, (b, n, t, s))):
             raise _shape_error("bias shape", f"broadcastable to [B, N, T, S] = [{b}, {n}, {t}, {s}]",
                                tuple(bias.shape), "Use size-1 dims to broadcast.")
+    check_scale_and_cap(scale, logits_soft_cap)
+
+
+def check_scale_and_cap(scale, logits_soft_cap):
+    """scale: None or a finite number; logits_soft_cap: None or a positive finite number."""
     if scale is not None and (not isinstance(scale, (int, float, np.floating, np.integer))
                               or isinstance(scale, bool) or not math.isfinite(scale)):
         raise ValueError(f"scale: expected a finite Python float or None, got {scale!r}. "

@@ -1,0 +1,306 @@
+"""jaxattn.decode_attention: attention of the newest tokens over a KV cache.
+
+Shape legend: B batch, Tq new tokens per row, N query heads, K key/value heads (N a
+multiple of K), H head dim; S_max the slots of a contiguous cache; a paged cache holds
+num_pages pages of page_size slots and row b's pages are listed, in order, in
+page_table[b] (its capacity is max_pages · page_size slots).
+
+Semantics (the reference below is the definition): the query's Tq tokens sit at absolute
+positions lengths[b] - Tq ... lengths[b] - 1 of row b. Query t may attend key j when
+
+    j < lengths[b]   and   j <= lengths[b] - Tq + t   and   mask(lengths[b] - Tq + t, j)
+
+i.e. decoding returns the last Tq rows of causal attention over the valid prefix, with
+any jaxattn Mask evaluated at absolute positions (LocalMask(w - 1, 0) is a sliding window
+of w keys). Slots at or past lengths[b] are never read into a result, whatever they hold
+(NaN, Inf, another sequence's data); a row with lengths[b] = 0 (or a query position < 0)
+returns zeros, with lse -inf. Masks that carry arrays are indexed at absolute positions:
+SegmentMask ids are [B, capacity] on both sides, a DenseMask is [.., capacity, capacity].
+
+Dispatch follows jaxattn.api: ValueError for bad input, NotImplementedError when an
+implementation cannot serve a valid request (implementation=None then falls back, ending
+at the reference).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxattn.api import _shape_error, check_float_array, check_scale_and_cap
+from jaxattn.masks import AndMask, CausalMask, DenseMask, FullMask, LocalMask, Mask, canonical_mask
+from jaxattn.reference import reference_attention
+from pallas_kernels.decode_static import DecodeStatic, KeyBounds
+
+__all__ = ["decode_attention", "reference_decode", "key_bounds", "decode_implementations"]
+
+_CONTIGUOUS = "contiguous cache [B, S_max, K, H]"
+_PAGED = "paged cache [num_pages, page_size, K, H]"
+
+
+# ---------------------------------------------------------------------------------
+# The definition
+# ---------------------------------------------------------------------------------
+def _operand_rows(op, q_pos, kv_len: int, batch: int):
+    """A mask operand as mask.evaluate sees it at query positions q_pos [B, Tq] and keys
+    0..kv_len-1: broadcastable to [B, Hm, Tq, kv_len] (rows gathered, never the whole
+    [capacity, capacity] matrix of a block layout)."""
+    a = jnp.asarray(op.array)
+    rows = jnp.maximum(q_pos, 0)   # rows < 0 attend to nothing (causality) anyway
+    if op.kind == "kv":
+        return a[:, None, None, :kv_len]
+    if op.kind == "q":
+        a = jnp.broadcast_to(a, (batch, a.shape[1]))
+        return jnp.take_along_axis(a, jnp.minimum(rows, a.shape[1] - 1), axis=1)[:, None, :, None]
+    if op.kind == "block":
+        rows = rows // op.layout_block[0]
+    if a.shape[2] > 1:
+        a = jnp.broadcast_to(a, (batch, *a.shape[1:]))
+        index = jnp.broadcast_to(jnp.minimum(rows, a.shape[2] - 1)[:, None, :, None],
+                                 (batch, a.shape[1], rows.shape[1], a.shape[3]))
+        a = jnp.take_along_axis(a, index, axis=2)
+    if op.kind == "block":
+        a = jnp.repeat(a, op.layout_block[1], axis=3)[..., :kv_len]
+    return a
+
+
+@functools.partial(jax.jit, static_argnames=("scale", "logits_soft_cap", "return_residuals"))
+def reference_decode(query, key_cache, value_cache, lengths, page_table, mask: Mask, *,
+                     scale: float, logits_soft_cap: float | None = None,
+                     return_residuals: bool = False):
+    """The dense oracle (inputs validated by decode_attention; `mask` canonical): gathers
+    the pages into a contiguous [B, capacity, K, H] copy, zeroes every slot at or past
+    lengths[b] (so NaN there cannot leak through 0 · NaN), and takes the reference
+    attention of the Tq new tokens with causality, lengths and the mask as one bool mask."""
+    b, tq = query.shape[:2]
+    if page_table is not None:
+        pages = jnp.clip(page_table, 0, key_cache.shape[0] - 1)
+        key_cache, value_cache = (x[pages].reshape(b, -1, *x.shape[2:]) for x in (key_cache, value_cache))
+    s = key_cache.shape[1]
+    kv_pos = jnp.arange(s, dtype=jnp.int32)
+    written = kv_pos[None, :] < lengths[:, None]                           # [B, S]
+    key_cache, value_cache = (jnp.where(written[:, :, None, None], x, 0) for x in (key_cache, value_cache))
+    q_pos = lengths[:, None] - tq + jnp.arange(tq, dtype=jnp.int32)[None, :]   # [B, Tq]
+    allowed = (kv_pos[None, None, :] <= q_pos[:, :, None]) & written[:, None, :]
+    allowed = allowed[:, None]                                             # [B, 1, Tq, S]
+    if not isinstance(mask, FullMask):
+        values = tuple(_operand_rows(o, q_pos, s, b) for o in mask.operands())
+        allowed = allowed & mask.evaluate(q_pos[:, None, :, None], kv_pos[None, None, None, :], values)
+    return reference_attention(query, key_cache, value_cache, None, DenseMask(allowed), scale=scale,
+                               logits_soft_cap=logits_soft_cap, return_residuals=return_residuals)
+
+
+def key_bounds(mask: Mask) -> KeyBounds:
+    """Affine bounds on the keys a query at position p may see (pallas_kernels.decode_static).
+
+    Causal and local parts of an AND give exact bounds; any other part (strided, global,
+    an OR, array masks) leaves the bounds of the others in place but makes them a
+    superset, so kernels evaluate the mask in every tile they visit."""
+    parts = mask.parts if isinstance(mask, AndMask) else (mask,)
+    lower, upper, exact = [], [], True
+    for p in parts:
+        if isinstance(p, FullMask):
+            continue
+        if isinstance(p, CausalMask):
+            upper.append(p.offset)
+        elif isinstance(p, LocalMask):
+            if p.left is not None:
+                lower.append(p.offset - p.left)
+            if p.right is not None:
+                upper.append(p.offset + p.right)
+        else:
+            exact = False
+    upper = [c for c in upper if c < 0]   # decoding is causal: hi(p) <= p already
+    return KeyBounds(lower_offsets=(max(lower),) if lower else (),
+                     upper_offsets=(min(upper),) if upper else (), exact=exact)
+
+
+# ---------------------------------------------------------------------------------
+# Implementations: fn(query, key_cache, value_cache, lengths, page_table, mask, *, scale,
+# logits_soft_cap, num_splits, return_residuals)
+# ---------------------------------------------------------------------------------
+def _reference_impl(query, key_cache, value_cache, lengths, page_table, mask, *, scale,
+                    logits_soft_cap, num_splits, return_residuals):
+    del num_splits   # one dense pass
+    return reference_decode(query, key_cache, value_cache, lengths, page_table, mask, scale=scale,
+                            logits_soft_cap=logits_soft_cap, return_residuals=return_residuals)
+
+
+@dataclasses.dataclass(frozen=True)
+class _MaskFn:
+    """mask.evaluate as a kernel's mask_fn, equal for equal masks (a bound method is
+    equal only for the same mask object, which would recompile per call)."""
+    mask: Mask
+
+    def __call__(self, q_pos, kv_pos, operand_values=()):
+        return self.mask.evaluate(q_pos, kv_pos, operand_values)
+
+
+def _decode_kernel_module():
+    """The one place that names a decode kernel backend (the backend registry replaces it)."""
+    from pallas_kernels.triton import decode as triton_decode
+    return triton_decode
+
+
+def _pallas_triton_impl(query, key_cache, value_cache, lengths, page_table, mask, *, scale,
+                        logits_soft_cap, num_splits, return_residuals, config=None, interpret=None):
+    if interpret is None:
+        interpret = jax.default_backend() != "gpu"
+    if not interpret and jax.default_backend() != "gpu":
+        raise NotImplementedError("pallas_triton decoding needs a CUDA GPU (or interpret=True)")
+    if mask.operands():
+        raise NotImplementedError(f"the decode kernel evaluates masks without arrays only, got {mask!r}; "
+                                  "masks holding ids or layouts run on implementation='reference'")
+    static = DecodeStatic(scale=scale, logits_soft_cap=logits_soft_cap,
+                          mask_fn=None if isinstance(mask, FullMask) else _MaskFn(mask),
+                          bounds=key_bounds(mask), num_splits=num_splits, config=config,
+                          interpret=bool(interpret))
+    return _kernel_jit(query, key_cache, value_cache, lengths, page_table, static=static,
+                       return_residuals=return_residuals)
+
+
+@functools.partial(jax.jit, static_argnames=("static", "return_residuals"))
+def _kernel_jit(query, key_cache, value_cache, lengths, page_table, *, static, return_residuals):
+    out, lse = _decode_kernel_module().decode(static, query, key_cache, value_cache, lengths, page_table)
+    return (out, lse) if return_residuals else out
+
+
+_IMPLEMENTATIONS = {"reference": _reference_impl, "pallas_triton": _pallas_triton_impl}
+
+
+def decode_implementations() -> tuple[str, ...]:
+    return tuple(_IMPLEMENTATIONS)
+
+
+def _default_order() -> tuple[str, ...]:
+    return ("pallas_triton", "reference") if jax.default_backend() == "gpu" else ("reference",)
+
+
+# ---------------------------------------------------------------------------------
+# Validation and the public entry point
+# ---------------------------------------------------------------------------------
+def _check_int_array(name: str, x, shape: tuple, meaning: str, fix: str):
+    if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+        raise ValueError(f"{name}: expected an int32 array {meaning}, got {type(x).__name__}. {fix}")
+    if not jnp.issubdtype(x.dtype, jnp.integer):
+        raise ValueError(f"{name}: expected int32 {meaning}, got dtype {x.dtype}. "
+                         f"Cast with {name}.astype(jnp.int32).")
+    if tuple(x.shape) != shape:
+        raise _shape_error(f"{name} shape", f"{list(shape)} {meaning}", tuple(x.shape), fix)
+    return jnp.asarray(x).astype(jnp.int32)
+
+
+def _validate(query, key_cache, value_cache, lengths, page_table, num_splits, scale, logits_soft_cap):
+    """Static checks; returns (lengths, page_table) as int32 and the cache capacity."""
+    check_float_array("query", query, "[B, Tq, N, H] layout ([batch, new tokens, heads, head_dim])")
+    layout = _PAGED if page_table is not None else _CONTIGUOUS
+    for name, x in (("key_cache", key_cache), ("value_cache", value_cache)):
+        check_float_array(name, x, f"the {layout} layout")
+    b, tq, n, h = query.shape
+    for name, x in (("query", query), ("key_cache", key_cache)):
+        if 0 in x.shape:
+            raise _shape_error(f"{name} shape", "every dimension >= 1", tuple(x.shape),
+                               "Skip the call when there is no new token or no cache.")
+    if value_cache.shape != key_cache.shape:
+        raise _shape_error("value_cache shape", f"key_cache's shape {tuple(key_cache.shape)}",
+                           tuple(value_cache.shape), "Allocate the key and value caches alike.")
+    if not (query.dtype == key_cache.dtype == value_cache.dtype):
+        raise ValueError(f"dtypes: expected query, key_cache and value_cache of one dtype, got "
+                         f"{query.dtype}, {key_cache.dtype}, {value_cache.dtype}. Cast them to one dtype.")
+    k, hk = key_cache.shape[2:]
+    if hk != h:
+        raise _shape_error("key_cache head dim", f"query's head dim {h}", hk,
+                           "Project queries and keys to the same head dim H.")
+    if n % k:
+        raise _shape_error("head counts", "query heads N a multiple of the cache's key/value heads K "
+                           "(GQA/MQA)", f"N={n}, K={k}", "Use K dividing N, e.g. K=1 (MQA) or K=N (MHA).")
+    if page_table is None:
+        if key_cache.shape[0] != b:
+            raise _shape_error("key_cache batch", f"query's batch size {b} for a {_CONTIGUOUS}",
+                               f"{key_cache.shape[0]} (shape {tuple(key_cache.shape)})",
+                               "Give one cache row per sequence, or pass page_table=[B, max_pages] "
+                               f"if this is a {_PAGED}.")
+        capacity = key_cache.shape[1]
+    else:
+        if not hasattr(page_table, "ndim") or page_table.ndim != 2:
+            raise _shape_error("page_table", "int32 [B, max_pages] (row b's page numbers, in order)",
+                               getattr(page_table, "shape", type(page_table).__name__),
+                               f"Pass page_table=None for a {_CONTIGUOUS}.")
+        page_table = _check_int_array("page_table", page_table, (b, page_table.shape[1]),
+                                      "[B, max_pages] (row b's page numbers)",
+                                      "Give one row of page numbers per sequence.")
+        capacity = page_table.shape[1] * key_cache.shape[1]
+    if tq > capacity:
+        raise _shape_error("query length", f"Tq <= the cache capacity {capacity}", f"Tq={tq}",
+                           "Grow the cache (more slots or pages), or run a long prompt through "
+                           "dot_product_attention.")
+    lengths = _check_int_array("lengths", lengths, (b,), "[B] (valid tokens per row, new ones included)",
+                               "Pass one length per sequence, e.g. jnp.full((B,), t, jnp.int32).")
+    if num_splits is not None and (isinstance(num_splits, bool) or not isinstance(num_splits, (int, np.integer))
+                                   or num_splits < 1):
+        raise ValueError(f"num_splits: expected None or a positive int, got {num_splits!r}. "
+                         "Leave it None to choose from the shapes.")
+    check_scale_and_cap(scale, logits_soft_cap)
+    return lengths, page_table, capacity
+
+
+def decode_attention(query, key_cache, value_cache, *, lengths, page_table=None, mask=None,
+                     scale=None, logits_soft_cap=None, num_splits=None, implementation=None,
+                     return_residuals=False):
+    """Attention of the Tq newest tokens of each sequence over its KV cache.
+
+    Args:
+      query: [B, Tq, N, H], the tokens at positions lengths[b] - Tq ... lengths[b] - 1
+        (Tq = 1 for plain decoding; Tq > 1 for speculative decoding or chunked prefill),
+        causal among themselves.
+      key_cache, value_cache: contiguous [B, S_max, K, H] (page_table None), or paged
+        [num_pages, page_size, K, H] with `page_table`.
+      lengths: int32 [B] (may be traced): tokens valid in row b, the new ones included.
+      page_table: None, or int32 [B, max_pages]: row b's pages in order. Entries of pages
+        past a row's length are never followed.
+      mask: None, a `jaxattn.masks.Mask` or a bool array, evaluated at absolute positions
+        (see the module docstring); causality is always applied.
+      scale: multiplies q·k; default 1/sqrt(H). logits_soft_cap: c·tanh(logits / c).
+      num_splits: programs sharing one sequence's keys in the kernels (None: from shapes).
+      implementation: None (best available), "reference" or "pallas_triton".
+      return_residuals: also return lse [B, N, Tq] (float32, natural log, -inf for a row
+        with no key).
+
+    Returns:
+      [B, Tq, N, H] in the query's dtype (and lse with return_residuals).
+    """
+    if implementation is not None and implementation not in _IMPLEMENTATIONS:
+        raise ValueError(f"implementation: expected None or one of {sorted(_IMPLEMENTATIONS)}, "
+                         f"got {implementation!r}. Leave it None to pick the best available.")
+    if not isinstance(return_residuals, (bool, np.bool_)):
+        raise ValueError(f"return_residuals: expected a bool, got {return_residuals!r}. "
+                         "Pass True to also get the lse [B, N, Tq].")
+    lengths, page_table, capacity = _validate(query, key_cache, value_cache, lengths, page_table,
+                                              num_splits, scale, logits_soft_cap)
+    if mask is not None and not isinstance(mask, Mask) and not hasattr(mask, "dtype"):
+        raise ValueError(f"mask: expected None, a jaxattn.masks.Mask or a bool array, got "
+                         f"{type(mask).__name__}. Build one with jaxattn.masks.")
+    canonical = canonical_mask(mask)
+    b, _, n, h = query.shape
+    canonical.validate(capacity, capacity, b, n)   # positions are absolute: capacity × capacity
+    scale = float(1.0 / math.sqrt(h)) if scale is None else float(scale)
+    cap = None if logits_soft_cap is None else float(logits_soft_cap)
+    splits = None if num_splits is None else int(num_splits)
+
+    order = (implementation,) if implementation is not None else _default_order()
+    reasons = []
+    for name in order:
+        try:
+            return _IMPLEMENTATIONS[name](query, key_cache, value_cache, lengths, page_table, canonical,
+                                          scale=scale, logits_soft_cap=cap, num_splits=splits,
+                                          return_residuals=bool(return_residuals))
+        except NotImplementedError as e:
+            if implementation is not None:
+                raise
+            reasons.append(f"{name}: {e}")
+    raise NotImplementedError("no implementation could serve this request: " + "; ".join(reasons))

@@ -1,0 +1,87 @@
+"""What every decode kernel is told about one call (backend-neutral, hashable).
+
+Decode attention (KV-cache decoding): the query holds the Tq newest tokens of each
+sequence, at absolute positions lengths[b] - Tq ... lengths[b] - 1; key j of row b may be
+attended when j < lengths[b], j <= the query's position (causal among the new tokens),
+and the mask allows the pair. A kernel never sees a Mask object, only:
+
+* ``mask_fn(q_pos, kv_pos, ()) -> bool``: the mask at absolute positions, evaluated in
+  the tiles that need it (None: no mask beyond causality and lengths);
+* :class:`KeyBounds`: affine bounds on the keys a query at position p may see, so that a
+  kernel loops only over the cache tiles inside them (a sliding window of w keys over a
+  long cache reads ~w keys, never the whole cache).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+
+@dataclasses.dataclass(frozen=True)
+class KeyBounds:
+    """Keys a query at position p may attend lie in [lo(p), hi(p)] (inclusive) with
+
+        lo(p) = max(0, p + c for c in lower_offsets)
+        hi(p) = min(p, p + c for c in upper_offsets)        (p: causal decoding)
+
+    Both are non-decreasing in p. ``exact``: every key in the interval is allowed (the
+    mask is an AND of causal and local masks), so tiles wholly inside the intervals of
+    all query rows need no mask work; otherwise the interval is only a superset and the
+    mask is evaluated in every tile.
+    """
+
+    lower_offsets: tuple[int, ...] = ()
+    upper_offsets: tuple[int, ...] = ()
+    exact: bool = True
+
+    def lower(self, p):
+        lo = p * 0   # 0, in p's type (a Python int or a traced int32)
+        for c in self.lower_offsets:
+            lo = _maximum(lo, p + c)
+        return lo
+
+    def upper(self, p):
+        hi = p
+        for c in self.upper_offsets:
+            hi = _minimum(hi, p + c)
+        return hi
+
+    def span(self, q_len: int) -> int | None:
+        """Most keys the q_len rows of one sequence can see together (None: unbounded)."""
+        if not self.lower_offsets:
+            return None
+        return q_len - max(self.lower_offsets)
+
+
+def _maximum(a, b):
+    return max(a, b) if isinstance(a, int) and isinstance(b, int) else _jnp().maximum(a, b)
+
+
+def _minimum(a, b):
+    return min(a, b) if isinstance(a, int) and isinstance(b, int) else _jnp().minimum(a, b)
+
+
+def _jnp():
+    import jax.numpy as jnp
+    return jnp
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeStatic:
+    """Everything static about one decode call (part of the jit key).
+
+    scale: multiplies q·k. logits_soft_cap: c for c·tanh(logits / c), or None.
+    mask_fn: see the module docstring. bounds: KeyBounds of the mask AND causality.
+    num_splits: programs that share one sequence's keys (None: chosen from the shapes).
+    config: backend config, or None for the backend's default. interpret: Pallas
+    interpret mode (CPU).
+    """
+
+    scale: float
+    logits_soft_cap: float | None
+    mask_fn: Callable | None
+    bounds: KeyBounds
+    num_splits: int | None
+    config: Any
+    interpret: bool

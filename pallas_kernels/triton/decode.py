@@ -1,0 +1,312 @@
+"""Flash-decoding kernel (Pallas, Triton lowering; Pallas interpret mode on CPU).
+
+The backend protocol's optional ``decode`` entry:
+
+    decode(static: DecodeStatic, q, k_cache, v_cache, lengths, page_table=None)
+        -> (out [B, Tq, N, H] in q's dtype, lse [B, N, Tq] float32 natural log)
+
+    q           [B, Tq, N, H]: the Tq newest tokens, at positions lengths[b] - Tq + t
+    k/v_cache   [B, S_max, K, H] (page_table None) or [num_pages, page_size, K, H]
+    lengths     int32 [B]: keys valid in row b (traced)
+    page_table  None or int32 [B, max_pages]: the pages of row b, in order
+    static      pallas_kernels.decode_static.DecodeStatic (scale, soft cap, mask_fn,
+                KeyBounds, num_splits, config or None, interpret)
+
+Raises NotImplementedError for valid requests it cannot serve (a page size that is not a
+power of two, more than MAX_ROWS query rows per KV head); the caller falls back.
+
+Algorithm (flash-decoding). One program per (batch row b, KV head h, split s):
+
+1. GQA packed into the matrix rows: the G = N / K query heads that share KV head h,
+   times the Tq new tokens, are one [Tq·G, H] query tile (row r = t·G + g, padded to a
+   power of two >= 16 for the tensor cores), so every K/V tile is loaded once for the
+   whole group — no K/V copies per query head.
+2. Trip counts from lengths: the keys row b can see are [lo, hi] with lo from the mask's
+   KeyBounds (a sliding window) and hi = min(lengths[b] - 1, ...). Only the tiles of
+   block_kv keys covering [lo, hi] are visited; tiles past lengths[b] or left of a window
+   are never loaded. This range is split evenly over the `num_splits` programs of the row
+   (the split count comes from the shapes so that B·K·splits programs fill the GPU).
+3. Each program runs the online softmax of FlashAttention-2 over its tiles. Tiles that
+   every row may see entirely (interior of causal/local masks) take the fast path with
+   no mask work; the others (first and last tiles, any other mask) evaluate causality,
+   lengths and the mask with selects, and zero the V rows of keys nobody may see, so
+   NaN or Inf in unwritten slots never reaches a result (0 · NaN would).
+4. Paged caches: the tile's page numbers are read from the page table inside the kernel
+   and the K/V rows gathered from those pages directly (several pages per tile when the
+   page is smaller than the tile) — no contiguous copy. Page-table entries of pages past
+   the needed range are never followed.
+5. With one split the program writes the normalised output. With several, each writes
+   its normalised partial output and lse, and `_merge_splits` combines them exactly:
+   lse = log Σ_s exp(lse_s), out = Σ_s exp(lse_s - lse) · out_s.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from pallas_kernels.decode_static import DecodeStatic
+from pallas_kernels.triton.common import (LN2, LOG2E, MASK_VALUE, acc_dtype, dot_nt,
+                                          online_softmax_step, pad_axis, padded_head_dim,
+                                          scaled_logits)
+
+# Query rows (Tq · N / K) one program holds; longer chunks belong to prefill kernels.
+MAX_ROWS = 128
+MIN_ROWS = 16          # tensor-core dots need >= 16 rows
+
+
+def _is_pow2(x: int) -> bool:
+    return x > 0 and (x & (x - 1)) == 0
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeConfig:
+    """block_kv: keys per tile (a power of two >= 16); warps and pipeline stages of Triton.
+
+    Defaults not yet measured on a GPU: block_kv 64 and 3 stages follow the forward
+    kernel's tuned H100 values (pallas_kernels/triton/config.py);
+    benchmarks/decode_bench.py --tune times the alternatives."""
+
+    block_kv: int = 64
+    num_warps: int = 4
+    num_stages: int = 3
+
+    def __post_init__(self):
+        if not _is_pow2(self.block_kv) or self.block_kv < 16:
+            raise ValueError(f"DecodeConfig.block_kv={self.block_kv} must be a power of two >= 16.")
+        if self.num_warps not in (1, 2, 4, 8, 16):
+            raise ValueError(f"DecodeConfig.num_warps={self.num_warps} must be one of 1, 2, 4, 8, 16.")
+        if self.num_stages < 1:
+            raise ValueError(f"DecodeConfig.num_stages={self.num_stages} must be >= 1.")
+
+
+def default_decode_config(rows: int, *, interpret: bool) -> DecodeConfig:
+    """Small tiles in interpret mode (cheap emulated grid, multi-tile logic exercised on
+    small test caches); 8 warps once the packed query tile is large (MQA, Tq > 1)."""
+    if interpret:
+        return DecodeConfig(block_kv=16, num_warps=4, num_stages=1)
+    return DecodeConfig(block_kv=64, num_warps=4 if rows <= 64 else 8, num_stages=3)
+
+
+def num_cores(interpret: bool) -> int:
+    """Streaming multiprocessors to fill (a small pretend count in interpret mode)."""
+    if interpret:
+        return 4
+    try:
+        return int(getattr(jax.devices()[0], "core_count", 0)) or 132
+    except Exception:  # noqa: BLE001 - no device information
+        return 132
+
+
+def default_num_splits(batch: int, kv_heads: int, kv_tiles: int, *, cores: int,
+                       min_tiles_per_split: int = 4) -> int:
+    """Splits per (row, KV head) so that B·K·splits programs make about two waves on
+    `cores` SMs, each split keeping at least `min_tiles_per_split` tiles of keys."""
+    want = -(-2 * cores // (batch * kv_heads))
+    return max(1, min(want, kv_tiles // min_tiles_per_split))
+
+
+def _div(x, d: int):
+    """x // d for non-negative int32 x (a truncating divide lowers everywhere)."""
+    return jax.lax.div(x, jnp.int32(d))
+
+
+def _decode_kernel(lengths_ref, q_ref, k_ref, v_ref, *refs, paged, tq, groups, rows,
+                   capacity, bk, page_size, pages_per_tile, num_pages, clamp_last, scale,
+                   cap, mask_fn, bounds, num_splits, acc):
+    table_ref, (o_ref, lse_ref) = (refs[0], refs[1:]) if paged else (None, refs)
+    rp = q_ref.shape[0]
+    b, split = pl.program_id(0), pl.program_id(2)
+    length = lengths_ref[b]
+    p_first, p_last = length - tq, length - 1     # positions of the first and last new token
+    limit = jnp.minimum(length, capacity)          # keys [0, limit) exist and were written
+
+    # Keys any row may see: [lo, hi]; their tiles [first, end) are this row's whole work.
+    lo = jnp.maximum(bounds.lower(p_first), 0)
+    hi = jnp.minimum(bounds.upper(p_last), limit - 1)
+    first = _div(lo, bk)
+    end = jnp.where(hi >= lo, _div(jnp.maximum(hi, 0), bk) + 1, first)
+    # This program's share: an even slice of [first, end).
+    chunk = _div(end - first + (num_splits - 1), num_splits)
+    a = first + split * chunk
+    z = jnp.minimum(end, a + chunk)
+    # Clean tiles [cf, ce): every key seen by every row (no mask work). Only exact bounds
+    # (causal/local masks) know them; otherwise every tile is evaluated.
+    if bounds.exact:
+        cf = _div(jnp.maximum(bounds.lower(p_last), 0) + (bk - 1), bk)
+        clean_hi = jnp.minimum(bounds.upper(p_first), limit - 1)
+        ce = jnp.maximum(_div(jnp.maximum(clean_hi + 1, 0), bk), cf)
+    else:
+        cf = ce = jnp.int32(0)
+
+    q = q_ref[...]                                                  # [rp, hp], on chip
+    r = jax.lax.broadcasted_iota(jnp.int32, (rp, 1), 0)
+    q_pos = p_first + _div(r, groups)                               # row r = t·G + g
+    row_ok = r < rows                                               # padding rows
+
+    def tile(t):
+        """(indexer of tile t's keys in the K/V refs, absolute position of its first row)."""
+        kv_start = t * bk
+        if not paged:
+            start = jnp.minimum(kv_start, capacity - bk) if clamp_last else kv_start
+            return (pl.ds(start, bk), slice(None)), start
+        slot = _div(kv_start, page_size)
+        first_page = jnp.clip(table_ref[slot], 0, num_pages - 1)
+        if pages_per_tile == 1:   # the tile lies inside one page
+            return (first_page, pl.ds(jax.lax.rem(kv_start, jnp.int32(page_size)), bk),
+                    slice(None)), kv_start
+        # Several pages per tile: pages holding no key <= hi are replaced by the tile's
+        # first page (always needed), so their table entries are never followed.
+        pages = table_ref[pl.ds(slot, pages_per_tile)]
+        page_start = kv_start + page_size * jax.lax.iota(jnp.int32, pages_per_tile)
+        pages = jnp.where(page_start <= hi, jnp.clip(pages, 0, num_pages - 1), first_page)
+        return (pages,), kv_start
+
+    def load(ref, index):
+        x = ref[index]
+        return x.reshape(bk, x.shape[-1]) if paged and pages_per_tile > 1 else x
+
+    def visit(t, carry, masked):
+        m_i, l_i, o_acc = carry
+        index, start = tile(t)
+        k = load(k_ref, index)                                      # [bk, hp]
+        logits2, _ = scaled_logits(dot_nt(q, k, acc), scale, cap, LOG2E)
+        if not masked:   # every pair allowed: FlashAttention-2's plain step
+            return online_softmax_step(logits2, m_i, l_i, o_acc, lambda: load(v_ref, index))
+        kv_start = t * bk
+        kv_pos = start + jax.lax.broadcasted_iota(jnp.int32, (1, bk), 1)
+        keep = row_ok & (kv_pos >= kv_start) & (kv_pos < limit) & (kv_pos <= q_pos)
+        if mask_fn is not None:
+            keep = keep & mask_fn(q_pos, kv_pos, ())
+        keep = jnp.broadcast_to(keep, (rp, bk))
+        # Keys no row may read (unwritten slots, the overlap of a clamped last tile) get
+        # V = 0: their p is 0 already, but 0 · NaN would still be NaN.
+        kv_col = start + jax.lax.broadcasted_iota(jnp.int32, (bk, 1), 0)
+        col_ok = (kv_col >= kv_start) & (kv_col < limit)
+        return online_softmax_step(logits2, m_i, l_i, o_acc,
+                                   lambda: jnp.where(col_ok, load(v_ref, index), 0), keep)
+
+    carry = (jnp.full((rp,), MASK_VALUE, acc), jnp.zeros((rp,), acc),
+             jnp.zeros((rp, q.shape[-1]), acc))
+    masked = functools.partial(visit, masked=True)
+    carry = jax.lax.fori_loop(a, jnp.minimum(z, cf), masked, carry)              # window edge
+    carry = jax.lax.fori_loop(jnp.maximum(a, cf), jnp.minimum(z, ce),
+                              functools.partial(visit, masked=False), carry)     # interior
+    carry = jax.lax.fori_loop(jnp.maximum(a, ce), z, masked, carry)              # newest keys
+    m_i, l_i, o_acc = carry
+
+    # Epilogue: O = acc / l; a row that saw no allowed key returns 0 with lse = -inf.
+    nonempty = l_i > 0
+    l_safe = jnp.where(nonempty, l_i, 1.0)
+    o_ref[...] = (o_acc / l_safe[:, None]).astype(o_ref.dtype)
+    lse_ref[...] = jnp.where(nonempty, (m_i + jnp.log2(l_safe)) * LN2, -jnp.inf).astype(lse_ref.dtype)
+
+
+def _merge_splits(out_s, lse_s):
+    """Exact log-sum-exp merge over the split axis (2): out_s [B, K, S, R, H] (each
+    normalised by its own sum), lse_s [B, K, S, R] (-inf where a split saw no key)."""
+    m = jnp.max(lse_s, axis=2, keepdims=True)
+    m = jnp.where(jnp.isfinite(m), m, 0.0)
+    w = jnp.exp(lse_s - m)                                         # 0 for empty splits
+    total = jnp.sum(w, axis=2)
+    nonempty = total > 0
+    out = jnp.sum(w[..., None] * out_s, axis=2) / jnp.where(nonempty, total, 1.0)[..., None]
+    lse = jnp.where(nonempty, m[:, :, 0] + jnp.log(jnp.where(nonempty, total, 1.0)), -jnp.inf)
+    return out, lse
+
+
+def decode(static: DecodeStatic, q, k_cache, v_cache, lengths, page_table=None):
+    """See the module docstring. Inputs are validated by the caller (jaxattn.decode)."""
+    b, tq, n, h = q.shape
+    kh = k_cache.shape[2]
+    groups = n // kh
+    rows = tq * groups
+    if rows > MAX_ROWS:
+        raise NotImplementedError(
+            f"decode kernel holds at most {MAX_ROWS} query rows per KV head, got Tq·N/K = "
+            f"{tq}·{groups} = {rows}; run long chunks (prefill) through dot_product_attention")
+    paged = page_table is not None
+    rp = max(MIN_ROWS, pl.next_power_of_2(rows))
+    hp = padded_head_dim(h)
+    acc = acc_dtype(q.dtype)
+    cfg = static.config or default_decode_config(rp, interpret=static.interpret)
+    bk = cfg.block_kv
+    page_size = pages_per_tile = num_pages = 1
+    clamp_last = False
+    if paged:
+        num_pages, page_size = k_cache.shape[:2]
+        if not _is_pow2(page_size):
+            raise NotImplementedError(f"decode kernel needs a power-of-two page size, got {page_size}")
+        pages_per_tile = max(1, bk // page_size)
+        # Whole tiles of page-table entries (the extra entries point at page 0, masked).
+        table = pad_axis(page_table.astype(jnp.int32), 1,
+                         -(-page_table.shape[1] // pages_per_tile) * pages_per_tile)
+        capacity = page_table.shape[1] * page_size
+    else:
+        capacity = k_cache.shape[1]
+        if capacity < MIN_ROWS:   # a tiny cache: padding it costs nothing
+            k_cache, v_cache = (pad_axis(x, 1, MIN_ROWS) for x in (k_cache, v_cache))
+        bk = min(bk, 1 << (max(capacity, MIN_ROWS).bit_length() - 1))
+        clamp_last = capacity % bk != 0   # the last tile is read from capacity - bk
+    if hp != h:   # Triton tiles are powers of two; this pads (copies) the cache
+        k_cache, v_cache = (pad_axis(x, 3, hp) for x in (k_cache, v_cache))
+
+    span = static.bounds.span(tq)
+    kv_tiles = -(-min(capacity, span if span is not None else capacity) // bk)
+    splits = static.num_splits or default_num_splits(
+        b, kh, kv_tiles, cores=num_cores(static.interpret))
+    splits = max(1, min(splits, -(-capacity // bk)))
+
+    # [B, Tq, K·G, H] -> [B, K, Tq·G, H]: the G heads of KV head h and the Tq tokens as rows.
+    qp = q.reshape(b, tq, kh, groups, h).transpose(0, 2, 1, 3, 4).reshape(b, kh, rows, h)
+    qp = pad_axis(pad_axis(qp, 2, rp), 3, hp)
+
+    if paged:
+        cache_spec = pl.BlockSpec((num_pages, page_size, None, hp), lambda i, j, s: (0, 0, j, 0))
+        extra_specs = [pl.BlockSpec((None, table.shape[1]), lambda i, j, s: (i, 0))]
+        extra = [table]
+    else:
+        cache_spec = pl.BlockSpec((None, k_cache.shape[1], None, hp), lambda i, j, s: (i, 0, j, 0))
+        extra_specs, extra = [], []
+    in_specs = [pl.BlockSpec((b,), lambda i, j, s: (0,)),
+                pl.BlockSpec((None, None, rp, hp), lambda i, j, s: (i, j, 0, 0)),
+                cache_spec, cache_spec, *extra_specs]
+    if splits == 1:
+        out_shape = [jax.ShapeDtypeStruct((b, kh, rp, hp), q.dtype),
+                     jax.ShapeDtypeStruct((b, kh, rp), acc)]
+        out_specs = [pl.BlockSpec((None, None, rp, hp), lambda i, j, s: (i, j, 0, 0)),
+                     pl.BlockSpec((None, None, rp), lambda i, j, s: (i, j, 0))]
+    else:
+        out_shape = [jax.ShapeDtypeStruct((b, kh, splits, rp, hp), acc),
+                     jax.ShapeDtypeStruct((b, kh, splits, rp), acc)]
+        out_specs = [pl.BlockSpec((None, None, None, rp, hp), lambda i, j, s: (i, j, s, 0, 0)),
+                     pl.BlockSpec((None, None, None, rp), lambda i, j, s: (i, j, s, 0))]
+    kernel = functools.partial(
+        _decode_kernel, paged=paged, tq=tq, groups=groups, rows=rows, capacity=capacity,
+        bk=bk, page_size=page_size, pages_per_tile=pages_per_tile, num_pages=num_pages,
+        clamp_last=clamp_last, scale=static.scale, cap=static.logits_soft_cap,
+        mask_fn=static.mask_fn, bounds=static.bounds, num_splits=splits, acc=acc)
+    out, lse = pl.pallas_call(
+        kernel,
+        grid=(b, kh, splits),
+        in_specs=in_specs,
+        out_specs=out_specs,
+        out_shape=out_shape,
+        compiler_params=plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
+        interpret=static.interpret,
+        name="jaxattn_flash_decode",
+    )(lengths.astype(jnp.int32), qp, k_cache, v_cache, *extra)
+    if splits > 1:
+        out, lse = _merge_splits(out, lse)
+    # [B, K, Tq·G, H] -> [B, Tq, N, H]; lse [B, K, Tq·G] -> [B, N, Tq].
+    out = out[:, :, :rows, :h].reshape(b, kh, tq, groups, h).transpose(0, 2, 1, 3, 4)
+    lse = lse[:, :, :rows].reshape(b, kh, tq, groups).transpose(0, 1, 3, 2)
+    return out.reshape(b, tq, n, h).astype(q.dtype), lse.reshape(b, n, tq).astype(jnp.float32)
+
+
+__all__ = ["decode", "DecodeConfig", "default_decode_config", "default_num_splits", "MAX_ROWS"]
