@@ -74,8 +74,8 @@ def reference_decode(query, key_cache, value_cache, lengths, page_table, mask: M
                      scale: float, logits_soft_cap: float | None = None,
                      return_residuals: bool = False):
     """The dense oracle (inputs validated by decode_attention; `mask` canonical): gathers
-    the pages into a contiguous [B, capacity, K, H] copy, zeroes every slot at or past
-    lengths[b] (so NaN there cannot leak through 0 · NaN), and takes the reference
+    the pages into a contiguous [B, capacity, K, H] copy, zeroes every slot no query of the
+    row may see (so NaN there cannot leak through 0 · NaN), and takes the reference
     attention of the Tq new tokens with causality, lengths and the mask as one bool mask."""
     b, tq = query.shape[:2]
     if page_table is not None:
@@ -84,13 +84,16 @@ def reference_decode(query, key_cache, value_cache, lengths, page_table, mask: M
     s = key_cache.shape[1]
     kv_pos = jnp.arange(s, dtype=jnp.int32)
     written = kv_pos[None, :] < lengths[:, None]                           # [B, S]
-    key_cache, value_cache = (jnp.where(written[:, :, None, None], x, 0) for x in (key_cache, value_cache))
     q_pos = lengths[:, None] - tq + jnp.arange(tq, dtype=jnp.int32)[None, :]   # [B, Tq]
     allowed = (kv_pos[None, None, :] <= q_pos[:, :, None]) & written[:, None, :]
     allowed = allowed[:, None]                                             # [B, 1, Tq, S]
     if not isinstance(mask, FullMask):
         values = tuple(_operand_rows(o, q_pos, s, b) for o in mask.operands())
         allowed = allowed & mask.evaluate(q_pos[:, None, :, None], kv_pos[None, None, None, :], values)
+    # Slots no query of the row may see are zeroed, so NaN or Inf there (unwritten slots,
+    # keys outside a window) cannot leak through 0 · NaN.
+    seen = jnp.any(allowed, axis=(1, 2))[:, :, None, None]                 # [B, S, 1, 1]
+    key_cache, value_cache = (jnp.where(seen, x, 0) for x in (key_cache, value_cache))
     return reference_attention(query, key_cache, value_cache, None, DenseMask(allowed), scale=scale,
                                logits_soft_cap=logits_soft_cap, return_residuals=return_residuals)
 

@@ -29,8 +29,8 @@ Algorithm (flash-decoding). One program per (batch row b, KV head h, split s):
 3. Each program runs the online softmax of FlashAttention-2 over its tiles. Tiles that
    every row may see entirely (interior of causal/local masks) take the fast path with
    no mask work; the others (first and last tiles, any other mask) evaluate causality,
-   lengths and the mask with selects, and zero the V rows of keys nobody may see, so
-   NaN or Inf in unwritten slots never reaches a result (0 · NaN would).
+   lengths and the mask with selects, and zero the V rows of keys no row may see, so
+   NaN or Inf in unwritten or masked slots never reaches a result (0 · NaN would).
 4. Paged caches: the tile's page numbers are read from the page table inside the kernel
    and the K/V rows gathered from those pages directly (several pages per tile when the
    page is smaller than the tile) — no contiguous copy. Page-table entries of pages past
@@ -184,12 +184,11 @@ def _decode_kernel(lengths_ref, q_ref, k_ref, v_ref, *refs, paged, tq, groups, r
         if mask_fn is not None:
             keep = keep & mask_fn(q_pos, kv_pos, ())
         keep = jnp.broadcast_to(keep, (rp, bk))
-        # Keys no row may read (unwritten slots, the overlap of a clamped last tile) get
-        # V = 0: their p is 0 already, but 0 · NaN would still be NaN.
-        kv_col = start + jax.lax.broadcasted_iota(jnp.int32, (bk, 1), 0)
-        col_ok = (kv_col >= kv_start) & (kv_col < limit)
+        # Keys no row may see (unwritten slots, keys left of a window, the overlap of a
+        # clamped last tile) get V = 0: their p is 0 already, but 0 · NaN is still NaN.
+        seen = (jnp.max(jnp.where(keep, 1, 0), axis=0) > 0)[:, None]   # (Triton has no reduce_or)
         return online_softmax_step(logits2, m_i, l_i, o_acc,
-                                   lambda: jnp.where(col_ok, load(v_ref, index), 0), keep)
+                                   lambda: jnp.where(seen, load(v_ref, index), 0), keep)
 
     carry = (jnp.full((rp,), MASK_VALUE, acc), jnp.zeros((rp,), acc),
              jnp.zeros((rp, q.shape[-1]), acc))

@@ -1,0 +1,260 @@
+"""decode_attention: the reference against full causal attention, the Pallas-Triton
+decode kernel (interpret mode) against the reference, paged against contiguous caches,
+errors, and lowering of the kernel for an H100.
+
+Unwritten cache slots (at or past lengths[b]) and unused pages are filled with NaN in
+every kernel case, so agreement with the reference proves none of them leaks.
+Kernel compilations in interpret mode dominate the time: each case below is one.
+"""
+
+import numpy as np
+import pytest
+import jax
+import jax.numpy as jnp
+
+import jaxattn
+from jaxattn import masks as M
+from jaxattn.decode import _pallas_triton_impl, key_bounds
+from pallas_kernels.triton.decode import DecodeConfig, default_num_splits
+
+
+def _caches(b, s, k, h, lengths, *, seed=0, dtype=np.float32):
+    """Contiguous caches [B, S, K, H] (numpy) holding NaN at every slot >= lengths[b]."""
+    rng = np.random.default_rng(seed)
+    kc, vc = (rng.standard_normal((b, s, k, h)).astype(dtype) for _ in range(2))
+    unwritten = np.arange(s)[None, :] >= np.asarray(lengths)[:, None]
+    kc[unwritten], vc[unwritten] = np.nan, np.nan
+    return kc, vc
+
+
+def _query(b, tq, n, h, seed=1, dtype=np.float32):
+    return np.random.default_rng(seed).standard_normal((b, tq, n, h)).astype(dtype)
+
+
+def _to_paged(kc, vc, lengths, page_size, *, extra_pages=3, seed=2):
+    """Scatter contiguous caches into shuffled pages. Pages a row does not use, and the
+    spare pages, hold NaN; their page-table entries are garbage (out of range)."""
+    b, s, k, h = kc.shape
+    max_pages = -(-s // page_size)
+    num_pages = b * max_pages + extra_pages
+    order = np.random.default_rng(seed).permutation(num_pages)[: b * max_pages].reshape(b, max_pages)
+    pages_k = np.full((num_pages, page_size, k, h), np.nan, kc.dtype)
+    pages_v = pages_k.copy()
+    table = order.copy()
+    for row in range(b):
+        for slot in range(max_pages):
+            if slot * page_size < lengths[row]:
+                sl = slice(slot * page_size, (slot + 1) * page_size)
+                n_slots = len(range(s)[sl])
+                pages_k[order[row, slot], :n_slots] = kc[row, sl]
+                pages_v[order[row, slot], :n_slots] = vc[row, sl]
+            else:
+                table[row, slot] = [-7, 10**6][slot % 2]   # never followed
+    return pages_k, pages_v, table.astype(np.int32)
+
+
+def _decode(impl, q, kc, vc, lengths, **kw):
+    return jaxattn.decode_attention(q, kc, vc, lengths=np.asarray(lengths, np.int32),
+                                    implementation=impl, return_residuals=True, **kw)
+
+
+def _assert_close(got, want, atol=2e-5):
+    (go, gl), (wo, wl) = got, want
+    assert not np.isnan(np.asarray(go)).any()
+    np.testing.assert_allclose(go, wo, atol=atol, rtol=1e-5)
+    np.testing.assert_array_equal(np.isneginf(gl), np.isneginf(wl))
+    finite = np.isfinite(np.asarray(wl))
+    np.testing.assert_allclose(np.asarray(gl)[finite], np.asarray(wl)[finite], atol=atol, rtol=1e-5)
+
+
+# ------------------------------------------------------------------------------------
+# The reference is the definition: the last Tq rows of causal attention over the prefix.
+# ------------------------------------------------------------------------------------
+def _as_full_attention(q, lengths, s):
+    """Queries placed at their absolute positions of a length-s sequence: causal attention
+    over the whole cache then gives, at those rows, exactly what decoding must return
+    (causality keeps every key >= lengths[b] out)."""
+    b, tq = q.shape[:2]
+    qf = np.zeros((b, s, *q.shape[2:]), q.dtype)
+    for row, length in enumerate(lengths):
+        qf[row, length - tq:length] = q[row]
+    return qf
+
+
+def _rows_at(x, lengths, tq, axis):
+    return np.stack([np.take(np.asarray(x)[row], np.arange(length - tq, length), axis=axis - 1)
+                     for row, length in enumerate(lengths)])
+
+
+@pytest.mark.parametrize("tq,mask", [
+    (1, None), (4, M.LocalMask(5, 0)), (4, M.StridedMask(3) | M.GlobalMask(2) | M.PrefixLMMask(6)),
+    (2, "arrays")])
+def test_reference_is_last_rows_of_causal_attention(tq, mask):
+    b, s, n, k, h = 3, 32, 4, 2, 8
+    lengths = [32, 11, tq]
+    kc, vc = _caches(b, s, k, h, lengths)
+    q = _query(b, tq, n, h)
+    if mask == "arrays":   # masks holding arrays, indexed at absolute positions
+        ids = np.repeat(np.arange(4), 8)[None].repeat(b, 0).astype(np.int32)
+        dense = np.random.default_rng(0).random((1, n, s, s)) < 0.6
+        layout = np.random.default_rng(1).random((4, 4)) < 0.7
+        mask = M.SegmentMask(jnp.asarray(ids)) & M.DenseMask(dense) | M.BlockSparseMask(layout, 8, 8)
+    out, lse = _decode("reference", q, kc, vc, lengths, mask=mask, logits_soft_cap=7.0)
+    fo, fl = jaxattn.dot_product_attention(
+        _as_full_attention(q, lengths, s), np.nan_to_num(kc), np.nan_to_num(vc), mask=mask,
+        is_causal=True, logits_soft_cap=7.0, implementation="reference", return_residuals=True)
+    np.testing.assert_allclose(out, _rows_at(fo, lengths, tq, axis=1), atol=1e-6)
+    np.testing.assert_allclose(lse, _rows_at(fl, lengths, tq, axis=2), atol=1e-5)
+
+
+def test_kernel_declines_masks_with_arrays():
+    ids = np.zeros((1, 16), np.int32)
+    q, kc = _query(1, 1, 2, 16), np.zeros((1, 16, 1, 16), np.float32)
+    with pytest.raises(NotImplementedError, match="masks without arrays"):
+        _decode("pallas_triton", q, kc, kc, [16], mask=M.SegmentMask(ids))
+
+
+# ------------------------------------------------------------------------------------
+# The kernel against the reference (one interpret-mode compilation per case).
+# ------------------------------------------------------------------------------------
+# (B, S, N, K, H, Tq), lengths, mask, soft cap, num_splits
+KERNEL_CASES = {
+    "gqa_tq1_ragged_auto_splits": ((4, 77, 4, 2, 32, 1), [77, 0, 37, 1], None, None, None),
+    "gqa_tq4_window_softcap_3_splits": ((4, 64, 4, 2, 16, 4), [64, 2, 20, 4], M.LocalMask(9, 0), 5.0, 3),
+    "mqa_strided_or_global_2_splits": ((2, 50, 4, 1, 32, 1), [50, 23], M.StridedMask(3) | M.GlobalMask(4), None, 2),
+}
+
+
+@pytest.mark.parametrize("name", list(KERNEL_CASES))
+def test_kernel_matches_reference_contiguous(name):
+    (b, s, n, k, h, tq), lengths, mask, cap, splits = KERNEL_CASES[name]
+    kc, vc = _caches(b, s, k, h, lengths)
+    q = _query(b, tq, n, h)
+    want = _decode("reference", q, kc, vc, lengths, mask=mask, logits_soft_cap=cap)
+    got = _decode("pallas_triton", q, kc, vc, lengths, mask=mask, logits_soft_cap=cap, num_splits=splits)
+    _assert_close(got, want)
+    for row, length in enumerate(lengths):
+        if length == 0:   # nothing to attend to: zeros, lse -inf
+            assert np.all(np.asarray(got[0][row]) == 0) and np.all(np.isneginf(got[1][row]))
+
+
+# (B, S, N, K, H, Tq), lengths, page size, mask, num_splits
+PAGED_CASES = {
+    "mqa_page8_two_pages_per_tile": ((3, 60, 4, 1, 16, 1), [60, 9, 0], 8, None, 2),
+    "gqa_page32_tq4_window": ((2, 96, 4, 2, 32, 4), [96, 40], 32, M.LocalMask(20, 0), None),
+}
+
+
+@pytest.mark.parametrize("name", list(PAGED_CASES))
+def test_kernel_paged_matches_contiguous(name):
+    (b, s, n, k, h, tq), lengths, page_size, mask, splits = PAGED_CASES[name]
+    kc, vc = _caches(b, s, k, h, lengths)
+    q = _query(b, tq, n, h)
+    pk, pv, table = _to_paged(kc, vc, lengths, page_size)
+    want = _decode("reference", q, kc, vc, lengths, mask=mask)
+    _assert_close(_decode("reference", q, pk, pv, lengths, page_table=table, mask=mask), want, atol=1e-6)
+    got = _decode("pallas_triton", q, pk, pv, lengths, page_table=table, mask=mask, num_splits=splits)
+    _assert_close(got, want)
+
+
+def test_key_bounds_of_masks():
+    assert key_bounds(M.FullMask()) == key_bounds(M.CausalMask())
+    b = key_bounds(M.LocalMask(99, 0))
+    assert (b.lower(1000), b.upper(1000), b.exact, b.span(1)) == (901, 1000, True, 100)
+    b = key_bounds(M.LocalMask(10, 3, offset=-2) & M.CausalMask(-1))
+    assert (b.lower(50), b.upper(50), b.exact) == (38, 49, True)
+    assert not key_bounds(M.LocalMask(10, 0) & M.StridedMask(2)).exact
+    assert key_bounds(M.LocalMask(10, 0) | M.GlobalMask(2)) == key_bounds(M.StridedMask(2))
+
+
+def test_split_count_fills_the_gpu():
+    assert default_num_splits(1, 8, 2048, cores=132) == 33       # one sequence: split the cache
+    assert default_num_splits(64, 8, 512, cores=132) == 1        # B·K programs fill it already
+    assert default_num_splits(1, 1, 8, cores=132) == 2           # >= 4 tiles per split
+
+
+# ------------------------------------------------------------------------------------
+# Errors: what was expected, what came, how to fix it.
+# ------------------------------------------------------------------------------------
+def test_errors():
+    q, kc = _query(2, 1, 4, 8), np.zeros((2, 16, 2, 8), np.float32)
+    lengths = np.array([3, 4], np.int32)
+
+    def call(q=q, kc=kc, vc=None, **kw):
+        kw.setdefault("lengths", lengths)
+        kw.setdefault("implementation", "reference")
+        return jaxattn.decode_attention(q, kc, kc if vc is None else vc, **kw)
+
+    with pytest.raises(ValueError, match=r"head counts: expected query heads N a multiple .* got N=4, K=3"):
+        call(kc=np.zeros((2, 16, 3, 8), np.float32))
+    with pytest.raises(ValueError, match=r"key_cache batch: expected query's batch size 2 .* pass page_table"):
+        call(kc=np.zeros((5, 16, 2, 8), np.float32))
+    with pytest.raises(ValueError, match=r"page_table: expected int32 \[B, max_pages\].*page_table=None"):
+        call(page_table=np.zeros((2,), np.int32))
+    with pytest.raises(ValueError, match=r"page_table shape: expected \[2, 3\]"):
+        call(page_table=np.zeros((3, 3), np.int32))
+    with pytest.raises(ValueError, match=r"page_table: expected int32 .* got dtype float32"):
+        call(page_table=np.zeros((2, 3), np.float32))
+    with pytest.raises(ValueError, match=r"query length: expected Tq <= the cache capacity 16, got Tq=17"):
+        call(q=_query(2, 17, 4, 8))
+    with pytest.raises(ValueError, match=r"query length: expected Tq <= the cache capacity 8"):
+        call(q=_query(2, 9, 4, 8), kc=np.zeros((10, 4, 2, 8), np.float32), page_table=np.zeros((2, 2), np.int32))
+    with pytest.raises(ValueError, match=r"lengths: expected int32 .* got dtype float32.*astype\(jnp.int32\)"):
+        call(lengths=np.array([3.0, 4.0], np.float32))
+    with pytest.raises(ValueError, match=r"lengths shape: expected \[2\] .* got \(2, 1\)"):
+        call(lengths=np.zeros((2, 1), np.int32))
+    with pytest.raises(ValueError, match=r"lengths: expected an int32 array .* got int"):
+        call(lengths=3)
+    with pytest.raises(ValueError, match=r"value_cache shape: expected key_cache's shape"):
+        call(vc=np.zeros((2, 15, 2, 8), np.float32))
+    with pytest.raises(ValueError, match=r"key_cache head dim: expected query's head dim 8, got 4"):
+        call(kc=np.zeros((2, 16, 2, 4), np.float32), vc=np.zeros((2, 16, 2, 4), np.float32))
+    with pytest.raises(ValueError, match=r"query rank: expected 4 dims in \[B, Tq, N, H\]"):
+        call(q=q[:, 0])
+    with pytest.raises(ValueError, match=r"dtypes: expected query, key_cache and value_cache of one dtype"):
+        call(kc=kc.astype(np.float16), vc=kc.astype(np.float16))
+    with pytest.raises(ValueError, match=r"num_splits: expected None or a positive int, got 0"):
+        call(num_splits=0)
+    with pytest.raises(ValueError, match=r"logits_soft_cap: expected a positive finite float"):
+        call(logits_soft_cap=-1.0)
+    with pytest.raises(ValueError, match=r"implementation: expected None or one of"):
+        call(implementation="cudnn")
+    with pytest.raises(ValueError, match=r"BlockSparseMask layout: expected at least \(2, 2\) blocks"):
+        call(mask=M.BlockSparseMask(np.ones((1, 1), bool), 8, 8))
+    with pytest.raises(ValueError, match=r"mask: expected None, a jaxattn.masks.Mask or a bool array"):
+        call(mask="causal")
+
+
+def test_kernel_declines_more_rows_than_it_holds():
+    q, kc = _query(1, 8, 32, 16), np.zeros((1, 16, 1, 16), np.float32)   # Tq·N/K = 256 rows
+    with pytest.raises(NotImplementedError, match="at most 128 query rows"):
+        _decode("pallas_triton", q, kc, kc, [16])
+
+
+# ------------------------------------------------------------------------------------
+# Lowering for an H100 on the CPU machine (catches Triton lowering errors, no GPU needed).
+# ------------------------------------------------------------------------------------
+_H100 = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="cuda")
+
+
+@pytest.mark.parametrize("tq,n,k,cache_shape,pages,mask,splits", [
+    (1, 32, 8, (2, 1000, 8, 128), None, M.FullMask(), 4),             # clamped last tile
+    (4, 32, 8, (2, 1024, 8, 128), None, M.LocalMask(100, 0), 1),
+    (1, 32, 1, (64, 16, 1, 128), 20, M.FullMask(), 3),                 # 4 pages per tile
+    (4, 8, 8, (64, 64, 8, 64), 20, M.StridedMask(3), None),            # 1 page per tile
+])
+def test_lowers_for_h100(monkeypatch, tq, n, k, cache_shape, pages, mask, splits):
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    h, b = cache_shape[-1], 2
+
+    def fn(q, kc, vc, lengths, table):
+        return _pallas_triton_impl(q, kc, vc, lengths, table, mask, scale=0.1, logits_soft_cap=30.0,
+                                   num_splits=splits, return_residuals=True, interpret=False,
+                                   config=DecodeConfig())
+    sds = [jax.ShapeDtypeStruct((b, tq, n, h), jnp.bfloat16), jax.ShapeDtypeStruct(cache_shape, jnp.bfloat16),
+           jax.ShapeDtypeStruct(cache_shape, jnp.bfloat16), jax.ShapeDtypeStruct((b,), np.int32),
+           None if pages is None else jax.ShapeDtypeStruct((b, pages), np.int32)]
+    mesh = jax.sharding.AbstractMesh((1,), ("x",), abstract_device=_H100)
+    with jax.sharding.use_abstract_mesh(mesh):
+        text = jax.jit(fn).trace(*sds).lower(lowering_platforms=("cuda",)).as_text()
+    assert "jaxattn_flash_decode" in text
