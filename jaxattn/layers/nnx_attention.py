@@ -6,6 +6,10 @@
     y = attn(x)                                        # x [B, T, 512] -> [B, T, 512]
     y = attn(x, mask=masks.SegmentMask(doc_ids))       # per-batch masks at call time
 
+    attn.init_cache((batch, max_length))                # decoding with a KV cache
+    y = attn(prompt, decode=True, prefill_lengths=lens) # prefill: the kernels, slots 0..T-1
+    y = attn(x_next, decode=True)                       # then one token (or a few) at a time
+
 The structured mask given at construction is static: the kernels analyse it once and
 skip every tile it rules out. Per-batch masks (segment ids, a boolean array) are given at
 call time and ANDed in. Parameters: query [D, N, H], key/value [D, K, H], out [N, H, D']
@@ -22,6 +26,7 @@ from flax import nnx
 
 from jaxattn.api import dot_product_attention
 from jaxattn.layers._common import check_heads, check_inputs, check_layer_mask, combine
+from jaxattn.layers._decode import cached_attention, check_cache, decode_positions
 from jaxattn.layers.rope import apply_rope
 from jaxattn.masks import Mask
 
@@ -72,14 +77,36 @@ class MultiHeadAttention(nnx.Module):
         self.key = nnx.LinearGeneral(in_features, (num_kv_heads, head_dim), **kw)
         self.value = nnx.LinearGeneral(in_features, (num_kv_heads, head_dim), **kw)
         self.out = nnx.LinearGeneral((num_heads, head_dim), self.out_features, axis=(-2, -1), **kw)
+        self.cached_key: nnx.Cache | None = nnx.data(None)
+        self.cached_value: nnx.Cache | None = nnx.data(None)
+        self.cache_lengths: nnx.Cache | None = nnx.data(None)
+
+    def init_cache(self, input_shape, dtype: Any = None):
+        """An empty KV cache for decode=True calls, as Flax's `init_cache`: input_shape is
+        (batch, max_length[, features]); keys and values [B, max_length, K, H] in `dtype`
+        (default: the layer's dtype, else float32) and lengths int32 [B] (all 0)."""
+        batch, max_length = input_shape[:2]
+        dtype = dtype or self.dtype or jnp.float32
+        shape = (batch, max_length, self.num_kv_heads, self.head_dim)
+        self.cached_key = nnx.Cache(jnp.zeros(shape, dtype))
+        self.cached_value = nnx.Cache(jnp.zeros(shape, dtype))
+        self.cache_lengths = nnx.Cache(jnp.zeros((batch,), jnp.int32))
 
     def __call__(self, inputs_q: jax.Array, inputs_kv: jax.Array | None = None, *,
-                 mask=None, positions=None, kv_positions=None) -> jax.Array:
+                 mask=None, positions=None, kv_positions=None, decode: bool = False,
+                 prefill_lengths=None) -> jax.Array:
         """inputs_q [B, T, D] (inputs_kv [B, S, D], default inputs_q) -> [B, T, D'].
 
         mask: None, a Mask (e.g. SegmentMask) or a bool array broadcastable to [B, N, T, S],
         ANDed with the layer's mask. positions / kv_positions: RoPE positions [T] or [B, T]
-        (default 0..T-1; kv_positions default to positions for self-attention)."""
+        (default 0..T-1; kv_positions default to positions for self-attention).
+
+        decode=True (after init_cache; self-attention): the T tokens are appended to the
+        KV cache and attend causally over it (positions are their slots); with
+        prefill_lengths int32 [B] (or an int) the cache is filled from empty instead,
+        through the prefill kernels (see jaxattn.layers._decode)."""
+        if decode:
+            return self._decode(inputs_q, inputs_kv, mask, positions, kv_positions, prefill_lengths)
         self_attention = inputs_kv is None
         inputs_kv = inputs_q if self_attention else inputs_kv
         check_inputs(inputs_q, inputs_kv)
@@ -97,4 +124,22 @@ class MultiHeadAttention(nnx.Module):
                                   is_causal=self.is_causal, local_window_size=self.local_window_size,
                                   logits_soft_cap=self.logits_soft_cap,
                                   implementation=self.implementation)
+        return self.out(x)
+
+    def _decode(self, inputs, inputs_kv, mask, positions, kv_positions, prefill_lengths):
+        if inputs_kv is not None or positions is not None or kv_positions is not None:
+            raise ValueError("decode=True: expected self-attention without positions (the cache "
+                             "gives them), got inputs_kv, positions or kv_positions. Drop them.")
+        check_inputs(inputs, inputs)
+        check_cache(None if self.cached_key is None else self.cached_key[...], *inputs.shape[:2])
+        q, k, v = self.query(inputs), self.key(inputs), self.value(inputs)
+        if self.rope:
+            pos = decode_positions(self.cache_lengths[...], inputs.shape[1], prefill_lengths is not None)
+            q, k = apply_rope(q, pos, self.rope_theta), apply_rope(k, pos, self.rope_theta)
+        x, ck, cv, lengths = cached_attention(
+            q, k, v, self.cached_key[...], self.cached_value[...], self.cache_lengths[...],
+            prefill_lengths=prefill_lengths, mask=combine(self.mask, mask), scale=self.scale,
+            logits_soft_cap=self.logits_soft_cap, local_window_size=self.local_window_size,
+            implementation=self.implementation)
+        self.cached_key[...], self.cached_value[...], self.cache_lengths[...] = ck, cv, lengths
         return self.out(x)

@@ -55,8 +55,12 @@ class TransformerBlock(nnx.Module):
         self.mlp_in = nnx.Linear(d_model, mlp_dim, dtype=dtype, rngs=rngs)
         self.mlp_out = nnx.Linear(mlp_dim, d_model, dtype=dtype, rngs=rngs)
 
-    def __call__(self, x, *, mask=None, positions=None):
-        x = x + self.attn(self.attn_norm(x), mask=mask, positions=positions)
+    def __call__(self, x, *, mask=None, positions=None, decode=False, prefill_lengths=None):
+        if decode:   # the KV cache gives the positions (see MultiHeadAttention)
+            h = self.attn(self.attn_norm(x), mask=mask, decode=True, prefill_lengths=prefill_lengths)
+        else:
+            h = self.attn(self.attn_norm(x), mask=mask, positions=positions)
+        x = x + h
         return x + self.mlp_out(jax.nn.gelu(self.mlp_in(self.mlp_norm(x))))
 
 
@@ -94,14 +98,27 @@ class Decoder(nnx.Module):
         self.norm = nnx.RMSNorm(d_model, dtype=dtype, rngs=rngs)
         self.lm_head = nnx.Linear(d_model, vocab_size, use_bias=False, dtype=dtype, rngs=rngs)
 
+    def init_cache(self, batch: int, max_length: int, dtype: Any = None):
+        """Empty KV caches of every layer for decode=True calls (see MultiHeadAttention)."""
+        for block in self.blocks:
+            block.attn.init_cache((batch, max_length), dtype)
+
     def __call__(self, tokens: jax.Array, *, segment_ids: jax.Array | None = None,
-                 positions: jax.Array | None = None) -> jax.Array:
+                 positions: jax.Array | None = None, decode: bool = False,
+                 prefill_lengths=None) -> jax.Array:
         """tokens int [B, T] -> logits [B, T, vocab]. segment_ids [B, T]: packed documents
-        (attention stays inside a document); positions [B, T] default 0..T-1."""
+        (attention stays inside a document); positions [B, T] default 0..T-1.
+
+        decode=True (after init_cache): the tokens continue each row's cached sequence;
+        with prefill_lengths (int32 [B] or an int) they are the prompt, filling the
+        caches from empty."""
         if tokens.ndim != 2:
             raise ValueError(f"tokens: expected int [batch, length], got shape {tuple(tokens.shape)}.")
+        if decode and (segment_ids is not None or positions is not None):
+            raise ValueError("decode=True: expected no segment_ids or positions (the caches give the "
+                             "positions), got some. Drop them.")
         mask = None if segment_ids is None else SegmentMask(segment_ids)
         x = self.embed(tokens)
         for block in self.blocks:
-            x = block(x, mask=mask, positions=positions)
+            x = block(x, mask=mask, positions=positions, decode=decode, prefill_lengths=prefill_lengths)
         return self.lm_head(self.norm(x)).astype(jnp.float32)
