@@ -117,7 +117,7 @@ def _div(x, d: int):
 
 
 def _decode_kernel(lengths_ref, q_ref, k_ref, v_ref, *refs, paged, tq, groups, rows,
-                   capacity, bk, page_size, pages_per_tile, num_pages, clamp_last, scale,
+                   capacity, slots, bk, page_size, pages_per_tile, num_pages, clamp_last, scale,
                    cap, mask_fn, bounds, num_splits, acc):
     table_ref, (o_ref, lse_ref) = (refs[0], refs[1:]) if paged else (None, refs)
     rp = q_ref.shape[0]
@@ -153,7 +153,7 @@ def _decode_kernel(lengths_ref, q_ref, k_ref, v_ref, *refs, paged, tq, groups, r
         """(indexer of tile t's keys in the K/V refs, absolute position of its first row)."""
         kv_start = t * bk
         if not paged:
-            start = jnp.minimum(kv_start, capacity - bk) if clamp_last else kv_start
+            start = jnp.minimum(kv_start, slots - bk) if clamp_last else kv_start
             return (pl.ds(start, bk), slice(None)), start
         slot = _div(kv_start, page_size)
         first_page = jnp.clip(table_ref[slot], 0, num_pages - 1)
@@ -250,8 +250,9 @@ def decode(static: DecodeStatic, q, k_cache, v_cache, lengths, page_table=None):
         capacity = k_cache.shape[1]
         if capacity < MIN_ROWS:   # a tiny cache: padding it costs nothing
             k_cache, v_cache = (pad_axis(x, 1, MIN_ROWS) for x in (k_cache, v_cache))
-        bk = min(bk, 1 << (max(capacity, MIN_ROWS).bit_length() - 1))
-        clamp_last = capacity % bk != 0   # the last tile is read from capacity - bk
+        slots = k_cache.shape[1]
+        bk = min(bk, 1 << (slots.bit_length() - 1))
+        clamp_last = slots % bk != 0   # the last tile is read from slots - bk
     if hp != h:   # Triton tiles are powers of two; this pads (copies) the cache
         k_cache, v_cache = (pad_axis(x, 3, hp) for x in (k_cache, v_cache))
 
@@ -287,6 +288,7 @@ def decode(static: DecodeStatic, q, k_cache, v_cache, lengths, page_table=None):
                      pl.BlockSpec((None, None, None, rp), lambda i, j, s: (i, j, s, 0))]
     kernel = functools.partial(
         _decode_kernel, paged=paged, tq=tq, groups=groups, rows=rows, capacity=capacity,
+        slots=k_cache.shape[1],
         bk=bk, page_size=page_size, pages_per_tile=pages_per_tile, num_pages=num_pages,
         clamp_last=clamp_last, scale=static.scale, cap=static.logits_soft_cap,
         mask_fn=static.mask_fn, bounds=static.bounds, num_splits=splits, acc=acc)
