@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -136,12 +137,14 @@ def _reference_impl(query, key_cache, value_cache, lengths, page_table, mask, *,
 
 @dataclasses.dataclass(frozen=True)
 class _MaskFn:
-    """mask.evaluate as a kernel's mask_fn, equal for equal masks (a bound method is
-    equal only for the same mask object, which would recompile per call)."""
-    mask: Mask
+    """mask.evaluate as a kernel's mask_fn, keyed by the mask's structure only (its
+    pytree definition): a new SegmentMask of the same shapes at every decoding step does
+    not recompile. The arrays reach the kernel as operands, never through this object."""
+    treedef: Any
 
     def __call__(self, q_pos, kv_pos, operand_values=()):
-        return self.mask.evaluate(q_pos, kv_pos, operand_values)
+        mask = jax.tree_util.tree_unflatten(self.treedef, [None] * self.treedef.num_leaves)
+        return mask.evaluate(q_pos, kv_pos, operand_values)
 
 
 def _decode_kernel_module():
@@ -156,20 +159,23 @@ def _pallas_triton_impl(query, key_cache, value_cache, lengths, page_table, mask
         interpret = jax.default_backend() != "gpu"
     if not interpret and jax.default_backend() != "gpu":
         raise NotImplementedError("pallas_triton decoding needs a CUDA GPU (or interpret=True)")
-    if mask.operands():
-        raise NotImplementedError(f"the decode kernel evaluates masks without arrays only, got {mask!r}; "
-                                  "masks holding ids or layouts run on implementation='reference'")
     static = DecodeStatic(scale=scale, logits_soft_cap=logits_soft_cap,
-                          mask_fn=None if isinstance(mask, FullMask) else _MaskFn(mask),
+                          mask_fn=None if isinstance(mask, FullMask) else _MaskFn(jax.tree_util.tree_structure(mask)),
                           bounds=key_bounds(mask), num_splits=num_splits, config=config,
                           interpret=bool(interpret))
-    return _kernel_jit(query, key_cache, value_cache, lengths, page_table, static=static,
+    return _kernel_jit(query, key_cache, value_cache, lengths, page_table, mask, static=static,
                        return_residuals=return_residuals)
 
 
 @functools.partial(jax.jit, static_argnames=("static", "return_residuals"))
-def _kernel_jit(query, key_cache, value_cache, lengths, page_table, *, static, return_residuals):
-    out, lse = _decode_kernel_module().decode(static, query, key_cache, value_cache, lengths, page_table)
+def _kernel_jit(query, key_cache, value_cache, lengths, page_table, mask, *, static, return_residuals):
+    b, tq = query.shape[:2]
+    capacity = key_cache.shape[1] * (1 if page_table is None else page_table.shape[1])
+    q_pos = lengths[:, None] - tq + jnp.arange(tq, dtype=jnp.int32)[None, :]
+    # The mask's arrays at the query rows: [B|1, N|1, Tq|1, capacity|1] each.
+    operands = tuple(_operand_rows(o, q_pos, capacity, b) for o in mask.operands())
+    out, lse = _decode_kernel_module().decode(static, query, key_cache, value_cache, lengths,
+                                              page_table, operands)
     return (out, lse) if return_residuals else out
 
 

@@ -5,8 +5,10 @@ sequence, at absolute positions lengths[b] - Tq ... lengths[b] - 1; key j of row
 attended when j < lengths[b], j <= the query's position (causal among the new tokens),
 and the mask allows the pair. A kernel never sees a Mask object, only:
 
-* ``mask_fn(q_pos, kv_pos, ()) -> bool``: the mask at absolute positions, evaluated in
-  the tiles that need it (None: no mask beyond causality and lengths);
+* ``mask_fn(q_pos, kv_pos, operand_tiles) -> bool``: the mask at absolute positions
+  (q_pos int32 [rows, 1], kv_pos int32 [1, block_kv]), evaluated in the tiles that need
+  it, with one tile per mask operand (see the backend's decode entry); None: no mask
+  beyond causality and lengths;
 * :class:`KeyBounds`: affine bounds on the keys a query at position p may see, so that a
   kernel loops only over the cache tiles inside them (a sliding window of w keys over a
   long cache reads ~w keys, never the whole cache).

@@ -2,13 +2,18 @@
 
 The backend protocol's optional ``decode`` entry:
 
-    decode(static: DecodeStatic, q, k_cache, v_cache, lengths, page_table=None)
+    decode(static: DecodeStatic, q, k_cache, v_cache, lengths, page_table=None, operands=())
         -> (out [B, Tq, N, H] in q's dtype, lse [B, N, Tq] float32 natural log)
 
     q           [B, Tq, N, H]: the Tq newest tokens, at positions lengths[b] - Tq + t
     k/v_cache   [B, S_max, K, H] (page_table None) or [num_pages, page_size, K, H]
     lengths     int32 [B]: keys valid in row b (traced)
     page_table  None or int32 [B, max_pages]: the pages of row b, in order
+    operands    the mask's operand values at the query rows, one array each, shaped
+                [B|1, N|1, Tq|1, capacity|1] (int or bool): element [b, n, t, j] is what
+                mask_fn reads for query t of head n and key position j. The kernel loads
+                one [rows|1, block_kv|1] tile of each per visited tile (segment ids of the
+                keys, a dense or block-sparse mask's rows) and passes them to mask_fn.
     static      pallas_kernels.decode_static.DecodeStatic (scale, soft cap, mask_fn,
                 KeyBounds, num_splits, config or None, interpret)
 
@@ -118,8 +123,9 @@ def _div(x, d: int):
 
 def _decode_kernel(lengths_ref, q_ref, k_ref, v_ref, *refs, paged, tq, groups, rows,
                    capacity, slots, bk, page_size, pages_per_tile, num_pages, clamp_last, scale,
-                   cap, mask_fn, bounds, num_splits, acc):
-    table_ref, (o_ref, lse_ref) = (refs[0], refs[1:]) if paged else (None, refs)
+                   cap, mask_fn, operand_cols, bounds, num_splits, acc):
+    table_ref, refs = (refs[0], refs[1:]) if paged else (None, refs)
+    operand_refs, (o_ref, lse_ref) = refs[:len(operand_cols)], refs[len(operand_cols):]
     rp = q_ref.shape[0]
     b, split = pl.program_id(0), pl.program_id(2)
     length = lengths_ref[b]
@@ -182,7 +188,10 @@ def _decode_kernel(lengths_ref, q_ref, k_ref, v_ref, *refs, paged, tq, groups, r
         kv_pos = start + jax.lax.broadcasted_iota(jnp.int32, (1, bk), 1)
         keep = row_ok & (kv_pos >= kv_start) & (kv_pos < limit) & (kv_pos <= q_pos)
         if mask_fn is not None:
-            keep = keep & mask_fn(q_pos, kv_pos, ())
+            # One tile per operand, [rows|1, bk|1], at the tile's key positions.
+            values = tuple(ref[:, pl.ds(start, bk)] if cols else ref[...]
+                           for ref, cols in zip(operand_refs, operand_cols))
+            keep = keep & mask_fn(q_pos, kv_pos, values)
         keep = jnp.broadcast_to(keep, (rp, bk))
         # Keys no row may see (unwritten slots, keys left of a window, the overlap of a
         # clamped last tile) get V = 0: their p is 0 already, but 0 · NaN is still NaN.
@@ -219,7 +228,25 @@ def _merge_splits(out_s, lse_s):
     return out, lse
 
 
-def decode(static: DecodeStatic, q, k_cache, v_cache, lengths, page_table=None):
+def _prepare_operand(a, *, kv_heads, groups, tq, rp, kv_pad):
+    """[B|1, N|1, Tq|1, S|1] -> [B|1, K|1, rp|1, kv_pad|1] int32 with rows (t, g) like
+    the packed query tile (row r = t·G + g of KV head h is query head h·G + g)."""
+    a = jnp.asarray(a)
+    a = a.astype(jnp.int32) if a.dtype != jnp.int32 else a
+    bx, hx, tx, sx = a.shape
+    if sx > 1:
+        a = pad_axis(a, 3, kv_pad)
+    if hx > 1 or tx > 1:
+        a = jnp.broadcast_to(a, (bx, hx, tq, a.shape[3]))
+        if hx > 1:
+            a = a.reshape(bx, kv_heads, groups, tq, -1).transpose(0, 1, 3, 2, 4)
+        else:
+            a = jnp.broadcast_to(a[:, :, :, None], (bx, 1, tq, groups, a.shape[3]))
+        a = pad_axis(a.reshape(bx, a.shape[1], tq * groups, -1), 2, rp)
+    return a
+
+
+def decode(static: DecodeStatic, q, k_cache, v_cache, lengths, page_table=None, operands=()):
     """See the module docstring. Inputs are validated by the caller (jaxattn.decode)."""
     b, tq, n, h = q.shape
     kh = k_cache.shape[2]
@@ -273,6 +300,16 @@ def decode(static: DecodeStatic, q, k_cache, v_cache, lengths, page_table=None):
     else:
         cache_spec = pl.BlockSpec((None, k_cache.shape[1], None, hp), lambda i, j, s: (i, 0, j, 0))
         extra_specs, extra = [], []
+    # Mask operands: whole tiles of key positions, at most up to the last tile read.
+    kv_pad = -(-max(capacity, k_cache.shape[1] if not paged else 0) // bk) * bk
+    prepared = [_prepare_operand(a, kv_heads=kh, groups=groups, tq=tq, rp=rp, kv_pad=kv_pad)
+                for a in operands]
+    for a in prepared:
+        per_b, per_h = a.shape[0] > 1, a.shape[1] > 1
+        extra_specs.append(pl.BlockSpec(
+            (None, None, *a.shape[2:]),
+            lambda i, j, s, per_b=per_b, per_h=per_h: (i if per_b else 0, j if per_h else 0, 0, 0)))
+        extra.append(a)
     in_specs = [pl.BlockSpec((b,), lambda i, j, s: (0,)),
                 pl.BlockSpec((None, None, rp, hp), lambda i, j, s: (i, j, 0, 0)),
                 cache_spec, cache_spec, *extra_specs]
@@ -291,7 +328,8 @@ def decode(static: DecodeStatic, q, k_cache, v_cache, lengths, page_table=None):
         slots=k_cache.shape[1],
         bk=bk, page_size=page_size, pages_per_tile=pages_per_tile, num_pages=num_pages,
         clamp_last=clamp_last, scale=static.scale, cap=static.logits_soft_cap,
-        mask_fn=static.mask_fn, bounds=static.bounds, num_splits=splits, acc=acc)
+        mask_fn=static.mask_fn, operand_cols=tuple(a.shape[3] > 1 for a in prepared),
+        bounds=static.bounds, num_splits=splits, acc=acc)
     out, lse = pl.pallas_call(
         kernel,
         grid=(b, kh, splits),
