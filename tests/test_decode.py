@@ -87,7 +87,7 @@ def _rows_at(x, lengths, tq, axis):
 
 
 @pytest.mark.parametrize("tq,mask", [
-    (1, None), (4, M.LocalMask(5, 0)), (4, M.StridedMask(3) | M.GlobalMask(2) | M.PrefixLMMask(6)),
+    (1, None), (4, M.LocalMask(5, 0) & (M.StridedMask(3) | M.GlobalMask(2) | M.PrefixLMMask(6))),
     (2, "arrays")])
 def test_reference_is_last_rows_of_causal_attention(tq, mask):
     b, s, n, k, h = 3, 32, 4, 2, 8
