@@ -38,7 +38,7 @@ import jax.numpy as jnp
 
 import jaxattn
 from jaxattn import masks as M
-from jaxattn.decode import _pallas_triton_impl, key_bounds
+from jaxattn.decode import kernel_decode, key_bounds
 from benchmarks.timing import rotation_sets, time_call
 from pallas_kernels.triton.decode import (DecodeConfig, default_decode_config, default_num_splits,
                                           num_cores)
@@ -86,10 +86,9 @@ def jaxattn_fn(mask=None, num_splits=None, config=None):
     mask = M.FullMask() if mask is None else mask
 
     def f(q, kc, vc, lengths, table):
-        return _pallas_triton_impl(q, kc, vc, lengths, table, mask, scale=H ** -0.5,
-                                   logits_soft_cap=None, num_splits=num_splits,
-                                   return_residuals=False, config=config,
-                                   interpret=jax.default_backend() != "gpu")   # CPU: a smoke run
+        return kernel_decode("pallas_triton", q, kc, vc, lengths, table, mask, scale=H ** -0.5,
+                             logits_soft_cap=None, num_splits=num_splits, return_residuals=False,
+                             config=config, interpret=jax.default_backend() != "gpu")   # CPU: a smoke run
     return f
 
 

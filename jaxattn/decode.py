@@ -37,6 +37,7 @@ from jaxattn.api import _shape_error, check_float_array, check_scale_and_cap
 from jaxattn.masks import AndMask, CausalMask, DenseMask, FullMask, LocalMask, Mask, canonical_mask
 from jaxattn.reference import reference_attention
 from pallas_kernels.decode_static import DecodeStatic, KeyBounds
+from pallas_kernels.registry import backend_names, get_backend
 
 __all__ = ["decode_attention", "reference_decode", "key_bounds", "decode_implementations"]
 
@@ -126,7 +127,8 @@ def key_bounds(mask: Mask) -> KeyBounds:
 
 # ---------------------------------------------------------------------------------
 # Implementations: fn(query, key_cache, value_cache, lengths, page_table, mask, *, scale,
-# logits_soft_cap, num_splits, return_residuals)
+# logits_soft_cap, num_splits, return_residuals): "reference", and one per kernel backend
+# of pallas_kernels/registry.py that has a decode entry (e.g. "pallas_triton").
 # ---------------------------------------------------------------------------------
 def _reference_impl(query, key_cache, value_cache, lengths, page_table, mask, *, scale,
                     logits_soft_cap, num_splits, return_residuals):
@@ -147,47 +149,54 @@ class _MaskFn:
         return mask.evaluate(q_pos, kv_pos, operand_values)
 
 
-def _decode_kernel_module():
-    """The one place that names a decode kernel backend (the backend registry replaces it)."""
-    from pallas_kernels.triton import decode as triton_decode
-    return triton_decode
-
-
-def _pallas_triton_impl(query, key_cache, value_cache, lengths, page_table, mask, *, scale,
-                        logits_soft_cap, num_splits, return_residuals, config=None, interpret=None):
+def kernel_decode(backend_name: str, query, key_cache, value_cache, lengths, page_table, mask, *,
+                  scale, logits_soft_cap, num_splits, return_residuals, config=None, interpret=None):
+    """A kernel backend's decode entry (pallas_kernels/decode_static.py) as an
+    implementation. `config` defaults to the backend's; `interpret` to Pallas interpret
+    mode exactly when there is no GPU."""
     if interpret is None:
         interpret = jax.default_backend() != "gpu"
     if not interpret and jax.default_backend() != "gpu":
-        raise NotImplementedError("pallas_triton decoding needs a CUDA GPU (or interpret=True)")
+        raise NotImplementedError(f"{backend_name} decoding needs a CUDA GPU (or interpret=True)")
     static = DecodeStatic(scale=scale, logits_soft_cap=logits_soft_cap,
                           mask_fn=None if isinstance(mask, FullMask) else _MaskFn(jax.tree_util.tree_structure(mask)),
                           bounds=key_bounds(mask), num_splits=num_splits, config=config,
                           interpret=bool(interpret))
-    return _kernel_jit(query, key_cache, value_cache, lengths, page_table, mask, static=static,
-                       return_residuals=return_residuals)
+    return _kernel_jit(query, key_cache, value_cache, lengths, page_table, mask,
+                       backend_name=backend_name, static=static, return_residuals=return_residuals)
 
 
-@functools.partial(jax.jit, static_argnames=("static", "return_residuals"))
-def _kernel_jit(query, key_cache, value_cache, lengths, page_table, mask, *, static, return_residuals):
+@functools.partial(jax.jit, static_argnames=("backend_name", "static", "return_residuals"))
+def _kernel_jit(query, key_cache, value_cache, lengths, page_table, mask, *, backend_name, static,
+                return_residuals):
     b, tq = query.shape[:2]
     capacity = key_cache.shape[1] * (1 if page_table is None else page_table.shape[1])
     q_pos = lengths[:, None] - tq + jnp.arange(tq, dtype=jnp.int32)[None, :]
     # The mask's arrays at the query rows: [B|1, N|1, Tq|1, capacity|1] each.
     operands = tuple(_operand_rows(o, q_pos, capacity, b) for o in mask.operands())
-    out, lse = _decode_kernel_module().decode(static, query, key_cache, value_cache, lengths,
-                                              page_table, operands)
+    out, lse = get_backend(backend_name).decode(static, query, key_cache, value_cache, lengths,
+                                                page_table, operands)
     return (out, lse) if return_residuals else out
 
 
-_IMPLEMENTATIONS = {"reference": _reference_impl, "pallas_triton": _pallas_triton_impl}
+def _kernel_backends_with_decode() -> tuple[str, ...]:
+    """Registered kernel backends that have a decode entry, in preference order."""
+    return tuple(name for name in backend_names() if get_backend(name).decode is not None)
 
 
 def decode_implementations() -> tuple[str, ...]:
-    return tuple(_IMPLEMENTATIONS)
+    """Names decode_attention's `implementation=` accepts in this installation."""
+    return ("reference", *_kernel_backends_with_decode())
+
+
+def _implementation(name: str):
+    return _reference_impl if name == "reference" else functools.partial(kernel_decode, name)
 
 
 def _default_order() -> tuple[str, ...]:
-    return ("pallas_triton", "reference") if jax.default_backend() == "gpu" else ("reference",)
+    if jax.default_backend() == "gpu":
+        return (*_kernel_backends_with_decode(), "reference")
+    return ("reference",)
 
 
 # ---------------------------------------------------------------------------------
@@ -276,15 +285,16 @@ def decode_attention(query, key_cache, value_cache, *, lengths, page_table=None,
         (see the module docstring); causality is always applied.
       scale: multiplies q·k; default 1/sqrt(H). logits_soft_cap: c·tanh(logits / c).
       num_splits: programs sharing one sequence's keys in the kernels (None: from shapes).
-      implementation: None (best available), "reference" or "pallas_triton".
+      implementation: None (best available), "reference", or a kernel backend with a
+        decode entry ("pallas_triton"; see decode_implementations()).
       return_residuals: also return lse [B, N, Tq] (float32, natural log, -inf for a row
         with no key).
 
     Returns:
       [B, Tq, N, H] in the query's dtype (and lse with return_residuals).
     """
-    if implementation is not None and implementation not in _IMPLEMENTATIONS:
-        raise ValueError(f"implementation: expected None or one of {sorted(_IMPLEMENTATIONS)}, "
+    if implementation is not None and implementation not in decode_implementations():
+        raise ValueError(f"implementation: expected None or one of {sorted(decode_implementations())}, "
                          f"got {implementation!r}. Leave it None to pick the best available.")
     if not isinstance(return_residuals, (bool, np.bool_)):
         raise ValueError(f"return_residuals: expected a bool, got {return_residuals!r}. "
@@ -305,7 +315,7 @@ def decode_attention(query, key_cache, value_cache, *, lengths, page_table=None,
     reasons = []
     for name in order:
         try:
-            return _IMPLEMENTATIONS[name](query, key_cache, value_cache, lengths, page_table, canonical,
+            return _implementation(name)(query, key_cache, value_cache, lengths, page_table, canonical,
                                           scale=scale, logits_soft_cap=cap, num_splits=splits,
                                           return_residuals=bool(return_residuals))
         except NotImplementedError as e:

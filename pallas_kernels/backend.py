@@ -95,7 +95,10 @@ class KernelBackend(Protocol):
         D = rowsum(dO ∘ O) − dlse [B, N, T]. parts ⊆ ("dq", "dkdv", "dbias"): the halves
         asked for; the others come back None. dbias has the bias's shape and dtype.
 
-    decode: the KV-cache decode entry, or None when the backend has none.
+    decode: the KV-cache decode entry, or None when the backend has none:
+        decode(static, q, k_cache, v_cache, lengths, page_table=None, operands=())
+        -> (out [B, Tq, N, H], lse [B, N, Tq] float32), `static` a
+        pallas_kernels.decode_static.DecodeStatic (contract written there).
 
     `static` is a pallas_kernels.flash_vjp.FlashStatic; `metas` maps the names of
     ``config.metadata_tiles()`` to BlockMetadata; `operands` are the mask operand arrays

@@ -1,4 +1,13 @@
-"""What every decode kernel is told about one call (backend-neutral, hashable).
+"""The decode entry of a kernel backend, and what it is told about one call.
+
+    backend.decode(static: DecodeStatic, q, k_cache, v_cache, lengths, page_table=None,
+                   operands=()) -> (out [B, Tq, N, H] in q's dtype, lse [B, N, Tq] float32)
+
+q [B, Tq, N, H]; k/v_cache [B, S_max, K, H] or, with page_table int32 [B, max_pages],
+[num_pages, page_size, K, H]; lengths int32 [B] (traced); operands: the mask's arrays at
+the query rows, each [B|1, N|1, Tq|1, capacity|1], read tile by tile and passed to
+mask_fn. lse is the natural log, -inf for a row with no key. Inputs arrive validated
+(jaxattn.decode); a valid request the backend cannot serve raises NotImplementedError.
 
 Decode attention (KV-cache decoding): the query holds the Tq newest tokens of each
 sequence, at absolute positions lengths[b] - Tq ... lengths[b] - 1; key j of row b may be

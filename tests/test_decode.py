@@ -14,7 +14,7 @@ import jax.numpy as jnp
 
 import jaxattn
 from jaxattn import masks as M
-from jaxattn.decode import _pallas_triton_impl, key_bounds
+from jaxattn.decode import kernel_decode, key_bounds
 from pallas_kernels.triton.decode import DecodeConfig, default_num_splits
 
 
@@ -252,9 +252,9 @@ def test_lowers_for_h100(monkeypatch, tq, n, k, cache_shape, pages, mask, splits
     mask = _array_mask(b, n, cache_shape[1]) if mask == "arrays" else mask
 
     def fn(q, kc, vc, lengths, table):
-        return _pallas_triton_impl(q, kc, vc, lengths, table, mask, scale=0.1, logits_soft_cap=30.0,
-                                   num_splits=splits, return_residuals=True, interpret=False,
-                                   config=DecodeConfig())
+        return kernel_decode("pallas_triton", q, kc, vc, lengths, table, mask, scale=0.1,
+                             logits_soft_cap=30.0, num_splits=splits, return_residuals=True,
+                             interpret=False, config=DecodeConfig())
     sds = [jax.ShapeDtypeStruct((b, tq, n, h), jnp.bfloat16), jax.ShapeDtypeStruct(cache_shape, jnp.bfloat16),
            jax.ShapeDtypeStruct(cache_shape, jnp.bfloat16), jax.ShapeDtypeStruct((b,), np.int32),
            None if pages is None else jax.ShapeDtypeStruct((b, pages), np.int32)]

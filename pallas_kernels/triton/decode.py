@@ -1,6 +1,7 @@
 """Flash-decoding kernel (Pallas, Triton lowering; Pallas interpret mode on CPU).
 
-The backend protocol's optional ``decode`` entry:
+The Triton backend's ``decode`` entry (pallas_kernels/backend.py; the contract is
+written in pallas_kernels/decode_static.py):
 
     decode(static: DecodeStatic, q, k_cache, v_cache, lengths, page_table=None, operands=())
         -> (out [B, Tq, N, H] in q's dtype, lse [B, N, Tq] float32 natural log)
@@ -55,10 +56,9 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from pallas_kernels.common import LN2, LOG2E, MASK_VALUE, acc_dtype, pad_axis
 from pallas_kernels.decode_static import DecodeStatic
-from pallas_kernels.triton.common import (LN2, LOG2E, MASK_VALUE, acc_dtype, dot_nt,
-                                          online_softmax_step, pad_axis, padded_head_dim,
-                                          scaled_logits)
+from pallas_kernels.triton.common import dot_nt, online_softmax_step, padded_head_dim, scaled_logits
 
 # Query rows (Tq · N / K) one program holds; longer chunks belong to prefill kernels.
 MAX_ROWS = 128
@@ -193,11 +193,9 @@ def _decode_kernel(lengths_ref, q_ref, k_ref, v_ref, *refs, paged, tq, groups, r
                            for ref, cols in zip(operand_refs, operand_cols))
             keep = keep & mask_fn(q_pos, kv_pos, values)
         keep = jnp.broadcast_to(keep, (rp, bk))
-        # Keys no row may see (unwritten slots, keys left of a window, the overlap of a
-        # clamped last tile) get V = 0: their p is 0 already, but 0 · NaN is still NaN.
-        seen = (jnp.max(jnp.where(keep, 1, 0), axis=0) > 0)[:, None]   # (Triton has no reduce_or)
-        return online_softmax_step(logits2, m_i, l_i, o_acc,
-                                   lambda: jnp.where(seen, load(v_ref, index), 0), keep)
+        # The step zeroes the V rows of keys no row may see (unwritten slots, keys left of
+        # a window, the overlap of a clamped last tile): 0 · NaN would still be NaN.
+        return online_softmax_step(logits2, m_i, l_i, o_acc, lambda: load(v_ref, index), keep)
 
     carry = (jnp.full((rp,), MASK_VALUE, acc), jnp.zeros((rp,), acc),
              jnp.zeros((rp, q.shape[-1]), acc))
