@@ -158,8 +158,8 @@ def kernel_decode(backend_name: str, query, key_cache, value_cache, lengths, pag
         interpret = jax.default_backend() != "gpu"
     if not interpret and jax.default_backend() != "gpu":
         raise NotImplementedError(f"{backend_name} decoding needs a CUDA GPU (or interpret=True)")
-    static = DecodeStatic(scale=scale, logits_soft_cap=logits_soft_cap,
-                          mask_fn=None if isinstance(mask, FullMask) else _MaskFn(jax.tree_util.tree_structure(mask)),
+    mask_fn = None if isinstance(mask, FullMask) else _MaskFn(jax.tree_util.tree_structure(mask))
+    static = DecodeStatic(scale=scale, logits_soft_cap=logits_soft_cap, mask_fn=mask_fn,
                           bounds=key_bounds(mask), num_splits=num_splits, config=config,
                           interpret=bool(interpret))
     return _kernel_jit(query, key_cache, value_cache, lengths, page_table, mask,
