@@ -1,6 +1,6 @@
 """Decode attention on one GPU: jaxattn's flash-decoding kernel beside XLA and cuDNN.
 
-    PYTHONPATH=. python3 benchmarks/decode_bench.py --out decode.json [--quick] [--tune]
+    python3 benchmarks/decode_bench.py --out decode.json [--quick] [--tune]
 
 Decoding is memory-bound, so the figure of merit is GB/s = bytes of K and V the call
 must read / time (full-length rows: B · context · K · H · 2 bytes · 2 tensors; a window
@@ -29,19 +29,23 @@ import dataclasses
 import datetime
 import json
 import math
+import os
 import sys
 import time
 import traceback
 
-import jax
-import jax.numpy as jnp
+# This checkout's jaxattn, also when another copy is installed.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import jaxattn
-from jaxattn import masks as M
-from jaxattn.decode import kernel_decode, key_bounds
-from benchmarks.timing import rotation_sets, time_call
-from pallas_kernels.triton.decode import (DecodeConfig, default_decode_config, default_num_splits,
-                                          num_cores)
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+import jaxattn  # noqa: E402
+from jaxattn import masks as M  # noqa: E402
+from jaxattn.benchmarking.timing import rotation_sets, time_call  # noqa: E402
+from jaxattn.decode import kernel_decode, key_bounds  # noqa: E402
+from pallas_kernels.triton.decode import (DecodeConfig, default_decode_config,  # noqa: E402
+                                          default_num_splits, num_cores)
 
 H, N = 128, 32
 HBM_GBPS = 4800.0
