@@ -132,7 +132,8 @@ def dot_product_attention(query, key, value, bias=None, mask=None, *, scale=None
     scale = float(1.0 / math.sqrt(h)) if scale is None else float(scale)
     cap = None if logits_soft_cap is None else float(logits_soft_cap)
 
-    order = (implementation,) if implementation is not None else implementations.default_order()
+    order = ((implementation,) if implementation is not None
+             else implementations.default_order(canonical, query.dtype, cap))
     reasons = []
     for name in order:
         try:

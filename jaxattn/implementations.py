@@ -17,10 +17,12 @@ import functools
 from typing import Callable
 
 import jax
+import jax.numpy as jnp
 
 from pallas_kernels.registry import backend_names
 from jaxattn.flash import pallas_attention
-from jaxattn.jax_nn import jax_nn_attention
+from jaxattn.jax_nn import jax_nn_attention, jax_nn_mask_arguments
+from jaxattn.masks import Mask
 from jaxattn.reference import reference_attention
 
 _IMPLEMENTATIONS: dict[str, Callable] = {}
@@ -40,13 +42,29 @@ def get_implementation(name: str) -> Callable:
     return _IMPLEMENTATIONS[name]
 
 
-def default_order() -> tuple[str, ...]:
-    """Implementations tried by implementation=None, best first, for this platform."""
-    if jax.default_backend() == "gpu":
-        # The kernel backends in the registry's preference order; cuDNN then serves, in
-        # O(T) memory, what they decline, before the O(T·S) reference.
-        return (*(name for name in backend_names() if name in _IMPLEMENTATIONS), "cudnn", "reference")
-    return ("reference",)
+def default_order(mask: Mask | None = None, dtype=None, logits_soft_cap=None) -> tuple[str, ...]:
+    """Implementations tried by implementation=None, best first, for this platform and
+    (when given) this request.
+
+    On a GPU: the kernel backends in the registry's preference order, then cuDNN, which
+    serves in O(T) memory what they decline, then the O(T·S) reference. Except that a
+    mask `jax.nn.dot_product_attention` expresses natively (full, causal, sliding
+    window) on 16-bit inputs without a soft cap goes to cuDNN first: measured on an H200
+    (BENCHMARKS.md, "What implementation=None runs") cuDNN's training step is as fast or
+    faster there, so the default never returns something slower than jax.nn would.
+    jaxattn's kernels stay bitwise deterministic; name one to keep that for these masks."""
+    if jax.default_backend() != "gpu":
+        return ("reference",)
+    kernels = tuple(name for name in backend_names() if name in _IMPLEMENTATIONS)
+    if mask is not None and _cudnn_native(mask, dtype, logits_soft_cap):
+        return ("cudnn", *kernels, "reference")
+    return (*kernels, "cudnn", "reference")
+
+
+def _cudnn_native(mask: Mask, dtype, logits_soft_cap) -> bool:
+    return (logits_soft_cap is None and dtype is not None
+            and jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+            and jax_nn_mask_arguments(mask) is not None)
 
 
 def _reference(query, key, value, bias, mask, *, scale, logits_soft_cap, return_residuals):

@@ -41,7 +41,7 @@ def _jax_nn_jit(query, key, value, bias, mask, *, implementation, scale, return_
     t, s = query.shape[1], key.shape[1]
     # jax.nn averages all keys for a row with none allowed; our contract is 0 (lse -inf),
     # so rows without a key are found (O(T) for structured masks) and zeroed.
-    kwargs = _jax_nn_mask_arguments(mask)
+    kwargs = jax_nn_mask_arguments(mask)
     if kwargs is None:  # no structured equivalent: a dense [.., T, S] bool mask
         allowed = allowed_pairs(mask, t, s)
         kwargs = {"mask": allowed}
@@ -68,7 +68,7 @@ def _jax_nn_jit(query, key, value, bias, mask, *, implementation, scale, return_
     return (out, lse) if return_residuals else out
 
 
-def _jax_nn_mask_arguments(mask: Mask):
+def jax_nn_mask_arguments(mask: Mask):
     """jax.nn's own structured arguments for full / causal / sliding-window masks (so
     cuDNN and XLA get their fast paths, not an O(T·S) bool mask); None otherwise."""
     parts = mask.parts if isinstance(mask, AndMask) else (mask,)

@@ -10,6 +10,7 @@ import pytest
 import jaxattn
 from jaxattn import implementations
 from jaxattn import masks as M
+from pallas_kernels.registry import backend_names
 
 B, T, S, N, K, H = 2, 5, 7, 4, 2, 8
 
@@ -160,7 +161,7 @@ def test_not_implemented_falls_back_and_value_error_does_not(monkeypatch):
         raise NotImplementedError("this fake backend serves nothing")
 
     monkeypatch.setitem(implementations._IMPLEMENTATIONS, "cannot", cannot)
-    monkeypatch.setattr(implementations, "default_order", lambda: ("cannot", "reference"))
+    monkeypatch.setattr(implementations, "default_order", lambda *request: ("cannot", "reference"))
     q, kv = jnp.ones((1, 3, 2, 4)), jnp.ones((1, 3, 1, 4))
     out = jaxattn.dot_product_attention(q, kv, kv, is_causal=True)  # falls back to the reference
     assert calls == ["cannot"] and out.shape == (1, 3, 2, 4)
@@ -181,11 +182,19 @@ def test_gpu_order_falls_back_through_cudnn_to_reference(monkeypatch):
     (float32 here) ends at the reference, never at an error."""
     assert implementations.default_order() == ("reference",)  # CPU
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-    assert implementations.default_order() == ("pallas_triton", "cudnn", "reference")
+    kernels = tuple(n for n in backend_names() if n.startswith("pallas_"))
+    assert implementations.default_order() == (*kernels, "cudnn", "reference")
+    # masks jax.nn expresses natively, on 16-bit inputs, go to cuDNN first (measured faster)
+    for mask in (M.FullMask(), M.CausalMask(), M.CausalMask() & M.LocalMask(128, 0)):
+        assert implementations.default_order(mask, jnp.bfloat16) == ("cudnn", *kernels, "reference")
+    for mask, dtype, cap in ((M.CausalMask(), jnp.float32, None), (M.CausalMask(), jnp.bfloat16, 30.0),
+                             (M.CausalMask() & M.StridedMask(4), jnp.bfloat16, None)):
+        assert implementations.default_order(mask, dtype, cap) == (*kernels, "cudnn", "reference")
 
     def declines(*args, **kwargs):
         raise NotImplementedError("pretend the kernels cannot serve this")
-    monkeypatch.setitem(implementations._IMPLEMENTATIONS, "pallas_triton", declines)
+    for name in kernels:
+        monkeypatch.setitem(implementations._IMPLEMENTATIONS, name, declines)
     q = jax.random.normal(jax.random.key(0), (1, 6, 2, 8))
     bias = jax.random.normal(jax.random.key(1), (1, 2, 6, 6))
     got = jaxattn.dot_product_attention(q, q, q, bias)
