@@ -77,12 +77,29 @@ def _block_backward(implementation):
     differentiate its lse output). Gradients depend only on q, k, v, the mask, O, lse
     and dO, so any block backward is exact for any implementation's forward: jax.nn's
     "xla" and "cudnn" return an lse without gradient, so they get the jnp one."""
-    name = implementation if implementation is not None else default_order()[0]
-    if name in ("reference", "xla", "cudnn"):
+    if implementation is None:
+        return _first_serving_block_backward(default_order())
+    if implementation in ("reference", "xla", "cudnn"):
         return _reference_block_backward
-    if name in backend_names():
-        return _kernel_block_backward(name)
+    if implementation in backend_names():
+        return _kernel_block_backward(implementation)
     return None
+
+
+def _first_serving_block_backward(order):
+    """implementation=None: for each block, the backward of the first kernel backend in
+    the default order that serves it (a backend's supports() may decline one block's
+    mask and not another's), else the jnp block backward."""
+    kernels = [name for name in order if name in backend_names()]
+
+    def run(q, k, v, out, lse, dout, delta, mask, scale, parts=BOTH):
+        for name in kernels:
+            try:
+                return _kernel_block_backward(name)(q, k, v, out, lse, dout, delta, mask, scale, parts)
+            except NotImplementedError:
+                continue
+        return _reference_block_backward(q, k, v, out, lse, dout, delta, mask, scale, parts)
+    return run
 
 
 def ring_backward(cfg, residuals, dout):
