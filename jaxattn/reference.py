@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels.common import MASK_VALUE, acc_dtype
+from jaxattn.dropout import dropout_keep
 from jaxattn.masks.base import Mask, full_operand_view
 
 
@@ -46,31 +47,34 @@ def select_reachable(q, k, v, allowed):
 
 def allowed_pairs(mask: Mask, q_len: int, kv_len: int) -> jax.Array:
     """bool, broadcastable to [B, N, T, S]."""
-    q_pos = jnp.arange(q_len, dtype=jnp.int32)[:, None]
-    kv_pos = jnp.arange(kv_len, dtype=jnp.int32)[None, :]
+    # Positions as [1, 1, T, 1] and [1, 1, 1, S], so every mask's formula and its operand
+    # views ([Bm, Hm, T|1, S|1]) meet at one rank (clean under jax_numpy_rank_promotion="raise").
+    q_pos = jnp.arange(q_len, dtype=jnp.int32).reshape(1, 1, q_len, 1)
+    kv_pos = jnp.arange(kv_len, dtype=jnp.int32).reshape(1, 1, 1, kv_len)
     values = tuple(full_operand_view(o, q_len, kv_len) for o in mask.operands())
     allowed = jnp.asarray(mask.evaluate(q_pos, kv_pos, values))
     allowed = allowed.reshape((1,) * (4 - allowed.ndim) + allowed.shape)
     return jnp.broadcast_to(allowed, (*allowed.shape[:2], q_len, kv_len))
 
 
-@functools.partial(jax.jit, static_argnames=("scale", "logits_soft_cap", "return_residuals"))
-def reference_attention(query, key, value, bias=None, mask: Mask | None = None, *,
-                        scale: float, logits_soft_cap: float | None = None,
-                        return_residuals: bool = False):
-    """Inputs already validated by jaxattn.api; `mask` is a canonical Mask (or None)."""
+def _weights_parts(query, key, value, bias, mask, scale, logits_soft_cap, precision):
+    """Unnormalised probabilities p [B, K, G, T, S], row sums l and maxima m, and the
+    (reachable-selected) values, in the accumulation dtype."""
     b, t, n, h = query.shape
     s, k = key.shape[1], key.shape[2]
     g = n // k
     ct = acc_dtype(query.dtype)
-    q, key, value = query.astype(ct).reshape(b, t, k, g, h), key.astype(ct), value.astype(ct)
+    q, key = query.astype(ct).reshape(b, t, k, g, h), key.astype(ct)
+    value = None if value is None else value.astype(ct)
     if mask is None:
         allowed = jnp.ones((1, 1, 1, 1, 1), bool)
     else:
         allowed = grouped_allowed_pairs(mask, t, s, k, g)
-        q, key, value = select_reachable(q, key, value, allowed)
-    logits = jnp.einsum("btkgh,bskh->bkgts", q, key) * jnp.asarray(scale, ct)
+        q, key, value_or_key = select_reachable(q, key, key if value is None else value, allowed)
+        value = None if value is None else value_or_key
+    logits = jnp.einsum("btkgh,bskh->bkgts", q, key, precision=precision) * jnp.asarray(scale, ct)
     if bias is not None:
+        bias = bias.reshape((1,) * (4 - bias.ndim) + tuple(bias.shape))
         logits = logits + jnp.broadcast_to(bias.astype(ct), (b, n, t, s)).reshape(b, k, g, t, s)
     if logits_soft_cap is not None:
         cap = jnp.asarray(logits_soft_cap, ct)
@@ -82,14 +86,46 @@ def reference_attention(query, key, value, bias=None, mask: Mask | None = None, 
     m = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
     # A row whose allowed logits are all -inf (e.g. an all -inf bias row) is empty too:
     # shift by 0 so exp gives 0 instead of exp(-inf - -inf) = NaN.
-    m = jnp.where(jnp.isfinite(m), m, 0)
-    p = jnp.where(allowed, jnp.exp(logits - m), 0)
+    m = jnp.where(jnp.isfinite(m), m, jnp.zeros_like(m))
+    p = jnp.where(allowed, jnp.exp(logits - m), jnp.zeros_like(logits))
     l = jnp.sum(p, axis=-1, keepdims=True)
+    return p, l, m, value
+
+
+@functools.partial(jax.jit, static_argnames=("logits_soft_cap", "return_residuals", "precision",
+                                             "dropout_rate", "broadcast_dropout"))
+def reference_attention(query, key, value, bias=None, mask: Mask | None = None, *,
+                        scale, logits_soft_cap: float | None = None,
+                        return_residuals: bool = False, precision=None,
+                        dropout_rate: float = 0.0, dropout_seed=None,
+                        broadcast_dropout: bool = False):
+    """Inputs already validated by jaxattn.api; `mask` is a canonical Mask (or None).
+
+    `scale` is a Python float or a (possibly traced) scalar; `precision` goes to both
+    matmuls (jax.lax.Precision, a pair of them, or None for the default). Dropout: see
+    `jaxattn.dropout`; the lse is that of the attention before dropout."""
+    b, t, n, h = query.shape
+    ct = acc_dtype(query.dtype)
+    p, l, m, value = _weights_parts(query, key, value, bias, mask, scale, logits_soft_cap, precision)
     nonempty = l > 0
-    l_safe = jnp.where(nonempty, l, 1)
-    out = jnp.einsum("bkgts,bskh->btkgh", p / l_safe, value)
+    l_safe = jnp.where(nonempty, l, jnp.ones_like(l))
+    weights = p / l_safe
+    if dropout_rate:
+        keep = dropout_keep(dropout_seed, weights.shape, dropout_rate, broadcast=broadcast_dropout)
+        weights = jnp.where(keep, weights / jnp.asarray(1.0 - dropout_rate, ct), jnp.zeros_like(weights))
+    out = jnp.einsum("bkgts,bskh->btkgh", weights, value, precision=precision)
     out = out.reshape(b, t, n, h).astype(query.dtype)
     if not return_residuals:
         return out
-    lse = jnp.where(nonempty, m + jnp.log(l_safe), -jnp.inf)[..., 0].reshape(b, n, t)
+    lse = jnp.where(nonempty, m + jnp.log(l_safe), jnp.full_like(m, -jnp.inf))[..., 0].reshape(b, n, t)
     return out, lse
+
+
+@functools.partial(jax.jit, static_argnames=("logits_soft_cap", "precision"))
+def reference_attention_weights(query, key, bias=None, mask: Mask | None = None, *, scale,
+                                logits_soft_cap: float | None = None, precision=None):
+    """The attention probabilities [B, N, T, S] (float32, or float64 for float64 inputs):
+    O(T·S) memory by nature. A row with no allowed key is all zeros."""
+    b, t, n, _ = query.shape
+    p, l, _, _ = _weights_parts(query, key, None, bias, mask, scale, logits_soft_cap, precision)
+    return (p / jnp.where(l > 0, l, jnp.ones_like(l))).reshape(b, n, t, key.shape[1])

@@ -29,7 +29,8 @@ def call(q=Q, k=KV, v=KV, **kw):
 CASES = {
     # --- shapes --------------------------------------------------------------------
     "query_rank": (dict(q=arr(B, T, H)),
-                   r"query rank: expected 4 dims in BTNH layout .*got shape \(2, 5, 8\)\. Add the missing axes"),
+                   r"query rank: expected 4 dims in BTNH layout .*or 3 for one unbatched example.*"
+                   r"got shape \(2, 5, 8\)\. Add the missing axes"),
     "key_rank": (dict(k=arr(B, S, K, H, 1)),
                  r"key rank: expected 4 dims .*got shape \(2, 7, 2, 8, 1\)\. Add the missing axes"),
     "not_an_array": (dict(q=[[1.0]]), r"query: expected an array, got list\. Pass a jax or numpy array"),
@@ -41,12 +42,12 @@ CASES = {
     "head_dim": (dict(k=arr(B, S, K, 4), v=arr(B, S, K, 4)),
                  r"key head dim: expected query's head dim 8, got 4\. Project q and k to the same head dim"),
     "heads_not_multiple": (dict(k=arr(B, S, 3, H), v=arr(B, S, 3, H)),
-                           r"head counts: expected query heads N a multiple of key/value heads K .*"
+                           r"head counts: query heads N must be a multiple of key/value heads K .*"
                            r"got N=4, K=3\. Use K dividing N"),
-    "zero_length": (dict(k=arr(B, 0, K, H), v=arr(B, 0, K, H)),
-                    r"key shape: expected every dimension >= 1, got \(2, 0, 2, 8\)\. Skip the call"),
     "zero_head_dim": (dict(q=arr(B, T, N, 0), k=arr(B, S, K, 0), v=arr(B, S, K, 0)),
-                      r"query shape: expected every dimension >= 1, got \(2, 5, 4, 0\)"),
+                      r"query shape: expected heads and head_dim >= 1, got \(2, 5, 4, 0\)\. Only the batch"),
+    "mixed_ranks": (dict(k=arr(S, K, H), v=arr(S, K, H)),
+                    r"key rank: expected 4 dims .*same rank.*got shape \(7, 2, 8\)"),
     # --- dtypes --------------------------------------------------------------------
     "int_query": (dict(q=arr(B, T, N, H, dtype=np.int32)),
                   r"query: expected a floating dtype \(bfloat16, float16, float32, float64\), got int32\. "
@@ -64,9 +65,17 @@ CASES = {
     "mask_rank": (dict(mask=np.ones((1, B, N, T, S), bool)),
                   r"DenseMask array must have at most 4 dims.*got shape \(1, 2, 4, 5, 7\)\. Reshape it"),
     "mask_not_bool": (dict(mask=np.ones((T, S), np.int32)),
-                      r"must be boolean \(True = attend\), got dtype int32\. Convert with `mask.astype\(bool\)`"),
+                      r"mask must be boolean \(True = attend\), got dtype int32\. Convert with `mask != 0`"),
     "mask_float_jax": (dict(mask=jnp.ones((T, S))),
-                       r"must be boolean \(True = attend\), got dtype float32\. Convert"),
+                       r"mask must be boolean \(True = attend\), got dtype float32\. A float mask is ambiguous: "
+                       r"an additive mask .* is a bias, pass it as .*bias=additive"),
+    "seq_lengths_shape": (dict(query_seq_lengths=np.array([3, 4, 5], np.int32)),
+                          r"query_seq_lengths: expected shape \[B\] = \[2\], got \(3,\)\. One length"),
+    "seq_lengths_float": (dict(key_value_seq_lengths=np.array([3.0, 4.0])),
+                          r"key_value_seq_lengths: expected an int32 array of shape \[B\] = \[2\], got float64"),
+    "precision": (dict(precision="fast"), r"precision: expected None, a jax.lax.Precision .*got 'fast'\."),
+    "dropout_rate": (dict(dropout_rate=1.0, dropout_seed=0), r"dropout_rate must be in the range \[0, 1\), got 1\.0\."),
+    "dropout_seed": (dict(dropout_rate=0.5), r"dropout_seed: expected a uint32 seed for attention dropout .*got None\."),
     "mask_type": (dict(mask=[[True]]),
                   r"mask: expected None, a bool array or a jaxattn.masks.Mask, got list\. Build one"),
     "is_causal": (dict(is_causal="yes"), r"is_causal: expected a bool, got 'yes'\. Pass True or False"),
@@ -91,11 +100,15 @@ CASES = {
     "window_float_pair": (dict(local_window_size=(1.0, 2)), r"pair of ints, got \(1\.0, 2\)\. Example"),
     # --- implementation, scale, softcap, bias --------------------------------------
     "implementation": (dict(implementation="flash"),
-                       r"implementation: expected None or one of \[.*'reference'.*\], got 'flash'\. "
-                       r"Leave it None"),
-    "scale_nan": (dict(scale=float("nan")), r"scale: expected a finite Python float or None, got nan\. Leave it None"),
-    "scale_str": (dict(scale="0.5"), r"scale: expected a finite Python float or None, got '0\.5'\. Leave"),
-    "scale_bool": (dict(scale=True), r"scale: expected a finite Python float or None, got True"),
+                       r"implementation: expected None, one of \[.*'reference'.*\] or a sequence of them "
+                       r"tried in order, got 'flash'\. Leave it None"),
+    "implementation_in_list": (dict(implementation=("reference", "flash")),
+                               r"implementation: expected .*got \('reference', 'flash'\)\."),
+    "scale_nan": (dict(scale=float("nan")), r"scale: expected a finite float, a scalar array .*got nan\. Leave it None"),
+    "scale_nan_array": (dict(scale=jnp.float32(np.nan)), r"scale: expected a finite float.*got .*nan"),
+    "scale_vector": (dict(scale=np.ones(2, np.float32)), r"scale: expected a finite float, a scalar array"),
+    "scale_str": (dict(scale="0.5"), r"scale: expected a finite float, .*got '0\.5'\. Leave"),
+    "scale_bool": (dict(scale=True), r"scale: expected a finite float, .*got True"),
     "softcap_zero": (dict(logits_soft_cap=0.0),
                      r"logits_soft_cap: expected a positive finite float or None, got 0\.0\. Typical values"),
     "softcap_negative": (dict(logits_soft_cap=-30), r"logits_soft_cap: expected .*, got -30\. Typical"),

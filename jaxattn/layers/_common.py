@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from jaxattn.masks import DenseMask, Mask
+from jaxattn.masks.data import non_boolean_mask_error
 
 
 def check_layer_mask(mask) -> Mask | None:
@@ -22,14 +23,19 @@ def check_layer_mask(mask) -> Mask | None:
 
 def combine(layer_mask: Mask | None, call_mask) -> Mask | None:
     """layer_mask AND call_mask; a boolean array at call time becomes a DenseMask
-    (broadcastable to [B, N, T, S])."""
+    (broadcastable to [B, N, T, S]). Non-boolean arrays are refused, as by
+    `jaxattn.dot_product_attention`."""
     if call_mask is None:
         return layer_mask
     if not isinstance(call_mask, Mask):
         if not hasattr(call_mask, "dtype"):
             raise ValueError(f"mask: expected None, a jaxattn.masks.Mask or a bool array broadcastable "
                              f"to [B, N, T, S], got {type(call_mask).__name__}.")
-        call_mask = DenseMask(call_mask if call_mask.dtype == bool else call_mask.astype(bool))
+        if call_mask.dtype != bool:
+            # Never cast: an additive float mask cast to bool attends exactly where it
+            # should not (0 -> False, -inf -> True).
+            raise non_boolean_mask_error("mask", call_mask.dtype)
+        call_mask = DenseMask(call_mask)
     return call_mask if layer_mask is None else layer_mask & call_mask
 
 
@@ -39,7 +45,7 @@ def check_heads(num_heads: int, num_kv_heads: int | None, features: int, head_di
     num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
     if not isinstance(num_kv_heads, int) or num_kv_heads < 1 or num_heads % num_kv_heads:
         raise ValueError(f"num_kv_heads: expected a positive divisor of num_heads={num_heads} "
-                         f"(GQA/MQA), got {num_kv_heads!r}. Use 1 for MQA or num_heads for MHA.")
+                         f"(num_heads must be a multiple of it: GQA/MQA), got {num_kv_heads!r}. Use 1 for MQA or num_heads for MHA.")
     if head_dim is None:
         if features % num_heads:
             raise ValueError(f"head_dim: in_features={features} is not divisible by num_heads={num_heads}; "

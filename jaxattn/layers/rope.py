@@ -28,7 +28,8 @@ def rope_angles(positions, head_dim: int, theta: float = 10000.0):
         raise ValueError(f"RoPE needs an even head_dim, got head_dim={head_dim}. "
                          "Pick an even head_dim or build the layer with rope=False.")
     inv_freq = theta ** (-jnp.arange(0, head_dim // 2, dtype=jnp.float32) * 2.0 / head_dim)
-    return jnp.asarray(positions, jnp.float32)[..., None] * inv_freq
+    positions = jnp.asarray(positions, jnp.float32)[..., None]
+    return positions * inv_freq.reshape((1,) * (positions.ndim - 1) + (-1,))  # same rank: no promotion
 
 
 def apply_rope(x, positions, theta: float = 10000.0):

@@ -76,8 +76,10 @@ class Mask:
     def to_dense(self, q_len: int, kv_len: int):
         """Bool matrix of allowed pairs: numpy [T, S] for static masks, jnp
         [..., T, S] when the mask holds per-batch (or per-head) arrays."""
-        q_pos = np.arange(q_len, dtype=np.int32)[:, None]
-        kv_pos = np.arange(kv_len, dtype=np.int32)[None, :]
+        # [1, 1, T, 1] and [1, 1, 1, S]: the rank of the operand views, so the formula
+        # broadcasts without rank promotion (clean under jax_numpy_rank_promotion="raise").
+        q_pos = np.arange(q_len, dtype=np.int32).reshape(1, 1, q_len, 1)
+        kv_pos = np.arange(kv_len, dtype=np.int32).reshape(1, 1, 1, kv_len)
         # Static masks (numpy operands or none) are evaluated entirely in numpy, so
         # to_dense also works inside jit (jnp ops there would return tracers, which
         # np.asarray cannot convert).
@@ -193,7 +195,9 @@ class _Composite(Mask):
     def tile_state(self, q_len, kv_len, block_q, block_kv):
         states = [p.tile_state(q_len, kv_len, block_q, block_kv) for p in self.parts]
         if any(not isinstance(s, np.ndarray) for s in states):
-            states = [jnp.asarray(s) for s in states]
+            # [nQ, nK] static states meet [Bm, Hm, nQ, nK] dynamic ones at rank 4 (no
+            # implicit rank promotion).
+            states = [jnp.asarray(s).reshape((1,) * (4 - s.ndim) + s.shape) for s in states]
             out = states[0]
             for s in states[1:]:
                 out = self._combine_jnp(out, s)

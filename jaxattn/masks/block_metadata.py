@@ -62,7 +62,7 @@ def tile_states(mask: Mask, q_len: int, kv_len: int, block_q: int, block_kv: int
     while state.ndim < 4:
         state = state[None]
     if kv_len % block_kv:
-        last_col = xp.arange(state.shape[-1]) == state.shape[-1] - 1
+        last_col = (xp.arange(state.shape[-1]) == state.shape[-1] - 1).reshape(1, 1, 1, -1)
         state = xp.where(last_col & (state == FULL), PARTIAL, state).astype(xp.int8)
     return state
 
@@ -76,7 +76,7 @@ def _lists(selected, length, xp):
     else:
         order = jnp.argsort(~selected, axis=-1, stable=True)[..., :length]
     last = xp.take_along_axis(order, xp.maximum(count - 1, 0)[..., None], axis=-1)
-    pos = xp.arange(length)
+    pos = xp.arange(length).reshape((1,) * count.ndim + (length,))  # rank of index (no promotion)
     index = xp.where(pos < count[..., None], order, last)
     index = xp.where(count[..., None] > 0, index, 0)
     return count, index.astype(xp.int32)

@@ -36,6 +36,19 @@ def _tile_reduce(x, block_q: int, block_kv: int, op):
     return op(op(x, axis=-1), axis=-2)
 
 
+def non_boolean_mask_error(what: str, dtype) -> ValueError:
+    """The one message for a mask array that is not boolean. A float mask is refused,
+    never cast: an additive mask (0 = attend, -inf = blocked) cast to bool would flip
+    every pair (0 -> False, -inf -> True), a silent wrong result."""
+    if jnp.issubdtype(dtype, jnp.floating):
+        fix = ("A float mask is ambiguous: an additive mask (0 = attend, -inf or a large negative = "
+               "blocked) is a bias, pass it as jaxattn.dot_product_attention(..., bias=additive) or "
+               "as the bool mask `additive == 0`; a 0/1 mask becomes `mask > 0`.")
+    else:
+        fix = "Convert with `mask != 0` (nonzero = attend)."
+    return ValueError(f"{what} must be boolean (True = attend), got dtype {dtype}. {fix}")
+
+
 class DenseMask(Mask):
     """array[..., i, j] for a bool array broadcastable to [B, N, T, S].
 
@@ -52,8 +65,7 @@ class DenseMask(Mask):
             raise ValueError(f"DenseMask array must have at most 4 dims, broadcastable to [B, N, T, S], "
                              f"got shape {tuple(array.shape)}. Reshape it, e.g. mask[:, None] for [B, T, S].")
         if array.dtype != np.bool_:
-            raise ValueError(f"DenseMask array must be boolean (True = attend), got dtype {array.dtype}. "
-                             "Convert with `mask.astype(bool)` (or `mask > 0` for 0/1 masks).")
+            raise non_boolean_mask_error("DenseMask array", array.dtype)
         self._given_shape = tuple(array.shape)  # for error messages: what the user passed
         while array.ndim < 4:
             array = array[None]
