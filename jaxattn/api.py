@@ -18,6 +18,7 @@ import numpy as np
 from jaxattn import implementations
 from jaxattn.implementations import available_implementations
 from jaxattn.masks import Mask, canonical_mask
+from jaxattn.planned import run_planned
 
 __all__ = ["dot_product_attention", "available_implementations", "validate_inputs"]
 
@@ -131,6 +132,11 @@ def dot_product_attention(query, key, value, bias=None, mask=None, *, scale=None
     canonical.validate(t, s, b, n)
     scale = float(1.0 / math.sqrt(h)) if scale is None else float(scale)
     cap = None if logits_soft_cap is None else float(logits_soft_cap)
+    # Strided patterns run in residue order, part by part, when that visits fewer tiles.
+    planned = run_planned(query, key, value, bias, canonical, implementation=implementation, scale=scale,
+                          logits_soft_cap=cap, return_residuals=bool(return_residuals))
+    if planned is not None:
+        return planned
 
     order = ((implementation,) if implementation is not None
              else implementations.default_order(canonical, query.dtype, cap))
