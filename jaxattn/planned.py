@@ -31,7 +31,7 @@ import jax.numpy as jnp
 
 from jaxattn.masks import AndMask, Mask, OrMask, SegmentMask, StridedMask
 from jaxattn.masks.complement import NotMask
-from jaxattn.masks.plan import DataSlot, Part, Plan, plan_mask, skeleton, substitute, to_class_coords
+from jaxattn.masks.plan import DataSlot, Part, plan_mask, skeleton, substitute, to_class_coords
 
 _ENABLED = contextvars.ContextVar("jaxattn_planning", default=True)
 

@@ -44,7 +44,7 @@ from pallas_kernels.metadata import EMPTY, PARTIAL
 from jaxattn.masks.base import AndMask, Mask, OrMask, register_static_mask
 from jaxattn.masks.block_metadata import tile_states
 from jaxattn.masks.complement import NotMask
-from jaxattn.masks.data import DenseMask, SegmentMask
+from jaxattn.masks.data import SegmentMask
 from jaxattn.masks.structured import (CausalMask, FullMask, GlobalMask, LocalMask,
                                       StridedMask)
 
