@@ -29,6 +29,7 @@ import numpy as np
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.registry import backend_names, get_backend
 from jaxattn.masks import AndMask, Mask, OrMask, SegmentMask, StridedMask
 from jaxattn.masks.complement import NotMask
 from jaxattn.masks.plan import DataSlot, Part, plan_mask, skeleton, substitute, to_class_coords

@@ -42,21 +42,18 @@ def _both(q, k, v, do, mask):
 
 # (B, T, S, N, K, H), mask, segments?, (layouts of the parts: "natural" or stride)
 CASES = {
-    # batch fold with padded classes (T, S not multiples of 8), T != S, GQA, segment ids
-    # permuted like the tokens
-    "strided_causal_odd_gqa_segments": ((2, 100, 90, 4, 2, 16), M.StridedMask(8) & M.CausalMask(), True,
-                                        (8,)),
     # heads view (lengths multiples of 4): a dilated window is a window per class
     "dilated_window_heads_gqa": ((1, 128, 128, 2, 1, 16), M.LocalMask(24, 0) & M.StridedMask(4), False, (4,)),
     # two parts merged: the window in natural order, the strided rest in residue order
     "local_or_strided_causal": ((1, 256, 256, 2, 1, 16),
                                 (M.LocalMask(8, 0) | M.StridedMask(8)) & M.CausalMask(), False,
                                 ("natural", 8)),
-    # a strided offset shifts the keys (pre = 5); the global rows and columns run in
-    # natural order minus the strided part
-    "strided_offset_or_global": ((1, 160, 150, 2, 1, 16),
-                                 (M.StridedMask(8, offset=3) & M.CausalMask()) | M.GlobalMask(5), False,
-                                 (8, "natural")),
+    # batch fold: classes padded (T, S not multiples of 8, T != S), keys shifted by the
+    # strided offset (pre = 5), segment ids permuted like the tokens; the global rows and
+    # columns run in natural order minus the strided part; GQA
+    "strided_causal_offset_or_global_segments": ((2, 160, 150, 4, 2, 16),
+                                                 (M.StridedMask(8, offset=3) & M.CausalMask()) | M.GlobalMask(5),
+                                                 True, (8, "natural")),
 }
 
 
@@ -66,9 +63,10 @@ def test_planned_matches_reference(name):
     b, t, s = shape[:3]
     if segments:
         mask = mask & _segments(b, t, s)
-    plan, _ = plan_for(mask, t, s, shape[-1], IMPL)
+    q, k, v, do = _inputs(*shape)
+    plan, _ = plan_for(mask, q, k, IMPL)
     assert tuple("natural" if p.layout is None else p.layout.stride for p in plan.parts) == layouts
-    (ro, rl, rg), (po, pl_, pg) = _both(*_inputs(*shape), mask)
+    (ro, rl, rg), (po, pl_, pg) = _both(q, k, v, do, mask)
     assert not jnp.isnan(po).any() and not any(jnp.isnan(g).any() for g in pg)
     np.testing.assert_allclose(po, ro, atol=2e-5, rtol=1e-5)
     np.testing.assert_array_equal(np.isneginf(pl_), np.isneginf(rl))
