@@ -134,7 +134,8 @@ def dot_product_attention(query, key, value, bias=None, mask=None, *, scale=None
     cap = None if logits_soft_cap is None else float(logits_soft_cap)
     # Strided patterns run in residue order, part by part, when that visits fewer tiles.
     planned = run_planned(query, key, value, bias, canonical, implementation=implementation, scale=scale,
-                          logits_soft_cap=cap, return_residuals=bool(return_residuals))
+                          logits_soft_cap=cap, return_residuals=bool(return_residuals),
+                          attend_fn=dot_product_attention)
     if planned is not None:
         return planned
 

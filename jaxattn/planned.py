@@ -30,6 +30,8 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels.registry import backend_names, get_backend
+from jaxattn import flash
+from jaxattn.implementations import default_order
 from jaxattn.masks import AndMask, Mask, OrMask, SegmentMask, StridedMask
 from jaxattn.masks.complement import NotMask
 from jaxattn.masks.plan import DataSlot, Part, plan_mask, skeleton, substitute, to_class_coords
@@ -62,7 +64,6 @@ def forward_tiles(name: str, query, key, mask: Mask, logits_soft_cap=None):
     tiles: nothing to plan for) or the backend declines the call."""
     if name not in backend_names():
         return None
-    from jaxattn import flash
     backend = get_backend(name)
     interpret = flash.default_interpret()
     request = flash.kernel_request(query, key, None, mask, logits_soft_cap)
@@ -84,7 +85,6 @@ def plan_for(mask: Mask, query, key, implementation: str | None, logits_soft_cap
     may be arrays or jax.ShapeDtypeStructs."""
     if not _ENABLED.get() or not _has(mask, StridedMask):
         return None
-    from jaxattn.implementations import default_order
     tiles = None
     for name in (implementation,) if implementation is not None else default_order():
         tiles = forward_tiles(name, query, key, mask, logits_soft_cap)
@@ -99,19 +99,19 @@ def plan_for(mask: Mask, query, key, implementation: str | None, logits_soft_cap
 
 
 def run_planned(query, key, value, bias, mask: Mask, *, implementation, scale, logits_soft_cap,
-                return_residuals):
+                return_residuals, attend_fn):
     """The dispatch hook: the planned result of dot_product_attention, or None when the
-    plain tile walk is the best (or the call has a bias, which the plan does not permute)."""
+    plain tile walk is the best (or the call has a bias, which the plan does not permute).
+    `attend_fn` is dot_product_attention itself, which runs each part."""
     if bias is not None:
         return None
     found = plan_for(mask, query, key, implementation, logits_soft_cap)
     if found is None:
         return None
     plan, data = found
-    from jaxattn.api import dot_product_attention
 
     def attend(q, k, v, m):
-        return dot_product_attention(q, k, v, mask=m, scale=scale, logits_soft_cap=logits_soft_cap,
+        return attend_fn(q, k, v, mask=m, scale=scale, logits_soft_cap=logits_soft_cap,
                                      implementation=implementation, return_residuals=True)
 
     try:
