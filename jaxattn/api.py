@@ -23,6 +23,7 @@ from jaxattn import implementations
 from jaxattn.implementations import available_implementations
 from jaxattn.masks import LengthMask, Mask, canonical_mask
 from jaxattn.masks.data import non_boolean_mask_error
+from jaxattn.planned import run_planned
 from jaxattn.reference import reference_attention, reference_attention_weights
 
 __all__ = ["dot_product_attention", "available_implementations", "validate_inputs", "attention_weights"]
@@ -304,6 +305,16 @@ def dot_product_attention(query, key, value, bias=None, mask=None, *, scale=None
     scale = float(1.0 / math.sqrt(h)) if scale is None else scale if traced_scale is not None else float(scale)
     cap = None if logits_soft_cap is None else float(logits_soft_cap)
     dropout_rate = float(dropout_rate)
+    # Strided patterns run in residue order, part by part, when that visits fewer tiles
+    # (a call the plan does not cover — dropout, a non-default precision, several
+    # implementations to try — takes the plain tile walk).
+    if dropout_rate == 0.0 and _is_default_precision(precision) and (names is None or len(names) == 1):
+        planned = run_planned(query, key, value, bias, canonical,
+                              implementation=None if names is None else names[0], scale=scale,
+                              logits_soft_cap=cap, return_residuals=bool(return_residuals),
+                              attend_fn=dot_product_attention)
+        if planned is not None:
+            return planned
 
     order = (names if names is not None
              else implementations.default_order(canonical, query.dtype, cap))

@@ -1,0 +1,131 @@
+"""Strided and dilated masks on the GPU: today's tile walk, the planner, cuDNN with the
+dense mask, in one process.
+
+    PYTHONPATH=. python3 benchmarks/strided_bench.py --out results/strided_bench.json
+
+Cases are issue 16's table: D128, B1, H16, S = T = 32768, bf16. Useful TFLOP/s count
+the allowed pairs only: forward 4·B·N·T·S·D·density, forward+backward 3.5× that.
+Engines:
+  today  jaxattn pallas_triton with the planner off (jaxattn.planned.planning(False))
+  plan   jaxattn pallas_triton as dispatch chooses (the plan of jaxattn.masks.explain)
+  cudnn  jax.nn.dot_product_attention(implementation="cudnn") with the dense [T, S] mask
+Times are medians of 20 calls after 2 warm-ups (benchmarks/timing.py); one input set
+(3 × 128 MB exceeds the L2). Each row also records the planned tiles and the largest
+difference between the plan's and today's forward outputs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import sys
+import time
+import traceback
+
+import jax
+import jax.numpy as jnp
+
+import jaxattn
+from jaxattn import masks as M
+from jaxattn.planned import planning
+from jaxattn.reference import allowed_pairs
+from benchmarks.timing import time_call
+
+ENGINES = ("today", "plan", "cudnn")
+
+
+def cases():
+    return {
+        "strided 256 causal": M.StridedMask(256) & M.CausalMask(),
+        "(local 256 | strided 256) causal": (M.LocalMask(256, 0) | M.StridedMask(256)) & M.CausalMask(),
+        "dilated window 2048 stride 4": M.LocalMask(2048, 0) & M.StridedMask(4),
+        "local 256 causal (reference point)": M.LocalMask(256, 0) & M.CausalMask(),
+    }
+
+
+def _functions(engine, mask):
+    """(fwd, fwd_bwd) taking (q, k, v, extra..., [do]); extra is the dense mask for cuDNN."""
+    if engine == "cudnn":
+        def attn(q, k, v, allowed):
+            return jax.nn.dot_product_attention(q, k, v, mask=allowed, implementation="cudnn")
+    else:
+        def attn(q, k, v):
+            return jaxattn.dot_product_attention(q, k, v, mask=mask, implementation="pallas_triton")
+
+    def loss(*args):
+        *inputs, do = args
+        return jnp.sum(attn(*inputs).astype(jnp.float32) * do.astype(jnp.float32))
+    return attn, jax.grad(loss, argnums=(0, 1, 2))
+
+
+def run_case(name, mask, *, b, n, s, d, engines):
+    t0 = time.perf_counter()
+    explanation = M.explain(mask, s, s, block_q=128, block_kv=64)
+    density = explanation.density
+    flops_fwd = 4 * b * n * s * s * d * density
+    ks = jax.random.split(jax.random.key(0), 4)
+    q, k, v, do = (jax.random.normal(x, (b, s, n, d), jnp.bfloat16) for x in ks)
+    row = dict(case=name, mask=repr(mask), b=b, n=n, s=s, d=d, density=density,
+               allowed_pairs=explanation.allowed_pairs, flops_fwd=flops_fwd,
+               plain_tiles=explanation.plan.plain_tiles, planned_tiles=explanation.plan.tiles,
+               planned=explanation.plan.planned, explain=str(explanation))
+    outs = {}
+    for engine in engines:
+        try:
+            extra = (allowed_pairs(mask, s, s),) if engine == "cudnn" else ()
+            fwd, fwd_bwd = _functions(engine, mask)
+            # The planner's switch is read while tracing: compile inside it.
+            with planning(engine != "today"):
+                fwd_c = jax.jit(fwd).lower(q, k, v, *extra).compile()
+                bwd_c = jax.jit(fwd_bwd).lower(q, k, v, *extra, do).compile()
+            tf = time_call(fwd_c, [(q, k, v, *extra)]).median_s
+            tfb = time_call(bwd_c, [(q, k, v, *extra, do)]).median_s
+            row[engine] = dict(fwd_ms=tf * 1e3, fwd_bwd_ms=tfb * 1e3,
+                               fwd_tflops=flops_fwd / tf / 1e12,
+                               fwd_bwd_tflops=3.5 * flops_fwd / tfb / 1e12)
+            if engine in ("today", "plan"):
+                outs[engine] = fwd_c(q, k, v).astype(jnp.float32)
+            del extra
+        except Exception as e:  # an engine that cannot run this case (OOM, unsupported)
+            row[engine] = dict(error=f"{type(e).__name__}: {str(e)[:300]}")
+    if len(outs) == 2:
+        row["max_abs_diff_plan_vs_today"] = float(jnp.max(jnp.abs(outs["plan"] - outs["today"])))
+    row["case_s"] = time.perf_counter() - t0
+    return row
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="strided_bench.json")
+    p.add_argument("--cases", nargs="*", default=None, help=f"names among {list(cases())}")
+    p.add_argument("--engines", nargs="*", default=list(ENGINES))
+    p.add_argument("--seq", type=int, default=32768)
+    args = p.parse_args(argv)
+    all_cases = cases()
+    meta = dict(device=str(jax.devices()[0].device_kind), date=datetime.date.today().isoformat(),
+                jax=jax.__version__, b=1, n=16, d=128, dtype="bfloat16")
+    rows = []
+    for name in args.cases or list(all_cases):
+        try:
+            row = run_case(name, all_cases[name], b=1, n=16, s=args.seq, d=128, engines=args.engines)
+        except Exception:
+            traceback.print_exc()
+            row = dict(case=name, error=traceback.format_exc()[-500:])
+        rows.append(row)
+        cells = [f"{name} ({row.get('density', float('nan')):.2%})"]
+        for engine in args.engines:
+            r = row.get(engine, {})
+            cells.append(f"{engine} {r['fwd_tflops']:.1f}/{r['fwd_bwd_tflops']:.1f} TFLOP/s "
+                         f"({r['fwd_ms']:.2f}/{r['fwd_bwd_ms']:.2f} ms)" if "fwd_tflops" in r
+                         else f"{engine}: {r.get('error', '-')[:80]}")
+        if "max_abs_diff_plan_vs_today" in row:
+            cells.append(f"|plan - today| {row['max_abs_diff_plan_vs_today']:.1e}")
+        print(" | ".join(cells), flush=True)
+        with open(args.out, "w") as f:
+            json.dump(dict(meta=meta, rows=rows), f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
