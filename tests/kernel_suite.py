@@ -31,6 +31,7 @@ from jaxattn.flash import default_interpret, kernel_request, pallas_attention
 from jaxattn.reference import allowed_pairs
 from pallas_kernels.common import MASK_VALUE
 from pallas_kernels.registry import get_backend
+from helpers import lower_for_h100
 
 
 def kernel_cases(f: int = 1):
@@ -284,7 +285,6 @@ class KernelCases:
             self.check(name, got, ref, nv, atol=2e-4)
 
 
-_H100 = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="cuda")
 
 
 class InterpretOnlyCases:
@@ -324,12 +324,10 @@ class InterpretOnlyCases:
                 return jnp.sum(out.astype(jnp.float32))
             return jax.grad(loss, argnums=(0, 1, 2) + ((3,) if bias else ()))(q, kk, v, bias_arr)
 
-        mesh = jax.sharding.AbstractMesh((1,), ("x",), abstract_device=_H100)
         sds = [jax.ShapeDtypeStruct((b, t, n, h), jnp.bfloat16),
                jax.ShapeDtypeStruct((b, s, k, h), jnp.bfloat16),
                jax.ShapeDtypeStruct((b, s, k, h), jnp.bfloat16)]
-        with jax.sharding.use_abstract_mesh(mesh):
-            text = jax.jit(fn).trace(*sds).lower(lowering_platforms=("cuda",)).as_text()
+        text = lower_for_h100(fn, *sds)
         for name in self.lowered_names:
             assert name in text, name
 

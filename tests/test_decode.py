@@ -16,6 +16,7 @@ import jaxattn
 from jaxattn import masks as M
 from jaxattn.decode import kernel_decode, key_bounds
 from pallas_kernels.triton.decode import DecodeConfig, default_num_splits
+from helpers import lower_for_h100
 
 
 def _caches(b, s, k, h, lengths, *, seed=0, dtype=np.float32):
@@ -236,7 +237,6 @@ def test_kernel_declines_more_rows_than_it_holds():
 # ------------------------------------------------------------------------------------
 # Lowering for an H100 on the CPU machine (catches Triton lowering errors, no GPU needed).
 # ------------------------------------------------------------------------------------
-_H100 = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="cuda")
 
 
 @pytest.mark.parametrize("tq,n,k,cache_shape,pages,mask,splits", [
@@ -258,9 +258,7 @@ def test_lowers_for_h100(monkeypatch, tq, n, k, cache_shape, pages, mask, splits
     sds = [jax.ShapeDtypeStruct((b, tq, n, h), jnp.bfloat16), jax.ShapeDtypeStruct(cache_shape, jnp.bfloat16),
            jax.ShapeDtypeStruct(cache_shape, jnp.bfloat16), jax.ShapeDtypeStruct((b,), np.int32),
            None if pages is None else jax.ShapeDtypeStruct((b, pages), np.int32)]
-    mesh = jax.sharding.AbstractMesh((1,), ("x",), abstract_device=_H100)
-    with jax.sharding.use_abstract_mesh(mesh):
-        text = jax.jit(fn).trace(*sds).lower(lowering_platforms=("cuda",)).as_text()
+    text = lower_for_h100(fn, *sds)
     assert "jaxattn_flash_decode" in text
 
 

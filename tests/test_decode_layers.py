@@ -3,9 +3,6 @@ the KV cache gives what one causal call over the whole sequence gives, with RoPE
 windows and prompts of different lengths; the example LM's greedy tokens from the cache
 equal the tokens from recomputing the full sequence each step."""
 
-import importlib.util
-import pathlib
-import sys
 
 import numpy as np
 import pytest
@@ -15,6 +12,7 @@ from flax import nnx
 
 from jaxattn import masks as M
 from jaxattn.layers import Decoder, LinenMultiHeadAttention, MultiHeadAttention
+from helpers import load_example
 
 D, N, K = 16, 4, 2
 
@@ -97,12 +95,7 @@ def test_decode_errors():
 
 
 def _example():
-    path = pathlib.Path(__file__).resolve().parents[1] / "examples" / "long_range_lm.py"
-    spec = importlib.util.spec_from_file_location("long_range_lm", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("long_range_lm", module)
-    spec.loader.exec_module(module)
-    return module
+    return load_example("long_range_lm")
 
 
 def test_example_greedy_tokens_from_the_cache_equal_recomputing():

@@ -7,9 +7,6 @@ pallas_triton when it is registered)."""
 from __future__ import annotations
 
 import functools
-import importlib.util
-import pathlib
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -22,6 +19,7 @@ import jaxattn
 from jaxattn import masks
 from jaxattn.layers import (Decoder, LinenMultiHeadAttention, MultiHeadAttention, apply_rope,
                             attention_fn, interleaved_pattern)
+from helpers import load_example
 
 B, T, D, N = 2, 12, 16, 4
 TOL = dict(rtol=2e-5, atol=2e-5)
@@ -279,12 +277,7 @@ def test_layer_with_pallas_triton_matches_reference():
 # The example
 # ------------------------------------------------------------------------------------------
 def _example():
-    path = pathlib.Path(__file__).resolve().parents[1] / "examples" / "long_range_lm.py"
-    spec = importlib.util.spec_from_file_location("long_range_lm", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("long_range_lm", module)
-    spec.loader.exec_module(module)
-    return module
+    return load_example("long_range_lm")
 
 
 def test_example_task_is_long_range():

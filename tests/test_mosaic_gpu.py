@@ -26,32 +26,22 @@ from jaxattn import masks as M
 from jaxattn.masks import build_block_metadata
 from jaxattn.reference import reference_attention
 from pallas_kernels import mosaic_gpu
-from pallas_kernels.flash_vjp import FlashStatic, flash_attention
+from pallas_kernels.flash_vjp import flash_attention
 from pallas_kernels.mosaic_gpu.common import TileLists
 from pallas_kernels.mosaic_gpu.config import SMEM_BYTES, MosaicConfig
 from pallas_kernels.triton.config import TritonConfig
-
-H100 = "NVIDIA H100 80GB HBM3"
+from helpers import lower_for_h100
+from jaxattn.flash import prepare_call
 
 
 def _call(mask, t, s, h, config=None):
     """(static, metas, operands) for the mosaic backend, as jaxattn builds them."""
     cfg = config or mosaic_gpu.config_for_head_dim(mosaic_gpu.padded_head_dim(h))
-    metas = {name: jax.tree_util.tree_map(jnp.asarray, build_block_metadata(mask, t, s, bq, bk))
-             for name, (bq, bk) in cfg.metadata_tiles().items()}
-    operands = mask.operands()
-    static = FlashStatic(backend=mosaic_gpu, scale=h ** -0.5, logits_soft_cap=None,
-                         mask_fn=None if isinstance(mask, M.FullMask) else mask.evaluate,
-                         operand_kinds=tuple((o.kind, o.layout_block) for o in operands),
-                         config=cfg, interpret=False)
-    return static, metas, tuple(jnp.asarray(o.array) for o in operands)
+    return prepare_call("pallas_mosaic_gpu", mask, t, s, scale=h ** -0.5, logits_soft_cap=None,
+                        config=cfg, interpret=False)
 
 
-def _lower_for_h100(fn, *shapes):
-    device = jax.sharding.AbstractDevice(device_kind=H100, num_cores=132, platform="cuda")
-    mesh = jax.sharding.AbstractMesh((1,), ("x",), abstract_device=device)
-    with jax.sharding.use_abstract_mesh(mesh):
-        return jax.jit(fn).trace(*shapes).lower(lowering_platforms=("cuda",)).as_text()
+_lower_for_h100 = lower_for_h100
 
 
 def _shapes(b, t, s, n, kh, h, dtype=jnp.bfloat16):

@@ -18,24 +18,16 @@ import pytest
 
 from jaxattn import masks as M
 from jaxattn.reference import reference_attention
-from pallas_kernels.flash_vjp import FlashStatic, backward_lse
+from pallas_kernels.flash_vjp import backward_lse
 from pallas_kernels.mosaic_gpu import backward_kernels as mb
 from pallas_kernels.mosaic_gpu.backward_walk import TileLists
-
-H100 = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132,
-                                   platform="cuda")
-
+from helpers import lower_for_h100
+from jaxattn.flash import prepare_call
 
 def _static_and_metas(mask, t, s, h, cap=None):
-    config = mb.default_backward_config(mb.padded_head_dim(h))
-    metas = {name: jax.tree_util.tree_map(jnp.asarray, M.build_block_metadata(mask, t, s, *tiles))
-             for name, tiles in config.metadata_tiles().items()}
-    operands = mask.operands()
-    static = FlashStatic(backend=None, scale=h ** -0.5, logits_soft_cap=cap,
-                         mask_fn=None if isinstance(mask, M.FullMask) else mask.evaluate,
-                         operand_kinds=tuple((o.kind, o.layout_block) for o in operands),
-                         config=None, interpret=False)
-    return static, metas, tuple(jnp.asarray(o.array) for o in operands)
+    """(static, metas, operands) as jaxattn builds them, at the backward kernels' tiles."""
+    return prepare_call("pallas_mosaic_gpu", mask, t, s, scale=h ** -0.5, logits_soft_cap=cap,
+                        config=mb.default_backward_config(mb.padded_head_dim(h)), interpret=False)
 
 
 def _backward_fn(mask, t, s, h, cap=None, parts=("dq", "dkdv")):
@@ -54,9 +46,7 @@ def _lowered_text(mask, *, b=1, t=256, s=256, n=2, kh=1, h=64, cap=None, dtype=j
     shapes = [((b, t, n, h), dtype), ((b, s, kh, h), dtype), ((b, s, kh, h), dtype),
               ((b, t, n, h), dtype), ((b, n, t), jnp.float32), ((b, t, n, h), dtype)]
     args = [jax.ShapeDtypeStruct(shape, dt) for shape, dt in shapes]
-    mesh = jax.sharding.AbstractMesh((1,), ("x",), abstract_device=H100)
-    with jax.sharding.use_abstract_mesh(mesh):
-        return jax.jit(run).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    return lower_for_h100(run, *args)
 
 
 LOWERING_CASES = {
