@@ -99,6 +99,11 @@ def ring_attention(query, key, value, mask=None, *, mesh, axis_name, is_causal=F
 
     T or S not a multiple of 2P: padded inside (padding keys are never attended, padded
     rows are dropped). Returns [B, T, N, H] in the query's dtype.
+
+    Meshes with Explicit axes (`jax.make_mesh`'s default): inputs already placed on the
+    mesh, or a call inside `jax.set_mesh`, run on it as given; host arrays called outside
+    any mesh context run on the same devices with Auto axes, so `jax.grad` of the result
+    works outside `jit` too.
     """
     validate_inputs(query, key, value, None, scale=scale, logits_soft_cap=None)
     if implementation is not None and implementation not in available_implementations():
