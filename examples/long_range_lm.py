@@ -52,6 +52,7 @@ from flax import nnx
 
 import jaxattn
 from jaxattn import masks
+from jaxattn.cli import int_at_least
 from jaxattn.layers import Decoder
 
 ATTENTION_CHOICES = ("full", "local", "local_global", "full_local", "local_full", "local_random")
@@ -305,19 +306,6 @@ def _choices(text: str) -> list[str]:
     return chosen
 
 
-def _at_least(low: int):
-    def check(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            value = low - 1
-        if value < low:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}")
-        return value
-    check.__name__ = f"integer >= {low}"
-    return check
-
-
 # --quick: a short run that checks the whole pipeline on two choices, one that cannot
 # reach the facts and one that can (accuracies are not converged).
 QUICK = {"attention": "local,local_global", "steps": 30, "batch": 8, "eval_batches": 2, "log_every": 10}
@@ -331,7 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=_HelpFormatter,
                                 epilog="Attention choices (per layer, all causal):\n"
                                        + __doc__.split("Choices (per layer, all causal):\n")[1].split("\n\n")[0])
-    positive, non_negative = _at_least(1), _at_least(0)
+    positive, non_negative = int_at_least(1), int_at_least(0)
     p.add_argument("--attention", type=_choices, default="full,local,local_global,full_local",
                    help=f"comma-separated choices from {', '.join(ATTENTION_CHOICES)}, trained one after the other")
     p.add_argument("--implementation", default="reference",
@@ -343,7 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keys", type=positive, default=16, help="distinct key tokens")
     p.add_argument("--values", type=positive, default=8, help="distinct value tokens (chance = 1 / values)")
     p.add_argument("--noise", type=positive, default=16, help="distinct noise tokens in the gap")
-    p.add_argument("--layers", type=_at_least(2), default=2,
+    p.add_argument("--layers", type=int_at_least(2), default=2,
                    help="decoder layers (at least 2: the mixed choices need a full and a local layer)")
     p.add_argument("--d-model", type=positive, default=64, help="model width")
     p.add_argument("--heads", type=positive, default=4, help="query heads")

@@ -69,8 +69,11 @@ class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaults
 # Option types: each checks one value as it is parsed (argparse reports the error with
 # the subcommand's usage).
 # ------------------------------------------------------------------------------------
-def _int_at_least(minimum: int, expected: str):
-    """An argparse type: an integer >= minimum, else an error naming `expected`."""
+def int_at_least(minimum: int, expected: str | None = None):
+    """An argparse type: an integer >= minimum, else an error naming `expected`
+    (default "an integer >= minimum")."""
+    expected = expected or f"an integer >= {minimum}"
+
     def parse(text: str) -> int:
         try:
             value = int(text)
@@ -79,11 +82,12 @@ def _int_at_least(minimum: int, expected: str):
         if value < minimum:
             raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
         return value
+    parse.__name__ = expected
     return parse
 
 
-positive_int = _int_at_least(1, "a positive integer")
-non_negative_int = _int_at_least(0, "an integer >= 0")
+positive_int = int_at_least(1, "a positive integer")
+non_negative_int = int_at_least(0)
 
 
 def non_negative_seconds(text: str) -> float:
