@@ -1,7 +1,7 @@
 """Strided and dilated masks on the GPU: today's tile walk, the planner, cuDNN with the
 dense mask, in one process.
 
-    PYTHONPATH=. python3 benchmarks/strided_bench.py --out results/strided_bench.json
+    python3 benchmarks/strided_bench.py --out results/strided_bench.json
 
 Cases are issue 16's table: D128, B1, H16, S = T = 32768, bf16. Useful TFLOP/s count
 the allowed pairs only: forward 4·B·N·T·S·D·density, forward+backward 3.5× that.
@@ -19,18 +19,22 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import sys
 import time
 import traceback
 
-import jax
-import jax.numpy as jnp
+# This checkout's jaxattn, also when another copy is installed.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import jaxattn
-from jaxattn import masks as M
-from jaxattn.planned import planning
-from jaxattn.reference import allowed_pairs
-from benchmarks.timing import time_call
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+import jaxattn  # noqa: E402
+from jaxattn import masks as M  # noqa: E402
+from jaxattn.benchmarking.timing import time_call  # noqa: E402
+from jaxattn.planned import planning  # noqa: E402
+from jaxattn.reference import allowed_pairs  # noqa: E402
 
 ENGINES = ("today", "plan", "cudnn")
 

@@ -53,10 +53,19 @@ class BlockMetadata:
     t_partial_index [Bm, Hm, nK, Lpt]
 
     Static fields: block_q, block_kv (tile sizes), q_len, kv_len (unpadded lengths), and
-    facts known at trace time for static masks (always False for dynamic ones):
+    facts known at trace time for static masks (for dynamic masks the safe value: False
+    for the first three, True for the two isolation facts):
     full_is_run   every q-block's FULL list is a run k0, k0+1, ... (full, causal, local)
     t_full_is_run the same for the transposed FULL lists
     dense         every tile is FULL (dense attention, no kv padding)
+    partial_isolates_keys     some PARTIAL tile holds a key column that no query row of
+                              the tile may attend (True unless shown otherwise)
+    partial_isolates_queries  some PARTIAL tile holds a query row that may attend no key
+                              column of the tile (True unless shown otherwise)
+    Kernels zero such K/V (Q) rows inside PARTIAL tiles, so NaN/Inf held by a masked
+    key (or query) cannot meet a zero probability in a dot (0 · NaN = NaN); where these
+    facts are False (causal, aligned windows: every column of a PARTIAL tile has some
+    row that attends it) that per-tile reduction and select are skipped.
     L* >= 1 always (an all-empty row has count 0 and index 0).
     """
 
@@ -75,6 +84,8 @@ class BlockMetadata:
     full_is_run: bool = dataclasses.field(default=False, metadata=dict(static=True))
     t_full_is_run: bool = dataclasses.field(default=False, metadata=dict(static=True))
     dense: bool = dataclasses.field(default=False, metadata=dict(static=True))
+    partial_isolates_keys: bool = dataclasses.field(default=True, metadata=dict(static=True))
+    partial_isolates_queries: bool = dataclasses.field(default=True, metadata=dict(static=True))
 
     @property
     def num_q_blocks(self) -> int:

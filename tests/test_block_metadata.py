@@ -337,3 +337,53 @@ def test_128k_static_metadata_is_cheap(make):
     assert peak < 256 * 2**20, f"peak {peak / 2**20:.0f} MiB"
     assert md.num_q_blocks == md.num_kv_blocks == 1024
     assert int(np.asarray(md.full_count).sum() + np.asarray(md.partial_count).sum()) > 0
+
+
+# ---------------------------------------------------------------------------------
+# Isolation facts: may a PARTIAL tile hold a key column (query row) nobody in the tile
+# attends? The kernels skip zeroing such rows only where the answer is a proven "no".
+# ---------------------------------------------------------------------------------
+def isolation_oracle(dense, state, bq, bk):
+    """(keys, queries) straight from the dense [Bm, Hm, T, S] matrix, tile by tile."""
+    keys = queries = False
+    for b, h, a, c in np.argwhere(state == PARTIAL):
+        tile = dense[b, h, a * bq:(a + 1) * bq, c * bk:(c + 1) * bk]
+        keys |= bool((~tile.any(axis=0)).any())
+        queries |= bool((~tile.any(axis=1)).any())
+    return keys, queries
+
+
+@SETTINGS
+@given(cases())
+def test_isolation_facts_match_dense(case):
+    mask, q_len, kv_len, bq, bk = case
+    md = build_block_metadata(mask, q_len, kv_len, bq, bk)
+    dense = oracle(mask, q_len, kv_len)
+    state = np.broadcast_to(tile_states(mask, q_len, kv_len, bq, bk),
+                            dense.shape[:2] + tile_states(mask, q_len, kv_len, bq, bk).shape[2:])
+    want = isolation_oracle(dense, state, bq, bk)
+    got = (md.partial_isolates_keys, md.partial_isolates_queries)
+    if mask.operands() and (state == PARTIAL).any():   # not evaluated: "may isolate"
+        assert got == (True, True)
+    else:
+        assert got == want
+
+
+@pytest.mark.parametrize("mask, t, s, want", [
+    (M.CausalMask(), 1024, 1024, False),                                  # diagonal tiles
+    (M.LocalMask(256, 0) & M.CausalMask(), 2048, 2048, False),            # aligned window
+    (M.LocalMask(100, 0) & M.CausalMask(), 2048, 2048, True),             # unaligned edge
+    (M.StridedMask(256) & M.CausalMask(), 2048, 2048, False),            # residues align with tiles
+    (M.StridedMask(200) & M.CausalMask(), 2048, 2048, True),             # residues cut tiles
+    (M.CausalMask(), 1000, 1500, True),                                   # keys past the last query
+    (M.FullMask(), 1000, 1000, False),                                    # padding alone
+], ids=["causal", "window256", "window100", "strided256", "strided200", "causal-T<S", "full-padded"])
+def test_isolation_facts_of_common_masks(mask, t, s, want):
+    md = build_block_metadata(mask, t, s, 128, 64)
+    assert md.partial_isolates_keys is want
+
+
+def test_dynamic_masks_may_isolate():
+    ids = jnp.zeros((1, 64), jnp.int32)
+    md = build_block_metadata(M.SegmentMask(ids, ids), 64, 64, 16, 16)
+    assert md.partial_isolates_keys and md.partial_isolates_queries

@@ -8,6 +8,7 @@ dense masks): the same steps in jnp, jittable, with the list length fixed at nK.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import numpy as np
@@ -109,10 +110,50 @@ def _lists_are_runs(count, index) -> bool:
     return bool(np.all((index - index[..., :1] == steps) | (steps >= count[..., None])))
 
 
+# Mask evaluations the isolation check may spend (PARTIAL tiles × tile size, in chunks
+# of ISOLATION_CHUNK); past it the check answers "may isolate" (safe, a little slower
+# on PARTIAL tiles).
+ISOLATION_CHECK_PAIRS = 1 << 26
+ISOLATION_CHUNK = 1 << 22
+
+
+def partial_tiles_isolate(mask: Mask, state, q_len: int, kv_len: int, block_q: int,
+                          block_kv: int) -> tuple[bool, bool]:
+    """(keys, queries): whether some PARTIAL tile of `state` holds a key column that no
+    query row of the tile may attend, and whether one holds a query row that may attend
+    no key column of the tile. Exact: the mask is evaluated (numpy) on every PARTIAL
+    tile, chunk by chunk, stopping once both answers are known. Masks that load operands
+    (dense, block layouts, segment ids) and checks past ISOLATION_CHECK_PAIRS answer
+    (True, True). Padded rows and columns hold zeros, not user data, and are left out."""
+    tiles = np.argwhere(np.any(state == PARTIAL, axis=(0, 1)))     # [P, 2] (q-block, kv-block)
+    if len(tiles) == 0:
+        return False, False
+    if mask.operands() or len(tiles) * block_q * block_kv > ISOLATION_CHECK_PAIRS:
+        return True, True
+    rows = np.arange(block_q, dtype=np.int64)[None, :, None]
+    cols = np.arange(block_kv, dtype=np.int64)[None, None, :]
+    keys = queries = False
+    chunk = max(1, ISOLATION_CHUNK // (block_q * block_kv))
+    for start in range(0, len(tiles), chunk):
+        part = tiles[start:start + chunk]
+        q_pos = part[:, 0, None, None] * block_q + rows          # [p, bq, 1]
+        kv_pos = part[:, 1, None, None] * block_kv + cols        # [p, 1, bk]
+        allowed = np.asarray(mask.evaluate(q_pos.astype(np.int32), kv_pos.astype(np.int32)), bool)
+        real_q, real_kv = q_pos < q_len, kv_pos < kv_len         # padding attends nothing
+        allowed = allowed & real_q & real_kv
+        keys = keys or bool(np.any(~allowed.any(axis=1, keepdims=True) & real_kv))
+        queries = queries or bool(np.any(~allowed.any(axis=2, keepdims=True) & real_q))
+        if keys and queries:
+            break
+    return keys, queries
+
+
 @functools.lru_cache(maxsize=256)
 def _static_metadata(mask: Mask, q_len: int, kv_len: int, block_q: int, block_kv: int):
     state = tile_states(mask, q_len, kv_len, block_q, block_kv)
-    return _metadata_from_states(state, q_len, kv_len, block_q, block_kv, np)
+    meta = _metadata_from_states(state, q_len, kv_len, block_q, block_kv, np)
+    keys, queries = partial_tiles_isolate(mask, state, q_len, kv_len, block_q, block_kv)
+    return dataclasses.replace(meta, partial_isolates_keys=keys, partial_isolates_queries=queries)
 
 
 def build_block_metadata(mask: Mask, q_len: int, kv_len: int, block_q: int,

@@ -74,7 +74,7 @@ def _dkdv_kernel(table_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *re
         bias = None if bias_acc is None else bias_acc.load(bias_ref, q_start, kv_start, g)
         p, ds = _probabilities_and_dlogits(q, k, v, do, lse2, delta, keep, scale=scale, cap=cap,
                                            acc=acc, bias=bias)
-        if partial:   # query rows that may attend no key here (padding) may hold NaN
+        if partial and layout.zero_isolated:   # query rows that attend no key here may hold NaN
             q = zero_unreachable(q, keep, axis=1)
         dv = dv + dot_tn(p.astype(do.dtype), do, acc)
         dk = dk + dot_tn(ds.astype(q.dtype), q, acc)
@@ -111,7 +111,8 @@ def _dq_kernel(table_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs
         if partial:   # keys no query here may attend (padding) may hold NaN: dQ += dS·K
             keep = tile_keep(mask_fn, accesses, operand_refs, q_start, kv_start, kv_len,
                              bq=bq, bk=bk)
-            k = zero_unreachable(k, keep, axis=0)
+            if layout.zero_isolated:
+                k = zero_unreachable(k, keep, axis=0)
         bias = None if bias_acc is None else bias_acc.load(bias_ref, q_start, kv_start, 0)
         _, ds = _probabilities_and_dlogits(q, k, v, do, lse2, delta, keep, scale=scale, cap=cap,
                                            acc=acc, bias=bias)

@@ -30,9 +30,13 @@ class TableLayout:
     la: int                      # slots of the FULL list
     full_is_run: bool            # every FULL list is one run (full, causal, windows)
     dense_count: int | None      # every list is 0..dense_count-1 and nothing is PARTIAL
+    zero_isolated: bool = True   # PARTIAL tiles may hold rows of the walked operand (K/V for
+                                 # the forward table, Q for the transposed one) that no
+                                 # row of the other side attends: zero them (zero_unreachable)
 
 
-def pack_table(count_a, index_a, count_b, index_b, *, full_is_run=False, dense_count=None):
+def pack_table(count_a, index_a, count_b, index_b, *, full_is_run=False, dense_count=None,
+               zero_isolated=True):
     """One int32 row per block: [n_a, n_b, a_0 .. a_{La-1}, b_0 .. b_{Lb-1}, 0 ...],
     padded to a power-of-two length. Returns (table [Bm, Hm, n, L], TableLayout)."""
     la = index_a.shape[-1]
@@ -41,21 +45,23 @@ def pack_table(count_a, index_a, count_b, index_b, *, full_is_run=False, dense_c
     length = pl.next_power_of_2(row.shape[-1])
     if length != row.shape[-1]:
         row = jnp.pad(row, [(0, 0)] * (row.ndim - 1) + [(0, length - row.shape[-1])])
-    return row.astype(jnp.int32), TableLayout(la, full_is_run, dense_count)
+    return row.astype(jnp.int32), TableLayout(la, full_is_run, dense_count, zero_isolated)
 
 
 def forward_table(meta: BlockMetadata):
     """Per q-block: its FULL kv-blocks, then its PARTIAL kv-blocks."""
     return pack_table(meta.full_count, meta.full_index, meta.partial_count, meta.partial_index,
                       full_is_run=meta.full_is_run,
-                      dense_count=meta.num_kv_blocks if meta.dense else None)
+                      dense_count=meta.num_kv_blocks if meta.dense else None,
+                      zero_isolated=meta.partial_isolates_keys)
 
 
 def transposed_table(meta: BlockMetadata):
     """Per kv-block: its FULL q-blocks, then its PARTIAL q-blocks."""
     return pack_table(meta.t_full_count, meta.t_full_index, meta.t_partial_count,
                       meta.t_partial_index, full_is_run=meta.t_full_is_run,
-                      dense_count=meta.num_q_blocks if meta.dense else None)
+                      dense_count=meta.num_q_blocks if meta.dense else None,
+                      zero_isolated=meta.partial_isolates_queries)
 
 
 def walk_tiles(table_ref, layout: TableLayout, visit, carry, head=None):
@@ -91,7 +97,7 @@ class _Rows:
         return self.ref[i] if self.head is None else self.ref[self.head, i]
 
 
-def online_softmax_step(qk2, m_prev, l_prev, acc_prev, load_v, keep=None):
+def online_softmax_step(qk2, m_prev, l_prev, acc_prev, load_v, keep=None, zero_isolated=True):
     """One kv-tile of FlashAttention-2 Algorithm 1 (lines 8-10), in base 2.
 
     qk2: logits × log2(e) [bq, bk]; keep: bool mask of allowed pairs (PARTIAL tiles) or
@@ -99,7 +105,9 @@ def online_softmax_step(qk2, m_prev, l_prev, acc_prev, load_v, keep=None):
     selected away (never multiplied), so a row that has seen no allowed key keeps l = 0
     and acc = 0, and a masked key holding NaN or Inf cannot reach them: its logits are
     replaced, and its V row is zeroed when no query of the tile may attend it (P·V
-    would otherwise make 0 · NaN = NaN). V is loaded only once the softmax statistics
+    would otherwise make 0 · NaN = NaN) unless zero_isolated=False says the block
+    metadata proved no such key exists (that reduction over the tile and select cost
+    ~40 % of a PARTIAL-heavy forward on an H200). V is loaded only once the softmax statistics
     are done (load_v()), which keeps register pressure lower while the V tile is in
     flight (measured faster on H100 than loading K and V together).
     """
@@ -113,7 +121,7 @@ def online_softmax_step(qk2, m_prev, l_prev, acc_prev, load_v, keep=None):
     l_next = correction * l_prev + jnp.sum(p, axis=-1)
     acc_corrected = correction[:, None] * acc_prev
     v = load_v()
-    if keep is not None:
+    if keep is not None and zero_isolated:
         v = zero_unreachable(v, keep, axis=0)
     pv = jax.lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())),
                              preferred_element_type=acc_prev.dtype)

@@ -43,7 +43,8 @@ def _forward_kernel(table_ref, q_ref, k_ref, v_ref, *refs, n_operands, accesses,
             keep = tile_keep(mask_fn, accesses, operand_refs, q_start, kv_start, kv_len,
                              bq=bq, bk=bk)
         return online_softmax_step(logits2, m_i, l_i, o_acc,
-                                   lambda: v_ref[pl.ds(kv_start, bk), :], keep)
+                                   lambda: v_ref[pl.ds(kv_start, bk), :], keep,
+                                   zero_isolated=layout.zero_isolated)
 
     # FULL tiles first (no iota, no compare, no select), then PARTIAL ones; EMPTY tiles
     # are in neither list and are never loaded.
