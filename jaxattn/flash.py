@@ -135,7 +135,21 @@ def _sharded_call(call, plan, query, key, value, bias, mask, return_residuals):
 
 def prepare_call(backend_name: str, mask: Mask, q_len: int, kv_len: int, *, scale,
                  logits_soft_cap, config, interpret):
-    """The static description, per-kernel block metadata and mask operands of one call."""
+    """The static description, per-kernel block metadata and mask operands of one call,
+    or NotImplementedError where the backend's metadata_reason refuses the metadata."""
+    static, metas, operands = build_call(backend_name, mask, q_len, kv_len, scale=scale,
+                                         logits_soft_cap=logits_soft_cap, config=config,
+                                         interpret=interpret)
+    metadata_reason = getattr(static.backend, "metadata_reason", None)
+    reason = None if metadata_reason is None else metadata_reason(static, metas)
+    if reason is not None:
+        raise NotImplementedError(f"{backend_name} cannot serve this call: {reason}")
+    return static, metas, operands
+
+
+def build_call(backend_name: str, mask: Mask, q_len: int, kv_len: int, *, scale,
+               logits_soft_cap, config, interpret):
+    """prepare_call without the metadata check (kernel tests drive kernels directly)."""
     metas = {name: _as_jnp(build_block_metadata(mask, q_len, kv_len, bq, bk))
              for name, (bq, bk) in config.metadata_tiles().items()}
     operands = mask.operands()

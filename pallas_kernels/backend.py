@@ -100,6 +100,12 @@ class KernelBackend(Protocol):
         -> (out [B, Tq, N, H], lse [B, N, Tq] float32), `static` a
         pallas_kernels.decode_static.DecodeStatic (contract written there).
 
+    metadata_reason (optional): metadata_reason(static, metas) -> None, or why this call
+        cannot run once its block metadata is known (e.g. the mask leaves keys inside a
+        PARTIAL tile that no query of the tile attends, and the kernels do not zero such
+        rows: BlockMetadata.partial_isolates_keys). Checked before any kernel is traced,
+        with the same NotImplementedError fallback as supports().
+
     `static` is a pallas_kernels.flash_vjp.FlashStatic; `metas` maps the names of
     ``config.metadata_tiles()`` to BlockMetadata; `operands` are the mask operand arrays
     in the order of ``static.operand_kinds``.

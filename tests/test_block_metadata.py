@@ -363,10 +363,7 @@ def test_isolation_facts_match_dense(case):
                             dense.shape[:2] + tile_states(mask, q_len, kv_len, bq, bk).shape[2:])
     want = isolation_oracle(dense, state, bq, bk)
     got = (md.partial_isolates_keys, md.partial_isolates_queries)
-    if mask.operands() and (state == PARTIAL).any():   # not evaluated: "may isolate"
-        assert got == (True, True)
-    else:
-        assert got == want
+    assert got == want
 
 
 @pytest.mark.parametrize("mask, t, s, want", [
@@ -381,6 +378,13 @@ def test_isolation_facts_match_dense(case):
 def test_isolation_facts_of_common_masks(mask, t, s, want):
     md = build_block_metadata(mask, t, s, 128, 64)
     assert md.partial_isolates_keys is want
+
+
+def test_bigbird_blocks_isolate_nothing():
+    # Aligned window, global and random blocks: every PARTIAL tile's columns are attended.
+    md = build_block_metadata(M.bigbird_mask(2048, window=256, num_global=128, num_random_blocks=2,
+                                             block_size=128), 2048, 2048, 128, 64)
+    assert not md.partial_isolates_keys
 
 
 def test_dynamic_masks_may_isolate():

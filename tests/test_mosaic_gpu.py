@@ -12,11 +12,13 @@ two runs bitwise identical.
 
 from __future__ import annotations
 
+import functools
 import types
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
 import pytest
 from jax import lax
 from jax.experimental import pallas as pl
@@ -31,13 +33,13 @@ from pallas_kernels.mosaic_gpu.common import TileLists
 from pallas_kernels.mosaic_gpu.config import SMEM_BYTES, MosaicConfig
 from pallas_kernels.triton.config import TritonConfig
 from helpers import lower_for_h100
-from jaxattn.flash import prepare_call
+from jaxattn.flash import build_call, prepare_call
 
 
 def _call(mask, t, s, h, config=None):
     """(static, metas, operands) for the mosaic backend, as jaxattn builds them."""
     cfg = config or mosaic_gpu.config_for_head_dim(mosaic_gpu.padded_head_dim(h))
-    return prepare_call("pallas_mosaic_gpu", mask, t, s, scale=h ** -0.5, logits_soft_cap=None,
+    return build_call("pallas_mosaic_gpu", mask, t, s, scale=h ** -0.5, logits_soft_cap=None,
                         config=cfg, interpret=False)
 
 
@@ -196,6 +198,30 @@ def test_forward_refuses_operands_it_cannot_read():
         mosaic_gpu.forward(static, q, q, q, None, metas, operands)
 
 
+@pytest.mark.parametrize("mask, t, s, refused", [
+    (M.CausalMask(), 1000, 1000, False),
+    (M.LocalMask(256, 0, offset=512), 768, 1280, False),   # window at the cache end, aligned
+    (M.bigbird_mask(1024, window=128, num_global=128, num_random_blocks=2, causal=True), 1024, 1024, False),
+    (M.LocalMask(256, 0, offset=523), 777, 1300, True),    # its edges cut tiles
+    (M.CausalMask(), 777, 1300, True),                     # keys past the last query
+    (M.CausalMask(offset=-300), 700, 700, True),           # keys no query attends
+    (M.LocalMask(100, 0) & M.CausalMask(), 1024, 1024, True),   # window edge inside a tile
+], ids=["causal", "window-at-cache-end", "bigbird", "window-unaligned", "causal-T<S", "empty-rows",
+                         "window100"])
+def test_refuses_masks_that_leave_unattended_keys_in_a_tile(mask, t, s, refused):
+    """The Mosaic kernels do not zero K/V rows that no query of a PARTIAL tile attends,
+    so NaN/Inf held there (padding, unwritten cache) would leak: such masks are refused
+    once the metadata says they exist, and dispatch takes the Triton kernels."""
+    cfg = mosaic_gpu.config_for_head_dim(128)
+    prepare = functools.partial(prepare_call, "pallas_mosaic_gpu", mask, t, s, scale=1.0,
+                                logits_soft_cap=None, config=cfg, interpret=False)
+    if refused:
+        with pytest.raises(NotImplementedError, match="NaN/Inf"):
+            prepare()
+    else:
+        prepare()
+
+
 # ---------------------------------------------------------------------------------
 # GPU tier
 # ---------------------------------------------------------------------------------
@@ -207,7 +233,7 @@ GPU_CASES = {
     "bigbird": (M.bigbird_mask(1024, window=128, num_global=64, num_random_blocks=2,
                                causal=True), 1, 1024, 1024, 2, 2, 128, jnp.bfloat16),
     "strided D96": (M.CausalMask() & M.StridedMask(3), 1, 640, 640, 2, 2, 96, jnp.bfloat16),
-    "empty rows": (M.CausalMask(offset=-300), 1, 700, 700, 2, 1, 128, jnp.bfloat16),
+    "empty rows": (M.CausalMask(offset=-256), 1, 768, 768, 2, 1, 128, jnp.bfloat16),   # aligned
 }
 
 

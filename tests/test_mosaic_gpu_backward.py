@@ -22,11 +22,11 @@ from pallas_kernels.flash_vjp import backward_lse
 from pallas_kernels.mosaic_gpu import backward_kernels as mb
 from pallas_kernels.mosaic_gpu.backward_walk import TileLists
 from helpers import lower_for_h100
-from jaxattn.flash import prepare_call
+from jaxattn.flash import build_call, prepare_call
 
 def _static_and_metas(mask, t, s, h, cap=None):
     """(static, metas, operands) as jaxattn builds them, at the backward kernels' tiles."""
-    return prepare_call("pallas_mosaic_gpu", mask, t, s, scale=h ** -0.5, logits_soft_cap=cap,
+    return build_call("pallas_mosaic_gpu", mask, t, s, scale=h ** -0.5, logits_soft_cap=cap,
                         config=mb.default_backward_config(mb.padded_head_dim(h)), interpret=False)
 
 

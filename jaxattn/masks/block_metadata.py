@@ -117,32 +117,63 @@ ISOLATION_CHECK_PAIRS = 1 << 26
 ISOLATION_CHUNK = 1 << 22
 
 
+def _tile_operand_values(operands, q_pos, kv_pos):
+    """Static (numpy) mask operands at the positions of a stack of tiles: q_pos
+    [1, 1, P, bq, 1] and kv_pos [1, 1, P, 1, bk] (clipped to the real lengths) give
+    values broadcastable to [Bm, Hm, P, bq, bk]."""
+    q, kv = q_pos[0, 0], kv_pos[0, 0]
+    values = []
+    for op in operands:
+        a = np.asarray(op.array)
+        if op.kind == "block":
+            lbq, lbk = op.layout_block
+            values.append(a[..., q // lbq, kv // lbk])
+        elif op.kind == "q":
+            values.append(a[:, q][:, None])
+        elif op.kind == "kv":
+            values.append(a[:, kv][:, None])
+        else:   # "qkv" [Bm, Hm, T|1, S|1]
+            qi = q if a.shape[-2] > 1 else np.zeros_like(q)
+            ki = kv if a.shape[-1] > 1 else np.zeros_like(kv)
+            values.append(a[..., qi, ki])
+    return tuple(values)
+
+
 def partial_tiles_isolate(mask: Mask, state, q_len: int, kv_len: int, block_q: int,
                           block_kv: int) -> tuple[bool, bool]:
-    """(keys, queries): whether some PARTIAL tile of `state` holds a key column that no
-    query row of the tile may attend, and whether one holds a query row that may attend
-    no key column of the tile. Exact: the mask is evaluated (numpy) on every PARTIAL
-    tile, chunk by chunk, stopping once both answers are known. Masks that load operands
-    (dense, block layouts, segment ids) and checks past ISOLATION_CHECK_PAIRS answer
-    (True, True). Padded rows and columns hold zeros, not user data, and are left out."""
-    tiles = np.argwhere(np.any(state == PARTIAL, axis=(0, 1)))     # [P, 2] (q-block, kv-block)
+    """(keys, queries): whether some PARTIAL tile of `state` [Bm, Hm, nQ, nK] holds a key
+    column that no query row of the tile may attend, and whether one holds a query row
+    that may attend no key column of the tile. Exact: the mask (static, numpy operands)
+    is evaluated on every PARTIAL tile, chunk by chunk, stopping once both answers are
+    known; a check that would pass ISOLATION_CHECK_PAIRS answers (True, True). Padded
+    rows and columns hold zeros, not user data, and are left out."""
+    partial = state == PARTIAL
+    tiles = np.argwhere(np.any(partial, axis=(0, 1)))                # [P, 2] (q-block, kv-block)
     if len(tiles) == 0:
         return False, False
-    if mask.operands() or len(tiles) * block_q * block_kv > ISOLATION_CHECK_PAIRS:
+    bm, hm = state.shape[:2]
+    if len(tiles) * bm * hm * block_q * block_kv > ISOLATION_CHECK_PAIRS:
         return True, True
-    rows = np.arange(block_q, dtype=np.int64)[None, :, None]
-    cols = np.arange(block_kv, dtype=np.int64)[None, None, :]
+    rows = np.arange(block_q)[None, :, None]
+    cols = np.arange(block_kv)[None, None, :]
+    operands = mask.operands()
     keys = queries = False
-    chunk = max(1, ISOLATION_CHUNK // (block_q * block_kv))
+    chunk = max(1, ISOLATION_CHUNK // (bm * hm * block_q * block_kv))
     for start in range(0, len(tiles), chunk):
         part = tiles[start:start + chunk]
-        q_pos = part[:, 0, None, None] * block_q + rows          # [p, bq, 1]
-        kv_pos = part[:, 1, None, None] * block_kv + cols        # [p, 1, bk]
-        allowed = np.asarray(mask.evaluate(q_pos.astype(np.int32), kv_pos.astype(np.int32)), bool)
-        real_q, real_kv = q_pos < q_len, kv_pos < kv_len         # padding attends nothing
-        allowed = allowed & real_q & real_kv
-        keys = keys or bool(np.any(~allowed.any(axis=1, keepdims=True) & real_kv))
-        queries = queries or bool(np.any(~allowed.any(axis=2, keepdims=True) & real_q))
+        q_pos = (part[:, 0, None, None] * block_q + rows)[None, None]     # [1, 1, p, bq, 1]
+        kv_pos = (part[:, 1, None, None] * block_kv + cols)[None, None]   # [1, 1, p, 1, bk]
+        values = _tile_operand_values(operands, np.minimum(q_pos, q_len - 1),
+                                      np.minimum(kv_pos, kv_len - 1))
+        allowed = np.asarray(mask.evaluate(q_pos.astype(np.int32), kv_pos.astype(np.int32), values),
+                             bool)
+        allowed = allowed & (q_pos < q_len) & (kv_pos < kv_len)           # padding attends nothing
+        allowed = np.broadcast_to(allowed, (bm, hm) + allowed.shape[2:])
+        here = partial[:, :, part[:, 0], part[:, 1]]                      # [Bm, Hm, p]
+        lone_keys = ~allowed.any(axis=3) & (kv_pos[:, :, :, 0] < kv_len)   # [Bm, Hm, p, bk]
+        lone_queries = ~allowed.any(axis=4) & (q_pos[..., 0] < q_len)      # [Bm, Hm, p, bq]
+        keys = keys or bool(np.any(lone_keys & here[..., None]))
+        queries = queries or bool(np.any(lone_queries & here[..., None]))
         if keys and queries:
             break
     return keys, queries

@@ -23,8 +23,8 @@ from pallas_kernels.mosaic_gpu.forward import forward
 name = "pallas_mosaic_gpu"
 decode = None
 
-__all__ = ["name", "padded_head_dim", "default_config", "supports", "forward", "backward",
-           "decode", "MosaicConfig", "config_for_head_dim"]
+__all__ = ["name", "padded_head_dim", "default_config", "supports", "metadata_reason", "forward",
+           "backward", "decode", "MosaicConfig", "config_for_head_dim"]
 
 _SM90_NAMES = ("H100", "H200", "H800", "H20", "GH200")
 
@@ -57,6 +57,24 @@ def supports(request, *, interpret: bool = False) -> str | None:
         if lbq % cfg.block_q or lbk % cfg.block_kv:
             return (f"block-sparse layout blocks {layout_block} are not multiples of the "
                     f"Mosaic GPU tiles ({cfg.block_q}, {cfg.block_kv})")
+    return None
+
+
+def metadata_reason(static, metas) -> str | None:
+    """Why these kernels cannot run this call safely, or None. The Mosaic kernels select
+    masked logits away but do not zero K/V (or Q) rows inside a PARTIAL tile, so a key
+    that no query row of the tile attends, holding NaN or Inf (padding, unwritten cache
+    slots), would reach the result through 0 · NaN in a wgmma. The block metadata says
+    exactly whether the mask leaves such rows (BlockMetadata.partial_isolates_*);
+    causal masks with T = S, aligned windows and BigBird's block patterns do not."""
+    checks = [("forward", "partial_isolates_keys")]
+    if not getattr(static.config, "triton_backward", False):   # Triton's backward zeroes them
+        checks += [("dq", "partial_isolates_keys"), ("dkdv", "partial_isolates_queries")]
+    isolated = any(getattr(metas[name], fact) for name, fact in checks if name in metas)
+    if isolated:
+        return ("this mask leaves keys (or queries) inside a PARTIAL tile that no row of the "
+                "tile attends; the Mosaic GPU kernels do not zero them, so NaN/Inf held there "
+                "could reach the result (the Triton kernels serve it)")
     return None
 
 
