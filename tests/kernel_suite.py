@@ -233,7 +233,9 @@ class KernelCases:
     def test_backward_bitwise_deterministic(self):
         f = self.length_scale
         q, k, v, do = make_inputs(1, 64 * f, 64 * f, 4, 2, 16, dtype=self.dtype)
-        mask = M.CausalMask() & M.LocalMask(20 * f, 0)
+        mask = M.CausalMask() & M.LocalMask(32 * f, 0)
+        if self.declined(q, k, v, do, mask):
+            return
         grads = jax.jit(lambda *a: run(self.backend, *a, mask)[2])
         for x, y in zip(grads(q, k, v, do), grads(q, k, v, do)):
             np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
