@@ -247,6 +247,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--warmup", type=non_negative_int, default=2, metavar="K", help="untimed calls before timing")
     b.add_argument("--quick", action="store_true",
                    help="a few representative cases only (D128 S4096 full/causal, window 2048, bigbird)")
+    b.add_argument("--decode", action="store_true",
+                   help="decode cases instead: GB/s of attention from a KV cache (B x context, K8, "
+                        "contiguous and paged) for pallas_triton beside jax.nn xla/cudnn; --quick "
+                        "keeps the contiguous ones")
     b.add_argument("--allow-cpu", action="store_true",
                    help="without a GPU, run tiny smoke cases on CPU (checks the pipeline, not speed)")
     b.add_argument("--out", type=Path, default=Path("jaxattn_out"), metavar="DIR",
@@ -326,6 +330,8 @@ def _bench(parser: argparse.ArgumentParser, args) -> int:
         sys.stderr.write(NO_GPU_MESSAGE.format(backend=jax.default_backend(),
                                                devices=", ".join(map(str, jax.devices()))))
         return 1
+    if args.decode:
+        return _bench_decode(parser, args, smoke)
     try:
         chosen = cases.select_cases(args.cases, quick=args.quick, smoke=smoke)
     except ValueError as e:
@@ -341,6 +347,28 @@ def _bench(parser: argparse.ArgumentParser, args) -> int:
     warmup, repeats = (min(args.warmup, 1), min(args.repeats, 3)) if smoke else (args.warmup, args.repeats)
     return run_bench_command(chosen, impls, args.modes, args.dtype, warmup, repeats, args.out,
                              plots=not args.no_plots, smoke=smoke)
+
+
+def _bench_decode(parser: argparse.ArgumentParser, args, smoke: bool) -> int:
+    from jaxattn.benchmarking import decode
+    from jaxattn.benchmarking.commands import run_decode_bench_command
+
+    if args.cases is not None or args.modes != BENCH_MODES:
+        parser.error("--decode runs its own cases in one mode: drop --cases and --modes")
+    known = decode.IMPLEMENTATIONS
+    impls = args.implementations or (("pallas_triton", "xla") if smoke else known)
+    impls = tuple(n.removeprefix("jax.nn ") for n in impls)
+    for name in impls:
+        if name not in known:
+            parser.error(f"argument --implementations: --decode measures {', '.join(known)}; got {name!r}")
+    if smoke:
+        chosen = decode.SMOKE_CASES
+    else:
+        chosen = decode.issue_cases()
+        if args.quick:
+            chosen = tuple(c for c in chosen if c.layout == "contiguous")
+    warmup, repeats = (min(args.warmup, 1), min(args.repeats, 3)) if smoke else (args.warmup, args.repeats)
+    return run_decode_bench_command(chosen, impls, args.dtype, warmup, repeats, args.out, smoke=smoke)
 
 
 if __name__ == "__main__":

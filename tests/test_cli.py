@@ -124,6 +124,8 @@ def test_flops_follow_the_mask(tiny_compare):
     ["bench", "--modes", "sideways"],
     ["bench", "--repeats", "0"],
     ["bench", "--warmup", "x"],
+    ["bench", "--decode", "--allow-cpu", "--cases", "S128"],
+    ["bench", "--decode", "--allow-cpu", "--implementations", "pallas_mosaic_gpu"],
     ["frobnicate"],
 ])
 def test_bad_flags_are_usage_errors(argv, capsys):
@@ -183,6 +185,25 @@ def test_bench_without_gpu_is_a_friendly_error(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "no GPU" in err and "--allow-cpu" in err and "Traceback" not in err
     assert not (tmp_path / "bench.json").exists()
+
+
+@pytest.mark.skipif(ON_GPU, reason="CPU smoke mode")
+def test_bench_decode_allow_cpu_smoke(tmp_path):
+    """`jaxattn bench --decode`: GB/s rows for the kernel (contiguous and paged) beside XLA,
+    which has no page table (skipped there, not failed); the bytes model is K and V of
+    every valid slot."""
+    code = cli.main(["bench", "--decode", "--allow-cpu", "--repeats", "1", "--warmup", "0",
+                     "--out", str(tmp_path)])
+    assert code == 0
+    data = _load(tmp_path / "bench_decode.json")
+    assert data["smoke_run_on_cpu"] is True and data["complete"]
+    rows = {(r["impl"], r["layout"]): r for r in data["results"]}
+    assert set(rows) == {("pallas_triton", "contiguous"), ("xla", "contiguous"), ("pallas_triton", "paged16")}
+    for r in rows.values():
+        assert "error" not in r, r.get("error")
+        assert r["bytes"] == 2 * r["batch"] * r["context"] * r["kv_heads"] * r["head_dim"] * 2
+        assert r["gbps"] == pytest.approx(r["bytes"] / (r["median_ms"] * 1e-3) / 1e9)
+    assert "| K | B | context |" in (tmp_path / "bench_decode.txt").read_text()
 
 
 @pytest.mark.skipif(ON_GPU, reason="CPU smoke mode")

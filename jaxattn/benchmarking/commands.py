@@ -176,3 +176,54 @@ def run_bench_command(chosen, impls, modes, dtype, warmup, repeats, out_dir: Pat
         return 130
     ours_failed = any(r["status"] == "failed" and r["implementation"] not in bench.BASELINES for r in rows)
     return 1 if ours_failed else 0
+
+
+# ------------------------------------------------------------------------------------
+# bench --decode
+# ------------------------------------------------------------------------------------
+def run_decode_bench_command(chosen, impls, dtype, warmup, repeats, out_dir: Path, *, smoke=False) -> int:
+    """GB/s of decode attention (jaxattn/benchmarking/decode.py) case by case."""
+    import jax.numpy as jnp
+
+    from jaxattn.benchmarking import decode
+
+    prepare_interpret_mode()
+    meta = report.run_metadata()
+    hbm = decode.card_hbm_gbps()
+    header = "\n".join([
+        f"jaxattn bench --decode on {meta.get('device_kind', meta.get('platform'))}, jax {jax.__version__}"
+        + (" (smoke run on CPU: the kernel in interpret mode, not a benchmark)" if smoke else ""),
+        f"dtype {dtype}; implementations {', '.join(impls)}; median of {repeats} after {warmup} warm-up",
+        "GB/s = bytes of K and V the call must read / time"
+        + (f" (this card's HBM: {hbm:.0f} GB/s)" if hbm else "")])
+    payload = {"kind": "jaxattn bench --decode", "meta": meta, "smoke_run_on_cpu": smoke, "header": header,
+               "config": {"cases": [dataclasses.asdict(c) for c in chosen], "implementations": list(impls),
+                          "dtype": dtype, "warmup": warmup, "repeats": repeats},
+               "interrupted": False, "complete": False, "results": []}
+    json_path = out_dir / "bench_decode.json"
+    print(header, flush=True)
+    report.write_json(json_path, payload)
+    plan = [(case, impl) for case in chosen for impl in impls]
+    interrupted = False
+    with RunProgress(len(plan), "decode") as progress:
+        try:
+            for case, impl in plan:
+                progress.start(f"{case.name} {impl}")
+                row = decode.measure(case, impl, dtype=jnp.dtype(dtype), warmup=warmup, repeats=repeats,
+                                     hbm_gbps=hbm)
+                if row is None:
+                    progress.finished(f"{case.name} {impl}: not applicable (no page table / window in jax.nn)")
+                    continue
+                payload["results"].append(row)
+                report.write_json(json_path, payload)
+                progress.finished(f"{case.name} {impl}: " + (f"{row['gbps']:.0f} GB/s, {row['median_ms']:.4g} ms"
+                                                             if "gbps" in row else row["error"][:100]))
+        except KeyboardInterrupt:
+            interrupted = True
+    rows = payload["results"]
+    finish_run(payload, json_path, interrupted, header, decode.markdown_table(rows) if rows else "(no rows)",
+               out_dir / "bench_decode.txt")
+    print(report.wrap(f"wrote in {out_dir}: {json_path.name}, bench_decode.txt"))
+    if interrupted:
+        return 130
+    return 1 if any("error" in r and r["impl"] not in ("xla", "cudnn") for r in rows) else 0

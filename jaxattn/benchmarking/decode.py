@@ -1,0 +1,187 @@
+"""Decode attention from a KV cache, timed: jaxattn's flash-decoding kernel beside jax.nn
+(`jaxattn bench --decode` and benchmarks/decode_bench.py).
+
+Decoding is memory-bound, so the figure of merit is GB/s = bytes of K and V the call must
+read / time: full-length rows read B · context · K · H · itemsize · 2 bytes (a window of w
+keys counts w keys per row), compared with the card's HBM bandwidth.
+
+Timing: one executable runs `inner` (≤ 8) decode steps back to back, enough for ~2 ms of
+work so dispatch overhead stays small. Each step's query depends on the previous step's
+output (q + 0 · out, as in real decoding), so no compiler can merge the steps into one
+pass over the cache (XLA's dot merger joins independent dots that share an operand: a
+run without the chain credited XLA with more than the HBM's bandwidth). Cache copies
+rotate so that together they exceed the L2 where they fit; median over the repeats.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import traceback
+
+import jax
+import jax.numpy as jnp
+
+import jaxattn
+from jaxattn import masks as M
+from jaxattn.benchmarking.timing import rotation_sets, time_call
+
+IMPLEMENTATIONS = ("pallas_triton", "cudnn", "xla")
+LAYOUTS = ("contiguous", "paged16", "paged64")
+HBM_GBPS = {"H200": 4800.0, "H100": 3350.0}   # peak HBM bandwidth by card (for % of peak)
+TARGET_EXEC_S = 2e-3
+MAX_INNER = 8
+MAX_CACHE_BYTES = 40e9
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeCase:
+    """One decode shape: `tq` new tokens per row against a cache of `context` slots (all
+    valid), `kv_heads` K/V heads shared by `num_heads` query heads."""
+    kv_heads: int
+    batch: int
+    context: int
+    tq: int = 1
+    layout: str = "contiguous"       # "contiguous" or "paged<page size>"
+    window: int | None = None        # sliding window of this many keys (the newest)
+    num_heads: int = 32
+    head_dim: int = 128
+
+    @property
+    def name(self) -> str:
+        ctx = f"{self.context // 1024}k" if self.context % 1024 == 0 else str(self.context)
+        window = "" if self.window is None else f" window {self.window}"
+        return f"K{self.kv_heads} B{self.batch} ctx {ctx} Tq{self.tq} {self.layout}{window}"
+
+    def keys_read(self) -> int:
+        return self.context if self.window is None else min(self.window, self.context)
+
+    def kv_bytes(self, dtype, keys: int | None = None) -> int:
+        keys = self.keys_read() if keys is None else keys
+        return 2 * self.batch * keys * self.kv_heads * self.head_dim * jnp.dtype(dtype).itemsize
+
+    def mask(self):
+        return None if self.window is None else M.LocalMask(self.window - 1, 0)
+
+
+def issue_cases() -> tuple[DecodeCase, ...]:
+    """The table of the decode issue (K8, Tq 1, three layouts) and a 4k window over a 128k
+    cache beside a 4k cache."""
+    grid = ((1, 32768), (1, 131072), (8, 4096), (8, 131072), (64, 32768))
+    out = [DecodeCase(8, b, ctx, 1, layout) for b, ctx in grid for layout in LAYOUTS]
+    out += [DecodeCase(8, 8, 4096), DecodeCase(8, 8, 131072, window=4096)]
+    return tuple(out)
+
+
+def full_cases(dtype=jnp.bfloat16) -> tuple[DecodeCase, ...]:
+    """K in {8, 1}, B in {1, 8, 64}, context in {4k, 32k, 128k}, Tq in {1, 4}, every
+    layout (caches over MAX_CACHE_BYTES left out), and the window pair."""
+    out = [DecodeCase(k, b, ctx, tq, layout)
+           for k in (8, 1) for b in (1, 8, 64) for ctx in (4096, 32768, 131072)
+           for tq in (1, 4) for layout in LAYOUTS]
+    out = [c for c in out if c.kv_bytes(dtype) <= MAX_CACHE_BYTES]
+    return tuple(out) + issue_cases()[-2:]
+
+
+SMOKE_CASES = (DecodeCase(2, 1, 256, 1, "contiguous", num_heads=4, head_dim=64),
+               DecodeCase(2, 1, 256, 2, "paged16", num_heads=4, head_dim=64))
+
+
+def make_cache(key, case: DecodeCase, dtype):
+    """(key_cache, value_cache, page_table or None); a paged cache scatters each row's
+    pages over the pool with a random permutation."""
+    kk, kv, kp = jax.random.split(key, 3)
+    if case.layout == "contiguous":
+        shape, table = (case.batch, case.context, case.kv_heads, case.head_dim), None
+    else:
+        page = int(case.layout.removeprefix("paged"))
+        pages = case.context // page
+        shape = (case.batch * pages, page, case.kv_heads, case.head_dim)
+        table = jax.random.permutation(kp, case.batch * pages).reshape(case.batch, pages).astype(jnp.int32)
+    return jax.random.normal(kk, shape, dtype), jax.random.normal(kv, shape, dtype), table
+
+
+def decode_fn(impl: str, case: DecodeCase):
+    """f(q, k_cache, v_cache, lengths, page_table) -> out, or None when `impl` cannot
+    take the case (jax.nn has no page table and aligns windows with query position 0)."""
+    if impl in ("xla", "cudnn"):
+        if case.layout != "contiguous" or case.window is not None:
+            return None
+
+        def f(q, kc, vc, lengths, table):
+            return jax.nn.dot_product_attention(q, kc, vc, key_value_seq_lengths=lengths,
+                                                implementation=impl)
+        return f
+    mask = case.mask()
+
+    def g(q, kc, vc, lengths, table):
+        return jaxattn.decode_attention(q, kc, vc, lengths=lengths, page_table=table, mask=mask,
+                                        implementation=impl)
+    return g
+
+
+def chained_steps(fn, n_steps: int):
+    """One function running `n_steps` decode steps, each step's query made to depend on
+    the previous step's output (q + 0 · out), over rotating cache copies."""
+    def steps(queries, caches, lengths):
+        outs, previous = [], None
+        for i, q in enumerate(queries[:n_steps]):
+            if previous is not None:
+                q = q + (previous * 0).astype(q.dtype)
+            kc, vc, table = caches[i % len(caches)]
+            previous = fn(q, kc, vc, lengths, table)
+            outs.append(previous)
+        return outs
+    return steps
+
+
+def measure(case: DecodeCase, impl: str, *, dtype=jnp.bfloat16, key=None, warmup=2, repeats=20,
+            fn=None, hbm_gbps: float | None = None) -> dict | None:
+    """One row: GB/s of `impl` on `case` (None when the implementation cannot take it).
+    `fn` overrides the function timed (a tuned kernel config)."""
+    fn = fn or decode_fn(impl, case)
+    if fn is None:
+        return None
+    key = jax.random.key(1) if key is None else key
+    nbytes = case.kv_bytes(dtype)
+    inner = int(min(MAX_INNER, max(1, math.ceil(TARGET_EXEC_S * 4800e9 / nbytes))))
+    sets = min(inner, rotation_sets(case.kv_bytes(dtype, case.context), max_sets=MAX_INNER))
+    row = dict(case=case.name, **dataclasses.asdict(case), impl=impl, bytes=nbytes, inner=inner,
+               input_sets=sets)
+    try:
+        caches = [make_cache(jax.random.fold_in(key, i), case, dtype) for i in range(sets)]
+        shape = (case.batch, case.tq, case.num_heads, case.head_dim)
+        queries = [jax.random.normal(k, shape, dtype) for k in jax.random.split(key, inner)]
+        lengths = jnp.full((case.batch,), case.context, jnp.int32)
+        compiled = jax.jit(chained_steps(fn, inner)).lower(queries, caches, lengths).compile()
+        timing = time_call(compiled, [(queries, caches, lengths)], warmup=warmup, repeats=repeats)
+        seconds = timing.median_s / inner
+        row.update(median_ms=seconds * 1e3, gbps=nbytes / seconds / 1e9, timing=timing.as_dict())
+        if hbm_gbps:
+            row["pct_hbm"] = 100 * nbytes / seconds / 1e9 / hbm_gbps
+    except Exception as e:  # noqa: BLE001 - record and go on with the next measurement
+        row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+        traceback.print_exc(limit=2)
+    return row
+
+
+def card_hbm_gbps() -> float | None:
+    kind = jax.devices()[0].device_kind
+    return next((v for name, v in HBM_GBPS.items() if name in kind), None)
+
+
+def markdown_table(rows) -> str:
+    """GB/s per case (rows) and implementation/layout (columns)."""
+    cols, grouped = [], {}
+    for r in rows:
+        col = r["impl"] if r["layout"] == "contiguous" else f"{r['impl']} {r['layout']}"
+        if col not in cols:
+            cols.append(col)
+        key = (r["kv_heads"], r["batch"], r["context"], r["tq"], r["window"])
+        grouped.setdefault(key, {})[col] = r.get("gbps")
+    lines = ["| K | B | context | Tq | window | " + " | ".join(cols) + " |",
+             "|---|---|---|---|---|" + "---|" * len(cols)]
+    for (k, b, ctx, tq, window), vals in grouped.items():
+        cells = [("error" if vals[c] is None else f"{vals[c]:.0f}") if c in vals else "-" for c in cols]
+        lines.append(f"| {k} | {b} | {ctx} | {tq} | {window or '-'} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
