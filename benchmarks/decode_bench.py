@@ -90,6 +90,9 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true", help="the issue's table cases only")
     p.add_argument("--tune", action="store_true",
                    help="also sweep DecodeConfig (block_kv, warps, stages) on three cases")
+    p.add_argument("--splits", type=int, nargs="*", default=None, metavar="N",
+                   help="also time the kernel with each of these num_splits at B=1 (32k, 128k): "
+                        "how much of the small-batch gap the split count explains")
     p.add_argument("--impls", nargs="*", default=["pallas_triton", "cudnn", "xla"])
     p.add_argument("--budget-s", type=float, default=225.0,
                    help="start no new case after this many seconds (the rest is recorded as skipped)")
@@ -108,16 +111,23 @@ def main(argv=None):
     if args.tune:
         plan += [(D.DecodeCase(8, b, ctx, tq), "pallas_triton", cfg) for tq in (1, 4)
                  for b, ctx in ((1, 32768), (8, 4096), (64, 32768)) for cfg in TUNE_CONFIGS]
+    plan += [(D.DecodeCase(8, 1, ctx), "pallas_triton", ("splits", n)) for ctx in (32768, 131072)
+             for n in args.splits or ()]
     for case, impl, cfg in plan:
         if time.perf_counter() - start > args.budget_s:
             result["skipped"].append(dict(case=case.name, impl=impl, config=str(cfg)))
             continue
-        fn = None if cfg is None else tuned_fn(case, cfg, None)
+        if isinstance(cfg, tuple):   # ("splits", n): the default config, n splits
+            fn = tuned_fn(case, None, cfg[1])
+        else:
+            fn = None if cfg is None else tuned_fn(case, cfg, None)
         row = D.measure(case, impl, dtype=DTYPE, fn=fn, hbm_gbps=hbm)
         if row is None:
             continue
         row["tuned"] = cfg is not None
-        if cfg is not None:
+        if isinstance(cfg, tuple):
+            row["num_splits"] = cfg[1]
+        elif cfg is not None:
             row["config"] = dataclasses.asdict(cfg)
         result["rows"].append(row)
         desc = impl if cfg is None else f"{impl} {cfg}"
