@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels.common import acc_dtype
+from pallas_kernels.registry import backend_names
 from jaxattn import implementations
 from jaxattn.implementations import available_implementations
 from jaxattn.masks import LengthMask, Mask, canonical_mask
@@ -211,9 +212,10 @@ def _decline_reason(name: str, query, *, precision, dropout_rate) -> str | None:
     """Why `name` cannot serve a request the reference can (None: it can try)."""
     if name == "reference":
         return None
-    if dropout_rate:
-        return ("attention dropout is computed by the reference only (kernel dropout is not built "
-                "yet); pass implementation=None or 'reference'")
+    if dropout_rate and name not in backend_names():
+        # Each kernel backend's supports() says itself whether it computes dropout.
+        return ("jax.nn.dot_product_attention has no attention dropout; the reference and the "
+                "Pallas Triton kernels ('pallas_triton') compute it")
     if (not _is_default_precision(precision) and query.dtype in (jnp.float32, jnp.float64)
             and jax.default_backend() == "gpu"):
         # 16-bit inputs: nothing to honour (products are exact in float32). On the CPU the
@@ -250,8 +252,12 @@ def dot_product_attention(query, key, value, bias=None, mask=None, *, scale=None
         The reference passes it to both matmuls; kernels and XLA accept it as a no-op for
         16-bit inputs and on the CPU (exact float32 dots) and decline float32 on a GPU.
       dropout_rate, dropout_seed, broadcast_dropout: attention dropout with a uint32 seed
-        (`jaxattn.dropout` defines the keep-mask; broadcast: one [T, S] mask for every batch
-        row and head); computed by the reference only for now (the kernels decline it).
+        (traced is fine; `jaxattn.dropout` defines the keep-mask, a hash of (seed, batch,
+        head, i, j); broadcast: one [T, S] mask for every batch row and head). The lse is
+        that of the attention before dropout. Computed by the reference and the Triton
+        kernels, which regenerate the same mask tile by tile in the forward and backward
+        (same seed, same result as the reference); the Mosaic GPU kernels and jax.nn's
+        "xla"/"cudnn" decline it.
       implementation: None (best available), a name ("reference", "xla", "cudnn",
         "pallas_triton", "pallas_mosaic_gpu"), or a sequence of names tried in order.
       return_residuals: also return lse [B, N, T] (natural log; float32, or float64 for
@@ -336,8 +342,10 @@ def dot_product_attention(query, key, value, bias=None, mask=None, *, scale=None
                 ct = acc_dtype(query.dtype)
                 q, static_scale = (query.astype(ct) * traced_scale.astype(ct)).astype(query.dtype), 1.0
             fn = implementations.get_implementation(name)
+            dropout = (dict(dropout_rate=dropout_rate, dropout_seed=dropout_seed,
+                            broadcast_dropout=bool(broadcast_dropout)) if dropout_rate else {})
             return fn(q, key, value, bias, canonical, scale=static_scale, logits_soft_cap=cap,
-                      return_residuals=bool(return_residuals))
+                      return_residuals=bool(return_residuals), **dropout)
         except NotImplementedError as e:
             if names is not None and len(names) == 1:
                 raise

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 
 from pallas_kernels.backend import KernelRequest
 from pallas_kernels.common import acc_dtype, backward_lse
+from pallas_kernels.dropout import seed_array
 from pallas_kernels.flash_vjp import FlashStatic, flash_attention
 from pallas_kernels.metadata import BlockMetadata
 from pallas_kernels.registry import get_backend
@@ -31,7 +32,7 @@ def default_interpret() -> bool:
     return jax.default_backend() != "gpu"
 
 
-def kernel_request(query, key, bias, mask: Mask, logits_soft_cap) -> KernelRequest:
+def kernel_request(query, key, bias, mask: Mask, logits_soft_cap, dropout_rate=0.0) -> KernelRequest:
     """The request a backend's supports() and default_config() see (bias already 4-d)."""
     b, t, n, h = query.shape
     s, kh = key.shape[1], key.shape[2]
@@ -41,7 +42,7 @@ def kernel_request(query, key, bias, mask: Mask, logits_soft_cap) -> KernelReque
         has_bias=bias is not None, bias_shape=None if bias is None else tuple(bias.shape),
         operand_kinds=tuple((o.kind, o.layout_block) for o in mask.operands()),
         has_partial_tiles=not isinstance(mask, FullMask), logits_soft_cap=logits_soft_cap,
-        platform=jax.default_backend(), device_kind=devices[0].device_kind if devices else None)
+        dropout_rate=float(dropout_rate), platform=jax.default_backend(), device_kind=devices[0].device_kind if devices else None)
 
 
 def _served(backend_name: str, request: KernelRequest, config, interpret):
@@ -54,22 +55,33 @@ def _served(backend_name: str, request: KernelRequest, config, interpret):
 
 
 def pallas_attention(backend_name: str, query, key, value, bias, mask: Mask, *, scale,
-                     logits_soft_cap, return_residuals, config=None, interpret=None):
+                     logits_soft_cap, return_residuals, dropout_rate=0.0, dropout_seed=None,
+                     broadcast_dropout=False, config=None, interpret=None):
     """Implementation entry point (see jaxattn.api's dispatch contract). `config` and
     `interpret` default to the backend's default config and to interpret mode exactly
-    when there is no GPU."""
+    when there is no GPU. Attention dropout (jaxattn.dropout's keep-mask, regenerated in
+    the kernels): `dropout_rate` in [0, 1), `dropout_seed` an integer scalar (traced is
+    fine) taken as uint32, `broadcast_dropout` one mask for every batch row and head."""
     if interpret is None:
         interpret = default_interpret()
     if bias is not None:
         bias = jnp.reshape(bias, (1,) * (4 - bias.ndim) + tuple(bias.shape))
-    request = kernel_request(query, key, bias, mask, logits_soft_cap)
+    dropout_rate = float(dropout_rate)
+    request = kernel_request(query, key, bias, mask, logits_soft_cap, dropout_rate)
     _, config = _served(backend_name, request, config, interpret)
+    seed = seed_array(dropout_seed) if dropout_rate else None
     call = functools.partial(_pallas_jit, backend_name=backend_name, scale=scale,
                              logits_soft_cap=logits_soft_cap, return_residuals=return_residuals,
+                             dropout_rate=dropout_rate, broadcast_dropout=bool(broadcast_dropout),
                              config=config, interpret=interpret)
     plan = _explicit_sharding_plan(query, key, value)
     if plan is None:
-        return call(query, key, value, bias, mask)
+        return call(query, key, value, bias, mask, seed)
+    if dropout_rate:
+        # A shard's kernel would number its batch rows and heads from 0, not as the
+        # whole call does, and so draw another keep-mask than the reference.
+        raise NotImplementedError("attention dropout on inputs sharded over batch or heads is "
+                                  "not supported by the kernels; the reference computes it")
     return _sharded_call(call, plan, query, key, value, bias, mask, return_residuals)
 
 
@@ -126,7 +138,7 @@ def _sharded_call(call, plan, query, key, value, bias, mask, return_residuals):
     bias_spec = None if bias is None else _leaf_spec(bias, b, n, b_axis, h_axis)
 
     def local(q, k, v, bias, leaves):
-        return call(q, k, v, bias, jax.tree_util.tree_unflatten(treedef, leaves))
+        return call(q, k, v, bias, jax.tree_util.tree_unflatten(treedef, leaves), None)
 
     return jax.shard_map(local, mesh=mesh,
                          in_specs=(qkv_spec, qkv_spec, qkv_spec, bias_spec, leaf_specs),
@@ -134,12 +146,13 @@ def _sharded_call(call, plan, query, key, value, bias, mask, return_residuals):
 
 
 def prepare_call(backend_name: str, mask: Mask, q_len: int, kv_len: int, *, scale,
-                 logits_soft_cap, config, interpret):
+                 logits_soft_cap, config, interpret, dropout_rate=0.0, broadcast_dropout=False):
     """The static description, per-kernel block metadata and mask operands of one call,
     or NotImplementedError where the backend's metadata_reason refuses the metadata."""
     static, metas, operands = build_call(backend_name, mask, q_len, kv_len, scale=scale,
                                          logits_soft_cap=logits_soft_cap, config=config,
-                                         interpret=interpret)
+                                         interpret=interpret, dropout_rate=dropout_rate,
+                                         broadcast_dropout=broadcast_dropout)
     metadata_reason = getattr(static.backend, "metadata_reason", None)
     reason = None if metadata_reason is None else metadata_reason(static, metas)
     if reason is not None:
@@ -148,7 +161,7 @@ def prepare_call(backend_name: str, mask: Mask, q_len: int, kv_len: int, *, scal
 
 
 def build_call(backend_name: str, mask: Mask, q_len: int, kv_len: int, *, scale,
-               logits_soft_cap, config, interpret):
+               logits_soft_cap, config, interpret, dropout_rate=0.0, broadcast_dropout=False):
     """prepare_call without the metadata check (kernel tests drive kernels directly)."""
     metas = {name: _as_jnp(build_block_metadata(mask, q_len, kv_len, bq, bk))
              for name, (bq, bk) in config.metadata_tiles().items()}
@@ -157,18 +170,21 @@ def build_call(backend_name: str, mask: Mask, q_len: int, kv_len: int, *, scale,
         backend=get_backend(backend_name), scale=scale, logits_soft_cap=logits_soft_cap,
         mask_fn=None if isinstance(mask, FullMask) else mask.evaluate,
         operand_kinds=tuple((o.kind, o.layout_block) for o in operands),
-        config=config, interpret=interpret)
+        config=config, interpret=interpret, dropout_rate=dropout_rate,
+        broadcast_dropout=broadcast_dropout)
     return static, metas, tuple(jnp.asarray(o.array) for o in operands)
 
 
 @functools.partial(jax.jit, static_argnames=("backend_name", "scale", "logits_soft_cap",
-                                             "return_residuals", "config", "interpret"))
-def _pallas_jit(query, key, value, bias, mask, *, backend_name, scale, logits_soft_cap,
-                return_residuals, config, interpret):
+                                             "return_residuals", "dropout_rate",
+                                             "broadcast_dropout", "config", "interpret"))
+def _pallas_jit(query, key, value, bias, mask, seed, *, backend_name, scale, logits_soft_cap,
+                return_residuals, dropout_rate, broadcast_dropout, config, interpret):
     static, metas, operands = prepare_call(
         backend_name, mask, query.shape[1], key.shape[1], scale=scale,
-        logits_soft_cap=logits_soft_cap, config=config, interpret=interpret)
-    out, lse = flash_attention(static, query, key, value, bias, metas, operands)
+        logits_soft_cap=logits_soft_cap, config=config, interpret=interpret,
+        dropout_rate=dropout_rate, broadcast_dropout=broadcast_dropout)
+    out, lse = flash_attention(static, query, key, value, bias, metas, operands, seed)
     if return_residuals:
         return out, lse.astype(acc_dtype(query.dtype))
     return out

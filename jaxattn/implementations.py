@@ -6,8 +6,10 @@ pallas_kernels/registry.py ("pallas_triton", ...), registered from that registry
 new kernel backend needs no line here.
 
 Every implementation is fn(query, key, value, bias, mask, *, scale, logits_soft_cap,
-return_residuals) on validated inputs with a canonical Mask. It raises ValueError for
-bad input and NotImplementedError for a valid request it cannot serve, which makes
+return_residuals) on validated inputs with a canonical Mask; the kernel backends also take
+dropout_rate, dropout_seed and broadcast_dropout (jaxattn.api passes them only when
+dropout_rate > 0, and only to those). It raises ValueError for bad input and
+NotImplementedError for a valid request it cannot serve, which makes
 `implementation=None` move on to the next name of `default_order()`.
 """
 

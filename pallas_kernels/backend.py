@@ -31,6 +31,7 @@ class KernelRequest:
     has_partial_tiles  the mask has a function to evaluate inside PARTIAL tiles
                        (False only for the full mask: every visited tile is FULL)
     logits_soft_cap    c of c·tanh(logits / c), or None
+    dropout_rate       attention dropout's rate (0.0: none; pallas_kernels/dropout.py)
     platform           jax.default_backend() of the call ("gpu", "cpu", ...)
     device_kind        e.g. "NVIDIA H200" (None when unknown)
     """
@@ -47,6 +48,7 @@ class KernelRequest:
     operand_kinds: tuple = ()
     has_partial_tiles: bool = False
     logits_soft_cap: float | None = None
+    dropout_rate: float = 0.0
     platform: str = "cpu"
     device_kind: str | None = None
 

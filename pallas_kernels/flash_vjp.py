@@ -6,6 +6,9 @@ Every kernel backend (pallas_kernels/backend.py) implements the same two calls
     backend.backward(static, q, k, v, bias, out, lse, dout, delta,
                      metas, operands, parts=("dq", "dkdv", "dbias")) -> (dq, dk, dv, dbias)
 
+(with attention dropout, static.dropout_rate > 0, both also get `dropout_seed=`, a
+uint32 [1] array; only backends whose supports() accepts dropout are called so)
+
 on unpadded BTNH arrays, where `metas` maps the names of
 `static.config.metadata_tiles()` ("forward", "dkdv", "dq") to the BlockMetadata built
 for that kernel's tile shape; this module wires them into one `jax.custom_vjp`. `parts`
@@ -19,6 +22,11 @@ D_i = Σ_j dO_ij · O_ij = rowsum(dO ∘ O):
     dV = Pᵀ dO,   dP = dO Vᵀ,   dS = P ∘ (dP − D),   dQ = scale · dS K,   dK = scale · dSᵀ Q.
 A cotangent on the lse output adds P ∘ dlse to dS, i.e. D ← D − dlse, so attention
 built from merged partial results (ring attention) differentiates exactly.
+
+Attention dropout (pallas_kernels/dropout.py) keeps m, l and the lse those of the
+undropped P and makes O = (P ∘ Z) V with Z = keep / (1 − rate). Then dV = (P ∘ Z)ᵀ dO
+and dP = (dO Vᵀ) ∘ Z, while D_i = Σ_j P_ij dP_ij = Σ_j P_ij Z_ij (dO_i · V_j) = dO_i · O_i
+is still rowsum(dO ∘ O): the identities above hold with those two substitutions.
 """
 
 from __future__ import annotations
@@ -53,6 +61,8 @@ class FlashStatic:
     operand_kinds  ((kind, layout_block), ...) matching the `operands` arrays
     config         the backend's config (tile sizes and whatever else it tunes)
     interpret      run the kernels in Pallas interpret mode (CPU)
+    dropout_rate   attention dropout's rate (0.0: none); the seed is an array input
+    broadcast_dropout  one keep-mask for every batch row and head (batch = head = 0)
     """
 
     backend: Any
@@ -62,31 +72,50 @@ class FlashStatic:
     operand_kinds: tuple
     config: Any
     interpret: bool
+    dropout_rate: float = 0.0
+    broadcast_dropout: bool = False
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def flash_attention(static: FlashStatic, q, k, v, bias, metas: dict[str, BlockMetadata],
-                    operands: tuple):
+                    operands: tuple, dropout_seed=None):
     """(out [B, T, N, H], lse [B, N, T] float32 natural log; -inf on empty rows).
-    bias: None or additive logits [Bb, Hb, T|1, S|1] (Bb in {1, B}, Hb in {1, N})."""
-    return static.backend.forward(static, q, k, v, bias, metas, operands)
+    bias: None or additive logits [Bb, Hb, T|1, S|1] (Bb in {1, B}, Hb in {1, N}).
+    dropout_seed: uint32 [1] (pallas_kernels.dropout.seed_array) when
+    static.dropout_rate > 0, else None."""
+    return static.backend.forward(static, q, k, v, bias, metas, operands,
+                                  **_seed_argument(static, dropout_seed))
+
+
+def _seed_argument(static, dropout_seed):
+    """The seed keyword for a call with dropout; nothing otherwise (backends that decline
+    dropout never see the keyword)."""
+    if not static.dropout_rate:
+        return {}
+    if dropout_seed is None:
+        raise ValueError("flash_attention: expected a uint32 [1] dropout_seed with "
+                         f"dropout_rate={static.dropout_rate}, got None. Pass "
+                         "pallas_kernels.dropout.seed_array(seed).")
+    return {"dropout_seed": dropout_seed}
 
 
 def _fwd(static, *primals):
     # symbolic_zeros=True: each array input arrives as CustomVJPPrimal(value, perturbed),
     # which tells whether the bias is differentiated (a constant bias needs no dbias).
     is_primal = lambda x: isinstance(x, jax.custom_derivatives.CustomVJPPrimal)  # noqa: E731
-    q, k, v, bias, metas, operands = jax.tree_util.tree_map(lambda x: x.value, primals,
-                                                            is_leaf=is_primal)
+    q, k, v, bias, metas, operands, seed = jax.tree_util.tree_map(lambda x: x.value, primals,
+                                                                  is_leaf=is_primal)
     want_dbias = bias is not None and any(
         x.perturbed for x in jax.tree_util.tree_leaves(primals[3], is_leaf=is_primal))
-    out, lse = static.backend.forward(static, q, k, v, bias, metas, operands)
+    out, lse = static.backend.forward(static, q, k, v, bias, metas, operands,
+                                      **_seed_argument(static, seed))
     # The flag travels as pytree structure (() vs None), residuals being arrays only.
-    return (out, lse), (q, k, v, bias, out, lse, metas, operands, () if want_dbias else None)
+    return (out, lse), (q, k, v, bias, out, lse, metas, operands, seed,
+                        () if want_dbias else None)
 
 
 def _bwd(static, residuals, cotangents):
-    q, k, v, bias, out, lse, metas, operands, want_dbias = residuals
+    q, k, v, bias, out, lse, metas, operands, seed, want_dbias = residuals
     dout, dlse = cotangents
     if isinstance(dout, jax.custom_derivatives.SymbolicZero):  # only the lse is used
         dout = jnp.zeros(out.shape, out.dtype)
@@ -98,9 +127,10 @@ def _bwd(static, residuals, cotangents):
     parts = ("dq", "dkdv") + (("dbias",) if want_dbias is not None else ())
     # dbias stays None for a bias that is not differentiated (a zero cotangent).
     dq, dk, dv, dbias = static.backend.backward(static, q, k, v, bias, out, backward_lse(lse),
-                                                dout, delta, metas, operands, parts=parts)
-    # Metadata and mask operands are integer data: no cotangent.
-    return (dq, dk, dv, dbias, None, None)
+                                                dout, delta, metas, operands, parts=parts,
+                                                **_seed_argument(static, seed))
+    # Metadata, mask operands and the seed are integer data: no cotangent.
+    return (dq, dk, dv, dbias, None, None, None)
 
 
 flash_attention.defvjp(_fwd, _bwd, symbolic_zeros=True)

@@ -49,6 +49,9 @@ def supports(request, *, interpret: bool = False) -> str | None:
         return "the Mosaic GPU forward takes no bias yet"
     if request.logits_soft_cap is not None:
         return "the Mosaic GPU forward has no logits soft cap yet"
+    if request.dropout_rate:
+        return ("the Mosaic GPU kernels have no attention dropout yet; the Triton kernels "
+                "(implementation='pallas_triton') compute it")
     cfg = config_for_head_dim(padded_head_dim(request.head_dim))
     for kind, layout_block in request.operand_kinds:
         if kind != "block":

@@ -11,6 +11,8 @@ Two kernels, no atomics, so the result is bitwise deterministic:
 
 Both skip EMPTY tiles exactly like the forward, so backward cost follows the number of
 non-empty tiles. D = rowsum(dO ∘ O) − dlse comes precomputed (pallas_kernels/flash_vjp.py).
+With attention dropout both regenerate the forward's keep-mask per tile (KernelDropout)
+and use Z = keep / (1 − rate): dV += (P ∘ Z)ᵀ dO and dP = (dO Vᵀ) ∘ Z.
 """
 
 from __future__ import annotations
@@ -26,40 +28,48 @@ from jax.experimental.pallas import triton as plgpu
 from pallas_kernels.common import (LOG2E, acc_dtype, dbias_mode, pad_axis, pad_btnh,
                                    pad_to_multiple, prepare_bias, prepare_operands, reduce_dbias,
                                    reversed_q_block)
-from pallas_kernels.triton.common import (bias_access, dot_nn, dot_nt, dot_tn, forward_table,
-                                          make_operand_access, padded_head_dim, scaled_logits,
-                                          split_refs, tile_keep, transposed_table, walk_tiles,
-                                          zero_unreachable)
+from pallas_kernels.triton.common import (KernelDropout, bias_access, dot_nn, dot_nt, dot_tn,
+                                          forward_table, kernel_dropout, make_operand_access,
+                                          padded_head_dim, scaled_logits, split_refs, tile_keep,
+                                          transposed_table, walk_tiles, zero_unreachable)
 
 
-def _probabilities_and_dlogits(q, k, v, do, lse2, delta, keep, *, scale, cap, acc, bias=None):
+def _probabilities_and_dlogits(q, k, v, do, lse2, delta, keep, *, scale, cap, acc, bias=None,
+                               drop=None, inverse_keep=1.0):
     """Recompute P for one tile from the saved lse, then dS w.r.t. the pre-cap logits
     scale·q·k + bias (= dbias; dQ and dK scale it by `scale`). In a PARTIAL tile both
     are selected to 0 on masked pairs, so NaN/Inf in a masked key's logits or in its V
-    row (through dP = dO·Vᵀ) never reaches a gradient."""
+    row (through dP = dO·Vᵀ) never reaches a gradient. With dropout (`drop`: the tile's
+    keep-mask) the probabilities returned, those dV takes, are P ∘ Z, and dP is
+    (dO Vᵀ) ∘ Z, Z = drop / (1 − rate); dS = P ∘ (dP − D) keeps the undropped P."""
     logits2, tanh = scaled_logits(dot_nt(q, k, acc), scale, cap, LOG2E, bias)
     p = jnp.exp2(logits2 - lse2[:, None])
     if keep is not None:
         p = jnp.where(keep, p, 0.0)
     dp = dot_nt(do, v, acc)
+    p_applied = p
+    if drop is not None:
+        dp = jnp.where(drop, dp * inverse_keep, 0.0)
+        p_applied = jnp.where(drop, p * inverse_keep, 0.0)
     ds = p * (dp - delta[:, None])
     if cap is not None:
         ds = ds * (1.0 - tanh * tanh)   # d(c·tanh(x/c))/dx
     if keep is not None:
         ds = jnp.where(keep, ds, 0.0)
-    return p, ds
+    return p_applied, ds
 
 
 def _dkdv_kernel(table_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, n_operands,
-                 accesses, mask_fn, bias_acc, layout, per_head_table, groups, scale, cap, kv_len,
-                 bq, bk, acc):
-    operand_refs, bias_ref, (dk_ref, dv_ref, *dbias_ref) = split_refs(refs, n_operands, bias_acc)
+                 accesses, mask_fn, bias_acc, dropout, layout, per_head_table, groups, scale, cap,
+                 kv_len, bq, bk, acc):
+    operand_refs, bias_ref, seed_ref, (dk_ref, dv_ref, *dbias_ref) = split_refs(
+        refs, n_operands, bias_acc, dropout)
     kv_start = pl.program_id(0) * bk
     k = k_ref[...]                                        # [bk, Hp], on chip throughout
     v = v_ref[...]
     hp = k.shape[-1]
 
-    def visit(q_block, carry, partial, *, g):
+    def visit(q_block, carry, partial, *, g, h_head):
         dk, dv, *colsum = carry
         q_start = pl.multiple_of(q_block * bq, bq)
         rows = pl.ds(q_start, bq)
@@ -72,8 +82,10 @@ def _dkdv_kernel(table_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *re
             keep = tile_keep(mask_fn, accesses, operand_refs, q_start, kv_start, kv_len,
                              bq=bq, bk=bk, g=g)
         bias = None if bias_acc is None else bias_acc.load(bias_ref, q_start, kv_start, g)
+        drop = None if dropout is None else dropout.tile(h_head, q_start, kv_start, bq=bq, bk=bk)
         p, ds = _probabilities_and_dlogits(q, k, v, do, lse2, delta, keep, scale=scale, cap=cap,
-                                           acc=acc, bias=bias)
+                                           acc=acc, bias=bias, drop=drop,
+                                           inverse_keep=1.0 if dropout is None else dropout.inverse_keep)
         if partial and layout.zero_isolated:   # query rows that attend no key here may hold NaN
             q = zero_unreachable(q, keep, axis=1)
         dv = dv + dot_tn(p.astype(do.dtype), do, acc)
@@ -85,7 +97,10 @@ def _dkdv_kernel(table_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *re
     carry = (jnp.zeros((bk, hp), acc), jnp.zeros((bk, hp), acc))
     for g in range(groups):                                  # query heads sharing this kv head
         carry = (*carry[:2], *([jnp.zeros((bk,), acc)] if dbias_ref else []))
-        carry = walk_tiles(table_ref, layout, functools.partial(visit, g=g), carry,
+        # grid (j, b, kh): query head kh·G + g, as the forward numbers it for dropout
+        h_head = None if dropout is None else dropout.head_hash(
+            seed_ref, pl.program_id(1), pl.program_id(2) * groups + g)
+        carry = walk_tiles(table_ref, layout, functools.partial(visit, g=g, h_head=h_head), carry,
                            head=g if per_head_table else None)
         if dbias_ref:
             dbias_ref[0][g, :] = carry[2].astype(dbias_ref[0].dtype)
@@ -95,13 +110,17 @@ def _dkdv_kernel(table_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *re
 
 
 def _dq_kernel(table_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, n_operands,
-               accesses, mask_fn, bias_acc, dbias_mode, layout, scale, cap, kv_len, bq, bk, acc):
-    operand_refs, bias_ref, (dq_ref, *dbias_ref) = split_refs(refs, n_operands, bias_acc)
+               accesses, mask_fn, bias_acc, dropout, dbias_mode, layout, scale, cap, kv_len, bq, bk,
+               acc):
+    operand_refs, bias_ref, seed_ref, (dq_ref, *dbias_ref) = split_refs(refs, n_operands,
+                                                                        bias_acc, dropout)
     q_start = reversed_q_block(pl.program_id(0), pl.num_programs(0)) * bq   # heaviest first
     q = q_ref[...]
     do = do_ref[...]
     lse2 = lse_ref[...] * LOG2E
     delta = delta_ref[...]
+    if dropout is not None:   # grid (i, b, n): batch row b, query head n
+        h_head = dropout.head_hash(seed_ref, pl.program_id(1), pl.program_id(2))
 
     def visit(kv_block, dq, partial):
         kv_start = pl.multiple_of(kv_block * bk, bk)
@@ -114,8 +133,10 @@ def _dq_kernel(table_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs
             if layout.zero_isolated:
                 k = zero_unreachable(k, keep, axis=0)
         bias = None if bias_acc is None else bias_acc.load(bias_ref, q_start, kv_start, 0)
+        drop = None if dropout is None else dropout.tile(h_head, q_start, kv_start, bq=bq, bk=bk)
         _, ds = _probabilities_and_dlogits(q, k, v, do, lse2, delta, keep, scale=scale, cap=cap,
-                                           acc=acc, bias=bias)
+                                           acc=acc, bias=bias, drop=drop,
+                                           inverse_keep=1.0 if dropout is None else dropout.inverse_keep)
         dq, *rowsum = dq
         if dbias_mode == "tiles":   # dbias of this tile is dS itself; EMPTY tiles keep zeros
             dbias_ref[0][:, pl.ds(kv_start, bk)] = ds.astype(dbias_ref[0].dtype)
@@ -136,19 +157,21 @@ def _dq_kernel(table_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs
 
 
 def backward(static, q, k, v, bias, out, lse, dout, delta, metas, operands,
-             parts=("dq", "dkdv", "dbias")):
+             parts=("dq", "dkdv", "dbias"), dropout_seed=None):
     """(dq, dk, dv, dbias): dbias has the bias's own shape (None without a bias).
     `parts` runs only the dQ kernel ("dq") or only the dK/dV kernel ("dkdv"), and asks
     for the bias gradient ("dbias") or not; what was not asked for comes back as None
     (ring attention sends dK/dV on while dQ runs; a constant bias needs no gradient).
     dbias is dS reduced to the bias's shape by the kernel that loops over the reduced
-    axis (pallas_kernels.common.dbias_mode)."""
+    axis (pallas_kernels.common.dbias_mode). `dropout_seed`: uint32 [1], the forward's,
+    with static.dropout_rate > 0."""
     del out  # D = rowsum(dO ∘ O) − dlse already carries what the backward needs of O.
     dq = dk = dv = dbias = None
     mode = dbias_mode(bias.shape) if bias is not None and "dbias" in parts else None
     if "dkdv" in parts or mode == "cols":
         pb = _Problem.of(q, k, v, bias, lse, dout, delta, metas["dkdv"])
-        dk, dv, dbias_cols = _dkdv(pb, static, metas["dkdv"], operands, dbias=mode == "cols")
+        dk, dv, dbias_cols = _dkdv(pb, static, metas["dkdv"], operands, dropout_seed,
+                                   dbias=mode == "cols")
         if mode == "cols":
             dbias = dbias_cols[:, :, None, :]                # [B, N, 1, S]
         if "dkdv" not in parts:
@@ -156,7 +179,7 @@ def backward(static, q, k, v, bias, out, lse, dout, delta, metas, operands,
     if "dq" in parts or mode in ("tiles", "rows"):
         dq_mode = mode if mode in ("tiles", "rows") else None
         pb = _Problem.of(q, k, v, bias, lse, dout, delta, metas["dq"])
-        dq, dbias_rows = _dq(pb, static, metas["dq"], operands, dbias_mode=dq_mode)
+        dq, dbias_rows = _dq(pb, static, metas["dq"], operands, dropout_seed, dbias_mode=dq_mode)
         if dq_mode is not None:
             dbias = dbias_rows if mode == "tiles" else dbias_rows[..., None]   # [B, N, T, S|1]
         if "dq" not in parts:
@@ -212,7 +235,8 @@ class _Problem:
     def kernel_params(self, static):
         """Keyword arguments every backward kernel takes."""
         return dict(mask_fn=static.mask_fn, scale=static.scale, cap=static.logits_soft_cap,
-                    kv_len=self.s, bq=self.bq, bk=self.bk, acc=self.acc)
+                    dropout=kernel_dropout(static), kv_len=self.s, bq=self.bq, bk=self.bk,
+                    acc=self.acc)
 
     def operands(self, static, operands, layout):
         return make_operand_access(
@@ -221,17 +245,20 @@ class _Problem:
             layout, bq=self.bq, bk=self.bk, groups=self.groups)
 
 
-def _call(kernel, pb: _Problem, static, table, accesses, bias_acc, *, grid, specs, out_specs,
-          out_shape, name, reverse_rows=None):
+def _call(kernel, pb: _Problem, static, table, accesses, bias_acc, dropout_seed, *, grid, specs,
+          out_specs, out_shape, name, reverse_rows=None):
     """pallas_call of one backward kernel. `specs` are the BlockSpecs of
-    (table, q, k, v, dO, lse, D); the mask operands and the bias follow them (their
-    q-blocks in reverse order when `reverse_rows` = nQ, as the dQ grid runs them)."""
+    (table, q, k, v, dO, lse, D); the mask operands, the bias and the dropout seed follow
+    them (their q-blocks in reverse order when `reverse_rows` = nQ, as the dQ grid runs
+    them)."""
     operand_specs = [a.spec(reverse_rows=reverse_rows) for a in accesses]
     bias_specs = [] if bias_acc is None else [bias_acc.spec(reverse_rows=reverse_rows)]
+    seed = [dropout_seed] if static.dropout_rate else []
+    seed_specs = [KernelDropout.spec()] if seed else []
     return pl.pallas_call(
         kernel,
         grid=grid,
-        in_specs=[*specs, *operand_specs, *bias_specs],
+        in_specs=[*specs, *operand_specs, *bias_specs, *seed_specs],
         out_specs=out_specs,
         out_shape=out_shape,
         compiler_params=plgpu.CompilerParams(num_warps=static.config.num_warps_bwd,
@@ -239,10 +266,10 @@ def _call(kernel, pb: _Problem, static, table, accesses, bias_acc, *, grid, spec
         interpret=static.interpret,
         name=name,
     )(table, pb.q, pb.k, pb.v, pb.do, pb.lse, pb.delta, *[a.arr for a in accesses],
-      *([pb.bias] if pb.bias is not None else []))
+      *([pb.bias] if pb.bias is not None else []), *seed)
 
 
-def _dkdv(pb: _Problem, static, meta, operands, dbias=False):
+def _dkdv(pb: _Problem, static, meta, operands, dropout_seed, dbias=False):
     """dK, dV (and, with `dbias`, dS summed over the query rows: [B, N, S]): programs over
     (kv-block j, batch, kv head), walking the transposed lists."""
     bk, tp, hp, groups = pb.bk, pb.tp, pb.hp, pb.groups
@@ -271,14 +298,14 @@ def _dkdv(pb: _Problem, static, meta, operands, dbias=False):
     kernel = functools.partial(_dkdv_kernel, n_operands=len(accesses), accesses=accesses,
                                bias_acc=bias_acc, layout=layout, per_head_table=per_head_table,
                                groups=groups, **pb.kernel_params(static))
-    dk, dv, *dbias_cols = _call(kernel, pb, static, table, accesses, bias_acc,
+    dk, dv, *dbias_cols = _call(kernel, pb, static, table, accesses, bias_acc, dropout_seed,
                                 grid=(pb.sp // bk, pb.b, pb.kh), specs=specs, out_specs=out_specs,
                                 out_shape=out_shape, name="jaxattn_flash_dkdv")
     s, h = pb.s, pb.h
     return dk[:, :s, :, :h], dv[:, :s, :, :h], (dbias_cols[0][:, :, :s] if dbias else None)
 
 
-def _dq(pb: _Problem, static, meta, operands, dbias_mode=None):
+def _dq(pb: _Problem, static, meta, operands, dropout_seed, dbias_mode=None):
     """dQ: programs over (q-block, batch, query head), walking the forward lists.
     dbias_mode "tiles" also writes dS per (b, n) ([B, N, T, S]); "rows" its sums over
     the key columns ([B, N, T])."""
@@ -308,7 +335,8 @@ def _dq(pb: _Problem, static, meta, operands, dbias_mode=None):
     kernel = functools.partial(_dq_kernel, n_operands=len(accesses), accesses=accesses,
                                bias_acc=bias_acc, dbias_mode=dbias_mode, layout=layout,
                                **pb.kernel_params(static))
-    dq, *dbias = _call(kernel, pb, static, table, accesses, bias_acc, grid=(nq, pb.b, pb.n),
+    dq, *dbias = _call(kernel, pb, static, table, accesses, bias_acc, dropout_seed,
+                       grid=(nq, pb.b, pb.n),
                        specs=specs, out_specs=out_specs, out_shape=out_shape, name="jaxattn_flash_dq",
                        reverse_rows=nq)
     t, s, h = pb.t, pb.s, pb.h

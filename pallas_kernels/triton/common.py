@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from pallas_kernels.common import MASK_VALUE, reversed_q_block
+from pallas_kernels.dropout import head_hash, keep_pairs
 from pallas_kernels.metadata import BlockMetadata
 
 def padded_head_dim(h: int) -> int:
@@ -97,7 +98,8 @@ class _Rows:
         return self.ref[i] if self.head is None else self.ref[self.head, i]
 
 
-def online_softmax_step(qk2, m_prev, l_prev, acc_prev, load_v, keep=None, zero_isolated=True):
+def online_softmax_step(qk2, m_prev, l_prev, acc_prev, load_v, keep=None, zero_isolated=True,
+                        dropout_keep=None):
     """One kv-tile of FlashAttention-2 Algorithm 1 (lines 8-10), in base 2.
 
     qk2: logits × log2(e) [bq, bk]; keep: bool mask of allowed pairs (PARTIAL tiles) or
@@ -109,7 +111,9 @@ def online_softmax_step(qk2, m_prev, l_prev, acc_prev, load_v, keep=None, zero_i
     metadata proved no such key exists (that reduction over the tile and select cost
     ~40 % of a PARTIAL-heavy forward on an H200). V is loaded only once the softmax statistics
     are done (load_v()), which keeps register pressure lower while the V tile is in
-    flight (measured faster on H100 than loading K and V together).
+    flight (measured faster on H100 than loading K and V together). `dropout_keep`
+    (attention dropout): pairs it drops count in m and l but not in P·V; the caller
+    divides the output by (1 − rate).
     """
     if keep is not None:
         qk2 = jnp.where(keep, qk2, MASK_VALUE)
@@ -119,6 +123,8 @@ def online_softmax_step(qk2, m_prev, l_prev, acc_prev, load_v, keep=None, zero_i
     if keep is not None:
         p = jnp.where(keep, p, 0.0)
     l_next = correction * l_prev + jnp.sum(p, axis=-1)
+    if dropout_keep is not None:
+        p = jnp.where(dropout_keep, p, 0.0)
     acc_corrected = correction[:, None] * acc_prev
     v = load_v()
     if keep is not None and zero_isolated:
@@ -263,11 +269,47 @@ def bias_access(bias, layout, *, bq, bk, groups):
     return None if bias is None else DenseAccess(bias, layout, bq=bq, bk=bk, groups=groups)
 
 
-def split_refs(refs, n_operands: int, bias_acc):
-    """A kernel's trailing refs: (mask operand refs, bias ref or None, output refs)."""
-    has_bias = bias_acc is not None
+def split_refs(refs, n_operands: int, bias_acc, dropout=None):
+    """A kernel's trailing refs: (mask operand refs, bias ref or None, dropout seed ref or
+    None, output refs)."""
+    has_bias, has_seed = bias_acc is not None, dropout is not None
+    rest = refs[n_operands + has_bias:]
     return (refs[:n_operands], refs[n_operands] if has_bias else None,
-            refs[n_operands + has_bias:])
+            rest[0] if has_seed else None, rest[has_seed:])
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelDropout:
+    """Attention dropout inside a kernel: the keep-mask of each visited tile regenerated
+    from the seed operand (uint32 [1], the last input), the batch row, the query head
+    and the tile's absolute positions (pallas_kernels/dropout.py), so the forward and
+    both backward kernels drop the same pairs without storing them."""
+    rate: float
+    broadcast: bool
+
+    @property
+    def inverse_keep(self) -> float:
+        """1 / (1 − rate): the factor of every kept probability."""
+        return 1.0 / (1.0 - self.rate)
+
+    @staticmethod
+    def spec():
+        return pl.BlockSpec((1,), lambda *_: (0,))
+
+    def head_hash(self, seed_ref, batch, head):
+        """The hash chain after (seed, batch, head), once per program or head."""
+        return head_hash(seed_ref[0], batch, head, broadcast=self.broadcast)
+
+    def tile(self, h_head, q_start, kv_start, *, bq, bk):
+        """bool [bq, bk]: the pairs of the tile at (q_start, kv_start) that are kept."""
+        q_pos = q_start + jax.lax.broadcasted_iota(jnp.int32, (bq, 1), 0)
+        kv_pos = kv_start + jax.lax.broadcasted_iota(jnp.int32, (1, bk), 1)
+        return keep_pairs(h_head, q_pos, kv_pos, self.rate)
+
+
+def kernel_dropout(static) -> KernelDropout | None:
+    """The call's dropout (FlashStatic.dropout_rate > 0), or None."""
+    return KernelDropout(static.dropout_rate, static.broadcast_dropout) if static.dropout_rate else None
 
 
 def tile_keep(mask_fn, accesses, refs, q_start, kv_start, kv_len, *, bq, bk, g=0):

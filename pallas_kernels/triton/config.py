@@ -89,7 +89,8 @@ def config_for_head_dim(head_dim: int, *, interpret: bool = False) -> TritonConf
 
 def supports(request: KernelRequest, *, interpret: bool) -> str | None:
     """None, or why these kernels cannot serve the request. Every mask, bias layout, soft
-    cap, GQA ratio, dtype and length is served; compiled kernels need a CUDA GPU."""
+    cap, attention dropout, GQA ratio, dtype and length is served; compiled kernels need
+    a CUDA GPU."""
     if not interpret and request.platform != "gpu":
         return (f"the Triton kernels need a CUDA GPU (platform is {request.platform!r}); "
                 "pass interpret=True to run them in Pallas interpret mode")

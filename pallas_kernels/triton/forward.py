@@ -4,7 +4,9 @@ One program per (q-block i, batch b, query head n). It keeps the q tile on chip 
 walks only the kv-blocks the metadata lists for its q-block — first the FULL ones (no
 mask work), then the PARTIAL ones (mask evaluated in the tile) — with the online
 softmax of FlashAttention-2 (Algorithm 1). EMPTY tiles are never loaded. It writes the
-output tile and the row log-sum-exp used by the backward pass.
+output tile and the row log-sum-exp used by the backward pass. With attention dropout
+it regenerates each tile's keep-mask from the seed (KernelDropout): dropped pairs stay in
+the softmax statistics and leave P·V, and the output is divided by (1 − rate).
 """
 
 from __future__ import annotations
@@ -18,18 +20,22 @@ from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.common import (LN2, LOG2E, MASK_VALUE, acc_dtype, pad_btnh, pad_to_multiple,
                                    prepare_bias, prepare_operands, reversed_q_block)
-from pallas_kernels.triton.common import (bias_access, dot_nt, forward_table, make_operand_access,
+from pallas_kernels.triton.common import (KernelDropout, bias_access, dot_nt, forward_table,
+                                          kernel_dropout, make_operand_access,
                                           online_softmax_step, padded_head_dim, scaled_logits,
                                           split_refs, tile_keep, walk_tiles)
 
 
 def _forward_kernel(table_ref, q_ref, k_ref, v_ref, *refs, n_operands, accesses, mask_fn,
-                    bias_acc, layout, scale, cap, kv_len, bq, bk, acc):
-    operand_refs, bias_ref, (o_ref, lse_ref) = split_refs(refs, n_operands, bias_acc)
+                    bias_acc, dropout, layout, scale, cap, kv_len, bq, bk, acc):
+    operand_refs, bias_ref, seed_ref, (o_ref, lse_ref) = split_refs(refs, n_operands, bias_acc,
+                                                                    dropout)
     # Programs run in reverse q-block order (heaviest q-blocks first).
     q_start = reversed_q_block(pl.program_id(0), pl.num_programs(0)) * bq
     q = q_ref[...]                                    # [bq, Hp], stays on chip
     hp = q.shape[-1]
+    if dropout is not None:   # grid (i, b, n): batch row b, query head n
+        h_head = dropout.head_hash(seed_ref, pl.program_id(1), pl.program_id(2))
 
     def visit(kv_block, carry, partial):
         m_i, l_i, o_acc = carry
@@ -42,9 +48,10 @@ def _forward_kernel(table_ref, q_ref, k_ref, v_ref, *refs, n_operands, accesses,
         if partial:   # PARTIAL tile: the mask (and kv padding) evaluated element-wise
             keep = tile_keep(mask_fn, accesses, operand_refs, q_start, kv_start, kv_len,
                              bq=bq, bk=bk)
+        drop = None if dropout is None else dropout.tile(h_head, q_start, kv_start, bq=bq, bk=bk)
         return online_softmax_step(logits2, m_i, l_i, o_acc,
                                    lambda: v_ref[pl.ds(kv_start, bk), :], keep,
-                                   zero_isolated=layout.zero_isolated)
+                                   zero_isolated=layout.zero_isolated, dropout_keep=drop)
 
     # FULL tiles first (no iota, no compare, no select), then PARTIAL ones; EMPTY tiles
     # are in neither list and are never loaded.
@@ -56,14 +63,17 @@ def _forward_kernel(table_ref, q_ref, k_ref, v_ref, *refs, n_operands, accesses,
     # l = 0 and returns O = 0 with lse = -inf.
     nonempty = l_i > 0
     l_safe = jnp.where(nonempty, l_i, 1.0)
-    o_ref[...] = (o_acc / l_safe[:, None]).astype(o_ref.dtype)
+    o = o_acc / l_safe[:, None]
+    if dropout is not None:   # kept probabilities are P / (1 − rate)
+        o = o * dropout.inverse_keep
+    o_ref[...] = o.astype(o_ref.dtype)
     lse = jnp.where(nonempty, (m_i + jnp.log2(l_safe)) * LN2, -jnp.inf)
     lse_ref[...] = lse.astype(lse_ref.dtype)
 
 
-def forward(static, q, k, v, bias, metas, operands):
-    """q [B, T, N, H], k/v [B, S, K, H], bias None or [Bb, Hb, T|1, S|1]
-    → (out [B, T, N, H], lse [B, N, T])."""
+def forward(static, q, k, v, bias, metas, operands, dropout_seed=None):
+    """q [B, T, N, H], k/v [B, S, K, H], bias None or [Bb, Hb, T|1, S|1], dropout_seed
+    uint32 [1] with static.dropout_rate > 0 → (out [B, T, N, H], lse [B, N, T])."""
     cfg = static.config
     fwd_meta = metas["forward"]
     b, t, n, h = q.shape
@@ -82,6 +92,7 @@ def forward(static, q, k, v, bias, metas, operands):
     accesses = make_operand_access(prepared, "rows", bq=bq, bk=bk, groups=groups)
     bias_p = prepare_bias(bias, tp, sp, acc)
     bias_acc = bias_access(bias_p, "rows", bq=bq, bk=bk, groups=groups)
+    dropout = kernel_dropout(static)
 
     nq = tp // bq
     row = lambda i: reversed_q_block(i, nq)  # noqa: E731  (q-block of program i)
@@ -94,6 +105,7 @@ def forward(static, q, k, v, bias, metas, operands):
         pl.BlockSpec((None, sp, None, hp), lambda i, bb, nn: (bb, 0, nn // groups, 0)),
         *[a.spec(reverse_rows=nq) for a in accesses],
         *([bias_acc.spec(reverse_rows=nq)] if bias_acc is not None else []),
+        *([KernelDropout.spec()] if dropout is not None else []),
     ]
     out_specs = [
         pl.BlockSpec((None, bq, None, hp), lambda i, bb, nn: (bb, row(i), nn, 0)),
@@ -101,7 +113,7 @@ def forward(static, q, k, v, bias, metas, operands):
     ]
     kernel = functools.partial(
         _forward_kernel, n_operands=len(accesses), accesses=accesses, mask_fn=static.mask_fn,
-        bias_acc=bias_acc,
+        bias_acc=bias_acc, dropout=dropout,
         layout=layout, scale=static.scale, cap=static.logits_soft_cap,
         kv_len=s, bq=bq, bk=bk, acc=acc)
     out, lse = pl.pallas_call(
@@ -114,5 +126,6 @@ def forward(static, q, k, v, bias, metas, operands):
         compiler_params=plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
         interpret=static.interpret,
         name="jaxattn_flash_forward",
-    )(table, qp, kp, vp, *[a.arr for a in accesses], *([bias_p] if bias_p is not None else []))
+    )(table, qp, kp, vp, *[a.arr for a in accesses], *([bias_p] if bias_p is not None else []),
+      *([dropout_seed] if dropout is not None else []))
     return out[:, :t, :, :h], lse[:, :, :t]
