@@ -8,7 +8,8 @@ NotImplementedError, so dispatch can fall back):
         backend = "pallas_mybackend"
         supports_softcap = False
 
-`KernelCases` are value and gradient checks against the reference that run on both tiers:
+`KernelCases` are value and gradient checks against the reference (attention dropout
+included: the same seed must drop the same pairs) that run on both tiers:
 on CPU in Pallas interpret mode at the backend's interpret tiles (small odd shapes,
 float32, element-wise tolerances), and on a GPU (tests/test_flash_gpu.py) at the
 backend's real tiles on `length_scale`-times longer sequences in bfloat16, compared
@@ -27,6 +28,7 @@ import jax.numpy as jnp
 
 import jaxattn
 from jaxattn import masks as M
+from jaxattn.dropout import dropout_keep
 from jaxattn.flash import default_interpret, kernel_request, pallas_attention, prepare_call
 from jaxattn.reference import allowed_pairs
 from pallas_kernels.common import MASK_VALUE
@@ -78,6 +80,19 @@ def bias_cases(f: int = 1):
     ]
 
 
+def dropout_cases(f: int = 1):
+    """name -> ((B, T, S, N, K, H), mask, soft cap, bias shape or None, rate, broadcast):
+    attention dropout with masks (FULL and PARTIAL tiles), GQA (the dK/dV kernel numbers
+    query heads k·G + g), T != S, ragged lengths, a bias and its gradient, a soft cap,
+    broadcast_dropout. (The full mask's path: test_dropout_deterministic_per_seed.)"""
+    dense = np.random.default_rng(6).random((33 * f, 40 * f)) < 0.6
+    return {
+        "causal_gqa_ragged": ((2, 37 * f, 53 * f, 4, 2, 16), M.CausalMask(offset=16 * f), None, None, 0.3, False),
+        "dense_bias_softcap_broadcast": ((1, 33 * f, 40 * f, 2, 1, 16), M.DenseMask(dense), 5.0,
+                                         (1, 2, 33 * f, 40 * f), 0.5, True),
+    }
+
+
 def make_inputs(b, t, s, n, k, h, dtype=jnp.float32, seed=0):
     ks = jax.random.split(jax.random.key(seed), 4)
     q = jax.random.normal(ks[0], (b, t, n, h), dtype)
@@ -87,11 +102,15 @@ def make_inputs(b, t, s, n, k, h, dtype=jnp.float32, seed=0):
     return q, kk, v, do
 
 
-def run(impl, q, k, v, do, mask, cap=None, bias=None):
+def run(impl, q, k, v, do, mask, cap=None, bias=None, dropout=None):
     """out, lse and the gradients (dq, dk, dv[, dbias]) of <out, dO> + Σ finite lse, so the
-    lse cotangent (dlse) is exercised too."""
+    lse cotangent (dlse) is exercised too. dropout: None or (rate, seed, broadcast)."""
+    rate, seed, broadcast = dropout or (0.0, None, False)
+
     def loss(q, k, v, bias):
         out, lse = jaxattn.dot_product_attention(q, k, v, bias, mask=mask, logits_soft_cap=cap,
+                                                 dropout_rate=rate, dropout_seed=seed,
+                                                 broadcast_dropout=broadcast,
                                                  implementation=impl, return_residuals=True)
         value = jnp.sum(out.astype(lse.dtype) * do.astype(lse.dtype))
         return value + jnp.sum(jnp.where(jnp.isfinite(lse), lse, 0.0)), (out, lse)
@@ -122,17 +141,17 @@ class KernelCases:
         np.testing.assert_allclose(np.asarray(got, np.float64), np.asarray(want, np.float64),
                                    atol=atol, rtol=1e-4, err_msg=name)
 
-    def naive_run(self, q, k, v, do, mask, cap=None, bias=None):
+    def naive_run(self, q, k, v, do, mask, cap=None, bias=None, dropout=None):
         """What `check` gets as `naive`; the CPU tier needs none."""
         return None
 
-    def declined(self, q, k, v, do, mask, cap=None, bias=None):
+    def declined(self, q, k, v, do, mask, cap=None, bias=None, dropout=None):
         """True when the backend's supports() declines this call (a finer form of the
         capability flags: e.g. mask operands it does not read), after checking that the
         call raises NotImplementedError so dispatch can fall back."""
         canonical = M.canonical_mask(mask)
         bias4 = None if bias is None else jnp.reshape(bias, (1,) * (4 - bias.ndim) + bias.shape)
-        request = kernel_request(q, k, bias4, canonical, cap)
+        request = kernel_request(q, k, bias4, canonical, cap, dropout[0] if dropout else 0.0)
         backend, interpret = get_backend(self.backend), default_interpret()
         if backend.supports(request, interpret=interpret) is None:
             try:   # the backend may still refuse once the block metadata is known
@@ -143,12 +162,12 @@ class KernelCases:
             except NotImplementedError:
                 pass
         with pytest.raises(NotImplementedError):
-            run(self.backend, q, k, v, do, mask, cap, bias)
+            run(self.backend, q, k, v, do, mask, cap, bias, dropout)
         return True
 
-    def compare(self, q, k, v, do, mask, cap=None, bias=None):
+    def compare(self, q, k, v, do, mask, cap=None, bias=None, dropout=None):
         """The backend against the reference (float32 on the same values), values, lse,
-        and every gradient."""
+        and every gradient; dropout: None or (rate, seed, broadcast), the seed traced."""
         if cap is not None and not self.supports_softcap:
             with pytest.raises(NotImplementedError):
                 run(self.backend, q, k, v, do, mask, cap, bias)
@@ -157,17 +176,19 @@ class KernelCases:
             with pytest.raises(NotImplementedError):
                 run(self.backend, q, k, v, do, mask, cap, bias)
             return
-        if self.declined(q, k, v, do, mask, cap, bias):
+        if self.declined(q, k, v, do, mask, cap, bias, dropout):
             return
         f32 = lambda x: None if x is None else x.astype(jnp.float32)  # noqa: E731
+        rate, seed, broadcast = dropout or (0.0, None, False)
 
         @jax.jit
-        def both(q, k, v, do, bias):
-            mine = run(self.backend, q, k, v, do, mask, cap, bias)
-            ref = run("reference", f32(q), f32(k), f32(v), f32(do), mask, cap, f32(bias))
-            return mine, ref, self.naive_run(q, k, v, do, mask, cap, bias)
+        def both(q, k, v, do, bias, seed):
+            drop = None if seed is None else (rate, seed, broadcast)
+            mine = run(self.backend, q, k, v, do, mask, cap, bias, drop)
+            ref = run("reference", f32(q), f32(k), f32(v), f32(do), mask, cap, f32(bias), drop)
+            return mine, ref, self.naive_run(q, k, v, do, mask, cap, bias, drop)
 
-        (out, lse, grads), (r_out, r_lse, r_grads), naive = both(q, k, v, do, bias)
+        (out, lse, grads), (r_out, r_lse, r_grads), naive = both(q, k, v, do, bias, seed)
         naive = naive or (None, None, (None,) * len(grads))
         assert not _nonfinite(out, *grads), "NaN/Inf in the kernel's output or gradients"
         self.check("out", out, r_out, naive[0])
@@ -192,6 +213,42 @@ class KernelCases:
         q, k, v, do = make_inputs(2, 45 * f, 60 * f, 4, 2, 16, dtype=self.dtype)
         bias = jax.random.normal(jax.random.key(5), shape, jnp.float32)
         self.compare(q, k, v, do, mask, cap, bias)
+
+    # -- attention dropout ----------------------------------------------------------
+    @pytest.mark.parametrize("name", list(dropout_cases()))
+    def test_dropout_matches_reference(self, name):
+        """The kernels drop the pairs the reference drops (same seed, traced): values, lse
+        (of the undropped attention) and every gradient."""
+        shape, mask, cap, bias_shape, rate, broadcast = dropout_cases(self.length_scale)[name]
+        if cap is not None and not self.supports_softcap or bias_shape and not self.supports_bias:
+            cap, bias_shape = None, None
+        q, k, v, do = make_inputs(*shape, dtype=self.dtype, seed=3)
+        bias = None if bias_shape is None else jax.random.normal(jax.random.key(8), bias_shape)
+        self.compare(q, k, v, do, mask, cap, bias, dropout=(rate, jnp.uint32(0xC0FFEE), broadcast))
+
+    def test_dropout_deterministic_per_seed(self):
+        """Same seed: bitwise the same output and gradients; another seed: another mask.
+        Rate 0 with a seed is no dropout. Full mask: the kernels' tiles without mask work."""
+        f = self.length_scale
+        q, k, v, do = make_inputs(1, 40 * f, 40 * f, 2, 1, 16, dtype=self.dtype, seed=4)
+        mask = M.FullMask()
+        if self.declined(q, k, v, do, mask, dropout=(0.4, jnp.uint32(1), False)):
+            return
+
+        @jax.jit
+        def runs(seed):
+            return [run(self.backend, q, k, v, do, mask, dropout=drop)
+                    for drop in ((0.4, seed, False), (0.0, seed, False), None)]
+
+        a, zero, plain = runs(jnp.uint32(1))
+        again, *_ = runs(jnp.uint32(1))
+        other, *_ = runs(jnp.uint32(2))
+        leaves = lambda r: [r[0], *r[2]]  # noqa: E731   out, dq, dk, dv
+        for x, y, z in zip(leaves(a), leaves(again), leaves(other)):
+            np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+            assert not np.array_equal(np.asarray(x), np.asarray(z))
+        for x, y in zip(leaves(zero), leaves(plain)):
+            np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
     def test_segments_documents_traced(self):
         """Causal document packing with segment ids traced through jit."""
@@ -305,6 +362,21 @@ class InterpretOnlyCases:
     # Names that must appear in the module lowered for an H100 (e.g. the kernels' names).
     lowered_names: tuple[str, ...] = ()
 
+    def test_float64_check_grads_with_dropout(self):
+        """Dropout is a fixed function of the inputs for a fixed seed: its kernel gradients
+        pass a float64 finite-difference check."""
+        from jax.test_util import check_grads
+        with jax.enable_x64(True):
+            q, k, v, _ = make_inputs(1, 29, 37, 2, 1, 16, dtype=jnp.float64)
+
+            def f(q, k, v):
+                return jaxattn.dot_product_attention(q, k, v, mask=M.CausalMask(offset=8),
+                                                     dropout_rate=0.25, dropout_seed=11,
+                                                     implementation=self.backend)
+            if not self.supports_float64:
+                return
+            check_grads(jax.jit(f), (q, k, v), order=1, modes=("rev",), atol=1e-5, rtol=1e-5)
+
     def test_float64_check_grads(self):
         from jax.test_util import check_grads
         with jax.enable_x64(True):
@@ -321,21 +393,24 @@ class InterpretOnlyCases:
             check_grads(jax.jit(f), (q, k, v), order=1, modes=("rev",), atol=1e-5, rtol=1e-5)
 
     # -- lowering of the shipped (GPU) configurations for an H100, without a GPU -----
-    def lower_for_h100(self, b, t, s, n, k, h, mask, cap=None, bias=None):
+    def lower_for_h100(self, b, t, s, n, k, h, mask, cap=None, bias=None, dropout_rate=0.0):
         """Forward and backward lowered for an H100 with the backend's GPU config
-        (interpret=False); bias: None or its shape (differentiated too)."""
-        def fn(q, kk, v):
+        (interpret=False); bias: None or its shape (differentiated too); with a
+        dropout_rate, the seed is a traced uint32 (the hash's uint32 ops must lower)."""
+        def fn(q, kk, v, seed):
             bias_arr = jnp.zeros(bias, jnp.bfloat16) if bias else None
 
             def loss(q, kk, v, bias_arr):
                 out = pallas_attention(self.backend, q, kk, v, bias_arr, mask, scale=h ** -0.5,
-                                       logits_soft_cap=cap, return_residuals=False, interpret=False)
+                                       logits_soft_cap=cap, return_residuals=False, interpret=False,
+                                       dropout_rate=dropout_rate, dropout_seed=seed)
                 return jnp.sum(out.astype(jnp.float32))
             return jax.grad(loss, argnums=(0, 1, 2) + ((3,) if bias else ()))(q, kk, v, bias_arr)
 
         sds = [jax.ShapeDtypeStruct((b, t, n, h), jnp.bfloat16),
                jax.ShapeDtypeStruct((b, s, k, h), jnp.bfloat16),
-               jax.ShapeDtypeStruct((b, s, k, h), jnp.bfloat16)]
+               jax.ShapeDtypeStruct((b, s, k, h), jnp.bfloat16),
+               jax.ShapeDtypeStruct((), jnp.uint32)]
         text = lower_for_h100(fn, *sds)
         for name in self.lowered_names:
             assert name in text, name
@@ -355,6 +430,15 @@ class InterpretOnlyCases:
     def test_lowers_for_h100(self, pretend_gpu, h, mask):
         t = 300 if isinstance(mask, M.DenseMask) else 512
         self.lower_for_h100(1, t, t, 4, 2, h, mask, cap=30.0 if h == 64 else None)
+
+    @pytest.mark.parametrize("h,mask,bias", [
+        (64, M.CausalMask(), None),
+        # per-head mask tiles and a bias in the dK/dV kernel under GQA
+        (128, M.DenseMask(np.stack([np.tril(np.ones((300, 300), bool), k=-i) for i in range(4)])[None]),
+         (1, 4, 300, 300)),
+    ])
+    def test_dropout_lowers_for_h100(self, pretend_gpu, h, mask, bias):
+        self.lower_for_h100(1, 300, 300, 4, 2, h, mask, bias=bias, dropout_rate=0.1)
 
     @pytest.mark.parametrize("bias_shape", [(1, 1, 384, 384), (1, 4, 384, 384), (2, 1, 1, 384),
                                             (1, 4, 1, 384), (2, 4, 384, 1)])
@@ -405,9 +489,10 @@ class InterpretOnlyCases:
 # ---------------------------------------------------------------------------------
 # The GPU tier: real tiles, bfloat16, per-row tolerances.
 # ---------------------------------------------------------------------------------
-def naive_attention(q, k, v, bias, mask, cap, *, return_residuals=True):
+def naive_attention(q, k, v, bias, mask, cap, *, return_residuals=True, dropout=None):
     """Attention computed plainly in the inputs' dtype (bfloat16: every product, sum and
-    exponential rounded to it): the yardstick of the GPU tier's tolerances."""
+    exponential rounded to it): the yardstick of the GPU tier's tolerances. dropout: None
+    or (rate, seed, broadcast), jaxattn.dropout's keep-mask."""
     dt = q.dtype
     b, t, n, h = q.shape
     s, g = k.shape[1], n // k.shape[2]
@@ -424,15 +509,20 @@ def naive_attention(q, k, v, bias, mask, cap, *, return_residuals=True):
     p = jnp.where(allowed, jnp.exp(logits - m), jnp.zeros((), dt))
     l = jnp.sum(p, axis=-1, keepdims=True)
     l_safe = jnp.where(l > 0, l, jnp.ones((), dt))
-    out = jnp.einsum("bnts,bsnh->btnh", p / l_safe, v, preferred_element_type=dt)
+    weights = p / l_safe
+    if dropout is not None:
+        rate, seed, broadcast = dropout
+        keep = dropout_keep(seed, weights.shape, rate, broadcast=broadcast)
+        weights = jnp.where(keep, weights / jnp.asarray(1.0 - rate, dt), jnp.zeros((), dt))
+    out = jnp.einsum("bnts,bsnh->btnh", weights, v, preferred_element_type=dt)
     lse = jnp.where(l > 0, m + jnp.log(l_safe), -jnp.inf)[..., 0].astype(jnp.float32)
     return out, lse
 
 
-def naive_run(q, k, v, do, mask, cap=None, bias=None):
+def naive_run(q, k, v, do, mask, cap=None, bias=None, dropout=None):
     """run() of naive_attention: (out, lse, grads) with every step in q's dtype."""
     def loss(q, k, v, bias):
-        out, lse = naive_attention(q, k, v, bias, mask, cap)
+        out, lse = naive_attention(q, k, v, bias, mask, cap, dropout=dropout)
         value = jnp.sum(out * do).astype(jnp.float32)
         return value + jnp.sum(jnp.where(jnp.isfinite(lse), lse, 0.0)), (out, lse)
     argnums = (0, 1, 2) if bias is None else (0, 1, 2, 3)
@@ -457,8 +547,8 @@ class GPUTier(KernelCases):
     dtype = jnp.bfloat16
     rows_factor = 2.0
 
-    def naive_run(self, q, k, v, do, mask, cap=None, bias=None):
-        return naive_run(q, k, v, do, mask, cap, bias)
+    def naive_run(self, q, k, v, do, mask, cap=None, bias=None, dropout=None):
+        return naive_run(q, k, v, do, mask, cap, bias, dropout)
 
     def check(self, name, got, want, naive=None, *, atol=None):
         del atol
