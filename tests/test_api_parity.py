@@ -19,9 +19,14 @@ from flax import nnx
 import jaxattn
 from jaxattn import api, masks
 from jaxattn.layers import LinenMultiHeadAttention, MultiHeadAttention, attention_fn
+from pallas_kernels.backend import KernelRequest
+from pallas_kernels.registry import get_backend
 
 B, T, S, N, K, H = 2, 5, 7, 4, 2, 8
 TRITON = "pallas_triton"
+# np.packbits of jaxattn.dropout.dropout_keep(uint32(7), (1, 2, 4, 8), 0.5): the hash is a
+# contract between the reference and the kernels, and a seed must keep meaning one mask.
+PINNED_KEEP_BITS = [87, 156, 120, 107, 159, 30, 86, 216]
 
 
 def _qkv(seed=0, t=T, s=S, dtype=np.float32):
@@ -218,26 +223,41 @@ def test_sow_weights_gives_flax_weights_with_a_memory_warning():
     assert any("O(T·S) memory" in str(w.message) for w in caught)
 
 
-def test_attention_dropout_is_reproducible_and_kernels_decline_it():
+def test_attention_dropout_is_reproducible_and_the_triton_kernels_compute_it():
     q, k, v = _qkv(10)
-    run = jax.jit(lambda seed: jaxattn.dot_product_attention(q, k, v, dropout_rate=0.4, dropout_seed=seed))
-    a, b, c = run(jnp.uint32(1)), run(jnp.uint32(1)), run(jnp.uint32(2))
+
+    @jax.jit
+    def run(seed):
+        return [jaxattn.dot_product_attention(q, k, v, dropout_rate=0.4, dropout_seed=seed,
+                                              implementation=impl) for impl in ("reference", TRITON)]
+    (a, a_kernel), (b, _), (c, _) = run(jnp.uint32(1)), run(jnp.uint32(1)), run(jnp.uint32(2))
     np.testing.assert_array_equal(a, b)
     assert not np.allclose(a, c)
+    np.testing.assert_allclose(a_kernel, a, atol=2e-6)   # the same keep-mask
     keep = jaxattn.dropout.dropout_keep(jnp.uint32(1), (8, 8, 64, 64), 0.4)
     assert abs(float(keep.mean()) - 0.6) < 0.01
-    with pytest.raises(NotImplementedError, match="dropout is computed by the reference only"):
-        jaxattn.dot_product_attention(q, k, v, dropout_rate=0.4, dropout_seed=1, implementation=TRITON)
-    # Flax's linen layer with attention dropout runs through attention_fn.
-    layer = nn.MultiHeadDotProductAttention(num_heads=4, dropout_rate=0.5, deterministic=False,
-                                            attention_fn=attention_fn())
+    # The keep-mask is part of the contract (kernels regenerate it): pinned bits.
+    bits = np.packbits(np.asarray(jaxattn.dropout.dropout_keep(jnp.uint32(7), (1, 2, 4, 8), 0.5)))
+    assert bits.tolist() == PINNED_KEEP_BITS
+    # jax.nn's implementations and the Mosaic GPU kernels decline it, saying so.
+    with pytest.raises(NotImplementedError, match="jax.nn.dot_product_attention has no attention dropout"):
+        jaxattn.dot_product_attention(q, k, v, dropout_rate=0.4, dropout_seed=1, implementation="xla")
+    request = KernelRequest(dtype=jnp.bfloat16, batch=1, q_len=128, kv_len=128, num_heads=1,
+                            num_kv_heads=1, head_dim=128, dropout_rate=0.1, platform="gpu",
+                            device_kind="NVIDIA H200")
+    assert "dropout" in get_backend("pallas_mosaic_gpu").supports(request, interpret=False)
+    # Flax's linen layer with attention dropout runs through attention_fn, on the kernels
+    # as on the reference (the same rng gives the same seed, hence the same output).
     x = jnp.ones((B, T, 16))
-    params = layer.init({"params": jax.random.key(0), "dropout": jax.random.key(1)}, x)
-    y1 = layer.apply(params, x, rngs={"dropout": jax.random.key(2)})
-    y2 = layer.apply(params, x, rngs={"dropout": jax.random.key(2)})
-    y3 = layer.apply(params, x, rngs={"dropout": jax.random.key(3)})
+    layers = [nn.MultiHeadDotProductAttention(num_heads=4, dropout_rate=0.5, deterministic=False,
+                                              attention_fn=attention_fn(implementation=impl))
+              for impl in ("reference", TRITON)]
+    params = layers[0].init({"params": jax.random.key(0), "dropout": jax.random.key(1)}, x)
+    apply = jax.jit(lambda key: [layer.apply(params, x, rngs={"dropout": key}) for layer in layers])
+    (y1, y1_kernel), (y2, _), (y3, _) = apply(jax.random.key(2)), apply(jax.random.key(2)), apply(jax.random.key(3))
     np.testing.assert_array_equal(y1, y2)
     assert not np.allclose(y1, y3)
+    np.testing.assert_allclose(y1_kernel, y1, atol=2e-6)
 
 
 def test_attention_fn_validates_shapes_before_declining():

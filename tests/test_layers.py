@@ -144,10 +144,9 @@ def test_attention_fn_refuses_what_it_cannot_honour():
     q = jnp.ones((B, T, N, 4))
     fn = attention_fn()
     # Dropout, precision and sown weights are served (tests/test_api_parity.py); a named
-    # kernel declines dropout rather than ignoring it.
-    with pytest.raises(NotImplementedError, match="dropout is computed by the reference only"):
-        _flax_nnx_mha(attention_fn(implementation="pallas_triton"), dropout_rate=0.1)(
-            x, deterministic=False)
+    # implementation that has no dropout declines it rather than ignoring it.
+    with pytest.raises(NotImplementedError, match="has no attention dropout"):
+        _flax_nnx_mha(attention_fn(implementation="xla"), dropout_rate=0.1)(x, deterministic=False)
     # dropout configured but deterministic: allowed, equals the dropout-free layer
     np.testing.assert_allclose(_flax_nnx_mha(fn, dropout_rate=0.1)(x, deterministic=True),
                                _flax_nnx_mha(fn)(x), **TOL)
