@@ -17,8 +17,9 @@ precision, weight sowing and (nnx) causality. The adapter:
 * passes `precision` on (the reference honours it; see `jaxattn.dot_product_attention`);
 * computes attention dropout (`dropout_rate`, `dropout_rng`, `broadcast_dropout`) with
   jaxattn's own counter-based keep-mask (`jaxattn.dropout`): deterministic for a given
-  rng, but not the same mask as Flax's `random.bernoulli`. Only the reference computes
-  it for now, so a layer with attention dropout runs on the reference while training;
+  rng, but not the same mask as Flax's `random.bernoulli`. The Triton kernels compute
+  it (forward and backward) as the reference does; with `deterministic=True` or rate 0
+  there is none;
 * sows the attention weights when Flax asks (`sow_weights=True`), computed by the
   reference with a warning: they cost O(T·S) memory;
 * refuses, with a message that says what to change, what it cannot honour instead of

@@ -98,7 +98,8 @@ def ring_attention(query, key, value, mask=None, *, mesh, axis_name, is_causal=F
         output comes back in that order; needs T and S multiples of 2P).
 
     T or S not a multiple of 2P: padded inside (padding keys are never attended, padded
-    rows are dropped). Returns [B, T, N, H] in the query's dtype.
+    rows are dropped). Returns [B, T, N, H] in the query's dtype. There is no attention
+    dropout here (no dropout arguments): a dropout layer needs `dot_product_attention`.
 
     Meshes with Explicit axes (`jax.make_mesh`'s default): inputs already placed on the
     mesh, or a call inside `jax.set_mesh`, run on it as given; host arrays called outside
