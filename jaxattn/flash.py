@@ -16,7 +16,7 @@ import jax.numpy as jnp
 
 from pallas_kernels.backend import KernelRequest
 from pallas_kernels.common import acc_dtype, backward_lse
-from pallas_kernels.dropout import seed_array
+from pallas_kernels.dropout import seed_array, with_offsets
 from pallas_kernels.flash_vjp import FlashStatic, flash_attention
 from pallas_kernels.metadata import BlockMetadata
 from pallas_kernels.registry import get_backend
@@ -77,19 +77,16 @@ def pallas_attention(backend_name: str, query, key, value, bias, mask: Mask, *, 
     plan = _explicit_sharding_plan(query, key, value)
     if plan is None:
         return call(query, key, value, bias, mask, seed)
-    if dropout_rate:
-        # A shard's kernel would number its batch rows and heads from 0, not as the
-        # whole call does, and so draw another keep-mask than the reference.
-        raise NotImplementedError("attention dropout on inputs sharded over batch or heads is "
-                                  "not supported by the kernels; the reference computes it")
-    return _sharded_call(call, plan, query, key, value, bias, mask, return_residuals)
+    return _sharded_call(call, plan, query, key, value, bias, mask, seed, return_residuals)
 
 
 # ---------------------------------------------------------------------------------
 # Explicit sharding (jax.make_mesh's default axis type): a kernel sees whole arrays, so
 # inputs sharded over batch and/or heads run the kernel per shard under shard_map. Every
 # (batch row, head) is independent, so this is exact; the mask's arrays follow the batch
-# and head axes they carry. Sequence-sharded inputs need jaxattn.ring_attention.
+# and head axes they carry; attention dropout's seed operand gets each shard's first
+# batch row and head, so the shards draw the whole call's keep-mask. Sequence-sharded
+# inputs need jaxattn.ring_attention.
 # ---------------------------------------------------------------------------------
 def _spec4(x):
     try:
@@ -126,7 +123,7 @@ def _leaf_spec(leaf, batch, heads, b_axis, h_axis):
     return jax.sharding.PartitionSpec(*dims)
 
 
-def _sharded_call(call, plan, query, key, value, bias, mask, return_residuals):
+def _sharded_call(call, plan, query, key, value, bias, mask, seed, return_residuals):
     mesh, b_axis, h_axis = plan
     P = jax.sharding.PartitionSpec
     leaves, treedef = jax.tree_util.tree_flatten(mask)
@@ -137,12 +134,22 @@ def _sharded_call(call, plan, query, key, value, bias, mask, return_residuals):
 
     bias_spec = None if bias is None else _leaf_spec(bias, b, n, b_axis, h_axis)
 
-    def local(q, k, v, bias, leaves):
-        return call(q, k, v, bias, jax.tree_util.tree_unflatten(treedef, leaves), None)
+    def local(q, k, v, bias, leaves, seed):
+        if seed is not None:   # dropout: this shard's first batch row and query head
+            seed = with_offsets(seed, _shard_index(b_axis) * q.shape[0],
+                                _shard_index(h_axis) * q.shape[2])
+        return call(q, k, v, bias, jax.tree_util.tree_unflatten(treedef, leaves), seed)
 
+    seed_spec = None if seed is None else P()
     return jax.shard_map(local, mesh=mesh,
-                         in_specs=(qkv_spec, qkv_spec, qkv_spec, bias_spec, leaf_specs),
-                         out_specs=out_specs, check_vma=False)(query, key, value, bias, tuple(leaves))
+                         in_specs=(qkv_spec, qkv_spec, qkv_spec, bias_spec, leaf_specs, seed_spec),
+                         out_specs=out_specs, check_vma=False)(query, key, value, bias, tuple(leaves),
+                                                               seed)
+
+
+def _shard_index(axis):
+    """Index of this shard along a sharded dim's mesh axis (or axes); 0 when unsharded."""
+    return 0 if axis is None else jax.lax.axis_index(axis)
 
 
 def prepare_call(backend_name: str, mask: Mask, q_len: int, kv_len: int, *, scale,

@@ -44,10 +44,24 @@ def keep_threshold(rate: float) -> np.uint32:
     return np.uint32(min(int(rate * 2.0**32), 2**32 - 1))
 
 
-def seed_array(seed):
-    """The seed as a uint32 [1] array (what a kernel takes as its operand); any integer
-    scalar, traced or not, converted as `jnp.asarray(seed, jnp.uint32)` converts it."""
-    return jnp.reshape(jnp.asarray(seed, jnp.uint32), (1,))
+def seed_array(seed, batch_offset=0, head_offset=0):
+    """What a kernel takes as its dropout operand: uint32 [4] = (seed, batch offset, head
+    offset, 0). The seed is any integer scalar, traced or not, converted as
+    `jnp.asarray(seed, jnp.uint32)` converts it. The offsets (traced is fine) are the
+    first batch row and query head of the arrays the kernel sees, for a kernel that runs
+    on one shard of the batch or heads: it hashes offset + its own index, so every shard
+    draws its part of the whole call's mask."""
+    parts = [jnp.asarray(seed, jnp.uint32), jnp.asarray(batch_offset).astype(jnp.uint32),
+             jnp.asarray(head_offset).astype(jnp.uint32), jnp.zeros((), jnp.uint32)]
+    return jnp.stack([jnp.reshape(x, ()) for x in parts])
+
+
+def with_offsets(seeds, batch_offset, head_offset):
+    """A `seed_array` moved on by further batch and head offsets (traced is fine)."""
+    return seeds + jnp.stack([jnp.zeros((), jnp.uint32),
+                              jnp.asarray(batch_offset).astype(jnp.uint32),
+                              jnp.asarray(head_offset).astype(jnp.uint32),
+                              jnp.zeros((), jnp.uint32)])
 
 
 def head_hash(seed, batch, head, *, broadcast: bool):

@@ -7,7 +7,8 @@ Every kernel backend (pallas_kernels/backend.py) implements the same two calls
                      metas, operands, parts=("dq", "dkdv", "dbias")) -> (dq, dk, dv, dbias)
 
 (with attention dropout, static.dropout_rate > 0, both also get `dropout_seed=`, a
-uint32 [1] array; only backends whose supports() accepts dropout are called so)
+uint32 [4] array, pallas_kernels.dropout.seed_array; only backends whose supports()
+accepts dropout are called so)
 
 on unpadded BTNH arrays, where `metas` maps the names of
 `static.config.metadata_tiles()` ("forward", "dkdv", "dq") to the BlockMetadata built
@@ -81,8 +82,8 @@ def flash_attention(static: FlashStatic, q, k, v, bias, metas: dict[str, BlockMe
                     operands: tuple, dropout_seed=None):
     """(out [B, T, N, H], lse [B, N, T] float32 natural log; -inf on empty rows).
     bias: None or additive logits [Bb, Hb, T|1, S|1] (Bb in {1, B}, Hb in {1, N}).
-    dropout_seed: uint32 [1] (pallas_kernels.dropout.seed_array) when
-    static.dropout_rate > 0, else None."""
+    dropout_seed: uint32 [4] (pallas_kernels.dropout.seed_array: the seed, batch and head
+    offsets) when static.dropout_rate > 0, else None."""
     return static.backend.forward(static, q, k, v, bias, metas, operands,
                                   **_seed_argument(static, dropout_seed))
 
@@ -93,7 +94,7 @@ def _seed_argument(static, dropout_seed):
     if not static.dropout_rate:
         return {}
     if dropout_seed is None:
-        raise ValueError("flash_attention: expected a uint32 [1] dropout_seed with "
+        raise ValueError("flash_attention: expected a uint32 [4] dropout_seed with "
                          f"dropout_rate={static.dropout_rate}, got None. Pass "
                          "pallas_kernels.dropout.seed_array(seed).")
     return {"dropout_seed": dropout_seed}

@@ -448,9 +448,11 @@ class InterpretOnlyCases:
         self.lower_for_h100(2, 384, 384, 4, 2, 128, M.CausalMask(), bias=bias_shape)
 
     # -- explicit sharding (jax.make_mesh's default) ----------------------------------
-    def test_explicit_batch_and_head_sharding(self):
+    @pytest.mark.parametrize("dropout_rate", [0.0, 0.3])
+    def test_explicit_batch_and_head_sharding(self, dropout_rate):
         """Batch- and head-sharded inputs run the kernels per shard; values and gradients
-        equal the unsharded reference."""
+        equal the unsharded reference, with attention dropout too (each shard hashes its
+        global batch rows and heads)."""
         from jax.sharding import NamedSharding, PartitionSpec as P
         if jax.device_count() < 4:
             pytest.skip("needs 4 (simulated) devices")
@@ -463,7 +465,8 @@ class InterpretOnlyCases:
             mask = M.causal_document_mask(ids)
 
             def loss(q, k, v):
-                out = jaxattn.dot_product_attention(q, k, v, mask=mask, implementation=impl)
+                out = jaxattn.dot_product_attention(q, k, v, mask=mask, dropout_rate=dropout_rate,
+                                                    dropout_seed=jnp.uint32(5), implementation=impl)
                 return jnp.sum(out * do), out
             return jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(q, k, v)
 

@@ -163,8 +163,8 @@ def backward(static, q, k, v, bias, out, lse, dout, delta, metas, operands,
     for the bias gradient ("dbias") or not; what was not asked for comes back as None
     (ring attention sends dK/dV on while dQ runs; a constant bias needs no gradient).
     dbias is dS reduced to the bias's shape by the kernel that loops over the reduced
-    axis (pallas_kernels.common.dbias_mode). `dropout_seed`: uint32 [1], the forward's,
-    with static.dropout_rate > 0."""
+    axis (pallas_kernels.common.dbias_mode). `dropout_seed`: the forward's uint32 [4]
+    (pallas_kernels.dropout.seed_array), with static.dropout_rate > 0."""
     del out  # D = rowsum(dO ∘ O) − dlse already carries what the backward needs of O.
     dq = dk = dv = dbias = None
     mode = dbias_mode(bias.shape) if bias is not None and "dbias" in parts else None

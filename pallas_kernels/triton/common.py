@@ -281,9 +281,10 @@ def split_refs(refs, n_operands: int, bias_acc, dropout=None):
 @dataclasses.dataclass(frozen=True)
 class KernelDropout:
     """Attention dropout inside a kernel: the keep-mask of each visited tile regenerated
-    from the seed operand (uint32 [1], the last input), the batch row, the query head
-    and the tile's absolute positions (pallas_kernels/dropout.py), so the forward and
-    both backward kernels drop the same pairs without storing them."""
+    from the seed operand (the last input, uint32 [4] = (seed, batch offset, head offset,
+    0): pallas_kernels.dropout.seed_array), the batch row, the query head and the tile's
+    absolute positions (pallas_kernels/dropout.py), so the forward and both backward
+    kernels drop the same pairs without storing them."""
     rate: float
     broadcast: bool
 
@@ -294,11 +295,13 @@ class KernelDropout:
 
     @staticmethod
     def spec():
-        return pl.BlockSpec((1,), lambda *_: (0,))
+        return pl.BlockSpec((4,), lambda *_: (0,))
 
     def head_hash(self, seed_ref, batch, head):
-        """The hash chain after (seed, batch, head), once per program or head."""
-        return head_hash(seed_ref[0], batch, head, broadcast=self.broadcast)
+        """The hash chain after (seed, batch, head), once per program or head; batch and
+        head (int32 program ids) count from the operand's offsets."""
+        return head_hash(seed_ref[0], seed_ref[1] + batch.astype(jnp.uint32),
+                         seed_ref[2] + head.astype(jnp.uint32), broadcast=self.broadcast)
 
     def tile(self, h_head, q_start, kv_start, *, bq, bk):
         """bool [bq, bk]: the pairs of the tile at (q_start, kv_start) that are kept."""

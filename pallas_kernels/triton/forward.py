@@ -73,7 +73,8 @@ def _forward_kernel(table_ref, q_ref, k_ref, v_ref, *refs, n_operands, accesses,
 
 def forward(static, q, k, v, bias, metas, operands, dropout_seed=None):
     """q [B, T, N, H], k/v [B, S, K, H], bias None or [Bb, Hb, T|1, S|1], dropout_seed
-    uint32 [1] with static.dropout_rate > 0 → (out [B, T, N, H], lse [B, N, T])."""
+    uint32 [4] (pallas_kernels.dropout.seed_array) with static.dropout_rate > 0
+    → (out [B, T, N, H], lse [B, N, T])."""
     cfg = static.config
     fwd_meta = metas["forward"]
     b, t, n, h = q.shape
