@@ -42,7 +42,8 @@ def kernel_request(query, key, bias, mask: Mask, logits_soft_cap, dropout_rate=0
         has_bias=bias is not None, bias_shape=None if bias is None else tuple(bias.shape),
         operand_kinds=tuple((o.kind, o.layout_block) for o in mask.operands()),
         has_partial_tiles=not isinstance(mask, FullMask), logits_soft_cap=logits_soft_cap,
-        dropout_rate=float(dropout_rate), platform=jax.default_backend(), device_kind=devices[0].device_kind if devices else None)
+        dropout_rate=float(dropout_rate), platform=jax.default_backend(),
+        device_kind=devices[0].device_kind if devices else None)
 
 
 def _served(backend_name: str, request: KernelRequest, config, interpret):

@@ -87,7 +87,8 @@ def dropout_cases(f: int = 1):
     broadcast_dropout. (The full mask's path: test_dropout_deterministic_per_seed.)"""
     dense = np.random.default_rng(6).random((33 * f, 40 * f)) < 0.6
     return {
-        "causal_gqa_ragged": ((2, 37 * f, 53 * f, 4, 2, 16), M.CausalMask(offset=16 * f), None, None, 0.3, False),
+        "causal_gqa_ragged": ((2, 37 * f, 53 * f, 4, 2, 16), M.CausalMask(offset=16 * f), None, None,
+                              0.3, False),
         "dense_bias_softcap_broadcast": ((1, 33 * f, 40 * f, 2, 1, 16), M.DenseMask(dense), 5.0,
                                          (1, 2, 33 * f, 40 * f), 0.5, True),
     }

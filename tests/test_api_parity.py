@@ -254,7 +254,7 @@ def test_attention_dropout_is_reproducible_and_the_triton_kernels_compute_it():
               for impl in ("reference", TRITON)]
     params = layers[0].init({"params": jax.random.key(0), "dropout": jax.random.key(1)}, x)
     apply = jax.jit(lambda key: [layer.apply(params, x, rngs={"dropout": key}) for layer in layers])
-    (y1, y1_kernel), (y2, _), (y3, _) = apply(jax.random.key(2)), apply(jax.random.key(2)), apply(jax.random.key(3))
+    (y1, y1_kernel), (y2, _), (y3, _) = (apply(jax.random.key(i)) for i in (2, 2, 3))
     np.testing.assert_array_equal(y1, y2)
     assert not np.allclose(y1, y3)
     np.testing.assert_allclose(y1_kernel, y1, atol=2e-6)
