@@ -35,13 +35,13 @@ from pallas_kernels.triton.common import (KernelDropout, bias_access, dot_nn, do
 
 
 def _probabilities_and_dlogits(q, k, v, do, lse2, delta, keep, *, scale, cap, acc, bias=None,
-                               drop=None, inverse_keep=1.0):
+                               dropout=None, drop=None):
     """Recompute P for one tile from the saved lse, then dS w.r.t. the pre-cap logits
     scale·q·k + bias (= dbias; dQ and dK scale it by `scale`). In a PARTIAL tile both
     are selected to 0 on masked pairs, so NaN/Inf in a masked key's logits or in its V
-    row (through dP = dO·Vᵀ) never reaches a gradient. With dropout (`drop`: the tile's
-    keep-mask) the probabilities returned, those dV takes, are P ∘ Z, and dP is
-    (dO Vᵀ) ∘ Z, Z = drop / (1 − rate); dS = P ∘ (dP − D) keeps the undropped P."""
+    row (through dP = dO·Vᵀ) never reaches a gradient. With dropout (a KernelDropout, and
+    `drop` the tile's keep-mask) the probabilities returned, those dV takes, are P ∘ Z,
+    and dP is (dO Vᵀ) ∘ Z, Z = drop / (1 − rate); dS = P ∘ (dP − D) keeps the undropped P."""
     logits2, tanh = scaled_logits(dot_nt(q, k, acc), scale, cap, LOG2E, bias)
     p = jnp.exp2(logits2 - lse2[:, None])
     if keep is not None:
@@ -49,8 +49,8 @@ def _probabilities_and_dlogits(q, k, v, do, lse2, delta, keep, *, scale, cap, ac
     dp = dot_nt(do, v, acc)
     p_applied = p
     if drop is not None:
-        dp = jnp.where(drop, dp * inverse_keep, 0.0)
-        p_applied = jnp.where(drop, p * inverse_keep, 0.0)
+        dp = jnp.where(drop, dp * dropout.inverse_keep, 0.0)
+        p_applied = jnp.where(drop, p * dropout.inverse_keep, 0.0)
     ds = p * (dp - delta[:, None])
     if cap is not None:
         ds = ds * (1.0 - tanh * tanh)   # d(c·tanh(x/c))/dx
@@ -84,8 +84,7 @@ def _dkdv_kernel(table_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *re
         bias = None if bias_acc is None else bias_acc.load(bias_ref, q_start, kv_start, g)
         drop = None if dropout is None else dropout.tile(h_head, q_start, kv_start, bq=bq, bk=bk)
         p, ds = _probabilities_and_dlogits(q, k, v, do, lse2, delta, keep, scale=scale, cap=cap,
-                                           acc=acc, bias=bias, drop=drop,
-                                           inverse_keep=1.0 if dropout is None else dropout.inverse_keep)
+                                           acc=acc, bias=bias, dropout=dropout, drop=drop)
         if partial and layout.zero_isolated:   # query rows that attend no key here may hold NaN
             q = zero_unreachable(q, keep, axis=1)
         dv = dv + dot_tn(p.astype(do.dtype), do, acc)
@@ -135,8 +134,7 @@ def _dq_kernel(table_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs
         bias = None if bias_acc is None else bias_acc.load(bias_ref, q_start, kv_start, 0)
         drop = None if dropout is None else dropout.tile(h_head, q_start, kv_start, bq=bq, bk=bk)
         _, ds = _probabilities_and_dlogits(q, k, v, do, lse2, delta, keep, scale=scale, cap=cap,
-                                           acc=acc, bias=bias, drop=drop,
-                                           inverse_keep=1.0 if dropout is None else dropout.inverse_keep)
+                                           acc=acc, bias=bias, dropout=dropout, drop=drop)
         dq, *rowsum = dq
         if dbias_mode == "tiles":   # dbias of this tile is dS itself; EMPTY tiles keep zeros
             dbias_ref[0][:, pl.ds(kv_start, bk)] = ds.astype(dbias_ref[0].dtype)
