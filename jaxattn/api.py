@@ -26,6 +26,8 @@ from jaxattn.masks import LengthMask, Mask, canonical_mask
 from jaxattn.masks.data import non_boolean_mask_error
 from jaxattn.planned import run_planned
 from jaxattn.reference import reference_attention, reference_attention_weights
+from jaxattn.score_mod import as_score_mod
+from jaxattn.sinks import add_sinks, check_sinks
 
 __all__ = ["dot_product_attention", "available_implementations", "validate_inputs", "attention_weights"]
 
@@ -230,7 +232,7 @@ def dot_product_attention(query, key, value, bias=None, mask=None, *, scale=None
                           query_seq_lengths=None, key_value_seq_lengths=None,
                           local_window_size=None, logits_soft_cap=None, precision=None,
                           dropout_rate=0.0, dropout_seed=None, broadcast_dropout=False,
-                          implementation=None, return_residuals=False):
+                          score_mod=None, sinks=None, implementation=None, return_residuals=False):
     """Scaled dot-product attention, exact, with any mask; BTNH layout.
 
     Args:
@@ -248,6 +250,14 @@ def dot_product_attention(query, key, value, bias=None, mask=None, *, scale=None
         (`masks.LengthMask`, whose padded tiles the kernels skip). Padded query rows
         return 0, as in jax.nn.
       logits_soft_cap: c > 0 maps logits to c·tanh(logits / c).
+      score_mod: None, a `jaxattn.ScoreMod(fn, *operands)` or a plain callable
+        fn(score, batch, head, q_pos, kv_pos) -> score, applied element-wise after the
+        scale, the bias and the soft cap and before the mask (`jaxattn.score_mod`). Served
+        by the reference and the Triton kernels; the others decline it.
+      sinks: None or a float array [N]: one learned logit per query head added to every
+        row's softmax with a zero value vector (`jaxattn.sinks`); differentiable. With
+        return_residuals the lse includes the sink. "xla" and "cudnn" decline it (jax.nn's
+        lse has no gradient).
       precision: matmul precision (jax.lax.Precision, a pair, or a DotAlgorithmPreset).
         The reference passes it to both matmuls; kernels and XLA accept it as a no-op for
         16-bit inputs and on the CPU (exact float32 dots) and decline float32 on a GPU.
@@ -279,7 +289,8 @@ def dot_product_attention(query, key, value, bias=None, mask=None, *, scale=None
             key_value_seq_lengths=_one_row(key_value_seq_lengths),
             local_window_size=local_window_size, logits_soft_cap=logits_soft_cap, precision=precision,
             dropout_rate=dropout_rate, dropout_seed=dropout_seed, broadcast_dropout=broadcast_dropout,
-            implementation=implementation, return_residuals=return_residuals)
+            score_mod=score_mod, sinks=sinks, implementation=implementation,
+            return_residuals=return_residuals)
         return (out[0][0], out[1][0]) if return_residuals else out[0]
     validate_inputs(query, key, value, bias, scale=scale, logits_soft_cap=logits_soft_cap,
                     allow_empty=True, allow_array_scale=True)
@@ -299,6 +310,20 @@ def dot_product_attention(query, key, value, bias=None, mask=None, *, scale=None
     _check_dropout(dropout_rate, dropout_seed)
     b, t, n, h = query.shape
     s = key.shape[1]
+    score_mod = as_score_mod(score_mod)
+    if score_mod is not None:
+        score_mod.check(acc_dtype(query.dtype))
+    sinks = check_sinks(sinks, n)
+    if sinks is not None:   # attention without sinks, rescaled through its lse (jaxattn.sinks)
+        out, lse = dot_product_attention(
+            query, key, value, bias, mask, scale=scale, is_causal=is_causal,
+            query_seq_lengths=query_seq_lengths, key_value_seq_lengths=key_value_seq_lengths,
+            local_window_size=local_window_size, logits_soft_cap=logits_soft_cap, precision=precision,
+            dropout_rate=dropout_rate, dropout_seed=dropout_seed, broadcast_dropout=broadcast_dropout,
+            score_mod=score_mod, implementation=_with_differentiable_lse(names),
+            return_residuals=True)
+        out, lse = add_sinks(out, lse, sinks)
+        return (out, lse) if return_residuals else out
     q_lengths = _check_seq_lengths("query_seq_lengths", query_seq_lengths, b)
     kv_lengths = _check_seq_lengths("key_value_seq_lengths", key_value_seq_lengths, b)
     canonical = canonical_mask(mask, is_causal=bool(is_causal), local_window_size=local_window_size)
@@ -313,8 +338,10 @@ def dot_product_attention(query, key, value, bias=None, mask=None, *, scale=None
     dropout_rate = float(dropout_rate)
     # Strided patterns run in residue order, part by part, when that visits fewer tiles
     # (a call the plan does not cover — dropout, a non-default precision, several
-    # implementations to try — takes the plain tile walk).
-    if dropout_rate == 0.0 and _is_default_precision(precision) and (names is None or len(names) == 1):
+    # implementations to try, a score_mod, which sees the original positions — takes the
+    # plain tile walk).
+    if (dropout_rate == 0.0 and _is_default_precision(precision) and (names is None or len(names) == 1)
+            and score_mod is None):
         planned = run_planned(query, key, value, bias, canonical,
                               implementation=None if names is None else names[0], scale=scale,
                               logits_soft_cap=cap, return_residuals=bool(return_residuals),
@@ -335,7 +362,8 @@ def dot_product_attention(query, key, value, bias=None, mask=None, *, scale=None
                                            logits_soft_cap=cap, return_residuals=bool(return_residuals),
                                            precision=precision, dropout_rate=dropout_rate,
                                            dropout_seed=dropout_seed,
-                                           broadcast_dropout=bool(broadcast_dropout))
+                                           broadcast_dropout=bool(broadcast_dropout),
+                                           score_mod=score_mod)
             q, static_scale = query, scale
             if traced_scale is not None:
                 # The kernels take the scale as a static float: fold a traced one into q.
@@ -344,13 +372,26 @@ def dot_product_attention(query, key, value, bias=None, mask=None, *, scale=None
             fn = implementations.get_implementation(name)
             dropout = (dict(dropout_rate=dropout_rate, dropout_seed=dropout_seed,
                             broadcast_dropout=bool(broadcast_dropout)) if dropout_rate else {})
+            extra = {} if score_mod is None else {"score_mod": score_mod}
             return fn(q, key, value, bias, canonical, scale=static_scale, logits_soft_cap=cap,
-                      return_residuals=bool(return_residuals), **dropout)
+                      return_residuals=bool(return_residuals), **dropout, **extra)
         except NotImplementedError as e:
             if names is not None and len(names) == 1:
                 raise
             reasons.append(f"{name}: {e}")
     raise NotImplementedError("no implementation could serve this request: " + "; ".join(reasons))
+
+
+def _with_differentiable_lse(names):
+    """The implementations to try for attention whose lse is differentiated (sinks):
+    those of `names` (all by default) whose lse carries a gradient."""
+    candidates = names if names is not None else implementations.default_order()
+    kept = tuple(x for x in candidates if x not in implementations.LSE_WITHOUT_GRADIENT)
+    if not kept:
+        raise NotImplementedError(f"sinks: {', '.join(candidates)} cannot serve them (jax.nn's lse "
+                                  "carries no gradient); use implementation=None, 'reference' or a "
+                                  "Pallas kernel")
+    return kept
 
 
 def _one_row(lengths):

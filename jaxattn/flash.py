@@ -32,7 +32,8 @@ def default_interpret() -> bool:
     return jax.default_backend() != "gpu"
 
 
-def kernel_request(query, key, bias, mask: Mask, logits_soft_cap, dropout_rate=0.0) -> KernelRequest:
+def kernel_request(query, key, bias, mask: Mask, logits_soft_cap, dropout_rate=0.0,
+                   score_mod=None) -> KernelRequest:
     """The request a backend's supports() and default_config() see (bias already 4-d)."""
     b, t, n, h = query.shape
     s, kh = key.shape[1], key.shape[2]
@@ -42,8 +43,8 @@ def kernel_request(query, key, bias, mask: Mask, logits_soft_cap, dropout_rate=0
         has_bias=bias is not None, bias_shape=None if bias is None else tuple(bias.shape),
         operand_kinds=tuple((o.kind, o.layout_block) for o in mask.operands()),
         has_partial_tiles=not isinstance(mask, FullMask), logits_soft_cap=logits_soft_cap,
-        dropout_rate=float(dropout_rate), platform=jax.default_backend(),
-        device_kind=devices[0].device_kind if devices else None)
+        dropout_rate=float(dropout_rate), has_score_mod=score_mod is not None,
+        platform=jax.default_backend(), device_kind=devices[0].device_kind if devices else None)
 
 
 def _served(backend_name: str, request: KernelRequest, config, interpret):
@@ -57,18 +58,19 @@ def _served(backend_name: str, request: KernelRequest, config, interpret):
 
 def pallas_attention(backend_name: str, query, key, value, bias, mask: Mask, *, scale,
                      logits_soft_cap, return_residuals, dropout_rate=0.0, dropout_seed=None,
-                     broadcast_dropout=False, config=None, interpret=None):
+                     broadcast_dropout=False, config=None, interpret=None, score_mod=None):
     """Implementation entry point (see jaxattn.api's dispatch contract). `config` and
     `interpret` default to the backend's default config and to interpret mode exactly
     when there is no GPU. Attention dropout (jaxattn.dropout's keep-mask, regenerated in
     the kernels): `dropout_rate` in [0, 1), `dropout_seed` an integer scalar (traced is
-    fine) taken as uint32, `broadcast_dropout` one mask for every batch row and head."""
+    fine) taken as uint32, `broadcast_dropout` one mask for every batch row and head.
+    `score_mod` is a jaxattn.ScoreMod or None."""
     if interpret is None:
         interpret = default_interpret()
     if bias is not None:
         bias = jnp.reshape(bias, (1,) * (4 - bias.ndim) + tuple(bias.shape))
     dropout_rate = float(dropout_rate)
-    request = kernel_request(query, key, bias, mask, logits_soft_cap, dropout_rate)
+    request = kernel_request(query, key, bias, mask, logits_soft_cap, dropout_rate, score_mod)
     _, config = _served(backend_name, request, config, interpret)
     seed = seed_array(dropout_seed) if dropout_rate else None
     call = functools.partial(_pallas_jit, backend_name=backend_name, scale=scale,
@@ -77,7 +79,10 @@ def pallas_attention(backend_name: str, query, key, value, bias, mask: Mask, *, 
                              config=config, interpret=interpret)
     plan = _explicit_sharding_plan(query, key, value)
     if plan is None:
-        return call(query, key, value, bias, mask, seed)
+        return call(query, key, value, bias, mask, seed, score_mod)
+    if score_mod is not None:
+        raise NotImplementedError("score_mod with explicitly sharded inputs is not wired yet; "
+                                  "run it under shard_map or use implementation='reference'")
     return _sharded_call(call, plan, query, key, value, bias, mask, seed, return_residuals)
 
 
@@ -139,7 +144,7 @@ def _sharded_call(call, plan, query, key, value, bias, mask, seed, return_residu
         if seed is not None:   # dropout: this shard's first batch row and query head
             seed = with_offsets(seed, _shard_index(b_axis) * q.shape[0],
                                 _shard_index(h_axis) * q.shape[2])
-        return call(q, k, v, bias, jax.tree_util.tree_unflatten(treedef, leaves), seed)
+        return call(q, k, v, bias, jax.tree_util.tree_unflatten(treedef, leaves), seed, None)
 
     seed_spec = None if seed is None else P()
     return jax.shard_map(local, mesh=mesh,
@@ -154,13 +159,14 @@ def _shard_index(axis):
 
 
 def prepare_call(backend_name: str, mask: Mask, q_len: int, kv_len: int, *, scale,
-                 logits_soft_cap, config, interpret, dropout_rate=0.0, broadcast_dropout=False):
+                 logits_soft_cap, config, interpret, dropout_rate=0.0, broadcast_dropout=False,
+                 score_mod=None):
     """The static description, per-kernel block metadata and mask operands of one call,
     or NotImplementedError where the backend's metadata_reason refuses the metadata."""
     static, metas, operands = build_call(backend_name, mask, q_len, kv_len, scale=scale,
                                          logits_soft_cap=logits_soft_cap, config=config,
                                          interpret=interpret, dropout_rate=dropout_rate,
-                                         broadcast_dropout=broadcast_dropout)
+                                         broadcast_dropout=broadcast_dropout, score_mod=score_mod)
     metadata_reason = getattr(static.backend, "metadata_reason", None)
     reason = None if metadata_reason is None else metadata_reason(static, metas)
     if reason is not None:
@@ -169,7 +175,8 @@ def prepare_call(backend_name: str, mask: Mask, q_len: int, kv_len: int, *, scal
 
 
 def build_call(backend_name: str, mask: Mask, q_len: int, kv_len: int, *, scale,
-               logits_soft_cap, config, interpret, dropout_rate=0.0, broadcast_dropout=False):
+               logits_soft_cap, config, interpret, dropout_rate=0.0, broadcast_dropout=False,
+               score_mod=None):
     """prepare_call without the metadata check (kernel tests drive kernels directly)."""
     metas = {name: _as_jnp(build_block_metadata(mask, q_len, kv_len, bq, bk))
              for name, (bq, bk) in config.metadata_tiles().items()}
@@ -179,20 +186,25 @@ def build_call(backend_name: str, mask: Mask, q_len: int, kv_len: int, *, scale,
         mask_fn=None if isinstance(mask, FullMask) else mask.evaluate,
         operand_kinds=tuple((o.kind, o.layout_block) for o in operands),
         config=config, interpret=interpret, dropout_rate=dropout_rate,
-        broadcast_dropout=broadcast_dropout)
+        broadcast_dropout=broadcast_dropout,
+        score_mod=None if score_mod is None else score_mod.fn,
+        score_operand_shapes=() if score_mod is None else tuple(
+            tuple(x.shape) for x in score_mod.operands))
     return static, metas, tuple(jnp.asarray(o.array) for o in operands)
 
 
 @functools.partial(jax.jit, static_argnames=("backend_name", "scale", "logits_soft_cap",
                                              "return_residuals", "dropout_rate",
                                              "broadcast_dropout", "config", "interpret"))
-def _pallas_jit(query, key, value, bias, mask, seed, *, backend_name, scale, logits_soft_cap,
-                return_residuals, dropout_rate, broadcast_dropout, config, interpret):
+def _pallas_jit(query, key, value, bias, mask, seed, score_mod, *, backend_name, scale,
+                logits_soft_cap, return_residuals, dropout_rate, broadcast_dropout, config,
+                interpret):
     static, metas, operands = prepare_call(
         backend_name, mask, query.shape[1], key.shape[1], scale=scale,
         logits_soft_cap=logits_soft_cap, config=config, interpret=interpret,
-        dropout_rate=dropout_rate, broadcast_dropout=broadcast_dropout)
-    out, lse = flash_attention(static, query, key, value, bias, metas, operands, seed)
+        dropout_rate=dropout_rate, broadcast_dropout=broadcast_dropout, score_mod=score_mod)
+    score_operands = () if score_mod is None else tuple(jnp.asarray(x) for x in score_mod.operands)
+    out, lse = flash_attention(static, query, key, value, bias, metas, operands, seed, score_operands)
     if return_residuals:
         return out, lse.astype(acc_dtype(query.dtype))
     return out

@@ -8,7 +8,8 @@ new kernel backend needs no line here.
 Every implementation is fn(query, key, value, bias, mask, *, scale, logits_soft_cap,
 return_residuals) on validated inputs with a canonical Mask; the kernel backends also take
 dropout_rate, dropout_seed and broadcast_dropout (jaxattn.api passes them only when
-dropout_rate > 0, and only to those). It raises ValueError for bad input and
+dropout_rate > 0, and only to those), and `score_mod=` (a jaxattn.ScoreMod) goes to those
+that serve score functions (passed only when given). It raises ValueError for bad input and
 NotImplementedError for a valid request it cannot serve, which makes
 `implementation=None` move on to the next name of `default_order()`.
 """
@@ -28,6 +29,11 @@ from jaxattn.masks import Mask
 from jaxattn.reference import reference_attention
 
 _IMPLEMENTATIONS: dict[str, Callable] = {}
+
+# Implementations whose lse (return_residuals=True) carries no gradient: jax.nn's. The
+# sinks of dot_product_attention are applied through a differentiated lse, so these
+# cannot serve them.
+LSE_WITHOUT_GRADIENT = frozenset({"xla", "cudnn"})
 
 
 def register_implementation(name: str, fn: Callable) -> None:
@@ -69,9 +75,11 @@ def _cudnn_native(mask: Mask, dtype, logits_soft_cap) -> bool:
             and jax_nn_mask_arguments(mask) is not None)
 
 
-def _reference(query, key, value, bias, mask, *, scale, logits_soft_cap, return_residuals):
+def _reference(query, key, value, bias, mask, *, scale, logits_soft_cap, return_residuals,
+               score_mod=None):
     return reference_attention(query, key, value, bias, mask, scale=scale,
-                               logits_soft_cap=logits_soft_cap, return_residuals=return_residuals)
+                               logits_soft_cap=logits_soft_cap, return_residuals=return_residuals,
+                               score_mod=score_mod)
 
 
 register_implementation("reference", _reference)

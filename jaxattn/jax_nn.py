@@ -15,7 +15,9 @@ from jaxattn.reference import allowed_pairs
 
 
 def jax_nn_attention(implementation, query, key, value, bias, mask: Mask, *, scale, logits_soft_cap,
-            return_residuals):
+            return_residuals, score_mod=None):
+    if score_mod is not None:
+        raise NotImplementedError("jax.nn.dot_product_attention has no score_mod")
     if logits_soft_cap is not None:
         raise NotImplementedError("jax.nn.dot_product_attention has no logits_soft_cap")
     if implementation == "cudnn" and jax.default_backend() != "gpu":

@@ -5,6 +5,7 @@ Shape legend: B batch, T query length, S key length, N query heads, K key/value 
 
     logits = scale · q·kᵀ (+ bias)              [B, N, T, S]
     logits = c · tanh(logits / c)              when logits_soft_cap = c
+    logits = fn(logits, b, n, i, j, *operands)  when score_mod = ScoreMod(fn, *operands)
     p      = softmax over the allowed keys j of each row i
     out    = p · v                              [B, T, N, H]
     lse    = log Σ_allowed exp(logits)          [B, N, T], natural log
@@ -57,7 +58,8 @@ def allowed_pairs(mask: Mask, q_len: int, kv_len: int) -> jax.Array:
     return jnp.broadcast_to(allowed, (*allowed.shape[:2], q_len, kv_len))
 
 
-def _weights_parts(query, key, value, bias, mask, scale, logits_soft_cap, precision):
+def _weights_parts(query, key, value, bias, mask, scale, logits_soft_cap, precision,
+                   score_mod=None):
     """Unnormalised probabilities p [B, K, G, T, S], row sums l and maxima m, and the
     (reachable-selected) values, in the accumulation dtype."""
     b, t, n, h = query.shape
@@ -79,6 +81,10 @@ def _weights_parts(query, key, value, bias, mask, scale, logits_soft_cap, precis
     if logits_soft_cap is not None:
         cap = jnp.asarray(logits_soft_cap, ct)
         logits = cap * jnp.tanh(logits / cap)
+    if score_mod is not None:   # on [B, N, T, S], before the mask
+        ids = [jnp.arange(d, dtype=jnp.int32).reshape([d if a == i else 1 for a in range(4)])
+               for i, d in enumerate((b, n, t, s))]
+        logits = score_mod.reference_apply(logits.reshape(b, n, t, s), *ids).reshape(b, k, g, t, s)
 
     # Masked logits get a finite stand-in (never -inf: -inf - -inf is NaN) and their
     # probabilities are zeroed explicitly, so an all-masked row sums to l = 0.
@@ -98,15 +104,17 @@ def reference_attention(query, key, value, bias=None, mask: Mask | None = None, 
                         scale, logits_soft_cap: float | None = None,
                         return_residuals: bool = False, precision=None,
                         dropout_rate: float = 0.0, dropout_seed=None,
-                        broadcast_dropout: bool = False):
-    """Inputs already validated by jaxattn.api; `mask` is a canonical Mask (or None).
+                        broadcast_dropout: bool = False, score_mod=None):
+    """Inputs already validated by jaxattn.api; `mask` is a canonical Mask (or None);
+    `score_mod` a jaxattn.ScoreMod (or None).
 
     `scale` is a Python float or a (possibly traced) scalar; `precision` goes to both
     matmuls (jax.lax.Precision, a pair of them, or None for the default). Dropout: see
     `jaxattn.dropout`; the lse is that of the attention before dropout."""
     b, t, n, h = query.shape
     ct = acc_dtype(query.dtype)
-    p, l, m, value = _weights_parts(query, key, value, bias, mask, scale, logits_soft_cap, precision)
+    p, l, m, value = _weights_parts(query, key, value, bias, mask, scale, logits_soft_cap, precision,
+                                    score_mod)
     nonempty = l > 0
     l_safe = jnp.where(nonempty, l, jnp.ones_like(l))
     weights = p / l_safe
@@ -123,9 +131,11 @@ def reference_attention(query, key, value, bias=None, mask: Mask | None = None, 
 
 @functools.partial(jax.jit, static_argnames=("logits_soft_cap", "precision"))
 def reference_attention_weights(query, key, bias=None, mask: Mask | None = None, *, scale,
-                                logits_soft_cap: float | None = None, precision=None):
+                                logits_soft_cap: float | None = None, precision=None,
+                                score_mod=None):
     """The attention probabilities [B, N, T, S] (float32, or float64 for float64 inputs):
     O(T·S) memory by nature. A row with no allowed key is all zeros."""
     b, t, n, _ = query.shape
-    p, l, _, _ = _weights_parts(query, key, None, bias, mask, scale, logits_soft_cap, precision)
+    p, l, _, _ = _weights_parts(query, key, None, bias, mask, scale, logits_soft_cap, precision,
+                                score_mod)
     return (p / jnp.where(l > 0, l, jnp.ones_like(l))).reshape(b, n, t, key.shape[1])

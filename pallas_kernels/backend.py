@@ -32,6 +32,7 @@ class KernelRequest:
                        (False only for the full mask: every visited tile is FULL)
     logits_soft_cap    c of c·tanh(logits / c), or None
     dropout_rate       attention dropout's rate (0.0: none; pallas_kernels/dropout.py)
+    has_score_mod      a score function (FlashStatic.score_mod) changes the logits
     platform           jax.default_backend() of the call ("gpu", "cpu", ...)
     device_kind        e.g. "NVIDIA H200" (None when unknown)
     """
@@ -49,6 +50,7 @@ class KernelRequest:
     has_partial_tiles: bool = False
     logits_soft_cap: float | None = None
     dropout_rate: float = 0.0
+    has_score_mod: bool = False
     platform: str = "cpu"
     device_kind: str | None = None
 

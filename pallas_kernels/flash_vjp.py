@@ -28,6 +28,13 @@ Attention dropout (pallas_kernels/dropout.py) keeps m, l and the lse those of th
 undropped P and makes O = (P ∘ Z) V with Z = keep / (1 − rate). Then dV = (P ∘ Z)ᵀ dO
 and dP = (dO Vᵀ) ∘ Z, while D_i = Σ_j P_ij dP_ij = Σ_j P_ij Z_ij (dO_i · V_j) = dO_i · O_i
 is still rowsum(dO ∘ O): the identities above hold with those two substitutions.
+
+With a score function (FlashStatic.score_mod) the logits are fn(S) and dS above is the
+gradient with respect to fn's output; the kernels pull it back through fn with jax's own
+derivative of fn (pallas_kernels/score_mod.py). Its operands (`score_operands`) are
+differentiable inputs: then `forward` takes ``score_operands=`` and `backward` takes
+``score_operands=`` and ``score_grads`` (which operands want a gradient) and returns a
+fifth result, the tuple of operand gradients (None where not wanted).
 """
 
 from __future__ import annotations
@@ -64,6 +71,12 @@ class FlashStatic:
     interpret      run the kernels in Pallas interpret mode (CPU)
     dropout_rate   attention dropout's rate (0.0: none); the seed is an array input
     broadcast_dropout  one keep-mask for every batch row and head (batch = head = 0)
+    score_mod      None, or ``fn(score, batch, head, q_pos, kv_pos, *operand_views) ->
+                   score`` applied after the scale, bias and soft cap and before the mask;
+                   element-wise jnp, reading its operands only by indexing the views
+                   (pallas_kernels/score_mod.py). Hashable.
+    score_operand_shapes  the shapes of the score operands (they reach the kernels
+                   flattened; the views index them by these shapes)
     """
 
     backend: Any
@@ -75,17 +88,29 @@ class FlashStatic:
     interpret: bool
     dropout_rate: float = 0.0
     broadcast_dropout: bool = False
+    score_mod: Callable | None = None
+    score_operand_shapes: tuple = ()
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def flash_attention(static: FlashStatic, q, k, v, bias, metas: dict[str, BlockMetadata],
-                    operands: tuple, dropout_seed=None):
+                    operands: tuple, dropout_seed=None, score_operands: tuple = ()):
     """(out [B, T, N, H], lse [B, N, T] float32 natural log; -inf on empty rows).
     bias: None or additive logits [Bb, Hb, T|1, S|1] (Bb in {1, B}, Hb in {1, N}).
     dropout_seed: uint32 [4] (pallas_kernels.dropout.seed_array: the seed, batch and head
-    offsets) when static.dropout_rate > 0, else None."""
+    offsets) when static.dropout_rate > 0, else None. score_operands: the arrays
+    static.score_mod reads (differentiable)."""
+    return _flash(static, q, k, v, bias, metas, operands, dropout_seed, tuple(score_operands))
+
+
+def _score_kwargs(static, score_operands):
+    return {} if static.score_mod is None else {"score_operands": score_operands}
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _flash(static, q, k, v, bias, metas, operands, dropout_seed, score_operands):
     return static.backend.forward(static, q, k, v, bias, metas, operands,
-                                  **_seed_argument(static, dropout_seed))
+                                  **_seed_argument(static, dropout_seed),
+                                  **_score_kwargs(static, score_operands))
 
 
 def _seed_argument(static, dropout_seed):
@@ -104,19 +129,24 @@ def _fwd(static, *primals):
     # symbolic_zeros=True: each array input arrives as CustomVJPPrimal(value, perturbed),
     # which tells whether the bias is differentiated (a constant bias needs no dbias).
     is_primal = lambda x: isinstance(x, jax.custom_derivatives.CustomVJPPrimal)  # noqa: E731
-    q, k, v, bias, metas, operands, seed = jax.tree_util.tree_map(lambda x: x.value, primals,
-                                                                  is_leaf=is_primal)
+    q, k, v, bias, metas, operands, seed, score_operands = jax.tree_util.tree_map(
+        lambda x: x.value, primals, is_leaf=is_primal)
     want_dbias = bias is not None and any(
         x.perturbed for x in jax.tree_util.tree_leaves(primals[3], is_leaf=is_primal))
+    # Which score operands are differentiated (floating ones only).
+    score_grads = tuple(bool(p.perturbed) and jnp.issubdtype(p.value.dtype, jnp.floating)
+                        for p in primals[7])
     out, lse = static.backend.forward(static, q, k, v, bias, metas, operands,
-                                      **_seed_argument(static, seed))
-    # The flag travels as pytree structure (() vs None), residuals being arrays only.
-    return (out, lse), (q, k, v, bias, out, lse, metas, operands, seed,
-                        () if want_dbias else None)
+                                      **_seed_argument(static, seed),
+                                      **_score_kwargs(static, score_operands))
+    # The flags travel as pytree structure (() vs None), residuals being arrays only.
+    flags = (() if want_dbias else None, tuple(() if w else None for w in score_grads))
+    return (out, lse), (q, k, v, bias, out, lse, metas, operands, seed, score_operands, flags)
 
 
 def _bwd(static, residuals, cotangents):
-    q, k, v, bias, out, lse, metas, operands, seed, want_dbias = residuals
+    q, k, v, bias, out, lse, metas, operands, seed, score_operands, flags = residuals
+    want_dbias, score_flags = flags
     dout, dlse = cotangents
     if isinstance(dout, jax.custom_derivatives.SymbolicZero):  # only the lse is used
         dout = jnp.zeros(out.shape, out.dtype)
@@ -127,11 +157,19 @@ def _bwd(static, residuals, cotangents):
         delta = delta - dlse.astype(acc)
     parts = ("dq", "dkdv") + (("dbias",) if want_dbias is not None else ())
     # dbias stays None for a bias that is not differentiated (a zero cotangent).
-    dq, dk, dv, dbias = static.backend.backward(static, q, k, v, bias, out, backward_lse(lse),
-                                                dout, delta, metas, operands, parts=parts,
-                                                **_seed_argument(static, seed))
+    seed_kw = _seed_argument(static, seed)
+    if static.score_mod is None:
+        dq, dk, dv, dbias = static.backend.backward(static, q, k, v, bias, out, backward_lse(lse),
+                                                    dout, delta, metas, operands, parts=parts,
+                                                    **seed_kw)
+        dscore = (None,) * len(score_operands)
+    else:
+        score_grads = tuple(f is not None for f in score_flags)
+        dq, dk, dv, dbias, dscore = static.backend.backward(
+            static, q, k, v, bias, out, backward_lse(lse), dout, delta, metas, operands,
+            parts=parts, score_operands=score_operands, score_grads=score_grads, **seed_kw)
     # Metadata, mask operands and the seed are integer data: no cotangent.
-    return (dq, dk, dv, dbias, None, None, None)
+    return (dq, dk, dv, dbias, None, None, None, tuple(dscore))
 
 
-flash_attention.defvjp(_fwd, _bwd, symbolic_zeros=True)
+_flash.defvjp(_fwd, _bwd, symbolic_zeros=True)

@@ -52,6 +52,8 @@ def supports(request, *, interpret: bool = False) -> str | None:
     if request.dropout_rate:
         return ("the Mosaic GPU kernels have no attention dropout yet; the Triton kernels "
                 "(implementation='pallas_triton') compute it")
+    if request.has_score_mod:
+        return "the Mosaic GPU kernels take no score_mod yet"
     cfg = config_for_head_dim(padded_head_dim(request.head_dim))
     for kind, layout_block in request.operand_kinds:
         if kind != "block":

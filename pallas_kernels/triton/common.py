@@ -269,13 +269,26 @@ def bias_access(bias, layout, *, bq, bk, groups):
     return None if bias is None else DenseAccess(bias, layout, bq=bq, bk=bk, groups=groups)
 
 
-def split_refs(refs, n_operands: int, bias_acc, dropout=None):
-    """A kernel's trailing refs: (mask operand refs, bias ref or None, dropout seed ref or
-    None, output refs)."""
+def split_refs(refs, n_operands: int, bias_acc, dropout=None, n_score: int = 0):
+    """A kernel's trailing refs, in their order: (mask operand refs, bias ref or None,
+    dropout seed ref or None, score operand refs (n_score of them), output refs)."""
     has_bias, has_seed = bias_acc is not None, dropout is not None
     rest = refs[n_operands + has_bias:]
-    return (refs[:n_operands], refs[n_operands] if has_bias else None,
-            rest[0] if has_seed else None, rest[has_seed:])
+    rest, seed_ref = rest[has_seed:], rest[0] if has_seed else None
+    return (refs[:n_operands], refs[n_operands] if has_bias else None, seed_ref,
+            rest[:n_score], rest[n_score:])
+
+
+def score_operand_spec(flat):
+    """A flattened score operand (pallas_kernels.score_mod.flat_operand): whole, in
+    every program of any grid."""
+    return pl.BlockSpec(flat.shape, lambda *ids: (0,))
+
+
+def tile_positions(q_start, kv_start, *, bq, bk):
+    """Absolute positions of a tile's rows [bq, 1] and columns [1, bk], int32."""
+    return (q_start + jax.lax.broadcasted_iota(jnp.int32, (bq, 1), 0),
+            kv_start + jax.lax.broadcasted_iota(jnp.int32, (1, bk), 1))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -317,8 +330,7 @@ def kernel_dropout(static) -> KernelDropout | None:
 
 def tile_keep(mask_fn, accesses, refs, q_start, kv_start, kv_len, *, bq, bk, g=0):
     """Allowed pairs of one PARTIAL tile: the mask at absolute positions AND kv < kv_len."""
-    q_pos = q_start + jax.lax.broadcasted_iota(jnp.int32, (bq, 1), 0)
-    kv_pos = kv_start + jax.lax.broadcasted_iota(jnp.int32, (1, bk), 1)
+    q_pos, kv_pos = tile_positions(q_start, kv_start, bq=bq, bk=bk)
     keep = kv_pos < kv_len
     if mask_fn is not None:
         values = tuple(a.load(r, q_start, kv_start, g) for a, r in zip(accesses, refs))

@@ -20,30 +20,41 @@ from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.common import (LN2, LOG2E, MASK_VALUE, acc_dtype, pad_btnh, pad_to_multiple,
                                    prepare_bias, prepare_operands, reversed_q_block)
+from pallas_kernels.score_mod import apply_score_mod, flat_operand
 from pallas_kernels.triton.common import (KernelDropout, bias_access, dot_nt, forward_table,
                                           kernel_dropout, make_operand_access,
                                           online_softmax_step, padded_head_dim, scaled_logits,
-                                          split_refs, tile_keep, walk_tiles)
+                                          score_operand_spec, split_refs, tile_keep, tile_positions,
+                                          walk_tiles)
 
 
 def _forward_kernel(table_ref, q_ref, k_ref, v_ref, *refs, n_operands, accesses, mask_fn,
-                    bias_acc, dropout, layout, scale, cap, kv_len, bq, bk, acc):
-    operand_refs, bias_ref, seed_ref, (o_ref, lse_ref) = split_refs(refs, n_operands, bias_acc,
-                                                                    dropout)
+                    bias_acc, dropout, layout, scale, cap, kv_len, bq, bk, acc, score_mod,
+                    score_shapes):
+    operand_refs, bias_ref, seed_ref, score_refs, (o_ref, lse_ref) = split_refs(
+        refs, n_operands, bias_acc, dropout, len(score_shapes))
     # Programs run in reverse q-block order (heaviest q-blocks first).
     q_start = reversed_q_block(pl.program_id(0), pl.num_programs(0)) * bq
     q = q_ref[...]                                    # [bq, Hp], stays on chip
     hp = q.shape[-1]
-    if dropout is not None:   # grid (i, b, n): batch row b, query head n
-        h_head = dropout.head_hash(seed_ref, pl.program_id(1), pl.program_id(2))
+    batch, head = pl.program_id(1), pl.program_id(2)  # grid (i, b, n): batch row, query head
+    if dropout is not None:
+        h_head = dropout.head_hash(seed_ref, batch, head)
 
     def visit(kv_block, carry, partial):
         m_i, l_i, o_acc = carry
         kv_start = pl.multiple_of(kv_block * bk, bk)
         k = k_ref[pl.ds(kv_start, bk), :]
-        # S·log2(e) with S = scale·QKᵀ (soft-capped), one multiply folded in [bq, bk].
+        # S·log2(e) with S = scale·QKᵀ (+ bias, soft-capped), one multiply folded in [bq, bk].
         bias = None if bias_acc is None else bias_acc.load(bias_ref, q_start, kv_start, 0)
-        logits2, _ = scaled_logits(dot_nt(q, k, acc), scale, cap, LOG2E, bias)
+        if score_mod is None:
+            logits2, _ = scaled_logits(dot_nt(q, k, acc), scale, cap, LOG2E, bias)
+        else:   # S = fn(S) on the tile, before the mask; then the base change
+            logits, _ = scaled_logits(dot_nt(q, k, acc), scale, cap, 1.0, bias)
+            q_pos, kv_pos = tile_positions(q_start, kv_start, bq=bq, bk=bk)
+            logits = apply_score_mod(score_mod, logits, batch, head, q_pos, kv_pos, score_refs,
+                                     score_shapes)
+            logits2 = logits * LOG2E
         keep = None
         if partial:   # PARTIAL tile: the mask (and kv padding) evaluated element-wise
             keep = tile_keep(mask_fn, accesses, operand_refs, q_start, kv_start, kv_len,
@@ -71,10 +82,10 @@ def _forward_kernel(table_ref, q_ref, k_ref, v_ref, *refs, n_operands, accesses,
     lse_ref[...] = lse.astype(lse_ref.dtype)
 
 
-def forward(static, q, k, v, bias, metas, operands, dropout_seed=None):
+def forward(static, q, k, v, bias, metas, operands, dropout_seed=None, score_operands=()):
     """q [B, T, N, H], k/v [B, S, K, H], bias None or [Bb, Hb, T|1, S|1], dropout_seed
-    uint32 [4] (pallas_kernels.dropout.seed_array) with static.dropout_rate > 0
-    → (out [B, T, N, H], lse [B, N, T])."""
+    uint32 [4] (pallas_kernels.dropout.seed_array) with static.dropout_rate > 0,
+    score_operands the arrays static.score_mod reads → (out [B, T, N, H], lse [B, N, T])."""
     cfg = static.config
     fwd_meta = metas["forward"]
     b, t, n, h = q.shape
@@ -94,6 +105,7 @@ def forward(static, q, k, v, bias, metas, operands, dropout_seed=None):
     bias_p = prepare_bias(bias, tp, sp, acc)
     bias_acc = bias_access(bias_p, "rows", bq=bq, bk=bk, groups=groups)
     dropout = kernel_dropout(static)
+    score_flat = [flat_operand(x) for x in score_operands]
 
     nq = tp // bq
     row = lambda i: reversed_q_block(i, nq)  # noqa: E731  (q-block of program i)
@@ -107,6 +119,7 @@ def forward(static, q, k, v, bias, metas, operands, dropout_seed=None):
         *[a.spec(reverse_rows=nq) for a in accesses],
         *([bias_acc.spec(reverse_rows=nq)] if bias_acc is not None else []),
         *([KernelDropout.spec()] if dropout is not None else []),
+        *[score_operand_spec(x) for x in score_flat],
     ]
     out_specs = [
         pl.BlockSpec((None, bq, None, hp), lambda i, bb, nn: (bb, row(i), nn, 0)),
@@ -116,7 +129,8 @@ def forward(static, q, k, v, bias, metas, operands, dropout_seed=None):
         _forward_kernel, n_operands=len(accesses), accesses=accesses, mask_fn=static.mask_fn,
         bias_acc=bias_acc, dropout=dropout,
         layout=layout, scale=static.scale, cap=static.logits_soft_cap,
-        kv_len=s, bq=bq, bk=bk, acc=acc)
+        kv_len=s, bq=bq, bk=bk, acc=acc, score_mod=static.score_mod,
+        score_shapes=static.score_operand_shapes)
     out, lse = pl.pallas_call(
         kernel,
         grid=grid,
@@ -128,5 +142,5 @@ def forward(static, q, k, v, bias, metas, operands, dropout_seed=None):
         interpret=static.interpret,
         name="jaxattn_flash_forward",
     )(table, qp, kp, vp, *[a.arr for a in accesses], *([bias_p] if bias_p is not None else []),
-      *([dropout_seed] if dropout is not None else []))
+      *([dropout_seed] if dropout is not None else []), *score_flat)
     return out[:, :t, :, :h], lse[:, :, :t]
