@@ -17,9 +17,12 @@ if TYPE_CHECKING:  # what static tools see; at run time these load lazily
     from jaxattn.api import available_implementations, dot_product_attention
     from jaxattn.decode import decode_attention
     from jaxattn.parallel import ring_attention
+    from jaxattn.score_mod import ScoreMod
+    from jaxattn.score_recipes import alibi, alibi_slopes, relative_position_buckets, soft_cap
 
 __all__ = ["dot_product_attention", "decode_attention", "available_implementations", "masks",
-           "ring_attention", "layers"]
+           "ring_attention", "layers", "ScoreMod", "alibi", "alibi_slopes",
+           "relative_position_buckets", "soft_cap"]
 
 # public name -> (module, attribute in it; None = the module itself)
 _LAZY = {
@@ -27,6 +30,11 @@ _LAZY = {
     "decode_attention": ("jaxattn.decode", "decode_attention"),
     "available_implementations": ("jaxattn.api", "available_implementations"),
     "ring_attention": ("jaxattn.parallel", "ring_attention"),
+    "ScoreMod": ("jaxattn.score_mod", "ScoreMod"),
+    "alibi": ("jaxattn.score_recipes", "alibi"),
+    "alibi_slopes": ("jaxattn.score_recipes", "alibi_slopes"),
+    "relative_position_buckets": ("jaxattn.score_recipes", "relative_position_buckets"),
+    "soft_cap": ("jaxattn.score_recipes", "soft_cap"),
     "masks": ("jaxattn.masks", None),
     "layers": ("jaxattn.layers", None),  # imports flax
 }

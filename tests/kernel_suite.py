@@ -120,6 +120,61 @@ def run(impl, q, k, v, do, mask, cap=None, bias=None, dropout=None):
     return out, lse, grads
 
 
+def run_scored(impl, q, k, v, do, mask, score_fn=None, operands=(), sinks=None, cap=None, bias=None,
+               operand_grads=True):
+    """out, lse and the gradients of <out, dO> + Σ finite lse with respect to q, k, v, the
+    score operands (when operand_grads) and the sinks (when given)."""
+    def loss(q, k, v, operands, sinks):
+        score_mod = None if score_fn is None else jaxattn.ScoreMod(score_fn, *operands)
+        out, lse = jaxattn.dot_product_attention(q, k, v, bias, mask=mask, logits_soft_cap=cap,
+                                                 score_mod=score_mod, sinks=sinks,
+                                                 implementation=impl, return_residuals=True)
+        value = jnp.sum(out.astype(lse.dtype) * do.astype(lse.dtype))
+        return value + jnp.sum(jnp.where(jnp.isfinite(lse), lse, 0.0)), (out, lse)
+    argnums = (0, 1, 2) + ((3,) if operand_grads and operands else ()) + ((4,) if sinks is not None else ())
+    (_, (out, lse)), grads = jax.value_and_grad(loss, argnums=argnums, has_aux=True)(
+        q, k, v, tuple(operands), sinks)
+    flat = [*grads[:3]]
+    for g in grads[3:]:
+        flat.extend(g if isinstance(g, tuple) else (g,))
+    return out, lse, flat
+
+
+def alibi_fn(score, batch, head, q_pos, kv_pos, slopes):
+    return score + slopes[head] * (kv_pos - q_pos).astype(score.dtype)
+
+
+def per_batch_temperature_fn(score, batch, head, q_pos, kv_pos, temperature, table):
+    """Two operands, one per batch row (scalar index) and one table read with a tile of
+    indices (not differentiated): exercises every way a score function reads."""
+    return score * temperature[batch] + table[head, jnp.clip(kv_pos - q_pos + 4, 0, 7)]
+
+
+def masked_garbage_fn(score, batch, head, q_pos, kv_pos):
+    """Huge values and NaN exactly where the causal mask rules pairs out: a score
+    function never revives a masked pair."""
+    return jnp.where(kv_pos > q_pos + 1, jnp.where((kv_pos - q_pos) % 2 == 0, jnp.nan, 1e30), score)
+
+
+def score_mod_cases(f: int = 1):
+    """name -> ((B, T, S, N, K, H), mask, cap, score fn, operands (numpy), sinks, operand
+    gradients wanted)."""
+    rng = np.random.default_rng(11)
+    return {
+        "alibi_learned_slopes_gqa_t_ne_s": ((2, 40 * f, 57 * f, 4, 2, 16), M.CausalMask(offset=17 * f), None,
+                                            alibi_fn, (np.array([0.5, 0.25, 0.125, 0.0625], np.float32),),
+                                            None, True),
+        "two_operands_cap_sinks_local_or_global": ((2, 45 * f, 45 * f, 2, 1, 32), M.LocalMask(12 * f, 3 * f) | M.GlobalMask(2),
+                                        3.0, per_batch_temperature_fn,
+                                        (np.array([0.7, 1.3], np.float32), rng.normal(size=(2, 8)).astype(np.float32)),
+                                        np.array([0.5, -1.0], np.float32), False),
+        "sinks_empty_rows_mqa": ((1, 40 * f, 50 * f, 3, 1, 16), M.CausalMask(offset=-5 * f), None, None, (),
+                                 np.array([0.0, 1.5, -2.0], np.float32), False),
+        "masked_pairs_stay_masked": ((1, 48 * f, 48 * f, 2, 2, 16), M.CausalMask(), None, masked_garbage_fn, (),
+                                     None, False),
+    }
+
+
 def _nonfinite(*xs):
     return any(bool(jnp.any(~jnp.isfinite(jnp.asarray(x, jnp.float32)))) for x in xs)
 
@@ -298,6 +353,48 @@ class KernelCases:
         for x, y in zip(grads(q, k, v, do), grads(q, k, v, do)):
             np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
+    # -- score_mod and sinks ----------------------------------------------------------
+    supports_score_mod = True         # score_mod inside the kernels (sinks need only the lse)
+
+    @pytest.mark.parametrize("name", list(score_mod_cases()))
+    def test_score_mod_and_sinks(self, name):
+        """Values, lse and every gradient (q, k, v, learned operands, sinks) against the
+        reference; a backend without score_mod must decline it."""
+        shape, mask, cap, fn, operands, sinks, operand_grads = score_mod_cases(self.length_scale)[name]
+        q, k, v, do = make_inputs(*shape, dtype=self.dtype)
+        operands = tuple(jnp.asarray(x) for x in operands)
+        sinks = None if sinks is None else jnp.asarray(sinks)
+        args = dict(score_fn=fn, operands=operands, sinks=sinks, cap=cap, operand_grads=operand_grads)
+        if fn is not None and not self.supports_score_mod:
+            with pytest.raises(NotImplementedError):
+                run_scored(self.backend, q, k, v, do, mask, **args)
+            return
+        f32 = lambda x: x.astype(jnp.float32)  # noqa: E731
+
+        @jax.jit
+        def both(q, k, v, do):
+            return (run_scored(self.backend, q, k, v, do, mask, **args),
+                    run_scored("reference", f32(q), f32(k), f32(v), f32(do), mask, **args))
+
+        (out, lse, grads), (r_out, r_lse, r_grads) = both(q, k, v, do)
+        assert not _nonfinite(out, lse, *grads), "NaN/Inf in the kernel's results"
+        self.check("out", out, r_out)
+        self.check("lse", lse[..., None], r_lse[..., None])
+        for i, (got, want) in enumerate(zip(grads, r_grads)):
+            assert got.shape == want.shape, i
+            self.check(f"grad {i}", got, want, atol=2e-4)
+
+    def test_score_mod_table_gradient_is_declined(self):
+        """An operand read with a tile of indices is not differentiated by the kernels:
+        a clear NotImplementedError (pointing to bias=), never a wrong gradient."""
+        if not self.supports_score_mod:
+            pytest.skip("backend declares no score_mod")
+        q, k, v, do = make_inputs(1, 16, 16, 2, 2, 16, dtype=self.dtype)
+        table = jnp.zeros((2, 8))
+        with pytest.raises(NotImplementedError, match="bias="):
+            jax.jit(lambda *a: run_scored(self.backend, *a, M.CausalMask(), per_batch_temperature_fn,
+                                          (jnp.ones((1,)), table)))(q, k, v, do)
+
     # -- masked keys and queries cannot poison results ------------------------------
     def _poisoned(self, f):
         """Inputs where every key no query may attend and every query that may attend no
@@ -393,6 +490,22 @@ class InterpretOnlyCases:
                 return
             check_grads(jax.jit(f), (q, k, v), order=1, modes=("rev",), atol=1e-5, rtol=1e-5)
 
+    def test_float64_check_grads_score_mod_and_sinks(self):
+        from jax.test_util import check_grads
+        if not self.supports_float64 or not getattr(self, "supports_score_mod", True):
+            pytest.skip("backend declares no float64 or no score_mod")
+        with jax.enable_x64(True):
+            q, k, v, _ = make_inputs(1, 21, 29, 2, 1, 16, dtype=jnp.float64)
+            slopes = jnp.array([0.3, 0.1], jnp.float64)
+            sinks = jnp.array([0.2, -0.4], jnp.float64)
+            mask = M.CausalMask(offset=8)
+
+            def f(q, k, v, slopes, sinks):
+                return jaxattn.dot_product_attention(q, k, v, mask=mask, logits_soft_cap=4.0,
+                                                     score_mod=jaxattn.ScoreMod(alibi_fn, slopes),
+                                                     sinks=sinks, implementation=self.backend)
+            check_grads(jax.jit(f), (q, k, v, slopes, sinks), order=1, modes=("rev",), atol=1e-5, rtol=1e-5)
+
     # -- lowering of the shipped (GPU) configurations for an H100, without a GPU -----
     def lower_for_h100(self, b, t, s, n, k, h, mask, cap=None, bias=None, dropout_rate=0.0):
         """Forward and backward lowered for an H100 with the backend's GPU config
@@ -440,6 +553,28 @@ class InterpretOnlyCases:
     ])
     def test_dropout_lowers_for_h100(self, pretend_gpu, h, mask, bias):
         self.lower_for_h100(1, 300, 300, 4, 2, h, mask, bias=bias, dropout_rate=0.1)
+
+    def test_score_mod_lowers_for_h100(self, pretend_gpu):
+        """A score function with a scalar-indexed operand (differentiated) and a gather
+        from a table, in the forward and both backward kernels, lowered for an H100."""
+        if not getattr(self, "supports_score_mod", True):
+            pytest.skip("backend declares no score_mod")
+
+        def fn(q, kk, v, temperature, table):
+            def loss(q, kk, v, temperature):
+                out = pallas_attention(
+                    self.backend, q, kk, v, None, M.CausalMask(), scale=128 ** -0.5, logits_soft_cap=None,
+                    return_residuals=False, interpret=False,
+                    score_mod=jaxattn.ScoreMod(per_batch_temperature_fn, temperature, table))
+                return jnp.sum(out.astype(jnp.float32))
+            return jax.grad(loss, argnums=(0, 1, 2, 3))(q, kk, v, temperature)
+
+        text = lower_for_h100(fn, jax.ShapeDtypeStruct((2, 384, 4, 128), jnp.bfloat16),
+                              jax.ShapeDtypeStruct((2, 384, 2, 128), jnp.bfloat16),
+                              jax.ShapeDtypeStruct((2, 384, 2, 128), jnp.bfloat16),
+                              jax.ShapeDtypeStruct((2,), jnp.float32), jax.ShapeDtypeStruct((4, 8), jnp.float32))
+        for name in self.lowered_names:
+            assert name in text, name
 
     @pytest.mark.parametrize("bias_shape", [(1, 1, 384, 384), (1, 4, 384, 384), (2, 1, 1, 384),
                                             (1, 4, 1, 384), (2, 4, 384, 1)])

@@ -25,3 +25,4 @@ class TestMosaicGPU(GPUTier):
     supports_bias = False
     supports_softcap = False
     supports_dynamic_masks = False
+    supports_score_mod = False

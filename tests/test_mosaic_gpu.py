@@ -119,7 +119,8 @@ def test_padded_head_dim():
 def _request(**changes):
     base = dict(dtype=jnp.bfloat16, head_dim=128, q_len=1024, kv_len=1024, num_heads=8,
                 num_kv_heads=2, batch=1, has_bias=False, bias_shape=None, operand_kinds=(),
-                has_partial_tiles=True, logits_soft_cap=None, dropout_rate=0.0, platform="gpu",
+                has_partial_tiles=True, logits_soft_cap=None, dropout_rate=0.0, has_score_mod=False,
+                platform="gpu",
                 device_kind="NVIDIA H200")
     return types.SimpleNamespace(**{**base, **changes})
 
@@ -138,6 +139,7 @@ def test_supports_serves_what_the_kernels_run():
     (dict(has_bias=True, bias_shape=(1, 8, 1024, 1024)), "bias"),
     (dict(logits_soft_cap=30.0), "soft cap"),
     (dict(dropout_rate=0.1), "no attention dropout"),
+    (dict(has_score_mod=True), "score_mod"),
     (dict(operand_kinds=(("q", None), ("kv", None))), "'q'"),
     (dict(operand_kinds=(("qkv", None),)), "'qkv'"),
     (dict(operand_kinds=(("block", (64, 128)),)), "not multiples"),
