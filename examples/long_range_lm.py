@@ -33,6 +33,7 @@ only the tile share does; the kernels turn the tile share into time on a GPU.
     python examples/long_range_lm.py --implementation pallas_triton --seq-len 4096 \\
         --window 256 --batch 8 --steps 400 --out results.json   # on a GPU
     python examples/long_range_lm.py --generate 8             # then greedy decoding (KV cache)
+    python examples/long_range_lm.py --sinks                  # every layer learns attention sinks
 """
 
 from __future__ import annotations
@@ -160,7 +161,7 @@ def build(args, choice: str, seed: int):
     per_layer = layer_masks(choice, args.layers, seq_len=args.seq_len, window=args.window,
                             num_pairs=args.pairs, block=args.block)
     model = Decoder(vocab_size(args.keys, args.values, args.noise), args.d_model, args.heads,
-                    num_kv_heads=args.kv_heads, layer_masks=per_layer,
+                    num_kv_heads=args.kv_heads, layer_masks=per_layer, sinks=args.sinks,
                     implementation=args.implementation, rngs=nnx.Rngs(seed))
     schedule = optax.warmup_cosine_decay_schedule(0.0, args.lr, min(100, args.steps // 10 + 1),
                                                   max(args.steps, 2), args.lr * 0.1)
@@ -220,6 +221,7 @@ def run_choice(args, choice: str, log=print) -> dict:
     generation = generation_report(nnx.merge(graphdef, state)[0], args) if args.generate else {}
     return {**generation, 
         "attention": choice,
+        "sinks": bool(args.sinks),
         "accuracy": statistics.fmean(accs) if accs else None,
         "chance": 1.0 / args.values,
         "final_loss": statistics.fmean(losses[-20:]),
@@ -338,6 +340,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kv-heads", type=positive, default=2, help="key/value heads (GQA)")
     p.add_argument("--batch", type=positive, default=32, help="sequences per training step")
     p.add_argument("--lr", type=float, default=3e-3, help="AdamW learning rate")
+    p.add_argument("--sinks", action="store_true",
+                   help="learn one attention-sink logit per head in every layer (jaxattn.sinks)")
     p.add_argument("--block", type=non_negative, default=0,
                    help="tile size of the tile-share cost model (0: seq_len // 8, clipped to [16, 128])")
     p.add_argument("--eval-batches", type=non_negative, default=8, help="held-out batches for the accuracy")

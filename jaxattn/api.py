@@ -412,9 +412,11 @@ def _empty_result(query, kv_len, return_residuals):
 
 
 def attention_weights(query, key, bias=None, mask=None, *, scale=None, is_causal=False,
-                      local_window_size=None, logits_soft_cap=None, precision=None):
+                      local_window_size=None, logits_soft_cap=None, precision=None,
+                      score_mod=None, sinks=None):
     """The attention probabilities [B, N, T, S] that `dot_product_attention` applies to the
-    values (float32; float64 for float64 inputs; rows with no allowed key are zeros).
+    values (float32; float64 for float64 inputs; rows with no allowed key are zeros; with
+    sinks, a row sums to 1 minus the sink's share).
     O(T·S) memory: computed by the reference, for inspection and debugging."""
     validate_inputs(query, key, key, bias, scale=scale, logits_soft_cap=logits_soft_cap,
                     allow_array_scale=True)
@@ -427,7 +429,17 @@ def attention_weights(query, key, bias=None, mask=None, *, scale=None, is_causal
         scale = float(1.0 / math.sqrt(h))
     elif not _is_traced(scale):
         scale = float(scale)
-    return reference_attention_weights(
-        query, key, bias, canonical, scale=scale,
-        logits_soft_cap=None if logits_soft_cap is None else float(logits_soft_cap),
-        precision=_canonical_precision(precision))
+    score_mod = as_score_mod(score_mod)
+    sinks = check_sinks(sinks, n)
+    cap = None if logits_soft_cap is None else float(logits_soft_cap)
+    precision = _canonical_precision(precision)
+    weights = reference_attention_weights(query, key, bias, canonical, scale=scale, logits_soft_cap=cap,
+                                          precision=precision, score_mod=score_mod)
+    if sinks is None:
+        return weights
+    # The sink's share of each row: weights · exp(lse − logaddexp(lse, sink)).
+    _, lse = reference_attention(query, key, key, bias, canonical, scale=scale, logits_soft_cap=cap,
+                                 precision=precision, score_mod=score_mod, return_residuals=True)
+    ones = jnp.ones((b, t, n, 1), weights.dtype)
+    share, _ = add_sinks(ones, lse, sinks)                                   # [B, T, N, 1]
+    return weights * jnp.transpose(share, (0, 2, 1, 3))

@@ -36,6 +36,7 @@ import numpy as np
 from jaxattn.api import _shape_error, check_float_array, check_scale_and_cap
 from jaxattn.masks import AndMask, CausalMask, DenseMask, FullMask, LocalMask, Mask, canonical_mask
 from jaxattn.reference import reference_attention
+from jaxattn.sinks import add_sinks, check_sinks
 from pallas_kernels.decode_static import DecodeStatic, KeyBounds
 from pallas_kernels.registry import backend_names, get_backend
 
@@ -268,8 +269,8 @@ def _validate(query, key_cache, value_cache, lengths, page_table, num_splits, sc
 
 
 def decode_attention(query, key_cache, value_cache, *, lengths, page_table=None, mask=None,
-                     scale=None, logits_soft_cap=None, num_splits=None, implementation=None,
-                     return_residuals=False):
+                     scale=None, logits_soft_cap=None, num_splits=None, sinks=None,
+                     implementation=None, return_residuals=False):
     """Attention of the Tq newest tokens of each sequence over its KV cache.
 
     Args:
@@ -285,6 +286,8 @@ def decode_attention(query, key_cache, value_cache, *, lengths, page_table=None,
         (see the module docstring); causality is always applied.
       scale: multiplies q·k; default 1/sqrt(H). logits_soft_cap: c·tanh(logits / c).
       num_splits: programs sharing one sequence's keys in the kernels (None: from shapes).
+      sinks: None or float [N]: one logit per query head in every row's softmax, with a
+        zero value vector (as in `dot_product_attention`; applied through the lse).
       implementation: None (best available), "reference", or a kernel backend with a
         decode entry ("pallas_triton"; see decode_implementations()).
       return_residuals: also return lse [B, N, Tq] (float32, natural log, -inf for a row
@@ -311,13 +314,19 @@ def decode_attention(query, key_cache, value_cache, *, lengths, page_table=None,
     cap = None if logits_soft_cap is None else float(logits_soft_cap)
     splits = None if num_splits is None else int(num_splits)
 
+    sinks = check_sinks(sinks, n)
+
     order = (implementation,) if implementation is not None else _default_order()
     reasons = []
     for name in order:
         try:
-            return _implementation(name)(query, key_cache, value_cache, lengths, page_table, canonical,
-                                          scale=scale, logits_soft_cap=cap, num_splits=splits,
-                                          return_residuals=bool(return_residuals))
+            result = _implementation(name)(query, key_cache, value_cache, lengths, page_table, canonical,
+                                            scale=scale, logits_soft_cap=cap, num_splits=splits,
+                                            return_residuals=bool(return_residuals) or sinks is not None)
+            if sinks is None:
+                return result
+            out, lse = add_sinks(*result, sinks)
+            return (out, lse) if return_residuals else out
         except NotImplementedError as e:
             if implementation is not None:
                 raise

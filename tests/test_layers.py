@@ -315,3 +315,48 @@ def test_example_training_reduces_loss():
     result = ex.run_choice(args, "full", log=lambda *a: None)
     assert result["final_loss"] < result["first_loss"] - 0.5, result
     assert result["accuracy"] is None and result["step_ms"] > 0 and result["compiled_step_mb"] > 0
+
+
+def test_learnable_sinks_in_nnx_and_linen_layers_get_gradients():
+    """sinks=True: a zero-initialised [N] param whose gradient is nonzero; the linen twin
+    has the same param and computes the same; the layer equals attention with those sinks."""
+    kw = dict(num_kv_heads=2, is_causal=True, sinks=True, implementation="reference")
+    ours = MultiHeadAttention(N, D, rngs=nnx.Rngs(4), **kw)
+    assert ours.sinks[...].shape == (N,) and not np.any(np.asarray(ours.sinks[...]))
+    twin = LinenMultiHeadAttention(N, **kw)
+    params = {"params": jax.tree.map(lambda v: v[...], nnx.to_pure_dict(nnx.state(ours, nnx.Param)))}
+    x = _x(21)
+
+    @nnx.jit
+    def f(layer, params, x):
+        grads = nnx.grad(lambda m: jnp.sum(m(x) ** 2))(layer)
+        linen_grads = jax.grad(lambda p: jnp.sum(twin.apply(p, x) ** 2))(params)
+        return layer(x), twin.apply(params, x), grads, linen_grads
+
+    out, linen_out, grads, linen_grads = f(ours, params, x)
+    np.testing.assert_allclose(linen_out, out, **TOL)
+    g = np.asarray(grads.sinks[...])
+    assert g.shape == (N,) and np.all(np.abs(g) > 0)
+    np.testing.assert_allclose(linen_grads["params"]["sinks"], g, **TOL)
+
+
+def test_attention_fn_passes_score_mod_and_sinks():
+    q, k, v = (_x(s, (B, T, N, D // N)) for s in (22, 23, 24))
+    sinks, slopes = jnp.array([0.5, -1.0, 0.0, 2.0]), jaxattn.alibi_slopes(N)
+    fn = attention_fn(implementation="reference", is_causal=True, score_mod=jaxattn.alibi(slopes), sinks=sinks)
+    want = jaxattn.dot_product_attention(q, k, v, is_causal=True, score_mod=jaxattn.alibi(slopes), sinks=sinks,
+                                         implementation="reference")
+    np.testing.assert_allclose(jax.jit(fn)(q, k, v), want, **TOL)
+
+
+def test_example_sinks_flag_builds_learnable_sinks_the_optimizer_updates():
+    """--sinks gives every layer a sinks param, which the optimizer trains (wrt=nnx.Param);
+    training itself is test_example_training_reduces_loss's code path."""
+    ex = _example()
+    argv = ["--seq-len", "32", "--window", "4", "--pairs", "4", "--keys", "8", "--values", "4",
+            "--noise", "4", "--d-model", "32", "--attention", "local"]
+    model, opt, _ = ex.build(ex.parse_args(argv + ["--sinks"]), "local", 0)
+    assert all(b.attn.sinks[...].shape == (4,) for b in model.blocks)
+    assert any("sinks" in str(path) for path, _ in nnx.to_flat_state(nnx.state(opt, nnx.OptState)))
+    plain, _, _ = ex.build(ex.parse_args(argv), "local", 0)
+    assert all(b.attn.sinks is None for b in plain.blocks)

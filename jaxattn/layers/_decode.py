@@ -50,8 +50,10 @@ def _write(cache, new, start):
 
 
 def cached_attention(q, k, v, cache_k, cache_v, lengths, *, prefill_lengths, mask, scale,
-                     logits_soft_cap, local_window_size, implementation):
-    """One decode-mode attention: returns (out [B, T, N, H], cache_k, cache_v, lengths)."""
+                     logits_soft_cap, local_window_size, implementation, score_mod=None,
+                     sinks=None):
+    """One decode-mode attention: returns (out [B, T, N, H], cache_k, cache_v, lengths).
+    A score_mod is served in the prefill only (decode_attention takes none yet)."""
     b, t = q.shape[:2]
     prefill = prefill_lengths is not None
     start = jnp.zeros_like(lengths) if prefill else lengths
@@ -59,12 +61,16 @@ def cached_attention(q, k, v, cache_k, cache_v, lengths, *, prefill_lengths, mas
     if prefill:
         out = dot_product_attention(q, k, v, mask=mask, scale=scale, is_causal=True,
                                     local_window_size=local_window_size,
-                                    logits_soft_cap=logits_soft_cap, implementation=implementation)
+                                    logits_soft_cap=logits_soft_cap, score_mod=score_mod, sinks=sinks,
+                                    implementation=implementation)
         return out, cache_k, cache_v, jnp.broadcast_to(jnp.asarray(prefill_lengths, jnp.int32), (b,))
+    if score_mod is not None:
+        raise NotImplementedError("decode=True with a score_mod: decode_attention takes no score_mod "
+                                  "yet (the prefill does); decode with score_mod=None")
     lengths = lengths + t
     full_mask = canonical_mask(mask, local_window_size=local_window_size)
     # Implementations without a decode path (xla, cudnn) leave the choice to decode_attention.
     out = decode_attention(q, cache_k, cache_v, lengths=lengths, mask=full_mask, scale=scale,
-                           logits_soft_cap=logits_soft_cap,
+                           logits_soft_cap=logits_soft_cap, sinks=sinks,
                            implementation=implementation if implementation in decode_implementations() else None)
     return out, cache_k, cache_v, lengths

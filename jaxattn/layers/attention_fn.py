@@ -51,6 +51,7 @@ import numpy as np
 from jaxattn.api import attention_weights, dot_product_attention
 from jaxattn.masks import DenseMask, Mask
 from jaxattn.masks.data import non_boolean_mask_error
+from jaxattn.score_mod import as_score_mod
 
 __all__ = ["attention_fn", "flax_mask_to_jaxattn"]
 
@@ -130,7 +131,8 @@ def _flatten_bias(bias, batch_shape):
 
 def attention_fn(mask: Mask | None = None, *, implementation: str | None = None,
                  is_causal: bool = False, local_window_size=None, logits_soft_cap: float | None = None,
-                 scale: float | None = None, rope=None, ignore_precision: bool = False):
+                 scale: float | None = None, rope=None, ignore_precision: bool = False,
+                 score_mod=None, sinks=None):
     """Build an attention function for Flax's `attention_fn=` argument.
 
     Args:
@@ -147,6 +149,9 @@ def attention_fn(mask: Mask | None = None, *, implementation: str | None = None,
         (e.g. `attention_fn(rope=nnx.RoPE())`).
       ignore_precision: drop the layer's `precision` and compute with the implementation's
         default (so a float32 layer asking for HIGHEST still runs on the GPU kernels, as TF32).
+      score_mod, sinks: as in `jaxattn.dot_product_attention` (fixed values: a Flax layer
+        has no parameter for them; `jaxattn.layers.MultiHeadAttention(sinks=True)` learns
+        its sinks).
 
     Returns:
       fn(query, key, value, bias=None, mask=None, **flax_keywords) -> [batch..., T, N, H].
@@ -164,6 +169,7 @@ def attention_fn(mask: Mask | None = None, *, implementation: str | None = None,
     if not isinstance(is_causal, (bool, np.bool_)):
         raise ValueError(f"attention_fn(is_causal=...): expected a bool, got {is_causal!r}.")
     static_mask, static_causal = mask, bool(is_causal)
+    score_mod = as_score_mod(score_mod)
 
     def fn(query, key, value, bias=None, mask=None, broadcast_dropout: bool = True,
            dropout_rng=None, dropout_rate: float = 0.0, deterministic: bool = False, dtype=None,
@@ -250,7 +256,7 @@ def attention_fn(mask: Mask | None = None, *, implementation: str | None = None,
                                     logits_soft_cap=logits_soft_cap, precision=precision,
                                     dropout_rate=float(dropout_rate) if use_dropout else 0.0,
                                     dropout_seed=seed, broadcast_dropout=bool(broadcast_dropout),
-                                    implementation=implementation)
+                                    score_mod=score_mod, sinks=sinks, implementation=implementation)
         if module is not None:
             # The softmax is float32 here anyway; the sown weights take Flax's dtype.
             weights_dtype = jnp.float32 if force_fp32_for_softmax else query.dtype
@@ -266,7 +272,8 @@ def attention_fn(mask: Mask | None = None, *, implementation: str | None = None,
             "outside of debugging.", stacklevel=4)
         weights = attention_weights(q, k, flat_bias, combined, scale=scale, is_causal=causal,
                                     local_window_size=local_window_size,
-                                    logits_soft_cap=logits_soft_cap, precision=precision)
+                                    logits_soft_cap=logits_soft_cap, precision=precision,
+                                    score_mod=score_mod, sinks=sinks)
         weights = weights.astype(dtype).reshape((*batch_shape, *weights.shape[1:]))
         from flax import nnx  # the adapter serves linen too; nnx is imported only when sowing
         if isinstance(module, nnx.Module):

@@ -28,6 +28,7 @@ from jaxattn.layers._common import check_heads, check_inputs, check_layer_mask, 
 from jaxattn.layers._decode import cached_attention, check_cache, decode_positions
 from jaxattn.layers.rope import apply_rope
 from jaxattn.masks import Mask
+from jaxattn.score_mod import as_score_mod
 
 __all__ = ["LinenMultiHeadAttention"]
 
@@ -36,7 +37,8 @@ class LinenMultiHeadAttention(nn.Module):
     """Multi-head attention with GQA/MQA, optional RoPE, any jaxattn Mask (linen).
 
     Fields mirror the nnx layer's constructor; `out_features` None keeps the input width
-    and `head_dim` None uses features // num_heads.
+    and `head_dim` None uses features // num_heads; `sinks=True` learns the param
+    "sinks" [N] (zero-init).
     """
 
     num_heads: int
@@ -50,6 +52,8 @@ class LinenMultiHeadAttention(nn.Module):
     scale: float | None = None
     rope: bool = False
     rope_theta: float = 10000.0
+    score_mod: Any = None
+    sinks: bool = False
     implementation: str | None = None
     use_bias: bool = False
     dtype: Any = None
@@ -78,9 +82,11 @@ class LinenMultiHeadAttention(nn.Module):
         k = dense((num_kv_heads, head_dim), "key")(inputs_kv)
         v = dense((num_kv_heads, head_dim), "value")(inputs_kv)
         out_features = features if self.out_features is None else self.out_features
+        sinks = self.param("sinks", nn.initializers.zeros_init(), (self.num_heads,),
+                           self.param_dtype) if self.sinks else None
         if decode and self.has_variable("cache", "cached_key"):
             x = self._decode(q, k, v, inputs_q, inputs_kv, self_attention, mask, layer_mask,
-                             positions, kv_positions, prefill_lengths)
+                             positions, kv_positions, prefill_lengths, sinks)
             return dense(out_features, "out", axis=(-2, -1))(x)
         if decode:   # creating the cache: the inputs' length is its capacity
             b, s = inputs_q.shape[:2]
@@ -97,11 +103,12 @@ class LinenMultiHeadAttention(nn.Module):
                                   is_causal=self.is_causal or decode,
                                   local_window_size=self.local_window_size,
                                   logits_soft_cap=self.logits_soft_cap,
+                                  score_mod=as_score_mod(self.score_mod), sinks=sinks,
                                   implementation=self.implementation)
         return dense(out_features, "out", axis=(-2, -1))(x)
 
     def _decode(self, q, k, v, inputs_q, inputs_kv, self_attention, mask, layer_mask, positions,
-                kv_positions, prefill_lengths):
+                kv_positions, prefill_lengths, sinks):
         if not self_attention or positions is not None or kv_positions is not None:
             raise ValueError("decode=True: expected self-attention without positions (the cache "
                              "gives them), got inputs_kv, positions or kv_positions. Drop them.")
@@ -116,5 +123,5 @@ class LinenMultiHeadAttention(nn.Module):
             q, k, v, cached_key.value, cached_value.value, cache_lengths.value,
             prefill_lengths=prefill_lengths, mask=combine(layer_mask, mask), scale=self.scale,
             logits_soft_cap=self.logits_soft_cap, local_window_size=self.local_window_size,
-            implementation=self.implementation)
+            implementation=self.implementation, score_mod=as_score_mod(self.score_mod), sinks=sinks)
         return x

@@ -29,6 +29,7 @@ from jaxattn.layers._common import check_heads, check_inputs, check_layer_mask, 
 from jaxattn.layers._decode import cached_attention, check_cache, decode_positions
 from jaxattn.layers.rope import apply_rope
 from jaxattn.masks import Mask
+from jaxattn.score_mod import as_score_mod
 
 __all__ = ["MultiHeadAttention"]
 
@@ -47,6 +48,9 @@ class MultiHeadAttention(nnx.Module):
       mask: a static `jaxattn.masks.Mask` applied at every call (None = full attention).
       is_causal, local_window_size, logits_soft_cap, scale: as in `dot_product_attention`.
       rope: rotate q and k with RoPE (positions default to 0..T-1), base `rope_theta`.
+      score_mod: as in `dot_product_attention` (a ScoreMod whose operands are fixed arrays).
+      sinks: learn one attention-sink logit per query head (param `sinks` [N], zero-init;
+        see `jaxattn.sinks`).
       implementation: as in `dot_product_attention` (None = best available).
       use_bias: biases in the four projections.
       dtype: computation dtype (None: the inputs'); param_dtype: parameter dtype.
@@ -56,7 +60,8 @@ class MultiHeadAttention(nnx.Module):
                  head_dim: int | None = None, out_features: int | None = None,
                  mask: Mask | None = None, is_causal: bool = False, local_window_size=None,
                  logits_soft_cap: float | None = None, scale: float | None = None,
-                 rope: bool = False, rope_theta: float = 10000.0, implementation: str | None = None,
+                 rope: bool = False, rope_theta: float = 10000.0, score_mod=None, sinks: bool = False,
+                 implementation: str | None = None,
                  use_bias: bool = False, dtype: Any = None, param_dtype: Any = jnp.float32,
                  kernel_init=_default_init, rngs: nnx.Rngs):
         num_kv_heads, head_dim = check_heads(num_heads, num_kv_heads, in_features, head_dim)
@@ -70,7 +75,10 @@ class MultiHeadAttention(nnx.Module):
         self.scale = scale
         self.rope, self.rope_theta = bool(rope), float(rope_theta)
         self.implementation = implementation
+        self.score_mod = as_score_mod(score_mod)
         self.dtype = dtype
+        # One learned logit per query head, joining every row's softmax (zero-init: exp(0) = 1).
+        self.sinks = nnx.Param(jnp.zeros((num_heads,), param_dtype)) if sinks else nnx.data(None)
         kw = dict(use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
                   kernel_init=kernel_init, rngs=rngs)
         self.query = nnx.LinearGeneral(in_features, (num_heads, head_dim), **kw)
@@ -122,9 +130,12 @@ class MultiHeadAttention(nnx.Module):
             k = apply_rope(k, kv_positions, self.rope_theta)
         x = dot_product_attention(q, k, v, mask=combine(self.mask, mask), scale=self.scale,
                                   is_causal=self.is_causal, local_window_size=self.local_window_size,
-                                  logits_soft_cap=self.logits_soft_cap,
-                                  implementation=self.implementation)
+                                  logits_soft_cap=self.logits_soft_cap, score_mod=self.score_mod,
+                                  sinks=self._sinks(), implementation=self.implementation)
         return self.out(x)
+
+    def _sinks(self):
+        return None if self.sinks is None else self.sinks[...]
 
     def _decode(self, inputs, inputs_kv, mask, positions, kv_positions, prefill_lengths):
         if inputs_kv is not None or positions is not None or kv_positions is not None:
@@ -140,6 +151,6 @@ class MultiHeadAttention(nnx.Module):
             q, k, v, self.cached_key[...], self.cached_value[...], self.cache_lengths[...],
             prefill_lengths=prefill_lengths, mask=combine(self.mask, mask), scale=self.scale,
             logits_soft_cap=self.logits_soft_cap, local_window_size=self.local_window_size,
-            implementation=self.implementation)
+            implementation=self.implementation, score_mod=self.score_mod, sinks=self._sinks())
         self.cached_key[...], self.cached_value[...], self.cache_lengths[...] = ck, cv, lengths
         return self.out(x)

@@ -44,13 +44,14 @@ class TransformerBlock(nnx.Module):
     def __init__(self, d_model: int, num_heads: int, *, num_kv_heads: int | None = None,
                  head_dim: int | None = None, mlp_dim: int | None = None, mask: Mask | None = None,
                  is_causal: bool = True, rope: bool = True, logits_soft_cap: float | None = None,
-                 implementation: str | None = None, dtype: Any = None, rngs: nnx.Rngs):
+                 sinks: bool = False, implementation: str | None = None, dtype: Any = None,
+                 rngs: nnx.Rngs):
         mlp_dim = 4 * d_model if mlp_dim is None else mlp_dim
         self.attn_norm = nnx.RMSNorm(d_model, dtype=dtype, rngs=rngs)
         self.attn = MultiHeadAttention(num_heads, d_model, num_kv_heads=num_kv_heads, head_dim=head_dim,
                                        mask=mask, is_causal=is_causal, rope=rope,
-                                       logits_soft_cap=logits_soft_cap, implementation=implementation,
-                                       dtype=dtype, rngs=rngs)
+                                       logits_soft_cap=logits_soft_cap, sinks=sinks,
+                                       implementation=implementation, dtype=dtype, rngs=rngs)
         self.mlp_norm = nnx.RMSNorm(d_model, dtype=dtype, rngs=rngs)
         self.mlp_in = nnx.Linear(d_model, mlp_dim, dtype=dtype, rngs=rngs)
         self.mlp_out = nnx.Linear(mlp_dim, d_model, dtype=dtype, rngs=rngs)
@@ -71,13 +72,14 @@ class Decoder(nnx.Module):
       layer_masks: one entry per layer: a static Mask ANDed with causal attention, or None
         for full causal attention. `interleaved_pattern` builds the usual recipes.
       implementation: one name for every layer, or one per layer.
+      sinks: every layer learns one attention-sink logit per head (see MultiHeadAttention).
       Other arguments as in TransformerBlock.
     """
 
     def __init__(self, vocab_size: int, d_model: int, num_heads: int, *,
                  layer_masks: Sequence[Mask | None], num_kv_heads: int | None = None,
                  head_dim: int | None = None, mlp_dim: int | None = None,
-                 logits_soft_cap: float | None = None,
+                 logits_soft_cap: float | None = None, sinks: bool = False,
                  implementation: str | None | Sequence[str | None] = None,
                  dtype: Any = None, rngs: nnx.Rngs):
         layer_masks = list(layer_masks)
@@ -93,7 +95,7 @@ class Decoder(nnx.Module):
         self.blocks = nnx.List([
             TransformerBlock(d_model, num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
                              mlp_dim=mlp_dim, mask=m, is_causal=True, logits_soft_cap=logits_soft_cap,
-                             implementation=impl, dtype=dtype, rngs=rngs)
+                             sinks=sinks, implementation=impl, dtype=dtype, rngs=rngs)
             for m, impl in zip(layer_masks, impls)])
         self.norm = nnx.RMSNorm(d_model, dtype=dtype, rngs=rngs)
         self.lm_head = nnx.Linear(d_model, vocab_size, use_bias=False, dtype=dtype, rngs=rngs)
