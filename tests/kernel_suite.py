@@ -201,6 +201,10 @@ class KernelCases:
         """What `check` gets as `naive`; the CPU tier needs none."""
         return None
 
+    def naive_run_scored(self, *args, **kwargs):
+        """run_scored's `naive` counterpart for `check`; the CPU tier needs none."""
+        return None
+
     def declined(self, q, k, v, do, mask, cap=None, bias=None, dropout=None):
         """True when the backend's supports() declines this call (a finer form of the
         capability flags: e.g. mask operands it does not read), after checking that the
@@ -374,15 +378,20 @@ class KernelCases:
         @jax.jit
         def both(q, k, v, do):
             return (run_scored(self.backend, q, k, v, do, mask, **args),
-                    run_scored("reference", f32(q), f32(k), f32(v), f32(do), mask, **args))
+                    run_scored("reference", f32(q), f32(k), f32(v), f32(do), mask, **args),
+                    self.naive_run_scored(q, k, v, do, mask, **args))
 
-        (out, lse, grads), (r_out, r_lse, r_grads) = both(q, k, v, do)
+        (out, lse, grads), (r_out, r_lse, r_grads), naive = both(q, k, v, do)
+        naive = naive or (None, None, (None,) * len(grads))
         assert not _nonfinite(out, lse, *grads), "NaN/Inf in the kernel's results"
-        self.check("out", out, r_out)
-        self.check("lse", lse[..., None], r_lse[..., None])
-        for i, (got, want) in enumerate(zip(grads, r_grads)):
+        self.check("out", out, r_out, naive[0])
+        self.check("lse", lse[..., None], r_lse[..., None],
+                   None if naive[1] is None else naive[1][..., None])
+        for i, (got, want, nv) in enumerate(zip(grads, r_grads, naive[2])):
             assert got.shape == want.shape, i
-            self.check(f"grad {i}", got, want, atol=2e-4)
+            # operand and sink gradients are 1-d sums: compared as one row
+            as_row = (lambda x: None if x is None else x.reshape(1, -1)) if got.ndim == 1 else (lambda x: x)
+            self.check(f"grad {i}", as_row(got), as_row(want), as_row(nv), atol=2e-4)
 
     def test_score_mod_table_gradient_is_declined(self):
         """An operand read with a tile of indices is not differentiated by the kernels:
@@ -628,7 +637,8 @@ class InterpretOnlyCases:
 # ---------------------------------------------------------------------------------
 # The GPU tier: real tiles, bfloat16, per-row tolerances.
 # ---------------------------------------------------------------------------------
-def naive_attention(q, k, v, bias, mask, cap, *, return_residuals=True, dropout=None):
+def naive_attention(q, k, v, bias, mask, cap, *, return_residuals=True, dropout=None,
+                    score_mod=None, sinks=None):
     """Attention computed plainly in the inputs' dtype (bfloat16: every product, sum and
     exponential rounded to it): the yardstick of the GPU tier's tolerances. dropout: None
     or (rate, seed, broadcast), jaxattn.dropout's keep-mask."""
@@ -641,6 +651,10 @@ def naive_attention(q, k, v, bias, mask, cap, *, return_residuals=True, dropout=
         logits = logits + bias.astype(dt)
     if cap is not None:
         logits = jnp.asarray(cap, dt) * jnp.tanh(logits / jnp.asarray(cap, dt))
+    if score_mod is not None:
+        ids = [jnp.arange(x, dtype=jnp.int32).reshape([x if a == i else 1 for a in range(4)])
+               for i, x in enumerate((b, n, t, s))]
+        logits = score_mod.reference_apply(logits, *ids).astype(dt)
     allowed = jnp.ones((1, 1, 1, 1), bool) if mask is None else allowed_pairs(mask, t, s)
     logits = jnp.where(allowed, logits, jnp.asarray(MASK_VALUE, dt))
     m = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
@@ -655,7 +669,27 @@ def naive_attention(q, k, v, bias, mask, cap, *, return_residuals=True, dropout=
         weights = jnp.where(keep, weights / jnp.asarray(1.0 - rate, dt), jnp.zeros((), dt))
     out = jnp.einsum("bnts,bsnh->btnh", weights, v, preferred_element_type=dt)
     lse = jnp.where(l > 0, m + jnp.log(l_safe), -jnp.inf)[..., 0].astype(jnp.float32)
+    if sinks is not None:
+        from jaxattn.sinks import add_sinks
+        out, lse = add_sinks(out, lse, sinks)
     return out, lse
+
+
+def naive_run_scored(q, k, v, do, mask, score_fn=None, operands=(), sinks=None, cap=None, bias=None,
+                     operand_grads=True):
+    """run_scored() of naive_attention (every step in q's dtype)."""
+    def loss(q, k, v, operands, sinks):
+        score_mod = None if score_fn is None else jaxattn.ScoreMod(score_fn, *operands)
+        out, lse = naive_attention(q, k, v, bias, mask, cap, score_mod=score_mod, sinks=sinks)
+        value = jnp.sum(out * do).astype(jnp.float32)
+        return value + jnp.sum(jnp.where(jnp.isfinite(lse), lse, 0.0)), (out, lse)
+    argnums = (0, 1, 2) + ((3,) if operand_grads and operands else ()) + ((4,) if sinks is not None else ())
+    (_, (out, lse)), grads = jax.value_and_grad(loss, argnums=argnums, has_aux=True)(
+        q, k, v, tuple(operands), sinks)
+    flat = [*grads[:3]]
+    for g in grads[3:]:
+        flat.extend(g if isinstance(g, tuple) else (g,))
+    return out, lse, flat
 
 
 def naive_run(q, k, v, do, mask, cap=None, bias=None, dropout=None):
@@ -688,6 +722,9 @@ class GPUTier(KernelCases):
 
     def naive_run(self, q, k, v, do, mask, cap=None, bias=None, dropout=None):
         return naive_run(q, k, v, do, mask, cap, bias, dropout)
+
+    def naive_run_scored(self, *args, **kwargs):
+        return naive_run_scored(*args, **kwargs)
 
     def check(self, name, got, want, naive=None, *, atol=None):
         del atol
