@@ -327,3 +327,25 @@ def test_errors(mesh):
         ring_attention(q, k, v, mesh=mesh, axis_name=AXIS, implementation="nope")
     with pytest.raises(ValueError, match="head counts"):
         ring_attention(q[:, :, :3], k, v, mesh=mesh, axis_name=AXIS)
+
+
+def test_sinks_values_and_gradients(mesh):
+    """Sinks through the ring (the merge starts from them) equal the reference's,
+    including d sinks (summed over every device's rows) and rows with no key."""
+    q, k, v, do = _inputs(t=T - 6)     # padded inside: padded rows must not reach d sinks
+    sinks = jnp.array([0.5, -1.0, 2.0, 0.0])
+    mask = M.CausalMask(offset=-3)     # the first rows see only the sink
+
+    def grads(attn):
+        def loss(q, k, v, sinks):
+            return jnp.sum(attn(q, k, v, sinks) * do)
+        return jax.value_and_grad(loss, argnums=(0, 1, 2, 3))
+
+    ring = grads(lambda q, k, v, s: ring_attention(q, k, v, mask, mesh=mesh, axis_name=AXIS, sinks=s,
+                                                   implementation="reference"))
+    ref = grads(lambda q, k, v, s: jaxattn.dot_product_attention(q, k, v, mask=mask, sinks=s,
+                                                                 implementation="reference"))
+    (got, got_g), (want, want_g) = _compiled(lambda *a: (ring(*a), ref(*a)), q, k, v, sinks)(q, k, v, sinks)
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    for name, a, b in zip(("dq", "dk", "dv", "dsinks"), got_g, want_g):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5, rtol=1e-5, err_msg=name)

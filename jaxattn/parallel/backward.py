@@ -103,7 +103,7 @@ def _first_serving_block_backward(order):
 
 
 def ring_backward(cfg, residuals, dout):
-    q, k, v, leaves, out, lse = residuals
+    q, k, v, leaves, sinks, out, lse = residuals
     p = cfg.num_shards
     mask = jax.tree_util.tree_unflatten(cfg.mask_treedef, leaves)
     device = jax.lax.axis_index(cfg.axis_name)
@@ -177,4 +177,15 @@ def ring_backward(cfg, residuals, dout):
             (dq,) = dispatch(calls, device, body_for(("dq",)), (dq,), q, *kv)
         kv = nxt
     zeros = jax.tree_util.tree_map(lambda x: None, leaves)
-    return dq.astype(q.dtype), dkv[0], dkv[1], zeros
+    return dq.astype(q.dtype), dkv[0], dkv[1], zeros, _sink_gradient(sinks, lse, delta)
+
+
+def _sink_gradient(sinks, lse, delta):
+    """d sinks of this device's rows: the sink is one more column of every row's softmax,
+    with probability P = exp(sinks[n] − lse) and a zero value vector (dP = 0), so its dS is
+    P·(0 − D). Rows of all devices add up: shard_map sums the cotangents of the replicated
+    sinks."""
+    if sinks is None:
+        return None
+    p_sink = jnp.exp(sinks.astype(lse.dtype)[None, None, :] - lse)        # [B, L, N]
+    return jnp.sum(-p_sink * delta, axis=(0, 1)).astype(sinks.dtype)

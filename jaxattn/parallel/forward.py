@@ -7,7 +7,9 @@ merge exactly through their log-sum-exp:
 
     lse = log(exp(lse_a) + exp(lse_b)),  out = exp(lse_a - lse)·out_a + exp(lse_b - lse)·out_b
 
-with rows whose lse is -inf (nothing allowed yet) given weight 0, never NaN.
+with rows whose lse is -inf (nothing allowed yet) given weight 0, never NaN. Attention
+sinks (one logit per head, zero value vector) are one more partial: the merge starts
+from out = 0, lse = sinks[n] instead of lse = -inf.
 """
 
 from __future__ import annotations
@@ -35,14 +37,17 @@ def merge(o_a, lse_a, o_b, lse_b):
 
 
 
-def ring_forward(cfg: RingConfig, q, k, v, leaves):
-    """(out [B, L, N, H] in q's dtype, lse [B, L, N] in the accumulation dtype)."""
+def ring_forward(cfg: RingConfig, q, k, v, leaves, sinks=None):
+    """(out [B, L, N, H] in q's dtype, lse [B, L, N] in the accumulation dtype); with
+    sinks [N] the lse includes them."""
     p = cfg.num_shards
     mask = jax.tree_util.tree_unflatten(cfg.mask_treedef, leaves)
     device = jax.lax.axis_index(cfg.axis_name)
     b, lq, n, h = q.shape
     acc = acc_dtype(q.dtype)
-    carry = (jnp.zeros((b, lq, n, h), acc), jnp.full((b, lq, n), -jnp.inf, acc))
+    start = (jnp.full((b, lq, n), -jnp.inf, acc) if sinks is None
+             else jnp.broadcast_to(sinks.astype(acc)[None, None, :], (b, lq, n)))
+    carry = (jnp.zeros((b, lq, n, h), acc), start)
 
     def body(call, carry, q, k, v):
         def compute(carry):

@@ -22,34 +22,35 @@ from jaxattn.parallel.backward import ring_backward
 from jaxattn.parallel.forward import ring_forward
 from jaxattn.parallel.layout import zigzag
 from jaxattn.parallel.plan import RingConfig
+from jaxattn.sinks import check_sinks
 
 _LAYOUTS = ("contiguous", "zigzag")
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def ring_core(cfg: RingConfig, q, k, v, leaves):
-    return ring_forward(cfg, q, k, v, leaves)[0]
+def ring_core(cfg: RingConfig, q, k, v, leaves, sinks):
+    return ring_forward(cfg, q, k, v, leaves, sinks)[0]
 
 
-def ring_core_fwd(cfg, q, k, v, leaves):
-    out, lse = ring_forward(cfg, q, k, v, leaves)
-    return out, (q, k, v, leaves, out, lse)
+def ring_core_fwd(cfg, q, k, v, leaves, sinks):
+    out, lse = ring_forward(cfg, q, k, v, leaves, sinks)
+    return out, (q, k, v, leaves, sinks, out, lse)
 
 
 ring_core.defvjp(ring_core_fwd, ring_backward)
 
 
-def _ring_body(cfg: RingConfig, zigzag_inside: bool, q, k, v, leaves):
+def _ring_body(cfg: RingConfig, zigzag_inside: bool, q, k, v, leaves, sinks):
     if cfg.num_shards == 1:  # one device on the axis: plain attention, no ring
         return dot_product_attention(q, k, v, mask=jax.tree_util.tree_unflatten(cfg.mask_treedef, leaves),
-                                     scale=cfg.scale, implementation=cfg.implementation)
+                                     scale=cfg.scale, sinks=sinks, implementation=cfg.implementation)
     axis, p = cfg.axis_name, cfg.num_shards
     if zigzag_inside:  # one permute of [q | k | v] stacked on the head axis
         if q.shape[1] == k.shape[1]:
             q, k, v = zigzag((q, k, v), axis, p, False)
         else:
             (q,), (k, v) = zigzag((q,), axis, p, False), zigzag((k, v), axis, p, False)
-    out = ring_core(cfg, q, k, v, leaves)
+    out = ring_core(cfg, q, k, v, leaves, sinks)
     return zigzag((out,), axis, p, True)[0] if zigzag_inside else out
 
 
@@ -81,7 +82,7 @@ def _mesh_for(mesh, *arrays):
 
 
 def ring_attention(query, key, value, mask=None, *, mesh, axis_name, is_causal=False,
-                   scale=None, implementation=None, sequence_layout="contiguous",
+                   scale=None, sinks=None, implementation=None, sequence_layout="contiguous",
                    batch_axis_name=None):
     """`dot_product_attention` with the sequence axis (axis 1) sharded over `axis_name`.
 
@@ -93,6 +94,8 @@ def ring_attention(query, key, value, mask=None, *, mesh, axis_name, is_causal=F
         always in absolute (natural-order) positions; `is_causal` is AND-ed in.
       scale: defaults to 1/sqrt(H). implementation: as in `dot_product_attention`,
         used for every per-step block (it must differentiate its lse output).
+      sinks: None or float [N]: attention sinks as in `dot_product_attention` (the ring's
+        merge starts from them; differentiable).
       sequence_layout: "contiguous" (default: permuted to zigzag order inside and back)
         or "zigzag" (query/key/value are already `x[:, zigzag_permutation(T, P)]`, the
         output comes back in that order; needs T and S multiples of 2P).
@@ -125,6 +128,7 @@ def ring_attention(query, key, value, mask=None, *, mesh, axis_name, is_causal=F
     canonical = canonical_mask(mask, is_causal=bool(is_causal))
     canonical.validate(t, s, b, n)
     scale = float(1.0 / math.sqrt(h)) if scale is None else float(scale)
+    sinks = check_sinks(sinks, n)
     p = int(mesh.shape[axis_name])
     if batch_axis_name is not None and b % mesh.shape[batch_axis_name]:
         raise ValueError(f"batch size {b} must be a multiple of the {batch_axis_name!r} axis size "
@@ -133,14 +137,14 @@ def ring_attention(query, key, value, mask=None, *, mesh, axis_name, is_causal=F
         raise ValueError(f"sequence_layout='zigzag' needs T and S multiples of 2 * {p} (the "
                          f"number of zigzag chunks), got T={t}, S={s}. Use 'contiguous' to pad inside.")
     mesh = _mesh_for(mesh, query, key, value, *jax.tree_util.tree_leaves(canonical))
-    return _ring_jit(query, key, value, canonical, mesh=mesh, axis_name=axis_name, scale=scale,
+    return _ring_jit(query, key, value, canonical, sinks, mesh=mesh, axis_name=axis_name, scale=scale,
                      implementation=implementation, zigzag_inside=sequence_layout == "contiguous",
                      batch_axis_name=batch_axis_name)
 
 
 @functools.partial(jax.jit, static_argnames=("mesh", "axis_name", "scale", "implementation",
                                              "zigzag_inside", "batch_axis_name"))
-def _ring_jit(query, key, value, mask, *, mesh, axis_name, scale, implementation,
+def _ring_jit(query, key, value, mask, sinks, *, mesh, axis_name, scale, implementation,
               zigzag_inside, batch_axis_name):
     b, t = query.shape[:2]
     s = key.shape[1]
@@ -161,7 +165,9 @@ def _ring_jit(query, key, value, mask, *, mesh, axis_name, scale, implementation
     leaf_specs = [leaf_spec(x) for x in leaves]
     query, key, value = (_place(x, mesh, seq) for x in (query, key, value))
     leaves = [_place(jnp.asarray(x), mesh, sp_) for x, sp_ in zip(leaves, leaf_specs)]
+    if sinks is not None:
+        sinks = _place(sinks, mesh, PartitionSpec())
     out = jax.shard_map(functools.partial(_ring_body, cfg, zigzag_inside), mesh=mesh,
-                        in_specs=(seq, seq, seq, leaf_specs), out_specs=seq,
-                        check_vma=False)(query, key, value, leaves)
+                        in_specs=(seq, seq, seq, leaf_specs, PartitionSpec()), out_specs=seq,
+                        check_vma=False)(query, key, value, leaves, sinks)
     return _place(out, mesh, PartitionSpec(batch_axis_name))[:, :t] if padded else out
