@@ -101,7 +101,7 @@ class ScoreMod:
     def check(self, score_dtype=jnp.float32):
         """ValueError unless fn is a pure element-wise function of its arguments: traced
         once on scalars, it must return one floating score and read no array (traced or
-        not) by closure."""
+        not, even 0-d) by closure."""
         def scalar_call(score, batch, head, q_pos, kv_pos, *operands):
             return self.fn(score, batch, head, q_pos, kv_pos, *self.views(operands))
         i32 = jax.ShapeDtypeStruct((), jnp.int32)
@@ -119,10 +119,10 @@ class ScoreMod:
                 raise ValueError(f"score_mod {self!r}: fn reads a traced value by closure. Pass it as "
                                  "an operand instead, ScoreMod(fn, x), and read it as x[head] (or "
                                  "x[...] with integer indices) inside fn.")
-            if np.ndim(c) > 0:
-                raise ValueError(f"score_mod {self!r}: fn reads an array of shape {np.shape(c)} by "
-                                 "closure; the kernels cannot capture arrays. Pass it as an "
-                                 "operand: ScoreMod(fn, x).")
+            # Even a 0-d array: a kernel cannot capture one (a Python number is fine).
+            raise ValueError(f"score_mod {self!r}: fn reads an array of shape {np.shape(c)} by "
+                             "closure; the kernels cannot capture arrays. Pass it as an operand, "
+                             "ScoreMod(fn, x), or use a Python number.")
         leaves = jax.tree_util.tree_leaves(out_shape)
         if (len(leaves) != 1 or leaves[0].shape != ()
                 or not jnp.issubdtype(leaves[0].dtype, jnp.floating)):

@@ -158,6 +158,9 @@ def test_impure_or_malformed_score_functions_get_clear_errors():
     table = jnp.ones((4,))
     with pytest.raises(ValueError, match="by closure; the kernels cannot capture arrays"):
         jaxattn.dot_product_attention(q, k, v, score_mod=lambda s, b, h, i, j: s + table[h])
+    two = jnp.asarray(2.0)
+    with pytest.raises(ValueError, match="or use a Python number"):   # a 0-d array too
+        jaxattn.dot_product_attention(q, k, v, score_mod=lambda s, b, h, i, j: s * two)
     with pytest.raises(ValueError, match="one floating score per element"):
         jaxattn.dot_product_attention(q, k, v, score_mod=lambda s, b, h, i, j: (s, s))
     with pytest.raises(ValueError, match="expected 1 indices"):
