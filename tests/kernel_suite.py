@@ -161,16 +161,16 @@ def score_mod_cases(f: int = 1):
     gradients wanted)."""
     rng = np.random.default_rng(11)
     return {
-        "alibi_learned_slopes_gqa_t_ne_s": ((2, 40 * f, 57 * f, 4, 2, 16), M.CausalMask(offset=17 * f), None,
+        "alibi_learned_slopes_gqa_t_ne_s": ((1, 40 * f, 57 * f, 4, 2, 16), M.CausalMask(offset=17 * f), None,
                                             alibi_fn, (np.array([0.5, 0.25, 0.125, 0.0625], np.float32),),
                                             None, True),
-        "two_operands_cap_sinks_local_or_global": ((2, 45 * f, 45 * f, 2, 1, 32), M.LocalMask(12 * f, 3 * f) | M.GlobalMask(2),
+        "two_operands_cap_sinks_local_or_global": ((2, 33 * f, 33 * f, 2, 1, 16), M.LocalMask(9 * f, 3 * f) | M.GlobalMask(2),
                                         3.0, per_batch_temperature_fn,
                                         (np.array([0.7, 1.3], np.float32), rng.normal(size=(2, 8)).astype(np.float32)),
                                         np.array([0.5, -1.0], np.float32), False),
         "sinks_empty_rows_mqa": ((1, 40 * f, 50 * f, 3, 1, 16), M.CausalMask(offset=-5 * f), None, None, (),
                                  np.array([0.0, 1.5, -2.0], np.float32), False),
-        "masked_pairs_stay_masked": ((1, 48 * f, 48 * f, 2, 2, 16), M.CausalMask(), None, masked_garbage_fn, (),
+        "masked_pairs_stay_masked": ((1, 40 * f, 40 * f, 2, 1, 16), M.CausalMask(), None, masked_garbage_fn, (),
                                      None, False),
     }
 
