@@ -319,8 +319,9 @@ def test_example_training_reduces_loss():
 
 def test_learnable_sinks_in_nnx_and_linen_layers_get_gradients():
     """sinks=True: a zero-initialised [N] param whose gradient is nonzero; the linen twin
-    has the same param and computes the same; the layer equals attention with those sinks."""
-    kw = dict(num_kv_heads=2, is_causal=True, sinks=True, implementation="reference")
+    has the same param and computes the same (with a score_mod too)."""
+    kw = dict(num_kv_heads=2, is_causal=True, sinks=True, implementation="reference",
+              score_mod=jaxattn.alibi(jnp.asarray(jaxattn.alibi_slopes(N))))
     ours = MultiHeadAttention(N, D, rngs=nnx.Rngs(4), **kw)
     assert ours.sinks[...].shape == (N,) and not np.any(np.asarray(ours.sinks[...]))
     twin = LinenMultiHeadAttention(N, **kw)
@@ -335,6 +336,9 @@ def test_learnable_sinks_in_nnx_and_linen_layers_get_gradients():
 
     out, linen_out, grads, linen_grads = f(ours, params, x)
     np.testing.assert_allclose(linen_out, out, **TOL)
+    plain = nnx.clone(ours)
+    plain.score_mod = nnx.data(None)
+    assert not np.allclose(plain(x), out, atol=1e-3)    # the score_mod was applied
     g = np.asarray(grads.sinks[...])
     assert g.shape == (N,) and np.all(np.abs(g) > 0)
     np.testing.assert_allclose(linen_grads["params"]["sinks"], g, **TOL)

@@ -75,7 +75,7 @@ class MultiHeadAttention(nnx.Module):
         self.scale = scale
         self.rope, self.rope_theta = bool(rope), float(rope_theta)
         self.implementation = implementation
-        self.score_mod = as_score_mod(score_mod)
+        self.score_mod = nnx.data(as_score_mod(score_mod))   # its operands are arrays (data)
         self.dtype = dtype
         # One learned logit per query head, joining every row's softmax (zero-init: exp(0) = 1).
         self.sinks = nnx.Param(jnp.zeros((num_heads,), param_dtype)) if sinks else nnx.data(None)
