@@ -288,16 +288,15 @@ def test_gpu_real_sizes(k, tq, layout, mask):
     assert (err < 2e-2).all(), err
 
 
-@pytest.mark.parametrize("impl", ["reference", "pallas_triton"])
-def test_sinks_are_the_last_rows_of_attention_with_sinks(impl):
-    """decode_attention(sinks=) equals dot_product_attention(sinks=) at the same rows,
-    out and lse, on a cache whose unwritten slots hold NaN."""
+def test_sinks_are_the_last_rows_of_attention_with_sinks():
+    """decode_attention(sinks=) (the Triton decode kernel) equals dot_product_attention(
+    sinks=) at the same rows, out and lse, on a cache whose unwritten slots hold NaN."""
     b, s, n, k, h, tq = 2, 32, 4, 2, 8, 2
     lengths = [32, 9]
     kc, vc = _caches(b, s, k, h, lengths)
     q = _query(b, tq, n, h)
     sinks = np.array([0.5, -1.0, 2.0, 0.0], np.float32)
-    out, lse = _decode(impl, q, kc, vc, lengths, sinks=sinks)
+    out, lse = _decode("pallas_triton", q, kc, vc, lengths, sinks=sinks)
     fo, fl = jaxattn.dot_product_attention(
         _as_full_attention(q, lengths, s), np.nan_to_num(kc), np.nan_to_num(vc), is_causal=True,
         sinks=sinks, implementation="reference", return_residuals=True)

@@ -66,7 +66,8 @@ def test_sink_gradient_equals_the_explicit_column_gradient():
         return jnp.sum(jnp.einsum("bnts,bsnh->btnh", p, vv) * do)
 
     sinks = jnp.array([0.1, -0.3, 1.2, 0.0])
-    np.testing.assert_allclose(jax.grad(ours)(sinks), jax.grad(explicit)(sinks), atol=1e-5)
+    got, want = jax.jit(lambda s: (jax.grad(ours)(s), jax.grad(explicit)(s)))(sinks)
+    np.testing.assert_allclose(got, want, atol=1e-5)
 
 
 def test_sinks_validation_and_jax_nn_declines():
@@ -93,8 +94,13 @@ def _both(q, k, v, mask, **kw):
 def test_soft_cap_recipe_equals_logits_soft_cap():
     q, k, v = qkv(4, t=40, s=40)
     q = q * 4.0   # logits well into the cap's curved range
-    got = _both(q, k, v, M.CausalMask(), score_mod=jaxattn.soft_cap(2.0))
-    want = _both(q, k, v, M.CausalMask(), logits_soft_cap=2.0)
+
+    @jax.jit
+    def f(q, k, v):
+        return [[jaxattn.dot_product_attention(q, k, v, is_causal=True, implementation=impl, **kw)
+                 for impl in ("reference", "pallas_triton")]
+                for kw in (dict(score_mod=jaxattn.soft_cap(2.0)), dict(logits_soft_cap=2.0))]
+    got, want = f(q, k, v)
     for a, b in zip(got, want):
         np.testing.assert_allclose(a, b, atol=2e-6, rtol=1e-6)
 
@@ -106,9 +112,8 @@ def test_alibi_and_relative_buckets_equal_the_bias_path():
     slopes = jaxattn.alibi_slopes(n)
     table = np.random.default_rng(6).standard_normal((n, 8)).astype(np.float32)
     buckets = np.asarray(relative_position_bucket(j - i, num_buckets=8, max_distance=20))
-    cases = [
+    cases = [   # (alibi's symmetric form differs only in its formula: tested on the reference below)
         (jaxattn.alibi(slopes), slopes[:, None, None] * (j - i)),
-        (jaxattn.alibi(slopes, symmetric=True), -slopes[:, None, None] * np.abs(i - j)),
         (jaxattn.relative_position_buckets(table, max_distance=20), table[:, buckets]),
     ]
     mask = M.LocalMask(9, 4)
@@ -118,6 +123,17 @@ def test_alibi_and_relative_buckets_equal_the_bias_path():
                                              implementation="reference")
         for x in got:
             np.testing.assert_allclose(x, want, atol=2e-6)
+
+
+def test_symmetric_alibi_is_minus_slope_times_distance():
+    q, k, v = qkv(9)
+    i, j = np.arange(9)[:, None], np.arange(13)[None]
+    slopes = jaxattn.alibi_slopes(4)
+    got = jaxattn.dot_product_attention(q, k, v, score_mod=jaxattn.alibi(slopes, symmetric=True),
+                                        implementation="reference")
+    bias = jnp.asarray((-slopes[:, None, None] * np.abs(i - j))[None], jnp.float32)
+    np.testing.assert_allclose(got, jaxattn.dot_product_attention(q, k, v, bias, implementation="reference"),
+                               atol=2e-6)
 
 
 def test_relative_position_bucket_matches_t5_values():
