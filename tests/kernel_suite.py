@@ -124,12 +124,20 @@ def run_scored(impl, q, k, v, do, mask, score_fn=None, operands=(), sinks=None, 
                operand_grads=True):
     """out, lse and the gradients of <out, dO> + Σ finite lse with respect to q, k, v, the
     score operands (when operand_grads) and the sinks (when given)."""
-    def loss(q, k, v, operands, sinks):
-        score_mod = None if score_fn is None else jaxattn.ScoreMod(score_fn, *operands)
+    def attend(q, k, v, score_mod, sinks):
         out, lse = jaxattn.dot_product_attention(q, k, v, bias, mask=mask, logits_soft_cap=cap,
                                                  score_mod=score_mod, sinks=sinks,
                                                  implementation=impl, return_residuals=True)
-        value = jnp.sum(out.astype(lse.dtype) * do.astype(lse.dtype))
+        return out, lse, jnp.sum(out.astype(lse.dtype) * do.astype(lse.dtype))
+    return _scored_value_and_grads(attend, q, k, v, score_fn, operands, sinks, operand_grads)
+
+
+def _scored_value_and_grads(attend, q, k, v, score_fn, operands, sinks, operand_grads):
+    """(out, lse, [dq, dk, dv, d operands..., d sinks]) of <out, dO> + Σ finite lse, where
+    attend(q, k, v, score_mod, sinks) -> (out, lse, <out, dO>)."""
+    def loss(q, k, v, operands, sinks):
+        score_mod = None if score_fn is None else jaxattn.ScoreMod(score_fn, *operands)
+        out, lse, value = attend(q, k, v, score_mod, sinks)
         return value + jnp.sum(jnp.where(jnp.isfinite(lse), lse, 0.0)), (out, lse)
     argnums = (0, 1, 2) + ((3,) if operand_grads and operands else ()) + ((4,) if sinks is not None else ())
     (_, (out, lse)), grads = jax.value_and_grad(loss, argnums=argnums, has_aux=True)(
@@ -680,18 +688,10 @@ def naive_attention(q, k, v, bias, mask, cap, *, return_residuals=True, dropout=
 def naive_run_scored(q, k, v, do, mask, score_fn=None, operands=(), sinks=None, cap=None, bias=None,
                      operand_grads=True):
     """run_scored() of naive_attention (every step in q's dtype)."""
-    def loss(q, k, v, operands, sinks):
-        score_mod = None if score_fn is None else jaxattn.ScoreMod(score_fn, *operands)
+    def attend(q, k, v, score_mod, sinks):
         out, lse = naive_attention(q, k, v, bias, mask, cap, score_mod=score_mod, sinks=sinks)
-        value = jnp.sum(out * do).astype(jnp.float32)
-        return value + jnp.sum(jnp.where(jnp.isfinite(lse), lse, 0.0)), (out, lse)
-    argnums = (0, 1, 2) + ((3,) if operand_grads and operands else ()) + ((4,) if sinks is not None else ())
-    (_, (out, lse)), grads = jax.value_and_grad(loss, argnums=argnums, has_aux=True)(
-        q, k, v, tuple(operands), sinks)
-    flat = [*grads[:3]]
-    for g in grads[3:]:
-        flat.extend(g if isinstance(g, tuple) else (g,))
-    return out, lse, flat
+        return out, lse, jnp.sum(out * do).astype(jnp.float32)
+    return _scored_value_and_grads(attend, q, k, v, score_fn, operands, sinks, operand_grads)
 
 
 def naive_run(q, k, v, do, mask, cap=None, bias=None, dropout=None):
