@@ -29,7 +29,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.mosaic_gpu.backward_walk import (WGMMA_COL, OperandTiles, TileLists, dlogits,
                                                      keep_partial, logits_and_probabilities,
-                                                     swizzled, tile_positions)
+                                                     swizzled, tile_list_pipeline, tile_positions)
 
 
 def dkdv_call(q, k, v, do, lse2, delta, meta_arrays, *, block_q: int, block_kv: int,
@@ -131,17 +131,9 @@ def dkdv_call(q, k, v, do, lse2, delta, meta_arrays, *, block_q: int, block_kv: 
         qspec = plgpu.BlockSpec((block_q, None, hp), q_index,
                                 transforms=swizzled((block_q, hp), dtype))
         rowspec = plgpu.BlockSpec((None, block_q), row_index)
-        plgpu.emit_pipeline_warp_specialized(
-            tile,
-            grid=(lists.total,),
-            max_concurrent_steps=stages,
-            num_compute_wgs=wgs,
-            memory_registers=40,
-            wg_axis="wg",
-            manual_consumed_barriers=True,
-            compute_context=compute_thread,
-            in_specs=[qspec, qspec, rowspec, rowspec],
-        )(q_ref.at[bi], do_ref.at[bi], lse_ref.at[bi], delta_ref.at[bi])
+        pipeline = tile_list_pipeline(tile, lists, stages=stages, wgs=wgs, compute_thread=compute_thread,
+                                      in_specs=[qspec, qspec, rowspec, rowspec])
+        pipeline(q_ref.at[bi], do_ref.at[bi], lse_ref.at[bi], delta_ref.at[bi])
 
     kv_smem = plgpu.SMEM((wgs, rows, hp), dtype, transforms=swizzled((rows, hp), dtype))
     out = jax.ShapeDtypeStruct((b, sp, kh, hp), dtype)

@@ -24,7 +24,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.mosaic_gpu.backward_walk import (WGMMA_ROW, OperandTiles, TileLists, dlogits,
                                                      keep_partial, logits_and_probabilities,
-                                                     swizzled, tile_positions)
+                                                     swizzled, tile_list_pipeline, tile_positions)
 
 
 def dq_call(q, k, v, do, lse2, delta, meta_arrays, *, block_q: int, block_kv: int, wgs: int,
@@ -107,17 +107,8 @@ def dq_call(q, k, v, do, lse2, delta, meta_arrays, *, block_q: int, block_kv: in
 
         kvspec = plgpu.BlockSpec((block_kv, hp), kv_index,
                                  transforms=swizzled((block_kv, hp), dtype))
-        plgpu.emit_pipeline_warp_specialized(
-            tile,
-            grid=(lists.total,),
-            max_concurrent_steps=stages,
-            num_compute_wgs=wgs,
-            memory_registers=40,
-            wg_axis="wg",
-            manual_consumed_barriers=True,
-            compute_context=compute_thread,
-            in_specs=[kvspec, kvspec],
-        )(k_ref.at[bi, :, head_kv], v_ref.at[bi, :, head_kv])
+        tile_list_pipeline(tile, lists, stages=stages, wgs=wgs, compute_thread=compute_thread,
+                           in_specs=[kvspec, kvspec])(k_ref.at[bi, :, head_kv], v_ref.at[bi, :, head_kv])
 
     qdo_smem = plgpu.SMEM((wgs, rows, hp), dtype, transforms=swizzled((rows, hp), dtype))
     return plgpu.kernel(

@@ -28,6 +28,24 @@ WGMMA_ROW = plgpu.Layout.WGMMA.reduce(1)   # one value per accumulator row
 WGMMA_COL = plgpu.Layout.WGMMA.reduce(0)   # one value per accumulator column
 
 
+def tile_list_pipeline(tile, lists, *, stages: int, wgs: int, compute_thread, in_specs):
+    """The pipeline both backward kernels run: one TMA warpgroup (few registers) streams
+    the blocks `in_specs` name, step by step along this program's tile list
+    (`lists.total` steps), to `wgs` compute warpgroups that call `tile`; consumed slots
+    are released by the kernels themselves (manual barriers)."""
+    return plgpu.emit_pipeline_warp_specialized(
+        tile,
+        grid=(lists.total,),
+        max_concurrent_steps=stages,
+        num_compute_wgs=wgs,
+        memory_registers=40,
+        wg_axis="wg",
+        manual_consumed_barriers=True,
+        compute_context=compute_thread,
+        in_specs=in_specs,
+    )
+
+
 def swizzled(shape, dtype) -> tuple:
     """Tiling + 128-byte swizzle transforms for a [rows, head_dim] operand of wgmma."""
     bits = jnp.finfo(dtype).bits
