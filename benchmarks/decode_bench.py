@@ -91,8 +91,10 @@ def main(argv=None):
     p.add_argument("--tune", action="store_true",
                    help="also sweep DecodeConfig (block_kv, warps, stages) on three cases")
     p.add_argument("--splits", type=int, nargs="*", default=None, metavar="N",
-                   help="also time the kernel with each of these num_splits at B=1 (32k, 128k): "
-                        "how much of the small-batch gap the split count explains")
+                   help="also time the kernel with each of these num_splits on the --split-cases "
+                        "(K8, Tq 1, contiguous): how much of a gap the split count explains")
+    p.add_argument("--split-cases", nargs="*", default=["1x32768", "1x131072"], metavar="BxCTX",
+                   help="batch x context of the --splits sweep (default 1x32768 1x131072)")
     p.add_argument("--impls", nargs="*", default=["pallas_triton", "cudnn", "xla"])
     p.add_argument("--budget-s", type=float, default=225.0,
                    help="start no new case after this many seconds (the rest is recorded as skipped)")
@@ -111,7 +113,8 @@ def main(argv=None):
     if args.tune:
         plan += [(D.DecodeCase(8, b, ctx, tq), "pallas_triton", cfg) for tq in (1, 4)
                  for b, ctx in ((1, 32768), (8, 4096), (64, 32768)) for cfg in TUNE_CONFIGS]
-    plan += [(D.DecodeCase(8, 1, ctx), "pallas_triton", ("splits", n)) for ctx in (32768, 131072)
+    split_cases = [tuple(int(x) for x in c.lower().split("x")) for c in args.split_cases]
+    plan += [(D.DecodeCase(8, b, ctx), "pallas_triton", ("splits", n)) for b, ctx in split_cases
              for n in args.splits or ()]
     for case, impl, cfg in plan:
         if time.perf_counter() - start > args.budget_s:

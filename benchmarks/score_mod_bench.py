@@ -6,6 +6,9 @@ cuDNN, in one process.
 Shape: D128, B1, N16 (K16), S = T = --seq (default 16384), causal, bf16. Cases:
   plain            jaxattn pallas_triton, causal
   alibi_score_mod  + score_mod=jaxattn.alibi(slopes): s + slopes[n]·(j − i) inside the tiles
+  alibi_int_distance  the same with the distance formed as an int32 tile and converted
+                   per score, (kv_pos − q_pos).astype(f32): the A/B of the recipe's choice to
+                   convert the position vectors first
   alibi_learned    the same with the slopes differentiated too (forward+backward only
                    differs: the dK/dV kernel also sums d slopes)
   alibi_bias_row   + bias [1, N, 1, S] = slopes[n]·j. Equal outputs to ALiBi (the −slopes[n]·i
@@ -46,8 +49,13 @@ import jax.numpy as jnp  # noqa: E402
 import jaxattn  # noqa: E402
 from jaxattn.benchmarking.timing import time_call  # noqa: E402
 
-CASES = ("plain", "alibi_score_mod", "alibi_learned", "alibi_bias_row", "alibi_bias_dense", "sinks",
+CASES = ("plain", "alibi_score_mod", "alibi_int_distance", "alibi_learned", "alibi_bias_row", "alibi_bias_dense", "sinks",
          "cudnn")
+
+
+def _alibi_int_distance(score, batch, head, q_pos, kv_pos, slopes):
+    """ALiBi with the distance as an int32 tile converted per score (the A/B case)."""
+    return score + slopes[head].astype(score.dtype) * (kv_pos - q_pos).astype(score.dtype)
 
 
 def _attention(case, n, s):
@@ -56,6 +64,9 @@ def _attention(case, n, s):
     kernel = dict(is_causal=True, implementation="pallas_triton")
     if case == "plain":
         return (lambda q, k, v: jaxattn.dot_product_attention(q, k, v, **kernel)), (), False
+    if case == "alibi_int_distance":
+        mod = jaxattn.ScoreMod(_alibi_int_distance, slopes)
+        return (lambda q, k, v: jaxattn.dot_product_attention(q, k, v, score_mod=mod, **kernel)), (), False
     if case in ("alibi_score_mod", "alibi_learned"):
         def attn(q, k, v, slopes):
             return jaxattn.dot_product_attention(q, k, v, score_mod=jaxattn.alibi(slopes), **kernel)
@@ -78,8 +89,9 @@ def _attention(case, n, s):
     raise ValueError(f"unknown case {case!r}; expected one of {CASES}")
 
 
-def run_case(case, *, b, n, s, d, repeats):
-    t0 = time.perf_counter()
+def compile_case(case, *, b, n, s, d):
+    """(row, timers): the case's compiled forward and forward+backward and their inputs,
+    or a row with an error (no GPU for cuDNN, out of memory)."""
     density = (s + 1) / (2 * s)
     flops_fwd = 4 * b * n * s * s * d * density
     row = dict(case=case, b=b, n=n, s=s, d=d, causal=True, dtype="bfloat16", density=density,
@@ -95,14 +107,23 @@ def run_case(case, *, b, n, s, d, repeats):
         argnums = (0, 1, 2) + tuple(range(3, 3 + len(extra)) if extra_grad else ())
         fwd_c = jax.jit(attn).lower(q, k, v, *extra).compile()
         bwd_c = jax.jit(jax.grad(loss, argnums=argnums)).lower(q, k, v, *extra, do).compile()
-        tf = time_call(fwd_c, [(q, k, v, *extra)], repeats=repeats).median_s
-        tfb = time_call(bwd_c, [(q, k, v, *extra, do)], repeats=repeats).median_s
-        row.update(fwd_ms=tf * 1e3, fwd_bwd_ms=tfb * 1e3, fwd_tflops=flops_fwd / tf / 1e12,
-                   fwd_bwd_tflops=3.5 * flops_fwd / tfb / 1e12, differentiated_extras=bool(extra_grad))
-    except Exception as e:  # a case that cannot run here (no GPU for cuDNN, out of memory)
+        row["differentiated_extras"] = bool(extra_grad)
+        return row, ((fwd_c, (q, k, v, *extra)), (bwd_c, (q, k, v, *extra, do)))
+    except Exception as e:
         row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
-    row["case_s"] = time.perf_counter() - t0
-    return row
+        return row, None
+
+
+def time_round(row, timers, repeats):
+    """One measurement of both directions; appends the medians to the row's per-round lists."""
+    (fwd_c, fwd_args), (bwd_c, bwd_args) = timers
+    row.setdefault("fwd_ms_rounds", []).append(time_call(fwd_c, [fwd_args], repeats=repeats).median_s * 1e3)
+    row.setdefault("fwd_bwd_ms_rounds", []).append(time_call(bwd_c, [bwd_args], repeats=repeats).median_s * 1e3)
+    # The row's time is the median over rounds (each round is a median of `repeats` calls).
+    row["fwd_ms"] = float(sorted(row["fwd_ms_rounds"])[len(row["fwd_ms_rounds"]) // 2])
+    row["fwd_bwd_ms"] = float(sorted(row["fwd_bwd_ms_rounds"])[len(row["fwd_bwd_ms_rounds"]) // 2])
+    row["fwd_tflops"] = row["flops_fwd"] / row["fwd_ms"] / 1e9
+    row["fwd_bwd_tflops"] = 3.5 * row["flops_fwd"] / row["fwd_bwd_ms"] / 1e9
 
 
 def main(argv=None):
@@ -117,27 +138,41 @@ def main(argv=None):
     p.add_argument("--heads", type=int, default=16)
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--repeats", type=int, default=20, help="timed calls per measurement (median)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="measure every case this many times, interleaved; report the median round")
     args = p.parse_args(argv)
     meta = dict(device=str(jax.devices()[0].device_kind), platform=jax.default_backend(),
                 date=datetime.date.today().isoformat(), jax=jax.__version__, b=args.batch,
                 n=args.heads, d=args.head_dim, seq=args.seq, dense_bias_seq=args.dense_bias_seq,
-                dtype="bfloat16", causal=True)
-    rows = []
+                dtype="bfloat16", causal=True, rounds=args.rounds, repeats=args.repeats)
+    compiled = []
     for case in args.cases:
         s = min(args.seq, args.dense_bias_seq) if case == "alibi_bias_dense" else args.seq
-        try:
-            row = run_case(case, b=args.batch, n=args.heads, s=s, d=args.head_dim, repeats=args.repeats)
-        except Exception:
-            traceback.print_exc()
-            row = dict(case=case, s=s, error=traceback.format_exc()[-500:])
-        rows.append(row)
-        if "fwd_tflops" in row:
-            print(f"{case:17s} S={s:6d}  fwd {row['fwd_ms']:8.2f} ms {row['fwd_tflops']:6.1f} TFLOP/s | "
-                  f"fwd+bwd {row['fwd_bwd_ms']:8.2f} ms {row['fwd_bwd_tflops']:6.1f} TFLOP/s", flush=True)
-        else:
-            print(f"{case:17s} S={s:6d}  error: {row.get('error', '?')[:120]}", flush=True)
+        t0 = time.perf_counter()
+        compiled.append((*compile_case(case, b=args.batch, n=args.heads, s=s, d=args.head_dim), t0))
+    rows = [row for row, _, _ in compiled]
+    # Rounds interleave the cases, so a slow stretch of the machine touches every case alike.
+    for r in range(args.rounds):
+        for row, timers, t0 in compiled:
+            if timers is None:
+                if r == 0:
+                    print(f"{row['case']:18s} S={row['s']:6d}  error: {row.get('error', '?')[:120]}", flush=True)
+                continue
+            try:
+                time_round(row, timers, args.repeats)
+            except Exception:
+                traceback.print_exc()
+                row["error"] = traceback.format_exc()[-500:]
+                continue
+            print(f"round {r} {row['case']:18s} S={row['s']:6d}  fwd {row['fwd_ms_rounds'][-1]:8.3f} ms | "
+                  f"fwd+bwd {row['fwd_bwd_ms_rounds'][-1]:8.3f} ms", flush=True)
         with open(args.out, "w") as f:
             json.dump(dict(meta=meta, rows=rows), f, indent=1)
+    for row in rows:
+        if "fwd_tflops" in row:
+            print(f"{row['case']:18s} S={row['s']:6d}  fwd {row['fwd_ms']:8.3f} ms {row['fwd_tflops']:6.1f} "
+                  f"TFLOP/s | fwd+bwd {row['fwd_bwd_ms']:8.3f} ms {row['fwd_bwd_tflops']:6.1f} TFLOP/s "
+                  f"(median of {len(row['fwd_ms_rounds'])} rounds)", flush=True)
     return 0
 
 

@@ -8,6 +8,8 @@ the allowed pairs only: forward 4·B·N·T·S·D·density, forward+backward 3.5�
 Engines:
   today  jaxattn pallas_triton with the planner off (jaxattn.planned.planning(False))
   plan   jaxattn pallas_triton as dispatch chooses (the plan of jaxattn.masks.explain)
+  plan_mosaic  the same plan on the pallas_mosaic_gpu kernels (Hopper only; their forward
+         tiles are 128 x 128, so explain's tile counts differ)
   cudnn  jax.nn.dot_product_attention(implementation="cudnn") with the dense [T, S] mask
 Times are medians of 20 calls after 2 warm-ups (benchmarks/timing.py); one input set
 (3 × 128 MB exceeds the L2). Each row also records the planned tiles and the largest
@@ -36,7 +38,8 @@ from jaxattn.benchmarking.timing import time_call  # noqa: E402
 from jaxattn.planned import planning  # noqa: E402
 from jaxattn.reference import allowed_pairs  # noqa: E402
 
-ENGINES = ("today", "plan", "cudnn")
+ENGINES = ("today", "plan", "plan_mosaic", "cudnn")
+IMPLEMENTATION = dict(today="pallas_triton", plan="pallas_triton", plan_mosaic="pallas_mosaic_gpu")
 
 
 def cases():
@@ -55,7 +58,7 @@ def _functions(engine, mask):
             return jax.nn.dot_product_attention(q, k, v, mask=allowed, implementation="cudnn")
     else:
         def attn(q, k, v):
-            return jaxattn.dot_product_attention(q, k, v, mask=mask, implementation="pallas_triton")
+            return jaxattn.dot_product_attention(q, k, v, mask=mask, implementation=IMPLEMENTATION[engine])
 
     def loss(*args):
         *inputs, do = args
@@ -88,13 +91,14 @@ def run_case(name, mask, *, b, n, s, d, engines):
             row[engine] = dict(fwd_ms=tf * 1e3, fwd_bwd_ms=tfb * 1e3,
                                fwd_tflops=flops_fwd / tf / 1e12,
                                fwd_bwd_tflops=3.5 * flops_fwd / tfb / 1e12)
-            if engine in ("today", "plan"):
+            if engine in ("today", "plan", "plan_mosaic"):
                 outs[engine] = fwd_c(q, k, v).astype(jnp.float32)
             del extra
         except Exception as e:  # an engine that cannot run this case (OOM, unsupported)
             row[engine] = dict(error=f"{type(e).__name__}: {str(e)[:300]}")
-    if len(outs) == 2:
-        row["max_abs_diff_plan_vs_today"] = float(jnp.max(jnp.abs(outs["plan"] - outs["today"])))
+    for engine in ("plan", "plan_mosaic"):
+        if engine in outs and "today" in outs:
+            row[f"max_abs_diff_{engine}_vs_today"] = float(jnp.max(jnp.abs(outs[engine] - outs["today"])))
     row["case_s"] = time.perf_counter() - t0
     return row
 
@@ -123,8 +127,9 @@ def main(argv=None):
             cells.append(f"{engine} {r['fwd_tflops']:.1f}/{r['fwd_bwd_tflops']:.1f} TFLOP/s "
                          f"({r['fwd_ms']:.2f}/{r['fwd_bwd_ms']:.2f} ms)" if "fwd_tflops" in r
                          else f"{engine}: {r.get('error', '-')[:80]}")
-        if "max_abs_diff_plan_vs_today" in row:
-            cells.append(f"|plan - today| {row['max_abs_diff_plan_vs_today']:.1e}")
+        for engine in ("plan", "plan_mosaic"):
+            if f"max_abs_diff_{engine}_vs_today" in row:
+                cells.append(f"|{engine} - today| {row[f'max_abs_diff_{engine}_vs_today']:.1e}")
         print(" | ".join(cells), flush=True)
         with open(args.out, "w") as f:
             json.dump(dict(meta=meta, rows=rows), f, indent=1)
