@@ -10,6 +10,8 @@ Engines:
   plan   jaxattn pallas_triton as dispatch chooses (the plan of jaxattn.masks.explain)
   plan_mosaic  the same plan on the pallas_mosaic_gpu kernels (Hopper only; their forward
          tiles are 128 x 128, so explain's tile counts differ)
+  default  implementation=None: what dispatch picks for the plan's parts (each part may
+         go to a different implementation)
   cudnn  jax.nn.dot_product_attention(implementation="cudnn") with the dense [T, S] mask
 Times are medians of 20 calls after 2 warm-ups (benchmarks/timing.py); one input set
 (3 × 128 MB exceeds the L2). Each row also records the planned tiles and the largest
@@ -38,8 +40,8 @@ from jaxattn.benchmarking.timing import time_call  # noqa: E402
 from jaxattn.planned import planning  # noqa: E402
 from jaxattn.reference import allowed_pairs  # noqa: E402
 
-ENGINES = ("today", "plan", "plan_mosaic", "cudnn")
-IMPLEMENTATION = dict(today="pallas_triton", plan="pallas_triton", plan_mosaic="pallas_mosaic_gpu")
+ENGINES = ("today", "plan", "plan_mosaic", "default", "cudnn")
+IMPLEMENTATION = dict(today="pallas_triton", plan="pallas_triton", plan_mosaic="pallas_mosaic_gpu", default=None)
 
 
 def cases():
@@ -91,12 +93,12 @@ def run_case(name, mask, *, b, n, s, d, engines):
             row[engine] = dict(fwd_ms=tf * 1e3, fwd_bwd_ms=tfb * 1e3,
                                fwd_tflops=flops_fwd / tf / 1e12,
                                fwd_bwd_tflops=3.5 * flops_fwd / tfb / 1e12)
-            if engine in ("today", "plan", "plan_mosaic"):
+            if engine != "cudnn":
                 outs[engine] = fwd_c(q, k, v).astype(jnp.float32)
             del extra
         except Exception as e:  # an engine that cannot run this case (OOM, unsupported)
             row[engine] = dict(error=f"{type(e).__name__}: {str(e)[:300]}")
-    for engine in ("plan", "plan_mosaic"):
+    for engine in ("plan", "plan_mosaic", "default"):
         if engine in outs and "today" in outs:
             row[f"max_abs_diff_{engine}_vs_today"] = float(jnp.max(jnp.abs(outs[engine] - outs["today"])))
     row["case_s"] = time.perf_counter() - t0
@@ -127,7 +129,7 @@ def main(argv=None):
             cells.append(f"{engine} {r['fwd_tflops']:.1f}/{r['fwd_bwd_tflops']:.1f} TFLOP/s "
                          f"({r['fwd_ms']:.2f}/{r['fwd_bwd_ms']:.2f} ms)" if "fwd_tflops" in r
                          else f"{engine}: {r.get('error', '-')[:80]}")
-        for engine in ("plan", "plan_mosaic"):
+        for engine in ("plan", "plan_mosaic", "default"):
             if f"max_abs_diff_{engine}_vs_today" in row:
                 cells.append(f"|{engine} - today| {row[f'max_abs_diff_{engine}_vs_today']:.1e}")
         print(" | ".join(cells), flush=True)
