@@ -81,8 +81,8 @@ def _has(mask: Mask, kind) -> bool:
 
 
 def plan_for(mask: Mask, query, key, implementation: str | None, logits_soft_cap=None):
-    """(plan, segment masks) for this call, or None for today's path. query and key
-    may be arrays or jax.ShapeDtypeStructs."""
+    """(plan, segment masks, kernel backend name) for this call, or None for today's
+    path. query and key may be arrays or jax.ShapeDtypeStructs."""
     if not _ENABLED.get() or not _has(mask, StridedMask):
         return None
     tiles = None
@@ -95,7 +95,7 @@ def plan_for(mask: Mask, query, key, implementation: str | None, logits_soft_cap
         return None
     skel, data = found
     plan = plan_mask(skel, query.shape[1], key.shape[1], *tiles)
-    return (plan, data) if plan.planned else None
+    return (plan, data, name) if plan.planned else None
 
 
 def run_planned(query, key, value, bias, mask: Mask, *, implementation, scale, logits_soft_cap,
@@ -108,11 +108,21 @@ def run_planned(query, key, value, bias, mask: Mask, *, implementation, scale, l
     found = plan_for(mask, query, key, implementation, logits_soft_cap)
     if found is None:
         return None
-    plan, data = found
+    plan, data, planned_for = found
 
     def attend(q, k, v, m):
-        return attend_fn(q, k, v, mask=m, scale=scale, logits_soft_cap=logits_soft_cap,
-                                     implementation=implementation, return_residuals=True)
+        call = dict(mask=m, scale=scale, logits_soft_cap=logits_soft_cap, return_residuals=True)
+        if implementation is not None:
+            return attend_fn(q, k, v, implementation=implementation, **call)
+        # Default dispatch: the parts run on the kernels the plan's tiles were sized for.
+        # Left to dispatch, a part that is a plain window or causal mask would go where a
+        # full-length one goes (cuDNN), which on the H200 ran a planned dilated window at
+        # 55 TFLOP/s against 237 on the Mosaic kernels (BENCHMARKS.md). A part those
+        # kernels decline takes the default dispatch.
+        try:
+            return attend_fn(q, k, v, implementation=planned_for, **call)
+        except NotImplementedError:
+            return attend_fn(q, k, v, implementation=None, **call)
 
     try:
         with planning(False):  # the parts' own calls take the plain walk

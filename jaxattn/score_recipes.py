@@ -46,10 +46,7 @@ class _Alibi:
     symmetric: bool
 
     def __call__(self, score, batch, head, q_pos, kv_pos, slopes):
-        # Convert the position vectors ([bq, 1] and [1, bk] in a kernel tile) before they
-        # meet: the distance is then one float subtract per score instead of an integer
-        # subtract and an int→float conversion. Exact while positions are below 2^24.
-        distance = kv_pos.astype(score.dtype) - q_pos.astype(score.dtype)
+        distance = (kv_pos - q_pos).astype(score.dtype)
         if self.symmetric:
             distance = -jnp.abs(distance)
         return score + slopes[head].astype(score.dtype) * distance

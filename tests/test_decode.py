@@ -171,8 +171,8 @@ def test_key_bounds_of_masks():
 
 
 def test_split_count_fills_the_gpu():
-    assert default_num_splits(1, 8, 2048, cores=132) == 17       # one sequence: one wave of splits
-    assert default_num_splits(8, 8, 64, cores=132) == 3          # short cache: just fill the GPU
+    assert default_num_splits(1, 8, 2048, cores=132) == 16       # one sequence: one wave of splits
+    assert default_num_splits(8, 8, 64, cores=132) == 2          # short cache: just fill the GPU
     assert default_num_splits(64, 8, 64, cores=132) == 1         # B·K programs fill it already
     assert default_num_splits(64, 8, 512, cores=132) == 4        # long cache: 4 splits in flight
     assert default_num_splits(1, 1, 8, cores=132) == 2           # >= 4 tiles per split

@@ -64,7 +64,7 @@ def test_planned_matches_reference(name):
     if segments:
         mask = mask & _segments(b, t, s)
     q, k, v, do = _inputs(*shape)
-    plan, _ = plan_for(mask, q, k, IMPL)
+    plan, _, _ = plan_for(mask, q, k, IMPL)
     assert tuple("natural" if p.layout is None else p.layout.stride for p in plan.parts) == layouts
     (ro, rl, rg), (po, pl_, pg) = _both(q, k, v, do, mask)
     assert not jnp.isnan(po).any() and not any(jnp.isnan(g).any() for g in pg)
@@ -98,3 +98,28 @@ def test_backward_runs_on_the_classes():
                     walk(getattr(inner, "jaxpr", inner))
     walk(jaxpr.jaxpr)
     assert lengths == {32}, lengths
+
+
+def test_default_dispatch_runs_parts_on_the_planned_kernels(monkeypatch):
+    """With implementation=None each part runs on the kernel backend the plan was sized
+    for (not wherever dispatch would send a plain window or causal mask); a part those
+    kernels decline goes to the default dispatch; the result stays exact."""
+    from jaxattn import planned
+    monkeypatch.setattr(planned, "default_order", lambda: (IMPL, "reference"))
+    mask = (M.LocalMask(8, 0) | M.StridedMask(8)) & M.CausalMask()
+    q, k, v, _ = _inputs(1, 256, 256, 2, 1, 16)
+    calls = []
+
+    def attend(q, k, v, *, implementation, **kw):
+        calls.append(implementation)
+        if implementation == IMPL and len(calls) == 1:
+            raise NotImplementedError("this part is declined")
+        return jaxattn.dot_product_attention(q, k, v, implementation=implementation or "reference", **kw)
+    out, lse = planned.run_planned(q, k, v, None, mask, implementation=None, scale=16 ** -0.5,
+                                   logits_soft_cap=None, return_residuals=True, attend_fn=attend)
+    assert calls == [IMPL, None, IMPL]
+    want, want_lse = jaxattn.dot_product_attention(q, k, v, mask=mask, implementation="reference",
+                                                   return_residuals=True)
+    np.testing.assert_allclose(out, want, atol=2e-5, rtol=1e-5)
+    finite = np.isfinite(np.asarray(want_lse))
+    np.testing.assert_allclose(np.asarray(lse)[finite], np.asarray(want_lse)[finite], atol=2e-5, rtol=1e-5)

@@ -112,14 +112,15 @@ def default_num_splits(batch: int, kv_heads: int, kv_tiles: int, *, cores: int,
                        min_tiles_per_split: int = 4, long_cache_tiles: int = 128) -> int:
     """Splits per (row, KV head), from a sweep on an H200 (BENCHMARKS.md, decode):
 
-    * one wave: B·K·splits ≈ `cores` programs. Small batches need the cache split to
+    * one wave: B·K·splits <= `cores` programs. Small batches need the cache split to
       fill the GPU, and a second wave only adds per-split prologues and a larger merge
-      (1 × 32k: 16 splits 2020 GB/s, 33 splits 1738);
+      (1 × 32k: 16 splits 2020 GB/s, 33 splits 1738; 1 × 128k: 16 splits 3087, and 17,
+      four programs past one wave, 2749);
     * a long cache keeps at least 4 splits even when B·K fills the GPU alone: more
       programs in flight hide more latency (64 × 32k: 4 splits 4056 GB/s, 1 split 3587;
       8 × 128k: 4 splits 3965, 33 splits 3880);
     * each split keeps at least `min_tiles_per_split` tiles of keys."""
-    want = -(-cores // (batch * kv_heads))
+    want = max(1, cores // (batch * kv_heads))
     if kv_tiles >= long_cache_tiles:
         want = max(want, 4)
     return max(1, min(want, kv_tiles // min_tiles_per_split))
