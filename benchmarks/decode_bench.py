@@ -90,6 +90,9 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true", help="the issue's table cases only")
     p.add_argument("--tune", action="store_true",
                    help="also sweep DecodeConfig (block_kv, warps, stages) on three cases")
+    p.add_argument("--tune-paged", nargs="*", default=(), metavar="LAYOUT",
+                   help="sweep DecodeConfig on paged caches of these layouts (e.g. paged16) at "
+                        "8 x 128k and 64 x 32k")
     p.add_argument("--splits", type=int, nargs="*", default=None, metavar="N",
                    help="also time the kernel with each of these num_splits on the --split-cases "
                         "(K8, Tq 1, contiguous): how much of a gap the split count explains")
@@ -113,6 +116,9 @@ def main(argv=None):
     if args.tune:
         plan += [(D.DecodeCase(8, b, ctx, tq), "pallas_triton", cfg) for tq in (1, 4)
                  for b, ctx in ((1, 32768), (8, 4096), (64, 32768)) for cfg in TUNE_CONFIGS]
+    if args.tune_paged:
+        plan += [(D.DecodeCase(8, b, ctx, 1, layout), "pallas_triton", cfg) for layout in args.tune_paged
+                 for b, ctx in ((8, 131072), (64, 32768)) for cfg in TUNE_CONFIGS]
     split_cases = [tuple(int(x) for x in c.lower().split("x")) for c in args.split_cases]
     plan += [(D.DecodeCase(8, b, ctx), "pallas_triton", ("splits", n)) for b, ctx in split_cases
              for n in args.splits or ()]

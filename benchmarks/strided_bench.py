@@ -53,6 +53,12 @@ def cases():
     }
 
 
+def window_cases():
+    """Plain causal windows (run only when named): where the Mosaic kernels overtake cuDNN,
+    for default dispatch's choice between them."""
+    return {f"local {w} causal": M.LocalMask(w, 0) & M.CausalMask() for w in (256, 512, 1024, 2048)}
+
+
 def _functions(engine, mask):
     """(fwd, fwd_bwd) taking (q, k, v, extra..., [do]); extra is the dense mask for cuDNN."""
     if engine == "cudnn":
@@ -108,15 +114,15 @@ def run_case(name, mask, *, b, n, s, d, engines):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="strided_bench.json")
-    p.add_argument("--cases", nargs="*", default=None, help=f"names among {list(cases())}")
+    p.add_argument("--cases", nargs="*", default=None, help=f"names among {list(cases()) + list(window_cases())}")
     p.add_argument("--engines", nargs="*", default=list(ENGINES))
     p.add_argument("--seq", type=int, default=32768)
     args = p.parse_args(argv)
-    all_cases = cases()
+    all_cases = {**cases(), **window_cases()}
     meta = dict(device=str(jax.devices()[0].device_kind), date=datetime.date.today().isoformat(),
                 jax=jax.__version__, b=1, n=16, d=128, dtype="bfloat16")
     rows = []
-    for name in args.cases or list(all_cases):
+    for name in args.cases or list(cases()):
         try:
             row = run_case(name, all_cases[name], b=1, n=16, s=args.seq, d=128, engines=args.engines)
         except Exception:
