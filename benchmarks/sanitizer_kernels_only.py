@@ -8,7 +8,12 @@ mask kind per argument, for one implementation:
 sanitizer 2025.3.1 segfaults on that process on the H100 image; see BENCHMARKS.md.)
 The Mosaic GPU kernels take the masks whose tiles they serve (windows and BigBird blocks
 aligned to their 128-row tiles); docs and dense are Triton-only.
+
+SANITIZE_HEADS=N (default 4, with 2 K/V heads) sets the query heads: the Mosaic forward's
+persistent schedule runs one CTA per SM, so only more work items than SMs (4 q-blocks × N
+heads > 132 on an H200, e.g. N = 68) make a CTA loop over several items.
 """
+import os
 import sys
 
 import jax
@@ -24,7 +29,8 @@ masks = {"causal": M.CausalMask(), "window": M.CausalMask() & M.LocalMask(128, 0
                                    causal=True),
          "docs": M.causal_document_mask(jnp.asarray(np.repeat(np.arange(4), [100, 200, 12, 200])[None])),
          "dense": M.DenseMask(np.random.default_rng(0).random((512, 512)) < 0.3)}
-q = jnp.asarray(np.random.default_rng(1).standard_normal((1, 512, 4, 64)), jnp.bfloat16)
+heads = int(os.environ.get("SANITIZE_HEADS", "4"))
+q = jnp.asarray(np.random.default_rng(1).standard_normal((1, 512, heads, 64)), jnp.bfloat16)
 k = jnp.asarray(np.random.default_rng(2).standard_normal((1, 512, 2, 64)), jnp.bfloat16)
 
 
