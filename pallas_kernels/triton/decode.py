@@ -171,21 +171,24 @@ def _decode_kernel(lengths_ref, q_ref, k_ref, v_ref, *refs, paged, tq, groups, r
         if not paged:
             start = jnp.minimum(kv_start, slots - bk) if clamp_last else kv_start
             return (pl.ds(start, bk), slice(None)), start
+        # The pool is one column of slots (page p holds slots p·page_size ...).
         slot = _div(kv_start, page_size)
         first_page = jnp.clip(table_ref[slot], 0, num_pages - 1)
-        if pages_per_tile == 1:   # the tile lies inside one page
-            return (first_page, pl.ds(jax.lax.rem(kv_start, jnp.int32(page_size)), bk),
-                    slice(None)), kv_start
-        # Several pages per tile: pages holding no key <= hi are replaced by the tile's
-        # first page (always needed), so their table entries are never followed.
-        pages = table_ref[pl.ds(slot, pages_per_tile)]
-        page_start = kv_start + page_size * jax.lax.iota(jnp.int32, pages_per_tile)
-        pages = jnp.where(page_start <= hi, jnp.clip(pages, 0, num_pages - 1), first_page)
-        return (pages,), kv_start
+        if pages_per_tile == 1:   # the tile lies inside one page: a plain block of rows
+            row = first_page * page_size + jax.lax.rem(kv_start, jnp.int32(page_size))
+            return (pl.ds(row, bk), slice(None)), kv_start
+        # Several pages per tile: one gather of bk rows, each row's page read from the
+        # table. Pages holding no key <= hi are replaced by the tile's first page (always
+        # needed), so their table entries are never followed.
+        r = jax.lax.iota(jnp.int32, bk)
+        page_of_row = _div(r, page_size)
+        pages = table_ref[slot + page_of_row]
+        pages = jnp.where(kv_start + page_of_row * page_size <= hi,
+                          jnp.clip(pages, 0, num_pages - 1), first_page)
+        return (pages * page_size + jax.lax.rem(r, jnp.int32(page_size)), slice(None)), kv_start
 
     def load(ref, index):
-        x = ref[index]
-        return x.reshape(bk, x.shape[-1]) if paged and pages_per_tile > 1 else x
+        return ref[index]
 
     def visit(t, carry, masked):
         m_i, l_i, o_acc = carry
@@ -301,8 +304,14 @@ def decode(static: DecodeStatic, q, k_cache, v_cache, lengths, page_table=None, 
     qp = q.reshape(b, tq, kh, groups, h).transpose(0, 2, 1, 3, 4).reshape(b, kh, rows, h)
     qp = pad_axis(pad_axis(qp, 2, rp), 3, hp)
 
+    slots = k_cache.shape[1]
     if paged:
-        cache_spec = pl.BlockSpec((num_pages, page_size, None, hp), lambda i, j, s: (0, 0, j, 0))
+        # The pages as one column of num_pages · page_size slots (a free reshape): a tile
+        # spanning several pages is then one gather of rows, read straight into the
+        # [bk, H] layout the dot wants, with no reshape of gathered [pages, page_size, H]
+        # blocks in between.
+        k_cache, v_cache = (x.reshape(num_pages * page_size, *x.shape[2:]) for x in (k_cache, v_cache))
+        cache_spec = pl.BlockSpec((num_pages * page_size, None, hp), lambda i, j, s: (0, j, 0))
         extra_specs = [pl.BlockSpec((None, table.shape[1]), lambda i, j, s: (i, 0))]
         extra = [table]
     else:
@@ -333,7 +342,7 @@ def decode(static: DecodeStatic, q, k_cache, v_cache, lengths, page_table=None, 
                      pl.BlockSpec((None, None, None, rp), lambda i, j, s: (i, j, s, 0))]
     kernel = functools.partial(
         _decode_kernel, paged=paged, tq=tq, groups=groups, rows=rows, capacity=capacity,
-        slots=k_cache.shape[1],
+        slots=slots,
         bk=bk, page_size=page_size, pages_per_tile=pages_per_tile, num_pages=num_pages,
         clamp_last=clamp_last, scale=static.scale, cap=static.logits_soft_cap,
         mask_fn=static.mask_fn, operand_cols=tuple(a.shape[3] > 1 for a in prepared),
