@@ -64,11 +64,18 @@ def _smem_tile(shape, dtype):
 class _Schedule:
     """Which work items (q-block, head, batch row) a CTA runs.
 
-    One CTA per item (grid (nQ, N, B)), or ``persistent``: ``num_ctas`` CTAs (one per SM)
-    each loop over items cta, cta + num_ctas, ..., so one item's epilogue and the next
-    item's first K/V copies overlap, and no CTA launch sits between items. Items are
-    ordered q-block fastest, heaviest (last) q-block first: CTAs running at the same
-    time share a head's K/V in L2, and under causal-like masks long items start early.
+    One CTA per item (grid (nQ, N, B)); the hardware hands the next item to whichever
+    SM frees up first. Or ``persistent``: ``num_ctas`` CTAs (one per SM) each loop over
+    a fixed share of the items, so one item's epilogue and the next item's first K/V
+    copies overlap and no CTA launch sits between items. The share must then balance
+    the work by itself. Items are numbered heaviest (last) q-block first with heads and
+    batch rows fastest — under causal-like masks the work of an item falls with that
+    number — and dealt out in rounds of ``num_ctas``, in a snake: round r gives item
+    r·C + c to CTA c when r is even and to CTA C − 1 − c when r is odd, so a CTA that
+    drew a heavy item in one round draws a light one in the next. (Dealt plainly with
+    q-blocks fastest, the first CTA of a causal 16k call got about three times the
+    work of the middle one, and the call ran at 391 TFLOP/s against 552 without the
+    persistent loop, H200.)
     """
 
     num_q_blocks: int
@@ -86,18 +93,24 @@ class _Schedule:
             return (self.num_ctas,), ("cta",)
         return (self.num_q_blocks, self.num_heads, self.batch), ("q", "heads", "batch")
 
+    def _seat(self, round_):
+        """This CTA's position in round `round_` of the snake."""
+        cta = lax.axis_index("cta")
+        return jnp.where(lax.rem(round_, 2) == 0, cta, self.num_ctas - 1 - cta)
+
     def my_item_count(self):
         if not self.persistent:
             return jnp.int32(1)
-        cta = lax.axis_index("cta")
-        return lax.div(self.num_items - cta + self.num_ctas - 1, jnp.int32(self.num_ctas))
+        full_rounds, rest = divmod(self.num_items, self.num_ctas)
+        return jnp.int32(full_rounds) + (self._seat(jnp.int32(full_rounds)) < rest).astype(jnp.int32)
 
     def item(self, i):
         """(q-block, head, batch row) of this CTA's i-th item."""
         if self.persistent:
-            flat = lax.axis_index("cta") + i * self.num_ctas
-            reversed_q = lax.rem(flat, self.num_q_blocks)
-            rest = lax.div(flat, jnp.int32(self.num_q_blocks))
+            flat = i * self.num_ctas + self._seat(i)
+            rows = self.num_heads * self.batch
+            reversed_q = lax.div(flat, jnp.int32(rows))
+            rest = lax.rem(flat, jnp.int32(rows))
             head, batch = lax.rem(rest, self.num_heads), lax.div(rest, jnp.int32(self.num_heads))
         else:
             reversed_q = lax.axis_index("q")
