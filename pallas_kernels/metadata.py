@@ -62,6 +62,10 @@ class BlockMetadata:
                               the tile may attend (True unless shown otherwise)
     partial_isolates_queries  some PARTIAL tile holds a query row that may attend no key
                               column of the tile (True unless shown otherwise)
+    even_q_work   most q-blocks visit about as many tiles as the busiest one (the median
+                  count is within a quarter of the largest: full, windows, BigBird; not
+                  causal). A persistent kernel may then deal q-blocks in order without
+                  unbalancing its CTAs (False unless shown)
     Kernels zero such K/V (Q) rows inside PARTIAL tiles, so NaN/Inf held by a masked
     key (or query) cannot meet a zero probability in a dot (0 · NaN = NaN); where these
     facts are False (causal, aligned windows: every column of a PARTIAL tile has some
@@ -86,6 +90,7 @@ class BlockMetadata:
     dense: bool = dataclasses.field(default=False, metadata=dict(static=True))
     partial_isolates_keys: bool = dataclasses.field(default=True, metadata=dict(static=True))
     partial_isolates_queries: bool = dataclasses.field(default=True, metadata=dict(static=True))
+    even_q_work: bool = dataclasses.field(default=False, metadata=dict(static=True))
 
     @property
     def num_q_blocks(self) -> int:

@@ -391,3 +391,14 @@ def test_dynamic_masks_may_isolate():
     ids = jnp.zeros((1, 64), jnp.int32)
     md = build_block_metadata(M.SegmentMask(ids, ids), 64, 64, 16, 16)
     assert md.partial_isolates_keys and md.partial_isolates_queries
+
+
+@pytest.mark.parametrize("mask, want", [
+    (M.FullMask(), True),
+    (M.LocalMask(2048, 0), True),           # only the first q-blocks see fewer tiles
+    (M.CausalMask(), False),                # q-block q visits q + 1 tiles
+    (M.StridedMask(4) & M.CausalMask(), False),
+    (M.SegmentMask(jnp.zeros((1, 4096), jnp.int32), jnp.zeros((1, 4096), jnp.int32)), False),  # dynamic
+], ids=["full", "window", "causal", "strided-causal", "dynamic"])
+def test_even_q_work(mask, want):
+    assert build_block_metadata(mask, 4096, 4096, 128, 128).even_q_work is want

@@ -99,9 +99,14 @@ def _metadata_from_states(state, q_len, kv_len, block_q, block_kv, xp):
     facts = {}
     if xp is np:
         facts = dict(full_is_run=_lists_are_runs(fc, fi), t_full_is_run=_lists_are_runs(tfc, tfi),
-                     dense=bool(np.all(full)))
+                     dense=bool(np.all(full)), even_q_work=_even_work(fc + pc))
     return BlockMetadata(fc, fi, pc, pi, tfc, tfi, tpc, tpi, block_q=block_q, block_kv=block_kv,
                          q_len=q_len, kv_len=kv_len, **facts)
+
+
+def _even_work(count) -> bool:
+    """True when the median q-block visits at least 3/4 of the tiles of the busiest one."""
+    return bool(4 * np.median(count) >= 3 * count.max(initial=0))
 
 
 def _lists_are_runs(count, index) -> bool:

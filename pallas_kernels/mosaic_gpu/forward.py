@@ -68,14 +68,19 @@ class _Schedule:
     SM frees up first. Or ``persistent``: ``num_ctas`` CTAs (one per SM) each loop over
     a fixed share of the items, so one item's epilogue and the next item's first K/V
     copies overlap and no CTA launch sits between items. The share must then balance
-    the work by itself. Items are numbered heaviest (last) q-block first with heads and
-    batch rows fastest — under causal-like masks the work of an item falls with that
-    number — and dealt out in rounds of ``num_ctas``, in a snake: round r gives item
-    r·C + c to CTA c when r is even and to CTA C − 1 − c when r is odd, so a CTA that
-    drew a heavy item in one round draws a light one in the next. (Dealt plainly with
-    q-blocks fastest, the first CTA of a causal 16k call got about three times the
-    work of the middle one, and the call ran at 391 TFLOP/s against 552 without the
-    persistent loop, H200.)
+    the work by itself, and the order decides what shares L2:
+
+    * ``balance`` False (the mask gives every q-block about the same work, metadata's
+      even_q_work): items numbered q-block fastest, heaviest (last) first, dealt round
+      robin (CTA c runs items c, c + C, ...). CTAs running at the same time hold
+      neighbouring q-blocks of one head, whose K/V tiles they share in L2.
+    * ``balance`` True (causal-like masks, where a q-block's work grows with its index):
+      heads and batch rows fastest, heaviest q-block first, dealt in a snake (round r
+      gives item r·C + c to CTA c when r is even, to CTA C − 1 − c when r is odd), so a
+      CTA that drew a heavy item in one round draws a light one in the next. Dealt round
+      robin with q-blocks fastest, the first CTA of a causal 16k call got about three
+      times the work of the middle one (391 TFLOP/s against 546 on the H200); dealt
+      this way, windowed calls lost their L2 sharing (window 256: 114 against 159).
     """
 
     num_q_blocks: int
@@ -83,6 +88,7 @@ class _Schedule:
     batch: int
     persistent: bool
     num_ctas: int
+    balance: bool = True
 
     @property
     def num_items(self) -> int:
@@ -94,8 +100,10 @@ class _Schedule:
         return (self.num_q_blocks, self.num_heads, self.batch), ("q", "heads", "batch")
 
     def _seat(self, round_):
-        """This CTA's position in round `round_` of the snake."""
+        """This CTA's position in round `round_` of the deal."""
         cta = lax.axis_index("cta")
+        if not self.balance:
+            return cta
         return jnp.where(lax.rem(round_, 2) == 0, cta, self.num_ctas - 1 - cta)
 
     def my_item_count(self):
@@ -106,15 +114,18 @@ class _Schedule:
 
     def item(self, i):
         """(q-block, head, batch row) of this CTA's i-th item."""
-        if self.persistent:
-            flat = i * self.num_ctas + self._seat(i)
-            rows = self.num_heads * self.batch
-            reversed_q = lax.div(flat, jnp.int32(rows))
-            rest = lax.rem(flat, jnp.int32(rows))
-            head, batch = lax.rem(rest, self.num_heads), lax.div(rest, jnp.int32(self.num_heads))
-        else:
+        if not self.persistent:
             reversed_q = lax.axis_index("q")
             head, batch = lax.axis_index("heads"), lax.axis_index("batch")
+            return self.num_q_blocks - 1 - reversed_q, head, batch
+        flat = i * self.num_ctas + self._seat(i)
+        if self.balance:
+            rows = self.num_heads * self.batch
+            reversed_q, rest = lax.div(flat, jnp.int32(rows)), lax.rem(flat, jnp.int32(rows))
+        else:
+            reversed_q = lax.rem(flat, jnp.int32(self.num_q_blocks))
+            rest = lax.div(flat, jnp.int32(self.num_q_blocks))
+        head, batch = lax.rem(rest, self.num_heads), lax.div(rest, jnp.int32(self.num_heads))
         return self.num_q_blocks - 1 - reversed_q, head, batch
 
 
@@ -334,7 +345,8 @@ def forward(static, q, k, v, bias, metas, operands):
     stages = cfg.num_stages
     rows = ROWS_PER_WARPGROUP
     nq = tp // bq
-    schedule = _Schedule(nq, n, b, cfg.persistent, min(_num_sms(), nq * n * b))
+    schedule = _Schedule(nq, n, b, cfg.persistent, min(_num_sms(), nq * n * b),
+                         balance=not meta.even_q_work)
     # A persistent CTA double-buffers Q when shared memory allows it (not at head dim 256).
     q_buffers = 2 if cfg.persistent and cfg.smem_bytes(hp, q.dtype.itemsize, 2) <= SMEM_BYTES else 1
 
