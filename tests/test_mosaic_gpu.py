@@ -36,11 +36,16 @@ from helpers import lower_for_h100
 from jaxattn.flash import build_call, prepare_call
 
 
-def _call(mask, t, s, h, config=None):
+def _call(mask, t, s, h, config=None, cap=None):
     """(static, metas, operands) for the mosaic backend, as jaxattn builds them."""
     cfg = config or mosaic_gpu.config_for_head_dim(mosaic_gpu.padded_head_dim(h))
-    return build_call("pallas_mosaic_gpu", mask, t, s, scale=h ** -0.5, logits_soft_cap=None,
+    return build_call("pallas_mosaic_gpu", mask, t, s, scale=h ** -0.5, logits_soft_cap=cap,
                         config=cfg, interpret=False)
+
+
+def _documents(lengths, batch=1):
+    """Segment ids [batch, Σ lengths] of packed documents (traced, like data in a jit)."""
+    return jnp.asarray(np.repeat(np.arange(len(lengths)), lengths)[None].repeat(batch, 0))
 
 
 _lower_for_h100 = lower_for_h100
@@ -72,10 +77,38 @@ def test_forward_lowers_for_h100(name):
     assert "mosaic_gpu" in text
 
 
-@pytest.mark.parametrize("h, mosaic_kernels", [(128, 3), (256, 1)])
-def test_gradient_lowers_for_h100(h, mosaic_kernels):
+# Masks with per-query / per-key operands (segment ids, sequence lengths) and the soft cap:
+# the forward reads the "q" vector once per work item and the "kv" vector per PARTIAL tile.
+OPERAND_CASES = {
+    "documents D128": (M.causal_document_mask(_documents([100, 250, 162])), 512, 512, 2, 1, 128,
+                       None),
+    "documents window soft cap D64 GQA": (
+        M.causal_document_mask(_documents([300, 40, 172], 2)) & M.LocalMask(200, 0),
+        512, 512, 4, 2, 64, 30.0),
+    "lengths soft cap D256 T!=S": (M.LengthMask(jnp.asarray([200, 77]), jnp.asarray([300, 1]),
+                                                q_len=256, kv_len=333), 256, 333, 2, 1, 256, 5.0),
+    "soft cap full D128": (M.FullMask(), 256, 256, 2, 2, 128, 50.0),
+}
+
+
+@pytest.mark.parametrize("name", list(OPERAND_CASES))
+def test_forward_with_operands_and_soft_cap_lowers_for_h100(name):
+    mask, t, s, n, kh, h, cap = OPERAND_CASES[name]
+    b = 2 if "GQA" in name or "lengths" in name else 1
+    static, metas, operands = _call(mask, t, s, h, cap=cap)
+    text = _lower_for_h100(lambda q, k, v: flash_attention(static, q, k, v, None, metas, operands),
+                           *_shapes(b, t, s, n, kh, h))
+    assert text.count("mosaic_gpu_v2") == 1
+
+
+@pytest.mark.parametrize("h, mosaic_kernels, mask, cap", [
+    (128, 3, M.CausalMask(), None),
+    (256, 1, M.CausalMask(), None),
+    (128, 3, M.causal_document_mask(_documents([70, 186])), 20.0),   # segments + soft cap
+], ids=["causal D128", "causal D256", "documents soft cap D128"])
+def test_gradient_lowers_for_h100(h, mosaic_kernels, mask, cap):
     """D128: forward, dK/dV and dQ are Mosaic kernels; D256: the backward is Triton's."""
-    static, metas, operands = _call(M.CausalMask(), 256, 256, h)
+    static, metas, operands = _call(mask, 256, 256, h, cap=cap)
 
     def loss(q, k, v):
         out, _ = flash_attention(static, q, k, v, None, metas, operands)
@@ -129,6 +162,8 @@ def test_supports_serves_what_the_kernels_run():
     assert mosaic_gpu.supports(_request()) is None
     assert mosaic_gpu.supports(_request(dtype=jnp.float16, head_dim=256)) is None
     assert mosaic_gpu.supports(_request(operand_kinds=(("block", (128, 256)),))) is None
+    assert mosaic_gpu.supports(_request(operand_kinds=(("q", None), ("kv", None)))) is None
+    assert mosaic_gpu.supports(_request(logits_soft_cap=30.0)) is None
 
 
 @pytest.mark.parametrize("changes, reason", [
@@ -137,10 +172,8 @@ def test_supports_serves_what_the_kernels_run():
     (dict(dtype=jnp.float32), "bfloat16/float16"),
     (dict(head_dim=512), "up to 256"),
     (dict(has_bias=True, bias_shape=(1, 8, 1024, 1024)), "bias"),
-    (dict(logits_soft_cap=30.0), "soft cap"),
     (dict(dropout_rate=0.1), "no attention dropout"),
     (dict(has_score_mod=True), "score_mod"),
-    (dict(operand_kinds=(("q", None), ("kv", None))), "'q'"),
     (dict(operand_kinds=(("qkv", None),)), "'qkv'"),
     (dict(operand_kinds=(("block", (64, 128)),)), "not multiples"),
 ])
@@ -193,11 +226,11 @@ def test_tile_walk_and_tma_offsets_in_the_interpreter(mask):
 
 def test_forward_refuses_operands_it_cannot_read():
     """Called directly (not through supports()), the forward refuses rather than
-    misreading a segment-id operand."""
-    mask = M.causal_document_mask(jnp.zeros((1, 128), jnp.int32))
+    misreading a dense mask operand."""
+    mask = M.CausalMask() & M.DenseMask(np.tril(np.ones((128, 128), bool), k=-3))
     static, metas, operands = _call(mask, 128, 128, 64)
     q = jnp.zeros((1, 128, 1, 64), jnp.bfloat16)
-    with pytest.raises(NotImplementedError, match="only 'block' mask operands"):
+    with pytest.raises(NotImplementedError, match="'q'/'kv' mask operands"):
         mosaic_gpu.forward(static, q, q, q, None, metas, operands)
 
 

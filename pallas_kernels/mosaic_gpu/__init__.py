@@ -47,8 +47,6 @@ def supports(request, *, interpret: bool = False) -> str | None:
         return f"the Mosaic GPU kernels take head dims up to 256, got {request.head_dim}"
     if request.has_bias:
         return "the Mosaic GPU forward takes no bias yet"
-    if request.logits_soft_cap is not None:
-        return "the Mosaic GPU forward has no logits soft cap yet"
     if request.dropout_rate:
         return ("the Mosaic GPU kernels have no attention dropout yet; the Triton kernels "
                 "(implementation='pallas_triton') compute it")
@@ -56,8 +54,10 @@ def supports(request, *, interpret: bool = False) -> str | None:
         return "the Mosaic GPU kernels take no score_mod yet"
     cfg = config_for_head_dim(padded_head_dim(request.head_dim))
     for kind, layout_block in request.operand_kinds:
+        if kind == "qkv":
+            return "the Mosaic GPU forward reads no dense ('qkv') mask operands yet"
         if kind != "block":
-            return f"the Mosaic GPU forward reads no {kind!r} mask operands yet"
+            continue   # "q" / "kv" vectors (segment ids, sequence lengths) are read
         lbq, lbk = layout_block
         if lbq % cfg.block_q or lbk % cfg.block_kv:
             return (f"block-sparse layout blocks {layout_block} are not multiples of the "

@@ -27,7 +27,8 @@ import jax.numpy as jnp
 
 from pallas_kernels.mosaic_gpu.backward_dkdv import dkdv_call
 from pallas_kernels.mosaic_gpu.backward_dq import dq_call
-from pallas_kernels.mosaic_gpu.backward_walk import LOG2E, prepare_operands
+from pallas_kernels.mosaic_gpu.backward_walk import LOG2E
+from pallas_kernels.mosaic_gpu.common import prepare_operands
 
 ROWS_PER_WARPGROUP = 64     # the M of one wgmma
 SMEM_BYTES = 227 * 1024     # what one sm90 CTA may allocate (checked at lowering)

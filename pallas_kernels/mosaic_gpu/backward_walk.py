@@ -146,7 +146,7 @@ def keep_partial(p, partial, mask_fn: Callable | None, positions, kv_len: int,
 class OperandTiles:
     """Loads the mask operands of one tile, shaped and laid out like the tile.
 
-    refs: the operand arrays in GMEM, prepared by `prepare_operands`; kinds: their
+    refs: the operand arrays in GMEM, prepared by common.prepare_operands; kinds: their
     ((kind, layout_block), ...). q_axis: which axis of the tile runs along the queries
     (0 in the dQ kernel, 1 in the transposed dK/dV kernel). Only PARTIAL tiles call it."""
 
@@ -172,19 +172,6 @@ class OperandTiles:
                             lax.div(kv_start, jnp.int32(lbk))]
                 values.append(jnp.full(shape, entry, jnp.int32))
         return tuple(values)
-
-
-def prepare_operands(operands, kinds, *, q_pad: int, kv_pad: int):
-    """Operand arrays as the kernels read them: int32, "q" / "kv" ids zero-padded to
-    the padded lengths (padded keys are masked by kv_len, padded queries dropped)."""
-    prepared = []
-    for (kind, _), arr in zip(kinds, operands):
-        arr = jnp.asarray(arr).astype(jnp.int32)
-        if kind in ("q", "kv"):
-            length = q_pad if kind == "q" else kv_pad
-            arr = jnp.pad(arr, [(0, 0), (0, length - arr.shape[1])])
-        prepared.append(arr)
-    return tuple(prepared)
 
 
 def tile_positions(shape, q_start, q_axis: int, kv_start, kv_axis: int):

@@ -14,11 +14,14 @@ import dataclasses
 
 import jax.numpy as jnp
 from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.metadata import BlockMetadata
 from pallas_kernels.common import LN2, LOG2E, MASK_VALUE, pad_btnh
 
-__all__ = ["LN2", "LOG2E", "MASK_VALUE", "pad_btnh", "padded_head_dim", "TileLists", "OperandRef"]
+__all__ = ["LN2", "LOG2E", "MASK_VALUE", "pad_btnh", "padded_head_dim", "TileLists", "OperandRef",
+           "prepare_operands"]
 
 
 def padded_head_dim(h: int) -> int:
@@ -89,17 +92,41 @@ class _Walker:
 
 @dataclasses.dataclass(frozen=True)
 class OperandRef:
-    """A mask operand in global memory and how a PARTIAL tile reads it. Only the "block"
-    kind (a layout whose blocks the kernel tiles divide: one scalar per tile) is read by
-    the Mosaic GPU forward; supports() declines the others."""
+    """A mask operand in global memory and how the forward reads it for a PARTIAL tile
+    (kinds: pallas_kernels/metadata.py). "block" (a layout whose blocks the kernel tiles
+    divide) is one scalar per tile; "q" and "kv" (per-token vectors such as segment ids,
+    padded by `prepare_operands`) are read as one value per accumulator row or column
+    and broadcast over the tile by the caller. Dense "qkv" operands are not read:
+    supports() declines them."""
 
     ref: object
     kind: str
     layout_block: tuple[int, int] | None
 
     def tile(self, batch, head, q_start, kv_start):
+        """The "block" operand's scalar for the tile at (q_start, kv_start)."""
         assert self.kind == "block", self.kind
         lbq, lbk = self.layout_block
         bm = batch if self.ref.shape[0] > 1 else 0
         hm = head if self.ref.shape[1] > 1 else 0
         return self.ref[bm, hm, q_start // lbq, kv_start // lbk]
+
+    def vector(self, batch, start, size: int, layout):
+        """`size` consecutive values of a "q" or "kv" operand from `start`, in `layout`
+        (one value per row, or per column, of the wgmma accumulator)."""
+        assert self.kind in ("q", "kv"), self.kind
+        bm = batch if self.ref.shape[0] > 1 else 0
+        return plgpu.load(self.ref.at[bm, pl.ds(start, size)], (), layout=layout, optimized=False)
+
+
+def prepare_operands(operands, kinds, *, q_pad: int, kv_pad: int):
+    """Operand arrays as the kernels read them: int32, "q" / "kv" ids zero-padded to
+    the padded lengths (padded keys are masked by kv_len, padded queries dropped)."""
+    prepared = []
+    for (kind, _), arr in zip(kinds, operands):
+        arr = jnp.asarray(arr).astype(jnp.int32)
+        if kind in ("q", "kv"):
+            length = q_pad if kind == "q" else kv_pad
+            arr = jnp.pad(arr, [(0, 0), (0, length - arr.shape[1])])
+        prepared.append(arr)
+    return tuple(prepared)

@@ -15,11 +15,17 @@ runs one item (see _Schedule for the opt-in persistent loop). Three warpgroups:
   FMA ahead of each exp2), then O += P V by wgmma with P in registers. A shared "schedule" barrier
   makes the two consumers take turns on the tensor cores, so one computes its softmax
   while the other multiplies (FlashAttention-3's ping-pong).
+* With a logits soft cap, every tile's scores become cap·tanh(scale·q·k / cap) first.
 * FULL tiles do no mask work. PARTIAL tiles evaluate ``mask_fn`` and ``kv_pos < kv_len``
   in the wgmma accumulator layout and *select* -inf for what the mask rules out, so a NaN
   in a masked score cannot reach the sums. Padded keys are zeros (the wrapper pads K/V),
   so P·V never meets a NaN there either; a NaN in the V row of a real but masked key of
-  a PARTIAL tile would (0·NaN), as in the float32 reference.
+  a PARTIAL tile would (0·NaN), which is why metadata_reason (__init__.py) refuses masks
+  that leave such keys. Mask operands: a "block" layout's scalar is read with the
+  tile's list entry, one step ahead; per-query vectors ("q", e.g. segment ids) once per
+  work item, one value per accumulator row; per-key vectors ("kv") when a PARTIAL tile
+  is visited, at the kv-block its K/V copy started at, one value per column. Both are
+  broadcast over the tile only there.
 * Epilogue (Algorithm 1, line 12): O = acc / l staged through shared memory and stored
   by TMA; lse = ln(2)·(m + log2 l). A row with no allowed key has l = 0 and returns
   O = 0, lse = -inf (the running max starts at a finite MASK_VALUE, so no -inf - -inf).
@@ -38,11 +44,12 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.common import pad_to_multiple
 from pallas_kernels.mosaic_gpu.common import (LN2, LOG2E, MASK_VALUE, OperandRef, TileLists,
-                                              pad_btnh, padded_head_dim)
+                                              pad_btnh, padded_head_dim, prepare_operands)
 from pallas_kernels.mosaic_gpu.config import CONSUMER_WARPGROUPS, ROWS_PER_WARPGROUP, SMEM_BYTES
 
 _WGMMA = plgpu.Layout.WGMMA
-_WGMMA_ROW = plgpu.Layout.WGMMA.reduce(1)
+_WGMMA_ROW = plgpu.Layout.WGMMA.reduce(1)   # one value per accumulator row
+_WGMMA_COL = plgpu.Layout.WGMMA.reduce(0)   # one value per accumulator column
 
 
 def _num_sms() -> int:
@@ -130,13 +137,15 @@ class _Schedule:
 
 
 def _kernel(lists: TileLists, q_ref, k_ref, v_ref, operand_refs, o_ref, lse_ref, scratch, *,
-            schedule_: _Schedule, groups, block_kv, stages, scale, kv_len, mask_fn, dtype):
+            schedule_: _Schedule, groups, block_kv, stages, scale, cap, kv_len, mask_fn, dtype):
     (q_smem, k_smem, v_smem, lse_smem), (k_ready, v_ready, q_ready), consumed, schedule = scratch
     k_consumed, v_consumed = consumed
     rows = ROWS_PER_WARPGROUP
     wg = lax.axis_index("wg")
     num_items = schedule_.my_item_count()
-    logit_unit = scale * LOG2E          # raw q·k → base-2 logits
+    # Raw q·k → base-2 logits: times logit_unit, after the soft cap's tanh when capped
+    # (logits = cap·tanh(scale·q·k / cap)).
+    logit_unit = (scale if cap is None else cap) * LOG2E
     # K/V slots are used round-robin over every step of every item of this CTA: the
     # global step `first + step` of an item picks slot (first + step) % stages.
 
@@ -174,10 +183,30 @@ def _kernel(lists: TileLists, q_ref, k_ref, v_ref, operand_refs, o_ref, lse_ref,
                 load_q(item, 0)
 
             def partial_tile_inputs(step):
-                """kv start and mask operand values of PARTIAL step `step` (global loads)."""
+                """kv start and "block" operand values of PARTIAL step `step` (global loads)."""
                 kv_start = walk.partial_block(step) * block_kv
                 return kv_start, tuple(o.tile(batch, head, cta_start, kv_start)
-                                       for o in operand_refs)
+                                       for o in operand_refs if o.kind == "block")
+
+            # Per-query operands (segment ids...) of this warpgroup's rows: read once per
+            # item, one value per accumulator row; broadcast only in PARTIAL tiles.
+            q_operands = tuple(o.vector(batch, q_start, rows, _WGMMA_ROW)
+                               for o in operand_refs if o.kind == "q")
+
+            def operand_tiles(block_values, kv_operands):
+                """Every operand's values for a PARTIAL tile, in operand order, as
+                [rows, block_kv] arrays in the wgmma layout."""
+                shape = (rows, block_kv)
+                by_kind = {"block": iter(block_values), "q": iter(q_operands),
+                           "kv": iter(kv_operands)}
+                tiles = []
+                for o in operand_refs:
+                    value = next(by_kind[o.kind])
+                    if o.kind == "block":
+                        tiles.append(value)
+                    else:
+                        tiles.append(lax.broadcast_in_dim(value, shape, [0 if o.kind == "q" else 1]))
+                return tuple(tiles)
 
             m_i = plgpu.layout_cast(jnp.full((rows,), MASK_VALUE, jnp.float32), _WGMMA_ROW)
             l_i = plgpu.layout_cast(jnp.zeros((rows,), jnp.float32), _WGMMA_ROW)
@@ -195,9 +224,12 @@ def _kernel(lists: TileLists, q_ref, k_ref, v_ref, operand_refs, o_ref, lse_ref,
                 acc, m_i, l_i, tile_inputs = carry
                 slot = lax.rem(first + step, stages)
                 if partial:
-                    # The next PARTIAL tile's list entry and operand values are loaded one
-                    # step ahead, so their global-memory latency hides behind this step.
+                    # The next PARTIAL tile's list entry and "block" values are loaded one
+                    # step ahead, so their global-memory latency hides behind this step;
+                    # this tile's per-key operands are loaded now, ahead of S = Q Kᵀ.
                     next_inputs = partial_tile_inputs(jnp.minimum(step + 1, total - 1))
+                    kv_operands = tuple(o.vector(batch, tile_inputs[0], block_kv, _WGMMA_COL)
+                                        for o in operand_refs if o.kind == "kv")
 
                 def qk_product(acc_ref):                       # S = Q Kᵀ (line 8)
                     plgpu.wgmma(acc_ref, q_tile, k_smem.at[slot].T)
@@ -206,25 +238,32 @@ def _kernel(lists: TileLists, q_ref, k_ref, v_ref, operand_refs, o_ref, lse_ref,
 
                 s = pl.run_scoped(qk_product, plgpu.ACC((rows, block_kv), jnp.float32))
                 plgpu.barrier_arrive(k_consumed.at[slot])
+                if cap is not None:   # soft cap, on every tile, ahead of the mask
+                    s = jnp.tanh(s * (scale / cap))
+                if not logit_unit > 0:
+                    # A negative scale cannot be folded into the exp2 FMA below; scale
+                    # first so that -inf stays the masked value.
+                    s = s * logit_unit
                 if partial:   # PARTIAL tile: the mask and the kv padding, element-wise
-                    kv_start, operand_values = tile_inputs
+                    kv_start, block_values = tile_inputs
                     q_pos = q_start + plgpu.broadcasted_iota(jnp.int32, (rows, block_kv), 0,
                                                              layout=_WGMMA)
                     kv_pos = kv_start + plgpu.broadcasted_iota(jnp.int32, (rows, block_kv), 1,
                                                                layout=_WGMMA)
                     keep = kv_pos < kv_len
                     if mask_fn is not None:
-                        keep = keep & mask_fn(q_pos, kv_pos, operand_values)
+                        keep = keep & mask_fn(q_pos, kv_pos,
+                                              operand_tiles(block_values, kv_operands))
                     s = jnp.where(keep, s, -jnp.inf)
                     tile_inputs = next_inputs
                 # Online softmax (line 9); m stays finite, masked scores give p = 0.
                 # With m kept in base-2 units, p = exp2(s·c - m) is one FMA per score ahead
-                # of the exp2 (c = scale·log2(e) > 0, so max(s)·c = max(s·c)).
+                # of the exp2 (c = scale·log2(e), or cap·log2(e) after the tanh; c > 0,
+                # so max(s)·c = max(s·c)).
                 if logit_unit > 0:
                     m_next = jnp.maximum(m_i, s.max(axis=1) * logit_unit)
                     p = jnp.exp2(s * logit_unit - lax.broadcast_in_dim(m_next, s.shape, [0]))
                 else:
-                    s = s * logit_unit
                     m_next = jnp.maximum(m_i, s.max(axis=1))
                     p = jnp.exp2(s - lax.broadcast_in_dim(m_next, s.shape, [0]))
                 correction = jnp.exp2(m_i - m_next)
@@ -334,12 +373,12 @@ def forward(static, q, k, v, bias, metas, operands):
     tp, sp = pad_to_multiple(t, bq), pad_to_multiple(s, bk)
     qp, kp, vp = pad_btnh(q, tp, hp), pad_btnh(k, sp, hp), pad_btnh(v, sp, hp)
     for kind, layout_block in static.operand_kinds:
-        if kind != "block" or layout_block[0] % bq or layout_block[1] % bk:
-            raise NotImplementedError(f"the Mosaic GPU forward reads only 'block' mask operands "
-                                      f"whose layout blocks are whole ({bq}, {bk}) tiles, got "
-                                      f"{kind!r} {layout_block}")
+        if kind == "qkv" or kind == "block" and (layout_block[0] % bq or layout_block[1] % bk):
+            raise NotImplementedError(f"the Mosaic GPU forward reads 'q'/'kv' mask operands and "
+                                      f"'block' ones whose layout blocks are whole ({bq}, {bk}) "
+                                      f"tiles, got {kind!r} {layout_block}")
     lists = TileLists.from_metadata(meta)
-    operand_arrays = [jnp.asarray(a, jnp.int32) for a in operands]
+    operand_arrays = prepare_operands(operands, static.operand_kinds, q_pad=tp, kv_pad=sp)
     operand_kinds = tuple(kind for kind, _ in static.operand_kinds)
     operand_blocks = tuple(lb for _, lb in static.operand_kinds)
     stages = cfg.num_stages
@@ -372,7 +411,7 @@ def forward(static, q, k, v, bias, metas, operands):
             lambda *scratch: _kernel(
                 bound, q_ref, k_ref, v_ref, operand_refs, o_ref, lse_ref, scratch,
                 schedule_=schedule, groups=n // kh, block_kv=bk, stages=stages,
-                scale=static.scale, kv_len=s, mask_fn=static.mask_fn,
+                scale=static.scale, cap=static.logits_soft_cap, kv_len=s, mask_fn=static.mask_fn,
                 dtype=q.dtype),
             *scratch_types, collective_axes="wg")
 
