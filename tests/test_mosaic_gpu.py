@@ -32,7 +32,7 @@ from pallas_kernels import mosaic_gpu
 from pallas_kernels.mosaic_gpu import nonfinite_fallback
 from pallas_kernels.common import backward_lse
 from pallas_kernels.flash_vjp import flash_attention
-from pallas_kernels.mosaic_gpu.common import TileLists
+from pallas_kernels.mosaic_gpu.common import OperandRef, TileLists, prepare_operands
 from pallas_kernels.mosaic_gpu.config import SMEM_BYTES, MosaicConfig
 from pallas_kernels.mosaic_gpu.forward import forward as mosaic_forward
 from pallas_kernels.triton.config import TritonConfig
@@ -230,6 +230,58 @@ def test_tile_walk_and_tma_offsets_in_the_interpreter(mask):
         assert blocks, "every q-block sees some key under these masks"
         for j, blk in enumerate(blocks):
             np.testing.assert_array_equal(got[i, j], np.asarray(keys)[0, blk * bk:(blk + 1) * bk, 0])
+
+
+def test_segment_operands_of_partial_tiles_in_the_interpreter():
+    """The consumers' operand reads: a warpgroup's 64 query ids once ("q", one value per
+    accumulator row) and, per PARTIAL step, the key ids at that step's data-dependent
+    kv-block ("kv", one per column), broadcast over the tile and given to the mask;
+    the mask values checked against the mask on every pair in numpy. T = 200, padded."""
+    t, tp, bq, bk, rows = 200, 256, 128, 64, 64
+    ids = jnp.asarray(np.repeat([0, 1, 2], [70, 60, 70])[None])
+    mask = M.causal_document_mask(ids)
+    meta = build_block_metadata(mask, t, t, bq, bk)
+    lists = TileLists.from_metadata(meta)
+    kinds = tuple((o.kind, o.layout_block) for o in mask.operands())
+    operands = prepare_operands(tuple(o.array for o in mask.operands()), kinds, q_pad=tp, kv_pad=tp)
+    wgmma = plgpu.Layout.WGMMA
+
+    def body(fc, fi, pc, pi, q_ids, kv_ids, keep_ref):
+        qi, half = lax.axis_index("q"), lax.axis_index("half")
+        walk = lists.bind((fc, fi, pc, pi)).walker(jnp.int32(0), jnp.int32(0), qi)
+        q_start = qi * bq + half * rows
+        q_vec = OperandRef(q_ids, "q", None).vector(0, q_start, rows, wgmma.reduce(1))
+
+        @pl.loop(walk.num_full, walk.total)
+        def _(step):
+            kv_start = walk.partial_block(step) * bk
+            kv_vec = OperandRef(kv_ids, "kv", None).vector(0, kv_start, bk, wgmma.reduce(0))
+            iota = functools.partial(plgpu.broadcasted_iota, jnp.int32, (rows, bk), layout=wgmma)
+            tiles = (lax.broadcast_in_dim(q_vec, (rows, bk), [0]),
+                     lax.broadcast_in_dim(kv_vec, (rows, bk), [1]))
+            keep = mask.evaluate(q_start + iota(0), kv_start + iota(1), tiles)
+            keep_ref[qi, half, step] = keep.astype(jnp.int32)
+
+    nq, nk = tp // bq, tp // bk
+    walked = plgpu.kernel(body, out_type=jax.ShapeDtypeStruct((nq, 2, nk, rows, bk), jnp.int32),
+                          grid=(nq, 2), grid_names=("q", "half"),
+                          interpret=plgpu.InterpretGPUParams())
+    got = np.asarray(jax.jit(walked)(*lists.arrays(), *operands))
+    pos = np.arange(tp)
+    seg = np.pad(np.asarray(ids)[0], (0, tp - t))
+    allowed = (seg[:, None] == seg[None, :]) & (pos[:, None] >= pos[None, :])
+    m = jax.tree_util.tree_map(np.asarray, meta)
+    checked = 0
+    for i in range(nq):
+        nf, npart = m.full_count[0, 0, i], m.partial_count[0, 0, i]
+        for j, blk in enumerate(m.partial_index[0, 0, i, :npart]):
+            for half in range(2):
+                r0 = i * bq + half * rows
+                want = allowed[r0:r0 + rows, blk * bk:(blk + 1) * bk]
+                valid = (pos[r0:r0 + rows, None] < t) & (pos[None, blk * bk:(blk + 1) * bk] < t)
+                np.testing.assert_array_equal(got[i, half, nf + j][valid], want[valid])
+                checked += 1
+    assert checked >= 4
 
 
 def test_forward_refuses_operands_it_cannot_read():
