@@ -4,8 +4,10 @@
     python3 -m benchmarks.mosaic_check --part bench   # TFLOP/s beside cuDNN and Triton
 
 check: every case compares out and lse per query row (worst row reported) with
-jaxattn.reference in float32, fills never-visited keys with NaN, and runs twice to
-check the result is bitwise identical.
+jaxattn.reference in float32, fills never-visited keys with NaN (in K; in V too for the
+cases marked poison_v, whose NaN sends the call to the Triton fallback of
+pallas_kernels/mosaic_gpu/nonfinite_fallback.py), and runs twice to check the result
+is bitwise identical.
 bench: forward TFLOP/s = 4·B·N·T·S·D·density / t, the median of >= 20 calls after two
 warm-ups (and, in parentheses, from 20 calls issued back to back with one wait), for this kernel, cuDNN (jax.nn.dot_product_attention) and the Triton backend
 in the same process. JSON goes to $OUT (or --out).
@@ -37,10 +39,11 @@ from pallas_kernels.triton.common import padded_head_dim as triton_head_dim
 from pallas_kernels.triton.config import config_for_head_dim as triton_config
 
 
-def make_forward(backend, mask, t, s, h, scale, overrides=None):
+def make_forward(backend, mask, t, s, h, scale, overrides=None, cap=None):
     """A jitted (q, k, v) -> (out, lse) through `backend`'s forward with metadata built
     outside the timed region (as the public API caches it for static masks).
-    `overrides`: MosaicConfig fields to change (tile/pipeline variants)."""
+    `overrides`: MosaicConfig fields to change (tile/pipeline variants); `cap`: the
+    logits soft cap."""
     if backend is mosaic_gpu:
         cfg = mosaic_gpu.config_for_head_dim(mosaic_gpu.padded_head_dim(h))
         cfg = dataclasses.replace(cfg, **(overrides or {}))
@@ -49,7 +52,7 @@ def make_forward(backend, mask, t, s, h, scale, overrides=None):
     bq, bk = cfg.metadata_tiles()["forward"]
     meta = jax.tree_util.tree_map(jnp.asarray, build_block_metadata(mask, t, s, bq, bk))
     ops = mask.operands()
-    static = FlashStatic(backend=backend, scale=scale, logits_soft_cap=None,
+    static = FlashStatic(backend=backend, scale=scale, logits_soft_cap=cap,
                          mask_fn=None if isinstance(mask, masks.FullMask) else mask.evaluate,
                          operand_kinds=tuple((o.kind, o.layout_block) for o in ops), config=cfg,
                          interpret=False)
@@ -72,6 +75,19 @@ CHECKS = [
     ("empty rows (causal offset -300)", masks.CausalMask(offset=-300), 1, 700, 700, 2, 1, 128,
      jnp.bfloat16),
     ("full S1k B4 D64 f16", masks.FullMask(), 4, 1024, 1024, 4, 1, 64, jnp.float16),
+    # Segment ids (traced "q"/"kv" operands: read on PARTIAL tiles) and the soft cap; an
+    # optional last field holds {"cap": c, "poison_v": True}.
+    ("documents causal GQA ragged", masks.causal_document_mask(jnp.asarray(
+        np.stack([np.repeat(np.arange(4), [130, 300, 70, 500]),
+                  np.repeat(np.arange(2), [640, 360])]))), 2, 1000, 1000, 4, 2, 128, jnp.bfloat16),
+    ("documents + window 300, soft cap 30, D64", masks.causal_document_mask(jnp.asarray(
+        np.repeat(np.arange(3), [700, 90, 490])[None])) & masks.LocalMask(300, 0),
+     1, 1280, 1280, 2, 1, 64, jnp.bfloat16, {"cap": 30.0}),
+    ("causal soft cap 20 f16", masks.CausalMask(), 1, 1024, 1024, 4, 4, 128, jnp.float16,
+     {"cap": 20.0}),
+    ("lengths + NaN V at padding (Triton fallback)", masks.LengthMask(
+        kv_lengths=jnp.asarray([700, 850]), q_len=1000, kv_len=1000), 2, 1000, 1000, 2, 1, 128,
+     jnp.bfloat16, {"poison_v": True}),
 ]
 
 
@@ -82,7 +98,9 @@ def run_checks(variants, defaults=True):
     runs = [(c, None) for c in CHECKS] if defaults else []
     runs += [(c, (label, fields)) for label, fields in variants.items() for c in CHECKS
              if c[7] == 128]
-    for (name, mask, b, t, s, n, kh, h, dtype), variant in runs:
+    for (name, mask, b, t, s, n, kh, h, dtype, *options), variant in runs:
+        options = options[0] if options else {}
+        cap = options.get("cap")
         key, kq, kk, kv = jax.random.split(key, 4)
         q = jax.random.normal(kq, (b, t, n, h), jnp.float32).astype(dtype)
         k = jax.random.normal(kk, (b, s, kh, h), jnp.float32).astype(dtype)
@@ -90,16 +108,18 @@ def run_checks(variants, defaults=True):
         # Keys no row may see hold NaN in K (and in V where no visited tile holds them).
         seen = np.asarray(allowed_pairs(mask, t, s)).any(axis=(0, 1, 2))
         k = jnp.where(jnp.asarray(seen)[None, :, None, None], k, jnp.nan).astype(dtype)
+        if options.get("poison_v"):
+            v = jnp.where(jnp.asarray(seen)[None, :, None, None], v, jnp.nan).astype(dtype)
         scale = h ** -0.5
         entry = {"case": name, "shape": [b, t, s, n, kh, h], "dtype": jnp.dtype(dtype).name,
-                 "variant": variant and variant[0]}
+                 "variant": variant and variant[0], "cap": cap}
         try:
-            fwd = make_forward(mosaic_gpu, mask, t, s, h, scale, variant and variant[1])
+            fwd = make_forward(mosaic_gpu, mask, t, s, h, scale, variant and variant[1], cap)
             out, lse = jax.block_until_ready(fwd(q, k, v))
             out2, lse2 = jax.block_until_ready(fwd(q, k, v))
             ref_out, ref_lse = reference_attention(q.astype(jnp.float32), k.astype(jnp.float32),
                                                    v.astype(jnp.float32), None, mask, scale=scale,
-                                                   return_residuals=True)
+                                                   logits_soft_cap=cap, return_residuals=True)
             err = np.abs(np.asarray(out, np.float32) - np.asarray(ref_out))       # [B, T, N, H]
             row_err = err.max(axis=(2, 3))                                        # [B, T]
             ref_lse, lse_np = np.asarray(ref_lse), np.asarray(lse)
@@ -124,6 +144,21 @@ def run_checks(variants, defaults=True):
     return results
 
 
+@dataclasses.dataclass(frozen=True)
+class DocumentsCase(BenchCase):
+    """Packed documents: `documents` of random lengths (cut points drawn with seed 0),
+    causal within each; the ids are a traced "q"/"kv" operand, as from a data loader.
+    cuDNN gets the same pairs as a dense mask."""
+    documents: int = 8
+
+    def mask(self):
+        rng = np.random.default_rng(0)
+        cuts = np.sort(rng.choice(np.arange(1, self.seq_len), self.documents - 1, replace=False))
+        lengths = np.diff(np.r_[0, cuts, self.seq_len])
+        ids = np.repeat(np.arange(self.documents), lengths)[None].repeat(self.batch, 0)
+        return masks.causal_document_mask(jnp.asarray(ids, jnp.int32))
+
+
 BENCH = [
     BenchCase("D128 S16384 B1 H16 full", 1, 16, 16384, 128, "full"),
     BenchCase("D128 S16384 B1 H16 causal", 1, 16, 16384, 128, "causal"),
@@ -132,6 +167,7 @@ BENCH = [
     BenchCase("D128 S32768 B1 H16 causal window 256", 1, 16, 32768, 128, "window", 256),
     BenchCase("D128 S16384 B1 H16 bigbird", 1, 16, 16384, 128, "bigbird"),
     BenchCase("D128 S131072 B1 H8 causal", 1, 8, 131072, 128, "causal"),
+    DocumentsCase("D128 S16384 B1 H16 causal documents (8)", 1, 16, 16384, 128, "documents"),
 ]
 
 

@@ -19,10 +19,9 @@ class TestTritonGPU(GPUTier):
 
 
 class TestMosaicGPU(GPUTier):
-    """The Hopper backend: what its supports() declines (bias, soft cap, segment ids and
-    dense mask operands in the forward) is asserted to raise NotImplementedError."""
+    """The Hopper backend: what its supports() declines (bias, dense mask operands,
+    dropout, score_mod) is asserted to raise NotImplementedError. Segment ids run its
+    kernels (the poisoned-input case takes its Triton fallback for NaN/Inf inputs)."""
     backend = "pallas_mosaic_gpu"
     supports_bias = False
-    supports_softcap = False
-    supports_dynamic_masks = False
     supports_score_mod = False

@@ -388,24 +388,33 @@ GPU_CASES = {
                                causal=True), 1, 1024, 1024, 2, 2, 128, jnp.bfloat16),
     "strided D96": (M.CausalMask() & M.StridedMask(3), 1, 640, 640, 2, 2, 96, jnp.bfloat16),
     "empty rows": (M.CausalMask(offset=-256), 1, 768, 768, 2, 1, 128, jnp.bfloat16),   # aligned
+    # traced segment ids (the "q" / "kv" operands), a soft cap (an optional last field)
+    "documents GQA ragged": (M.causal_document_mask(jnp.asarray(np.stack([
+        np.repeat(np.arange(4), [130, 300, 70, 500]), np.repeat(np.arange(2), [640, 360])]))),
+        2, 1000, 1000, 4, 2, 128, jnp.bfloat16),
+    "documents window soft cap D64": (M.causal_document_mask(_documents([700, 90, 490]))
+                                      & M.LocalMask(300, 0), 1, 1280, 1280, 2, 1, 64,
+                                      jnp.bfloat16, 30.0),
+    "soft cap causal f16": (M.CausalMask(), 1, 1024, 1024, 4, 4, 128, jnp.float16, 20.0),
 }
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", list(GPU_CASES))
 def test_forward_matches_reference_row_by_row(name):
-    mask, b, t, s, n, kh, h, dtype = GPU_CASES[name]
+    mask, b, t, s, n, kh, h, dtype, *cap = GPU_CASES[name]
+    cap = cap[0] if cap else None
     kq, kk, kv = jax.random.split(jax.random.key(0), 3)
     q = jax.random.normal(kq, (b, t, n, h), jnp.float32).astype(dtype)
     k = jax.random.normal(kk, (b, s, kh, h), jnp.float32).astype(dtype)
     v = jax.random.normal(kv, (b, s, kh, h), jnp.float32).astype(dtype)
-    static, metas, operands = _call(mask, t, s, h)
+    static, metas, operands = _call(mask, t, s, h, cap=cap)
     run = jax.jit(lambda q, k, v: flash_attention(static, q, k, v, None, metas, operands))
     out, lse = run(q, k, v)
     out2, lse2 = run(q, k, v)
     f32 = lambda x: x.astype(jnp.float32)  # noqa: E731
     ref_out, ref_lse = reference_attention(f32(q), f32(k), f32(v), None, mask, scale=h ** -0.5,
-                                           return_residuals=True)
+                                           logits_soft_cap=cap, return_residuals=True)
     row_err = np.abs(np.asarray(out, np.float32) - np.asarray(ref_out)).max(axis=(2, 3))
     assert row_err.max() <= (2e-2 if dtype == jnp.bfloat16 else 5e-3), np.argmax(row_err)
     lse, ref_lse = np.asarray(lse), np.asarray(ref_lse)

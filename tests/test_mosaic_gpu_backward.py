@@ -162,6 +162,12 @@ GPU_CASES = {
                                         block_size=128, causal=True), 1, 640, 640, 4, 2, 128),
     "documents_d64": (M.causal_document_mask(jnp.asarray(np.repeat(np.arange(3), [100, 250, 162])[None])),
                       1, 512, 512, 2, 1, 64),
+    # a soft cap (optional last field): dS × (1 − tanh²)
+    "softcap_causal_gqa_d128": (M.CausalMask(), 1, 384, 384, 4, 2, 128, 30.0),
+    "documents_window_softcap_d128": (
+        M.causal_document_mask(jnp.asarray(np.stack([np.repeat(np.arange(3), [200, 60, 252]),
+                                                     np.repeat(np.arange(2), [300, 212])])))
+        & M.LocalMask(160, 0), 2, 512, 512, 2, 1, 128, 5.0),
 }
 
 
@@ -179,7 +185,8 @@ def worst_row_error(got, want) -> float:
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", list(GPU_CASES))
 def test_gradients_match_the_reference_per_row(name):
-    mask, b, t, s, n, kh, h = GPU_CASES[name]
+    mask, b, t, s, n, kh, h, *cap = GPU_CASES[name]
+    cap = cap[0] if cap else None
     ks = jax.random.split(jax.random.key(1), 4)
     q = jax.random.normal(ks[0], (b, t, n, h), jnp.bfloat16)
     k = jax.random.normal(ks[1], (b, s, kh, h), jnp.bfloat16)
@@ -188,11 +195,12 @@ def test_gradients_match_the_reference_per_row(name):
     f32 = lambda x: x.astype(jnp.float32)  # noqa: E731
 
     def ref(q_, k_, v_):
-        return reference_attention(q_, k_, v_, None, mask, scale=h ** -0.5, return_residuals=True)
+        return reference_attention(q_, k_, v_, None, mask, scale=h ** -0.5, logits_soft_cap=cap,
+                                   return_residuals=True)
 
     (out, lse), vjp = jax.vjp(ref, f32(q), f32(k), f32(v))
     want = vjp((f32(do), jnp.zeros_like(lse)))
-    run = jax.jit(_backward_fn(mask, t, s, h))
+    run = jax.jit(_backward_fn(mask, t, s, h, cap))
     # D from the float32 output, so the comparison sees the kernels' error alone (bf16
     # P and dS operands: ~0.004 worst row, emulated on CPU) and not that of a rounded O.
     got = run(q, k, v, out, lse, do)
