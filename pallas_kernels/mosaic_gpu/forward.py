@@ -20,12 +20,13 @@ runs one item (see _Schedule for the opt-in persistent loop). Three warpgroups:
   in the wgmma accumulator layout and *select* -inf for what the mask rules out, so a NaN
   in a masked score cannot reach the sums. Padded keys are zeros (the wrapper pads K/V),
   so P·V never meets a NaN there either; a NaN in the V row of a real but masked key of
-  a PARTIAL tile would (0·NaN), which is why metadata_reason (__init__.py) refuses masks
-  that leave such keys. Mask operands: a "block" layout's scalar is read with the
-  tile's list entry, one step ahead; per-query vectors ("q", e.g. segment ids) once per
-  work item, one value per accumulator row; per-key vectors ("kv") when a PARTIAL tile
-  is visited, at the kv-block its K/V copy started at, one value per column. Both are
-  broadcast over the tile only there.
+  a PARTIAL tile would (0·NaN), which is why calls whose masks may leave such keys
+  check their inputs first (nonfinite_fallback.py).
+* Mask operands: a "block" layout's scalar is read with the tile's list entry, one
+  step ahead; per-query vectors ("q", e.g. segment ids) once per work item, one value
+  per accumulator row; per-key vectors ("kv") when a PARTIAL tile is visited, at the
+  kv-block its K/V copy started at, one value per column. Both are broadcast over the
+  tile only there.
 * Epilogue (Algorithm 1, line 12): O = acc / l staged through shared memory and stored
   by TMA; lse = ln(2)·(m + log2 l). A row with no allowed key has l = 0 and returns
   O = 0, lse = -inf (the running max starts at a finite MASK_VALUE, so no -inf - -inf).
@@ -202,10 +203,9 @@ def _kernel(lists: TileLists, q_ref, k_ref, v_ref, operand_refs, o_ref, lse_ref,
                 tiles = []
                 for o in operand_refs:
                     value = next(by_kind[o.kind])
-                    if o.kind == "block":
-                        tiles.append(value)
-                    else:
-                        tiles.append(lax.broadcast_in_dim(value, shape, [0 if o.kind == "q" else 1]))
+                    if o.kind != "block":   # a row ("q") or column ("kv") vector
+                        value = lax.broadcast_in_dim(value, shape, [0 if o.kind == "q" else 1])
+                    tiles.append(value)
                 return tuple(tiles)
 
             m_i = plgpu.layout_cast(jnp.full((rows,), MASK_VALUE, jnp.float32), _WGMMA_ROW)
