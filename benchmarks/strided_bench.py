@@ -33,9 +33,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
 
 import jaxattn  # noqa: E402
 from jaxattn import masks as M  # noqa: E402
+from jaxattn.benchmarking.flops import allowed_pairs as allowed_pair_count  # noqa: E402
 from jaxattn.benchmarking.timing import time_call  # noqa: E402
 from jaxattn.planned import planning  # noqa: E402
 from jaxattn.reference import allowed_pairs  # noqa: E402
@@ -53,10 +55,21 @@ def cases():
     }
 
 
-def window_cases():
-    """Plain causal windows (run only when named): where the Mosaic kernels overtake cuDNN,
-    for default dispatch's choice between them."""
-    return {f"local {w} causal": M.LocalMask(w, 0) & M.CausalMask() for w in (256, 512, 1024, 2048)}
+def window_cases(seq: int = 32768):
+    """Cases run only when named: plain causal windows (where the Mosaic kernels overtake
+    cuDNN, for default dispatch's choice between them) and causal packed documents (8 of
+    random lengths, seed 0: segment ids on the Mosaic kernels behind their finite-input
+    check, beside the Triton kernels)."""
+    out = {f"local {w} causal": M.LocalMask(w, 0) & M.CausalMask() for w in (256, 512, 1024, 2048)}
+    cuts = np.sort(np.random.default_rng(0).choice(np.arange(1, seq), 7, replace=False))
+    ids = np.searchsorted(cuts, np.arange(seq), side="right").astype(np.int32)[None]
+    out["8 documents causal"] = M.causal_document_mask(jnp.asarray(ids))
+    return out
+
+
+def _has_data(mask) -> bool:
+    parts = getattr(mask, "parts", None)
+    return isinstance(mask, M.SegmentMask) or (parts is not None and any(_has_data(p) for p in parts))
 
 
 def _functions(engine, mask):
@@ -76,15 +89,17 @@ def _functions(engine, mask):
 
 def run_case(name, mask, *, b, n, s, d, engines):
     t0 = time.perf_counter()
-    explanation = M.explain(mask, s, s, block_q=128, block_kv=64)
-    density = explanation.density
+    pairs = allowed_pair_count(mask, s, s)
+    density = pairs / (s * s)
     flops_fwd = 4 * b * n * s * s * d * density
     ks = jax.random.split(jax.random.key(0), 4)
     q, k, v, do = (jax.random.normal(x, (b, s, n, d), jnp.bfloat16) for x in ks)
     row = dict(case=name, mask=repr(mask), b=b, n=n, s=s, d=d, density=density,
-               allowed_pairs=explanation.allowed_pairs, flops_fwd=flops_fwd,
-               plain_tiles=explanation.plan.plain_tiles, planned_tiles=explanation.plan.tiles,
-               planned=explanation.plan.planned, explain=str(explanation))
+               allowed_pairs=pairs, flops_fwd=flops_fwd)
+    if not _has_data(mask):   # explain takes static masks (no segment ids)
+        explanation = M.explain(mask, s, s, block_q=128, block_kv=64)
+        row.update(plain_tiles=explanation.plan.plain_tiles, planned_tiles=explanation.plan.tiles,
+                   planned=explanation.plan.planned, explain=str(explanation))
     outs = {}
     for engine in engines:
         try:
@@ -118,7 +133,7 @@ def main(argv=None):
     p.add_argument("--engines", nargs="*", default=list(ENGINES))
     p.add_argument("--seq", type=int, default=32768)
     args = p.parse_args(argv)
-    all_cases = {**cases(), **window_cases()}
+    all_cases = {**cases(), **window_cases(args.seq)}
     meta = dict(device=str(jax.devices()[0].device_kind), date=datetime.date.today().isoformat(),
                 jax=jax.__version__, b=1, n=16, d=128, dtype="bfloat16")
     rows = []
