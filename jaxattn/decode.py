@@ -17,6 +17,14 @@ of w keys). Slots at or past lengths[b] are never read into a result, whatever t
 returns zeros, with lse -inf. Masks that carry arrays are indexed at absolute positions:
 SegmentMask ids are [B, capacity] on both sides, a DenseMask is [.., capacity, capacity].
 
+A score_mod (`jaxattn.ScoreMod`) acts as in `dot_product_attention`, on the logits after
+the scale and the soft cap and before causality, lengths and the mask (which it can never
+revive), with the same arguments that attention over the whole sequence would give it:
+batch row b, query head n (0..N-1), q_pos = lengths[b] - Tq + t and kv_pos = j, the
+absolute (logical, for a paged cache) positions. Decoding is inference: the kernels have
+no backward, and differentiating a kernel decode raises NotImplementedError; the
+reference is plain jnp and differentiable (score_mod operands included).
+
 Dispatch follows jaxattn.api: ValueError for bad input, NotImplementedError when an
 implementation cannot serve a valid request (implementation=None then falls back, ending
 at the reference).
@@ -36,7 +44,9 @@ import numpy as np
 from jaxattn.api import _shape_error, check_float_array, check_scale_and_cap
 from jaxattn.masks import AndMask, CausalMask, DenseMask, FullMask, LocalMask, Mask, canonical_mask
 from jaxattn.reference import reference_attention
+from jaxattn.score_mod import ScoreMod, as_score_mod
 from jaxattn.sinks import add_sinks, check_sinks
+from pallas_kernels.common import acc_dtype
 from pallas_kernels.decode_static import DecodeStatic, KeyBounds
 from pallas_kernels.registry import backend_names, get_backend
 
@@ -72,14 +82,27 @@ def _operand_rows(op, q_pos, kv_len: int, batch: int):
     return a
 
 
+@dataclasses.dataclass(frozen=True)
+class _AtAbsolutePositions:
+    """A score function of decode's query rows t, called at their absolute positions
+    lengths[b] - Tq + t: its last operand is `lengths`, the others are fn's."""
+    fn: Any
+    tq: int
+
+    def __call__(self, score, batch, head, q_pos, kv_pos, *operands):
+        *operands, lengths = operands
+        return self.fn(score, batch, head, lengths[batch] - self.tq + q_pos, kv_pos, *operands)
+
+
 @functools.partial(jax.jit, static_argnames=("scale", "logits_soft_cap", "return_residuals"))
 def reference_decode(query, key_cache, value_cache, lengths, page_table, mask: Mask, *,
                      scale: float, logits_soft_cap: float | None = None,
-                     return_residuals: bool = False):
+                     return_residuals: bool = False, score_mod: ScoreMod | None = None):
     """The dense oracle (inputs validated by decode_attention; `mask` canonical): gathers
     the pages into a contiguous [B, capacity, K, H] copy, zeroes every slot no query of the
     row may see (so NaN there cannot leak through 0 · NaN), and takes the reference
-    attention of the Tq new tokens with causality, lengths and the mask as one bool mask."""
+    attention of the Tq new tokens with causality, lengths and the mask as one bool mask,
+    and the score function (if any) at absolute query positions."""
     b, tq = query.shape[:2]
     if page_table is not None:
         pages = jnp.clip(page_table, 0, key_cache.shape[0] - 1)
@@ -97,8 +120,11 @@ def reference_decode(query, key_cache, value_cache, lengths, page_table, mask: M
     # keys outside a window) cannot leak through 0 · NaN.
     seen = jnp.any(allowed, axis=(1, 2))[:, :, None, None]                 # [B, S, 1, 1]
     key_cache, value_cache = (jnp.where(seen, x, 0) for x in (key_cache, value_cache))
+    if score_mod is not None:
+        score_mod = ScoreMod(_AtAbsolutePositions(score_mod.fn, tq), *score_mod.operands, lengths)
     return reference_attention(query, key_cache, value_cache, None, DenseMask(allowed), scale=scale,
-                               logits_soft_cap=logits_soft_cap, return_residuals=return_residuals)
+                               logits_soft_cap=logits_soft_cap, return_residuals=return_residuals,
+                               score_mod=score_mod)
 
 
 def key_bounds(mask: Mask) -> KeyBounds:
@@ -128,14 +154,15 @@ def key_bounds(mask: Mask) -> KeyBounds:
 
 # ---------------------------------------------------------------------------------
 # Implementations: fn(query, key_cache, value_cache, lengths, page_table, mask, *, scale,
-# logits_soft_cap, num_splits, return_residuals): "reference", and one per kernel backend
-# of pallas_kernels/registry.py that has a decode entry (e.g. "pallas_triton").
+# logits_soft_cap, num_splits, return_residuals, score_mod): "reference", and one per
+# kernel backend of pallas_kernels/registry.py that has a decode entry ("pallas_triton").
 # ---------------------------------------------------------------------------------
 def _reference_impl(query, key_cache, value_cache, lengths, page_table, mask, *, scale,
-                    logits_soft_cap, num_splits, return_residuals):
+                    logits_soft_cap, num_splits, return_residuals, score_mod=None):
     del num_splits   # one dense pass
     return reference_decode(query, key_cache, value_cache, lengths, page_table, mask, scale=scale,
-                            logits_soft_cap=logits_soft_cap, return_residuals=return_residuals)
+                            logits_soft_cap=logits_soft_cap, return_residuals=return_residuals,
+                            score_mod=score_mod)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,10 +178,12 @@ class _MaskFn:
 
 
 def kernel_decode(backend_name: str, query, key_cache, value_cache, lengths, page_table, mask, *,
-                  scale, logits_soft_cap, num_splits, return_residuals, config=None, interpret=None):
+                  scale, logits_soft_cap, num_splits, return_residuals, score_mod=None, config=None,
+                  interpret=None):
     """A kernel backend's decode entry (pallas_kernels/decode_static.py) as an
     implementation. `config` defaults to the backend's; `interpret` to Pallas interpret
-    mode exactly when there is no GPU."""
+    mode exactly when there is no GPU. Forward only: its gradient raises
+    NotImplementedError."""
     if interpret is None:
         interpret = jax.default_backend() != "gpu"
     if not interpret and jax.default_backend() != "gpu":
@@ -162,22 +191,47 @@ def kernel_decode(backend_name: str, query, key_cache, value_cache, lengths, pag
     mask_fn = None if isinstance(mask, FullMask) else _MaskFn(jax.tree_util.tree_structure(mask))
     static = DecodeStatic(scale=scale, logits_soft_cap=logits_soft_cap, mask_fn=mask_fn,
                           bounds=key_bounds(mask), num_splits=num_splits, config=config,
-                          interpret=bool(interpret))
-    return _kernel_jit(query, key_cache, value_cache, lengths, page_table, mask,
-                       backend_name=backend_name, static=static, return_residuals=return_residuals)
+                          interpret=bool(interpret),
+                          score_mod=None if score_mod is None else score_mod.fn,
+                          score_operand_shapes=() if score_mod is None else tuple(
+                              tuple(x.shape) for x in score_mod.operands))
+    score_operands = None if score_mod is None else tuple(jnp.asarray(x) for x in score_mod.operands)
+    out, lse = _forward_only(backend_name, static, query, key_cache, value_cache, lengths, page_table,
+                             mask, score_operands)
+    return (out, lse) if return_residuals else out
 
 
-@functools.partial(jax.jit, static_argnames=("backend_name", "static", "return_residuals"))
-def _kernel_jit(query, key_cache, value_cache, lengths, page_table, mask, *, backend_name, static,
-                return_residuals):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _forward_only(backend_name, static, query, key_cache, value_cache, lengths, page_table, mask,
+                  score_operands):
+    return _kernel_jit(query, key_cache, value_cache, lengths, page_table, mask, score_operands,
+                       backend_name=backend_name, static=static)
+
+
+def _forward_only_fwd(backend_name, static, *args):
+    return _forward_only(backend_name, static, *args), None
+
+
+def _forward_only_bwd(backend_name, static, residuals, cotangents):
+    raise NotImplementedError(
+        f"decode_attention(implementation={backend_name!r}) has no backward (decoding is inference). "
+        "Differentiate implementation='reference', or dot_product_attention for training.")
+
+
+_forward_only.defvjp(_forward_only_fwd, _forward_only_bwd)
+
+
+@functools.partial(jax.jit, static_argnames=("backend_name", "static"))
+def _kernel_jit(query, key_cache, value_cache, lengths, page_table, mask, score_operands, *,
+                backend_name, static):
     b, tq = query.shape[:2]
     capacity = key_cache.shape[1] * (1 if page_table is None else page_table.shape[1])
     q_pos = lengths[:, None] - tq + jnp.arange(tq, dtype=jnp.int32)[None, :]
     # The mask's arrays at the query rows: [B|1, N|1, Tq|1, capacity|1] each.
     operands = tuple(_operand_rows(o, q_pos, capacity, b) for o in mask.operands())
-    out, lse = get_backend(backend_name).decode(static, query, key_cache, value_cache, lengths,
-                                                page_table, operands)
-    return (out, lse) if return_residuals else out
+    score = {} if score_operands is None else {"score_operands": score_operands}
+    return get_backend(backend_name).decode(static, query, key_cache, value_cache, lengths,
+                                            page_table, operands, **score)
 
 
 def _kernel_backends_with_decode() -> tuple[str, ...]:
@@ -269,7 +323,7 @@ def _validate(query, key_cache, value_cache, lengths, page_table, num_splits, sc
 
 
 def decode_attention(query, key_cache, value_cache, *, lengths, page_table=None, mask=None,
-                     scale=None, logits_soft_cap=None, num_splits=None, sinks=None,
+                     scale=None, logits_soft_cap=None, num_splits=None, score_mod=None, sinks=None,
                      implementation=None, return_residuals=False):
     """Attention of the Tq newest tokens of each sequence over its KV cache.
 
@@ -286,6 +340,11 @@ def decode_attention(query, key_cache, value_cache, *, lengths, page_table=None,
         (see the module docstring); causality is always applied.
       scale: multiplies q·k; default 1/sqrt(H). logits_soft_cap: c·tanh(logits / c).
       num_splits: programs sharing one sequence's keys in the kernels (None: from shapes).
+      score_mod: None, a `jaxattn.ScoreMod(fn, *operands)` or a plain callable
+        fn(score, batch, head, q_pos, kv_pos) -> score, as in `dot_product_attention`:
+        applied after the scale and the soft cap and before causality, lengths and the
+        mask, with head the query head and q_pos, kv_pos absolute positions (see the
+        module docstring). Inference only: the kernels have no backward.
       sinks: None or float [N]: one logit per query head in every row's softmax, with a
         zero value vector (as in `dot_product_attention`; applied through the lse).
       implementation: None (best available), "reference", or a kernel backend with a
@@ -315,6 +374,10 @@ def decode_attention(query, key_cache, value_cache, *, lengths, page_table=None,
     splits = None if num_splits is None else int(num_splits)
 
     sinks = check_sinks(sinks, n)
+    score_mod = as_score_mod(score_mod)
+    if score_mod is not None:
+        score_mod.check(acc_dtype(query.dtype))
+    score = {} if score_mod is None else {"score_mod": score_mod}
 
     order = (implementation,) if implementation is not None else _default_order()
     reasons = []
@@ -322,7 +385,8 @@ def decode_attention(query, key_cache, value_cache, *, lengths, page_table=None,
         try:
             result = _implementation(name)(query, key_cache, value_cache, lengths, page_table, canonical,
                                             scale=scale, logits_soft_cap=cap, num_splits=splits,
-                                            return_residuals=bool(return_residuals) or sinks is not None)
+                                            return_residuals=bool(return_residuals) or sinks is not None,
+                                            **score)
             if sinks is None:
                 return result
             out, lse = add_sinks(*result, sinks)

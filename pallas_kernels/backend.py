@@ -100,8 +100,8 @@ class KernelBackend(Protocol):
         asked for; the others come back None. dbias has the bias's shape and dtype.
 
     decode: the KV-cache decode entry, or None when the backend has none:
-        decode(static, q, k_cache, v_cache, lengths, page_table=None, operands=())
-        -> (out [B, Tq, N, H], lse [B, N, Tq] float32), `static` a
+        decode(static, q, k_cache, v_cache, lengths, page_table=None, operands=(),
+               score_operands=()) -> (out [B, Tq, N, H], lse [B, N, Tq] float32), `static` a
         pallas_kernels.decode_static.DecodeStatic (contract written there).
 
     metadata_reason (optional): metadata_reason(static, metas) -> None, or why this call

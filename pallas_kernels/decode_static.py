@@ -1,12 +1,14 @@
 """The decode entry of a kernel backend, and what it is told about one call.
 
     backend.decode(static: DecodeStatic, q, k_cache, v_cache, lengths, page_table=None,
-                   operands=()) -> (out [B, Tq, N, H] in q's dtype, lse [B, N, Tq] float32)
+                   operands=(), score_operands=())
+        -> (out [B, Tq, N, H] in q's dtype, lse [B, N, Tq] float32)
 
 q [B, Tq, N, H]; k/v_cache [B, S_max, K, H] or, with page_table int32 [B, max_pages],
 [num_pages, page_size, K, H]; lengths int32 [B] (traced); operands: the mask's arrays at
 the query rows, each [B|1, N|1, Tq|1, capacity|1], read tile by tile and passed to
-mask_fn. lse is the natural log, -inf for a row with no key. Inputs arrive validated
+mask_fn; score_operands: the arrays static.score_mod reads (only passed when there is
+one). lse is the natural log, -inf for a row with no key. Inputs arrive validated
 (jaxattn.decode); a valid request the backend cannot serve raises NotImplementedError.
 
 Decode attention (KV-cache decoding): the query holds the Tq newest tokens of each
@@ -18,6 +20,12 @@ and the mask allows the pair. A kernel never sees a Mask object, only:
   (q_pos int32 [rows, 1], kv_pos int32 [1, block_kv]), evaluated in the tiles that need
   it, with one tile per mask operand (see the backend's decode entry); None: no mask
   beyond causality and lengths;
+* ``score_mod(score, batch, head, q_pos, kv_pos, *operand_views) -> score`` or None:
+  a score function as in FlashStatic (pallas_kernels/flash_vjp.py), applied to the
+  scaled, soft-capped logits of every visited tile before causality, lengths and the
+  mask select them, so it never revives a masked score; q_pos and kv_pos are absolute
+  positions and head the query head (0..N-1) of each packed query row. Forward only:
+  decoding has no backward;
 * :class:`KeyBounds`: affine bounds on the keys a query at position p may see, so that a
   kernel loops only over the cache tiles inside them (a sliding window of w keys over a
   long cache reads ~w keys, never the whole cache).
@@ -84,6 +92,8 @@ class DecodeStatic:
 
     scale: multiplies q·k. logits_soft_cap: c for c·tanh(logits / c), or None.
     mask_fn: see the module docstring. bounds: KeyBounds of the mask AND causality.
+    score_mod: see the module docstring (None: none); score_operand_shapes: the shapes
+    of its operands, which reach the kernel flattened.
     num_splits: programs that share one sequence's keys (None: chosen from the shapes).
     config: backend config, or None for the backend's default. interpret: Pallas
     interpret mode (CPU).
@@ -96,3 +106,5 @@ class DecodeStatic:
     num_splits: int | None
     config: Any
     interpret: bool
+    score_mod: Callable | None = None
+    score_operand_shapes: tuple = ()

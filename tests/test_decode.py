@@ -304,3 +304,141 @@ def test_sinks_are_the_last_rows_of_attention_with_sinks():
         sinks=sinks, implementation="reference", return_residuals=True)
     np.testing.assert_allclose(out, _rows_at(fo, lengths, tq, axis=1), atol=2e-5)
     np.testing.assert_allclose(lse, _rows_at(fl, lengths, tq, axis=2), atol=2e-5)
+
+
+# ------------------------------------------------------------------------------------
+# score_mod: the same function dot_product_attention applies over the whole sequence,
+# at absolute positions, with each query head's own index (GQA rows are packed per KV
+# head in the kernel). The caches hold NaN at unwritten slots and `_reviving` turns a
+# non-finite score into 3.0, so a mask applied before fn (or a score of an unwritten
+# slot computed at all) would change the result.
+# ------------------------------------------------------------------------------------
+def _reviving(score, batch, head, q_pos, kv_pos, temperature):
+    s = score * temperature[head] + 0.25 * batch.astype(score.dtype) \
+        - 0.01 * (q_pos - kv_pos).astype(score.dtype)
+    return jnp.where(jnp.isfinite(s), s, 3.0)
+
+
+def _score_mod(name, n):
+    rng = np.random.default_rng(11)
+    if name == "alibi":
+        return jaxattn.alibi(jaxattn.alibi_slopes(n))
+    if name == "relative_buckets":
+        return jaxattn.relative_position_buckets(rng.standard_normal((n, 8)).astype(np.float32),
+                                                 max_distance=24)
+    if name == "soft_cap":
+        return jaxattn.soft_cap(2.0)
+    return jaxattn.ScoreMod(_reviving, jnp.asarray(rng.uniform(0.5, 1.5, n), jnp.float32))
+
+
+# (B, S, N, K, H, Tq), lengths, page size (None: contiguous), score_mod, mask, soft cap, splits
+SCORE_CASES = {
+    "gqa_tq1_alibi_after_softcap": ((4, 40, 4, 2, 16, 1), [40, 17, 1, 0], None, "alibi", None, 5.0, 2),
+    "mqa_tq3_relative_buckets_window": ((2, 48, 4, 1, 16, 3), [48, 21], None, "relative_buckets",
+                                        M.LocalMask(12, 0), None, None),
+    "gqa_paged8_tq2_batch_head_reviving": ((3, 40, 4, 2, 16, 2), [40, 9, 2], 8, "per_row", None, None, 2),
+    "mqa_paged16_tq1_soft_cap": ((2, 48, 4, 1, 16, 1), [48, 30], 16, "soft_cap", None, None, None),
+}
+
+
+@pytest.mark.parametrize("name", list(SCORE_CASES))
+def test_score_mod_is_last_rows_of_attention_with_it(name):
+    (b, s, n, k, h, tq), lengths, page_size, score_name, mask, cap, splits = SCORE_CASES[name]
+    score_mod = _score_mod(score_name, n)
+    kc, vc = _caches(b, s, k, h, lengths)
+    full_k, full_v = np.nan_to_num(kc), np.nan_to_num(vc)   # the sequences, for attention over them
+    q = _query(b, tq, n, h)
+    table = None
+    if page_size is not None:
+        kc, vc, table = _to_paged(kc, vc, lengths, page_size)
+    lengths_a = np.asarray(lengths, np.int32)
+
+    @jax.jit
+    def run(q, kc, vc, table, lengths, full_k, full_v):
+        got = [jaxattn.decode_attention(q, kc, vc, lengths=lengths, page_table=table, mask=mask,
+                                        logits_soft_cap=cap, score_mod=score_mod, num_splits=splits,
+                                        implementation=impl, return_residuals=True)
+               for impl in ("reference", "pallas_triton")]
+        full = jaxattn.dot_product_attention(
+            _as_full_attention_jnp(q, lengths, s), full_k, full_v, mask=mask, is_causal=True,
+            logits_soft_cap=cap, score_mod=score_mod, implementation="reference", return_residuals=True)
+        return got, full
+
+    got, (fo, fl) = run(q, kc, vc, table, lengths_a, full_k, full_v)
+    want_o, want_l = _rows_at(fo, lengths, tq, axis=1), _rows_at(fl, lengths, tq, axis=2)
+    before_start = np.asarray(lengths)[:, None] - tq + np.arange(tq)[None, :] < 0   # [B, Tq]
+    want_o[before_start], want_l.transpose(0, 2, 1)[before_start] = 0.0, -np.inf   # no key: 0, -inf
+    for impl, result in zip(("reference", "pallas_triton"), got):
+        assert not np.isnan(np.asarray(result[0])).any(), impl
+        _assert_close(result, (want_o, want_l), atol=2e-5)
+
+
+def _as_full_attention_jnp(q, lengths, s):
+    """_as_full_attention under jit: row b's queries scattered to positions
+    lengths[b] - Tq ... lengths[b] - 1 (rows before position 0 dropped)."""
+    b, tq = q.shape[:2]
+    pos = lengths[:, None] - tq + jnp.arange(tq)[None, :]
+    pos = jnp.where(pos >= 0, pos, s)   # out of range: dropped by the scatter
+    return jnp.zeros((b, s, *q.shape[2:]), q.dtype).at[jnp.arange(b)[:, None], pos].set(q, mode="drop")
+
+
+def test_score_mod_gradients_reference_only():
+    """The reference decode is jnp: differentiable, score_mod operands included (here
+    against dot_product_attention's gradient at the same rows); the kernel has no
+    backward and says so."""
+    b, s, n, k, h, tq = 2, 24, 4, 2, 8, 2
+    lengths = [24, 7]
+    kc, vc = _caches(b, s, k, h, lengths)
+    q = _query(b, tq, n, h)
+    slopes = jnp.asarray(jaxattn.alibi_slopes(n))
+    lengths_a = np.asarray(lengths, np.int32)
+    do = jnp.asarray(np.random.default_rng(4).standard_normal(q.shape), jnp.float32)
+
+    def decoded(q, slopes):
+        out = jaxattn.decode_attention(q, kc, vc, lengths=lengths_a, score_mod=jaxattn.alibi(slopes),
+                                       implementation="reference")
+        return jnp.sum(out * do)
+
+    def full(q, slopes):
+        out = jaxattn.dot_product_attention(_as_full_attention_jnp(q, lengths_a, s), np.nan_to_num(kc),
+                                            np.nan_to_num(vc), is_causal=True,
+                                            score_mod=jaxattn.alibi(slopes), implementation="reference")
+        rows = lengths_a[:, None] - tq + np.arange(tq)[None, :]
+        return jnp.sum(jnp.take_along_axis(out, rows[:, :, None, None], axis=1) * do)
+
+    got, want = jax.jit(lambda q, sl: (jax.grad(decoded, (0, 1))(q, sl), jax.grad(full, (0, 1))(q, sl)))(
+        q, slopes)
+    for a, w in zip(got, want):
+        assert not np.isnan(np.asarray(a)).any()
+        np.testing.assert_allclose(a, w, atol=2e-5, rtol=1e-5)
+    kernel = lambda sl: jnp.sum(jaxattn.decode_attention(  # noqa: E731
+        q, kc, vc, lengths=lengths_a, score_mod=jaxattn.alibi(sl), implementation="pallas_triton"))
+    with pytest.raises(NotImplementedError, match="has no backward"):
+        jax.make_jaxpr(jax.grad(kernel))(slopes)
+
+
+def test_score_mod_errors():
+    q, kc = _query(2, 1, 4, 8), np.zeros((2, 16, 2, 8), np.float32)
+    lengths = np.array([3, 4], np.int32)
+    with pytest.raises(ValueError, match="score_mod: expected None, a jaxattn.ScoreMod or a callable"):
+        jaxattn.decode_attention(q, kc, kc, lengths=lengths, score_mod=3.0)
+    table = jnp.ones((4,))
+    with pytest.raises(ValueError, match="by closure"):
+        jaxattn.decode_attention(q, kc, kc, lengths=lengths, score_mod=lambda s, b, h, i, j: s + table[h])
+
+
+def test_score_mod_lowers_for_h100(monkeypatch):
+    """Per-row query heads (GQA rows packed per KV head) index the operands with a tile
+    of indices: a gather load. ALiBi (a [N] vector) and T5 buckets (an [N, 32] table)."""
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    b, tq, n, k, h = 2, 2, 8, 2, 64
+    cache = (2, 256, k, h)
+    for score_mod in (jaxattn.alibi(jaxattn.alibi_slopes(n)),
+                      jaxattn.relative_position_buckets(np.zeros((n, 32), np.float32))):
+        def fn(q, kc, vc, lengths):
+            return kernel_decode("pallas_triton", q, kc, vc, lengths, None, M.LocalMask(100, 0), scale=0.1,
+                                 logits_soft_cap=None, num_splits=2, return_residuals=True,
+                                 score_mod=score_mod, interpret=False, config=DecodeConfig())
+        sds = [jax.ShapeDtypeStruct((b, tq, n, h), jnp.bfloat16), jax.ShapeDtypeStruct(cache, jnp.bfloat16),
+               jax.ShapeDtypeStruct(cache, jnp.bfloat16), jax.ShapeDtypeStruct((b,), np.int32)]
+        assert "jaxattn_flash_decode" in lower_for_h100(fn, *sds)

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+import jaxattn
 from jaxattn import masks as M
 from jaxattn.layers import Decoder, LinenMultiHeadAttention, MultiHeadAttention
 from helpers import load_example
@@ -59,10 +60,27 @@ def test_nnx_decode_equals_one_causal_call():
     np.testing.assert_array_equal(layer.cache_lengths[...], np.array([5, 3]) + sum(chunks))
 
 
+def test_nnx_decode_with_score_mod_equals_one_causal_call():
+    """A score_mod sees the same positions in the prefill, in the cached steps and in one
+    call over the whole sequence (the slots the tokens take), and its head index is the
+    query head in GQA (the flash and decode kernels; the linen test below: the reference)."""
+    x = _x(8)
+    score_mod = jaxattn.alibi(jnp.asarray(jaxattn.alibi_slopes(N)) * 4.0)   # steep: positions matter
+    layer = _nnx_layer("pallas_triton", score_mod=score_mod)
+    full = layer(x)
+    prompt_lengths = jnp.array([5, 3], jnp.int32)
+    layer.init_cache((2, 12))
+    prefill, steps = _nnx_prefill_then_steps(layer, x[:, :7], prompt_lengths, (1, 1))
+    for row, p in enumerate([5, 3]):
+        np.testing.assert_allclose(prefill[row, :p], full[row, :p], atol=1e-5)
+        np.testing.assert_allclose(steps[row], full[row, p:p + 2], atol=1e-5)
+
+
 def test_linen_decode_equals_one_causal_call():
     x = _x(8)
     layer = LinenMultiHeadAttention(N, num_kv_heads=K, rope=True, is_causal=True, mask=M.LocalMask(4, 0),
-                                    implementation="reference")
+                                    implementation="reference",
+                                    score_mod=jaxattn.alibi(jnp.asarray(jaxattn.alibi_slopes(N))))
     params = layer.init(jax.random.key(0), x)
     full = layer.apply(params, x)
     cache = layer.init(jax.random.key(0), jnp.zeros((2, 10, D)), decode=True)["cache"]

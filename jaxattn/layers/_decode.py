@@ -53,7 +53,7 @@ def cached_attention(q, k, v, cache_k, cache_v, lengths, *, prefill_lengths, mas
                      logits_soft_cap, local_window_size, implementation, score_mod=None,
                      sinks=None):
     """One decode-mode attention: returns (out [B, T, N, H], cache_k, cache_v, lengths).
-    A score_mod is served in the prefill only (decode_attention takes none yet)."""
+    A score_mod sees the same positions in both: the slots the tokens take."""
     b, t = q.shape[:2]
     prefill = prefill_lengths is not None
     start = jnp.zeros_like(lengths) if prefill else lengths
@@ -64,13 +64,10 @@ def cached_attention(q, k, v, cache_k, cache_v, lengths, *, prefill_lengths, mas
                                     logits_soft_cap=logits_soft_cap, score_mod=score_mod, sinks=sinks,
                                     implementation=implementation)
         return out, cache_k, cache_v, jnp.broadcast_to(jnp.asarray(prefill_lengths, jnp.int32), (b,))
-    if score_mod is not None:
-        raise NotImplementedError("decode=True with a score_mod: decode_attention takes no score_mod "
-                                  "yet (the prefill does); decode with score_mod=None")
     lengths = lengths + t
     full_mask = canonical_mask(mask, local_window_size=local_window_size)
     # Implementations without a decode path (xla, cudnn) leave the choice to decode_attention.
     out = decode_attention(q, cache_k, cache_v, lengths=lengths, mask=full_mask, scale=scale,
-                           logits_soft_cap=logits_soft_cap, sinks=sinks,
+                           logits_soft_cap=logits_soft_cap, score_mod=score_mod, sinks=sinks,
                            implementation=implementation if implementation in decode_implementations() else None)
     return out, cache_k, cache_v, lengths

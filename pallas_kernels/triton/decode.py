@@ -3,7 +3,8 @@
 The Triton backend's ``decode`` entry (pallas_kernels/backend.py; the contract is
 written in pallas_kernels/decode_static.py):
 
-    decode(static: DecodeStatic, q, k_cache, v_cache, lengths, page_table=None, operands=())
+    decode(static: DecodeStatic, q, k_cache, v_cache, lengths, page_table=None, operands=(),
+           score_operands=())
         -> (out [B, Tq, N, H] in q's dtype, lse [B, N, Tq] float32 natural log)
 
     q           [B, Tq, N, H]: the Tq newest tokens, at positions lengths[b] - Tq + t
@@ -15,8 +16,10 @@ written in pallas_kernels/decode_static.py):
                 mask_fn reads for query t of head n and key position j. The kernel loads
                 one [rows|1, block_kv|1] tile of each per visited tile (segment ids of the
                 keys, a dense or block-sparse mask's rows) and passes them to mask_fn.
+    score_operands  the arrays static.score_mod reads (flattened, read whole by every
+                program, as in the forward kernel: pallas_kernels/score_mod.py)
     static      pallas_kernels.decode_static.DecodeStatic (scale, soft cap, mask_fn,
-                KeyBounds, num_splits, config or None, interpret)
+                score_mod, KeyBounds, num_splits, config or None, interpret)
 
 Raises NotImplementedError for valid requests it cannot serve (a page size that is not a
 power of two, more than MAX_ROWS query rows per KV head); the caller falls back.
@@ -37,6 +40,10 @@ Algorithm (flash-decoding). One program per (batch row b, KV head h, split s):
    no mask work; the others (first and last tiles, any other mask) evaluate causality,
    lengths and the mask with selects, and zero the V rows of keys no row may see, so
    NaN or Inf in unwritten or masked slots never reaches a result (0 · NaN would).
+   A score function (static.score_mod) changes every visited tile's scaled, soft-capped
+   logits before that select, at absolute positions, with each packed row's own query
+   head (row r = t·G + g of KV head h is query head h·G + g at position
+   lengths[b] - Tq + t): a masked pair stays masked whatever fn returns.
 4. Paged caches: the tile's page numbers are read from the page table inside the kernel
    and the K/V rows gathered from those pages directly (several pages per tile when the
    page is smaller than the tile) — no contiguous copy. Page-table entries of pages past
@@ -58,7 +65,9 @@ from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.common import LN2, LOG2E, MASK_VALUE, acc_dtype, pad_axis
 from pallas_kernels.decode_static import DecodeStatic
-from pallas_kernels.triton.common import dot_nt, online_softmax_step, padded_head_dim, scaled_logits
+from pallas_kernels.score_mod import apply_score_mod, flat_operand
+from pallas_kernels.triton.common import (dot_nt, online_softmax_step, padded_head_dim, scaled_logits,
+                                          score_operand_spec)
 
 # Query rows (Tq · N / K) one program holds; longer chunks belong to prefill kernels.
 MAX_ROWS = 128
@@ -133,11 +142,13 @@ def _div(x, d: int):
 
 def _decode_kernel(lengths_ref, q_ref, k_ref, v_ref, *refs, paged, tq, groups, rows,
                    capacity, slots, bk, page_size, pages_per_tile, num_pages, clamp_last, scale,
-                   cap, mask_fn, operand_cols, bounds, num_splits, acc):
+                   cap, mask_fn, operand_cols, score_mod, score_shapes, bounds, num_splits, acc):
     table_ref, refs = (refs[0], refs[1:]) if paged else (None, refs)
-    operand_refs, (o_ref, lse_ref) = refs[:len(operand_cols)], refs[len(operand_cols):]
+    n_mask, n_score = len(operand_cols), len(score_shapes)
+    operand_refs, score_refs = refs[:n_mask], refs[n_mask:n_mask + n_score]
+    o_ref, lse_ref = refs[n_mask + n_score:]
     rp = q_ref.shape[0]
-    b, split = pl.program_id(0), pl.program_id(2)
+    b, kv_head, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     length = lengths_ref[b]
     p_first, p_last = length - tq, length - 1     # positions of the first and last new token
     limit = jnp.minimum(length, capacity)          # keys [0, limit) exist and were written
@@ -164,6 +175,8 @@ def _decode_kernel(lengths_ref, q_ref, k_ref, v_ref, *refs, paged, tq, groups, r
     r = jax.lax.broadcasted_iota(jnp.int32, (rp, 1), 0)
     q_pos = p_first + _div(r, groups)                               # row r = t·G + g
     row_ok = r < rows                                               # padding rows
+    if score_mod is not None:   # each row's query head: h·G + g
+        q_head = kv_head * groups + jax.lax.rem(r, jnp.int32(groups))
 
     def tile(t):
         """(indexer of tile t's keys in the K/V refs, absolute position of its first row)."""
@@ -194,11 +207,17 @@ def _decode_kernel(lengths_ref, q_ref, k_ref, v_ref, *refs, paged, tq, groups, r
         m_i, l_i, o_acc = carry
         index, start = tile(t)
         k = load(k_ref, index)                                      # [bk, hp]
-        logits2, _ = scaled_logits(dot_nt(q, k, acc), scale, cap, LOG2E)
+        kv_pos = start + jax.lax.broadcasted_iota(jnp.int32, (1, bk), 1)
+        if score_mod is None:
+            logits2, _ = scaled_logits(dot_nt(q, k, acc), scale, cap, LOG2E)
+        else:   # S = fn(S) on the tile, before the mask; then the base change
+            logits, _ = scaled_logits(dot_nt(q, k, acc), scale, cap, 1.0)
+            logits = apply_score_mod(score_mod, logits, b, q_head, q_pos, kv_pos, score_refs,
+                                     score_shapes)
+            logits2 = logits * LOG2E
         if not masked:   # every pair allowed: FlashAttention-2's plain step
             return online_softmax_step(logits2, m_i, l_i, o_acc, lambda: load(v_ref, index))
         kv_start = t * bk
-        kv_pos = start + jax.lax.broadcasted_iota(jnp.int32, (1, bk), 1)
         keep = row_ok & (kv_pos >= kv_start) & (kv_pos < limit) & (kv_pos <= q_pos)
         if mask_fn is not None:
             # One tile per operand, [rows|1, bk|1], at the tile's key positions.
@@ -257,7 +276,8 @@ def _prepare_operand(a, *, kv_heads, groups, tq, rp, kv_pad):
     return a
 
 
-def decode(static: DecodeStatic, q, k_cache, v_cache, lengths, page_table=None, operands=()):
+def decode(static: DecodeStatic, q, k_cache, v_cache, lengths, page_table=None, operands=(),
+           score_operands=()):
     """See the module docstring. Inputs are validated by the caller (jaxattn.decode)."""
     b, tq, n, h = q.shape
     kh = k_cache.shape[2]
@@ -327,6 +347,9 @@ def decode(static: DecodeStatic, q, k_cache, v_cache, lengths, page_table=None, 
             (None, None, *a.shape[2:]),
             lambda i, j, s, per_b=per_b, per_h=per_h: (i if per_b else 0, j if per_h else 0, 0, 0)))
         extra.append(a)
+    score_flat = [flat_operand(x) for x in score_operands]
+    extra_specs += [score_operand_spec(x) for x in score_flat]
+    extra += score_flat
     in_specs = [pl.BlockSpec((b,), lambda i, j, s: (0,)),
                 pl.BlockSpec((None, None, rp, hp), lambda i, j, s: (i, j, 0, 0)),
                 cache_spec, cache_spec, *extra_specs]
@@ -346,6 +369,7 @@ def decode(static: DecodeStatic, q, k_cache, v_cache, lengths, page_table=None, 
         bk=bk, page_size=page_size, pages_per_tile=pages_per_tile, num_pages=num_pages,
         clamp_last=clamp_last, scale=static.scale, cap=static.logits_soft_cap,
         mask_fn=static.mask_fn, operand_cols=tuple(a.shape[3] > 1 for a in prepared),
+        score_mod=static.score_mod, score_shapes=static.score_operand_shapes,
         bounds=static.bounds, num_splits=splits, acc=acc)
     out, lse = pl.pallas_call(
         kernel,
