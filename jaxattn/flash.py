@@ -211,20 +211,26 @@ def _pallas_jit(query, key, value, bias, mask, seed, score_mod, *, backend_name,
 
 
 def pallas_backward(backend_name: str, q, k, v, out, lse, dout, delta, mask: Mask, *, scale,
-                    logits_soft_cap=None, config=None, interpret=None, parts=("dq", "dkdv")):
+                    logits_soft_cap=None, config=None, interpret=None, parts=("dq", "dkdv"),
+                    score_mod=None, score_grads=()):
     """The kernels' backward alone, from given residuals: (dq, dk, dv) for
     D = `delta` (rowsum(dO ∘ O) − dlse, [B, N, T]). Used where out/lse come from a merge
     of several calls (ring attention), so no forward is recomputed. `parts` as in the
-    backends' backward: ("dkdv",) runs the dK/dV kernel alone (dq comes back None)."""
+    backends' backward: ("dkdv",) runs the dK/dV kernel alone (dq comes back None).
+    With a `score_mod` (jaxattn.ScoreMod) the result has a fourth member: the gradients
+    of its operands flagged in `score_grads` (None for the others)."""
     if interpret is None:
         interpret = default_interpret()
-    request = kernel_request(q, k, None, mask, logits_soft_cap)
+    request = kernel_request(q, k, None, mask, logits_soft_cap, score_mod=score_mod)
     backend, config = _served(backend_name, request, config, interpret)
     static, metas, operands = prepare_call(
         backend_name, mask, q.shape[1], k.shape[1], scale=scale,
-        logits_soft_cap=logits_soft_cap, config=config, interpret=interpret)
+        logits_soft_cap=logits_soft_cap, config=config, interpret=interpret, score_mod=score_mod)
     acc = acc_dtype(q.dtype)
-    dq, dk, dv, _ = backend.backward(static, q, k, v, None, out, backward_lse(lse.astype(acc)),
-                                     dout.astype(q.dtype), delta.astype(acc), metas, operands,
-                                     parts=tuple(parts))
-    return dq, dk, dv
+    score = {} if score_mod is None else {
+        "score_operands": tuple(jnp.asarray(x) for x in score_mod.operands),
+        "score_grads": tuple(score_grads) + (False,) * (len(score_mod.operands) - len(score_grads))}
+    dq, dk, dv, _, *dscore = backend.backward(
+        static, q, k, v, None, out, backward_lse(lse.astype(acc)), dout.astype(q.dtype),
+        delta.astype(acc), metas, operands, parts=tuple(parts), **score)
+    return (dq, dk, dv) if score_mod is None else (dq, dk, dv, dscore[0])

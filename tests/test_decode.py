@@ -314,7 +314,7 @@ def test_sinks_are_the_last_rows_of_attention_with_sinks():
 # slot computed at all) would change the result.
 # ------------------------------------------------------------------------------------
 def _reviving(score, batch, head, q_pos, kv_pos, temperature):
-    s = score * temperature[head] + 0.25 * batch.astype(score.dtype) \
+    s = score * temperature[head] * (1.0 + 0.25 * batch.astype(score.dtype)) \
         - 0.01 * (q_pos - kv_pos).astype(score.dtype)
     return jnp.where(jnp.isfinite(s), s, 3.0)
 

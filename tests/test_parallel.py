@@ -349,3 +349,75 @@ def test_sinks_values_and_gradients(mesh):
     np.testing.assert_allclose(got, want, rtol=1e-5)
     for name, a, b in zip(("dq", "dk", "dv", "dsinks"), got_g, want_g):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5, rtol=1e-5, err_msg=name)
+
+
+# ---------------------------------------------------------------------------------
+# score_mod: every ring step's call sees the GLOBAL positions, batch row and head, so the
+# ring equals the single-device reference with the same score function, in values,
+# dq/dk/dv and the gradients of its floating operands (summed over steps and devices).
+# ---------------------------------------------------------------------------------
+def _per_row(score, batch, head, q_pos, kv_pos, temperature):
+    """Depends on every argument: a wrong batch row, head or global position shows."""
+    return (score * temperature[head] * (1.0 + 0.5 * batch.astype(score.dtype))
+            - 0.05 * jnp.abs(q_pos - kv_pos).astype(score.dtype))
+
+
+SCORE_CASES = {   # mask, score_mod of the operand, backward path, B, T, S, batch axis
+    "causal_alibi_learned_slopes": (M.CausalMask(), jaxattn.alibi, "residual", 1, 58, 58, False),
+    # batch split over a second mesh axis: fn's batch index must be the global row
+    "window_per_row_vjp_batch_axis": (M.LocalMask(7, 2), lambda x: jaxattn.ScoreMod(_per_row, x),
+                                      "vjp", 2, 45, 52, True),
+}
+
+
+@pytest.mark.parametrize("name", list(SCORE_CASES))
+def test_score_mod_values_and_gradients(mesh, name, monkeypatch):
+    mask, make_score, backward, b, t, s, batch_axis = SCORE_CASES[name]
+    if backward == "vjp":
+        monkeypatch.setattr(ring_backward_module, "_block_backward", lambda implementation: None)
+    kw = {}
+    if batch_axis:   # a 2 x 2 mesh: batch over "data", a ring of 2 over AXIS
+        auto = jax.sharding.AxisType.Auto
+        mesh, kw = jax.make_mesh((2, 2), ("data", AXIS), axis_types=(auto, auto)), {"batch_axis_name": "data"}
+    q, k, v, do = _inputs(b=b, t=t, s=s, seed=9)
+    operand = jnp.asarray(jaxattn.alibi_slopes(4)) * 4.0   # steep: positions matter
+
+    def grads(attn):
+        def loss(q, k, v, x):
+            o = attn(q, k, v, make_score(x))
+            return jnp.sum(o * do), o
+        return jax.value_and_grad(loss, argnums=(0, 1, 2, 3), has_aux=True)
+
+    ring = grads(lambda q, k, v, sm: ring_attention(q, k, v, mask, mesh=mesh, axis_name=AXIS, score_mod=sm,
+                                                    implementation="reference", **kw))
+    ref = grads(lambda q, k, v, sm: jaxattn.dot_product_attention(q, k, v, mask=mask, score_mod=sm,
+                                                                  implementation="reference"))
+    ((_, got), got_g), ((_, want), want_g) = _compiled(lambda *a: (ring(*a), ref(*a)), q, k, v, operand)(
+        q, k, v, operand)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5, rtol=1e-5)
+    for name_, a, b in zip(("dq", "dk", "dv", "d_operand"), got_g, want_g):
+        assert not np.isnan(np.asarray(a)).any(), name_
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-4, rtol=1e-5, err_msg=name_)
+
+
+@pytest.mark.slow
+def test_score_mod_pallas_triton_blocks():
+    # The Triton kernels as the per-step blocks: fn inside the forward, dQ and dK/dV
+    # kernels at global positions, and the slopes' gradient from the dK/dV kernel.
+    mesh = jax.make_mesh((2,), (AXIS,), devices=jax.devices()[:2])
+    q, k, v, do = _inputs(t=40, n=2, kh=1, seed=4)
+    slopes = jnp.array([0.5, 0.25])
+
+    def grads(attn):
+        def loss(q, k, v, slopes):
+            return jnp.sum(attn(q, k, v, jaxattn.alibi(slopes)) * do)
+        return jax.value_and_grad(loss, argnums=(0, 1, 2, 3))
+
+    ring = grads(lambda q, k, v, sm: ring_attention(q, k, v, mesh=mesh, axis_name=AXIS, is_causal=True,
+                                                    score_mod=sm, implementation="pallas_triton"))
+    ref = grads(lambda q, k, v, sm: jaxattn.dot_product_attention(q, k, v, is_causal=True, score_mod=sm,
+                                                                  implementation="reference"))
+    (got, got_g), (want, want_g) = _compiled(lambda *a: (ring(*a), ref(*a)), q, k, v, slopes)(q, k, v, slopes)
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    for name, a, b in zip(("dq", "dk", "dv", "dslopes"), got_g, want_g):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=5e-5, rtol=1e-5, err_msg=name)

@@ -9,7 +9,8 @@ merge exactly through their log-sum-exp:
 
 with rows whose lse is -inf (nothing allowed yet) given weight 0, never NaN. Attention
 sinks (one logit per head, zero value vector) are one more partial: the merge starts
-from out = 0, lse = sinks[n] instead of lse = -inf.
+from out = 0, lse = sinks[n] instead of lse = -inf. A score function is applied by each
+step's call at global positions (jaxattn.parallel.scores).
 """
 
 from __future__ import annotations
@@ -21,9 +22,14 @@ from pallas_kernels.common import acc_dtype
 from jaxattn.api import dot_product_attention
 from jaxattn.parallel.hops import Packing, ring_perm
 from jaxattn.parallel.plan import Call, RingConfig, dispatch, device_call, maybe_skip, rows, update_rows
+from jaxattn.parallel.scores import step_offsets, step_score_mod
 
-def attend(cfg: RingConfig, call: Call, q, k, v):
+
+def attend(cfg: RingConfig, call: Call, q, k, v, score=None):
+    """One step's call: (out, lse [B, N, L]). score: None, or (the score function's
+    operands, the step's offsets) (jaxattn.parallel.scores)."""
     return dot_product_attention(q, k, v, mask=call.mask, scale=cfg.scale,
+                                 score_mod=step_score_mod(cfg, call.q_slices, call.kv_slices, score),
                                  implementation=cfg.implementation, return_residuals=True)
 
 
@@ -37,9 +43,9 @@ def merge(o_a, lse_a, o_b, lse_b):
 
 
 
-def ring_forward(cfg: RingConfig, q, k, v, leaves, sinks=None):
+def ring_forward(cfg: RingConfig, q, k, v, leaves, sinks=None, score_operands=()):
     """(out [B, L, N, H] in q's dtype, lse [B, L, N] in the accumulation dtype); with
-    sinks [N] the lse includes them."""
+    sinks [N] the lse includes them; score_operands: the arrays cfg.score_fn reads."""
     p = cfg.num_shards
     mask = jax.tree_util.tree_unflatten(cfg.mask_treedef, leaves)
     device = jax.lax.axis_index(cfg.axis_name)
@@ -49,11 +55,11 @@ def ring_forward(cfg: RingConfig, q, k, v, leaves, sinks=None):
              else jnp.broadcast_to(sinks.astype(acc)[None, None, :], (b, lq, n)))
     carry = (jnp.zeros((b, lq, n, h), acc), start)
 
-    def body(call, carry, q, k, v):
+    def body(call, carry, q, k, v, score):
         def compute(carry):
             o_acc, lse_acc = carry
             o, lse = attend(cfg, call, rows(q, call.q_slices), rows(k, call.kv_slices),
-                             rows(v, call.kv_slices))
+                             rows(v, call.kv_slices), score)
             o_new, lse_new = merge(rows(o_acc, call.q_slices), rows(lse_acc, call.q_slices),
                                     o, jnp.swapaxes(lse, 1, 2).astype(acc))
             return (update_rows(o_acc, o_new, call.q_slices),
@@ -68,7 +74,9 @@ def ring_forward(cfg: RingConfig, q, k, v, leaves, sinks=None):
         nxt = jax.lax.ppermute(buf, cfg.axis_name, ring_perm(p)) if s + 1 < p else None
         kv = (k, v) if s == 0 else packing.unpack(buf)
         calls = [device_call(cfg, mask, d, (d - s) % p) for d in range(p)]
-        carry = dispatch(calls, device, body, carry, q, *kv)
+        score = (None if cfg.score_fn is None
+                 else (tuple(score_operands), step_offsets(cfg, device, (device - s) % p, b)))
+        carry = dispatch(calls, device, body, carry, q, *kv, score)
         if nxt is not None:
             # The next hop forwards what arrived here; without this tie XLA may run the
             # whole chain of hops up front, with no kernel to hide them behind.

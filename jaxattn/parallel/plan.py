@@ -38,6 +38,8 @@ class RingConfig:
     scale: float
     implementation: str | None
     mask_treedef: object
+    score_fn: object = None               # the ScoreMod's fn (jaxattn.parallel.scores), or None
+    batch_axis_name: str | None = None    # the mesh axis the batch is split over, or None
 
 
 @dataclasses.dataclass(frozen=True)

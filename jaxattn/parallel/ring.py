@@ -3,7 +3,10 @@
 `ring_attention` validates, pads T and S to a multiple of the zigzag chunk count, places
 the arrays on the mesh and runs `_ring_body` under shard_map: the zigzag permutation
 (jaxattn.parallel.layout) around the ring core, whose forward and backward live in
-jaxattn.parallel.forward and jaxattn.parallel.backward.
+jaxattn.parallel.forward and jaxattn.parallel.backward. A score function's operands are
+differentiable inputs of that custom VJP; which of them are differentiated comes from
+jax (symbolic zeros), so an operand only read (a fixed bucket table) never asks a kernel
+for a gradient it cannot give.
 """
 
 from __future__ import annotations
@@ -22,35 +25,57 @@ from jaxattn.parallel.backward import ring_backward
 from jaxattn.parallel.forward import ring_forward
 from jaxattn.parallel.layout import zigzag
 from jaxattn.parallel.plan import RingConfig
+from jaxattn.parallel.scores import step_offsets, step_score_mod
+from jaxattn.score_mod import as_score_mod
 from jaxattn.sinks import check_sinks
+from pallas_kernels.common import acc_dtype
 
 _LAYOUTS = ("contiguous", "zigzag")
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def ring_core(cfg: RingConfig, q, k, v, leaves, sinks):
-    return ring_forward(cfg, q, k, v, leaves, sinks)[0]
+def ring_core(cfg: RingConfig, q, k, v, leaves, sinks, score_operands):
+    return ring_forward(cfg, q, k, v, leaves, sinks, score_operands)[0]
 
 
-def ring_core_fwd(cfg, q, k, v, leaves, sinks):
-    out, lse = ring_forward(cfg, q, k, v, leaves, sinks)
-    return out, (q, k, v, leaves, sinks, out, lse)
+def ring_core_fwd(cfg, *primals):
+    # symbolic_zeros=True: each input arrives as CustomVJPPrimal(value, perturbed).
+    is_primal = lambda x: isinstance(x, jax.custom_derivatives.CustomVJPPrimal)  # noqa: E731
+    q, k, v, leaves, sinks, score_operands = jax.tree_util.tree_map(
+        lambda x: x.value, primals, is_leaf=is_primal)
+    # () for a differentiated floating operand, None otherwise (pytree structure, not data).
+    flags = tuple(() if x.perturbed and jnp.issubdtype(x.value.dtype, jnp.floating) else None
+                  for x in primals[5])
+    out, lse = ring_forward(cfg, q, k, v, leaves, sinks, score_operands)
+    return out, (q, k, v, leaves, sinks, score_operands, flags, out, lse)
 
 
-ring_core.defvjp(ring_core_fwd, ring_backward)
+def ring_core_bwd(cfg, residuals, dout):
+    if isinstance(dout, jax.custom_derivatives.SymbolicZero):
+        dout = jnp.zeros(dout.shape, dout.dtype)
+    return ring_backward(cfg, residuals, dout)
 
 
-def _ring_body(cfg: RingConfig, zigzag_inside: bool, q, k, v, leaves, sinks):
+ring_core.defvjp(ring_core_fwd, ring_core_bwd, symbolic_zeros=True)
+
+
+def _ring_body(cfg: RingConfig, zigzag_inside: bool, q, k, v, leaves, sinks, score_operands):
     if cfg.num_shards == 1:  # one device on the axis: plain attention, no ring
+        score = None
+        if cfg.score_fn is not None:   # positions are global already; the batch may be split
+            shard = ((0, q.shape[1]),), ((0, k.shape[1]),)
+            score = step_score_mod(cfg, *shard, (tuple(score_operands),
+                                                 step_offsets(cfg, jnp.int32(0), jnp.int32(0), q.shape[0])))
         return dot_product_attention(q, k, v, mask=jax.tree_util.tree_unflatten(cfg.mask_treedef, leaves),
-                                     scale=cfg.scale, sinks=sinks, implementation=cfg.implementation)
+                                     scale=cfg.scale, score_mod=score, sinks=sinks,
+                                     implementation=cfg.implementation)
     axis, p = cfg.axis_name, cfg.num_shards
     if zigzag_inside:  # one permute of [q | k | v] stacked on the head axis
         if q.shape[1] == k.shape[1]:
             q, k, v = zigzag((q, k, v), axis, p, False)
         else:
             (q,), (k, v) = zigzag((q,), axis, p, False), zigzag((k, v), axis, p, False)
-    out = ring_core(cfg, q, k, v, leaves, sinks)
+    out = ring_core(cfg, q, k, v, leaves, sinks, score_operands)
     return zigzag((out,), axis, p, True)[0] if zigzag_inside else out
 
 
@@ -82,8 +107,8 @@ def _mesh_for(mesh, *arrays):
 
 
 def ring_attention(query, key, value, mask=None, *, mesh, axis_name, is_causal=False,
-                   scale=None, sinks=None, implementation=None, sequence_layout="contiguous",
-                   batch_axis_name=None):
+                   scale=None, score_mod=None, sinks=None, implementation=None,
+                   sequence_layout="contiguous", batch_axis_name=None):
     """`dot_product_attention` with the sequence axis (axis 1) sharded over `axis_name`.
 
     Args:
@@ -94,6 +119,13 @@ def ring_attention(query, key, value, mask=None, *, mesh, axis_name, is_causal=F
         always in absolute (natural-order) positions; `is_causal` is AND-ed in.
       scale: defaults to 1/sqrt(H). implementation: as in `dot_product_attention`,
         used for every per-step block (it must differentiate its lse output).
+      score_mod: None, a `jaxattn.ScoreMod(fn, *operands)` or a plain callable, as in
+        `dot_product_attention`: fn sees the global batch row, query head and the global
+        (natural-order) positions q_pos and kv_pos in every ring step, whatever the
+        layout. Differentiable like the single-device call: dq/dk/dv through fn, and the
+        gradients of its floating operands (summed over steps and devices) wherever the
+        per-step implementation gives them (the kernels: operands read at scalar
+        indices, such as learned ALiBi slopes).
       sinks: None or float [N]: attention sinks as in `dot_product_attention` (the ring's
         merge starts from them; differentiable).
       sequence_layout: "contiguous" (default: permuted to zigzag order inside and back)
@@ -129,6 +161,9 @@ def ring_attention(query, key, value, mask=None, *, mesh, axis_name, is_causal=F
     canonical.validate(t, s, b, n)
     scale = float(1.0 / math.sqrt(h)) if scale is None else float(scale)
     sinks = check_sinks(sinks, n)
+    score_mod = as_score_mod(score_mod)
+    if score_mod is not None:
+        score_mod.check(acc_dtype(query.dtype))
     p = int(mesh.shape[axis_name])
     if batch_axis_name is not None and b % mesh.shape[batch_axis_name]:
         raise ValueError(f"batch size {b} must be a multiple of the {batch_axis_name!r} axis size "
@@ -137,14 +172,15 @@ def ring_attention(query, key, value, mask=None, *, mesh, axis_name, is_causal=F
         raise ValueError(f"sequence_layout='zigzag' needs T and S multiples of 2 * {p} (the "
                          f"number of zigzag chunks), got T={t}, S={s}. Use 'contiguous' to pad inside.")
     mesh = _mesh_for(mesh, query, key, value, *jax.tree_util.tree_leaves(canonical))
-    return _ring_jit(query, key, value, canonical, sinks, mesh=mesh, axis_name=axis_name, scale=scale,
+    return _ring_jit(query, key, value, canonical, sinks, score_mod, mesh=mesh, axis_name=axis_name,
+                     scale=scale,
                      implementation=implementation, zigzag_inside=sequence_layout == "contiguous",
                      batch_axis_name=batch_axis_name)
 
 
 @functools.partial(jax.jit, static_argnames=("mesh", "axis_name", "scale", "implementation",
                                              "zigzag_inside", "batch_axis_name"))
-def _ring_jit(query, key, value, mask, sinks, *, mesh, axis_name, scale, implementation,
+def _ring_jit(query, key, value, mask, sinks, score_mod, *, mesh, axis_name, scale, implementation,
               zigzag_inside, batch_axis_name):
     b, t = query.shape[:2]
     s = key.shape[1]
@@ -157,7 +193,12 @@ def _ring_jit(query, key, value, mask, sinks, *, mesh, axis_name, scale, impleme
         query, key, value = (_place(x, mesh, PartitionSpec(batch_axis_name)) for x in (query, key, value))
         query, key, value = pad(query, tp), pad(key, sp), pad(value, sp)
     leaves, treedef = jax.tree_util.tree_flatten(mask)
-    cfg = RingConfig(axis_name, p, tp // chunks, sp // chunks, t, s, scale, implementation, treedef)
+    cfg = RingConfig(axis_name, p, tp // chunks, sp // chunks, t, s, scale, implementation, treedef,
+                     score_fn=None if score_mod is None else score_mod.fn,
+                     batch_axis_name=batch_axis_name)
+    # The score function's operands are small (slopes, tables): replicated on every device.
+    score_operands = () if score_mod is None else tuple(
+        _place(jnp.asarray(x), mesh, PartitionSpec()) for x in score_mod.operands)
     seq = PartitionSpec(batch_axis_name, axis_name)
     def leaf_spec(x):  # mask data is small next to K/V: replicated, batch-split if B-sized
         x = jnp.asarray(x)
@@ -168,6 +209,7 @@ def _ring_jit(query, key, value, mask, sinks, *, mesh, axis_name, scale, impleme
     if sinks is not None:
         sinks = _place(sinks, mesh, PartitionSpec())
     out = jax.shard_map(functools.partial(_ring_body, cfg, zigzag_inside), mesh=mesh,
-                        in_specs=(seq, seq, seq, leaf_specs, PartitionSpec()), out_specs=seq,
-                        check_vma=False)(query, key, value, leaves, sinks)
+                        in_specs=(seq, seq, seq, leaf_specs, PartitionSpec(),
+                                  tuple(PartitionSpec() for _ in score_operands)),
+                        out_specs=seq, check_vma=False)(query, key, value, leaves, sinks, score_operands)
     return _place(out, mesh, PartitionSpec(batch_axis_name))[:, :t] if padded else out
