@@ -10,7 +10,9 @@ Where it acts: logits = scale · q·kᵀ, then + bias, then the soft cap c·tanh
 
 ``fn(score, batch, head, q_pos, kv_pos, *operands)`` is element-wise: every argument
 broadcasts against the score. batch, head, q_pos and kv_pos are int32 (head is the query
-head; q_pos and kv_pos are the row i and column j the masks see). The reference calls it
+head; q_pos and kv_pos are the row i and column j the masks see: absolute positions in
+`decode_attention`, global ones and the global batch row in every step of
+`ring_attention`). The reference calls it
 once on [B, N, T, S]; the kernels call it on each tile. Operands are read only by
 indexing, ``slopes[head]`` or ``table[head, bucket]`` with integer scalars or arrays, one
 index per axis, clamped to the axis's bounds like jnp indexing; each operand is an

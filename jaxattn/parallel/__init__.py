@@ -8,6 +8,7 @@ log-sum-exp. One concern per module:
 
     layout.py    the zigzag placement (causal load balance) and its permutations
     masks.py     a global mask re-expressed in the local coordinates of one step's call
+    scores.py    a score function (score_mod) at global positions inside one step's call
     plan.py      which call each device makes at each step; shared lax.switch branches
     hops.py      everything that travels in one hop, packed into one buffer
     forward.py   the ring forward: per-step attention and the lse merge

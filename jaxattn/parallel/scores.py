@@ -29,7 +29,7 @@ import jax.numpy as jnp
 
 from jaxattn.score_mod import ScoreMod
 
-__all__ = ["StepScore", "step_offsets", "step_score_mod", "whole_shard"]
+__all__ = ["StepScore", "step_offsets", "step_score_mod"]
 
 
 def _to_shard(pos, slices):
@@ -78,8 +78,3 @@ def step_score_mod(cfg, q_slices, kv_slices, score):
     operands, offsets = score
     fn = StepScore(cfg.score_fn, tuple(q_slices), tuple(kv_slices), cfg.chunk_q, cfg.chunk_kv)
     return ScoreMod(fn, *operands, offsets)
-
-
-def whole_shard(length: int):
-    """The slices of a call over a whole shard."""
-    return ((0, length),)
