@@ -362,11 +362,12 @@ def _per_row(score, batch, head, q_pos, kv_pos, temperature):
             - 0.05 * jnp.abs(q_pos - kv_pos).astype(score.dtype))
 
 
-SCORE_CASES = {   # mask, score_mod of the operand, backward path, B, T, S, batch axis
-    "causal_alibi_learned_slopes": (M.CausalMask(), jaxattn.alibi, "residual", 1, 58, 58, False),
-    # batch split over a second mesh axis: fn's batch index must be the global row
-    "window_per_row_vjp_batch_axis": (M.LocalMask(7, 2), lambda x: jaxattn.ScoreMod(_per_row, x),
-                                      "vjp", 2, 45, 52, True),
+SCORE_CASES = {   # mask, score_mod of the operand, backward path, B, T, S, batch axis and zigzag
+    "causal_alibi_learned_slopes_padded": (M.CausalMask(), jaxattn.alibi, "residual", 1, 58, 58, False),
+    # batch split over a second mesh axis (fn's batch index must be the global row), and
+    # inputs already in zigzag order (fn still sees natural positions)
+    "window_per_row_vjp_batch_axis_zigzag": (M.LocalMask(7, 2), lambda x: jaxattn.ScoreMod(_per_row, x),
+                                             "vjp", 2, 44, 52, True),
 }
 
 
@@ -375,10 +376,12 @@ def test_score_mod_values_and_gradients(mesh, name, monkeypatch):
     mask, make_score, backward, b, t, s, batch_axis = SCORE_CASES[name]
     if backward == "vjp":
         monkeypatch.setattr(ring_backward_module, "_block_backward", lambda implementation: None)
-    kw = {}
+    kw, perm_q, perm_kv, inv_q = {}, np.arange(t), np.arange(s), np.arange(t)
     if batch_axis:   # a 2 x 2 mesh: batch over "data", a ring of 2 over AXIS
         auto = jax.sharding.AxisType.Auto
-        mesh, kw = jax.make_mesh((2, 2), ("data", AXIS), axis_types=(auto, auto)), {"batch_axis_name": "data"}
+        mesh = jax.make_mesh((2, 2), ("data", AXIS), axis_types=(auto, auto))
+        kw = {"batch_axis_name": "data", "sequence_layout": "zigzag"}
+        perm_q, perm_kv, inv_q = zigzag_permutation(t, 2), zigzag_permutation(s, 2), inverse_zigzag_permutation(t, 2)
     q, k, v, do = _inputs(b=b, t=t, s=s, seed=9)
     operand = jnp.asarray(jaxattn.alibi_slopes(4)) * 4.0   # steep: positions matter
 
@@ -388,8 +391,9 @@ def test_score_mod_values_and_gradients(mesh, name, monkeypatch):
             return jnp.sum(o * do), o
         return jax.value_and_grad(loss, argnums=(0, 1, 2, 3), has_aux=True)
 
-    ring = grads(lambda q, k, v, sm: ring_attention(q, k, v, mask, mesh=mesh, axis_name=AXIS, score_mod=sm,
-                                                    implementation="reference", **kw))
+    ring = grads(lambda q, k, v, sm: ring_attention(
+        q[:, perm_q], k[:, perm_kv], v[:, perm_kv], mask, mesh=mesh, axis_name=AXIS, score_mod=sm,
+        implementation="reference", **kw)[:, inv_q])
     ref = grads(lambda q, k, v, sm: jaxattn.dot_product_attention(q, k, v, mask=mask, score_mod=sm,
                                                                   implementation="reference"))
     ((_, got), got_g), ((_, want), want_g) = _compiled(lambda *a: (ring(*a), ref(*a)), q, k, v, operand)(
