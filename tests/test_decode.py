@@ -290,6 +290,30 @@ def test_gpu_real_sizes(k, tq, layout, mask):
     assert (err < 2e-2).all(), err
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("score", ["alibi", "per_row"])
+@pytest.mark.parametrize("layout,tq", [("contiguous", 1), ("paged16", 4)])
+def test_gpu_real_sizes_score_mod(score, layout, tq):
+    """score_mod inside the decode kernel at real sizes and tiles (GQA 32/8), bf16,
+    worst row against the float32 reference decode with the same function."""
+    b, s, n, k, h = 4, 8192, 32, 8, 128
+    lengths = np.array([8192, 5000, 77, 0], np.int32)
+    kc, vc = _caches(b, s, k, h, lengths)
+    q = _query(b, tq, n, h)
+    table = None
+    if layout != "contiguous":
+        kc, vc, table = _to_paged(kc, vc, lengths, int(layout.removeprefix("paged")))
+    kc, vc, qb = (jnp.asarray(x, jnp.bfloat16) for x in (kc, vc, q))
+    mod = _score_mod(score, n)
+    got = jaxattn.decode_attention(qb, kc, vc, lengths=lengths, page_table=table, score_mod=mod,
+                                   implementation="pallas_triton")
+    want = jaxattn.decode_attention(*(x.astype(jnp.float32) for x in (qb, kc, vc)), lengths=lengths,
+                                    page_table=table, score_mod=mod, implementation="reference")
+    err = np.asarray(jnp.max(jnp.abs(got.astype(jnp.float32) - want), axis=(1, 2, 3)))
+    assert not np.isnan(np.asarray(got, np.float32)).any()
+    assert (err < 2e-2).all(), err
+
+
 def test_sinks_are_the_last_rows_of_attention_with_sinks():
     """decode_attention(sinks=) (the Triton decode kernel) equals dot_product_attention(
     sinks=) at the same rows, out and lse, on a cache whose unwritten slots hold NaN."""
