@@ -176,6 +176,7 @@ def test_split_count_fills_the_gpu():
     assert default_num_splits(64, 8, 64, cores=132) == 1         # B·K programs fill it already
     assert default_num_splits(64, 8, 512, cores=132) == 4        # long cache: 4 splits in flight
     assert default_num_splits(1, 1, 8, cores=132) == 2           # >= 4 tiles per split
+    assert default_num_splits(1, 8, 2048, cores=132, paged=True) == 33   # paged: two waves
 
 
 # ------------------------------------------------------------------------------------

@@ -118,7 +118,8 @@ def num_cores(interpret: bool) -> int:
 
 
 def default_num_splits(batch: int, kv_heads: int, kv_tiles: int, *, cores: int,
-                       min_tiles_per_split: int = 4, long_cache_tiles: int = 128) -> int:
+                       min_tiles_per_split: int = 4, long_cache_tiles: int = 128,
+                       paged: bool = False) -> int:
     """Splits per (row, KV head), from a sweep on an H200 (BENCHMARKS.md, decode):
 
     * one wave: B·K·splits <= `cores` programs. Small batches need the cache split to
@@ -128,8 +129,12 @@ def default_num_splits(batch: int, kv_heads: int, kv_tiles: int, *, cores: int,
     * a long cache keeps at least 4 splits even when B·K fills the GPU alone: more
       programs in flight hide more latency (64 × 32k: 4 splits 4056 GB/s, 1 split 3587;
       8 × 128k: 4 splits 3965, 33 splits 3880);
+    * a paged cache keeps two waves: its tiles wait on a page-table read before their
+      loads, and more programs in flight cover that (64-slot pages at B = 1: 33 splits
+      3099 GB/s at 128k and 2017 at 32k in one run, 16 splits 2154–2171 and 1394–1427 in
+      two later ones);
     * each split keeps at least `min_tiles_per_split` tiles of keys."""
-    want = max(1, cores // (batch * kv_heads))
+    want = max(1, (2 if paged else 1) * cores // (batch * kv_heads))
     if kv_tiles >= long_cache_tiles:
         want = max(want, 4)
     return max(1, min(want, kv_tiles // min_tiles_per_split))
@@ -317,7 +322,7 @@ def decode(static: DecodeStatic, q, k_cache, v_cache, lengths, page_table=None, 
     span = static.bounds.span(tq)
     kv_tiles = -(-min(capacity, span if span is not None else capacity) // bk)
     splits = static.num_splits or default_num_splits(
-        b, kh, kv_tiles, cores=num_cores(static.interpret))
+        b, kh, kv_tiles, cores=num_cores(static.interpret), paged=paged)
     splits = max(1, min(splits, -(-capacity // bk)))
 
     # [B, Tq, K·G, H] -> [B, K, Tq·G, H]: the G heads of KV head h and the Tq tokens as rows.
