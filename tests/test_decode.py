@@ -269,11 +269,9 @@ def test_lowers_for_h100(monkeypatch, tq, n, k, cache_shape, pages, mask, splits
 # GPU tier (skipped without a GPU): real sizes and the kernels' real tiles, bf16, worst
 # row against the float32 reference on the same inputs.
 # ------------------------------------------------------------------------------------
-@pytest.mark.gpu
-@pytest.mark.parametrize("k,tq", [(8, 1), (8, 4), (1, 4)])
-@pytest.mark.parametrize("layout,mask", [("contiguous", None), ("contiguous", M.LocalMask(1023, 0)),
-                                         ("paged16", None), ("paged64", M.LocalMask(511, 0))])
-def test_gpu_real_sizes(k, tq, layout, mask):
+def _check_real_size(k, tq, layout, mask=None, score_mod=None):
+    """Kernel vs the float32 reference decode at real sizes (B4, S 8192, N32, H128, bf16,
+    ragged lengths incl. 0), worst row per sequence."""
     b, s, n, h = 4, 8192, 32, 128
     lengths = np.array([8192, 5000, 77, 0], np.int32)
     kc, vc = _caches(b, s, k, h, lengths)
@@ -282,37 +280,29 @@ def test_gpu_real_sizes(k, tq, layout, mask):
     if layout != "contiguous":
         kc, vc, table = _to_paged(kc, vc, lengths, int(layout.removeprefix("paged")))
     kc, vc, qb = (jnp.asarray(x, jnp.bfloat16) for x in (kc, vc, q))
-    got = jaxattn.decode_attention(qb, kc, vc, lengths=lengths, page_table=table, mask=mask,
-                                   implementation="pallas_triton")
-    want = jaxattn.decode_attention(*(x.astype(jnp.float32) for x in (qb, kc, vc)), lengths=lengths,
-                                    page_table=table, mask=mask, implementation="reference")
+    call = dict(lengths=lengths, page_table=table, mask=mask, score_mod=score_mod)
+    got = jaxattn.decode_attention(qb, kc, vc, implementation="pallas_triton", **call)
+    want = jaxattn.decode_attention(*(x.astype(jnp.float32) for x in (qb, kc, vc)),
+                                    implementation="reference", **call)
     err = np.asarray(jnp.max(jnp.abs(got.astype(jnp.float32) - want), axis=(1, 2, 3)))
     assert not np.isnan(np.asarray(got, np.float32)).any()
     assert (err < 2e-2).all(), err
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("k,tq", [(8, 1), (8, 4), (1, 4)])
+@pytest.mark.parametrize("layout,mask", [("contiguous", None), ("contiguous", M.LocalMask(1023, 0)),
+                                         ("paged16", None), ("paged64", M.LocalMask(511, 0))])
+def test_gpu_real_sizes(k, tq, layout, mask):
+    _check_real_size(k, tq, layout, mask)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("score", ["alibi", "per_row"])
 @pytest.mark.parametrize("layout,tq", [("contiguous", 1), ("paged16", 4)])
 def test_gpu_real_sizes_score_mod(score, layout, tq):
-    """score_mod inside the decode kernel at real sizes and tiles (GQA 32/8), bf16,
-    worst row against the float32 reference decode with the same function."""
-    b, s, n, k, h = 4, 8192, 32, 8, 128
-    lengths = np.array([8192, 5000, 77, 0], np.int32)
-    kc, vc = _caches(b, s, k, h, lengths)
-    q = _query(b, tq, n, h)
-    table = None
-    if layout != "contiguous":
-        kc, vc, table = _to_paged(kc, vc, lengths, int(layout.removeprefix("paged")))
-    kc, vc, qb = (jnp.asarray(x, jnp.bfloat16) for x in (kc, vc, q))
-    mod = _score_mod(score, n)
-    got = jaxattn.decode_attention(qb, kc, vc, lengths=lengths, page_table=table, score_mod=mod,
-                                   implementation="pallas_triton")
-    want = jaxattn.decode_attention(*(x.astype(jnp.float32) for x in (qb, kc, vc)), lengths=lengths,
-                                    page_table=table, score_mod=mod, implementation="reference")
-    err = np.asarray(jnp.max(jnp.abs(got.astype(jnp.float32) - want), axis=(1, 2, 3)))
-    assert not np.isnan(np.asarray(got, np.float32)).any()
-    assert (err < 2e-2).all(), err
+    """score_mod inside the decode kernel at real sizes and tiles (GQA 32/8)."""
+    _check_real_size(8, tq, layout, score_mod=_score_mod(score, 32))
 
 
 def test_sinks_are_the_last_rows_of_attention_with_sinks():
