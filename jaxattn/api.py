@@ -350,7 +350,7 @@ def dot_product_attention(query, key, value, bias=None, mask=None, *, scale=None
             return planned
 
     order = (names if names is not None
-             else implementations.default_order(canonical, query.dtype, cap))
+             else implementations.default_order(canonical, query.dtype, cap, query.shape[-1]))
     reasons = []
     for name in order:
         try:

@@ -198,8 +198,17 @@ def test_gpu_order_falls_back_through_cudnn_to_reference(monkeypatch):
     kernels = tuple(n for n in backend_names() if n.startswith("pallas_"))
     assert implementations.default_order() == (*kernels, "cudnn", "reference")
     # masks jax.nn expresses natively, on 16-bit inputs, go to cuDNN first (measured faster)
-    for mask in (M.FullMask(), M.CausalMask(), M.CausalMask() & M.LocalMask(128, 0)):
+    for mask in (M.FullMask(), M.CausalMask(), M.CausalMask() & M.LocalMask(2048, 0),
+                 M.LocalMask(128, 128)):
         assert implementations.default_order(mask, jnp.bfloat16) == ("cudnn", *kernels, "reference")
+    # ... except narrow causal windows: the Hopper kernels first, then cuDNN
+    rest = tuple(n for n in kernels if n != "pallas_mosaic_gpu")
+    for mask in (M.CausalMask() & M.LocalMask(128, 0), M.LocalMask(256, 0)):
+        assert implementations.default_order(mask, jnp.bfloat16, None, 128) == (
+            "pallas_mosaic_gpu", "cudnn", *rest, "reference")
+        # not measured at head dims 64 and 256 (nor without knowing it): cuDNN first
+        for head_dim in (64, 256, None):
+            assert implementations.default_order(mask, jnp.bfloat16, None, head_dim)[0] == "cudnn"
     for mask, dtype, cap in ((M.CausalMask(), jnp.float32, None), (M.CausalMask(), jnp.bfloat16, 30.0),
                              (M.CausalMask() & M.StridedMask(4), jnp.bfloat16, None)):
         assert implementations.default_order(mask, dtype, cap) == (*kernels, "cudnn", "reference")
