@@ -305,6 +305,23 @@ def test_gpu_real_sizes_score_mod(score, layout, tq):
     _check_real_size(8, tq, layout, score_mod=_score_mod(score, 32))
 
 
+def test_score_mod_with_sinks_is_the_last_rows_of_attention_with_both():
+    """score_mod and sinks together in the Triton decode kernel: out and lse equal
+    dot_product_attention with both at the same rows (unwritten slots hold NaN)."""
+    b, s, n, k, h, tq = 2, 32, 4, 2, 8, 2
+    lengths = [32, 9]
+    kc, vc = _caches(b, s, k, h, lengths)
+    q = _query(b, tq, n, h)
+    sinks = np.array([0.5, -1.0, 2.0, 0.0], np.float32)
+    mod = jaxattn.alibi(jaxattn.alibi_slopes(n))
+    out, lse = _decode("pallas_triton", q, kc, vc, lengths, sinks=sinks, score_mod=mod)
+    fo, fl = jaxattn.dot_product_attention(
+        _as_full_attention(q, lengths, s), np.nan_to_num(kc), np.nan_to_num(vc), is_causal=True,
+        sinks=sinks, score_mod=mod, implementation="reference", return_residuals=True)
+    np.testing.assert_allclose(out, _rows_at(fo, lengths, tq, axis=1), atol=2e-5)
+    np.testing.assert_allclose(lse, _rows_at(fl, lengths, tq, axis=2), atol=2e-5)
+
+
 def test_sinks_are_the_last_rows_of_attention_with_sinks():
     """decode_attention(sinks=) (the Triton decode kernel) equals dot_product_attention(
     sinks=) at the same rows, out and lse, on a cache whose unwritten slots hold NaN."""
