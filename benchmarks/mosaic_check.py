@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxattn.benchmarking import timing
-from jaxattn.benchmarking.cases import BenchCase
+from jaxattn.benchmarking.cases import HOPPER_GOAL_CASES, BenchCase
 from jaxattn import masks
 from jaxattn.masks import build_block_metadata
 from jaxattn.reference import allowed_pairs, reference_attention
@@ -155,13 +155,8 @@ class DocumentsCase(BenchCase):
 
 
 BENCH = [
-    BenchCase("D128 S16384 B1 H16 full", 1, 16, 16384, 128, "full"),
-    BenchCase("D128 S16384 B1 H16 causal", 1, 16, 16384, 128, "causal"),
-    BenchCase("D128 S1024 B16 H16 full", 16, 16, 1024, 128, "full"),
-    BenchCase("D128 S32768 B1 H16 causal window 2048", 1, 16, 32768, 128, "window", 2048),
-    BenchCase("D128 S32768 B1 H16 causal window 256", 1, 16, 32768, 128, "window", 256),
+    *HOPPER_GOAL_CASES,
     BenchCase("D128 S16384 B1 H16 bigbird", 1, 16, 16384, 128, "bigbird"),
-    BenchCase("D128 S131072 B1 H8 causal", 1, 8, 131072, 128, "causal"),
     DocumentsCase("D128 S16384 B1 H16 causal documents (8)", 1, 16, 16384, 128, "documents"),
 ]
 

@@ -66,11 +66,6 @@ def window_cases(seq: int = 32768):
     return out
 
 
-def _has_data(mask) -> bool:
-    parts = getattr(mask, "parts", None)
-    return isinstance(mask, M.SegmentMask) or (parts is not None and any(_has_data(p) for p in parts))
-
-
 def _functions(engine, mask):
     """(fwd, fwd_bwd) taking (q, k, v, extra..., [do]); extra is the dense mask for cuDNN."""
     if engine == "cudnn":
@@ -95,7 +90,7 @@ def run_case(name, mask, *, b, n, s, d, engines):
     q, k, v, do = (jax.random.normal(x, (b, s, n, d), jnp.bfloat16) for x in ks)
     row = dict(case=name, mask=repr(mask), b=b, n=n, s=s, d=d, density=density,
                allowed_pairs=pairs, flops_fwd=flops_fwd)
-    if not _has_data(mask):   # explain takes static masks (no segment ids)
+    if not mask.is_dynamic:   # explain takes static masks (no segment ids)
         explanation = M.explain(mask, s, s, block_q=128, block_kv=64)
         row.update(plain_tiles=explanation.plan.plain_tiles, planned_tiles=explanation.plan.tiles,
                    planned=explanation.plan.planned, explain=str(explanation))

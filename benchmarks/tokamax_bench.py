@@ -28,17 +28,10 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 import jaxattn  # noqa: E402
-from jaxattn.benchmarking.cases import BenchCase  # noqa: E402
+from jaxattn.benchmarking.cases import HOPPER_GOAL_CASES  # noqa: E402
 from jaxattn.benchmarking.timing import time_call  # noqa: E402
 
-CASES = (
-    BenchCase("D128 S16384 B1 H16 full", 1, 16, 16384, 128, "full"),
-    BenchCase("D128 S16384 B1 H16 causal", 1, 16, 16384, 128, "causal"),
-    BenchCase("D128 S1024 B16 H16 full", 16, 16, 1024, 128, "full"),
-    BenchCase("D128 S32768 B1 H16 causal window 2048", 1, 16, 32768, 128, "window", 2048),
-    BenchCase("D128 S32768 B1 H16 causal window 256", 1, 16, 32768, 128, "window", 256),
-    BenchCase("D128 S131072 B1 H8 causal", 1, 8, 131072, 128, "causal"),
-)
+CASES = HOPPER_GOAL_CASES
 ENGINES = ("jaxattn", "tokamax", "cudnn")
 
 

@@ -84,6 +84,18 @@ def _anchor_cases() -> tuple[BenchCase, ...]:
 
 
 ANCHOR_CASES = _anchor_cases()
+
+# The table of issue 11 (the Hopper kernels' goals) that takes jax.nn's structured mask
+# arguments, shared by the benches that time it (benchmarks/mosaic_check.py adds BigBird
+# and packed documents, which need a dense mask there).
+HOPPER_GOAL_CASES = (
+    BenchCase("D128 S16384 B1 H16 full", 1, 16, 16384, 128, "full"),
+    BenchCase("D128 S16384 B1 H16 causal", 1, 16, 16384, 128, "causal"),
+    BenchCase("D128 S1024 B16 H16 full", 16, 16, 1024, 128, "full"),
+    BenchCase("D128 S32768 B1 H16 causal window 2048", 1, 16, 32768, 128, "window", 2048),
+    BenchCase("D128 S32768 B1 H16 causal window 256", 1, 16, 32768, 128, "window", 256),
+    BenchCase("D128 S131072 B1 H8 causal", 1, 8, 131072, 128, "causal"),
+)
 QUICK_CASE_NAMES = ("D128 S4096 full", "D128 S4096 causal", "D128 S32768 B1 H16 causal window 2048",
                     "D128 S16384 B1 H16 bigbird")
 
