@@ -23,6 +23,7 @@ import dataclasses
 import datetime
 import json
 import os
+import re
 import sys
 import time
 
@@ -102,6 +103,9 @@ def main(argv=None):
     p.add_argument("--budget-s", type=float, default=225.0,
                    help="start no new case after this many seconds (the rest is recorded as skipped)")
     p.add_argument("--skip-check", action="store_true")
+    p.add_argument("--match", nargs="*", default=None, metavar="REGEX",
+                   help="run only the grid cases whose name matches one of these regular "
+                        "expressions (names look like 'K1 B8 ctx 32k Tq4 paged16')")
     args = p.parse_args(argv)
     dev = jax.devices()[0]
     hbm = D.card_hbm_gbps()
@@ -111,8 +115,10 @@ def main(argv=None):
     print(f"decode_bench on {meta['device']} ({meta['cores']} SMs), jax {jax.__version__}", flush=True)
     start = time.perf_counter()
     result = dict(meta=meta, check=[] if args.skip_check else correctness(), rows=[], skipped=[])
-    plan = [(case, impl, None) for case in (D.issue_cases() if args.quick else D.full_cases(DTYPE))
-            for impl in args.impls]
+    grid = D.issue_cases() if args.quick else D.full_cases(DTYPE)
+    if args.match:
+        grid = [c for c in grid if any(re.search(rx, c.name) for rx in args.match)]
+    plan = [(case, impl, None) for case in grid for impl in args.impls]
     if args.tune:
         plan += [(D.DecodeCase(8, b, ctx, tq), "pallas_triton", cfg) for tq in (1, 4)
                  for b, ctx in ((1, 32768), (8, 4096), (64, 32768)) for cfg in TUNE_CONFIGS]

@@ -13,6 +13,8 @@ Engines:
   default  implementation=None: what dispatch picks for the plan's parts (each part may
          go to a different implementation)
   cudnn  jax.nn.dot_product_attention(implementation="cudnn") with the dense [T, S] mask
+  cudnn_native  (only when named) jaxattn's "cudnn" implementation: jax.nn with the mask's
+         own form (a causal window as local_window_size), for the window cases
 Times are medians of 20 calls after 2 warm-ups (benchmarks/timing.py); one input set
 (3 × 128 MB exceeds the L2). Each row also records the planned tiles and the largest
 difference between the plan's and today's forward outputs.
@@ -43,7 +45,10 @@ from jaxattn.planned import planning  # noqa: E402
 from jaxattn.reference import allowed_pairs  # noqa: E402
 
 ENGINES = ("today", "plan", "plan_mosaic", "default", "cudnn")
-IMPLEMENTATION = dict(today="pallas_triton", plan="pallas_triton", plan_mosaic="pallas_mosaic_gpu", default=None)
+# "cudnn_native" (run only when named) is jaxattn's "cudnn" implementation: jax.nn with the
+# mask's native form (a causal window as local_window_size), where jax.nn has one.
+IMPLEMENTATION = dict(today="pallas_triton", plan="pallas_triton", plan_mosaic="pallas_mosaic_gpu", default=None,
+                      cudnn_native="cudnn")
 
 
 def cases():
@@ -124,7 +129,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="strided_bench.json")
     p.add_argument("--cases", nargs="*", default=None, help=f"names among {list(cases()) + list(window_cases())}")
-    p.add_argument("--engines", nargs="*", default=list(ENGINES))
+    p.add_argument("--engines", nargs="*", default=list(ENGINES), choices=list(IMPLEMENTATION) + ["cudnn"])
     p.add_argument("--seq", type=int, default=32768)
     args = p.parse_args(argv)
     all_cases = {**cases(), **window_cases(args.seq)}
