@@ -61,12 +61,14 @@ def default_order(mask: Mask | None = None, dtype=None, logits_soft_cap=None,
     window) on 16-bit inputs without a soft cap goes to cuDNN first: measured on an H200
     (BENCHMARKS.md, "What implementation=None runs") cuDNN's training step is as fast or
     faster there, so the default never returns something slower than jax.nn would.
-    Narrow causal windows (at most NARROW_WINDOW keys back) are the exception: the Hopper
-    kernels ran causal window 256 at 32k at 159 / 163 TFLOP/s forward / forward+backward
-    against cuDNN's 123 / 138 in one process (window 2048: 416 against 417 for a training
-    step, so wider windows stay with cuDNN), so at the head dims those kernels run as 128
-    (65–128; the only size measured) they go to those kernels first and to cuDNN where
-    those decline (an unaligned window, a GPU before Hopper).
+    Narrow causal windows (at most NARROW_WINDOW keys back) are the exception: on an
+    H200, in one process each, the Hopper kernels ran causal windows at 32k at 147 / 162
+    (256 keys), 221 / 239 (512) and 351 / 337 (1024) TFLOP/s forward / forward+backward
+    against cuDNN's 110 / 133, 187 / 222 and 274 / 328 (at 2048 keys: 445 / 416 against
+    374 / 417, a tie for a training step, so wider windows stay with cuDNN). At the head
+    dims those kernels run as 128 (65–128; the only size measured) such windows go to
+    those kernels first and to cuDNN where they decline (an unaligned window, a GPU
+    before Hopper).
     jaxattn's kernels stay bitwise deterministic; name one to keep that for these masks."""
     if jax.default_backend() != "gpu":
         return ("reference",)
@@ -81,9 +83,9 @@ def default_order(mask: Mask | None = None, dtype=None, logits_soft_cap=None,
 
 
 # The kernel backend that beats cuDNN on narrow causal windows, and how narrow (keys
-# before the query; measured at 256, tied at 2048: see default_order).
+# before the query; faster at 256, 512 and 1024, tied at 2048: see default_order).
 HOPPER_KERNELS = "pallas_mosaic_gpu"
-NARROW_WINDOW = 256
+NARROW_WINDOW = 1024
 NARROW_WINDOW_HEAD_DIMS = range(65, 129)
 
 

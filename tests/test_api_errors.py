@@ -203,7 +203,7 @@ def test_gpu_order_falls_back_through_cudnn_to_reference(monkeypatch):
         assert implementations.default_order(mask, jnp.bfloat16) == ("cudnn", *kernels, "reference")
     # ... except narrow causal windows: the Hopper kernels first, then cuDNN
     rest = tuple(n for n in kernels if n != "pallas_mosaic_gpu")
-    for mask in (M.CausalMask() & M.LocalMask(128, 0), M.LocalMask(256, 0)):
+    for mask in (M.CausalMask() & M.LocalMask(128, 0), M.LocalMask(256, 0), M.LocalMask(1024, 0)):
         assert implementations.default_order(mask, jnp.bfloat16, None, 128) == (
             "pallas_mosaic_gpu", "cudnn", *rest, "reference")
         # not measured at head dims 64 and 256 (nor without knowing it): cuDNN first
