@@ -103,6 +103,9 @@ def main(argv=None):
     p.add_argument("--budget-s", type=float, default=225.0,
                    help="start no new case after this many seconds (the rest is recorded as skipped)")
     p.add_argument("--skip-check", action="store_true")
+    p.add_argument("--max-inner", type=int, default=D.MAX_INNER,
+                   help="decode steps per timed executable at most (default %(default)s); small "
+                        "cases reach it, and each call's dispatch is shared by that many steps")
     p.add_argument("--match", nargs="*", default=None, metavar="REGEX",
                    help="run only the grid cases whose name matches one of these regular "
                         "expressions (names look like 'K1 B8 ctx 32k Tq4 paged16')")
@@ -136,7 +139,7 @@ def main(argv=None):
             fn = tuned_fn(case, None, cfg[1])
         else:
             fn = None if cfg is None else tuned_fn(case, cfg, None)
-        row = D.measure(case, impl, dtype=DTYPE, fn=fn, hbm_gbps=hbm)
+        row = D.measure(case, impl, dtype=DTYPE, fn=fn, hbm_gbps=hbm, max_inner=args.max_inner)
         if row is None:
             continue
         row["tuned"] = cfg is not None

@@ -136,15 +136,16 @@ def chained_steps(fn, n_steps: int):
 
 
 def measure(case: DecodeCase, impl: str, *, dtype=jnp.bfloat16, key=None, warmup=2, repeats=20,
-            fn=None, hbm_gbps: float | None = None) -> dict | None:
+            fn=None, hbm_gbps: float | None = None, max_inner: int = MAX_INNER) -> dict | None:
     """One row: GB/s of `impl` on `case` (None when the implementation cannot take it).
-    `fn` overrides the function timed (a tuned kernel config)."""
+    `fn` overrides the function timed (a tuned kernel config); `max_inner` caps the steps
+    per executable (each call's dispatch is shared by that many steps)."""
     fn = fn or decode_fn(impl, case)
     if fn is None:
         return None
     key = jax.random.key(1) if key is None else key
     nbytes = case.kv_bytes(dtype)
-    inner = int(min(MAX_INNER, max(1, math.ceil(TARGET_EXEC_S * 4800e9 / nbytes))))
+    inner = int(min(max_inner, max(1, math.ceil(TARGET_EXEC_S * 4800e9 / nbytes))))
     sets = min(inner, rotation_sets(case.kv_bytes(dtype, case.context), max_sets=MAX_INNER))
     row = dict(case=case.name, **dataclasses.asdict(case), impl=impl, bytes=nbytes, inner=inner,
                input_sets=sets)
