@@ -26,6 +26,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from jaxattn import masks as M
 from jaxattn.masks import build_block_metadata
+from jaxattn.masks.complement import NotMask
 from jaxattn.reference import reference_attention
 from pallas_kernels import mosaic_gpu
 from pallas_kernels.flash_vjp import flash_attention
@@ -65,6 +66,10 @@ LOWERING_CASES = {
                                     causal=True), 512, 512, 2, 2, 128, jnp.bfloat16),
     "strided D256": (M.CausalMask() & M.StridedMask(3), 256, 256, 2, 1, 256, jnp.bfloat16),
     "prefix D96": (M.PrefixLMMask(40) & M.GlobalMask(8), 256, 256, 2, 2, 96, jnp.bfloat16),
+    # a complement (the planner's union parts exclude what another part computed): a bool
+    # `not` in the kernel failed Mosaic GPU's lowering until NotMask used an exclusive or
+    "complement D64": (M.GlobalMask(3) & NotMask(M.CausalMask() & M.StridedMask(7)), 256, 256, 2, 2, 64,
+                       jnp.bfloat16),
 }
 
 

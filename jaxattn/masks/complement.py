@@ -39,7 +39,11 @@ class NotMask(Mask):
         return self.inner.operands()
 
     def evaluate(self, q_pos, kv_pos, operand_values=()):
-        return ~self.inner.evaluate(q_pos, kv_pos, operand_values)
+        # `x ^ True` rather than `~x`: Mosaic GPU lowers a bool `not` as a round trip
+        # through int whose way back to bool its wgmma-layout registers (two values
+        # each) cannot hold ("Register bitwidth ... must be divisible by 8"); an
+        # exclusive or with a constant is one bool op there, and in numpy and jnp.
+        return self.inner.evaluate(q_pos, kv_pos, operand_values) ^ True
 
     def tile_state(self, q_len, kv_len, block_q, block_kv):
         state = self.inner.tile_state(q_len, kv_len, block_q, block_kv)
