@@ -27,9 +27,13 @@ power of two, more than MAX_ROWS query rows per KV head); the caller falls back.
 Algorithm (flash-decoding). One program per (batch row b, KV head h, split s):
 
 1. GQA packed into the matrix rows: the G = N / K query heads that share KV head h,
-   times the Tq new tokens, are one [Tq·G, H] query tile (row r = t·G + g, padded to a
-   power of two >= 16 for the tensor cores), so every K/V tile is loaded once for the
-   whole group — no K/V copies per query head.
+   times the Tq new tokens, are one [Tq·G, H] query tile (row r = t·G + g), so every K/V
+   tile is loaded once for the whole group — no K/V copies per query head. The query
+   reaches the kernel as [B, K, Tq·G, H] (for Tq = 1 a free reshape of [B, 1, N, H]); the
+   program loads its rows into an [rp, hp] tile (powers of two, rp >= 16 for the tensor
+   cores) with a masked load that zero-fills the padding on chip, so no padded copy of
+   the query is made in memory. Padding rows are excluded from every masked tile's
+   selects, as padding, and never stored.
 2. Trip counts from lengths: the keys row b can see are [lo, hi] with lo from the mask's
    KeyBounds (a sliding window) and hi = min(lengths[b] - 1, ...). Only the tiles of
    block_kv keys covering [lo, hi] are visited; tiles past lengths[b] or left of a window
@@ -48,9 +52,15 @@ Algorithm (flash-decoding). One program per (batch row b, KV head h, split s):
    and the K/V rows gathered from those pages directly (several pages per tile when the
    page is smaller than the tile) — no contiguous copy. Page-table entries of pages past
    the needed range are never followed.
-5. With one split the program writes the normalised output. With several, each writes
-   its normalised partial output and lse, and `_merge_splits` combines them exactly:
-   lse = log Σ_s exp(lse_s), out = Σ_s exp(lse_s - lse) · out_s.
+5. Outputs are stored in their final packed layout, [B, K, Tq·G, H] and lse
+   [B, K, Tq·G], by masked stores of the tile's real rows and columns. With one split
+   the program writes the normalised output in q's dtype: one kernel per step. With
+   several, each writes its float32 partial output, normalised by its own sum, and lse,
+   and one merge kernel (pallas_kernels/triton/decode_merge.py) combines them exactly,
+   walking the splits of each (b, h) with an online log-sum-exp:
+   lse = log Σ_s exp(lse_s), out = Σ_s exp(lse_s - lse) · out_s. Two kernels per step.
+   Back to [B, Tq, N, H] and [B, N, Tq] is a free reshape for Tq = 1 (a transpose of the
+   token and head axes for Tq > 1).
 """
 
 from __future__ import annotations
@@ -68,6 +78,7 @@ from pallas_kernels.decode_static import DecodeStatic
 from pallas_kernels.score_mod import apply_score_mod, flat_operand
 from pallas_kernels.triton.common import (dot_nt, online_softmax_step, padded_head_dim, scaled_logits,
                                           score_operand_spec)
+from pallas_kernels.triton.decode_merge import merge_splits, real_entries
 
 # Query rows (Tq · N / K) one program holds; longer chunks belong to prefill kernels.
 MAX_ROWS = 128
@@ -146,13 +157,13 @@ def _div(x, d: int):
 
 
 def _decode_kernel(lengths_ref, q_ref, k_ref, v_ref, *refs, paged, tq, groups, rows,
-                   capacity, slots, bk, page_size, pages_per_tile, num_pages, clamp_last, scale,
+                   head_dim, capacity, slots, bk, page_size, pages_per_tile, num_pages, clamp_last, scale,
                    cap, mask_fn, operand_cols, score_mod, score_shapes, bounds, num_splits, acc):
     table_ref, refs = (refs[0], refs[1:]) if paged else (None, refs)
     n_mask, n_score = len(operand_cols), len(score_shapes)
     operand_refs, score_refs = refs[:n_mask], refs[n_mask:n_mask + n_score]
     o_ref, lse_ref = refs[n_mask + n_score:]
-    rp = q_ref.shape[0]
+    rp, hp = q_ref.shape
     b, kv_head, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     length = lengths_ref[b]
     p_first, p_last = length - tq, length - 1     # positions of the first and last new token
@@ -176,7 +187,9 @@ def _decode_kernel(lengths_ref, q_ref, k_ref, v_ref, *refs, paged, tq, groups, r
     else:
         cf = ce = jnp.int32(0)
 
-    q = q_ref[...]                                                  # [rp, hp], on chip
+    # The packed query's real [rows, H] entries, zero-padded to the [rp, hp] tile on chip.
+    entries, row_ok_1d = real_entries(rp, hp, rows, head_dim)
+    q = plgpu.load(q_ref, mask=entries, other=0)                    # [rp, hp]
     r = jax.lax.broadcasted_iota(jnp.int32, (rp, 1), 0)
     q_pos = p_first + _div(r, groups)                               # row r = t·G + g
     row_ok = r < rows                                               # padding rows
@@ -235,7 +248,7 @@ def _decode_kernel(lengths_ref, q_ref, k_ref, v_ref, *refs, paged, tq, groups, r
         return online_softmax_step(logits2, m_i, l_i, o_acc, lambda: load(v_ref, index), keep)
 
     carry = (jnp.full((rp,), MASK_VALUE, acc), jnp.zeros((rp,), acc),
-             jnp.zeros((rp, q.shape[-1]), acc))
+             jnp.zeros((rp, hp), acc))
     masked = functools.partial(visit, masked=True)
     carry = jax.lax.fori_loop(a, jnp.minimum(z, cf), masked, carry)              # window edge
     carry = jax.lax.fori_loop(jnp.maximum(a, cf), jnp.minimum(z, ce),
@@ -244,23 +257,12 @@ def _decode_kernel(lengths_ref, q_ref, k_ref, v_ref, *refs, paged, tq, groups, r
     m_i, l_i, o_acc = carry
 
     # Epilogue: O = acc / l; a row that saw no allowed key returns 0 with lse = -inf.
+    # Only the real rows and columns are stored (the arrays hold nothing else).
     nonempty = l_i > 0
     l_safe = jnp.where(nonempty, l_i, 1.0)
-    o_ref[...] = (o_acc / l_safe[:, None]).astype(o_ref.dtype)
-    lse_ref[...] = jnp.where(nonempty, (m_i + jnp.log2(l_safe)) * LN2, -jnp.inf).astype(lse_ref.dtype)
-
-
-def _merge_splits(out_s, lse_s):
-    """Exact log-sum-exp merge over the split axis (2): out_s [B, K, S, R, H] (each
-    normalised by its own sum), lse_s [B, K, S, R] (-inf where a split saw no key)."""
-    m = jnp.max(lse_s, axis=2, keepdims=True)
-    m = jnp.where(jnp.isfinite(m), m, 0.0)
-    w = jnp.exp(lse_s - m)                                         # 0 for empty splits
-    total = jnp.sum(w, axis=2)
-    nonempty = total > 0
-    out = jnp.sum(w[..., None] * out_s, axis=2) / jnp.where(nonempty, total, 1.0)[..., None]
-    lse = jnp.where(nonempty, m[:, :, 0] + jnp.log(jnp.where(nonempty, total, 1.0)), -jnp.inf)
-    return out, lse
+    plgpu.store(o_ref, (o_acc / l_safe[:, None]).astype(o_ref.dtype), mask=entries)
+    lse = jnp.where(nonempty, (m_i + jnp.log2(l_safe)) * LN2, -jnp.inf)
+    plgpu.store(lse_ref, lse.astype(lse_ref.dtype), mask=row_ok_1d)
 
 
 def _prepare_operand(a, *, kv_heads, groups, tq, rp, kv_pad):
@@ -325,9 +327,10 @@ def decode(static: DecodeStatic, q, k_cache, v_cache, lengths, page_table=None, 
         b, kh, kv_tiles, cores=num_cores(static.interpret), paged=paged)
     splits = max(1, min(splits, -(-capacity // bk)))
 
-    # [B, Tq, K·G, H] -> [B, K, Tq·G, H]: the G heads of KV head h and the Tq tokens as rows.
+    # [B, Tq, K·G, H] -> [B, K, Tq·G, H]: the G heads of KV head h and the Tq tokens as
+    # rows. For Tq = 1 the transpose moves a unit dim only: a free reshape, no copy. The
+    # kernel pads the [rows, H] tile to [rp, hp] on chip (masked load), not XLA.
     qp = q.reshape(b, tq, kh, groups, h).transpose(0, 2, 1, 3, 4).reshape(b, kh, rows, h)
-    qp = pad_axis(pad_axis(qp, 2, rp), 3, hp)
 
     slots = k_cache.shape[1]
     if paged:
@@ -358,18 +361,21 @@ def decode(static: DecodeStatic, q, k_cache, v_cache, lengths, page_table=None, 
     in_specs = [pl.BlockSpec((b,), lambda i, j, s: (0,)),
                 pl.BlockSpec((None, None, rp, hp), lambda i, j, s: (i, j, 0, 0)),
                 cache_spec, cache_spec, *extra_specs]
+    # Outputs hold only the real [rows, H] entries of each tile (masked stores): with one
+    # split the final packed output in q's dtype, with several each split's float32
+    # partial, merged by one more kernel.
     if splits == 1:
-        out_shape = [jax.ShapeDtypeStruct((b, kh, rp, hp), q.dtype),
-                     jax.ShapeDtypeStruct((b, kh, rp), acc)]
+        out_shape = [jax.ShapeDtypeStruct((b, kh, rows, h), q.dtype),
+                     jax.ShapeDtypeStruct((b, kh, rows), acc)]
         out_specs = [pl.BlockSpec((None, None, rp, hp), lambda i, j, s: (i, j, 0, 0)),
                      pl.BlockSpec((None, None, rp), lambda i, j, s: (i, j, 0))]
     else:
-        out_shape = [jax.ShapeDtypeStruct((b, kh, splits, rp, hp), acc),
-                     jax.ShapeDtypeStruct((b, kh, splits, rp), acc)]
+        out_shape = [jax.ShapeDtypeStruct((b, kh, splits, rows, h), acc),
+                     jax.ShapeDtypeStruct((b, kh, splits, rows), acc)]
         out_specs = [pl.BlockSpec((None, None, None, rp, hp), lambda i, j, s: (i, j, s, 0, 0)),
                      pl.BlockSpec((None, None, None, rp), lambda i, j, s: (i, j, s, 0))]
     kernel = functools.partial(
-        _decode_kernel, paged=paged, tq=tq, groups=groups, rows=rows, capacity=capacity,
+        _decode_kernel, paged=paged, tq=tq, groups=groups, rows=rows, head_dim=h, capacity=capacity,
         slots=slots,
         bk=bk, page_size=page_size, pages_per_tile=pages_per_tile, num_pages=num_pages,
         clamp_last=clamp_last, scale=static.scale, cap=static.logits_soft_cap,
@@ -387,11 +393,12 @@ def decode(static: DecodeStatic, q, k_cache, v_cache, lengths, page_table=None, 
         name="jaxattn_flash_decode",
     )(lengths.astype(jnp.int32), qp, k_cache, v_cache, *extra)
     if splits > 1:
-        out, lse = _merge_splits(out, lse)
-    # [B, K, Tq·G, H] -> [B, Tq, N, H]; lse [B, K, Tq·G] -> [B, N, Tq].
-    out = out[:, :, :rows, :h].reshape(b, kh, tq, groups, h).transpose(0, 2, 1, 3, 4)
-    lse = lse[:, :, :rows].reshape(b, kh, tq, groups).transpose(0, 1, 3, 2)
-    return out.reshape(b, tq, n, h).astype(q.dtype), lse.reshape(b, n, tq).astype(jnp.float32)
+        out, lse = merge_splits(out, lse, rp=rp, hp=hp, out_dtype=q.dtype, interpret=static.interpret)
+    # [B, K, Tq·G, H] -> [B, Tq, N, H]; lse [B, K, Tq·G] -> [B, N, Tq]. Free reshapes for
+    # Tq = 1 (the transposes move unit dims); a transpose for Tq > 1.
+    out = out.reshape(b, kh, tq, groups, h).transpose(0, 2, 1, 3, 4).reshape(b, tq, n, h)
+    lse = lse.reshape(b, kh, tq, groups).transpose(0, 1, 3, 2).reshape(b, n, tq)
+    return out, lse.astype(jnp.float32)
 
 
 __all__ = ["decode", "DecodeConfig", "default_decode_config", "default_num_splits", "MAX_ROWS"]

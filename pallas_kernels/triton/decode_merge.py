@@ -1,0 +1,122 @@
+"""The merge of flash-decoding's splits (Pallas, Triton lowering; interpret mode on CPU).
+
+When the decode kernel (pallas_kernels/triton/decode.py) splits one sequence's cache over
+S programs, split s leaves a partial output O_s, normalised by its own softmax sum, and
+that sum's natural log lse_s (-inf for a split none of whose keys a row may see). The
+softmax over all the splits' keys is their log-sum-exp combination:
+
+    lse = log Σ_s exp(lse_s),        O = Σ_s exp(lse_s - lse) · O_s
+
+One program per (batch row b, KV head h) walks its S splits once, in order, with the
+online rescaling the attention kernels apply over key tiles (running max m, sum l,
+accumulator acc, all float32):
+
+    m' = max(m, lse_s);   c = exp(m - m');   w = exp(lse_s - m')
+    acc <- c · acc + w · O_s;   l <- c · l + w;   m <- m'
+
+and ends with O = acc / l, lse = m + log l. Each loop step takes U consecutive splits
+(U <= 4, fewer for large tiles), their U loads issued together so that their latencies
+overlap, one rescale of acc by the step's new max, then U weighted adds; splits past S
+in the last step are masked to weight 0. So only U split tiles are live at a time,
+whatever S is (132 splits or more on a large GPU, rarely a power of two). m starts at
+the finite MASK_VALUE, so an empty split (lse_s = -inf) gets weight exp(-inf) = 0 and
+-inf - (-inf) = NaN is never formed; a row no split saw keeps l = 0 and returns O = 0
+with lse = -inf.
+
+Layout shared with the decode kernel: a program's query rows are the packed rows
+(row r = t·G + g) of one KV head; arrays hold only the `rows` real rows and H real
+columns, while the kernels' tiles are [rp, hp] (powers of two, as Triton needs). Loads
+and stores are masked to the real entries (`real_entries`), so the padding lives only
+in registers and is never read from or written to memory.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from pallas_kernels.common import MASK_VALUE
+
+
+def merge_launch(rp: int, hp: int) -> tuple[int, int]:
+    """(splits per loop step U, warps) for [rp, hp] float32 tiles: about 64-128 registers
+    per thread for acc and the U split tiles together (U = 4 and 4 warps for the common
+    [16, 128] tile of GQA decoding). Not yet timed on a GPU."""
+    size = rp * hp
+    return min(4, max(1, 8192 // size)), min(16, max(4, size // 1024))
+
+
+def real_entries(rp: int, hp: int, rows: int, h: int):
+    """Masks of a [rp, hp] tile's real entries: (bool [rp, hp] for rows < `rows` and
+    columns < h, bool [rp] for rows < `rows`)."""
+    row = jax.lax.broadcasted_iota(jnp.int32, (rp, 1), 0)
+    col = jax.lax.broadcasted_iota(jnp.int32, (1, hp), 1)
+    row_ok = jax.lax.iota(jnp.int32, rp) < rows
+    return (row < rows) & (col < h), row_ok
+
+
+def _merge_kernel(out_s_ref, lse_s_ref, o_ref, lse_ref, *, splits, per_step, rows, h):
+    rp, hp = o_ref.shape
+    entries, row_ok = real_entries(rp, hp, rows, h)
+    acc_dtype = out_s_ref.dtype
+
+    def merge_step(step, carry):
+        m_i, l_i, acc = carry
+        lses, outs = [], []
+        for u in range(per_step):   # independent loads: in flight together
+            s = step * per_step + u
+            exists = s < splits      # the last step may run past S: weight 0
+            s = jnp.minimum(s, splits - 1)
+            lses.append(plgpu.load(lse_s_ref.at[s, :], mask=row_ok & exists, other=-jnp.inf))
+            outs.append(plgpu.load(out_s_ref.at[s, :, :], mask=entries & exists, other=0.0))
+        m_next = functools.reduce(jnp.maximum, lses, m_i)   # finite: m starts at MASK_VALUE
+        correction = jnp.exp(m_i - m_next)
+        l_i, acc = correction * l_i, correction[:, None] * acc
+        for lse_s, o_s in zip(lses, outs):
+            weight = jnp.exp(lse_s - m_next)                # 0 for an empty split
+            l_i, acc = l_i + weight, acc + weight[:, None] * o_s
+        return m_next, l_i, acc
+
+    carry = (jnp.full((rp,), MASK_VALUE, acc_dtype), jnp.zeros((rp,), acc_dtype),
+             jnp.zeros((rp, hp), acc_dtype))
+    m_i, l_i, acc = jax.lax.fori_loop(0, -(-splits // per_step), merge_step, carry)
+
+    # A row no split saw (l = 0) returns 0 with lse = -inf.
+    nonempty = l_i > 0
+    l_safe = jnp.where(nonempty, l_i, 1.0)
+    plgpu.store(o_ref, (acc / l_safe[:, None]).astype(o_ref.dtype), mask=entries)
+    lse = jnp.where(nonempty, m_i + jnp.log(l_safe), -jnp.inf)
+    plgpu.store(lse_ref, lse.astype(lse_ref.dtype), mask=row_ok)
+
+
+def merge_splits(out_s, lse_s, *, rp: int, hp: int, out_dtype, interpret: bool):
+    """Exact log-sum-exp merge over the split axis (2), one kernel.
+
+    out_s [B, K, S, rows, H] float: each split's output normalised by its own sum;
+    lse_s [B, K, S, rows] (same dtype): each split's natural-log sum, -inf where the split
+    saw no key. rp >= rows and hp >= H: the tile the kernel holds (powers of two).
+    Returns (out [B, K, rows, H] in out_dtype, lse [B, K, rows] in lse_s's dtype)."""
+    b, kh, splits, rows, h = out_s.shape
+    per_step, num_warps = merge_launch(rp, hp)
+    per_step = min(per_step, splits)
+    kernel = functools.partial(_merge_kernel, splits=splits, per_step=per_step, rows=rows, h=h)
+    return pl.pallas_call(
+        kernel,
+        grid=(b, kh),
+        in_specs=[pl.BlockSpec((None, None, splits, rp, hp), lambda i, j: (i, j, 0, 0, 0)),
+                  pl.BlockSpec((None, None, splits, rp), lambda i, j: (i, j, 0, 0))],
+        out_specs=[pl.BlockSpec((None, None, rp, hp), lambda i, j: (i, j, 0, 0)),
+                   pl.BlockSpec((None, None, rp), lambda i, j: (i, j, 0))],
+        out_shape=[jax.ShapeDtypeStruct((b, kh, rows, h), out_dtype),
+                   jax.ShapeDtypeStruct((b, kh, rows), lse_s.dtype)],
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1),
+        interpret=interpret,
+        name="jaxattn_decode_merge",
+    )(out_s, lse_s)
+
+
+__all__ = ["merge_splits", "real_entries"]
