@@ -1,0 +1,77 @@
+"""The Triton decode kernels' packed layout: the split-merge kernel against a plain
+log-sum-exp merge, and whole decodes whose packed query rows (Tq·N/K) and head dim are
+not powers of two, so every load and store of the kernels' [rp, hp] tiles is masked to
+the real entries (interpret mode), and their lowering for an H100."""
+
+import numpy as np
+import pytest
+import jax
+import jax.numpy as jnp
+
+from jaxattn import masks as M
+from jaxattn.decode import kernel_decode
+from pallas_kernels.triton.decode import DecodeConfig
+from pallas_kernels.triton.decode_merge import merge_splits
+from helpers import lower_for_h100
+from test_decode import _assert_close, _caches, _decode, _query
+
+
+def _lse_merge(out_s, lse_s):
+    """The definition: lse = log Σ_s exp(lse_s), out = Σ_s exp(lse_s - lse) · out_s; a
+    row no split saw gives out 0, lse -inf."""
+    lse = jax.nn.logsumexp(lse_s, axis=2)
+    weight = jnp.where(jnp.isneginf(lse)[:, :, None], 0.0, jnp.exp(lse_s - lse[:, :, None]))
+    return jnp.sum(weight[..., None] * out_s, axis=2), lse
+
+
+def test_merge_kernel_is_the_log_sum_exp_merge():
+    # 5 splits, 3 packed rows, head dim 24: none a power of two (tiles [16, 32]).
+    b, k, s, rows, h = 2, 2, 5, 3, 24
+    rng = np.random.default_rng(0)
+    out_s = rng.standard_normal((b, k, s, rows, h)).astype(np.float32)
+    lse_s = (40 * rng.standard_normal((b, k, s, rows))).astype(np.float32)   # wide range
+    lse_s[rng.random(lse_s.shape) < 0.3] = -np.inf   # splits that saw no key: weight 0
+    lse_s[0, 1, :, 2] = -np.inf                      # a row no split saw
+    lse_s[1, 0, 1:, 0] = -np.inf                     # a row only split 0 saw
+
+    @jax.jit
+    def both(out_s, lse_s):
+        got = merge_splits(out_s, lse_s, rp=16, hp=32, out_dtype=jnp.float32, interpret=True)
+        return got, _lse_merge(out_s, lse_s)
+
+    (go, gl), (wo, wl) = both(out_s, lse_s)
+    np.testing.assert_allclose(go, wo, atol=1e-5, rtol=1e-5)
+    np.testing.assert_array_equal(np.isneginf(gl), np.isneginf(wl))
+    finite = np.isfinite(np.asarray(wl))
+    np.testing.assert_allclose(np.asarray(gl)[finite], np.asarray(wl)[finite], rtol=1e-6)
+    assert np.all(np.asarray(go)[0, 1, 2] == 0) and np.isneginf(gl[0, 1, 2])
+    np.testing.assert_allclose(go[1, 0, 0], out_s[1, 0, 0, 0], rtol=1e-6)   # one split: itself
+
+
+@pytest.mark.parametrize("num_splits", [1, 5])
+def test_decode_with_rows_and_head_dim_not_powers_of_two(num_splits):
+    # G = 3 query heads per KV head, Tq = 1: 3 packed rows; H = 24. Unwritten slots hold
+    # NaN; lengths 0 returns zeros with lse -inf.
+    (b, s, n, k, h, tq), lengths = (3, 80, 6, 2, 24, 1), [80, 0, 33]
+    kc, vc = _caches(b, s, k, h, lengths)
+    q = _query(b, tq, n, h)
+    want = _decode("reference", q, kc, vc, lengths, mask=M.LocalMask(60, 0))
+    got = _decode("pallas_triton", q, kc, vc, lengths, mask=M.LocalMask(60, 0), num_splits=num_splits)
+    _assert_close(got, want)
+    assert np.all(np.asarray(got[0][1]) == 0) and np.all(np.isneginf(got[1][1]))
+
+
+def test_split_decode_lowers_for_h100(monkeypatch):
+    # 3 packed rows (N 6, K 2, Tq 1), head dim 96 and 5 splits: the decode kernel's
+    # masked loads and stores, then the merge kernel.
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    b, tq, n, k, h, cache_shape = 2, 1, 6, 2, 96, (2, 1000, 2, 96)
+
+    def fn(q, kc, vc, lengths):
+        return kernel_decode("pallas_triton", q, kc, vc, lengths, None, M.FullMask(), scale=0.1,
+                             logits_soft_cap=None, num_splits=5, return_residuals=True,
+                             interpret=False, config=DecodeConfig())
+    sds = [jax.ShapeDtypeStruct((b, tq, n, h), jnp.bfloat16), jax.ShapeDtypeStruct(cache_shape, jnp.bfloat16),
+           jax.ShapeDtypeStruct(cache_shape, jnp.bfloat16), jax.ShapeDtypeStruct((b,), np.int32)]
+    text = lower_for_h100(fn, *sds)
+    assert "jaxattn_flash_decode" in text and "jaxattn_decode_merge" in text
