@@ -9,7 +9,7 @@ softmax over all the splits' keys is their log-sum-exp combination:
 
 One program per (batch row b, KV head h) walks its S splits once, in order, with the
 online rescaling the attention kernels apply over key tiles (running max m, sum l,
-accumulator acc, all float32):
+accumulator acc, in the partials' float32, float64 for float64 inputs):
 
     m' = max(m, lse_s);   c = exp(m - m');   w = exp(lse_s - m')
     acc <- c · acc + w · O_s;   l <- c · l + w;   m <- m'
