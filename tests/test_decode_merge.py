@@ -12,7 +12,7 @@ import jaxattn
 from jaxattn import masks as M
 from jaxattn.decode import kernel_decode
 from pallas_kernels.triton.decode import DecodeConfig
-from pallas_kernels.triton.decode_merge import merge_splits
+from pallas_kernels.triton.decode_merge import merge_launch, merge_splits
 from helpers import lower_for_h100
 from test_decode import _assert_close, _caches, _decode, _query
 
@@ -26,8 +26,12 @@ def _lse_merge(out_s, lse_s):
 
 
 def test_merge_kernel_is_the_log_sum_exp_merge():
-    # 5 splits, 3 packed rows, head dim 24: none a power of two (tiles [16, 32]).
-    b, k, s, rows, h = 2, 2, 5, 3, 24
+    # 11 splits, 3 packed rows, head dim 40: none a power of two. The kernel runs two
+    # column blocks of [16, 32] (the second half outside H) and two steps of 8 splits
+    # (the second with 5 past S).
+    b, k, s, rows, h = 2, 2, 11, 3, 40
+    launch = merge_launch(b, k, s, 16, 64)
+    assert (launch.columns, launch.per_step) == (32, 8)
     rng = np.random.default_rng(0)
     out_s = rng.standard_normal((b, k, s, rows, h)).astype(np.float32)
     lse_s = (40 * rng.standard_normal((b, k, s, rows))).astype(np.float32)   # wide range
@@ -37,7 +41,7 @@ def test_merge_kernel_is_the_log_sum_exp_merge():
 
     @jax.jit
     def both(out_s, lse_s):
-        got = merge_splits(out_s, lse_s, rp=16, hp=32, out_dtype=jnp.float32, interpret=True)
+        got = merge_splits(out_s, lse_s, rp=16, hp=64, out_dtype=jnp.float32, interpret=True)
         return got, _lse_merge(out_s, lse_s)
 
     (go, gl), (wo, wl) = both(out_s, lse_s)
@@ -79,12 +83,14 @@ def test_split_decode_lowers_for_h100(monkeypatch):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("h", [96, 40])
 @pytest.mark.parametrize("num_splits", [1, 7, None])
-def test_gpu_rows_and_head_dim_not_powers_of_two(num_splits):
-    # On the GPU the padding rows of one program's tile lie over the next (b, h)'s rows in
-    # memory: a store of them would corrupt a neighbour. 3 packed rows, H 96, bf16,
-    # ragged lengths incl. 0, NaN in unwritten slots; worst error against float32.
-    (b, s, n, k, h), lengths = (4, 4096, 6, 2, 96), np.array([4096, 1000, 77, 0], np.int32)
+def test_gpu_rows_and_head_dim_not_powers_of_two(num_splits, h):
+    # On the GPU the padding rows and columns of one program's tile lie over the next
+    # rows in memory: a store of them would corrupt a neighbour. 3 packed rows, H 96 or
+    # 40 (the merge's second block of 32 columns is partly past H), bf16, ragged lengths
+    # incl. 0, NaN in unwritten slots; worst error against float32.
+    (b, s, n, k), lengths = (4, 4096, 6, 2), np.array([4096, 1000, 77, 0], np.int32)
     kc, vc = _caches(b, s, k, h, lengths)
     kc, vc, q = (jnp.asarray(x, jnp.bfloat16) for x in (kc, vc, _query(b, 1, n, h)))
     got_o, got_l = jaxattn.decode_attention(q, kc, vc, lengths=lengths, num_splits=num_splits,

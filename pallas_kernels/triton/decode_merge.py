@@ -7,18 +7,20 @@ softmax over all the splits' keys is their log-sum-exp combination:
 
     lse = log Σ_s exp(lse_s),        O = Σ_s exp(lse_s - lse) · O_s
 
-One program per (batch row b, KV head h) walks its S splits once, in order, with the
-online rescaling the attention kernels apply over key tiles (running max m, sum l,
+One program per (batch row b, KV head h, block of columns) walks its S splits once, in
+order, with the online rescaling the attention kernels apply over key tiles (running max m, sum l,
 accumulator acc, in the partials' float32, float64 for float64 inputs):
 
     m' = max(m, lse_s);   c = exp(m - m');   w = exp(lse_s - m')
     acc <- c · acc + w · O_s;   l <- c · l + w;   m <- m'
 
 and ends with O = acc / l, lse = m + log l. Each loop step takes U consecutive splits
-(U <= 4, fewer for large tiles), their U loads issued together so that their latencies
+(U <= 8, fewer for large tiles), their U loads issued together so that their latencies
 overlap, one rescale of acc by the step's new max, then U weighted adds; splits past S
 in the last step are masked to weight 0. So only U split tiles are live at a time,
-whatever S is (132 splits or more on a large GPU, rarely a power of two). m starts at
+whatever S is (132 splits or more on a large GPU, rarely a power of two). When B·K is
+small the head dim is cut into blocks of columns, one program each (every program reads
+the rows' lse_s, the same in all), so more programs share the reads. m starts at
 the finite MASK_VALUE, so an empty split (lse_s = -inf) gets weight exp(-inf) = 0 and
 -inf - (-inf) = NaN is never formed; a row no split saw keeps l = 0 and returns O = 0
 with lse = -inf.
@@ -32,6 +34,7 @@ in registers and is never read from or written to memory.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -42,26 +45,38 @@ from jax.experimental.pallas import triton as plgpu
 from pallas_kernels.common import MASK_VALUE
 
 
-def merge_launch(rp: int, hp: int) -> tuple[int, int]:
-    """(splits per loop step U, warps) for [rp, hp] float32 tiles: about 64-128 registers
-    per thread for acc and the U split tiles together (U = 4 and 4 warps for the common
-    [16, 128] tile of GQA decoding). Not yet timed on a GPU."""
-    size = rp * hp
-    return min(4, max(1, 8192 // size)), min(16, max(4, size // 1024))
+@dataclasses.dataclass(frozen=True)
+class MergeLaunch:
+    """How the merge runs: columns per program (a power of two dividing hp), splits per
+    loop step U, warps. From the shapes (not yet timed on a GPU): about 64 programs when
+    B·K is small (columns cut down to 32), and U tiles of [rp, columns] float32 about
+    8k values together (U = 8 and 4 warps for the [16, 32] tiles of GQA decoding at
+    B = 1), so acc and the U tiles stay near 64 registers per thread."""
+    columns: int
+    per_step: int
+    num_warps: int
 
 
-def real_entries(rp: int, hp: int, rows: int, h: int):
-    """Masks of a [rp, hp] tile's real entries: (bool [rp, hp] for rows < `rows` and
-    columns < h, bool [rp] for rows < `rows`)."""
+def merge_launch(batch: int, kv_heads: int, splits: int, rp: int, hp: int) -> MergeLaunch:
+    column_blocks = max(1, min(hp // 32, 64 // (batch * kv_heads)))
+    columns = hp // column_blocks
+    size = rp * columns
+    return MergeLaunch(columns=columns, per_step=min(splits, 8, max(1, 8192 // size)),
+                       num_warps=min(16, max(4, size // 1024)))
+
+
+def real_entries(rp: int, hp: int, rows: int, h: int, col0=0):
+    """Masks of a [rp, hp] tile's real entries, the tile's first column being column
+    col0: (bool [rp, hp] for rows < `rows` and columns < h, bool [rp] for rows < `rows`)."""
     row = jax.lax.broadcasted_iota(jnp.int32, (rp, 1), 0)
-    col = jax.lax.broadcasted_iota(jnp.int32, (1, hp), 1)
+    col = col0 + jax.lax.broadcasted_iota(jnp.int32, (1, hp), 1)
     row_ok = jax.lax.iota(jnp.int32, rp) < rows
     return (row < rows) & (col < h), row_ok
 
 
 def _merge_kernel(out_s_ref, lse_s_ref, o_ref, lse_ref, *, splits, per_step, rows, h):
-    rp, hp = o_ref.shape
-    entries, row_ok = real_entries(rp, hp, rows, h)
+    rp, columns = o_ref.shape
+    entries, row_ok = real_entries(rp, columns, rows, h, col0=pl.program_id(2) * columns)
     acc_dtype = out_s_ref.dtype
 
     def merge_step(step, carry):
@@ -82,7 +97,7 @@ def _merge_kernel(out_s_ref, lse_s_ref, o_ref, lse_ref, *, splits, per_step, row
         return m_next, l_i, acc
 
     carry = (jnp.full((rp,), MASK_VALUE, acc_dtype), jnp.zeros((rp,), acc_dtype),
-             jnp.zeros((rp, hp), acc_dtype))
+             jnp.zeros((rp, columns), acc_dtype))
     m_i, l_i, acc = jax.lax.fori_loop(0, -(-splits // per_step), merge_step, carry)
 
     # A row no split saw (l = 0) returns 0 with lse = -inf.
@@ -90,6 +105,7 @@ def _merge_kernel(out_s_ref, lse_s_ref, o_ref, lse_ref, *, splits, per_step, row
     l_safe = jnp.where(nonempty, l_i, 1.0)
     plgpu.store(o_ref, (acc / l_safe[:, None]).astype(o_ref.dtype), mask=entries)
     lse = jnp.where(nonempty, m_i + jnp.log(l_safe), -jnp.inf)
+    # Every column block computed the same lse from the same inputs: each stores it.
     plgpu.store(lse_ref, lse.astype(lse_ref.dtype), mask=row_ok)
 
 
@@ -101,22 +117,22 @@ def merge_splits(out_s, lse_s, *, rp: int, hp: int, out_dtype, interpret: bool):
     saw no key. rp >= rows and hp >= H: the tile the kernel holds (powers of two).
     Returns (out [B, K, rows, H] in out_dtype, lse [B, K, rows] in lse_s's dtype)."""
     b, kh, splits, rows, h = out_s.shape
-    per_step, num_warps = merge_launch(rp, hp)
-    per_step = min(per_step, splits)
-    kernel = functools.partial(_merge_kernel, splits=splits, per_step=per_step, rows=rows, h=h)
+    launch = merge_launch(b, kh, splits, rp, hp)
+    cb = launch.columns
+    kernel = functools.partial(_merge_kernel, splits=splits, per_step=launch.per_step, rows=rows, h=h)
     return pl.pallas_call(
         kernel,
-        grid=(b, kh),
-        in_specs=[pl.BlockSpec((None, None, splits, rp, hp), lambda i, j: (i, j, 0, 0, 0)),
-                  pl.BlockSpec((None, None, splits, rp), lambda i, j: (i, j, 0, 0))],
-        out_specs=[pl.BlockSpec((None, None, rp, hp), lambda i, j: (i, j, 0, 0)),
-                   pl.BlockSpec((None, None, rp), lambda i, j: (i, j, 0))],
+        grid=(b, kh, pl.cdiv(h, cb)),   # every block starts inside the H real columns
+        in_specs=[pl.BlockSpec((None, None, splits, rp, cb), lambda i, j, c: (i, j, 0, 0, c)),
+                  pl.BlockSpec((None, None, splits, rp), lambda i, j, c: (i, j, 0, 0))],
+        out_specs=[pl.BlockSpec((None, None, rp, cb), lambda i, j, c: (i, j, 0, c)),
+                   pl.BlockSpec((None, None, rp), lambda i, j, c: (i, j, 0))],
         out_shape=[jax.ShapeDtypeStruct((b, kh, rows, h), out_dtype),
                    jax.ShapeDtypeStruct((b, kh, rows), lse_s.dtype)],
-        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1),
+        compiler_params=plgpu.CompilerParams(num_warps=launch.num_warps, num_stages=1),
         interpret=interpret,
         name="jaxattn_decode_merge",
     )(out_s, lse_s)
 
 
-__all__ = ["merge_splits", "real_entries"]
+__all__ = ["merge_splits", "merge_launch", "MergeLaunch", "real_entries"]
