@@ -4,10 +4,10 @@
     python3 -m benchmarks.mosaic_check --part bench   # TFLOP/s beside cuDNN and Triton
 
 check: every case compares out and lse per query row (worst row reported) with
-jaxattn.reference in float32, fills never-visited keys with NaN (in K), and runs twice
-to check the result is bitwise identical. The kernel is called directly (as the tests'
-build_call does), so cases whose masks dispatch would refuse (segment ids) still check
-the kernel's arithmetic on finite inputs.
+jaxattn.reference in float32, fills never-visited keys with NaN (in K; in V too for the
+cases marked poison_v, whose NaN sends the call to the Triton fallback of
+pallas_kernels/mosaic_gpu/nonfinite_fallback.py), and runs twice to check the result
+is bitwise identical.
 bench: forward TFLOP/s = 4·B·N·T·S·D·density / t, the median of >= 20 calls after two
 warm-ups (and, in parentheses, from 20 calls issued back to back with one wait), for this kernel, cuDNN (jax.nn.dot_product_attention) and the Triton backend
 in the same process. JSON goes to $OUT (or --out).
@@ -76,7 +76,7 @@ CHECKS = [
      jnp.bfloat16),
     ("full S1k B4 D64 f16", masks.FullMask(), 4, 1024, 1024, 4, 1, 64, jnp.float16),
     # Segment ids (traced "q"/"kv" operands: read on PARTIAL tiles) and the soft cap; an
-    # optional last field holds {"cap": c}.
+    # optional last field holds {"cap": c, "poison_v": True}.
     ("documents causal GQA ragged", masks.causal_document_mask(jnp.asarray(
         np.stack([np.repeat(np.arange(4), [130, 300, 70, 500]),
                   np.repeat(np.arange(2), [640, 360])]))), 2, 1000, 1000, 4, 2, 128, jnp.bfloat16),
@@ -85,6 +85,9 @@ CHECKS = [
      1, 1280, 1280, 2, 1, 64, jnp.bfloat16, {"cap": 30.0}),
     ("causal soft cap 20 f16", masks.CausalMask(), 1, 1024, 1024, 4, 4, 128, jnp.float16,
      {"cap": 20.0}),
+    ("lengths + NaN V at padding (Triton fallback)", masks.LengthMask(
+        kv_lengths=jnp.asarray([700, 850]), q_len=1000, kv_len=1000), 2, 1000, 1000, 2, 1, 128,
+     jnp.bfloat16, {"poison_v": True}),
 ]
 
 
@@ -105,6 +108,8 @@ def run_checks(variants, defaults=True):
         # Keys no row may see hold NaN in K (and in V where no visited tile holds them).
         seen = np.asarray(allowed_pairs(mask, t, s)).any(axis=(0, 1, 2))
         k = jnp.where(jnp.asarray(seen)[None, :, None, None], k, jnp.nan).astype(dtype)
+        if options.get("poison_v"):
+            v = jnp.where(jnp.asarray(seen)[None, :, None, None], v, jnp.nan).astype(dtype)
         scale = h ** -0.5
         entry = {"case": name, "shape": [b, t, s, n, kh, h], "dtype": jnp.dtype(dtype).name,
                  "variant": variant and variant[0], "cap": cap}

@@ -63,7 +63,8 @@ def cases():
 def window_cases(seq: int = 32768):
     """Cases run only when named: plain causal windows (where the Mosaic kernels overtake
     cuDNN, for default dispatch's choice between them) and causal packed documents (8 of
-    random lengths, seed 0: segment ids, which the Mosaic kernels refuse)."""
+    random lengths, seed 0: segment ids on the Mosaic kernels behind their finite-input
+    check, beside the Triton kernels)."""
     out = {f"local {w} causal": M.LocalMask(w, 0) & M.CausalMask() for w in (256, 512, 1024, 2048)}
     cuts = np.sort(np.random.default_rng(0).choice(np.arange(1, seq), 7, replace=False))
     ids = np.searchsorted(cuts, np.arange(seq), side="right").astype(np.int32)[None]

@@ -20,9 +20,8 @@ class TestTritonGPU(GPUTier):
 
 class TestMosaicGPU(GPUTier):
     """The Hopper backend: what its supports() declines (bias, dense mask operands,
-    dropout, score_mod) is asserted to raise NotImplementedError; masks whose metadata may
-    leave unattended rows in PARTIAL tiles (every mask with segment ids) it refuses."""
+    dropout, score_mod) is asserted to raise NotImplementedError. Segment ids run its
+    kernels (the poisoned-input case takes its Triton fallback for NaN/Inf inputs)."""
     backend = "pallas_mosaic_gpu"
     supports_bias = False
-    supports_dynamic_masks = False
     supports_score_mod = False

@@ -12,6 +12,7 @@ two runs bitwise identical.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import types
 
@@ -29,9 +30,12 @@ from jaxattn.masks import build_block_metadata
 from jaxattn.masks.complement import NotMask
 from jaxattn.reference import reference_attention
 from pallas_kernels import mosaic_gpu
+from pallas_kernels.mosaic_gpu import nonfinite_fallback
+from pallas_kernels.common import backward_lse
 from pallas_kernels.flash_vjp import flash_attention
 from pallas_kernels.mosaic_gpu.common import OperandRef, TileLists, prepare_operands
 from pallas_kernels.mosaic_gpu.config import SMEM_BYTES, MosaicConfig
+from pallas_kernels.mosaic_gpu.forward import forward as mosaic_forward
 from pallas_kernels.triton.config import TritonConfig
 from helpers import lower_for_h100
 from jaxattn.flash import build_call, prepare_call
@@ -83,10 +87,9 @@ def test_forward_lowers_for_h100(name):
 
 
 # Masks with per-query / per-key operands (segment ids, sequence lengths) and the soft cap:
-# the forward reads the "q" vector once per work item and the "kv" vector per PARTIAL tile.
+# the forward reads the "q" vector once per work item and the "kv" vector per PARTIAL tile
+# (documents at D128 with a soft cap: test_gradient_lowers_for_h100).
 OPERAND_CASES = {
-    "documents D128": (M.causal_document_mask(_documents([100, 250, 162])), 512, 512, 2, 1, 128,
-                       None),
     "documents window soft cap D64 GQA": (
         M.causal_document_mask(_documents([300, 40, 172], 2)) & M.LocalMask(200, 0),
         512, 512, 4, 2, 64, 30.0),
@@ -101,7 +104,7 @@ def test_forward_with_operands_and_soft_cap_lowers_for_h100(name):
     mask, t, s, n, kh, h, cap = OPERAND_CASES[name]
     b = 2 if "GQA" in name or "lengths" in name else 1
     static, metas, operands = _call(mask, t, s, h, cap=cap)
-    text = _lower_for_h100(lambda q, k, v: flash_attention(static, q, k, v, None, metas, operands),
+    text = _lower_for_h100(lambda q, k, v: mosaic_forward(static, q, k, v, None, metas, operands),
                            *_shapes(b, t, s, n, kh, h))
     assert text.count("mosaic_gpu_v2") == 1
 
@@ -112,7 +115,9 @@ def test_forward_with_operands_and_soft_cap_lowers_for_h100(name):
     (128, 3, M.causal_document_mask(_documents([70, 186])), 20.0),   # segments + soft cap
 ], ids=["causal D128", "causal D256", "documents soft cap D128"])
 def test_gradient_lowers_for_h100(h, mosaic_kernels, mask, cap):
-    """D128: forward, dK/dV and dQ are Mosaic kernels; D256: the backward is Triton's."""
+    """D128: forward, dK/dV and dQ are Mosaic kernels; D256: the backward is Triton's.
+    Documents (traced segment ids: unattended keys may sit in PARTIAL tiles): each of the
+    three Mosaic kernels sits in a cond beside its Triton fallback for NaN/Inf inputs."""
     static, metas, operands = _call(mask, 256, 256, h, cap=cap)
 
     def loss(q, k, v):
@@ -120,8 +125,11 @@ def test_gradient_lowers_for_h100(h, mosaic_kernels, mask, cap):
         return jnp.sum(out.astype(jnp.float32))
 
     text = _lower_for_h100(jax.grad(loss, argnums=(0, 1, 2)), *_shapes(1, 256, 256, 2, 1, h))
+    checked = mask.is_dynamic
     assert text.count("mosaic_gpu_v2") == mosaic_kernels
-    assert ("triton" in text) == (mosaic_kernels == 1)
+    assert text.count("stablehlo.case") == (2 if checked else 0)   # forward, backward
+    triton_kernels = text.count("__gpu$xla.gpu.triton")
+    assert triton_kernels == (3 if checked else 0 if h == 128 else 2)
 
 
 def test_every_shipped_config_fits_shared_memory():
@@ -291,7 +299,7 @@ def test_forward_refuses_operands_it_cannot_read():
         mosaic_gpu.forward(static, q, q, q, None, metas, operands)
 
 
-@pytest.mark.parametrize("mask, t, s, refused", [
+@pytest.mark.parametrize("mask, t, s, isolates", [
     (M.CausalMask(), 1000, 1000, False),
     (M.LocalMask(256, 0, offset=512), 768, 1280, False),   # window at the cache end, aligned
     (M.bigbird_mask(1024, window=128, num_global=128, num_random_blocks=2, causal=True), 1024, 1024, False),
@@ -301,18 +309,76 @@ def test_forward_refuses_operands_it_cannot_read():
     (M.LocalMask(100, 0) & M.CausalMask(), 1024, 1024, True),   # window edge inside a tile
 ], ids=["causal", "window-at-cache-end", "bigbird", "window-unaligned", "causal-T<S", "empty-rows",
                          "window100"])
-def test_refuses_masks_that_leave_unattended_keys_in_a_tile(mask, t, s, refused):
+def test_masks_that_leave_unattended_keys_in_a_tile_are_checked_or_refused(mask, t, s, isolates):
     """The Mosaic kernels do not zero K/V rows that no query of a PARTIAL tile attends,
-    so NaN/Inf held there (padding, unwritten cache) would leak: such masks are refused
-    once the metadata says they exist, and dispatch takes the Triton kernels."""
-    cfg = mosaic_gpu.config_for_head_dim(128)
+    so NaN/Inf held there (padding, unwritten cache) would leak. Where the metadata says
+    such rows exist, calls up to head dim 128 check their inputs (Triton kernels when
+    non-finite: nonfinite_fallback.py); at head dim 256 they are refused and dispatch
+    takes the Triton kernels."""
     prepare = functools.partial(prepare_call, "pallas_mosaic_gpu", mask, t, s, scale=1.0,
-                                logits_soft_cap=None, config=cfg, interpret=False)
-    if refused:
+                                logits_soft_cap=None, interpret=False)
+    static, metas, _ = prepare(config=mosaic_gpu.config_for_head_dim(128))
+    assert nonfinite_fallback.forward_needs_check(metas) == isolates
+    if isolates:
         with pytest.raises(NotImplementedError, match="NaN/Inf"):
-            prepare()
+            prepare(config=mosaic_gpu.config_for_head_dim(256))
     else:
-        prepare()
+        prepare(config=mosaic_gpu.config_for_head_dim(256))
+
+
+def test_nonfinite_inputs_take_the_triton_kernels_on_the_mosaic_metadata():
+    """The finite-input check's other branch, run on CPU: NaN/Inf in keys no query
+    attends and in a query that attends no key send the call to the Triton kernels
+    (Pallas interpret mode here), which walk the metadata built for the Mosaic tiles and
+    zero those rows: results equal the reference on clean inputs. Finite inputs take
+    the Mosaic branch (a stand-in returning zeros: the real kernels need a GPU)."""
+    b, t, n, h = 1, 256, 2, 64
+    q_ids = np.repeat([0, 1], [100, 156])[None]
+    kv_ids = q_ids.copy()
+    bad_keys, bad_query = np.r_[140:150, 250:256], 7
+    kv_ids[:, bad_keys] = -1
+    q_ids[:, bad_query] = -2
+    mask = M.CausalMask() & M.SegmentMask(jnp.asarray(q_ids), jnp.asarray(kv_ids))
+    static, metas, operands = _call(mask, t, t, h)
+    assert nonfinite_fallback.forward_needs_check(metas)
+    static = dataclasses.replace(static, interpret=True)
+    ks = jax.random.split(jax.random.key(3), 4)
+    q, k, v, do = (jax.random.normal(kk, (b, t, n if i in (0, 3) else 1, h)) for i, kk in enumerate(ks))
+    dirty = (q.at[:, bad_query].set(jnp.nan), k.at[:, bad_keys].set(jnp.inf),
+             v.at[:, bad_keys].set(jnp.nan))
+    clean = (q.at[:, bad_query].set(0), k.at[:, bad_keys].set(0), v.at[:, bad_keys].set(0))
+
+    def reference(q, k, v):
+        return reference_attention(q, k, v, None, mask, scale=h ** -0.5, return_residuals=True)
+
+    (out, lse), vjp = jax.vjp(reference, *clean)
+    want = vjp((do, jnp.zeros_like(lse)))
+    delta = jnp.einsum("btnh,btnh->bnt", do, out)
+
+    def stand_in_forward(static, q, k, v, bias, metas, operands):
+        return jnp.zeros_like(q), jnp.zeros((b, n, t), jnp.float32)
+
+    def stand_in_backward(static, q, k, v, bias, out, lse, dout, delta, metas, operands, parts):
+        return jnp.zeros_like(q), jnp.zeros_like(k), jnp.zeros_like(v), None
+
+    @jax.jit
+    def guarded(q, k, v):
+        fwd = nonfinite_fallback.guarded_forward(stand_in_forward, static, q, k, v, None, metas,
+                                                 operands)
+        bwd = nonfinite_fallback.guarded_backward(stand_in_backward, static, q, k, v, None, out,
+                                                  backward_lse(lse), do, delta, metas, operands,
+                                                  ("dq", "dkdv"))
+        return fwd, bwd[:3]
+
+    (got_out, got_lse), grads = guarded(*dirty)
+    np.testing.assert_allclose(got_out, out, atol=2e-5)
+    finite = np.isfinite(np.asarray(lse))
+    np.testing.assert_array_equal(np.isneginf(np.asarray(got_lse)), ~finite)   # the bad query
+    np.testing.assert_allclose(np.asarray(got_lse)[finite], np.asarray(lse)[finite], atol=2e-5)
+    for name, got, ref in zip(("dq", "dk", "dv"), grads, want):
+        np.testing.assert_allclose(got, ref, atol=2e-4, err_msg=name)
+    (zero_out, _), zero_grads = guarded(*clean)
+    assert not np.any(np.asarray(zero_out)) and not any(np.any(np.asarray(g)) for g in zero_grads)
 
 
 # ---------------------------------------------------------------------------------

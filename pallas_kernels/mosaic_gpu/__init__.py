@@ -5,7 +5,10 @@ forward, backward, decode). The forward is the warp-specialised TMA + wgmma kern
 forward.py. The backward is this package's dQ and dK/dV kernels (backward_kernels.py)
 for head dims up to 128; at head dim 256 it is the Triton backend's kernels, run on
 metadata built for the Triton tiles that ``MosaicConfig.backward`` names (same metadata
-contract, same residuals: out and the natural-log lse).
+contract, same residuals: out and the natural-log lse). Masks that may leave unreached
+rows in PARTIAL tiles (segment ids, sequence lengths, tile-cutting edges) run these
+kernels when the inputs are finite and the Triton kernels when not
+(nonfinite_fallback.py).
 """
 
 from __future__ import annotations
@@ -18,7 +21,8 @@ from pallas_kernels import triton as _triton
 from pallas_kernels.mosaic_gpu import backward_kernels as _mosaic_backward
 from pallas_kernels.mosaic_gpu.common import padded_head_dim
 from pallas_kernels.mosaic_gpu.config import MosaicConfig, default_config as config_for_head_dim
-from pallas_kernels.mosaic_gpu.forward import forward
+from pallas_kernels.mosaic_gpu import nonfinite_fallback
+from pallas_kernels.mosaic_gpu.forward import forward as _mosaic_forward
 
 name = "pallas_mosaic_gpu"
 decode = None
@@ -71,22 +75,36 @@ def metadata_reason(static, metas) -> str | None:
     that no query row of the tile attends, holding NaN or Inf (padding, unwritten cache
     slots), would reach the result through 0 · NaN in a wgmma. The block metadata says
     exactly whether the mask leaves such rows (BlockMetadata.partial_isolates_*);
-    causal masks with T = S, aligned windows and BigBird's block patterns do not."""
-    checks = [("forward", "partial_isolates_keys")]
-    if not getattr(static.config, "triton_backward", False):   # Triton's backward zeroes them
-        checks += [("dq", "partial_isolates_keys"), ("dkdv", "partial_isolates_queries")]
-    isolated = any(getattr(metas[name], fact) for name, fact in checks if name in metas)
-    if isolated:
-        return ("this mask leaves keys (or queries) inside a PARTIAL tile that no row of the "
-                "tile attends; the Mosaic GPU kernels do not zero them, so NaN/Inf held there "
-                "could reach the result (the Triton kernels serve it)")
+    causal masks with T = S, aligned windows and BigBird's block patterns do not. Up to
+    head dim 128 such calls check their inputs and take the Triton kernels when these
+    hold NaN/Inf (nonfinite_fallback.py); at head dim 256 they are refused."""
+    if not static.config.triton_backward:
+        return None
+    if "forward" in metas and metas["forward"].partial_isolates_keys:
+        return ("this mask leaves keys inside a PARTIAL tile that no row of the tile attends; "
+                "the Mosaic GPU forward does not zero them, so NaN/Inf held there could reach "
+                "the result, and at head dim 256 it has no finite-input check with a Triton "
+                "fallback (the Triton kernels serve it)")
     return None
+
+
+def forward(static, q, k, v, bias, metas, operands):
+    """The forward kernel of forward.py; behind a finite-input check (Triton fallback)
+    where the mask may leave unattended keys in PARTIAL tiles (module docstring)."""
+    if static.config.triton_backward or not nonfinite_fallback.forward_needs_check(metas):
+        return _mosaic_forward(static, q, k, v, bias, metas, operands)
+    return nonfinite_fallback.guarded_forward(_mosaic_forward, static, q, k, v, bias, metas,
+                                              operands)
 
 
 def backward(static, q, k, v, bias, out, lse, dout, delta, metas, operands, parts):
     """This package's backward kernels, or the Triton backend's at head dim 256 (see the
     module docstring)."""
     if not static.config.triton_backward:
+        if nonfinite_fallback.backward_needs_check(metas, parts):
+            return nonfinite_fallback.guarded_backward(
+                _mosaic_backward.backward, static, q, k, v, bias, out, lse, dout, delta, metas,
+                operands, parts)
         return _mosaic_backward.backward(static, q, k, v, bias, out, lse, dout, delta, metas,
                                          operands, parts=parts)
     triton_static = dataclasses.replace(static, backend=_triton, config=static.config.backward)

@@ -20,8 +20,8 @@ runs one item (see _Schedule for the opt-in persistent loop). Three warpgroups:
   in the wgmma accumulator layout and *select* -inf for what the mask rules out, so a NaN
   in a masked score cannot reach the sums. Padded keys are zeros (the wrapper pads K/V),
   so P·V never meets a NaN there either; a NaN in the V row of a real but masked key of
-  a PARTIAL tile would (0·NaN), which is why the backend refuses masks whose metadata
-  may leave such keys (``metadata_reason``).
+  a PARTIAL tile would (0·NaN), which is why calls whose masks may leave such keys
+  check their inputs first (nonfinite_fallback.py).
 * Mask operands: a "block" layout's scalar is read with the tile's list entry, one
   step ahead; per-query vectors ("q", e.g. segment ids) once per work item, one value
   per accumulator row; per-key vectors ("kv") when a PARTIAL tile is visited, at the

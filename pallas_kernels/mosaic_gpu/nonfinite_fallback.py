@@ -1,0 +1,89 @@
+"""Masks that leave unreached rows in PARTIAL tiles: the Mosaic kernels when the inputs
+are finite, the Triton kernels (on the same block metadata) when they are not.
+
+The Mosaic kernels select masked scores away but do not zero the K/V rows of keys that
+no query row of a PARTIAL tile attends (nor, in the dK/dV kernel, Q rows that attend no
+key of the tile): a wgmma then multiplies such a row by exact zeros. With finite inputs
+that contributes exactly nothing. Only a NaN or Inf held there (padding, unwritten
+cache slots, a poisoned document) would reach results, through 0 · NaN = NaN.
+
+So where the block metadata says such rows may exist (BlockMetadata.partial_isolates_*:
+every mask holding traced data, such as segment ids and sequence lengths, and static masks
+whose edges cut tiles), a call first checks its inputs: V in the forward (P·V is the
+only product there that meets an unattended key unselected), Q, K and V in the backward
+(dP = dO·Vᵀ, dQ += dS·K, dK += dSᵀ·Q). All finite, the common case: the Mosaic kernels.
+Otherwise: the Triton kernels, which zero those rows, with tiles equal to the Mosaic
+ones so that the same metadata drives them. The check is one read of the checked
+tensors; both paths are compiled. Masks that provably leave no such rows (causal with
+T = S, aligned windows, BigBird's block patterns) never pay for it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax.numpy as jnp
+from jax import lax
+
+from pallas_kernels import triton as _triton
+from pallas_kernels.triton.config import TritonConfig
+
+
+def fallback_config(config) -> TritonConfig:
+    """The Triton kernels at the tiles of a MosaicConfig (forward) and its
+    MosaicBackwardConfig (dQ, dK/dV), so they walk the metadata built for Mosaic."""
+    tiles = config.metadata_tiles()
+    (bq, bk), (bq_dkv, bk_dkv), (bq_dq, bk_dq) = tiles["forward"], tiles["dkdv"], tiles["dq"]
+    return TritonConfig(block_q=bq, block_kv=bk, num_warps=8, num_stages=2,
+                        block_q_dkv=bq_dkv, block_kv_dkv=bk_dkv, block_q_dq=bq_dq,
+                        block_kv_dq=bk_dq, num_warps_bwd=8, num_stages_bwd=2)
+
+
+def forward_needs_check(metas) -> bool:
+    return bool(metas["forward"].partial_isolates_keys)
+
+
+def backward_needs_check(metas, parts) -> bool:
+    return (("dq" in parts and metas["dq"].partial_isolates_keys)
+            or ("dkdv" in parts and metas["dkdv"].partial_isolates_queries))
+
+
+def _all_finite(*xs):
+    finite = jnp.bool_(True)
+    for x in xs:
+        finite = finite & jnp.all(jnp.isfinite(x))
+    return finite
+
+
+def _like(results, templates):
+    """Cast each result to its template's dtype (None stays None), so both branches of
+    the cond return the same types."""
+    return tuple(None if r is None else r.astype(t.dtype) for r, t in zip(results, templates))
+
+
+def guarded_forward(mosaic_forward, static, q, k, v, bias, metas, operands):
+    """(out, lse) of the Mosaic forward, or of the Triton forward when V holds NaN/Inf."""
+    triton_static = dataclasses.replace(static, backend=_triton,
+                                        config=fallback_config(static.config))
+    return lax.cond(_all_finite(v),
+                    lambda: mosaic_forward(static, q, k, v, bias, metas, operands),
+                    lambda: _triton.forward(triton_static, q, k, v, bias, metas, operands))
+
+
+def guarded_backward(mosaic_backward, static, q, k, v, bias, out, lse, dout, delta, metas,
+                     operands, parts):
+    """(dq, dk, dv, dbias) of the Mosaic backward, or of the Triton backward when Q, K or
+    V hold NaN/Inf."""
+    triton_static = dataclasses.replace(static, backend=_triton,
+                                        config=fallback_config(static.config))
+    templates = (q, k, v, bias)
+
+    def mosaic():
+        return _like(mosaic_backward(static, q, k, v, bias, out, lse, dout, delta, metas,
+                                     operands, parts=parts), templates)
+
+    def triton():
+        return _like(_triton.backward(triton_static, q, k, v, bias, out, lse, dout, delta, metas,
+                                      operands, parts=parts), templates)
+
+    return lax.cond(_all_finite(q, k, v), mosaic, triton)
