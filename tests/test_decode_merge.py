@@ -26,12 +26,12 @@ def _lse_merge(out_s, lse_s):
 
 
 def test_merge_kernel_is_the_log_sum_exp_merge():
-    # 11 splits, 3 packed rows, head dim 40: none a power of two. The kernel runs two
-    # column blocks of [16, 32] (the second half outside H) and two steps of 8 splits
-    # (the second with 5 past S).
-    b, k, s, rows, h = 2, 2, 11, 3, 40
-    launch = merge_launch(b, k, s, 16, 64)
-    assert (launch.columns, launch.per_step) == (32, 8)
+    # 37 splits, 11 packed rows, head dim 40: none a power of two. The kernel runs tiles
+    # of [8, 16] (2 row blocks, the second with 3 real rows; 3 column blocks, the last
+    # with 8 real columns) and two steps of 32 splits (the second with 27 past S).
+    b, k, s, rows, h = 2, 2, 37, 11, 40
+    launch = merge_launch(b, k, s, rows, h, 16, 64)
+    assert (launch.rows, launch.columns, launch.per_step) == (8, 16, 32)
     rng = np.random.default_rng(0)
     out_s = rng.standard_normal((b, k, s, rows, h)).astype(np.float32)
     lse_s = (40 * rng.standard_normal((b, k, s, rows))).astype(np.float32)   # wide range

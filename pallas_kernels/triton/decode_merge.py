@@ -7,8 +7,8 @@ softmax over all the splits' keys is their log-sum-exp combination:
 
     lse = log Σ_s exp(lse_s),        O = Σ_s exp(lse_s - lse) · O_s
 
-One program per (batch row b, KV head h, block of columns) walks its S splits once, in
-order, with the online rescaling the attention kernels apply over key tiles (running max m, sum l,
+One program per (batch row b, KV head h, block of rows, block of columns) walks its S
+splits once, in order, with the online rescaling the attention kernels apply over key tiles (running max m, sum l,
 accumulator acc, in the partials' float32, float64 for float64 inputs):
 
     m' = max(m, lse_s);   c = exp(m - m');   w = exp(lse_s - m')
@@ -19,8 +19,8 @@ and ends with O = acc / l, lse = m + log l. Each loop step takes U consecutive s
 overlap, one rescale of acc by the step's new max, then U weighted adds; splits past S
 in the last step are masked to weight 0. So only U split tiles are live at a time,
 whatever S is (132 splits or more on a large GPU, rarely a power of two). When B·K is
-small the head dim is cut into blocks of columns, one program each (every program reads
-the rows' lse_s, the same in all), so more programs share the reads. m starts at
+small the [rows, H] tile is cut into blocks of rows and columns, one program each (the
+programs of a row block read the same lse_s), so more programs share the reads. m starts at
 the finite MASK_VALUE, so an empty split (lse_s = -inf) gets weight exp(-inf) = 0 and
 -inf - (-inf) = NaN is never formed; a row no split saw keeps l = 0 and returns O = 0
 with lse = -inf.
@@ -47,36 +47,53 @@ from pallas_kernels.common import MASK_VALUE
 
 @dataclasses.dataclass(frozen=True)
 class MergeLaunch:
-    """How the merge runs: columns per program (a power of two dividing hp), splits per
-    loop step U, warps. From the shapes (not yet timed on a GPU): about 64 programs when
-    B·K is small (columns cut down to 32), and U tiles of [rp, columns] float32 about
-    8k values together (U = 8 and 4 warps for the [16, 32] tiles of GQA decoding at
-    B = 1), so acc and the U tiles stay near 64 registers per thread."""
+    """How the merge runs: a program's tile of rows × columns (powers of two, at most rp
+    and hp), splits per loop step U, warps.
+
+    One program per (b, h) leaves most of the GPU idle when B·K is small, and walks S
+    splits in S / U dependent steps: at MQA decoding of one sequence (B·K = 1, 32 packed
+    rows, 132 splits) 4 programs of [32, 32] tiles took 17 steps each and the step went
+    from 27 to 51 µs on an H200 (BENCHMARKS.md, 2026-11-30). So the tile is cut (columns
+    down to 32, rows down to 8, then columns down to 16) until about 128 programs run,
+    and small tiles take up to 32 splits per step (U tiles of rows × columns float32,
+    about 8k values together)."""
+    rows: int
     columns: int
     per_step: int
     num_warps: int
 
 
-def merge_launch(batch: int, kv_heads: int, splits: int, rp: int, hp: int) -> MergeLaunch:
-    column_blocks = max(1, min(hp // 32, 64 // (batch * kv_heads)))
-    columns = hp // column_blocks
-    size = rp * columns
-    return MergeLaunch(columns=columns, per_step=min(splits, 8, max(1, 8192 // size)),
+def merge_launch(batch: int, kv_heads: int, splits: int, rows: int, h: int, rp: int,
+                 hp: int) -> MergeLaunch:
+    wanted = max(1, 128 // (batch * kv_heads))     # tiles per (b, h)
+    rb, cb = min(rp, pl.next_power_of_2(rows)), hp
+    while pl.cdiv(rows, rb) * pl.cdiv(h, cb) < wanted:
+        if cb > 32:
+            cb //= 2
+        elif rb > 8:
+            rb //= 2
+        elif cb > 16:
+            cb //= 2
+        else:
+            break
+    size = rb * cb
+    return MergeLaunch(rows=rb, columns=cb, per_step=min(splits, 32, max(1, 8192 // size)),
                        num_warps=min(16, max(4, size // 1024)))
 
 
-def real_entries(rp: int, hp: int, rows: int, h: int, col0=0):
-    """Masks of a [rp, hp] tile's real entries, the tile's first column being column
-    col0: (bool [rp, hp] for rows < `rows` and columns < h, bool [rp] for rows < `rows`)."""
-    row = jax.lax.broadcasted_iota(jnp.int32, (rp, 1), 0)
+def real_entries(rp: int, hp: int, rows: int, h: int, row0=0, col0=0):
+    """Masks of a [rp, hp] tile's real entries, the tile's first row and column being row0
+    and col0: (bool [rp, hp] for rows < `rows` and columns < h, bool [rp] for rows < `rows`)."""
+    row = row0 + jax.lax.broadcasted_iota(jnp.int32, (rp, 1), 0)
     col = col0 + jax.lax.broadcasted_iota(jnp.int32, (1, hp), 1)
-    row_ok = jax.lax.iota(jnp.int32, rp) < rows
+    row_ok = row0 + jax.lax.iota(jnp.int32, rp) < rows
     return (row < rows) & (col < h), row_ok
 
 
 def _merge_kernel(out_s_ref, lse_s_ref, o_ref, lse_ref, *, splits, per_step, rows, h):
     rp, columns = o_ref.shape
-    entries, row_ok = real_entries(rp, columns, rows, h, col0=pl.program_id(2) * columns)
+    entries, row_ok = real_entries(rp, columns, rows, h, row0=pl.program_id(2) * rp,
+                                   col0=pl.program_id(3) * columns)
     acc_dtype = out_s_ref.dtype
 
     def merge_step(step, carry):
@@ -117,16 +134,17 @@ def merge_splits(out_s, lse_s, *, rp: int, hp: int, out_dtype, interpret: bool):
     saw no key. rp >= rows and hp >= H: the tile the kernel holds (powers of two).
     Returns (out [B, K, rows, H] in out_dtype, lse [B, K, rows] in lse_s's dtype)."""
     b, kh, splits, rows, h = out_s.shape
-    launch = merge_launch(b, kh, splits, rp, hp)
-    cb = launch.columns
+    launch = merge_launch(b, kh, splits, rows, h, rp, hp)
+    rb, cb = launch.rows, launch.columns
     kernel = functools.partial(_merge_kernel, splits=splits, per_step=launch.per_step, rows=rows, h=h)
     return pl.pallas_call(
         kernel,
-        grid=(b, kh, pl.cdiv(h, cb)),   # every block starts inside the H real columns
-        in_specs=[pl.BlockSpec((None, None, splits, rp, cb), lambda i, j, c: (i, j, 0, 0, c)),
-                  pl.BlockSpec((None, None, splits, rp), lambda i, j, c: (i, j, 0, 0))],
-        out_specs=[pl.BlockSpec((None, None, rp, cb), lambda i, j, c: (i, j, 0, c)),
-                   pl.BlockSpec((None, None, rp), lambda i, j, c: (i, j, 0))],
+        # every block starts inside the real rows and the H real columns
+        grid=(b, kh, pl.cdiv(rows, rb), pl.cdiv(h, cb)),
+        in_specs=[pl.BlockSpec((None, None, splits, rb, cb), lambda i, j, r, c: (i, j, 0, r, c)),
+                  pl.BlockSpec((None, None, splits, rb), lambda i, j, r, c: (i, j, 0, r))],
+        out_specs=[pl.BlockSpec((None, None, rb, cb), lambda i, j, r, c: (i, j, r, c)),
+                   pl.BlockSpec((None, None, rb), lambda i, j, r, c: (i, j, r))],
         out_shape=[jax.ShapeDtypeStruct((b, kh, rows, h), out_dtype),
                    jax.ShapeDtypeStruct((b, kh, rows), lse_s.dtype)],
         compiler_params=plgpu.CompilerParams(num_warps=launch.num_warps, num_stages=1),
