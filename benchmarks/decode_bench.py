@@ -99,6 +99,10 @@ def main(argv=None):
                         "(K8, Tq 1, contiguous): how much of a gap the split count explains")
     p.add_argument("--split-cases", nargs="*", default=["1x32768", "1x131072"], metavar="BxCTX",
                    help="batch x context of the --splits sweep (default 1x32768 1x131072)")
+    p.add_argument("--split-kv-heads", type=int, default=8,
+                   help="KV heads of the --splits cases (8: GQA 32/8; 1: MQA)")
+    p.add_argument("--split-layout", default="contiguous",
+                   help="cache layout of the --splits cases (contiguous, paged16, paged64)")
     p.add_argument("--impls", nargs="*", default=["pallas_triton", "cudnn", "xla"])
     p.add_argument("--budget-s", type=float, default=225.0,
                    help="start no new case after this many seconds (the rest is recorded as skipped)")
@@ -129,7 +133,8 @@ def main(argv=None):
         plan += [(D.DecodeCase(8, b, ctx, 1, layout), "pallas_triton", cfg) for layout in args.tune_paged
                  for b, ctx in ((8, 131072), (64, 32768)) for cfg in TUNE_CONFIGS]
     split_cases = [tuple(int(x) for x in c.lower().split("x")) for c in args.split_cases]
-    plan += [(D.DecodeCase(8, b, ctx), "pallas_triton", ("splits", n)) for b, ctx in split_cases
+    plan += [(D.DecodeCase(args.split_kv_heads, b, ctx, 1, args.split_layout), "pallas_triton", ("splits", n))
+             for b, ctx in split_cases
              for n in args.splits or ()]
     for case, impl, cfg in plan:
         if time.perf_counter() - start > args.budget_s:

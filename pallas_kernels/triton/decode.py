@@ -131,7 +131,7 @@ def num_cores(interpret: bool) -> int:
 
 def default_num_splits(batch: int, kv_heads: int, kv_tiles: int, *, cores: int,
                        min_tiles_per_split: int = 4, long_cache_tiles: int = 128,
-                       paged: bool = False) -> int:
+                       paged: bool = False, pages_per_tile: int = 1) -> int:
     """Splits per (row, KV head), from a sweep on an H200 (BENCHMARKS.md, decode):
 
     * one wave: B·K·splits <= `cores` programs. Small batches need the cache split to
@@ -145,8 +145,15 @@ def default_num_splits(batch: int, kv_heads: int, kv_tiles: int, *, cores: int,
       loads, and more programs in flight cover that (64-slot pages at B = 1: 33 splits
       3099 GB/s at 128k and 2017 at 32k in one run, 16 splits 2154–2171 and 1394–1427 in
       two later ones);
+    * pages smaller than a tile (one tile gathers rows of several pages) keep four waves
+      when B·K <= 8: 16-slot pages at B = 1 ran at 2273 / 3387 GB/s (32k / 128k) with 66
+      splits against 2201 / 3107 with 33 (2026-11-30, steps of the new merge; 8 × 4k: 8
+      splits 2317, 33 splits 2251, so larger B·K keeps two waves);
     * each split keeps at least `min_tiles_per_split` tiles of keys."""
-    want = max(1, (2 if paged else 1) * cores // (batch * kv_heads))
+    waves = 1
+    if paged:
+        waves = 4 if pages_per_tile > 1 and batch * kv_heads <= 8 else 2
+    want = max(1, waves * cores // (batch * kv_heads))
     if kv_tiles >= long_cache_tiles:
         want = max(want, 4)
     return max(1, min(want, kv_tiles // min_tiles_per_split))
@@ -325,7 +332,7 @@ def decode(static: DecodeStatic, q, k_cache, v_cache, lengths, page_table=None, 
     span = static.bounds.span(tq)
     kv_tiles = -(-min(capacity, span if span is not None else capacity) // bk)
     splits = static.num_splits or default_num_splits(
-        b, kh, kv_tiles, cores=num_cores(static.interpret), paged=paged)
+        b, kh, kv_tiles, cores=num_cores(static.interpret), paged=paged, pages_per_tile=pages_per_tile)
     splits = max(1, min(splits, -(-capacity // bk)))
 
     # [B, Tq, K·G, H] -> [B, K, Tq·G, H]: the G heads of KV head h and the Tq tokens as
