@@ -349,7 +349,7 @@ def decode_attention(query, key_cache, value_cache, *, lengths, page_table=None,
         zero value vector (as in `dot_product_attention`; applied through the lse).
       implementation: None (best available), "reference", or a kernel backend with a
         decode entry ("pallas_triton"; see decode_implementations()).
-      return_residuals: also return lse [B, N, Tq] (float32, natural log, -inf for a row
+      return_residuals: also return lse [B, N, Tq] (float32, float64 for float64 inputs; natural log, -inf for a row
         with no key).
 
     Returns:

@@ -180,6 +180,7 @@ def test_split_count_fills_the_gpu():
     # pages smaller than a tile at small B·K: four waves
     assert default_num_splits(1, 8, 2048, cores=132, paged=True, pages_per_tile=4) == 66
     assert default_num_splits(8, 8, 64, cores=132, paged=True, pages_per_tile=4) == 4
+    assert default_num_splits(1, 1, 2048, cores=132, paged=True, pages_per_tile=4) == 132  # <= cores
 
 
 # ------------------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """The Triton decode kernels' packed layout: the split-merge kernel against a plain
 log-sum-exp merge, and whole decodes whose packed query rows (Tq·N/K) and head dim are
-not powers of two, so every load and store of the kernels' [rp, hp] tiles is masked to
-the real entries (interpret mode), and their lowering for an H100."""
+not powers of two (interpret mode), and their lowering for an H100. Interpret mode
+drops a store past an array's end, so only the GPU-tier case below can catch a store of
+a tile's padding rows or columns; on CPU the masked loads are what these tests check."""
 
 import numpy as np
 import pytest
@@ -88,7 +89,7 @@ def test_split_decode_lowers_for_h100(monkeypatch):
 def test_gpu_rows_and_head_dim_not_powers_of_two(num_splits, h):
     # On the GPU the padding rows and columns of one program's tile lie over the next
     # rows in memory: a store of them would corrupt a neighbour. 3 packed rows, H 96 or
-    # 40 (the merge's second block of 32 columns is partly past H), bf16, ragged lengths
+    # 40 (the merge's last block of 16 columns is partly past H), bf16, ragged lengths
     # incl. 0, NaN in unwritten slots; worst error against float32.
     (b, s, n, k), lengths = (4, 4096, 6, 2), np.array([4096, 1000, 77, 0], np.int32)
     kc, vc = _caches(b, s, k, h, lengths)

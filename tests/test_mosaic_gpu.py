@@ -132,6 +132,20 @@ def test_gradient_lowers_for_h100(h, mosaic_kernels, mask, cap):
     assert triton_kernels == (3 if checked else 0 if h == 128 else 2)
 
 
+def test_finite_check_stays_one_cond_under_vmap():
+    """Under vmap a per-example finite flag would turn the cond into a select running both
+    the Mosaic and the Triton kernels on every call: the flag is one for the batch."""
+    static, metas, operands = _call(M.causal_document_mask(_documents([70, 186])), 256, 256, 128)
+
+    def forward(q, k, v):
+        return flash_attention(static, q, k, v, None, metas, operands)[0]
+
+    shapes = [jax.ShapeDtypeStruct((3, *x.shape), x.dtype) for x in _shapes(1, 256, 256, 2, 1, 128)]
+    text = _lower_for_h100(jax.vmap(forward), *shapes)
+    assert text.count("stablehlo.case") == 1
+    assert text.count("mosaic_gpu_v2") == 1 and text.count("__gpu$xla.gpu.triton") == 1
+
+
 def test_every_shipped_config_fits_shared_memory():
     for h in (64, 128, 256):
         cfg = mosaic_gpu.config_for_head_dim(h)

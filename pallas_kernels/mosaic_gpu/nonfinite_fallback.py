@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
 import jax.numpy as jnp
 from jax import lax
 
@@ -48,11 +49,22 @@ def backward_needs_check(metas, parts) -> bool:
             or ("dkdv" in parts and metas["dkdv"].partial_isolates_queries))
 
 
+@jax.custom_batching.custom_vmap
 def _all_finite(*xs):
     finite = jnp.bool_(True)
     for x in xs:
         finite = finite & jnp.all(jnp.isfinite(x))
     return finite
+
+
+@_all_finite.def_vmap
+def _all_finite_over_the_batch(axis_size, in_batched, *xs):
+    """Under vmap one flag for the whole batch, not one per example: a batched predicate
+    would turn the cond into a select that runs both kernels on every call. A single
+    non-finite example sends the whole batch to the Triton kernels (right for every
+    example, only slower)."""
+    del axis_size, in_batched
+    return _all_finite(*xs), False
 
 
 def _like(results, templates):

@@ -57,8 +57,8 @@ Algorithm (flash-decoding). One program per (batch row b, KV head h, split s):
    the program writes the normalised output in q's dtype: one kernel per step. With
    several, each writes its float32 partial output, normalised by its own sum, and lse,
    and one merge kernel (pallas_kernels/triton/decode_merge.py) combines them exactly,
-   walking the splits of each (b, h) with an online log-sum-exp (blocks of columns in
-   separate programs when B·K is small):
+   walking the splits of each (b, h) with an online log-sum-exp (blocks of rows and
+   columns in separate programs when B·K is small):
    lse = log Σ_s exp(lse_s), out = Σ_s exp(lse_s - lse) · out_s. Two kernels per step.
    Back to [B, Tq, N, H] and [B, N, Tq] is a free reshape for Tq = 1 (a transpose of the
    token and head axes for Tq > 1).
@@ -146,14 +146,19 @@ def default_num_splits(batch: int, kv_heads: int, kv_tiles: int, *, cores: int,
       3099 GB/s at 128k and 2017 at 32k in one run, 16 splits 2154–2171 and 1394–1427 in
       two later ones);
     * pages smaller than a tile (one tile gathers rows of several pages) keep four waves
-      when B·K <= 8: 16-slot pages at B = 1 ran at 2273 / 3387 GB/s (32k / 128k) with 66
-      splits against 2201 / 3107 with 33 (2026-11-30, steps of the new merge; 8 × 4k: 8
-      splits 2317, 33 splits 2251, so larger B·K keeps two waves);
+      when B·K <= 8: 16-slot pages at B = 1, K = 8 ran at 2273 / 3387 GB/s (32k / 128k)
+      with 66 splits against 2201 / 3107 with 33 (2026-11-30). At 8 × 4k (B·K = 64) two
+      waves are 4 splits: 2309 GB/s, level with 8 (2317) and 33 (2251);
+    * a paged row never gets more splits than there are cores (one wave of programs for
+      that row alone, the contiguous optimum at B·K = 1: MQA 1 × 32k ran 581 GB/s with
+      132 splits, 550 with 66); paged caches at B·K < 8 are not measured;
     * each split keeps at least `min_tiles_per_split` tiles of keys."""
     waves = 1
     if paged:
         waves = 4 if pages_per_tile > 1 and batch * kv_heads <= 8 else 2
     want = max(1, waves * cores // (batch * kv_heads))
+    if paged:
+        want = min(want, cores)
     if kv_tiles >= long_cache_tiles:
         want = max(want, 4)
     return max(1, min(want, kv_tiles // min_tiles_per_split))
@@ -406,7 +411,7 @@ def decode(static: DecodeStatic, q, k_cache, v_cache, lengths, page_table=None, 
     # Tq = 1 (the transposes move unit dims); a transpose for Tq > 1.
     out = out.reshape(b, kh, tq, groups, h).transpose(0, 2, 1, 3, 4).reshape(b, tq, n, h)
     lse = lse.reshape(b, kh, tq, groups).transpose(0, 1, 3, 2).reshape(b, n, tq)
-    return out, lse.astype(jnp.float32)
+    return out, lse.astype(jnp.promote_types(acc, jnp.float32))
 
 
 __all__ = ["decode", "DecodeConfig", "default_decode_config", "default_num_splits", "MAX_ROWS"]

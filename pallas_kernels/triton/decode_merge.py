@@ -15,7 +15,7 @@ accumulator acc, in the partials' float32, float64 for float64 inputs):
     acc <- c · acc + w · O_s;   l <- c · l + w;   m <- m'
 
 and ends with O = acc / l, lse = m + log l. Each loop step takes U consecutive splits
-(U <= 8, fewer for large tiles), their U loads issued together so that their latencies
+(U <= 32, fewer for large tiles), their U loads issued together so that their latencies
 overlap, one rescale of acc by the step's new max, then U weighted adds; splits past S
 in the last step are masked to weight 0. So only U split tiles are live at a time,
 whatever S is (132 splits or more on a large GPU, rarely a power of two). When B·K is
