@@ -2,7 +2,7 @@
 
     backend.decode(static: DecodeStatic, q, k_cache, v_cache, lengths, page_table=None,
                    operands=(), score_operands=())
-        -> (out [B, Tq, N, H] in q's dtype, lse [B, N, Tq] float32)
+        -> (out [B, Tq, N, H] in q's dtype, lse [B, N, Tq] float32, float64 for float64 inputs)
 
 q [B, Tq, N, H]; k/v_cache [B, S_max, K, H] or, with page_table int32 [B, max_pages],
 [num_pages, page_size, K, H]; lengths int32 [B] (traced); operands: the mask's arrays at

@@ -5,7 +5,7 @@ written in pallas_kernels/decode_static.py):
 
     decode(static: DecodeStatic, q, k_cache, v_cache, lengths, page_table=None, operands=(),
            score_operands=())
-        -> (out [B, Tq, N, H] in q's dtype, lse [B, N, Tq] float32 natural log)
+        -> (out [B, Tq, N, H] in q's dtype, lse [B, N, Tq] natural log, float32 or float64 for float64 inputs)
 
     q           [B, Tq, N, H]: the Tq newest tokens, at positions lengths[b] - Tq + t
     k/v_cache   [B, S_max, K, H] (page_table None) or [num_pages, page_size, K, H]
