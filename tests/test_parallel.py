@@ -59,6 +59,20 @@ def _value_and_grads(attn):
     return jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)
 
 
+def _ring_and_reference_grads(ring, ref, q, k, v, do, x, wrap=None):
+    """One compiled call: ((Σ out·dO, out), (dq, dk, dv, dx)) of `ring` and of `ref`, both
+    called as attn(q, k, v, wrap(x)): x is the sinks, or the operand of a score function
+    that `wrap` builds, so its gradient is compared too."""
+    def grads(attn):
+        def loss(q, k, v, x):
+            o = attn(q, k, v, x if wrap is None else wrap(x))
+            return jnp.sum(o * do), o
+        return jax.value_and_grad(loss, argnums=(0, 1, 2, 3), has_aux=True)
+
+    ring_grads, ref_grads = grads(ring), grads(ref)
+    return _compiled(lambda *a: (ring_grads(*a), ref_grads(*a)), q, k, v, x)(q, k, v, x)
+
+
 def _ring_vs_reference(mesh, make_mask, q, k, v, do, *extra, atol=2e-5, deterministic=False,
                        **ring_kw):
     """One jit: (out, dq, dk, dv) of the ring and of the reference, compared; with
@@ -336,17 +350,14 @@ def test_sinks_values_and_gradients(mesh):
     sinks = jnp.array([0.5, -1.0, 2.0, 0.0])
     mask = M.CausalMask(offset=-3)     # the first rows see only the sink
 
-    def grads(attn):
-        def loss(q, k, v, sinks):
-            return jnp.sum(attn(q, k, v, sinks) * do)
-        return jax.value_and_grad(loss, argnums=(0, 1, 2, 3))
-
-    ring = grads(lambda q, k, v, s: ring_attention(q, k, v, mask, mesh=mesh, axis_name=AXIS, sinks=s,
-                                                   implementation="reference"))
-    ref = grads(lambda q, k, v, s: jaxattn.dot_product_attention(q, k, v, mask=mask, sinks=s,
-                                                                 implementation="reference"))
-    (got, got_g), (want, want_g) = _compiled(lambda *a: (ring(*a), ref(*a)), q, k, v, sinks)(q, k, v, sinks)
+    ((got, got_out), got_g), ((want, want_out), want_g) = _ring_and_reference_grads(
+        lambda q, k, v, s: ring_attention(q, k, v, mask, mesh=mesh, axis_name=AXIS, sinks=s,
+                                          implementation="reference"),
+        lambda q, k, v, s: jaxattn.dot_product_attention(q, k, v, mask=mask, sinks=s,
+                                                         implementation="reference"),
+        q, k, v, do, sinks)
     np.testing.assert_allclose(got, want, rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(got_out), np.asarray(want_out), atol=2e-5, rtol=1e-5)
     for name, a, b in zip(("dq", "dk", "dv", "dsinks"), got_g, want_g):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5, rtol=1e-5, err_msg=name)
 
@@ -385,19 +396,13 @@ def test_score_mod_values_and_gradients(mesh, name, monkeypatch):
     q, k, v, do = _inputs(b=b, t=t, s=s, seed=9)
     operand = jnp.asarray(jaxattn.alibi_slopes(4)) * 4.0   # steep: positions matter
 
-    def grads(attn):
-        def loss(q, k, v, x):
-            o = attn(q, k, v, make_score(x))
-            return jnp.sum(o * do), o
-        return jax.value_and_grad(loss, argnums=(0, 1, 2, 3), has_aux=True)
-
-    ring = grads(lambda q, k, v, sm: ring_attention(
-        q[:, perm_q], k[:, perm_kv], v[:, perm_kv], mask, mesh=mesh, axis_name=AXIS, score_mod=sm,
-        implementation="reference", **kw)[:, inv_q])
-    ref = grads(lambda q, k, v, sm: jaxattn.dot_product_attention(q, k, v, mask=mask, score_mod=sm,
-                                                                  implementation="reference"))
-    ((_, got), got_g), ((_, want), want_g) = _compiled(lambda *a: (ring(*a), ref(*a)), q, k, v, operand)(
-        q, k, v, operand)
+    ((_, got), got_g), ((_, want), want_g) = _ring_and_reference_grads(
+        lambda q, k, v, sm: ring_attention(
+            q[:, perm_q], k[:, perm_kv], v[:, perm_kv], mask, mesh=mesh, axis_name=AXIS, score_mod=sm,
+            implementation="reference", **kw)[:, inv_q],
+        lambda q, k, v, sm: jaxattn.dot_product_attention(q, k, v, mask=mask, score_mod=sm,
+                                                          implementation="reference"),
+        q, k, v, do, operand, wrap=make_score)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5, rtol=1e-5)
     for name_, a, b in zip(("dq", "dk", "dv", "d_operand"), got_g, want_g):
         assert not np.isnan(np.asarray(a)).any(), name_
@@ -412,16 +417,13 @@ def test_score_mod_pallas_triton_blocks():
     q, k, v, do = _inputs(t=40, n=2, kh=1, seed=4)
     slopes = jnp.array([0.5, 0.25])
 
-    def grads(attn):
-        def loss(q, k, v, slopes):
-            return jnp.sum(attn(q, k, v, jaxattn.alibi(slopes)) * do)
-        return jax.value_and_grad(loss, argnums=(0, 1, 2, 3))
-
-    ring = grads(lambda q, k, v, sm: ring_attention(q, k, v, mesh=mesh, axis_name=AXIS, is_causal=True,
-                                                    score_mod=sm, implementation="pallas_triton"))
-    ref = grads(lambda q, k, v, sm: jaxattn.dot_product_attention(q, k, v, is_causal=True, score_mod=sm,
-                                                                  implementation="reference"))
-    (got, got_g), (want, want_g) = _compiled(lambda *a: (ring(*a), ref(*a)), q, k, v, slopes)(q, k, v, slopes)
+    ((got, got_out), got_g), ((want, want_out), want_g) = _ring_and_reference_grads(
+        lambda q, k, v, sm: ring_attention(q, k, v, mesh=mesh, axis_name=AXIS, is_causal=True,
+                                           score_mod=sm, implementation="pallas_triton"),
+        lambda q, k, v, sm: jaxattn.dot_product_attention(q, k, v, is_causal=True, score_mod=sm,
+                                                          implementation="reference"),
+        q, k, v, do, slopes, wrap=jaxattn.alibi)
     np.testing.assert_allclose(got, want, rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(got_out), np.asarray(want_out), atol=5e-5, rtol=1e-5)
     for name, a, b in zip(("dq", "dk", "dv", "dslopes"), got_g, want_g):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=5e-5, rtol=1e-5, err_msg=name)
