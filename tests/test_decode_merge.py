@@ -31,7 +31,7 @@ def test_merge_kernel_is_the_log_sum_exp_merge():
     # of [8, 16] (2 row blocks, the second with 3 real rows; 3 column blocks, the last
     # with 8 real columns) and two steps of 32 splits (the second with 27 past S).
     b, k, s, rows, h = 2, 2, 37, 11, 40
-    launch = merge_launch(b, k, s, rows, h, 16, 64)
+    launch = merge_launch(b, k, s, rows, h, 64)
     assert (launch.rows, launch.columns, launch.per_step) == (8, 16, 32)
     rng = np.random.default_rng(0)
     out_s = rng.standard_normal((b, k, s, rows, h)).astype(np.float32)
@@ -42,7 +42,7 @@ def test_merge_kernel_is_the_log_sum_exp_merge():
 
     @jax.jit
     def both(out_s, lse_s):
-        got = merge_splits(out_s, lse_s, rp=16, hp=64, out_dtype=jnp.float32, interpret=True)
+        got = merge_splits(out_s, lse_s, hp=64, out_dtype=jnp.float32, interpret=True)
         return got, _lse_merge(out_s, lse_s)
 
     (go, gl), (wo, wl) = both(out_s, lse_s)
@@ -71,7 +71,8 @@ def test_split_decode_lowers_for_h100(monkeypatch):
     # 3 packed rows (N 6, K 2, Tq 1), head dim 96 and 5 splits: the decode kernel's
     # masked loads and stores, then the merge kernel.
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-    b, tq, n, k, h, cache_shape = 2, 1, 6, 2, 96, (2, 1000, 2, 96)
+    b, tq, n, k, h = 2, 1, 6, 2, 96
+    cache_shape = (b, 1000, k, h)
 
     def fn(q, kc, vc, lengths):
         return kernel_decode("pallas_triton", q, kc, vc, lengths, None, M.FullMask(), scale=0.1,

@@ -406,7 +406,7 @@ def decode(static: DecodeStatic, q, k_cache, v_cache, lengths, page_table=None, 
         name="jaxattn_flash_decode",
     )(lengths.astype(jnp.int32), qp, k_cache, v_cache, *extra)
     if splits > 1:
-        out, lse = merge_splits(out, lse, rp=rp, hp=hp, out_dtype=q.dtype, interpret=static.interpret)
+        out, lse = merge_splits(out, lse, hp=hp, out_dtype=q.dtype, interpret=static.interpret)
     # [B, K, Tq·G, H] -> [B, Tq, N, H]; lse [B, K, Tq·G] -> [B, N, Tq]. Free reshapes for
     # Tq = 1 (the transposes move unit dims); a transpose for Tq > 1.
     out = out.reshape(b, kh, tq, groups, h).transpose(0, 2, 1, 3, 4).reshape(b, tq, n, h)

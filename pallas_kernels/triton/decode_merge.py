@@ -47,8 +47,8 @@ from pallas_kernels.common import MASK_VALUE
 
 @dataclasses.dataclass(frozen=True)
 class MergeLaunch:
-    """How the merge runs: a program's tile of rows × columns (powers of two, at most rp
-    and hp), splits per loop step U, warps.
+    """How the merge runs: a program's tile of rows × columns (powers of two, at most the
+    packed rows' and hp), splits per loop step U, warps.
 
     One program per (b, h) leaves most of the GPU idle when B·K is small, and walks S
     splits in S / U dependent steps: at MQA decoding of one sequence (B·K = 1, 32 packed
@@ -63,10 +63,9 @@ class MergeLaunch:
     num_warps: int
 
 
-def merge_launch(batch: int, kv_heads: int, splits: int, rows: int, h: int, rp: int,
-                 hp: int) -> MergeLaunch:
+def merge_launch(batch: int, kv_heads: int, splits: int, rows: int, h: int, hp: int) -> MergeLaunch:
     wanted = max(1, 128 // (batch * kv_heads))     # tiles per (b, h)
-    rb, cb = min(rp, pl.next_power_of_2(rows)), hp
+    rb, cb = pl.next_power_of_2(rows), hp
     while pl.cdiv(rows, rb) * pl.cdiv(h, cb) < wanted:
         if cb > 32:
             cb //= 2
@@ -91,8 +90,8 @@ def real_entries(rp: int, hp: int, rows: int, h: int, row0=0, col0=0):
 
 
 def _merge_kernel(out_s_ref, lse_s_ref, o_ref, lse_ref, *, splits, per_step, rows, h):
-    rp, columns = o_ref.shape
-    entries, row_ok = real_entries(rp, columns, rows, h, row0=pl.program_id(2) * rp,
+    block_rows, columns = o_ref.shape
+    entries, row_ok = real_entries(block_rows, columns, rows, h, row0=pl.program_id(2) * block_rows,
                                    col0=pl.program_id(3) * columns)
     acc_dtype = out_s_ref.dtype
 
@@ -113,8 +112,8 @@ def _merge_kernel(out_s_ref, lse_s_ref, o_ref, lse_ref, *, splits, per_step, row
             l_i, acc = l_i + weight, acc + weight[:, None] * o_s
         return m_next, l_i, acc
 
-    carry = (jnp.full((rp,), MASK_VALUE, acc_dtype), jnp.zeros((rp,), acc_dtype),
-             jnp.zeros((rp, columns), acc_dtype))
+    carry = (jnp.full((block_rows,), MASK_VALUE, acc_dtype), jnp.zeros((block_rows,), acc_dtype),
+             jnp.zeros((block_rows, columns), acc_dtype))
     m_i, l_i, acc = jax.lax.fori_loop(0, -(-splits // per_step), merge_step, carry)
 
     # A row no split saw (l = 0) returns 0 with lse = -inf.
@@ -126,15 +125,15 @@ def _merge_kernel(out_s_ref, lse_s_ref, o_ref, lse_ref, *, splits, per_step, row
     plgpu.store(lse_ref, lse.astype(lse_ref.dtype), mask=row_ok)
 
 
-def merge_splits(out_s, lse_s, *, rp: int, hp: int, out_dtype, interpret: bool):
+def merge_splits(out_s, lse_s, *, hp: int, out_dtype, interpret: bool):
     """Exact log-sum-exp merge over the split axis (2), one kernel.
 
     out_s [B, K, S, rows, H] float: each split's output normalised by its own sum;
     lse_s [B, K, S, rows] (same dtype): each split's natural-log sum, -inf where the split
-    saw no key. rp >= rows and hp >= H: the tile the kernel holds (powers of two).
+    saw no key. hp >= H: the power of two the kernel's columns are tiled from.
     Returns (out [B, K, rows, H] in out_dtype, lse [B, K, rows] in lse_s's dtype)."""
     b, kh, splits, rows, h = out_s.shape
-    launch = merge_launch(b, kh, splits, rows, h, rp, hp)
+    launch = merge_launch(b, kh, splits, rows, h, hp)
     rb, cb = launch.rows, launch.columns
     kernel = functools.partial(_merge_kernel, splits=splits, per_step=launch.per_step, rows=rows, h=h)
     return pl.pallas_call(
