@@ -40,6 +40,11 @@ def fallback_config(config) -> TritonConfig:
                         block_kv_dq=bk_dq, num_warps_bwd=8, num_stages_bwd=2)
 
 
+def _triton_static(static):
+    """The call's static description for the Triton kernels at the Mosaic tiles."""
+    return dataclasses.replace(static, backend=_triton, config=fallback_config(static.config))
+
+
 def forward_needs_check(metas) -> bool:
     return bool(metas["forward"].partial_isolates_keys)
 
@@ -75,8 +80,7 @@ def _like(results, templates):
 
 def guarded_forward(mosaic_forward, static, q, k, v, bias, metas, operands):
     """(out, lse) of the Mosaic forward, or of the Triton forward when V holds NaN/Inf."""
-    triton_static = dataclasses.replace(static, backend=_triton,
-                                        config=fallback_config(static.config))
+    triton_static = _triton_static(static)
     return lax.cond(_all_finite(v),
                     lambda: mosaic_forward(static, q, k, v, bias, metas, operands),
                     lambda: _triton.forward(triton_static, q, k, v, bias, metas, operands))
@@ -86,8 +90,7 @@ def guarded_backward(mosaic_backward, static, q, k, v, bias, out, lse, dout, del
                      operands, parts):
     """(dq, dk, dv, dbias) of the Mosaic backward, or of the Triton backward when Q, K or
     V hold NaN/Inf."""
-    triton_static = dataclasses.replace(static, backend=_triton,
-                                        config=fallback_config(static.config))
+    triton_static = _triton_static(static)
     templates = (q, k, v, bias)
 
     def mosaic():
