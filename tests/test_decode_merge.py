@@ -26,19 +26,22 @@ def _lse_merge(out_s, lse_s):
     return jnp.sum(weight[..., None] * out_s, axis=2), lse
 
 
-def test_merge_kernel_is_the_log_sum_exp_merge():
-    # 37 splits, 11 packed rows, head dim 40: none a power of two. The kernel runs tiles
-    # of [8, 16] (2 row blocks, the second with 3 real rows; 3 column blocks, the last
-    # with 8 real columns) and two steps of 32 splits (the second with 27 past S).
-    b, k, s, rows, h = 2, 2, 37, 11, 40
+@pytest.mark.parametrize("s, per_step", [(37, 64), (300, 128)])
+def test_merge_kernel_is_the_log_sum_exp_merge(s, per_step):
+    # 11 packed rows, head dim 40, 37 or 300 splits: none a power of two. The kernel runs
+    # tiles of [8, 16] (2 row blocks, the second with 3 real rows; 3 column blocks, the
+    # last with 8 real columns) and steps of up to 128 splits: 37 splits in one step of
+    # 64 (27 past S), 300 in three of 128 (84 past S), rescaled between steps.
+    b, k, rows, h = 2, 2, 11, 40
     launch = merge_launch(b, k, s, rows, h, 64)
-    assert (launch.rows, launch.columns, launch.per_step) == (8, 16, 32)
+    assert (launch.rows, launch.columns, launch.per_step) == (8, 16, per_step)
     rng = np.random.default_rng(0)
     out_s = rng.standard_normal((b, k, s, rows, h)).astype(np.float32)
     lse_s = (40 * rng.standard_normal((b, k, s, rows))).astype(np.float32)   # wide range
     lse_s[rng.random(lse_s.shape) < 0.3] = -np.inf   # splits that saw no key: weight 0
     lse_s[0, 1, :, 2] = -np.inf                      # a row no split saw
     lse_s[1, 0, 1:, 0] = -np.inf                     # a row only split 0 saw
+    lse_s[1, 0, 0, 0] = 3.0
 
     @jax.jit
     def both(out_s, lse_s):

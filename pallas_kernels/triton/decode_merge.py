@@ -7,23 +7,26 @@ softmax over all the splits' keys is their log-sum-exp combination:
 
     lse = log Σ_s exp(lse_s),        O = Σ_s exp(lse_s - lse) · O_s
 
-One program per (batch row b, KV head h, block of rows, block of columns) walks its S
-splits once, in order, with the online rescaling the attention kernels apply over key tiles (running max m, sum l,
-accumulator acc, in the partials' float32, float64 for float64 inputs):
+One program per (batch row b, KV head h, block of rows, block of columns) reads its S
+splits in steps of U (a power of two), with the online rescaling the attention kernels
+apply over key tiles (running max m, sum l, accumulator acc, in the partials' float32,
+float64 for float64 inputs):
 
-    m' = max(m, lse_s);   c = exp(m - m');   w = exp(lse_s - m')
-    acc <- c · acc + w · O_s;   l <- c · l + w;   m <- m'
+    m' = max(m, max_u lse_u);   c = exp(m - m');   w_u = exp(lse_u - m')
+    acc <- c · acc + Σ_u w_u · O_u;   l <- c · l + Σ_u w_u;   m <- m'
 
-and ends with O = acc / l, lse = m + log l. Each loop step takes U consecutive splits
-(U <= 32, fewer for large tiles), their U loads issued together so that their latencies
-overlap, one rescale of acc by the step's new max, then U weighted adds; splits past S
-in the last step are masked to weight 0. So only U split tiles are live at a time,
-whatever S is (132 splits or more on a large GPU, rarely a power of two). When B·K is
-small the [rows, H] tile is cut into blocks of rows and columns, one program each (the
-programs of a row block read the same lse_s), so more programs share the reads. m starts at
-the finite MASK_VALUE, so an empty split (lse_s = -inf) gets weight exp(-inf) = 0 and
--inf - (-inf) = NaN is never formed; a row no split saw keeps l = 0 and returns O = 0
-with lse = -inf.
+and ends with O = acc / l, lse = m + log l. A step is one [U, rows, columns] load of the
+partial outputs and one [U, rows] load of their lse, reduced over the split axis on
+chip: the whole step is one round trip to memory, and with U up to 128 (tiles of up to
+16k values) one step covers every split of the usual launches (66 splits of 16-slot
+paged caches at B·K = 8, 132 at MQA over one sequence: two). The kernel's time is then
+its launch and that one round trip, not S dependent loads. The split axis of the blocks
+is padded to whole steps; the entries past S are masked (weight 0, never read). When
+B·K is small the [rows, H] tile is cut into blocks of rows and columns, one program
+each (the programs of a row block read the same lse_s), so more programs share the
+reads. m starts at the finite MASK_VALUE, so an empty split (lse_s = -inf) gets weight
+exp(-inf) = 0 and -inf - (-inf) = NaN is never formed; a row no split saw keeps l = 0
+and returns O = 0 with lse = -inf.
 
 Layout shared with the decode kernel: a program's query rows are the packed rows
 (row r = t·G + g) of one KV head; arrays hold only the `rows` real rows and H real
@@ -48,19 +51,25 @@ from pallas_kernels.common import MASK_VALUE
 @dataclasses.dataclass(frozen=True)
 class MergeLaunch:
     """How the merge runs: a program's tile of rows × columns (powers of two, at most the
-    packed rows' and hp), splits per loop step U, warps.
+    packed rows' and hp), splits per step U (a power of two), warps.
 
-    One program per (b, h) leaves most of the GPU idle when B·K is small, and walks S
-    splits in S / U dependent steps: at MQA decoding of one sequence (B·K = 1, 32 packed
-    rows, 132 splits) 4 programs of [32, 32] tiles took 17 steps each and the step went
-    from 27 to 51 µs on an H200 (BENCHMARKS.md, 2026-11-30). So the tile is cut (columns
-    down to 32, rows down to 8, then columns down to 16) until about 128 programs run,
-    and small tiles take up to 32 splits per step (U tiles of rows × columns float32,
-    about 8k values together)."""
+    One program per (b, h) leaves most of the GPU idle when B·K is small: at MQA decoding
+    of one sequence (B·K = 1, 32 packed rows, 132 splits) 4 programs of [32, 32] tiles
+    walking the splits 32 at a time took the step from 27 to 51 µs on an H200
+    (BENCHMARKS.md, 2026-11-30). So the tile is cut (columns down to 32, rows down to 8,
+    then columns down to 16) until about 128 programs run, and a step loads U splits of
+    the tile at once, U·rows·columns <= 16k values (64 per thread at 8 warps)."""
     rows: int
     columns: int
     per_step: int
     num_warps: int
+
+    def steps(self, splits: int) -> int:
+        return -(-splits // self.per_step)
+
+
+# Values one merge step loads at once (U splits of a rows × columns tile).
+STEP_VALUES = 16384
 
 
 def merge_launch(batch: int, kv_heads: int, splits: int, rows: int, h: int, hp: int) -> MergeLaunch:
@@ -76,8 +85,10 @@ def merge_launch(batch: int, kv_heads: int, splits: int, rows: int, h: int, hp: 
         else:
             break
     size = rb * cb
-    return MergeLaunch(rows=rb, columns=cb, per_step=min(splits, 32, max(1, 8192 // size)),
-                       num_warps=min(16, max(4, size // 1024)))
+    fit = 1 << (max(1, STEP_VALUES // size).bit_length() - 1)   # largest power of two that fits
+    per_step = min(pl.next_power_of_2(splits), fit)
+    return MergeLaunch(rows=rb, columns=cb, per_step=per_step,
+                       num_warps=min(16, max(4, per_step * size // 2048)))
 
 
 def real_entries(rp: int, hp: int, rows: int, h: int, row0=0, col0=0):
@@ -97,19 +108,19 @@ def _merge_kernel(out_s_ref, lse_s_ref, o_ref, lse_ref, *, splits, per_step, row
 
     def merge_step(step, carry):
         m_i, l_i, acc = carry
-        lses, outs = [], []
-        for u in range(per_step):   # independent loads: in flight together
-            s = step * per_step + u
-            exists = s < splits      # the last step may run past S: weight 0
-            s = jnp.minimum(s, splits - 1)
-            lses.append(plgpu.load(lse_s_ref.at[s, :], mask=row_ok & exists, other=-jnp.inf))
-            outs.append(plgpu.load(out_s_ref.at[s, :, :], mask=entries & exists, other=0.0))
-        m_next = functools.reduce(jnp.maximum, lses, m_i)   # finite: m starts at MASK_VALUE
+        first = step * per_step
+        # Splits [first, first + U) of this tile, one load each for lse and O; entries
+        # past S (the block's padding) are masked: lse -inf, weight 0.
+        exists = first + jax.lax.broadcasted_iota(jnp.int32, (per_step, 1), 0) < splits
+        lse_u = plgpu.load(lse_s_ref.at[pl.ds(first, per_step), :],
+                           mask=exists & row_ok[None, :], other=-jnp.inf)      # [U, rows]
+        o_u = plgpu.load(out_s_ref.at[pl.ds(first, per_step), :, :],
+                         mask=exists[:, :, None] & entries[None], other=0.0)   # [U, rows, cols]
+        m_next = jnp.maximum(m_i, lse_u.max(axis=0))   # finite: m starts at MASK_VALUE
         correction = jnp.exp(m_i - m_next)
-        l_i, acc = correction * l_i, correction[:, None] * acc
-        for lse_s, o_s in zip(lses, outs):
-            weight = jnp.exp(lse_s - m_next)                # 0 for an empty split
-            l_i, acc = l_i + weight, acc + weight[:, None] * o_s
+        weight = jnp.exp(lse_u - m_next[None, :])      # 0 for an empty split
+        l_i = correction * l_i + weight.sum(axis=0)
+        acc = correction[:, None] * acc + (weight[:, :, None] * o_u).sum(axis=0)
         return m_next, l_i, acc
 
     carry = (jnp.full((block_rows,), MASK_VALUE, acc_dtype), jnp.zeros((block_rows,), acc_dtype),
@@ -135,13 +146,15 @@ def merge_splits(out_s, lse_s, *, hp: int, out_dtype, interpret: bool):
     b, kh, splits, rows, h = out_s.shape
     launch = merge_launch(b, kh, splits, rows, h, hp)
     rb, cb = launch.rows, launch.columns
+    padded = launch.steps(splits) * launch.per_step
     kernel = functools.partial(_merge_kernel, splits=splits, per_step=launch.per_step, rows=rows, h=h)
     return pl.pallas_call(
         kernel,
-        # every block starts inside the real rows and the H real columns
+        # every block starts inside the real rows and the H real columns; its split axis
+        # is padded to whole steps (masked past S)
         grid=(b, kh, pl.cdiv(rows, rb), pl.cdiv(h, cb)),
-        in_specs=[pl.BlockSpec((None, None, splits, rb, cb), lambda i, j, r, c: (i, j, 0, r, c)),
-                  pl.BlockSpec((None, None, splits, rb), lambda i, j, r, c: (i, j, 0, r))],
+        in_specs=[pl.BlockSpec((None, None, padded, rb, cb), lambda i, j, r, c: (i, j, 0, r, c)),
+                  pl.BlockSpec((None, None, padded, rb), lambda i, j, r, c: (i, j, 0, r))],
         out_specs=[pl.BlockSpec((None, None, rb, cb), lambda i, j, r, c: (i, j, r, c)),
                    pl.BlockSpec((None, None, rb), lambda i, j, r, c: (i, j, r))],
         out_shape=[jax.ShapeDtypeStruct((b, kh, rows, h), out_dtype),
