@@ -66,6 +66,10 @@ class BlockMetadata:
                   count is within a quarter of the largest: full, windows, BigBird; not
                   causal). A persistent kernel may then deal q-blocks in order without
                   unbalancing its CTAs (False unless shown)
+    tile_counts   for static masks, the (FULL, PARTIAL) tile counts of every q-block as a
+                  flat tuple of pairs in [Bm, Hm, nQ] order (None for dynamic masks, or
+                  past MAX_STATIC_TILE_COUNTS q-blocks): lets a persistent kernel balance
+                  its CTAs' work when it is traced, where the count arrays are tracers
     Kernels zero such K/V (Q) rows inside PARTIAL tiles, so NaN/Inf held by a masked
     key (or query) cannot meet a zero probability in a dot (0 · NaN = NaN); where these
     facts are False (causal, aligned windows: every column of a PARTIAL tile has some
@@ -91,6 +95,7 @@ class BlockMetadata:
     partial_isolates_keys: bool = dataclasses.field(default=True, metadata=dict(static=True))
     partial_isolates_queries: bool = dataclasses.field(default=True, metadata=dict(static=True))
     even_q_work: bool = dataclasses.field(default=False, metadata=dict(static=True))
+    tile_counts: tuple | None = dataclasses.field(default=None, metadata=dict(static=True))
 
     @property
     def num_q_blocks(self) -> int:
@@ -104,6 +109,10 @@ class BlockMetadata:
         """Tiles the forward pass visits, summed over every (Bm, Hm) slice."""
         return jnp.sum(self.full_count) + jnp.sum(self.partial_count)
 
+
+# Largest Bm·Hm·nQ whose tile counts BlockMetadata.tile_counts carries (65536 q-blocks:
+# e.g. 8M tokens in 128-row blocks, or a per-head mask of 64 heads at 128k).
+MAX_STATIC_TILE_COUNTS = 1 << 16
 
 # Operand kinds a mask may ask the kernel to load for a tile at rows
 # [q0, q0 + block_q) and columns [k0, k0 + block_kv) of batch row b, head h:

@@ -36,6 +36,7 @@ from pallas_kernels.flash_vjp import flash_attention
 from pallas_kernels.mosaic_gpu.common import OperandRef, TileLists, prepare_operands
 from pallas_kernels.mosaic_gpu.config import SMEM_BYTES, MosaicConfig
 from pallas_kernels.mosaic_gpu.forward import forward as mosaic_forward
+from pallas_kernels.mosaic_gpu.schedule import Schedule, dealt_loads, item_work, with_balanced_table
 from pallas_kernels.triton.config import TritonConfig
 from helpers import lower_for_h100
 from jaxattn.flash import build_call, prepare_call
@@ -68,6 +69,10 @@ LOWERING_CASES = {
     "window D128 T!=S": (M.LocalMask(64, 0), 200, 333, 2, 1, 128, jnp.bfloat16),
     "bigbird D128": (M.bigbird_mask(512, window=64, num_global=32, num_random_blocks=1,
                                     causal=True), 512, 512, 2, 2, 128, jnp.bfloat16),
+    # 512 items with global rows: the persistent CTAs read their items from a table
+    # (schedule.py; test_bigbird_work_is_dealt_by_a_balanced_table)
+    "bigbird D128 table deal": (M.bigbird_mask(4096, window=256, num_global=256, num_random_blocks=3),
+                                4096, 4096, 16, 16, 128, jnp.bfloat16),
     "strided D256": (M.CausalMask() & M.StridedMask(3), 256, 256, 2, 1, 256, jnp.bfloat16),
     "prefix D96": (M.PrefixLMMask(40) & M.GlobalMask(8), 256, 256, 2, 2, 96, jnp.bfloat16),
     # a complement (the planner's union parts exclude what another part computed): a bool
@@ -478,18 +483,65 @@ def test_persistent_schedule_covers_every_item_once_and_balances_causal_work(nq,
     (q-block, head, batch row) exactly once, and causal work (q-block q costs q + 1
     tiles) is spread evenly: within 20 % of the mean in the worst CTA here, where
     dealing q-blocks fastest in plain rounds put 1.7–1.8x the mean on one CTA."""
-    from pallas_kernels.mosaic_gpu.forward import _Schedule
-    sched = _Schedule(nq, heads, batch, True, ctas, balance=balance)
-    rounds = -(-sched.num_items // ctas)
+    sched = Schedule(nq, heads, batch, True, ctas, balance=balance)
+    shares = _cta_shares(sched)
+    got = sorted(item for share in shares for item in share)
+    want = sorted((q, h, b) for q in range(nq) for h in range(heads) for b in range(batch))
+    assert got == want
+    load = np.array([sum(q + 1 for q, _, _ in share) for share in shares])
+    if balance and sched.num_items >= 2 * ctas:
+        assert load.max() <= 1.2 * load.mean(), load
+    # The host-side model of the deal (what the table is judged against) is this deal.
+    work = np.broadcast_to(np.arange(nq) + 1, (batch, heads, nq)).reshape(-1)
+    np.testing.assert_array_equal(dealt_loads(sched, work), load)
+
+
+def _cta_shares(sched):
+    """Each CTA's items [(q-block, head, batch row), ...] in its order, from the kernel's
+    own item arithmetic (lax.axis_index("cta") under vmap)."""
+    ctas = sched.num_ctas
+    rounds = max(-(-sched.num_items // ctas),
+                 0 if sched.table is None else int(np.asarray(sched.table[1]).shape[1]))
 
     def share(_):
         items = jnp.stack([jnp.stack(sched.item(jnp.int32(i))) for i in range(rounds)])
         return sched.my_item_count(), items
     counts, items = jax.vmap(share, axis_name="cta")(jnp.arange(ctas))
     counts, items = np.asarray(counts), np.asarray(items)
-    got = sorted(tuple(items[c, i]) for c in range(ctas) for i in range(counts[c]))
-    want = sorted((q, h, b) for q in range(nq) for h in range(heads) for b in range(batch))
-    assert got == want
-    load = np.array([sum(items[c, i, 0] + 1 for i in range(counts[c])) for c in range(ctas)])
-    if balance and sched.num_items >= 2 * ctas:
-        assert load.max() <= 1.2 * load.mean(), load
+    return [[tuple(int(x) for x in items[c, i]) for i in range(counts[c])] for c in range(ctas)]
+
+
+@pytest.mark.parametrize("batch, heads", [(1, 16), (2, 3)])
+def test_bigbird_work_is_dealt_by_a_balanced_table(batch, heads):
+    """BigBird's global q-blocks visit every kv-block, the others about a tenth of them:
+    both arithmetic deals give every CTA the same number of items, so the CTAs holding a
+    global q-block carry ~1.5x the mean work. The table deal (longest first, built from
+    the metadata's static tile counts) is chosen, covers every item once, and keeps the
+    busiest CTA within 10 % of the mean or at the largest single item (with 3 heads,
+    132 CTAs share 384 items)."""
+    t = 8192
+    mask = M.bigbird_mask(t, window=256, num_global=256, num_random_blocks=3, block_size=128,
+                          causal=False, seed=0)
+    meta = build_block_metadata(mask, t, t, 128, 128)
+    nq = t // 128
+    base = Schedule(nq, heads, batch, True, min(132, nq * heads * batch), balance=not meta.even_q_work)
+    sched = with_balanced_table(base, meta)
+    assert sched.table is not None
+    work = item_work(meta.tile_counts, meta.full_count.shape, nq, heads, batch)
+    dealt = dealt_loads(base, work)
+    shares = _cta_shares(sched)
+    assert sorted(i for s in shares for i in s) == sorted(
+        (q, h, b) for q in range(nq) for h in range(heads) for b in range(batch))
+    flat = lambda q, h, b: (b * heads + h) * nq + q  # noqa: E731
+    load = np.array([sum(work[flat(*i)] for i in s) for s in shares])
+    assert load.max() <= max(1.1 * load.mean(), work.max()), load
+    assert load.max() < 0.8 * dealt.max() and dealt.max() >= 1.3 * dealt.mean(), (load, dealt)
+
+
+@pytest.mark.parametrize("mask", [M.FullMask(), M.CausalMask(), M.LocalMask(256, 0)],
+                         ids=["full", "causal", "window"])
+def test_evenly_dealt_masks_keep_their_arithmetic_deal(mask):
+    t = 8192
+    meta = build_block_metadata(mask, t, t, 128, 128)
+    sched = Schedule(t // 128, 16, 1, True, 132, balance=not meta.even_q_work)
+    assert with_balanced_table(sched, meta) is sched

@@ -19,7 +19,7 @@ case timed beside the one-CTA-per-item grid (same process; TFLOP/s median, back 
 in parentheses): D128 S16k full 584 (611) vs 558 (588), S1k B16 H16 265 (549) vs 246
 (427), causal window 256 at S32k 146 (257) vs 135 (224), BigBird 230 (349) vs 222 (339);
 cuDNN in that run 589 (619), 301 (501), 127 (211), 24 (25). Those items were dealt in
-order; causal-like masks need a balanced deal (forward.py, _Schedule: causal 16k ran at
+order; causal-like masks need a balanced deal (schedule.py: causal 16k ran at
 391 in order, 546–552 balanced, cuDNN 503–548). Head dim 256 (one Q buffer, block_kv 64)
 keeps the grid until it is timed.
 

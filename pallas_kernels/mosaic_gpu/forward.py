@@ -1,7 +1,7 @@
 """Block-sparse FlashAttention forward for Hopper (Pallas Mosaic GPU), FA3-style.
 
-A work item is (q-block of 128 rows, query head n, batch row b); by default one CTA
-runs one item (see _Schedule for the opt-in persistent loop). Three warpgroups:
+A work item is (q-block of 128 rows, query head n, batch row b); one CTA runs one item,
+or, persistent, a share of them (which share: schedule.py). Three warpgroups:
 
 * warpgroup 2, the producer, keeps few registers and only issues TMA copies: it walks
   this q-block's FULL list, then its PARTIAL list (counts and kv-block indices read from
@@ -34,7 +34,6 @@ runs one item (see _Schedule for the opt-in persistent loop). Three warpgroups:
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 
 import jax
@@ -47,6 +46,7 @@ from pallas_kernels.common import pad_to_multiple
 from pallas_kernels.mosaic_gpu.common import (LN2, LOG2E, MASK_VALUE, OperandRef, TileLists,
                                               pad_btnh, padded_head_dim, prepare_operands)
 from pallas_kernels.mosaic_gpu.config import CONSUMER_WARPGROUPS, ROWS_PER_WARPGROUP, SMEM_BYTES
+from pallas_kernels.mosaic_gpu.schedule import Schedule, with_balanced_table
 
 _WGMMA = plgpu.Layout.WGMMA
 _WGMMA_ROW = plgpu.Layout.WGMMA.reduce(1)   # one value per accumulator row
@@ -68,77 +68,8 @@ def _smem_tile(shape, dtype):
         plgpu.SwizzleTransform(swizzle)))
 
 
-@dataclasses.dataclass(frozen=True)
-class _Schedule:
-    """Which work items (q-block, head, batch row) a CTA runs.
-
-    One CTA per item (grid (nQ, N, B)); the hardware hands the next item to whichever
-    SM frees up first. Or ``persistent``: ``num_ctas`` CTAs (one per SM) each loop over
-    a fixed share of the items, so one item's epilogue and the next item's first K/V
-    copies overlap and no CTA launch sits between items. The share must then balance
-    the work by itself, and the order decides what shares L2:
-
-    * ``balance`` False (the mask gives every q-block about the same work, metadata's
-      even_q_work): items numbered q-block fastest, heaviest (last) first, dealt round
-      robin (CTA c runs items c, c + C, ...). CTAs running at the same time hold
-      neighbouring q-blocks of one head, whose K/V tiles they share in L2.
-    * ``balance`` True (causal-like masks, where a q-block's work grows with its index):
-      heads and batch rows fastest, heaviest q-block first, dealt in a snake (round r
-      gives item r·C + c to CTA c when r is even, to CTA C − 1 − c when r is odd), so a
-      CTA that drew a heavy item in one round draws a light one in the next. Dealt round
-      robin with q-blocks fastest, the first CTA of a causal 16k call got about three
-      times the work of the middle one (391 TFLOP/s against 546 on the H200); dealt
-      this way, windowed calls lost their L2 sharing (window 256: 114 against 159).
-    """
-
-    num_q_blocks: int
-    num_heads: int
-    batch: int
-    persistent: bool
-    num_ctas: int
-    balance: bool = True
-
-    @property
-    def num_items(self) -> int:
-        return self.num_q_blocks * self.num_heads * self.batch
-
-    def grid(self):
-        if self.persistent:
-            return (self.num_ctas,), ("cta",)
-        return (self.num_q_blocks, self.num_heads, self.batch), ("q", "heads", "batch")
-
-    def _seat(self, round_):
-        """This CTA's position in round `round_` of the deal."""
-        cta = lax.axis_index("cta")
-        if not self.balance:
-            return cta
-        return jnp.where(lax.rem(round_, 2) == 0, cta, self.num_ctas - 1 - cta)
-
-    def my_item_count(self):
-        if not self.persistent:
-            return jnp.int32(1)
-        full_rounds, rest = divmod(self.num_items, self.num_ctas)
-        return jnp.int32(full_rounds) + (self._seat(jnp.int32(full_rounds)) < rest).astype(jnp.int32)
-
-    def item(self, i):
-        """(q-block, head, batch row) of this CTA's i-th item."""
-        if not self.persistent:
-            reversed_q = lax.axis_index("q")
-            head, batch = lax.axis_index("heads"), lax.axis_index("batch")
-            return self.num_q_blocks - 1 - reversed_q, head, batch
-        flat = i * self.num_ctas + self._seat(i)
-        if self.balance:
-            rows = self.num_heads * self.batch
-            reversed_q, rest = lax.div(flat, jnp.int32(rows)), lax.rem(flat, jnp.int32(rows))
-        else:
-            reversed_q = lax.rem(flat, jnp.int32(self.num_q_blocks))
-            rest = lax.div(flat, jnp.int32(self.num_q_blocks))
-        head, batch = lax.rem(rest, self.num_heads), lax.div(rest, jnp.int32(self.num_heads))
-        return self.num_q_blocks - 1 - reversed_q, head, batch
-
-
 def _kernel(lists: TileLists, q_ref, k_ref, v_ref, operand_refs, o_ref, lse_ref, scratch, *,
-            schedule_: _Schedule, groups, block_kv, stages, scale, cap, kv_len, mask_fn, dtype):
+            schedule_: Schedule, groups, block_kv, stages, scale, cap, kv_len, mask_fn, dtype):
     (q_smem, k_smem, v_smem, lse_smem), (k_ready, v_ready, q_ready), consumed, schedule = scratch
     k_consumed, v_consumed = consumed
     rows = ROWS_PER_WARPGROUP
@@ -384,15 +315,18 @@ def forward(static, q, k, v, bias, metas, operands):
     stages = cfg.num_stages
     rows = ROWS_PER_WARPGROUP
     nq = tp // bq
-    schedule = _Schedule(nq, n, b, cfg.persistent, min(_num_sms(), nq * n * b),
-                         balance=not meta.even_q_work)
+    schedule = with_balanced_table(
+        Schedule(nq, n, b, cfg.persistent, min(_num_sms(), nq * n * b), balance=not meta.even_q_work),
+        meta)
+    n_schedule = len(schedule.arrays())
     # A persistent CTA double-buffers Q when shared memory allows it (not at head dim 256).
     q_buffers = 2 if cfg.persistent and cfg.smem_bytes(hp, q.dtype.itemsize, 2) <= SMEM_BYTES else 1
 
     def entry(*refs):
         n_lists = len(lists.arrays())
-        list_refs, (q_ref, k_ref, v_ref) = refs[:n_lists], refs[n_lists:n_lists + 3]
-        rest = refs[n_lists + 3:]
+        list_refs, refs = refs[:n_lists], refs[n_lists:]
+        schedule_refs, (q_ref, k_ref, v_ref), rest = refs[:n_schedule], refs[n_schedule:n_schedule + 3], \
+            refs[n_schedule + 3:]
         operand_refs = tuple(OperandRef(r, kind, lb) for r, kind, lb in
                              zip(rest[:len(operand_arrays)], operand_kinds, operand_blocks))
         o_ref, lse_ref = rest[len(operand_arrays):]
@@ -410,7 +344,7 @@ def forward(static, q, k, v, bias, metas, operands):
         pl.run_scoped(
             lambda *scratch: _kernel(
                 bound, q_ref, k_ref, v_ref, operand_refs, o_ref, lse_ref, scratch,
-                schedule_=schedule, groups=n // kh, block_kv=bk, stages=stages,
+                schedule_=schedule.bind(schedule_refs), groups=n // kh, block_kv=bk, stages=stages,
                 scale=static.scale, cap=static.logits_soft_cap, kv_len=s, mask_fn=static.mask_fn,
                 dtype=q.dtype),
             *scratch_types, collective_axes="wg")
@@ -428,5 +362,5 @@ def forward(static, q, k, v, bias, metas, operands):
         # which leaves room for a third K/V stage at head dim 128.
         compiler_params=plgpu.CompilerParams(approx_math=True, reduction_scratch_bytes=0),
         kernel_name="jaxattn_mosaic_forward",
-    )(*lists.arrays(), qp, kp, vp, *operand_arrays)
+    )(*lists.arrays(), *schedule.arrays(), qp, kp, vp, *operand_arrays)
     return out[:, :t, :, :h], lse[:, :, :t]

@@ -1,0 +1,171 @@
+"""Which work items (q-block, head, batch row) each CTA of the Hopper forward runs.
+
+One CTA per item (grid (nQ, N, B)); the hardware hands the next item to whichever SM
+frees up first. Or ``persistent``: ``num_ctas`` CTAs (one per SM) each loop over a fixed
+share of the items, so one item's epilogue and the next item's first K/V copies overlap
+and no CTA launch sits between items. The share must then balance the work by itself,
+and the order decides what shares L2. Three deals:
+
+* in order (``balance`` False; the mask gives every q-block about the same work,
+  metadata's even_q_work): items numbered q-block fastest, heaviest (last) first, dealt
+  round robin (CTA c runs items c, c + C, ...). CTAs running at the same time hold
+  neighbouring q-blocks of one head, whose K/V tiles they share in L2.
+* snake (``balance`` True; causal-like masks, where a q-block's work grows with its
+  index): heads and batch rows fastest, heaviest q-block first, dealt in a snake (round
+  r gives item r·C + c to CTA c when r is even, to CTA C − 1 − c when r is odd), so a
+  CTA that drew a heavy item in one round draws a light one in the next. Dealt round
+  robin with q-blocks fastest, the first CTA of a causal 16k call got about three times
+  the work of the middle one (391 TFLOP/s against 546 on the H200); dealt this way,
+  windowed calls lost their L2 sharing (window 256: 114 against 159).
+* table (static masks whose work neither deal balances: BigBird's global rows visit
+  every kv-block, the other rows about a tenth of them, so both deals give every CTA the
+  same number of items and the CTAs that drew a global row get ~1.5× the mean work):
+  longest-processing-time first, on the host at trace time from the metadata's static
+  tile counts. Items in decreasing order of work (ties in the in-order numbering, so
+  CTAs running at the same time still hold neighbouring q-blocks), each to the CTA with
+  the least work so far; the kernel reads its CTA's row of the resulting table. A
+  PARTIAL tile counts as two FULL ones (its mask work; NOTES.md beside this file) and an
+  item's Q load and epilogue as one. The table is used only where it cuts the busiest
+  CTA's work by more than TABLE_MIN_GAIN against the deal it replaces.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import heapq
+
+import numpy as np
+import jax.numpy as jnp
+from jax import lax
+
+# Work units of a tile list: FULL tile 1, PARTIAL tile 2, the item's own fixed cost 1.
+PARTIAL_TILE_WORK = 2
+ITEM_WORK = 1
+# The table replaces an arithmetic deal only when it cuts the busiest CTA's work by more
+# than this fraction (the deals keep their L2-friendly order otherwise).
+TABLE_MIN_GAIN = 0.05
+# Items past which no table is built (the host-side deal would cost ~1 s at trace time).
+MAX_TABLE_ITEMS = 1 << 17
+
+
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+    """The items of a forward call and how its CTAs share them (module docstring).
+    ``table`` holds the per-CTA item table as arrays until `bind` swaps in their refs."""
+
+    num_q_blocks: int
+    num_heads: int
+    batch: int
+    persistent: bool
+    num_ctas: int
+    balance: bool = True
+    table: tuple | None = None      # (counts [C] int32, items [C, L] int32) or their refs
+
+    @property
+    def num_items(self) -> int:
+        return self.num_q_blocks * self.num_heads * self.batch
+
+    def grid(self):
+        if self.persistent:
+            return (self.num_ctas,), ("cta",)
+        return (self.num_q_blocks, self.num_heads, self.batch), ("q", "heads", "batch")
+
+    def arrays(self) -> tuple:
+        """Kernel inputs of the table deal (none for the arithmetic deals)."""
+        return () if self.table is None else self.table
+
+    def bind(self, refs) -> "Schedule":
+        return self if self.table is None else dataclasses.replace(self, table=tuple(refs))
+
+    def _seat(self, round_):
+        """This CTA's position in round `round_` of the deal."""
+        cta = lax.axis_index("cta")
+        if not self.balance:
+            return cta
+        return jnp.where(lax.rem(round_, 2) == 0, cta, self.num_ctas - 1 - cta)
+
+    def my_item_count(self):
+        if not self.persistent:
+            return jnp.int32(1)
+        if self.table is not None:
+            return self.table[0][lax.axis_index("cta")]
+        full_rounds, rest = divmod(self.num_items, self.num_ctas)
+        return jnp.int32(full_rounds) + (self._seat(jnp.int32(full_rounds)) < rest).astype(jnp.int32)
+
+    def item(self, i):
+        """(q-block, head, batch row) of this CTA's i-th item."""
+        if not self.persistent:
+            reversed_q = lax.axis_index("q")
+            head, batch = lax.axis_index("heads"), lax.axis_index("batch")
+            return self.num_q_blocks - 1 - reversed_q, head, batch
+        if self.table is not None:   # flat = (batch·N + head)·nQ + q-block
+            flat = self.table[1][lax.axis_index("cta"), i]
+            rest = lax.div(flat, jnp.int32(self.num_q_blocks))
+            return (lax.rem(flat, jnp.int32(self.num_q_blocks)), lax.rem(rest, jnp.int32(self.num_heads)),
+                    lax.div(rest, jnp.int32(self.num_heads)))
+        flat = i * self.num_ctas + self._seat(i)
+        if self.balance:
+            rows = self.num_heads * self.batch
+            reversed_q, rest = lax.div(flat, jnp.int32(rows)), lax.rem(flat, jnp.int32(rows))
+        else:
+            reversed_q = lax.rem(flat, jnp.int32(self.num_q_blocks))
+            rest = lax.div(flat, jnp.int32(self.num_q_blocks))
+        head, batch = lax.rem(rest, self.num_heads), lax.div(rest, jnp.int32(self.num_heads))
+        return self.num_q_blocks - 1 - reversed_q, head, batch
+
+
+def item_work(tile_counts, count_shape, num_q_blocks: int, num_heads: int, batch: int) -> np.ndarray:
+    """Work of every item, flat = (batch·N + head)·nQ + q-block, from the metadata's static
+    (FULL, PARTIAL) counts over [Bm, Hm, nQ'] (Bm, Hm = 1 when the mask does not vary
+    there; nQ' >= nQ)."""
+    counts = np.asarray(tile_counts, np.int64).reshape(*count_shape, 2)[..., :num_q_blocks, :]
+    work = counts[..., 0] + PARTIAL_TILE_WORK * counts[..., 1] + ITEM_WORK
+    return np.broadcast_to(work, (batch, num_heads, num_q_blocks)).reshape(-1)
+
+
+def dealt_loads(schedule: Schedule, work: np.ndarray) -> np.ndarray:
+    """Each CTA's total work under the arithmetic deal of `schedule` (persistent)."""
+    c, nq, rows = schedule.num_ctas, schedule.num_q_blocks, schedule.num_heads * schedule.batch
+    flat = np.arange(schedule.num_items)
+    rounds, seat = np.divmod(flat, c)
+    if schedule.balance:
+        seat = np.where(rounds % 2 == 0, seat, c - 1 - seat)
+        reversed_q, rest = np.divmod(flat, rows)
+    else:
+        rest, reversed_q = np.divmod(flat, nq)
+    item = rest * nq + (nq - 1 - reversed_q)     # (batch·N + head)·nQ + q-block
+    return np.bincount(seat, weights=work[item], minlength=c)
+
+
+def lpt_table(work: np.ndarray, num_ctas: int):
+    """Longest processing time first: items by decreasing work (stable), each to the CTA
+    with the least work so far (the lowest-numbered on ties). Returns (counts [C] int32,
+    items [C, L] int32 padded with 0, loads [C])."""
+    order = np.argsort(-work, kind="stable")
+    heap = [(0, cta) for cta in range(num_ctas)]
+    lists = [[] for _ in range(num_ctas)]
+    loads = np.zeros(num_ctas)
+    for item in order:
+        load, cta = heapq.heappop(heap)
+        lists[cta].append(int(item))
+        load += int(work[item])
+        loads[cta] = load
+        heapq.heappush(heap, (load, cta))
+    counts = np.array([len(x) for x in lists], np.int32)
+    items = np.zeros((num_ctas, max(1, counts.max())), np.int32)
+    for cta, x in enumerate(lists):
+        items[cta, :len(x)] = x
+    return counts, items, loads
+
+
+def with_balanced_table(schedule: Schedule, meta) -> Schedule:
+    """`schedule` with the table deal when the metadata's static tile counts are known and
+    the table cuts the busiest CTA's work by more than TABLE_MIN_GAIN; else unchanged."""
+    if not schedule.persistent or meta.tile_counts is None or schedule.num_items > MAX_TABLE_ITEMS:
+        return schedule
+    work = item_work(meta.tile_counts, meta.full_count.shape, schedule.num_q_blocks,
+                     schedule.num_heads, schedule.batch)
+    counts, items, loads = lpt_table(work, schedule.num_ctas)
+    if loads.max() >= (1 - TABLE_MIN_GAIN) * dealt_loads(schedule, work).max():
+        return schedule
+    return dataclasses.replace(schedule, table=(jnp.asarray(counts), jnp.asarray(items)))
