@@ -73,6 +73,10 @@ CHECKS = [
     ("local 256 T!=S f16", masks.LocalMask(256, 0), 1, 777, 1300, 4, 1, 128, jnp.float16),
     ("bigbird causal", masks.bigbird_mask(1024, window=128, num_global=64, num_random_blocks=2,
                                           causal=True), 1, 1024, 1024, 2, 2, 128, jnp.bfloat16),
+    # 512 items, 132 persistent CTAs: items read from the balanced table (schedule.py)
+    ("bigbird S4096 H16 (table deal)", masks.bigbird_mask(4096, window=256, num_global=256,
+                                                          num_random_blocks=3),
+     1, 4096, 4096, 16, 16, 128, jnp.bfloat16),
     ("strided causal D96", masks.CausalMask() & masks.StridedMask(3), 1, 640, 640, 2, 2, 96,
      jnp.bfloat16),
     ("empty rows (causal offset -300)", masks.CausalMask(offset=-300), 1, 700, 700, 2, 1, 128,
