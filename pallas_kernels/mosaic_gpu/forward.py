@@ -46,7 +46,7 @@ from pallas_kernels.common import pad_to_multiple
 from pallas_kernels.mosaic_gpu.common import (LN2, LOG2E, MASK_VALUE, OperandRef, TileLists,
                                               pad_btnh, padded_head_dim, prepare_operands)
 from pallas_kernels.mosaic_gpu.config import CONSUMER_WARPGROUPS, ROWS_PER_WARPGROUP, SMEM_BYTES
-from pallas_kernels.mosaic_gpu.schedule import Schedule, with_balanced_table
+from pallas_kernels.mosaic_gpu.schedule import Schedule, balanced_deal
 
 _WGMMA = plgpu.Layout.WGMMA
 _WGMMA_ROW = plgpu.Layout.WGMMA.reduce(1)   # one value per accumulator row
@@ -318,7 +318,7 @@ def forward(static, q, k, v, bias, metas, operands):
     stages = cfg.num_stages
     rows = ROWS_PER_WARPGROUP
     nq = tp // bq
-    schedule = with_balanced_table(
+    schedule = balanced_deal(
         Schedule(nq, n, b, cfg.persistent, min(_num_sms(), nq * n * b), balance=not meta.even_q_work),
         meta)
     n_schedule = len(schedule.arrays())

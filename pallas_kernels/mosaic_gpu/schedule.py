@@ -4,7 +4,7 @@ One CTA per item (grid (nQ, N, B)); the hardware hands the next item to whicheve
 frees up first. Or ``persistent``: ``num_ctas`` CTAs (one per SM) each loop over a fixed
 share of the items, so one item's epilogue and the next item's first K/V copies overlap
 and no CTA launch sits between items. The share must then balance the work by itself,
-and the order decides what shares L2. Three deals:
+and the order decides what shares L2. Four deals:
 
 * in order (``balance`` False; the mask gives every q-block about the same work,
   metadata's even_q_work): items numbered q-block fastest, heaviest (last) first, dealt
@@ -27,6 +27,13 @@ and the order decides what shares L2. Three deals:
   PARTIAL tile counts as two FULL ones (its mask work; NOTES.md beside this file) and an
   item's Q load and epilogue as one. The table is used only where it cuts the busiest
   CTA's work by more than TABLE_MIN_GAIN against the deal it replaces.
+* sorted snake (masks whose metadata is data, e.g. segment ids of packed documents:
+  their tile counts are tracers, so nothing is known at trace time): the items are
+  sorted by decreasing work on the device (one argsort of B·N·nQ values, ties in the
+  in-order numbering) and that order is dealt in a snake. Packed causal documents
+  (8 at 16k) put 1.37× the mean work on the busiest CTA under the snake by q-block, 1.07×
+  under the sorted snake. (BigBird shows why static masks take the table instead:
+  its sorted snake still gives every CTA equally many items, 1.37×.)
 """
 
 from __future__ import annotations
@@ -60,6 +67,7 @@ class Schedule:
     num_ctas: int
     balance: bool = True
     table: tuple | None = None      # (counts [C] int32, items [C, L] int32) or their refs
+    order: object | None = None     # items by decreasing work (int32 [B·N·nQ]) or its ref
 
     @property
     def num_items(self) -> int:
@@ -71,11 +79,21 @@ class Schedule:
         return (self.num_q_blocks, self.num_heads, self.batch), ("q", "heads", "batch")
 
     def arrays(self) -> tuple:
-        """Kernel inputs of the table deal (none for the arithmetic deals)."""
-        return () if self.table is None else self.table
+        """Kernel inputs of the table or sorted deal (none for the arithmetic deals)."""
+        if self.table is not None:
+            return self.table
+        return () if self.order is None else (self.order,)
 
     def bind(self, refs) -> "Schedule":
-        return self if self.table is None else dataclasses.replace(self, table=tuple(refs))
+        if self.table is not None:
+            return dataclasses.replace(self, table=tuple(refs))
+        return self if self.order is None else dataclasses.replace(self, order=refs[0])
+
+    def _decode(self, flat):
+        """(q-block, head, batch row) of flat = (batch·N + head)·nQ + q-block."""
+        rest = lax.div(flat, jnp.int32(self.num_q_blocks))
+        return (lax.rem(flat, jnp.int32(self.num_q_blocks)), lax.rem(rest, jnp.int32(self.num_heads)),
+                lax.div(rest, jnp.int32(self.num_heads)))
 
     def _seat(self, round_):
         """This CTA's position in round `round_` of the deal."""
@@ -98,12 +116,11 @@ class Schedule:
             reversed_q = lax.axis_index("q")
             head, batch = lax.axis_index("heads"), lax.axis_index("batch")
             return self.num_q_blocks - 1 - reversed_q, head, batch
-        if self.table is not None:   # flat = (batch·N + head)·nQ + q-block
-            flat = self.table[1][lax.axis_index("cta"), i]
-            rest = lax.div(flat, jnp.int32(self.num_q_blocks))
-            return (lax.rem(flat, jnp.int32(self.num_q_blocks)), lax.rem(rest, jnp.int32(self.num_heads)),
-                    lax.div(rest, jnp.int32(self.num_heads)))
+        if self.table is not None:
+            return self._decode(self.table[1][lax.axis_index("cta"), i])
         flat = i * self.num_ctas + self._seat(i)
+        if self.order is not None:
+            return self._decode(self.order[flat])
         if self.balance:
             rows = self.num_heads * self.batch
             reversed_q, rest = lax.div(flat, jnp.int32(rows)), lax.rem(flat, jnp.int32(rows))
@@ -158,10 +175,15 @@ def lpt_table(work: np.ndarray, num_ctas: int):
     return counts, items, loads
 
 
-def with_balanced_table(schedule: Schedule, meta) -> Schedule:
-    """`schedule` with the table deal when the metadata's static tile counts are known and
-    the table cuts the busiest CTA's work by more than TABLE_MIN_GAIN; else unchanged."""
-    if not schedule.persistent or meta.tile_counts is None or schedule.num_items > MAX_TABLE_ITEMS:
+def balanced_deal(schedule: Schedule, meta) -> Schedule:
+    """`schedule` (persistent) with the sorted snake when the metadata is data, with the
+    table when its static tile counts are known and the table cuts the busiest CTA's
+    work by more than TABLE_MIN_GAIN; else unchanged."""
+    if not schedule.persistent:
+        return schedule
+    if meta.tile_counts is None:
+        return with_sorted_order(schedule, meta)
+    if schedule.num_items > MAX_TABLE_ITEMS:
         return schedule
     work = item_work(meta.tile_counts, meta.full_count.shape, schedule.num_q_blocks,
                      schedule.num_heads, schedule.batch)
@@ -169,3 +191,14 @@ def with_balanced_table(schedule: Schedule, meta) -> Schedule:
     if loads.max() >= (1 - TABLE_MIN_GAIN) * dealt_loads(schedule, work).max():
         return schedule
     return dataclasses.replace(schedule, table=(jnp.asarray(counts), jnp.asarray(items)))
+
+
+def with_sorted_order(schedule: Schedule, meta) -> Schedule:
+    """The sorted snake: items by decreasing work, computed on the device from the
+    metadata's (traced) counts, dealt in a snake."""
+    nq = schedule.num_q_blocks
+    counts = (jnp.asarray(meta.full_count, jnp.int32)[..., :nq]
+              + PARTIAL_TILE_WORK * jnp.asarray(meta.partial_count, jnp.int32)[..., :nq] + ITEM_WORK)
+    work = jnp.broadcast_to(counts, (schedule.batch, schedule.num_heads, nq)).reshape(-1)
+    order = jnp.argsort(-work, stable=True).astype(jnp.int32)
+    return dataclasses.replace(schedule, balance=True, order=order)
