@@ -35,11 +35,14 @@ MASKS = st.recursive(leaves(), lambda sub: st.tuples(sub, sub, st.booleans()).ma
 
 
 @SETTINGS
-@given(MASKS, st.sampled_from([2, 3, 4, 8]), st.integers(-5, 5), st.integers(1, 40), st.integers(1, 40))
-def test_class_coordinates_match_the_dense_mask(mask, stride, offset, q_len, kv_len):
-    """On the pairs of each residue class, the natural mask equals the class mask."""
+@given(MASKS, st.sampled_from([2, 3, 4, 8]), st.sampled_from([1, 1, 2, 4]), st.integers(-5, 5),
+       st.integers(1, 40), st.integers(1, 40))
+def test_class_coordinates_match_the_dense_mask(mask, stride, times, offset, q_len, kv_len):
+    """On the pairs of each residue class, the natural mask equals the class mask; also
+    for a layout whose stride divides the strided mask's (times > 1: the class mask is
+    strided itself)."""
     layout = Residue(stride, (-offset) % stride)
-    term = M.StridedMask(stride, offset) & mask
+    term = M.StridedMask(stride * times, offset) & mask
     got = to_class_coords(term, layout)
     assume(got is not None)
     natural = term.to_dense(q_len, kv_len)
@@ -170,6 +173,9 @@ def test_explain_shows_layouts_parts_and_tiles():
                  "natural order; 1530 tiles", "residue mod 256: 256 classes of T=128 S=128",
                  "merged by log-sum-exp", "density 0.972%"):
         assert line in text, text
+    # StridedMask(256)'s classes at 4k are 16 rows: mod 64 they are 64 rows, strided by 4
+    longer = str(explain(M.LocalMask(256, 256) | M.StridedMask(256), 4096))
+    assert "residue mod 64: 64 classes of T=64 S=64" in longer and "372 tiles visited" in longer, longer
     small = explain(M.StridedMask(3, offset=1) & M.LocalMask(20, 4), 70, 61, block_q=8, block_kv=8)
     assert small.plan.planned and "keys shifted by 2" in str(small)
     assert small.allowed_pairs == int(small.plan.mask.to_dense(70, 61).sum())

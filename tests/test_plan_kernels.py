@@ -51,6 +51,11 @@ CASES = {
     # batch fold: classes padded (T, S not multiples of 8, T != S), keys shifted by the
     # strided offset (pre = 5), segment ids permuted like the tokens; the global rows and
     # columns run in natural order minus the strided part; GQA
+    # classes mod 64 would be 3 rows long: mod 8 they are 24 rows, the mask strided by 8
+    # inside them (offset 1 after shifting keys by 3); T != S, classes padded
+    "local_or_strided_in_longer_classes": ((1, 192, 176, 2, 1, 16),
+                                           M.LocalMask(4, 4) | M.StridedMask(64, offset=5), False,
+                                           ("natural", 8)),
     "strided_causal_offset_or_global_segments": ((2, 160, 150, 4, 2, 16),
                                                  (M.StridedMask(8, offset=3) & M.CausalMask()) | M.GlobalMask(5),
                                                  True, (8, "natural")),

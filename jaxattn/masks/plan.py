@@ -14,7 +14,9 @@ and on those pairs
                                            LocalMask(w // s, 0))
 
 so the kernels skip tiles again, each class being one (batch, head) problem of length
-T / s. Keys can be shifted in front (``Residue.pre`` rows) so that key class = query class
+T / s. Where those classes are shorter than a tile, a residue mod s' (s' a power-of-two
+divisor of s) makes fewer, longer classes in which the mask stays strided
+(``StridedMask(s / s')``), and fewer tiles cover them. Keys can be shifted in front (``Residue.pre`` rows) so that key class = query class
 also when the stride has an offset.
 
 A mask is written as a union of terms (AND-terms of its leaves). Terms whose best layouts
@@ -22,7 +24,7 @@ differ (``(LocalMask(256, 0) | StridedMask(256)) & CausalMask()``: the window in
 order, the strided part in residue order) run as separate parts, each term minus the terms
 before it (``NotMask``), so every allowed pair is computed exactly once; their results
 merge exactly through the log-sum-exp (jaxattn/planned.py). The planner tries the orders
-of the terms and, per part, the natural and the residue layout, and keeps the plan that
+of the terms and, per part, the natural and the residue layouts, and keeps the plan that
 visits the fewest tiles; when nothing beats the plain tile walk, the mask keeps today's path.
 
 ``explain(mask, T, S)`` shows the plain walk and the chosen plan.
@@ -210,14 +212,25 @@ def _and(leaves) -> Mask:
     return leaves[0] if len(leaves) == 1 else AndMask(leaves)
 
 
-def residue_layout(term: tuple[Mask, ...]) -> Residue | None:
-    """The residue layout of a term's largest stride, or None without a StridedMask."""
+def residue_layouts(term: tuple[Mask, ...]) -> tuple[Residue, ...]:
+    """Residue layouts worth trying for a term: its largest stride s, where a strided
+    mask becomes one full block per class, and s/2, s/4, ... (powers of two dividing s),
+    where it stays strided inside fewer, longer classes (stride s / s' there). The
+    longer classes win where s's classes are shorter than a tile: at 4k, StridedMask(256)
+    has classes of 16 rows, each padded to a whole tile; mod 32 they are 128 rows long
+    and 4× fewer tiles cover them. () without a StridedMask."""
     strided = [m for m in term if isinstance(m, StridedMask) and m.stride > 1]
     if not strided:
-        return None
+        return ()
     s = max(m.stride for m in strided)
     offset = next(m.offset for m in strided if m.stride == s)
-    return Residue(s, (-offset) % s)
+    layouts, size = [], s
+    while size > 1:
+        layouts.append(Residue(size, (-offset) % size))
+        if size % 2:
+            break
+        size //= 2
+    return tuple(layouts)
 
 
 # ---------------------------------------------------------------------------------
@@ -275,10 +288,15 @@ def to_class_coords(mask: Mask, layout: Residue, slot_fn=None):
         return _band_mask(None if lo is None else -(-(lo + pre) // s),
                           None if hi is None else (hi + pre) // s)
     if isinstance(mask, StridedMask):
-        if s % mask.stride:
-            return None
-        # i + offset - j = (p - p')·s + pre + offset, and s is a multiple of the stride.
-        return FullMask() if (pre + mask.offset) % mask.stride == 0 else EMPTY_MASK
+        # i + offset - j = (p - p')·s + pre + offset on class pairs.
+        if s % mask.stride == 0:   # the same for every pair of the class
+            return FullMask() if (pre + mask.offset) % mask.stride == 0 else EMPTY_MASK
+        if mask.stride % s == 0:   # still strided: every (stride / s)-th class position
+            if (pre + mask.offset) % s:
+                return EMPTY_MASK
+            k = mask.stride // s
+            return StridedMask(k, ((pre + mask.offset) // s) % k)
+        return None
     if isinstance(mask, GlobalMask) and mask.num_global == 0:
         return EMPTY_MASK
     if isinstance(mask, DataSlot):
@@ -338,9 +356,8 @@ def _plan_in_order(order, q_len, kv_len, block_q, block_kv):
             subtract.append(NotMask(_and(rest)))
         else:
             mask = _and(term + tuple(subtract))
-            residue = residue_layout(term)
             options = [_part(mask, layout, q_len, kv_len, block_q, block_kv)
-                       for layout in ((None,) if residue is None else (None, residue))]
+                       for layout in (None, *residue_layouts(term))]
             options = [p for p in options if p is not None]
             parts.append(min(options, key=lambda p: p.tiles))
     return tuple(parts)
@@ -352,7 +369,7 @@ def plan_mask(mask: Mask, q_len: int, kv_len: int, block_q: int, block_kv: int) 
     plain = visited_tiles(mask, q_len, kv_len, block_q, block_kv)
     none = Plan(mask, q_len, kv_len, block_q, block_kv, plain)
     found = terms(mask)
-    if not found or all(residue_layout(t) is None for t in found):
+    if not found or not any(residue_layouts(t) for t in found):
         return none
     best = None
     for order in itertools.permutations(found):
