@@ -118,10 +118,13 @@ def _array_mask(b, n, s, seed=0):
 # ------------------------------------------------------------------------------------
 # The kernel against the reference (one interpret-mode compilation per case).
 # ------------------------------------------------------------------------------------
-# (B, S, N, K, H, Tq), lengths, mask, soft cap, num_splits
+# (B, S, N, K, H, Tq), lengths, mask, soft cap, num_splits. H = 40 and 96 are not powers
+# of two: the kernel tiles them as 64 and 128 columns and loads K/V with a column mask
+# (interpret mode fills the columns past H with NaN, so a leak would show).
 KERNEL_CASES = {
     "gqa_tq1_ragged_auto_splits": ((4, 77, 4, 2, 32, 1), [77, 0, 37, 1], None, None, None),
-    "gqa_tq4_window_softcap_3_splits": ((4, 64, 4, 2, 16, 4), [64, 2, 20, 4], M.LocalMask(9, 0), 5.0, 3),
+    "gqa_tq4_window_softcap_3_splits_h40": ((4, 64, 4, 2, 40, 4), [64, 2, 20, 4], M.LocalMask(9, 0), 5.0, 3),
+    "mqa_tq4_ragged_softcap_h96": ((3, 50, 4, 1, 96, 4), [50, 0, 23], None, 3.0, None),
     "gqa_tq2_masks_with_arrays": ((3, 40, 4, 2, 16, 2), [40, 17, 1], "arrays", None, 2),
 }
 
@@ -142,9 +145,9 @@ def test_kernel_matches_reference_contiguous(name):
 
 # (B, S, N, K, H, Tq), lengths, page size, mask, num_splits
 PAGED_CASES = {
-    "mqa_page8_two_pages_per_tile_strided_or_global": (
-        (3, 60, 4, 1, 16, 1), [60, 9, 0], 8, M.StridedMask(3) | M.GlobalMask(4), 2),
-    "gqa_page32_tq4_window": ((2, 96, 4, 2, 32, 4), [96, 40], 32, M.LocalMask(20, 0), None),
+    "mqa_page8_two_pages_per_tile_strided_or_global_h96": (
+        (3, 60, 4, 1, 96, 1), [60, 9, 0], 8, M.StridedMask(3) | M.GlobalMask(4), 2),
+    "gqa_page32_tq4_window_h40": ((2, 96, 4, 2, 40, 4), [96, 40], 32, M.LocalMask(20, 0), None),
 }
 
 
@@ -158,6 +161,50 @@ def test_kernel_paged_matches_contiguous(name):
     _assert_close(_decode("reference", q, pk, pv, lengths, page_table=table, mask=mask), want, atol=1e-6)
     got = _decode("pallas_triton", q, pk, pv, lengths, page_table=table, mask=mask, num_splits=splits)
     _assert_close(got, want)
+
+
+def _ops_outside_kernels(jaxpr):
+    """The equations of a jaxpr and of its sub-jaxprs, except the bodies of pallas_calls
+    (kernel code, which works on on-chip tiles)."""
+    for eqn in jaxpr.eqns:
+        yield eqn
+        if eqn.primitive.name != "pallas_call":
+            for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+                yield from _ops_outside_kernels(sub)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "paged16", "paged4"])
+def test_head_dim_96_reads_the_cache_in_place(layout):
+    """H = 96 is tiled as 128 columns on chip, but the K/V tiles are loaded with a column
+    mask from the cache as it is: no op outside the kernels makes an array as large as
+    the cache (a padded copy would cost a full pass over the cache per generated token),
+    and the kernel's K/V operands are the cache's own [.., 96] arrays. Only reshapes (free)
+    are allowed: the paged pool is viewed as one column of slots."""
+    b, s, n, k, h = 2, 64, 4, 2, 96
+    if layout == "contiguous":
+        cache, table = (b, s, k, h), None
+    else:
+        page = int(layout.removeprefix("paged"))
+        cache = (b * s // page + 3, page, k, h)
+        table = jax.ShapeDtypeStruct((b, s // page), np.int32)
+
+    def fn(q, kc, vc, lengths, table):
+        return jaxattn.decode_attention(q, kc, vc, lengths=lengths, page_table=table,
+                                        implementation="pallas_triton", num_splits=2)
+    jaxpr = jax.make_jaxpr(fn)(jax.ShapeDtypeStruct((b, 1, n, h), jnp.float32),
+                               jax.ShapeDtypeStruct(cache, jnp.float32),
+                               jax.ShapeDtypeStruct(cache, jnp.float32),
+                               jax.ShapeDtypeStruct((b,), np.int32), table)
+    ops = list(_ops_outside_kernels(jaxpr.jaxpr))
+    cache_size = int(np.prod(cache))
+    copies = [f"{e.primitive.name} -> {[v.aval.str_short() for v in e.outvars]}" for e in ops
+              if e.primitive.name not in ("pallas_call", "reshape")
+              and any(getattr(v.aval, "size", 0) >= cache_size for v in e.outvars)]
+    assert not copies, copies
+    (kernel,) = [e for e in ops if e.primitive.name == "pallas_call"
+                 and str(e.params["name"]) == "jaxattn_flash_decode"]
+    cache_operands = [v.aval.shape for v in kernel.invars if v.aval.size >= cache_size]
+    assert len(cache_operands) == 2 and all(shape[-1] == h for shape in cache_operands), cache_operands
 
 
 def test_key_bounds_of_masks():
@@ -251,7 +298,8 @@ def test_kernel_declines_more_rows_than_it_holds():
     (4, 32, 8, (2, 1024, 8, 128), None, M.LocalMask(100, 0), 1),
     (1, 32, 1, (64, 16, 1, 128), 20, M.FullMask(), 3),                 # 4 pages per tile
     (4, 8, 8, (64, 64, 8, 64), 20, M.StridedMask(3), None),            # 1 page per tile
-    (2, 8, 2, (2, 256, 2, 64), None, "arrays", 2),                     # mask operand tiles
+    (2, 8, 2, (2, 256, 2, 80), None, "arrays", 2),                     # mask operand tiles, H80
+    (1, 32, 8, (64, 16, 8, 96), 20, M.LocalMask(300, 0), None),       # H96 gathered: column mask
 ])
 def test_lowers_for_h100(monkeypatch, tq, n, k, cache_shape, pages, mask, splits):
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
@@ -273,10 +321,10 @@ def test_lowers_for_h100(monkeypatch, tq, n, k, cache_shape, pages, mask, splits
 # GPU tier (skipped without a GPU): real sizes and the kernels' real tiles, bf16, worst
 # row against the float32 reference on the same inputs.
 # ------------------------------------------------------------------------------------
-def _check_real_size(k, tq, layout, mask=None, score_mod=None):
-    """Kernel vs the float32 reference decode at real sizes (B4, S 8192, N32, H128, bf16,
-    ragged lengths incl. 0), worst row per sequence."""
-    b, s, n, h = 4, 8192, 32, 128
+def _check_real_size(k, tq, layout, mask=None, score_mod=None, h=128):
+    """Kernel vs the float32 reference decode at real sizes (B4, S 8192, N32, H128 unless
+    given, bf16, ragged lengths incl. 0), worst row per sequence."""
+    b, s, n = 4, 8192, 32
     lengths = np.array([8192, 5000, 77, 0], np.int32)
     kc, vc = _caches(b, s, k, h, lengths)
     q = _query(b, tq, n, h)
@@ -299,6 +347,16 @@ def _check_real_size(k, tq, layout, mask=None, score_mod=None):
                                          ("paged16", None), ("paged64", M.LocalMask(511, 0))])
 def test_gpu_real_sizes(k, tq, layout, mask):
     _check_real_size(k, tq, layout, mask)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("h", [96, 80])
+@pytest.mark.parametrize("k,tq,layout,mask", [(8, 1, "contiguous", None), (1, 4, "contiguous", M.LocalMask(1023, 0)),
+                                              (8, 1, "paged16", None), (8, 4, "paged64", M.LocalMask(511, 0))])
+def test_gpu_real_sizes_head_dim_not_power_of_two(h, k, tq, layout, mask):
+    """H = 96 and 80 tiled as 128 columns, K/V loaded with a column mask from the cache as
+    it is (contiguous blocks, one page per tile, and 16-slot pages gathered into a tile)."""
+    _check_real_size(k, tq, layout, mask, h=h)
 
 
 @pytest.mark.gpu

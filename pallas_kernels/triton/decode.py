@@ -33,7 +33,10 @@ Algorithm (flash-decoding). One program per (batch row b, KV head h, split s):
    program loads its rows into an [rp, hp] tile (powers of two, rp >= 16 for the tensor
    cores) with a masked load that zero-fills the padding on chip, so no padded copy of
    the query is made in memory. Padding rows are excluded from every masked tile's
-   selects, as padding, and never stored.
+   selects, as padding, and never stored. K/V tiles are loaded the same way: [bk, hp]
+   with the columns >= H zero-filled on chip, so a head dim that is not a power of two
+   (40, 80, 96) reads the cache in place — padding the cache to hp in memory would copy
+   it whole at every decoding step.
 2. Trip counts from lengths: the keys row b can see are [lo, hi] with lo from the mask's
    KeyBounds (a sliding window) and hi = min(lengths[b] - 1, ...). Only the tiles of
    block_kv keys covering [lo, hi] are visited; tiles past lengths[b] or left of a window
@@ -210,17 +213,18 @@ def _decode_kernel(lengths_ref, q_ref, k_ref, v_ref, *refs, paged, tq, groups, r
         q_head = kv_head * groups + jax.lax.rem(r, jnp.int32(groups))
 
     def tile(t):
-        """(indexer of tile t's keys in the K/V refs, absolute position of its first row)."""
+        """(tile t's rows in the K/V refs: a pl.ds block or a [bk] array of slots to
+        gather, absolute position of its first key)."""
         kv_start = t * bk
         if not paged:
             start = jnp.minimum(kv_start, slots - bk) if clamp_last else kv_start
-            return (pl.ds(start, bk), slice(None)), start
+            return pl.ds(start, bk), start
         # The pool is one column of slots (page p holds slots p·page_size ...).
         slot = _div(kv_start, page_size)
         first_page = jnp.clip(table_ref[slot], 0, num_pages - 1)
         if pages_per_tile == 1:   # the tile lies inside one page: a plain block of rows
             row = first_page * page_size + jax.lax.rem(kv_start, jnp.int32(page_size))
-            return (pl.ds(row, bk), slice(None)), kv_start
+            return pl.ds(row, bk), kv_start
         # Several pages per tile: one gather of bk rows, each row's page read from the
         # table. Pages holding no key <= hi are replaced by the tile's first page (always
         # needed), so their table entries are never followed.
@@ -229,15 +233,27 @@ def _decode_kernel(lengths_ref, q_ref, k_ref, v_ref, *refs, paged, tq, groups, r
         pages = table_ref[slot + page_of_row]
         pages = jnp.where(kv_start + page_of_row * page_size <= hi,
                           jnp.clip(pages, 0, num_pages - 1), first_page)
-        return (pages * page_size + jax.lax.rem(r, jnp.int32(page_size)), slice(None)), kv_start
+        return pages * page_size + jax.lax.rem(r, jnp.int32(page_size)), kv_start
 
-    def load(ref, index):
-        return ref[index]
+    # K/V tiles are [bk, hp] on chip while the cache holds H columns. For H < hp the
+    # columns >= H are masked out of the load and read as 0: they add 0 to q·k and to
+    # P·V (whose padding columns are never stored), and no padded copy of the cache is
+    # made in memory. A gathered tile names its columns by an index array too (in
+    # interpret mode a masked load takes only blocks or only index arrays, not a mix);
+    # on the GPU both forms are the same pointer arithmetic.
+    column = jax.lax.broadcasted_iota(jnp.int32, (1, hp), 1)
+    real_columns = jnp.broadcast_to(column < head_dim, (bk, hp))
+
+    def load(ref, rows):
+        if hp == head_dim:
+            return ref[rows, :]
+        view = ref.at[rows, :] if isinstance(rows, pl.Slice) else ref.at[rows[:, None], column]
+        return plgpu.load(view, mask=real_columns, other=0)
 
     def visit(t, carry, masked):
         m_i, l_i, o_acc = carry
-        index, start = tile(t)
-        k = load(k_ref, index)                                      # [bk, hp]
+        rows, start = tile(t)
+        k = load(k_ref, rows)                                       # [bk, hp]
         kv_pos = start + jax.lax.broadcasted_iota(jnp.int32, (1, bk), 1)
         if score_mod is None:
             logits2, _ = scaled_logits(dot_nt(q, k, acc), scale, cap, LOG2E)
@@ -247,7 +263,7 @@ def _decode_kernel(lengths_ref, q_ref, k_ref, v_ref, *refs, paged, tq, groups, r
                                      score_shapes)
             logits2 = logits * LOG2E
         if not masked:   # every pair allowed: FlashAttention-2's plain step
-            return online_softmax_step(logits2, m_i, l_i, o_acc, lambda: load(v_ref, index))
+            return online_softmax_step(logits2, m_i, l_i, o_acc, lambda: load(v_ref, rows))
         kv_start = t * bk
         keep = row_ok & (kv_pos >= kv_start) & (kv_pos < limit) & (kv_pos <= q_pos)
         if mask_fn is not None:
@@ -258,7 +274,7 @@ def _decode_kernel(lengths_ref, q_ref, k_ref, v_ref, *refs, paged, tq, groups, r
         keep = jnp.broadcast_to(keep, (rp, bk))
         # The step zeroes the V rows of keys no row may see (unwritten slots, keys left of
         # a window, the overlap of a clamped last tile): 0 · NaN would still be NaN.
-        return online_softmax_step(logits2, m_i, l_i, o_acc, lambda: load(v_ref, index), keep)
+        return online_softmax_step(logits2, m_i, l_i, o_acc, lambda: load(v_ref, rows), keep)
 
     carry = (jnp.full((rp,), MASK_VALUE, acc), jnp.zeros((rp,), acc),
              jnp.zeros((rp, hp), acc))
@@ -331,8 +347,6 @@ def decode(static: DecodeStatic, q, k_cache, v_cache, lengths, page_table=None, 
         slots = k_cache.shape[1]
         bk = min(bk, 1 << (slots.bit_length() - 1))
         clamp_last = slots % bk != 0   # the last tile is read from slots - bk
-    if hp != h:   # Triton tiles are powers of two; this pads (copies) the cache
-        k_cache, v_cache = (pad_axis(x, 3, hp) for x in (k_cache, v_cache))
 
     span = static.bounds.span(tq)
     kv_tiles = -(-min(capacity, span if span is not None else capacity) // bk)
@@ -345,6 +359,8 @@ def decode(static: DecodeStatic, q, k_cache, v_cache, lengths, page_table=None, 
     # kernel pads the [rows, H] tile to [rp, hp] on chip (masked load), not XLA.
     qp = q.reshape(b, tq, kh, groups, h).transpose(0, 2, 1, 3, 4).reshape(b, kh, rows, h)
 
+    # The cache reaches the kernel as it is, H columns wide; its blocks are hp wide and
+    # the kernel masks the columns >= H out of every K/V load (no padded copy).
     slots = k_cache.shape[1]
     if paged:
         # The pages as one column of num_pages · page_size slots (a free reshape): a tile
