@@ -6,14 +6,19 @@ The engine (cases, bytes model, timing with chained steps) is jaxattn/benchmarki
 which `jaxattn bench --decode` runs too; this script adds a correctness check against the
 float32 reference on small shapes, the whole case grid, and a kernel-config sweep.
 
-Cases: D128, N32 with K8 (GQA) and K1 (MQA); B in {1, 8, 64}; context in {4k, 32k, 128k}
+Cases: D128 (see --head-dims), N32 with K8 (GQA) and K1 (MQA); B in {1, 8, 64}; context in {4k, 32k, 128k}
 (combinations whose cache exceeds ~40 GB are skipped); contiguous and paged caches (pages
 of 16 and 64 slots, scattered by a random page table); Tq = 1 and 4; plus a 4k sliding
 window over a 128k cache beside a 4k cache. Baselines in the same process:
 jax.nn.dot_product_attention(..., key_value_seq_lengths=lengths) with implementation "xla"
 and "cudnn" (contiguous caches only; at Tq = 4 they let the 4 new tokens see each other,
 which reads the same bytes). --quick runs the cases of the table in issue 12 (K8, Tq 1)
-plus the window case; --tune sweeps kernel configs.
+plus the window case; --tune sweeps kernel configs. --head-dims 96 128 runs every selected
+case at both head dims (D96 is tiled as 128 columns on chip, K/V read in place with a column
+mask), e.g. D96 against D128 and cuDNN at 1 x 32k and 8 x 32k:
+
+    python3 benchmarks/decode_bench.py --out decode_h96.json --head-dims 96 128 \
+        --match '^K8 B(1|8) ctx 32k Tq1 contiguous( H96)?$'
 """
 
 from __future__ import annotations
@@ -55,30 +60,31 @@ def tuned_fn(case, config, num_splits):
 # ------------------------------------------------------------------------------------
 # Correctness first
 # ------------------------------------------------------------------------------------
-def correctness():
-    """Worst row error of the kernel vs the float32 reference, bf16 inputs, small shapes."""
+def correctness(head_dims=(128,)):
+    """Worst row error of the kernel vs the float32 reference, bf16 inputs, small shapes,
+    at each head dim."""
     rows = []
     b, tq_set = 3, (1, 4)
     key = jax.random.key(0)
     lengths = jnp.array([1000, 517, 3], jnp.int32)
-    for k in (8, 1):
-        for tq in tq_set:
-            for layout, mask in (("contiguous", None), ("paged16", None), ("paged64", M.LocalMask(255, 0))):
-                kc, vc, table = D.make_cache(key, D.DecodeCase(k, b, 1024, tq, layout), DTYPE)
-                q = jax.random.normal(key, (b, tq, 32, 128), DTYPE)
-                args = (q, kc, vc)
-                want = jaxattn.decode_attention(*(x.astype(jnp.float32) for x in args), lengths=lengths,
-                                                page_table=table, mask=mask, implementation="reference")
-                got = jaxattn.decode_attention(*args, lengths=lengths, page_table=table, mask=mask,
-                                               implementation="pallas_triton")
-                err = jnp.max(jnp.abs(got.astype(jnp.float32) - want), axis=(1, 2, 3))
-                base = jnp.max(jnp.abs(want.astype(DTYPE).astype(jnp.float32) - want), axis=(1, 2, 3))
-                worst = float(jnp.max(err))
-                ok = bool(jnp.all(err <= 2 * base + 2e-3)) and not bool(jnp.isnan(got).any())
-                rows.append(dict(k=k, tq=tq, layout=layout, mask=repr(mask), worst_row_err=worst,
-                                 bf16_rounding=float(jnp.max(base)), ok=ok))
-                print(f"check K{k} Tq{tq} {layout:10s} {mask!r:40s} worst row err {worst:.2e} "
-                      f"{'ok' if ok else 'FAIL'}", flush=True)
+    cases = [(h, k, tq, layout, mask) for h in head_dims for k in (8, 1) for tq in tq_set
+             for layout, mask in (("contiguous", None), ("paged16", None), ("paged64", M.LocalMask(255, 0)))]
+    for h, k, tq, layout, mask in cases:
+        kc, vc, table = D.make_cache(key, D.DecodeCase(k, b, 1024, tq, layout, head_dim=h), DTYPE)
+        q = jax.random.normal(key, (b, tq, 32, h), DTYPE)
+        args = (q, kc, vc)
+        want = jaxattn.decode_attention(*(x.astype(jnp.float32) for x in args), lengths=lengths,
+                                        page_table=table, mask=mask, implementation="reference")
+        got = jaxattn.decode_attention(*args, lengths=lengths, page_table=table, mask=mask,
+                                       implementation="pallas_triton")
+        err = jnp.max(jnp.abs(got.astype(jnp.float32) - want), axis=(1, 2, 3))
+        base = jnp.max(jnp.abs(want.astype(DTYPE).astype(jnp.float32) - want), axis=(1, 2, 3))
+        worst = float(jnp.max(err))
+        ok = bool(jnp.all(err <= 2 * base + 2e-3)) and not bool(jnp.isnan(got).any())
+        rows.append(dict(head_dim=h, k=k, tq=tq, layout=layout, mask=repr(mask), worst_row_err=worst,
+                         bf16_rounding=float(jnp.max(base)), ok=ok))
+        print(f"check H{h} K{k} Tq{tq} {layout:10s} {mask!r:40s} worst row err {worst:.2e} "
+              f"{'ok' if ok else 'FAIL'}", flush=True)
     return rows
 
 
@@ -103,6 +109,10 @@ def main(argv=None):
                    help="KV heads of the --splits cases (8: GQA 32/8; 1: MQA)")
     p.add_argument("--split-layout", default="contiguous",
                    help="cache layout of the --splits cases (contiguous, paged16, paged64)")
+    p.add_argument("--head-dims", type=int, nargs="*", default=[128], metavar="H",
+                   help="run the grid cases (and the check) at each of these head dims, e.g. 96 128: "
+                        "a head dim that is not a power of two is tiled as the next power of two "
+                        "on chip with masked K/V loads (names of cases with H != 128 end in ' H<H>')")
     p.add_argument("--impls", nargs="*", default=["pallas_triton", "cudnn", "xla"])
     p.add_argument("--budget-s", type=float, default=225.0,
                    help="start no new case after this many seconds (the rest is recorded as skipped)")
@@ -117,12 +127,14 @@ def main(argv=None):
     dev = jax.devices()[0]
     hbm = D.card_hbm_gbps()
     meta = dict(device=str(dev.device_kind), cores=num_cores(jax.default_backend() != "gpu"), jax=jax.__version__,
-                date=datetime.date.today().isoformat(), dtype=str(jnp.dtype(DTYPE)), head_dim=128,
+                date=datetime.date.today().isoformat(), dtype=str(jnp.dtype(DTYPE)), head_dims=args.head_dims,
                 num_heads=32, hbm_gbps=hbm, argv=sys.argv[1:])
     print(f"decode_bench on {meta['device']} ({meta['cores']} SMs), jax {jax.__version__}", flush=True)
     start = time.perf_counter()
-    result = dict(meta=meta, check=[] if args.skip_check else correctness(), rows=[], skipped=[])
+    result = dict(meta=meta, check=[] if args.skip_check else correctness(args.head_dims), rows=[],
+                  skipped=[])
     grid = D.issue_cases() if args.quick else D.full_cases(DTYPE)
+    grid = [dataclasses.replace(c, head_dim=h) for c in grid for h in args.head_dims]
     if args.match:
         grid = [c for c in grid if any(re.search(rx, c.name) for rx in args.match)]
     plan = [(case, impl, None) for case in grid for impl in args.impls]

@@ -54,7 +54,8 @@ class DecodeCase:
     def name(self) -> str:
         ctx = f"{self.context // 1024}k" if self.context % 1024 == 0 else str(self.context)
         window = "" if self.window is None else f" window {self.window}"
-        return f"K{self.kv_heads} B{self.batch} ctx {ctx} Tq{self.tq} {self.layout}{window}"
+        head_dim = "" if self.head_dim == 128 else f" H{self.head_dim}"
+        return f"K{self.kv_heads} B{self.batch} ctx {ctx} Tq{self.tq} {self.layout}{window}{head_dim}"
 
     def keys_read(self) -> int:
         return self.context if self.window is None else min(self.window, self.context)
@@ -181,11 +182,11 @@ def markdown_table(rows) -> str:
         col = r["impl"] if r["layout"] == "contiguous" else f"{r['impl']} {r['layout']}"
         if col not in cols:
             cols.append(col)
-        key = (r["kv_heads"], r["batch"], r["context"], r["tq"], r["window"])
+        key = (r["kv_heads"], r["batch"], r["context"], r["tq"], r["head_dim"], r["window"])
         grouped.setdefault(key, {})[col] = r.get("gbps")
-    lines = ["| K | B | context | Tq | window | " + " | ".join(cols) + " |",
-             "|---|---|---|---|---|" + "---|" * len(cols)]
-    for (k, b, ctx, tq, window), vals in grouped.items():
+    lines = ["| K | B | context | Tq | H | window | " + " | ".join(cols) + " |",
+             "|---|---|---|---|---|---|" + "---|" * len(cols)]
+    for (k, b, ctx, tq, h, window), vals in grouped.items():
         cells = [("error" if vals[c] is None else f"{vals[c]:.0f}") if c in vals else "-" for c in cols]
-        lines.append(f"| {k} | {b} | {ctx} | {tq} | {window or '-'} | " + " | ".join(cells) + " |")
+        lines.append(f"| {k} | {b} | {ctx} | {tq} | {h} | {window or '-'} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
