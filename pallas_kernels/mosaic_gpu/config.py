@@ -49,6 +49,9 @@ class MosaicConfig:
     block_kv: int = 128
     num_stages: int = 2
     persistent: bool = False      # one CTA per SM looping over work items (forward.py)
+    # The consumers take turns through hardware named barriers (bar.sync / bar.arrive)
+    # instead of a shared-memory mbarrier (consumer_turns.py); off until timed on a GPU.
+    named_barriers: bool = False
     backward: MosaicBackwardConfig | TritonConfig = dataclasses.field(
         default_factory=MosaicBackwardConfig)
 
@@ -61,6 +64,9 @@ class MosaicConfig:
                              f"of the P·V product), got {self.block_kv}.")
         if self.num_stages < 1:
             raise ValueError(f"MosaicConfig.num_stages must be >= 1, got {self.num_stages}.")
+        if not isinstance(self.named_barriers, bool):
+            raise ValueError(f"MosaicConfig.named_barriers must be a bool, got "
+                             f"{self.named_barriers!r}.")
         if not isinstance(self.backward, (MosaicBackwardConfig, TritonConfig)):
             raise ValueError("MosaicConfig.backward must be a MosaicBackwardConfig or a "
                              f"TritonConfig, got {type(self.backward).__name__}.")

@@ -12,9 +12,10 @@ or, persistent, a share of them (which share: schedule.py). Three warpgroups:
 * warpgroups 0 and 1, the consumers, own 64 query rows each. Per listed tile
   (FlashAttention-2 Algorithm 1, lines 6-10): S = Q Kᵀ by wgmma from shared memory,
   the online softmax in float32 registers in base 2 (log2(e)·scale folded into the
-  FMA ahead of each exp2), then O += P V by wgmma with P in registers. A shared "schedule" barrier
-  makes the two consumers take turns on the tensor cores, so one computes its softmax
-  while the other multiplies (FlashAttention-3's ping-pong).
+  FMA ahead of each exp2), then O += P V by wgmma with P in registers. The two consumers
+  take turns on the tensor cores, so one computes its softmax while the other
+  multiplies (FlashAttention-3's ping-pong; consumer_turns.py: a shared mbarrier, or
+  hardware named barriers with ``named_barriers``).
 * With a logits soft cap, every tile's scores become cap·tanh(scale·q·k / cap) first.
 * FULL tiles do no mask work. PARTIAL tiles evaluate ``mask_fn`` and ``kv_pos < kv_len``
   in the wgmma accumulator layout and *select* -inf for what the mask rules out, so a NaN
@@ -43,6 +44,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.common import pad_to_multiple
+from pallas_kernels.mosaic_gpu import named_barrier
+from pallas_kernels.mosaic_gpu.consumer_turns import MbarrierTurns, NamedBarrierTurns
 from pallas_kernels.mosaic_gpu.common import (LN2, LOG2E, MASK_VALUE, OperandRef, TileLists,
                                               pad_btnh, padded_head_dim, prepare_operands)
 from pallas_kernels.mosaic_gpu.config import CONSUMER_WARPGROUPS, ROWS_PER_WARPGROUP, SMEM_BYTES
@@ -69,7 +72,8 @@ def _smem_tile(shape, dtype):
 
 
 def _kernel(lists: TileLists, q_ref, k_ref, v_ref, operand_refs, o_ref, lse_ref, scratch, *,
-            schedule_: Schedule, groups, block_kv, stages, scale, cap, kv_len, mask_fn, dtype):
+            schedule_: Schedule, groups, block_kv, stages, scale, cap, kv_len, mask_fn, dtype,
+            named_barriers):
     (q_smem, k_smem, v_smem, lse_smem), (k_ready, v_ready, q_ready), consumed, schedule = scratch
     k_consumed, v_consumed = consumed
     rows = ROWS_PER_WARPGROUP
@@ -81,9 +85,11 @@ def _kernel(lists: TileLists, q_ref, k_ref, v_ref, operand_refs, o_ref, lse_ref,
     # K/V slots are used round-robin over every step of every item of this CTA: the
     # global step `first + step` of an item picks slot (first + step) % stages.
 
-    def schedule_turn():
-        plgpu.barrier_arrive(schedule)
-        plgpu.barrier_wait(schedule)
+    if named_barriers:   # no `schedule` mbarrier then (entry below)
+        turns = NamedBarrierTurns(wg, named_barrier.first_free_id(CONSUMER_WARPGROUPS + 1),
+                                  persistent=schedule_.persistent)
+    else:
+        turns = MbarrierTurns(wg, schedule)
 
     @pl.when(wg < CONSUMER_WARPGROUPS)
     def _consumer():
@@ -161,7 +167,7 @@ def _kernel(lists: TileLists, q_ref, k_ref, v_ref, operand_refs, o_ref, lse_ref,
                 plgpu.barrier_wait(k_ready.at[lax.rem(first, stages)])
 
             # Consumer 1 starts one turn behind, so the two alternate on the tensor cores.
-            pl.when(wg == 1)(schedule_turn)
+            turns.start_item()
 
             def visit(step, carry, partial):
                 acc, m_i, l_i, tile_inputs = carry
@@ -176,7 +182,7 @@ def _kernel(lists: TileLists, q_ref, k_ref, v_ref, operand_refs, o_ref, lse_ref,
 
                 def qk_product(acc_ref):                       # S = Q Kᵀ (line 8)
                     plgpu.wgmma(acc_ref, q_tile, k_smem.at[slot].T)
-                    schedule_turn()
+                    turns.after_qk()
                     return acc_ref[...]
 
                 s = pl.run_scoped(qk_product, plgpu.ACC((rows, block_kv), jnp.float32))
@@ -216,9 +222,9 @@ def _kernel(lists: TileLists, q_ref, k_ref, v_ref, operand_refs, o_ref, lse_ref,
                 # Keep the softmax before the hand-over of the tensor cores (the compiler
                 # would otherwise sink it past the barriers).
                 acc, l_i, m_next, p = lax.optimization_barrier((acc, l_i, m_next, p))
-                plgpu.barrier_arrive(schedule)
+                turns.release()
                 plgpu.barrier_wait(v_ready.at[slot])
-                plgpu.barrier_wait(schedule)
+                turns.acquire()
 
                 def pv_product(acc_ref):                       # O += P V (line 10)
                     plgpu.wgmma(acc_ref, p, v_smem.at[slot])
@@ -236,7 +242,7 @@ def _kernel(lists: TileLists, q_ref, k_ref, v_ref, operand_refs, o_ref, lse_ref,
                                              (acc, m_i, l_i, ()))
             acc, m_i, l_i, _ = lax.fori_loop(num_full, total, functools.partial(visit, partial=True),
                                              (acc, m_i, l_i, partial_tile_inputs(num_full)))
-            pl.when(wg == 0)(schedule_turn)
+            turns.end_item()   # consumer 0's extra turn: consumer 1's last P V may go
             # Epilogue (line 12): O = acc / l; empty rows (l = 0) give O = 0, lse = -inf.
             nonempty = l_i > 0.0
             l_safe = jnp.where(nonempty, l_i, 1.0)
@@ -342,14 +348,14 @@ def forward(static, q, k, v, bias, metas, operands):
             (plgpu.Barrier(num_barriers=stages), plgpu.Barrier(num_barriers=stages),
              plgpu.Barrier(num_barriers=q_buffers * CONSUMER_WARPGROUPS)),
             (plgpu.Barrier(num_arrivals=CONSUMER_WARPGROUPS, num_barriers=stages),) * 2,
-            plgpu.Barrier(num_arrivals=CONSUMER_WARPGROUPS),
+            () if cfg.named_barriers else plgpu.Barrier(num_arrivals=CONSUMER_WARPGROUPS),
         )
         pl.run_scoped(
             lambda *scratch: _kernel(
                 bound, q_ref, k_ref, v_ref, operand_refs, o_ref, lse_ref, scratch,
                 schedule_=schedule.bind(schedule_refs), groups=n // kh, block_kv=bk, stages=stages,
                 scale=static.scale, cap=static.logits_soft_cap, kv_len=s, mask_fn=static.mask_fn,
-                dtype=q.dtype),
+                dtype=q.dtype, named_barriers=cfg.named_barriers),
             *scratch_types, collective_axes="wg")
 
     grid, grid_names = schedule.grid()
