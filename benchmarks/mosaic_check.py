@@ -98,13 +98,14 @@ CHECKS = [
 ]
 
 
-def run_checks(variants, defaults=True):
-    """Every CHECKS case with the default config, then the D128 ones with each variant."""
+def run_checks(variants, defaults=True, variant_head_dims=(128,)):
+    """Every CHECKS case with the default config, then those of `variant_head_dims`
+    with each variant."""
     results = []
     key = jax.random.PRNGKey(0)
     runs = [(c, None) for c in CHECKS] if defaults else []
     runs += [(c, (label, fields)) for label, fields in variants.items() for c in CHECKS
-             if c[7] == 128]
+             if c[7] in variant_head_dims]
     for (name, mask, b, t, s, n, kh, h, dtype, *options), variant in runs:
         options = options[0] if options else {}
         cap = options.get("cap")
@@ -192,11 +193,15 @@ def api_forward(case, implementation):
 
 
 def parse_variants(spec):
-    """"stages=3,block_kv=64;stages=4" -> {"stages=3,block_kv=64": {...}, ...}"""
+    """"stages=3,block_kv=64;named_barriers=1" -> {"stages=3,block_kv=64": {...}, ...}
+    (MosaicConfig fields; 0/1 for the bool ones such as persistent, named_barriers)."""
+    bools = {f.name for f in dataclasses.fields(mosaic_gpu.MosaicConfig)
+             if f.type in ("bool", bool)}
     out = {}
     for item in filter(None, (spec or "").split(";")):
         fields = {k: int(v) for k, v in (kv.split("=") for kv in item.split(","))}
-        out[item] = {("num_stages" if k == "stages" else k): v for k, v in fields.items()}
+        fields = {("num_stages" if k == "stages" else k): v for k, v in fields.items()}
+        out[item] = {k: bool(v) if k in bools else v for k, v in fields.items()}
     return out
 
 
@@ -257,6 +262,8 @@ def main(argv=None):
     p.add_argument("--baselines", default="cudnn,triton")
     p.add_argument("--only-variants", action="store_true", help="check: skip the default config")
     p.add_argument("--variants", default="", help='MosaicConfig variants, e.g. "stages=3;block_kv=64"')
+    p.add_argument("--variant-head-dims", default="128",
+                   help="check: head dims of the cases run with each variant, e.g. 64,96,128,256")
     p.add_argument("--out", default=os.environ.get("OUT", "."))
     args = p.parse_args(argv)
     meta = {"device": jax.devices()[0].device_kind, "jax": jax.__version__,
@@ -265,7 +272,8 @@ def main(argv=None):
     t0 = time.time()
     variants = parse_variants(args.variants)
     if args.part == "check":
-        res = run_checks(variants, defaults=not args.only_variants)
+        res = run_checks(variants, defaults=not args.only_variants,
+                         variant_head_dims=tuple(int(d) for d in args.variant_head_dims.split(",")))
     else:
         res = run_bench(args.cases, args.repeats, variants, tuple(args.baselines.split(",")))
     meta["wall_s"] = time.time() - t0
