@@ -23,6 +23,10 @@ order; causal-like masks need a balanced deal (schedule.py: causal 16k ran at
 391 in order, 546–552 balanced, cuDNN 503–548). Head dim 256 (one Q buffer, block_kv 64)
 keeps the grid until it is timed.
 
+``named_barriers`` (the consumers' turns through hardware named barriers instead of a
+shared-memory mbarrier; consumer_turns.py) lowers but is off until timed on a GPU
+(NOTES.md beside this file).
+
 Backward: head dims up to 128 run this package's own dQ and dK/dV kernels
 (backward_kernels.py, their config ``MosaicBackwardConfig``); at head dim 256 (beyond
 those kernels' registers and shared memory) the backward is the Triton backend's, with
