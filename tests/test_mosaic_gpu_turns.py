@@ -188,6 +188,7 @@ LOWERING_CASES = {
     "bigbird D128 persistent": (M.bigbird_mask(512, window=64, num_global=32, num_random_blocks=1,
                                                causal=True), 512, 128, True),
     "window D128 grid": (M.LocalMask(64, 0), 333, 128, False),
+    "causal D256 grid": (M.CausalMask(), 256, 256, False),
 }
 
 
