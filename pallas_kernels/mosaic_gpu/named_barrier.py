@@ -9,13 +9,14 @@ the ``num_threads`` the instruction names.
   ``n`` threads have arrived at barrier ``id`` (counting itself).
 * ``bar.arrive id, n`` arrives without waiting: the producer half of a hand-over.
 
-Every instruction that takes part in one completion must name the same ``n``; it is a
-multiple of 32 (a warp arrives with all its threads). All threads of a warp execute
-the instruction together (a Mosaic GPU kernel body runs per warpgroup: 128 threads).
-A warp must not arrive twice at a barrier before that barrier completes: the
-second arrival would count towards the same completion and release the waiters early
-(or leave a later ``bar.sync`` waiting for arrivals that never come). Protocols built
-on these barriers must order their arrivals so that cannot happen.
+Every instruction that takes part in one completion must name the same ``n``, a
+multiple of 32 (a warp arrives with all its threads; ``bar.arrive`` needs an explicit
+``n``). ``bar.sync`` is the ``.aligned`` form: every thread of a warp executes the same
+instruction (a Mosaic GPU kernel body runs per warpgroup, 128 threads, in uniform
+control flow). The barrier counts arrivals, not who arrived: a warp arriving twice
+before the barrier completes counts twice towards the same completion, releasing the
+waiters early, and a later ``bar.sync`` then waits for arrivals that never come.
+Protocols built on these barriers must order their arrivals so that cannot happen.
 
 Ids: barrier 0 is ``__syncthreads`` (``gpu.barrier`` in Mosaic GPU), and Mosaic GPU's
 warpgroup-wide barrier uses id 1 + warpgroup index, so a kernel of ``w`` warpgroups
