@@ -218,3 +218,13 @@ def test_forward_with_named_barriers_lowers_for_h100(name):
 
 def test_default_forward_has_no_named_barriers():
     assert _lowered(M.CausalMask(), 256, 128, True, named=False) == set()
+
+
+def test_gpu_check_script_takes_the_flag_as_a_variant():
+    """benchmarks/mosaic_check.py --variants "named_barriers=1;persistent=0,named_barriers=1"."""
+    from benchmarks.mosaic_check import parse_variants
+    variants = parse_variants("named_barriers=1;persistent=0,named_barriers=1")
+    assert variants == {"named_barriers=1": {"named_barriers": True},
+                        "persistent=0,named_barriers=1": {"persistent": False,
+                                                          "named_barriers": True}}
+    assert all(dataclasses.replace(MosaicConfig(), **v).named_barriers for v in variants.values())
