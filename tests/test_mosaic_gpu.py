@@ -38,6 +38,7 @@ from pallas_kernels.mosaic_gpu.config import SMEM_BYTES, MosaicConfig
 from pallas_kernels.mosaic_gpu.forward import forward as mosaic_forward
 from pallas_kernels.mosaic_gpu.schedule import Schedule, dealt_loads, item_work, balanced_deal
 from pallas_kernels.triton.config import TritonConfig
+from pallas_kernels.triton.config import config_for_head_dim as triton_config_for_head_dim
 from helpers import lower_for_h100
 from jaxattn.flash import build_call, prepare_call
 
@@ -112,6 +113,89 @@ def test_forward_with_operands_and_soft_cap_lowers_for_h100(name):
     text = _lower_for_h100(lambda q, k, v: mosaic_forward(static, q, k, v, None, metas, operands),
                            *_shapes(b, t, s, n, kh, h))
     assert text.count("mosaic_gpu_v2") == 1
+
+
+def _dense(t, s, seed=0, heads=1):
+    """A random boolean [1, heads, T, S] mask with a causal band: FULL, PARTIAL and EMPTY tiles."""
+    rng = np.random.default_rng(seed)
+    return M.CausalMask() & M.DenseMask((rng.random((1, heads, t, s)) < 0.7) | np.eye(t, s, dtype=bool))
+
+
+# A bias [Bb, Hb, T|1, S|1] takes one of three routes (tile_inputs.py): [.., T, S] tiles by
+# TMA (in their dtype: float32 slots are the largest), [.., 1, S] per-key and [.., T|1, 1]
+# per-query float32 vectors; dense ("qkv") mask tiles by TMA on PARTIAL steps.
+# (mask, batch, T, S, N, K, H, bias shape or None, bias dtype, soft cap)
+BIAS_LOWERING_CASES = {
+    "full bias f32 D64 (the largest slots)": (M.FullMask(), 1, 256, 256, 2, 2, 64, (1, 2, 256, 256),
+                                              jnp.float32, None),
+    "full bias D128 ragged T!=S": (M.LocalMask(64, 0), 1, 200, 333, 2, 1, 128, (1, 2, 200, 333),
+                                   jnp.bfloat16, None),
+    "key bias [1,N,1,S] D128": (M.CausalMask(), 1, 256, 256, 4, 2, 128, (1, 4, 1, 256),
+                                jnp.float32, None),
+    "key bias on listed FULL tiles (bigbird)": (
+        M.bigbird_mask(512, window=64, num_global=32, num_random_blocks=1, causal=True),
+        1, 512, 512, 2, 2, 128, (1, 1, 1, 512), jnp.float32, None),
+    "query bias [B,1,T,1] D64": (M.CausalMask(), 2, 300, 300, 2, 1, 64, (2, 1, 300, 1),
+                                 jnp.float32, None),
+    "bias soft cap f32 D128": (M.FullMask(), 1, 256, 256, 2, 2, 128, (1, 1, 256, 256),
+                               jnp.float32, 30.0),
+    "bias causal GQA D256": (M.CausalMask(), 1, 256, 256, 4, 2, 256, (1, 4, 256, 256),
+                             jnp.bfloat16, None),
+    "dense mask D128": (_dense(256, 256), 1, 256, 256, 2, 1, 128, None, None, None),
+    "dense per-head mask + bias D64 T!=S": (_dense(200, 333, heads=2), 1, 200, 333, 2, 1, 64,
+                                           (1, 2, 200, 333), jnp.float32, 20.0),
+}
+
+
+@pytest.mark.parametrize("name", list(BIAS_LOWERING_CASES))
+def test_forward_with_bias_or_dense_mask_lowers_for_h100(name):
+    mask, b, t, s, n, kh, h, bias_shape, bias_dtype, cap = BIAS_LOWERING_CASES[name]
+    static, metas, operands = _call(mask, t, s, h, cap=cap)
+    bias = () if bias_shape is None else (jax.ShapeDtypeStruct(bias_shape, bias_dtype),)
+    text = _lower_for_h100(
+        lambda q, k, v, *bias: mosaic_forward(static, q, k, v, *(bias or (None,)), metas, operands),
+        *_shapes(b, t, s, n, kh, h), *bias)
+    assert text.count("mosaic_gpu_v2") == 1
+
+
+def test_tile_inputs_fit_shared_memory_or_are_refused():
+    """Bias and dense mask slots shrink to fit beside Q, K and V; what cannot fit one slot
+    each (a float32 bias and a dense mask at head dim 128) is refused, and dispatch takes
+    the Triton kernels."""
+    from pallas_kernels.mosaic_gpu.tile_inputs import plan_tile_inputs
+    plan = functools.partial(plan_tile_inputs, bias_route="tile", bias_scale=1.0, block_kv=128,
+                             stages=2)
+    d128 = SMEM_BYTES - mosaic_gpu.config_for_head_dim(128).smem_bytes(128, 2)
+    assert plan(bias_dtype=jnp.bfloat16, dense_positions=(), budget=d128).bias_stream.slots == 2
+    assert plan(bias_dtype=jnp.float32, dense_positions=(), budget=d128).bias_stream.slots == 1
+    both = plan(bias_dtype=jnp.bfloat16, dense_positions=(0,), budget=d128)
+    assert (both.bias_stream.slots, both.dense_streams[0].slots) == (1, 2)
+    with pytest.raises(NotImplementedError, match="shared memory"):
+        plan(bias_dtype=jnp.float32, dense_positions=(0,), budget=d128)
+
+
+def test_bias_calls_run_the_triton_backward_and_lower_with_dbias():
+    """A bias (or a dense mask) makes default_config pick the Triton backward, which
+    computes dbias; the forward stays Mosaic, behind its finite-input check for segment
+    ids (one cond: the Triton backward zeroes unattended rows itself)."""
+    mask = M.causal_document_mask(_documents([70, 186]))
+    request = _request(has_bias=True, bias_shape=(1, 2, 256, 256), operand_kinds=(("q", None), ("kv", None)))
+    cfg = mosaic_gpu.default_config(request)
+    assert cfg.triton_backward and cfg.finite_check
+    assert cfg.backward == triton_config_for_head_dim(128)
+    assert mosaic_gpu.default_config(_request(operand_kinds=(("qkv", None),))).triton_backward
+    assert not mosaic_gpu.default_config(_request()).triton_backward
+    static, metas, operands = prepare_call("pallas_mosaic_gpu", mask, 256, 256, scale=128 ** -0.5,
+                                           logits_soft_cap=None, config=cfg, interpret=False)
+
+    def loss(q, k, v, bias):
+        out, _ = flash_attention(static, q, k, v, bias, metas, operands)
+        return jnp.sum(out.astype(jnp.float32))
+
+    text = _lower_for_h100(jax.grad(loss, argnums=(0, 1, 2, 3)), *_shapes(1, 256, 256, 2, 1, 128),
+                           jax.ShapeDtypeStruct((1, 2, 256, 256), jnp.float32))
+    assert text.count("mosaic_gpu_v2") == 1 and text.count("stablehlo.case") == 1
+    assert text.count("__gpu$xla.gpu.triton") == 3   # forward fallback, dK/dV, dQ (with dS)
 
 
 @pytest.mark.parametrize("h, mosaic_kernels, mask, cap", [
@@ -196,6 +280,11 @@ def test_supports_serves_what_the_kernels_run():
     assert mosaic_gpu.supports(_request(operand_kinds=(("block", (128, 256)),))) is None
     assert mosaic_gpu.supports(_request(operand_kinds=(("q", None), ("kv", None)))) is None
     assert mosaic_gpu.supports(_request(logits_soft_cap=30.0)) is None
+    for bias_shape in [(1, 8, 1024, 1024), (1, 8, 1, 1024), (1, 1, 1024, 1), (1, 1, 1, 1)]:
+        assert mosaic_gpu.supports(_request(has_bias=True, bias_shape=bias_shape)) is None
+    assert mosaic_gpu.supports(_request(operand_kinds=(("qkv", None),))) is None
+    assert mosaic_gpu.supports(_request(has_bias=True, bias_shape=(1, 8, 1024, 1024),
+                                        operand_kinds=(("qkv", None), ("q", None)))) is None
 
 
 @pytest.mark.parametrize("changes, reason", [
@@ -203,10 +292,8 @@ def test_supports_serves_what_the_kernels_run():
     (dict(device_kind="NVIDIA A100-SXM4-80GB"), "sm90"),
     (dict(dtype=jnp.float32), "bfloat16/float16"),
     (dict(head_dim=512), "up to 256"),
-    (dict(has_bias=True, bias_shape=(1, 8, 1024, 1024)), "bias"),
     (dict(dropout_rate=0.1), "no attention dropout"),
     (dict(has_score_mod=True), "score_mod"),
-    (dict(operand_kinds=(("qkv", None),)), "'qkv'"),
     (dict(operand_kinds=(("block", (64, 128)),)), "not multiples"),
 ])
 def test_supports_declines_with_a_reason(changes, reason):
@@ -308,13 +395,108 @@ def test_segment_operands_of_partial_tiles_in_the_interpreter():
     assert checked >= 4
 
 
+@pytest.mark.parametrize("bias_shape, bias_dtype", [
+    ((1, 2, 200, 200), jnp.float32), ((1, 1, 200, 200), jnp.bfloat16), ((1, 2, 1, 200), jnp.float32),
+    ((1, 1, 200, 1), jnp.float32)], ids=["tile f32", "tile bf16", "per-key", "per-query"])
+def test_bias_and_dense_mask_tiles_in_the_interpreter(bias_shape, bias_dtype):
+    """The tile inputs of forward.py, run by three warpgroups in the Mosaic GPU interpreter:
+    the producer copies each listed tile's bias rows (one 64-row half per consumer) by TMA
+    into rotating slots, and a dense mask tile on PARTIAL steps only, into slots counted
+    over PARTIAL steps; each consumer takes its half in the wgmma layout (or reads a
+    per-key / per-query vector) and gets scale·s + bias. Checked against numpy on every
+    visited tile of head 1 (T = 200, padded; FULL and PARTIAL tiles)."""
+    from pallas_kernels.mosaic_gpu.tile_inputs import plan_tile_inputs, prepare_forward_bias
+    t, tp, bq, bk, rows, head = 200, 256, 128, 64, 64, 1
+    rng = np.random.default_rng(0)
+    pos = np.arange(t)
+    dense = (rng.random((t, t)) < 0.6) | (pos[:, None] >= pos[None, :] + 60)   # some FULL tiles
+    mask = M.CausalMask() & M.DenseMask(dense)
+    meta = build_block_metadata(mask, t, t, bq, bk)
+    lists = TileLists.from_metadata(meta)
+    kinds = tuple((o.kind, o.layout_block) for o in mask.operands())
+    operands = prepare_operands(tuple(o.array for o in mask.operands()), kinds, q_pad=tp, kv_pad=tp,
+                                q_len=t, kv_len=t)
+    bias = jnp.asarray(rng.normal(size=bias_shape), bias_dtype)
+    route, bias_arr = prepare_forward_bias(bias, q_pad=tp, kv_pad=tp)
+    spec = plan_tile_inputs(bias_route=route, bias_dtype=bias_arr.dtype, bias_scale=0.5,
+                            dense_positions=(0,), block_kv=bk, stages=2, budget=1 << 20)
+    wgmma = plgpu.Layout.WGMMA
+
+    def body(fc, fi, pc, pi, dense_ref, bias_ref, out_ref, keep_ref):
+        wg, qi = lax.axis_index("wg"), lax.axis_index("q")
+        walk = lists.bind((fc, fi, pc, pi)).walker(jnp.int32(0), jnp.int32(0), qi)
+
+        def scoped(*scratch):
+            inputs = spec.bind(bias_ref, (dense_ref,), scratch)
+
+            @pl.when(wg == 2)
+            def _producer():
+                @pl.loop(0, walk.total)
+                def _(step):
+                    inputs.copy_step(step, step - walk.num_full, step >= walk.num_full, 0, head,
+                                     qi * bq, walk.kv_block(step) * bk)
+                # The interpreter wants every release observed by the thread that waits on
+                # the barrier: wait for each slot's last release (the kernel need not).
+                streams = [(inputs.dense_scratch[0], spec.dense_streams[0], walk.total - walk.num_full)]
+                if spec.bias_stream:
+                    streams.append((inputs.bias_scratch, spec.bias_stream, walk.total))
+                for (_, _, consumed), stream, count in streams:
+                    @pl.loop(jnp.maximum(count - stream.slots, 0), count)
+                    def _(c):
+                        plgpu.barrier_wait(consumed.at[lax.rem(c, stream.slots)])
+
+            @pl.when(wg < 2)
+            def _consumer():
+                row_values = inputs.row_bias(0, head, qi * bq + wg * rows)
+
+                @pl.loop(0, walk.total)
+                def _(step):
+                    col_values = inputs.col_bias(0, head, walk.kv_block(step) * bk, bk)
+                    s = plgpu.layout_cast(jnp.full((rows, bk), 1.0, jnp.float32), wgmma)
+                    out_ref[qi, wg, step] = inputs.add_bias(s, step_count=step, wg=wg,
+                                                            row_values=row_values,
+                                                            col_values=col_values)
+
+                    @pl.when(step >= walk.num_full)
+                    def _():
+                        keep_ref[qi, wg, step] = inputs.dense_tiles(step - walk.num_full, wg)[0]
+
+        pl.run_scoped(scoped, *spec.scratch_types(), collective_axes="wg")
+
+    nq, nk = tp // bq, tp // bk
+    kernel = plgpu.kernel(body, out_type=(jax.ShapeDtypeStruct((nq, 2, nk, rows, bk), jnp.float32),
+                                          jax.ShapeDtypeStruct((nq, 2, nk, rows, bk), jnp.int32)),
+                          grid=(nq,), grid_names=("q",), num_threads=3, thread_name="wg",
+                          interpret=plgpu.InterpretGPUParams())
+    got, keep = (np.asarray(x) for x in jax.jit(kernel)(*lists.arrays(), *operands, bias_arr))
+    want_bias = np.broadcast_to(np.asarray(bias, np.float32)[0, head if bias_shape[1] > 1 else 0], (t, t))
+    want_keep = dense
+    m = jax.tree_util.tree_map(np.asarray, meta)
+    seen = set()
+    for i in range(nq):
+        nf = m.full_count[0, 0, i]
+        blocks = [*m.full_index[0, 0, i, :nf], *m.partial_index[0, 0, i, :m.partial_count[0, 0, i]]]
+        for j, blk in enumerate(blocks):
+            for half in range(2):
+                r0, c0 = i * bq + half * rows, blk * bk
+                r, c = slice(r0, min(r0 + rows, t)), slice(c0, min(c0 + bk, t))   # padding: any value
+                if r.start >= r.stop:
+                    continue
+                valid = (slice(0, r.stop - r0), slice(0, c.stop - c0))
+                np.testing.assert_allclose(got[i, half, j][valid], 0.5 + want_bias[r, c], rtol=1e-6)
+                if j >= nf:
+                    np.testing.assert_array_equal(keep[i, half, j][valid], want_keep[r, c])
+                seen.add(j >= nf)
+    assert seen == {False, True}, "both FULL and PARTIAL tiles checked"
+
+
 def test_forward_refuses_operands_it_cannot_read():
     """Called directly (not through supports()), the forward refuses rather than
-    misreading a dense mask operand."""
-    mask = M.CausalMask() & M.DenseMask(np.tril(np.ones((128, 128), bool), k=-3))
-    static, metas, operands = _call(mask, 128, 128, 64)
-    q = jnp.zeros((1, 128, 1, 64), jnp.bfloat16)
-    with pytest.raises(NotImplementedError, match="'q'/'kv' mask operands"):
+    misreading a block layout whose blocks are smaller than its tiles."""
+    mask = M.BlockSparseMask(np.tril(np.ones((4, 4), bool)), 64, 64)
+    static, metas, operands = _call(mask, 256, 256, 64)
+    q = jnp.zeros((1, 256, 1, 64), jnp.bfloat16)
+    with pytest.raises(NotImplementedError, match="whole"):
         mosaic_gpu.forward(static, q, q, q, None, metas, operands)
 
 

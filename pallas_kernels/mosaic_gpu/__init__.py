@@ -2,13 +2,15 @@
 
 Implements the kernel-backend protocol (name, padded_head_dim, default_config, supports,
 forward, backward, decode). The forward is the warp-specialised TMA + wgmma kernel of
-forward.py. The backward is this package's dQ and dK/dV kernels (backward_kernels.py)
-for head dims up to 128; at head dim 256 it is the Triton backend's kernels, run on
-metadata built for the Triton tiles that ``MosaicConfig.backward`` names (same metadata
-contract, same residuals: out and the natural-log lse). Masks that may leave unreached
-rows in PARTIAL tiles (segment ids, sequence lengths, tile-cutting edges) run these
-kernels when the inputs are finite and the Triton kernels when not
-(nonfinite_fallback.py).
+forward.py; it adds a bias and reads dense ("qkv") mask operands (tile_inputs.py). The
+backward is this package's dQ and dK/dV kernels (backward_kernels.py) for head dims up
+to 128 without a bias or dense mask operands; otherwise (head dim 256, a bias and its
+gradient, a dense mask) it is the Triton backend's kernels, run on metadata built for
+the Triton tiles that ``MosaicConfig.backward`` names (same metadata contract, same
+residuals: out and the natural-log lse). Masks that may leave unreached rows in PARTIAL
+tiles (segment ids, sequence lengths, tile-cutting edges) run the Mosaic forward when
+the inputs are finite and the Triton forward when not (nonfinite_fallback.py); the Mosaic
+backward likewise, while the Triton backward zeroes such rows itself.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from pallas_kernels import triton as _triton
 from pallas_kernels.mosaic_gpu import backward_kernels as _mosaic_backward
 from pallas_kernels.mosaic_gpu.common import padded_head_dim
 from pallas_kernels.mosaic_gpu.config import MosaicConfig, default_config as config_for_head_dim
+from pallas_kernels.triton.config import config_for_head_dim as triton_config_for_head_dim
 from pallas_kernels.mosaic_gpu import nonfinite_fallback
 from pallas_kernels.mosaic_gpu.forward import forward as _mosaic_forward
 
@@ -34,8 +37,20 @@ _SM90_NAMES = ("H100", "H200", "H800", "H20", "GH200")
 
 
 def default_config(request, *, interpret: bool = False) -> MosaicConfig:
+    """The head dim's config; with a bias or a dense ("qkv") mask operand its backward is
+    the Triton backend's (Triton tiles and config for that head dim): this package's
+    backward kernels neither add a bias nor compute its gradient, nor read dense mask
+    tiles, and the Triton backward does all three on the same residuals."""
     del interpret   # the kernels do not run in an interpreter (see supports)
-    return config_for_head_dim(padded_head_dim(request.head_dim))
+    hp = padded_head_dim(request.head_dim)
+    cfg = config_for_head_dim(hp)
+    if _needs_triton_backward(request) and not cfg.triton_backward:
+        cfg = dataclasses.replace(cfg, backward=triton_config_for_head_dim(hp))
+    return cfg
+
+
+def _needs_triton_backward(request) -> bool:
+    return request.has_bias or any(kind == "qkv" for kind, _ in request.operand_kinds)
 
 
 def supports(request, *, interpret: bool = False) -> str | None:
@@ -49,8 +64,6 @@ def supports(request, *, interpret: bool = False) -> str | None:
         return f"the Mosaic GPU kernels take bfloat16/float16, got {jnp.dtype(request.dtype).name}"
     if request.head_dim > 256:
         return f"the Mosaic GPU kernels take head dims up to 256, got {request.head_dim}"
-    if request.has_bias:
-        return "the Mosaic GPU forward takes no bias yet"
     if request.dropout_rate:
         return ("the Mosaic GPU kernels have no attention dropout yet; the Triton kernels "
                 "(implementation='pallas_triton') compute it")
@@ -58,10 +71,8 @@ def supports(request, *, interpret: bool = False) -> str | None:
         return "the Mosaic GPU kernels take no score_mod yet"
     cfg = config_for_head_dim(padded_head_dim(request.head_dim))
     for kind, layout_block in request.operand_kinds:
-        if kind == "qkv":
-            return "the Mosaic GPU forward reads no dense ('qkv') mask operands yet"
         if kind != "block":
-            continue   # "q" / "kv" vectors (segment ids, sequence lengths) are read
+            continue   # "q" / "kv" vectors and dense "qkv" tiles are read (tile_inputs.py)
         lbq, lbk = layout_block
         if lbq % cfg.block_q or lbk % cfg.block_kv:
             return (f"block-sparse layout blocks {layout_block} are not multiples of the "
@@ -77,8 +88,9 @@ def metadata_reason(static, metas) -> str | None:
     exactly whether the mask leaves such rows (BlockMetadata.partial_isolates_*);
     causal masks with T = S, aligned windows and BigBird's block patterns do not. Up to
     head dim 128 such calls check their inputs and take the Triton kernels when these
-    hold NaN/Inf (nonfinite_fallback.py); at head dim 256 they are refused."""
-    if not static.config.triton_backward:
+    hold NaN/Inf (nonfinite_fallback.py); at head dim 256 (MosaicConfig.finite_check
+    off) they are refused."""
+    if static.config.finite_check:
         return None
     if "forward" in metas and metas["forward"].partial_isolates_keys:
         return ("this mask leaves keys inside a PARTIAL tile that no row of the tile attends; "
@@ -91,15 +103,16 @@ def metadata_reason(static, metas) -> str | None:
 def forward(static, q, k, v, bias, metas, operands):
     """The forward kernel of forward.py; behind a finite-input check (Triton fallback)
     where the mask may leave unattended keys in PARTIAL tiles (module docstring)."""
-    if static.config.triton_backward or not nonfinite_fallback.forward_needs_check(metas):
+    if not static.config.finite_check or not nonfinite_fallback.forward_needs_check(metas):
         return _mosaic_forward(static, q, k, v, bias, metas, operands)
     return nonfinite_fallback.guarded_forward(_mosaic_forward, static, q, k, v, bias, metas,
                                               operands)
 
 
 def backward(static, q, k, v, bias, out, lse, dout, delta, metas, operands, parts):
-    """This package's backward kernels, or the Triton backend's at head dim 256 (see the
-    module docstring)."""
+    """This package's backward kernels, or the Triton backend's (a TritonConfig in
+    MosaicConfig.backward: head dim 256, a bias and its gradient, dense mask operands; see
+    default_config), which computes every part asked for, "dbias" included."""
     if not static.config.triton_backward:
         if nonfinite_fallback.backward_needs_check(metas, parts):
             return nonfinite_fallback.guarded_backward(

@@ -30,8 +30,9 @@ causal 621 vs 625, S1k 559 vs 573 TFLOP/s; NOTES.md beside this file).
 
 Backward: head dims up to 128 run this package's own dQ and dK/dV kernels
 (backward_kernels.py, their config ``MosaicBackwardConfig``); at head dim 256 (beyond
-those kernels' registers and shared memory) the backward is the Triton backend's, with
-the Triton config for that head dim.
+those kernels' registers and shared memory), and for calls with a bias or a dense mask
+operand (which those kernels do not read; the backend's default_config), the backward
+is the Triton backend's, with the Triton config for that head dim.
 """
 
 from __future__ import annotations
@@ -59,6 +60,10 @@ class MosaicConfig:
     named_barriers: bool = False
     backward: MosaicBackwardConfig | TritonConfig = dataclasses.field(
         default_factory=MosaicBackwardConfig)
+    # Masks that may leave unattended keys in PARTIAL tiles: check the inputs and take the
+    # Triton forward on these tiles when they hold NaN/Inf (nonfinite_fallback.py). Off at
+    # head dim 256, where such calls are refused (metadata_reason) instead.
+    finite_check: bool = True
 
     def __post_init__(self):
         if self.block_q != ROWS_PER_WARPGROUP * CONSUMER_WARPGROUPS:
@@ -100,4 +105,4 @@ def default_config(head_dim: int) -> MosaicConfig:
         return MosaicConfig(block_q=128, block_kv=128, num_stages=2, persistent=True,
                             backward=default_backward_config(head_dim))
     return MosaicConfig(block_q=128, block_kv=64, num_stages=2,
-                        backward=triton_config_for_head_dim(head_dim))
+                        backward=triton_config_for_head_dim(head_dim), finite_check=False)

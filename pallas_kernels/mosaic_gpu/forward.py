@@ -28,6 +28,11 @@ or, persistent, a share of them (which share: schedule.py). Three warpgroups:
   per accumulator row; per-key vectors ("kv") when a PARTIAL tile is visited, at the
   kv-block its K/V copy started at, one value per column. Both are broadcast over the
   tile only there.
+* Bias and dense mask operands (tile_inputs.py): a [.., T, S] bias tile and, on PARTIAL
+  steps, a dense ("qkv") mask tile are copied by the producer beside K into slots of
+  their own; [.., 1, S] / [.., T, 1] biases are read as per-key / per-query vectors.
+  Every tile's scores become scale·q·k + bias ahead of the soft cap and the mask's
+  select, and the exp2 fold then runs with scale 1.
 * Epilogue (Algorithm 1, line 12): O = acc / l staged through shared memory and stored
   by TMA; lse = ln(2)·(m + log2 l). A row with no allowed key has l = 0 and returns
   O = 0, lse = -inf (the running max starts at a finite MASK_VALUE, so no -inf - -inf).
@@ -50,6 +55,7 @@ from pallas_kernels.mosaic_gpu.common import (LN2, LOG2E, MASK_VALUE, OperandRef
                                               pad_btnh, padded_head_dim, prepare_operands)
 from pallas_kernels.mosaic_gpu.config import CONSUMER_WARPGROUPS, ROWS_PER_WARPGROUP, SMEM_BYTES
 from pallas_kernels.mosaic_gpu.schedule import Schedule, balanced_deal
+from pallas_kernels.mosaic_gpu.tile_inputs import plan_tile_inputs, prepare_forward_bias
 
 _WGMMA = plgpu.Layout.WGMMA
 _WGMMA_ROW = plgpu.Layout.WGMMA.reduce(1)   # one value per accumulator row
@@ -71,10 +77,12 @@ def _smem_tile(shape, dtype):
         plgpu.SwizzleTransform(swizzle)))
 
 
-def _kernel(lists: TileLists, q_ref, k_ref, v_ref, operand_refs, o_ref, lse_ref, scratch, *,
-            schedule_: Schedule, groups, block_kv, stages, scale, cap, kv_len, mask_fn, dtype,
+def _kernel(lists: TileLists, q_ref, k_ref, v_ref, operand_refs, inputs, o_ref, lse_ref, scratch,
+            *, schedule_: Schedule, groups, block_kv, stages, scale, cap, kv_len, mask_fn, dtype,
             named_barriers):
-    (q_smem, k_smem, v_smem, lse_smem), (k_ready, v_ready, q_ready), consumed, schedule = scratch
+    """`inputs`: the bias and dense mask tiles (tile_inputs.BoundTileInputs); with a
+    bias, `scale` is 1 (the bias add applies the call's scale)."""
+    (q_smem, k_smem, v_smem, lse_smem), (k_ready, v_ready, q_ready), consumed, schedule = scratch[:4]
     k_consumed, v_consumed = consumed
     rows = ROWS_PER_WARPGROUP
     wg = lax.axis_index("wg")
@@ -106,7 +114,9 @@ def _kernel(lists: TileLists, q_ref, k_ref, v_ref, operand_refs, o_ref, lse_ref,
         if q_buffers == 2:   # double-buffered Q: item i + 1's Q loads during item i
             load_q(0, 0)
 
-        def run_item(item, first):
+        def run_item(item, firsts):
+            # K/V slots turn over every step, dense mask slots every PARTIAL step.
+            first, first_partial = firsts
             qi, head, batch = schedule_.item(item)
             walk = lists.walker(batch, head, qi)
             num_full, total = walk.num_full, walk.total
@@ -142,17 +152,18 @@ def _kernel(lists: TileLists, q_ref, k_ref, v_ref, operand_refs, o_ref, lse_ref,
             # item, one value per accumulator row; broadcast only in PARTIAL tiles.
             q_operands = tuple(o.vector(batch, q_start, rows, _WGMMA_ROW)
                                for o in operand_refs if o.kind == "q")
+            row_bias = inputs.row_bias(batch, head, q_start)
 
-            def operand_tiles(block_values, kv_operands):
+            def operand_tiles(block_values, kv_operands, dense_values):
                 """Every operand's values for a PARTIAL tile, in operand order, as
                 [rows, block_kv] arrays in the wgmma layout."""
                 shape = (rows, block_kv)
                 by_kind = {"block": iter(block_values), "q": iter(q_operands),
-                           "kv": iter(kv_operands)}
+                           "kv": iter(kv_operands), "qkv": iter(dense_values)}
                 tiles = []
                 for o in operand_refs:
                     value = next(by_kind[o.kind])
-                    if o.kind != "block":   # a row ("q") or column ("kv") vector
+                    if o.kind in ("q", "kv"):   # a row ("q") or column ("kv") vector
                         value = lax.broadcast_in_dim(value, shape, [0 if o.kind == "q" else 1])
                     tiles.append(value)
                 return tuple(tiles)
@@ -179,6 +190,10 @@ def _kernel(lists: TileLists, q_ref, k_ref, v_ref, operand_refs, o_ref, lse_ref,
                     next_inputs = partial_tile_inputs(jnp.minimum(step + 1, total - 1))
                     kv_operands = tuple(o.vector(batch, tile_inputs[0], block_kv, _WGMMA_COL)
                                         for o in operand_refs if o.kind == "kv")
+                col_bias = None
+                if inputs.reads_key_vector:   # a per-key bias, loaded ahead of S = Q Kᵀ
+                    kv_start = tile_inputs[0] if partial else walk.full_block(step) * block_kv
+                    col_bias = inputs.col_bias(batch, head, kv_start, block_kv)
 
                 def qk_product(acc_ref):                       # S = Q Kᵀ (line 8)
                     plgpu.wgmma(acc_ref, q_tile, k_smem.at[slot].T)
@@ -187,6 +202,8 @@ def _kernel(lists: TileLists, q_ref, k_ref, v_ref, operand_refs, o_ref, lse_ref,
 
                 s = pl.run_scoped(qk_product, plgpu.ACC((rows, block_kv), jnp.float32))
                 plgpu.barrier_arrive(k_consumed.at[slot])
+                s = inputs.add_bias(s, step_count=first + step, wg=wg, row_values=row_bias,
+                                    col_values=col_bias)
                 if cap is not None:   # soft cap, on every tile, ahead of the mask
                     s = jnp.tanh(s * (scale / cap))
                 if not logit_unit > 0:
@@ -201,8 +218,9 @@ def _kernel(lists: TileLists, q_ref, k_ref, v_ref, operand_refs, o_ref, lse_ref,
                                                                layout=_WGMMA)
                     keep = kv_pos < kv_len
                     if mask_fn is not None:
+                        dense = inputs.dense_tiles(first_partial + step - num_full, wg)
                         keep = keep & mask_fn(q_pos, kv_pos,
-                                              operand_tiles(block_values, kv_operands))
+                                              operand_tiles(block_values, kv_operands, dense))
                     s = jnp.where(keep, s, -jnp.inf)
                     tile_inputs = next_inputs
                 # Online softmax (line 9); m stays finite, masked scores give p = 0.
@@ -253,16 +271,17 @@ def _kernel(lists: TileLists, q_ref, k_ref, v_ref, operand_refs, o_ref, lse_ref,
             plgpu.copy_smem_to_gmem(q_tile, o_ref.at[batch, pl.ds(q_start, rows), head])
             plgpu.copy_smem_to_gmem(lse_smem.at[wg],
                                     lse_ref.at[batch, head, pl.ds(q_start, rows)])
-            return first + total
+            return first + total, first_partial + total - num_full
 
-        lax.fori_loop(0, num_items, run_item, jnp.int32(0))
+        lax.fori_loop(0, num_items, run_item, (jnp.int32(0), jnp.int32(0)))
         plgpu.wait_smem_to_gmem(0)
 
     @pl.when(wg == CONSUMER_WARPGROUPS)
     def _producer():
         plgpu.set_max_registers(40, action="decrease")
 
-        def run_item(item, first):
+        def run_item(item, firsts):
+            first, first_partial = firsts
             qi, head, batch = schedule_.item(item)
             walk = lists.walker(batch, head, qi)
             kv_head = lax.div(head, jnp.int32(groups))
@@ -286,6 +305,9 @@ def _kernel(lists: TileLists, q_ref, k_ref, v_ref, operand_refs, o_ref, lse_ref,
                     plgpu.barrier_wait(k_consumed.at[slot])
 
                 copy(k_ref, k_smem, k_ready, kv_block, slot)
+                # The bias tile beside K; a dense mask tile too when the step is PARTIAL.
+                inputs.copy_step(at, first_partial + step - walk.num_full, step >= walk.num_full,
+                                 batch, head, qi * (CONSUMER_WARPGROUPS * rows), kv_block * block_kv)
 
                 @pl.when(at >= stages)
                 def _():
@@ -293,16 +315,15 @@ def _kernel(lists: TileLists, q_ref, k_ref, v_ref, operand_refs, o_ref, lse_ref,
 
                 copy(v_ref, v_smem, v_ready, kv_block, slot)
 
-            return first + walk.total
+            return first + walk.total, first_partial + walk.total - walk.num_full
 
-        lax.fori_loop(0, num_items, run_item, jnp.int32(0))
+        lax.fori_loop(0, num_items, run_item, (jnp.int32(0), jnp.int32(0)))
 
 
 def forward(static, q, k, v, bias, metas, operands):
-    """q [B, T, N, H], k/v [B, S, K, H] (bf16/f16) → (out [B, T, N, H], lse [B, N, T] f32).
-    `bias` must be None (supports() declines a bias)."""
-    if bias is not None:
-        raise NotImplementedError("the Mosaic GPU forward takes no bias yet")
+    """q [B, T, N, H], k/v [B, S, K, H] (bf16/f16), bias None or [Bb, Hb, T|1, S|1]
+    → (out [B, T, N, H], lse [B, N, T] f32). How the bias and dense mask operands are
+    read: tile_inputs.py."""
     cfg = static.config
     meta = metas["forward"]
     b, t, n, h = q.shape
@@ -313,14 +334,17 @@ def forward(static, q, k, v, bias, metas, operands):
     tp, sp = pad_to_multiple(t, bq), pad_to_multiple(s, bk)
     qp, kp, vp = pad_btnh(q, tp, hp), pad_btnh(k, sp, hp), pad_btnh(v, sp, hp)
     for kind, layout_block in static.operand_kinds:
-        if kind == "qkv" or kind == "block" and (layout_block[0] % bq or layout_block[1] % bk):
-            raise NotImplementedError(f"the Mosaic GPU forward reads 'q'/'kv' mask operands and "
-                                      f"'block' ones whose layout blocks are whole ({bq}, {bk}) "
-                                      f"tiles, got {kind!r} {layout_block}")
+        if kind == "block" and (layout_block[0] % bq or layout_block[1] % bk):
+            raise NotImplementedError(f"the Mosaic GPU forward reads 'block' mask operands whose "
+                                      f"layout blocks are whole ({bq}, {bk}) tiles, got "
+                                      f"{layout_block}")
     lists = TileLists.from_metadata(meta)
-    operand_arrays = prepare_operands(operands, static.operand_kinds, q_pad=tp, kv_pad=sp)
-    operand_kinds = tuple(kind for kind, _ in static.operand_kinds)
-    operand_blocks = tuple(lb for _, lb in static.operand_kinds)
+    kinds = static.operand_kinds
+    operand_arrays = prepare_operands(operands, kinds, q_pad=tp, kv_pad=sp, q_len=t, kv_len=s)
+    operand_kinds = tuple(kind for kind, _ in kinds)
+    operand_blocks = tuple(lb for _, lb in kinds)
+    bias_route, bias_array = prepare_forward_bias(bias, q_pad=tp, kv_pad=sp)
+    extra_arrays = () if bias_array is None else (bias_array,)
     stages = cfg.num_stages
     rows = ROWS_PER_WARPGROUP
     nq = tp // bq
@@ -328,8 +352,17 @@ def forward(static, q, k, v, bias, metas, operands):
         Schedule(nq, n, b, cfg.persistent, min(_num_sms(), nq * n * b), balance=not meta.even_q_work),
         meta)
     n_schedule = len(schedule.arrays())
-    # A persistent CTA double-buffers Q when shared memory allows it (not at head dim 256).
-    q_buffers = 2 if cfg.persistent and cfg.smem_bytes(hp, q.dtype.itemsize, 2) <= SMEM_BYTES else 1
+    plan_inputs = functools.partial(
+        plan_tile_inputs, bias_route=bias_route,
+        bias_dtype=None if bias_array is None else bias_array.dtype, bias_scale=static.scale,
+        dense_positions=tuple(i for i, kind in enumerate(operand_kinds) if kind == "qkv"),
+        block_kv=bk, stages=stages)
+    # A persistent CTA double-buffers Q when shared memory allows it beside every slot
+    # of the bias and dense mask tiles (not at head dim 256); those slots come first.
+    q_bytes = functools.partial(cfg.smem_bytes, hp, q.dtype.itemsize)
+    q_buffers = 2 if cfg.persistent and (q_bytes(2) + plan_inputs(budget=SMEM_BYTES).smem_bytes()
+                                         <= SMEM_BYTES) else 1
+    tile_inputs = plan_inputs(budget=SMEM_BYTES - q_bytes(q_buffers))
 
     def entry(*refs):
         n_lists = len(lists.arrays())
@@ -338,7 +371,9 @@ def forward(static, q, k, v, bias, metas, operands):
             refs[n_schedule + 3:]
         operand_refs = tuple(OperandRef(r, kind, lb) for r, kind, lb in
                              zip(rest[:len(operand_arrays)], operand_kinds, operand_blocks))
-        o_ref, lse_ref = rest[len(operand_arrays):]
+        rest = rest[len(operand_arrays):]
+        bias_ref = rest[0] if extra_arrays else None
+        o_ref, lse_ref = rest[len(extra_arrays):]
         bound = lists.bind(list_refs)
         scratch_types = (
             (_smem_tile((q_buffers, CONSUMER_WARPGROUPS, rows, hp), q.dtype),
@@ -349,13 +384,16 @@ def forward(static, q, k, v, bias, metas, operands):
              plgpu.Barrier(num_barriers=q_buffers * CONSUMER_WARPGROUPS)),
             (plgpu.Barrier(num_arrivals=CONSUMER_WARPGROUPS, num_barriers=stages),) * 2,
             () if cfg.named_barriers else plgpu.Barrier(num_arrivals=CONSUMER_WARPGROUPS),
+            tile_inputs.scratch_types(),
         )
+        dense_refs = tuple(operand_refs[i].ref for i in tile_inputs.dense_positions)
         pl.run_scoped(
             lambda *scratch: _kernel(
-                bound, q_ref, k_ref, v_ref, operand_refs, o_ref, lse_ref, scratch,
+                bound, q_ref, k_ref, v_ref, operand_refs,
+                tile_inputs.bind(bias_ref, dense_refs, scratch[4]), o_ref, lse_ref, scratch,
                 schedule_=schedule.bind(schedule_refs), groups=n // kh, block_kv=bk, stages=stages,
-                scale=static.scale, cap=static.logits_soft_cap, kv_len=s, mask_fn=static.mask_fn,
-                dtype=q.dtype, named_barriers=cfg.named_barriers),
+                scale=1.0 if bias_route else static.scale, cap=static.logits_soft_cap, kv_len=s,
+                mask_fn=static.mask_fn, dtype=q.dtype, named_barriers=cfg.named_barriers),
             *scratch_types, collective_axes="wg")
 
     grid, grid_names = schedule.grid()
@@ -371,5 +409,5 @@ def forward(static, q, k, v, bias, metas, operands):
         # which leaves room for a third K/V stage at head dim 128.
         compiler_params=plgpu.CompilerParams(approx_math=True, reduction_scratch_bytes=0),
         kernel_name="jaxattn_mosaic_forward",
-    )(*lists.arrays(), *schedule.arrays(), qp, kp, vp, *operand_arrays)
+    )(*lists.arrays(), *schedule.arrays(), qp, kp, vp, *operand_arrays, *extra_arrays)
     return out[:, :t, :, :h], lse[:, :, :t]
