@@ -42,11 +42,11 @@ from pallas_kernels.triton.common import padded_head_dim as triton_head_dim
 from pallas_kernels.triton.config import config_for_head_dim as triton_config
 
 
-def make_forward(backend, mask, t, s, h, scale, overrides=None, cap=None):
+def make_forward(backend, mask, t, s, h, scale, overrides=None, cap=None, bias=None):
     """A jitted (q, k, v) -> (out, lse) through `backend`'s forward with metadata built
     outside the timed region (as the public API caches it for static masks).
     `overrides`: MosaicConfig fields to change (tile/pipeline variants); `cap`: the
-    logits soft cap."""
+    logits soft cap; `bias`: an additive bias [Bb, Hb, T|1, S|1] (a jit argument)."""
     if backend is mosaic_gpu:
         cfg = mosaic_gpu.config_for_head_dim(mosaic_gpu.padded_head_dim(h))
         cfg = dataclasses.replace(cfg, **(overrides or {}))
@@ -60,9 +60,9 @@ def make_forward(backend, mask, t, s, h, scale, overrides=None, cap=None):
                          operand_kinds=tuple((o.kind, o.layout_block) for o in ops), config=cfg,
                          interpret=False)
     arrays = tuple(jnp.asarray(o.array) for o in ops)
-    fn = jax.jit(lambda q, k, v, meta, arrays: backend.forward(static, q, k, v, None,
-                                                               {"forward": meta}, arrays))
-    return lambda q, k, v: fn(q, k, v, meta, arrays)
+    fn = jax.jit(lambda q, k, v, bias, meta, arrays: backend.forward(static, q, k, v, bias,
+                                                                     {"forward": meta}, arrays))
+    return lambda q, k, v: fn(q, k, v, bias, meta, arrays)
 
 
 CHECKS = [
@@ -95,6 +95,26 @@ CHECKS = [
     ("lengths + NaN V at padding (Triton fallback)", masks.LengthMask(
         kv_lengths=jnp.asarray([700, 850]), q_len=1000, kv_len=1000), 2, 1000, 1000, 2, 1, 128,
      jnp.bfloat16, {"poison_v": True}),
+    # An additive bias ({"bias": (shape, dtype)}: [.., T, S] tiles by TMA, [.., 1, S] and
+    # [.., T, 1] vectors) and dense mask tiles (DenseMask: a "qkv" operand).
+    ("full bias f32, causal GQA ragged", masks.CausalMask(), 2, 1000, 1000, 4, 2, 128, jnp.bfloat16,
+     {"bias": ((2, 4, 1000, 1000), jnp.float32)}),
+    ("full bias bf16 per head, soft cap 30, D64", masks.FullMask(), 1, 1024, 1024, 4, 4, 64,
+     jnp.bfloat16, {"bias": ((1, 4, 1024, 1024), jnp.bfloat16), "cap": 30.0}),
+    ("key bias [1,N,1,S], bigbird", masks.bigbird_mask(1024, window=128, num_global=64,
+                                                       num_random_blocks=2, causal=True),
+     1, 1024, 1024, 2, 2, 128, jnp.bfloat16, {"bias": ((1, 2, 1, 1024), jnp.float32)}),
+    ("query bias [B,1,T,1], window T!=S f16", masks.LocalMask(256, 0), 2, 777, 1300, 4, 1, 128,
+     jnp.float16, {"bias": ((2, 1, 777, 1), jnp.float32)}),
+    ("full bias D256 causal", masks.CausalMask(), 1, 512, 512, 2, 1, 256, jnp.bfloat16,
+     {"bias": ((1, 1, 512, 512), jnp.bfloat16)}),
+    ("dense mask per head, T!=S", masks.DenseMask(
+        np.random.default_rng(3).random((1, 4, 900, 1100)) < 0.3), 1, 900, 1100, 4, 2, 128,
+     jnp.bfloat16),
+    # 256 work items: each persistent CTA runs two (slot counters carried across items)
+    ("dense causal mask + bias, B4 H8 D64 (persistent)", masks.CausalMask() & masks.DenseMask(
+        np.random.default_rng(4).random((1024, 1024)) < 0.5), 4, 1024, 1024, 8, 8, 64, jnp.bfloat16,
+     {"bias": ((4, 8, 1024, 1024), jnp.bfloat16)}),
 ]
 
 
@@ -118,15 +138,22 @@ def run_checks(variants, defaults=True, variant_head_dims=(128,)):
         k = jnp.where(jnp.asarray(seen)[None, :, None, None], k, jnp.nan).astype(dtype)
         if options.get("poison_v"):
             v = jnp.where(jnp.asarray(seen)[None, :, None, None], v, jnp.nan).astype(dtype)
+        bias = None
+        if "bias" in options:
+            key, kb = jax.random.split(key)
+            bias = 2.0 * jax.random.normal(kb, options["bias"][0], jnp.float32).astype(options["bias"][1])
         scale = h ** -0.5
         entry = {"case": name, "shape": [b, t, s, n, kh, h], "dtype": jnp.dtype(dtype).name,
-                 "variant": variant and variant[0], "cap": cap}
+                 "variant": variant and variant[0], "cap": cap,
+                 "bias": None if bias is None else [list(bias.shape), jnp.dtype(bias.dtype).name]}
         try:
-            fwd = make_forward(mosaic_gpu, mask, t, s, h, scale, variant and variant[1], cap)
+            fwd = make_forward(mosaic_gpu, mask, t, s, h, scale, variant and variant[1], cap, bias)
             out, lse = jax.block_until_ready(fwd(q, k, v))
             out2, lse2 = jax.block_until_ready(fwd(q, k, v))
             ref_out, ref_lse = reference_attention(q.astype(jnp.float32), k.astype(jnp.float32),
-                                                   v.astype(jnp.float32), None, mask, scale=scale,
+                                                   v.astype(jnp.float32),
+                                                   None if bias is None else bias.astype(jnp.float32),
+                                                   mask, scale=scale,
                                                    logits_soft_cap=cap, return_residuals=True)
             err = np.abs(np.asarray(out, np.float32) - np.asarray(ref_out))       # [B, T, N, H]
             row_err = err.max(axis=(2, 3))                                        # [B, T]
@@ -167,29 +194,57 @@ class DocumentsCase(BenchCase):
         return masks.causal_document_mask(jnp.asarray(ids, jnp.int32))
 
 
+@dataclasses.dataclass(frozen=True)
+class BiasCase(BenchCase):
+    """A bf16 additive bias of shape `bias_shape` (e.g. (1, N, S, S) or (1, N, 1, S))
+    beside the mask; every implementation gets the same array. cuDNN gets it as given,
+    or broadcast to [1, N, T, S] where it refuses the broadcast shape (then it reads
+    that many bytes; the JSON says so)."""
+    bias_shape: tuple = ()
+
+    def bias(self):
+        return 0.5 * jax.random.normal(jax.random.PRNGKey(7), self.bias_shape, jnp.bfloat16)
+
+
 BENCH = [
     *HOPPER_GOAL_CASES,
     BenchCase("D128 S16384 B1 H16 bigbird", 1, 16, 16384, 128, "bigbird"),
     DocumentsCase("D128 S16384 B1 H16 causal documents (8)", 1, 16, 16384, 128, "documents"),
+    BiasCase("D128 S4096 B1 H16 causal, bias [1,N,T,S]", 1, 16, 4096, 128, "causal",
+             bias_shape=(1, 16, 4096, 4096)),
+    BiasCase("D128 S16384 B1 H16 causal, key bias [1,N,1,S]", 1, 16, 16384, 128, "causal",
+             bias_shape=(1, 16, 1, 16384)),
 ]
 
 
-def cudnn_forward(case):
+def cudnn_forward(case, bias=None, entry=None):
     kwargs, dense = case.jax_nn_mask_args()
     dense = None if dense is None else jnp.asarray(dense)
-    fn = jax.jit(lambda q, k, v, m: jax.nn.dot_product_attention(
-        q, k, v, mask=m, implementation="cudnn", **kwargs))
-    return lambda q, k, v: fn(q, k, v, dense)
+    fn = jax.jit(lambda q, k, v, m, bias: jax.nn.dot_product_attention(
+        q, k, v, bias=bias, mask=m, implementation="cudnn", **kwargs))
+    if bias is not None:
+        try:
+            shape = (1, case.seq_len, case.heads, case.head_dim)
+            fn.lower(*(jax.ShapeDtypeStruct(shape, jnp.bfloat16),) * 3, dense, bias).compile()
+        except Exception as e:  # noqa: BLE001 - cuDNN refuses this broadcast: materialise it
+            bias = jnp.broadcast_to(bias, (*bias.shape[:2], case.seq_len, case.seq_len))
+            if entry is not None:
+                entry["cudnn_bias"] = f"broadcast to {list(bias.shape)} ({type(e).__name__})"
+    return lambda q, k, v: fn(q, k, v, dense, bias)
 
 
-def api_forward(case, implementation):
+def api_forward(case, implementation, bias=None):
     """The public entry point under jit, as a user calls it: a static mask's metadata is
-    built once at trace time and travels as constants, not as per-call arguments."""
+    built once at trace time and travels as constants, not as per-call arguments (the
+    bias, when the case has one, is a jit argument)."""
     import jaxattn
     mask = case.mask()
-    fn = jax.jit(lambda q, k, v: jaxattn.dot_product_attention(
-        q, k, v, mask=mask, implementation=implementation))
-    return fn
+    if bias is None:
+        return jax.jit(lambda q, k, v: jaxattn.dot_product_attention(
+            q, k, v, mask=mask, implementation=implementation))
+    fn = jax.jit(lambda q, k, v, bias: jaxattn.dot_product_attention(
+        q, k, v, bias, mask=mask, implementation=implementation))
+    return lambda q, k, v: fn(q, k, v, bias)
 
 
 def parse_variants(spec):
@@ -222,15 +277,17 @@ def run_bench(names, repeats, variants, baselines=("cudnn", "triton")):
             key, *ks = jax.random.split(key, 4)
             inputs.append(tuple(jax.random.normal(kk, shape, jnp.bfloat16) for kk in ks))
         entry = {"case": case.name, "flops": flops, "input_sets": sets}
-        impls = {"mosaic": lambda: make_forward(mosaic_gpu, mask, sl, sl, h, h ** -0.5),
-                 "cudnn": lambda: cudnn_forward(case),
-                 "triton": lambda: make_forward(triton_backend, mask, sl, sl, h, h ** -0.5),
-                 "api": lambda: api_forward(case, "pallas_mosaic_gpu"),
-                 "api_default": lambda: api_forward(case, None)}
+        bias = case.bias() if isinstance(case, BiasCase) else None
+        impls = {"mosaic": lambda: make_forward(mosaic_gpu, mask, sl, sl, h, h ** -0.5, bias=bias),
+                 "cudnn": lambda: cudnn_forward(case, bias, entry),
+                 "triton": lambda: make_forward(triton_backend, mask, sl, sl, h, h ** -0.5,
+                                                bias=bias),
+                 "api": lambda: api_forward(case, "pallas_mosaic_gpu", bias),
+                 "api_default": lambda: api_forward(case, None, bias)}
         impls = {k: f for k, f in impls.items() if k == "mosaic" or k in baselines}
         for label, fields in variants.items():
             impls[f"mosaic[{label}]"] = (lambda f=fields: make_forward(mosaic_gpu, mask, sl, sl, h,
-                                                                       h ** -0.5, f))
+                                                                       h ** -0.5, f, bias=bias))
         for impl, build in impls.items():
             try:
                 fn = build()

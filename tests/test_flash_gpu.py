@@ -19,9 +19,9 @@ class TestTritonGPU(GPUTier):
 
 
 class TestMosaicGPU(GPUTier):
-    """The Hopper backend: what its supports() declines (bias, dense mask operands,
-    dropout, score_mod) is asserted to raise NotImplementedError. Segment ids run its
-    kernels (the poisoned-input case takes its Triton fallback for NaN/Inf inputs)."""
+    """The Hopper backend: what its supports() declines (dropout, score_mod) is asserted
+    to raise NotImplementedError. Segment ids, dense mask operands and the bias run its
+    forward kernel (the poisoned-input case takes its Triton fallback for NaN/Inf
+    inputs); with a bias or a dense mask the backward is the Triton backend's."""
     backend = "pallas_mosaic_gpu"
-    supports_bias = False
     supports_score_mod = False

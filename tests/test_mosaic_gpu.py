@@ -609,17 +609,53 @@ GPU_CASES = {
 @pytest.mark.parametrize("name", list(GPU_CASES))
 def test_forward_matches_reference_row_by_row(name):
     mask, b, t, s, n, kh, h, dtype, *cap = GPU_CASES[name]
-    cap = cap[0] if cap else None
+    _check_rows_against_reference(mask, b, t, s, n, kh, h, dtype, cap[0] if cap else None)
+
+
+# (mask, B, T, S, N, K, H, dtype, soft cap, bias shape, bias dtype)
+GPU_BIAS_CASES = {
+    "full bias f32 causal GQA ragged": (M.CausalMask(), 2, 1000, 1000, 4, 2, 128, jnp.bfloat16, None,
+                                        (2, 4, 1000, 1000), jnp.float32),
+    "full bias bf16 soft cap D64": (M.FullMask(), 1, 1024, 1024, 4, 4, 64, jnp.bfloat16, 30.0,
+                                    (1, 4, 1024, 1024), jnp.bfloat16),
+    "key bias [1,N,1,S] bigbird": (M.bigbird_mask(1024, window=128, num_global=64, num_random_blocks=2,
+                                                  causal=True), 1, 1024, 1024, 2, 2, 128, jnp.bfloat16,
+                                   None, (1, 2, 1, 1024), jnp.float32),
+    "query bias [B,1,T,1] window T!=S f16": (M.LocalMask(256, 0), 2, 777, 1300, 4, 1, 128, jnp.float16,
+                                             None, (2, 1, 777, 1), jnp.float32),
+    "full bias D256 causal": (M.CausalMask(), 1, 512, 512, 2, 1, 256, jnp.bfloat16, None,
+                              (1, 1, 512, 512), jnp.bfloat16),
+    "dense mask per head T!=S": (M.DenseMask(np.random.default_rng(3).random((1, 4, 900, 1100)) < 0.3),
+                                 1, 900, 1100, 4, 2, 128, jnp.bfloat16, None, None, None),
+    # 256 work items: each persistent CTA runs two, its slot counters carried across them
+    "dense causal mask + bias B4 H8 D64": (M.CausalMask() & M.DenseMask(
+        np.random.default_rng(4).random((1024, 1024)) < 0.5), 4, 1024, 1024, 8, 8, 64, jnp.bfloat16,
+        None, (4, 8, 1024, 1024), jnp.bfloat16),
+}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", list(GPU_BIAS_CASES))
+def test_forward_with_bias_or_dense_mask_matches_reference_row_by_row(name):
+    *case, bias_shape, bias_dtype = GPU_BIAS_CASES[name]
+    bias = None if bias_shape is None else (
+        2.0 * jax.random.normal(jax.random.key(3), bias_shape, jnp.float32)).astype(bias_dtype)
+    _check_rows_against_reference(*case, bias=bias)
+
+
+def _check_rows_against_reference(mask, b, t, s, n, kh, h, dtype, cap, bias=None):
+    """Mosaic forward (out, lse) against the float32 reference, row by row; two runs
+    bitwise identical."""
     kq, kk, kv = jax.random.split(jax.random.key(0), 3)
     q = jax.random.normal(kq, (b, t, n, h), jnp.float32).astype(dtype)
     k = jax.random.normal(kk, (b, s, kh, h), jnp.float32).astype(dtype)
     v = jax.random.normal(kv, (b, s, kh, h), jnp.float32).astype(dtype)
     static, metas, operands = _call(mask, t, s, h, cap=cap)
-    run = jax.jit(lambda q, k, v: flash_attention(static, q, k, v, None, metas, operands))
-    out, lse = run(q, k, v)
-    out2, lse2 = run(q, k, v)
-    f32 = lambda x: x.astype(jnp.float32)  # noqa: E731
-    ref_out, ref_lse = reference_attention(f32(q), f32(k), f32(v), None, mask, scale=h ** -0.5,
+    run = jax.jit(lambda q, k, v, bias: flash_attention(static, q, k, v, bias, metas, operands))
+    out, lse = run(q, k, v, bias)
+    out2, lse2 = run(q, k, v, bias)
+    f32 = lambda x: None if x is None else x.astype(jnp.float32)  # noqa: E731
+    ref_out, ref_lse = reference_attention(f32(q), f32(k), f32(v), f32(bias), mask, scale=h ** -0.5,
                                            logits_soft_cap=cap, return_residuals=True)
     row_err = np.abs(np.asarray(out, np.float32) - np.asarray(ref_out)).max(axis=(2, 3))
     assert row_err.max() <= (2e-2 if dtype == jnp.bfloat16 else 5e-3), np.argmax(row_err)

@@ -104,7 +104,8 @@ def backward_supports(request) -> str | None:
                 "at 256 the dK and dV accumulators alone need 256 registers per thread and "
                 "K, V plus two stages of Q, dO need 256 KB of shared memory")
     if request.has_bias:
-        return "the Mosaic GPU backward has no bias (nor bias gradient) yet"
+        return ("the Mosaic GPU backward kernels add no bias and compute no bias gradient (the "
+                "backend's default_config gives such calls the Triton backward)")
     return _operands_reason(request.operand_kinds, default_backward_config(hp))
 
 
@@ -113,7 +114,8 @@ def _operands_reason(kinds, config: MosaicBackwardConfig) -> str | None:
     blocks are whole tiles of both kernels ("block"); not dense [T, S] masks ("qkv")."""
     for kind, layout_block in kinds:
         if kind == "qkv":
-            return "the Mosaic GPU backward reads no dense ('qkv') mask operands"
+            return ("the Mosaic GPU backward kernels read no dense ('qkv') mask operands (the "
+                    "backend's default_config gives such calls the Triton backward)")
         if kind == "block":
             lbq, lbk = layout_block
             for name, (bq, bk) in config.metadata_tiles().items():
