@@ -37,20 +37,17 @@ _SM90_NAMES = ("H100", "H200", "H800", "H20", "GH200")
 
 
 def default_config(request, *, interpret: bool = False) -> MosaicConfig:
-    """The head dim's config; with a bias or a dense ("qkv") mask operand its backward is
-    the Triton backend's (Triton tiles and config for that head dim): this package's
-    backward kernels neither add a bias nor compute its gradient, nor read dense mask
-    tiles, and the Triton backward does all three on the same residuals."""
+    """The head dim's config; where this package's backward kernels decline the request
+    (backward_kernels.backward_supports: a bias and its gradient, dense ("qkv") mask
+    operands) its backward is the Triton backend's, with the Triton config for that head
+    dim: it adds the bias, computes dbias and reads dense masks on the same residuals
+    (out and the natural-log lse) and its own metadata tiles."""
     del interpret   # the kernels do not run in an interpreter (see supports)
     hp = padded_head_dim(request.head_dim)
     cfg = config_for_head_dim(hp)
-    if _needs_triton_backward(request) and not cfg.triton_backward:
+    if not cfg.triton_backward and _mosaic_backward.backward_supports(request) is not None:
         cfg = dataclasses.replace(cfg, backward=triton_config_for_head_dim(hp))
     return cfg
-
-
-def _needs_triton_backward(request) -> bool:
-    return request.has_bias or any(kind == "qkv" for kind, _ in request.operand_kinds)
 
 
 def supports(request, *, interpret: bool = False) -> str | None:
