@@ -144,6 +144,11 @@ BIAS_LOWERING_CASES = {
     "dense mask D128": (_dense(256, 256), 1, 256, 256, 2, 1, 128, None, None, None),
     "dense per-head mask + bias D64 T!=S": (_dense(200, 333, heads=2), 1, 200, 333, 2, 1, 64,
                                            (1, 2, 200, 333), jnp.float32, 20.0),
+    "dense mask + bias D256 ragged (64-byte mask rows)": (_dense(200, 333), 1, 200, 333, 2, 1, 256,
+                                                          (1, 1, 200, 333), jnp.bfloat16, None),
+    # layout blocks the tiles do not divide: expanded to a dense operand
+    "unaligned block layout D128": (M.BlockSparseMask(np.tril(np.ones((4, 4), bool)), 64, 64),
+                                    1, 256, 256, 2, 2, 128, None, None, None),
 }
 
 
@@ -283,6 +288,7 @@ def test_supports_serves_what_the_kernels_run():
     for bias_shape in [(1, 8, 1024, 1024), (1, 8, 1, 1024), (1, 1, 1024, 1), (1, 1, 1, 1)]:
         assert mosaic_gpu.supports(_request(has_bias=True, bias_shape=bias_shape)) is None
     assert mosaic_gpu.supports(_request(operand_kinds=(("qkv", None),))) is None
+    assert mosaic_gpu.supports(_request(operand_kinds=(("block", (64, 128)),))) is None   # as dense tiles
     assert mosaic_gpu.supports(_request(has_bias=True, bias_shape=(1, 8, 1024, 1024),
                                         operand_kinds=(("qkv", None), ("q", None)))) is None
 
@@ -294,7 +300,6 @@ def test_supports_serves_what_the_kernels_run():
     (dict(head_dim=512), "up to 256"),
     (dict(dropout_rate=0.1), "no attention dropout"),
     (dict(has_score_mod=True), "score_mod"),
-    (dict(operand_kinds=(("block", (64, 128)),)), "not multiples"),
 ])
 def test_supports_declines_with_a_reason(changes, reason):
     assert reason in mosaic_gpu.supports(_request(**changes))
@@ -488,16 +493,6 @@ def test_bias_and_dense_mask_tiles_in_the_interpreter(bias_shape, bias_dtype):
                     np.testing.assert_array_equal(keep[i, half, j][valid], want_keep[r, c])
                 seen.add(j >= nf)
     assert seen == {False, True}, "both FULL and PARTIAL tiles checked"
-
-
-def test_forward_refuses_operands_it_cannot_read():
-    """Called directly (not through supports()), the forward refuses rather than
-    misreading a block layout whose blocks are smaller than its tiles."""
-    mask = M.BlockSparseMask(np.tril(np.ones((4, 4), bool)), 64, 64)
-    static, metas, operands = _call(mask, 256, 256, 64)
-    q = jnp.zeros((1, 256, 1, 64), jnp.bfloat16)
-    with pytest.raises(NotImplementedError, match="whole"):
-        mosaic_gpu.forward(static, q, q, q, None, metas, operands)
 
 
 @pytest.mark.parametrize("mask, t, s, isolates", [

@@ -66,14 +66,8 @@ def supports(request, *, interpret: bool = False) -> str | None:
                 "(implementation='pallas_triton') compute it")
     if request.has_score_mod:
         return "the Mosaic GPU kernels take no score_mod yet"
-    cfg = config_for_head_dim(padded_head_dim(request.head_dim))
-    for kind, layout_block in request.operand_kinds:
-        if kind != "block":
-            continue   # "q" / "kv" vectors and dense "qkv" tiles are read (tile_inputs.py)
-        lbq, lbk = layout_block
-        if lbq % cfg.block_q or lbk % cfg.block_kv:
-            return (f"block-sparse layout blocks {layout_block} are not multiples of the "
-                    f"Mosaic GPU tiles ({cfg.block_q}, {cfg.block_kv})")
+    # Every mask operand is read: "q" / "kv" vectors, "block" scalars, dense "qkv" tiles,
+    # and block layouts the tiles do not divide as dense tiles (tile_inputs.py).
     return None
 
 

@@ -55,7 +55,8 @@ from pallas_kernels.mosaic_gpu.common import (LN2, LOG2E, MASK_VALUE, OperandRef
                                               pad_btnh, padded_head_dim, prepare_operands)
 from pallas_kernels.mosaic_gpu.config import CONSUMER_WARPGROUPS, ROWS_PER_WARPGROUP, SMEM_BYTES
 from pallas_kernels.mosaic_gpu.schedule import Schedule, balanced_deal
-from pallas_kernels.mosaic_gpu.tile_inputs import plan_tile_inputs, prepare_forward_bias
+from pallas_kernels.mosaic_gpu.tile_inputs import (expand_unaligned_blocks, plan_tile_inputs,
+                                                   prepare_forward_bias)
 
 _WGMMA = plgpu.Layout.WGMMA
 _WGMMA_ROW = plgpu.Layout.WGMMA.reduce(1)   # one value per accumulator row
@@ -333,13 +334,9 @@ def forward(static, q, k, v, bias, metas, operands):
     hp = padded_head_dim(h)
     tp, sp = pad_to_multiple(t, bq), pad_to_multiple(s, bk)
     qp, kp, vp = pad_btnh(q, tp, hp), pad_btnh(k, sp, hp), pad_btnh(v, sp, hp)
-    for kind, layout_block in static.operand_kinds:
-        if kind == "block" and (layout_block[0] % bq or layout_block[1] % bk):
-            raise NotImplementedError(f"the Mosaic GPU forward reads 'block' mask operands whose "
-                                      f"layout blocks are whole ({bq}, {bk}) tiles, got "
-                                      f"{layout_block}")
     lists = TileLists.from_metadata(meta)
-    kinds = static.operand_kinds
+    operands, kinds = expand_unaligned_blocks(operands, static.operand_kinds, block_q=bq,
+                                              block_kv=bk, q_len=t, kv_len=s)
     operand_arrays = prepare_operands(operands, kinds, q_pad=tp, kv_pad=sp, q_len=t, kv_len=s)
     operand_kinds = tuple(kind for kind, _ in kinds)
     operand_blocks = tuple(lb for _, lb in kinds)

@@ -20,7 +20,8 @@ bias meets the scores in logit units whatever the sign or size of the scale.
 
 A dense "qkv" mask operand (int8 [Bm, Hm, T, S], 1 byte per pair) is copied by TMA
 like a "tile" bias, but only for PARTIAL tiles (FULL tiles need no mask values), into
-slots of its own counted over the CTA's PARTIAL steps.
+slots of its own counted over the CTA's PARTIAL steps. A block-sparse layout whose
+blocks the tiles do not divide becomes such an operand (expand_unaligned_blocks).
 """
 
 from __future__ import annotations
@@ -74,6 +75,23 @@ def prepare_forward_bias(bias, *, q_pad: int, kv_pad: int):
     rows = jnp.broadcast_to(bias[:, :, :, 0], (*bias.shape[:2], q_pad if bias.shape[2] == 1
                                                 else bias.shape[2]))
     return route, pad_axis(rows.astype(jnp.float32), 2, q_pad)
+
+
+def expand_unaligned_blocks(operands, kinds, *, block_q: int, block_kv: int, q_len: int,
+                            kv_len: int):
+    """(operands, kinds) with every "block" layout whose blocks the forward tiles do not
+    divide expanded to a dense "qkv" operand [Bm, Hm, T, S] (a tile would straddle
+    layout blocks, so one scalar per tile cannot describe it), as the Triton kernels do.
+    The mask function reads the dense tile where it read the scalar."""
+    new_operands, new_kinds = [], []
+    for arr, (kind, layout_block) in zip(operands, kinds):
+        if kind == "block" and (layout_block[0] % block_q or layout_block[1] % block_kv):
+            lbq, lbk = layout_block
+            arr = jnp.repeat(jnp.repeat(jnp.asarray(arr), lbq, axis=-2), lbk, axis=-1)
+            arr, kind, layout_block = arr[..., :q_len, :kv_len], "qkv", None
+        new_operands.append(arr)
+        new_kinds.append((kind, layout_block))
+    return tuple(new_operands), tuple(new_kinds)
 
 
 @dataclasses.dataclass(frozen=True)
