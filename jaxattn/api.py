@@ -350,7 +350,8 @@ def dot_product_attention(query, key, value, bias=None, mask=None, *, scale=None
             return planned
 
     order = (names if names is not None
-             else implementations.default_order(canonical, query.dtype, cap, query.shape[-1]))
+             else implementations.default_order(canonical, query.dtype, cap, query.shape[-1],
+                                                has_bias=bias is not None))
     reasons = []
     for name in order:
         try:

@@ -51,7 +51,7 @@ def get_implementation(name: str) -> Callable:
 
 
 def default_order(mask: Mask | None = None, dtype=None, logits_soft_cap=None,
-                  head_dim: int | None = None) -> tuple[str, ...]:
+                  head_dim: int | None = None, has_bias: bool = False) -> tuple[str, ...]:
     """Implementations tried by implementation=None, best first, for this platform and
     (when given) this request.
 
@@ -68,13 +68,15 @@ def default_order(mask: Mask | None = None, dtype=None, logits_soft_cap=None,
     374 / 417, a tie for a training step, so wider windows stay with cuDNN). At the head
     dims those kernels run as 128 (65–128; the only size measured) such windows go to
     those kernels first and to cuDNN where they decline (an unaligned window, a GPU
-    before Hopper).
+    before Hopper). Not with a bias: those measurements had none, and with one the Hopper
+    forward hands its backward to the Triton kernels (for the bias gradient), a training
+    step not compared with cuDNN's.
     jaxattn's kernels stay bitwise deterministic; name one to keep that for these masks."""
     if jax.default_backend() != "gpu":
         return ("reference",)
     kernels = tuple(name for name in backend_names() if name in _IMPLEMENTATIONS)
     if mask is not None and _cudnn_native(mask, dtype, logits_soft_cap):
-        if (HOPPER_KERNELS in kernels and head_dim in NARROW_WINDOW_HEAD_DIMS
+        if (HOPPER_KERNELS in kernels and head_dim in NARROW_WINDOW_HEAD_DIMS and not has_bias
                 and _narrow_causal_window(mask)):
             rest = tuple(name for name in kernels if name != HOPPER_KERNELS)
             return (HOPPER_KERNELS, "cudnn", *rest, "reference")

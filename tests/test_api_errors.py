@@ -174,7 +174,7 @@ def test_not_implemented_falls_back_and_value_error_does_not(monkeypatch):
         raise NotImplementedError("this fake backend serves nothing")
 
     monkeypatch.setitem(implementations._IMPLEMENTATIONS, "cannot", cannot)
-    monkeypatch.setattr(implementations, "default_order", lambda *request: ("cannot", "reference"))
+    monkeypatch.setattr(implementations, "default_order", lambda *request, **facts: ("cannot", "reference"))
     q, kv = jnp.ones((1, 3, 2, 4)), jnp.ones((1, 3, 1, 4))
     out = jaxattn.dot_product_attention(q, kv, kv, is_causal=True)  # falls back to the reference
     assert calls == ["cannot"] and out.shape == (1, 3, 2, 4)
@@ -206,9 +206,11 @@ def test_gpu_order_falls_back_through_cudnn_to_reference(monkeypatch):
     for mask in (M.CausalMask() & M.LocalMask(128, 0), M.LocalMask(256, 0), M.LocalMask(1024, 0)):
         assert implementations.default_order(mask, jnp.bfloat16, None, 128) == (
             "pallas_mosaic_gpu", "cudnn", *rest, "reference")
-        # not measured at head dims 64 and 256 (nor without knowing it): cuDNN first
+        # not measured at head dims 64 and 256 (nor without knowing it), nor with a bias:
+        # cuDNN first
         for head_dim in (64, 256, None):
             assert implementations.default_order(mask, jnp.bfloat16, None, head_dim)[0] == "cudnn"
+        assert implementations.default_order(mask, jnp.bfloat16, None, 128, has_bias=True)[0] == "cudnn"
     for mask, dtype, cap in ((M.CausalMask(), jnp.float32, None), (M.CausalMask(), jnp.bfloat16, 30.0),
                              (M.CausalMask() & M.StridedMask(4), jnp.bfloat16, None)):
         assert implementations.default_order(mask, dtype, cap) == (*kernels, "cudnn", "reference")
