@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import numpy as np
 import jax
 import jax.numpy as jnp
 
@@ -66,10 +67,12 @@ class BlockMetadata:
                   count is within a quarter of the largest: full, windows, BigBird; not
                   causal). A persistent kernel may then deal q-blocks in order without
                   unbalancing its CTAs (False unless shown)
-    tile_counts   for static masks, the (FULL, PARTIAL) tile counts of every q-block as a
-                  flat tuple of pairs in [Bm, Hm, nQ] order (None for dynamic masks, or
-                  past MAX_STATIC_TILE_COUNTS q-blocks): lets a persistent kernel balance
-                  its CTAs' work when it is traced, where the count arrays are tracers
+    tile_counts   for static masks, the (FULL, PARTIAL) tile counts of every q-block,
+                  int32 [Bm, Hm, nQ, 2] as bytes (encode_tile_counts / decode_tile_counts;
+                  bytes hash once and compare fast in the pytree's static part); None for
+                  dynamic masks or past MAX_STATIC_TILE_COUNTS q-blocks. Lets a persistent
+                  kernel balance its CTAs' work when it is traced, where the count arrays
+                  are tracers
     Kernels zero such K/V (Q) rows inside PARTIAL tiles, so NaN/Inf held by a masked
     key (or query) cannot meet a zero probability in a dot (0 · NaN = NaN); where these
     facts are False (causal, aligned windows: every column of a PARTIAL tile has some
@@ -95,7 +98,7 @@ class BlockMetadata:
     partial_isolates_keys: bool = dataclasses.field(default=True, metadata=dict(static=True))
     partial_isolates_queries: bool = dataclasses.field(default=True, metadata=dict(static=True))
     even_q_work: bool = dataclasses.field(default=False, metadata=dict(static=True))
-    tile_counts: tuple | None = dataclasses.field(default=None, metadata=dict(static=True))
+    tile_counts: bytes | None = dataclasses.field(default=None, metadata=dict(static=True))
 
     @property
     def num_q_blocks(self) -> int:
@@ -113,6 +116,18 @@ class BlockMetadata:
 # Largest Bm·Hm·nQ whose tile counts BlockMetadata.tile_counts carries (65536 q-blocks:
 # e.g. 8M tokens in 128-row blocks, or a per-head mask of 64 heads at 128k).
 MAX_STATIC_TILE_COUNTS = 1 << 16
+
+def encode_tile_counts(full_count, partial_count) -> bytes | None:
+    """BlockMetadata.tile_counts of static (numpy) counts; None past MAX_STATIC_TILE_COUNTS."""
+    if full_count.size > MAX_STATIC_TILE_COUNTS:
+        return None
+    return np.stack([full_count, partial_count], -1).astype(np.int32).tobytes()
+
+
+def decode_tile_counts(raw: bytes, count_shape) -> np.ndarray:
+    """int32 [Bm, Hm, nQ, 2] (FULL, PARTIAL) from BlockMetadata.tile_counts."""
+    return np.frombuffer(raw, np.int32).reshape(*count_shape, 2)
+
 
 # Operand kinds a mask may ask the kernel to load for a tile at rows
 # [q0, q0 + block_q) and columns [k0, k0 + block_kv) of batch row b, head h:

@@ -33,9 +33,11 @@ from pallas_kernels import mosaic_gpu
 from pallas_kernels.mosaic_gpu import nonfinite_fallback
 from pallas_kernels.common import backward_lse
 from pallas_kernels.flash_vjp import flash_attention
+from pallas_kernels.common import prepare_operands as prepare_forward_operands
 from pallas_kernels.mosaic_gpu.common import OperandRef, TileLists, prepare_operands
 from pallas_kernels.mosaic_gpu.config import SMEM_BYTES, MosaicConfig
 from pallas_kernels.mosaic_gpu.forward import forward as mosaic_forward
+from pallas_kernels.metadata import encode_tile_counts
 from pallas_kernels.mosaic_gpu.schedule import Schedule, dealt_loads, item_work, balanced_deal
 from pallas_kernels.triton.config import TritonConfig
 from pallas_kernels.triton.config import config_for_head_dim as triton_config_for_head_dim
@@ -419,8 +421,8 @@ def test_bias_and_dense_mask_tiles_in_the_interpreter(bias_shape, bias_dtype):
     meta = build_block_metadata(mask, t, t, bq, bk)
     lists = TileLists.from_metadata(meta)
     kinds = tuple((o.kind, o.layout_block) for o in mask.operands())
-    operands = prepare_operands(tuple(o.array for o in mask.operands()), kinds, q_pad=tp, kv_pad=tp,
-                                q_len=t, kv_len=t)
+    operands = tuple(arr for _, _, arr in prepare_forward_operands(
+        tuple(o.array for o in mask.operands()), kinds, t, t, tp, tp, bq, bk))
     bias = jnp.asarray(rng.normal(size=bias_shape), bias_dtype)
     route, bias_arr = prepare_forward_bias(bias, q_pad=tp, kv_pad=tp)
     spec = plan_tile_inputs(bias_route=route, bias_dtype=bias_arr.dtype, bias_scale=0.5,
@@ -767,8 +769,7 @@ def test_documents_work_is_dealt_in_a_sorted_snake():
     shares = _cta_shares(sched)
     assert sorted(i for s in shares for i in s) == sorted((q, h, 0) for q in range(nq) for h in range(heads))
     fc, pc = np.asarray(meta.full_count), np.asarray(meta.partial_count)
-    tile_counts = tuple(zip(fc.reshape(-1).tolist(), pc.reshape(-1).tolist()))
-    work = item_work(tile_counts, fc.shape, nq, heads, 1)
+    work = item_work(encode_tile_counts(fc, pc), fc.shape, nq, heads, 1)
     load = np.array([sum(work[h * nq + q] for q, h, _ in s) for s in shares])
     dealt = dealt_loads(base, work)
     assert load.max() <= 1.1 * load.mean() and dealt.max() >= 1.3 * dealt.mean(), (load, dealt)

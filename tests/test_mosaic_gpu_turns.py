@@ -177,9 +177,10 @@ def test_named_barrier_checks_its_arguments():
     assert named_barrier.first_free_id(3) == 4   # 0: __syncthreads, 1-3: Mosaic's warpgroups
 
 
-def test_config_checks_named_barriers():
-    with pytest.raises(ValueError, match=r"named_barriers must be a bool, got 1"):
-        MosaicConfig(named_barriers=1)
+@pytest.mark.parametrize("flag", ["named_barriers", "finite_check"])
+def test_config_checks_its_flags_are_bools(flag):
+    with pytest.raises(ValueError, match=rf"{flag} must be a bool \(True or False\), got 1"):
+        MosaicConfig(**{flag: 1})
 
 
 LOWERING_CASES = {

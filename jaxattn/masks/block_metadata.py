@@ -14,7 +14,7 @@ import functools
 import numpy as np
 import jax.numpy as jnp
 
-from pallas_kernels.metadata import FULL, MAX_STATIC_TILE_COUNTS, PARTIAL, BlockMetadata
+from pallas_kernels.metadata import FULL, PARTIAL, BlockMetadata, encode_tile_counts
 from jaxattn.masks.base import AndMask, Mask
 from jaxattn.masks.data import DenseMask
 from jaxattn.masks.structured import CausalMask, FullMask, LocalMask
@@ -100,7 +100,7 @@ def _metadata_from_states(state, q_len, kv_len, block_q, block_kv, xp):
     if xp is np:
         facts = dict(full_is_run=_lists_are_runs(fc, fi), t_full_is_run=_lists_are_runs(tfc, tfi),
                      dense=bool(np.all(full)), even_q_work=_even_work(fc + pc),
-                     tile_counts=_tile_counts(fc, pc))
+                     tile_counts=encode_tile_counts(fc, pc))
     return BlockMetadata(fc, fi, pc, pi, tfc, tfi, tpc, tpi, block_q=block_q, block_kv=block_kv,
                          q_len=q_len, kv_len=kv_len, **facts)
 
@@ -108,13 +108,6 @@ def _metadata_from_states(state, q_len, kv_len, block_q, block_kv, xp):
 def _even_work(count) -> bool:
     """True when the median q-block visits at least 3/4 of the tiles of the busiest one."""
     return bool(4 * np.median(count) >= 3 * count.max(initial=0))
-
-
-def _tile_counts(full_count, partial_count):
-    """(FULL, PARTIAL) per q-block, flattened in [Bm, Hm, nQ] order (BlockMetadata.tile_counts)."""
-    if full_count.size > MAX_STATIC_TILE_COUNTS:
-        return None
-    return tuple(zip(full_count.reshape(-1).tolist(), partial_count.reshape(-1).tolist()))
 
 
 def _lists_are_runs(count, index) -> bool:

@@ -14,8 +14,8 @@ and on those pairs
                                            LocalMask(w // s, 0))
 
 so the kernels skip tiles again, each class being one (batch, head) problem of length
-T / s. Where those classes are shorter than a tile, a residue mod s' (s' a power-of-two
-divisor of s) makes fewer, longer classes in which the mask stays strided
+T / s. Where those classes are shorter than a tile, a residue mod s' (s' = s/2, s/4, ...
+while s' stays a whole number) makes fewer, longer classes in which the mask stays strided
 (``StridedMask(s / s')``), and fewer tiles cover them. Keys can be shifted in front (``Residue.pre`` rows) so that key class = query class
 also when the stride has an offset.
 
@@ -214,8 +214,8 @@ def _and(leaves) -> Mask:
 
 def residue_layouts(term: tuple[Mask, ...]) -> tuple[Residue, ...]:
     """Residue layouts worth trying for a term: its largest stride s, where a strided
-    mask becomes one full block per class, and s/2, s/4, ... (powers of two dividing s),
-    where it stays strided inside fewer, longer classes (stride s / s' there). The
+    mask becomes one full block per class, and s' = s/2, s/4, ... (halving while s' is
+    even), where it stays strided inside fewer, longer classes (stride s / s' there). The
     longer classes win where s's classes are shorter than a tile: at 4k, StridedMask(256)
     has classes of 16 rows, each padded to a whole tile; mod 32 they are 128 rows long
     and 4× fewer tiles cover them. () without a StridedMask."""

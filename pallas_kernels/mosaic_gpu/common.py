@@ -18,7 +18,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.metadata import BlockMetadata
-from pallas_kernels.common import LN2, LOG2E, MASK_VALUE, pad_axis, pad_btnh
+from pallas_kernels.common import LN2, LOG2E, MASK_VALUE, pad_btnh
 
 __all__ = ["LN2", "LOG2E", "MASK_VALUE", "pad_btnh", "padded_head_dim", "TileLists", "OperandRef",
            "prepare_operands"]
@@ -119,21 +119,14 @@ class OperandRef:
         return plgpu.load(self.ref.at[bm, pl.ds(start, size)], (), layout=layout, optimized=False)
 
 
-def prepare_operands(operands, kinds, *, q_pad: int, kv_pad: int, q_len: int | None = None,
-                     kv_len: int | None = None):
-    """Operand arrays as the kernels read them: "q" / "kv" ids as int32 zero-padded to
-    the padded lengths (padded keys are masked by kv_len, padded queries dropped);
-    "block" layouts as int32; a dense "qkv" operand (which needs q_len and kv_len) with
-    its size-1 T/S axes broadcast, as int8 (1 byte per pair, the forward copies its
-    PARTIAL tiles by TMA) zero-padded to whole tiles."""
+def prepare_operands(operands, kinds, *, q_pad: int, kv_pad: int):
+    """Operand arrays as the backward kernels read them: int32, "q" / "kv" ids
+    zero-padded to the padded lengths (padded keys are masked by kv_len, padded queries
+    dropped). (The forward, which also reads dense "qkv" tiles, prepares its operands with
+    pallas_kernels.common.prepare_operands.)"""
     prepared = []
     for (kind, _), arr in zip(kinds, operands):
-        arr = jnp.asarray(arr)
-        if kind == "qkv":
-            arr = jnp.broadcast_to(arr, (*arr.shape[:2], q_len, kv_len)).astype(jnp.int8)
-            arr = pad_axis(pad_axis(arr, 2, q_pad), 3, kv_pad)
-        else:
-            arr = arr.astype(jnp.int32)
+        arr = jnp.asarray(arr).astype(jnp.int32)
         if kind in ("q", "kv"):
             length = q_pad if kind == "q" else kv_pad
             arr = jnp.pad(arr, [(0, 0), (0, length - arr.shape[1])])

@@ -74,9 +74,10 @@ class MosaicConfig:
                              f"of the P·V product), got {self.block_kv}.")
         if self.num_stages < 1:
             raise ValueError(f"MosaicConfig.num_stages must be >= 1, got {self.num_stages}.")
-        if not isinstance(self.named_barriers, bool):
-            raise ValueError(f"MosaicConfig.named_barriers must be a bool, got "
-                             f"{self.named_barriers!r}.")
+        for flag in ("named_barriers", "finite_check"):
+            if not isinstance(getattr(self, flag), bool):
+                raise ValueError(f"MosaicConfig.{flag} must be a bool (True or False), got "
+                                 f"{getattr(self, flag)!r}.")
         if not isinstance(self.backward, (MosaicBackwardConfig, TritonConfig)):
             raise ValueError("MosaicConfig.backward must be a MosaicBackwardConfig or a "
                              f"TritonConfig, got {type(self.backward).__name__}.")

@@ -48,14 +48,14 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels.common import pad_to_multiple
+from pallas_kernels.common import pad_to_multiple, prepare_operands
 from pallas_kernels.mosaic_gpu import named_barrier
 from pallas_kernels.mosaic_gpu.consumer_turns import MbarrierTurns, NamedBarrierTurns
 from pallas_kernels.mosaic_gpu.common import (LN2, LOG2E, MASK_VALUE, OperandRef, TileLists,
-                                              pad_btnh, padded_head_dim, prepare_operands)
+                                              pad_btnh, padded_head_dim)
 from pallas_kernels.mosaic_gpu.config import CONSUMER_WARPGROUPS, ROWS_PER_WARPGROUP, SMEM_BYTES
 from pallas_kernels.mosaic_gpu.schedule import Schedule, balanced_deal
-from pallas_kernels.mosaic_gpu.tile_inputs import (expand_unaligned_blocks, plan_tile_inputs,
+from pallas_kernels.mosaic_gpu.tile_inputs import (plan_tile_inputs,
                                                    prepare_forward_bias)
 
 _WGMMA = plgpu.Layout.WGMMA
@@ -335,11 +335,11 @@ def forward(static, q, k, v, bias, metas, operands):
     tp, sp = pad_to_multiple(t, bq), pad_to_multiple(s, bk)
     qp, kp, vp = pad_btnh(q, tp, hp), pad_btnh(k, sp, hp), pad_btnh(v, sp, hp)
     lists = TileLists.from_metadata(meta)
-    operands, kinds = expand_unaligned_blocks(operands, static.operand_kinds, block_q=bq,
-                                              block_kv=bk, q_len=t, kv_len=s)
-    operand_arrays = prepare_operands(operands, kinds, q_pad=tp, kv_pad=sp, q_len=t, kv_len=s)
-    operand_kinds = tuple(kind for kind, _ in kinds)
-    operand_blocks = tuple(lb for _, lb in kinds)
+    # Unaligned block layouts come back as dense "qkv" operands, as the Triton kernels read them.
+    prepared = prepare_operands(operands, static.operand_kinds, t, s, tp, sp, bq, bk)
+    operand_kinds = tuple(kind for kind, _, _ in prepared)
+    operand_blocks = tuple(lb for _, lb, _ in prepared)
+    operand_arrays = tuple(arr for _, _, arr in prepared)
     bias_route, bias_array = prepare_forward_bias(bias, q_pad=tp, kv_pad=sp)
     extra_arrays = () if bias_array is None else (bias_array,)
     stages = cfg.num_stages

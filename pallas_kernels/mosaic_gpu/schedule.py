@@ -29,8 +29,10 @@ and the order decides what shares L2. Four deals:
   CTA's work by more than TABLE_MIN_GAIN against the deal it replaces.
 * sorted snake (masks whose metadata is data, e.g. segment ids of packed documents:
   their tile counts are tracers, so nothing is known at trace time): the items are
-  sorted by decreasing work on the device (one argsort of B·N·nQ values, ties in the
-  in-order numbering) and that order is dealt in a snake. Packed causal documents
+  sorted by decreasing work on the device (one argsort of B·N·nQ values, ties by
+  ascending (batch, head, q-block)) and that order is dealt in a snake. Large static
+  masks past MAX_STATIC_TILE_COUNTS carry no counts either: they take this deal unless
+  their work is even (then the in-order deal). Packed causal documents
   (8 at 16k) put 1.37× the mean work on the busiest CTA under the snake by q-block, 1.07×
   under the sorted snake. (BigBird shows why static masks take the table instead:
   its sorted snake still gives every CTA equally many items, 1.37×.)
@@ -39,11 +41,14 @@ and the order decides what shares L2. Four deals:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import heapq
 
 import numpy as np
 import jax.numpy as jnp
 from jax import lax
+
+from pallas_kernels.metadata import decode_tile_counts
 
 # Work units of a tile list: FULL tile 1, PARTIAL tile 2, the item's own fixed cost 1.
 PARTIAL_TILE_WORK = 2
@@ -131,12 +136,19 @@ class Schedule:
         return self.num_q_blocks - 1 - reversed_q, head, batch
 
 
-def item_work(tile_counts, count_shape, num_q_blocks: int, num_heads: int, batch: int) -> np.ndarray:
+def _work(full, partial):
+    """Work units of items with these FULL and PARTIAL tile counts (numpy or jnp)."""
+    return full + PARTIAL_TILE_WORK * partial + ITEM_WORK
+
+
+def item_work(tile_counts: bytes, count_shape, num_q_blocks: int, num_heads: int,
+              batch: int) -> np.ndarray:
     """Work of every item, flat = (batch·N + head)·nQ + q-block, from the metadata's static
     (FULL, PARTIAL) counts over [Bm, Hm, nQ'] (Bm, Hm = 1 when the mask does not vary
     there; nQ' >= nQ)."""
-    counts = np.asarray(tile_counts, np.int64).reshape(*count_shape, 2)[..., :num_q_blocks, :]
-    work = counts[..., 0] + PARTIAL_TILE_WORK * counts[..., 1] + ITEM_WORK
+    assert count_shape[-1] >= num_q_blocks, (count_shape, num_q_blocks)
+    counts = decode_tile_counts(tile_counts, count_shape)[..., :num_q_blocks, :].astype(np.int64)
+    work = _work(counts[..., 0], counts[..., 1])
     return np.broadcast_to(work, (batch, num_heads, num_q_blocks)).reshape(-1)
 
 
@@ -182,23 +194,34 @@ def balanced_deal(schedule: Schedule, meta) -> Schedule:
     if not schedule.persistent:
         return schedule
     if meta.tile_counts is None:
-        return with_sorted_order(schedule, meta)
+        return schedule if meta.even_q_work else with_sorted_order(schedule, meta)
     if schedule.num_items > MAX_TABLE_ITEMS:
         return schedule
-    work = item_work(meta.tile_counts, meta.full_count.shape, schedule.num_q_blocks,
-                     schedule.num_heads, schedule.batch)
+    table = _balanced_table(schedule, meta.tile_counts, tuple(meta.full_count.shape))
+    if table is None:
+        return schedule
+    return dataclasses.replace(schedule, table=tuple(jnp.asarray(x) for x in table))
+
+
+@functools.lru_cache(maxsize=64)
+def _balanced_table(schedule: Schedule, tile_counts: bytes, count_shape):
+    """The LPT table (counts, items) when it beats `schedule`'s deal by TABLE_MIN_GAIN,
+    else None; cached, since each trace of a call asks again (the deal costs up to ~1 s
+    of host time at MAX_TABLE_ITEMS)."""
+    work = item_work(tile_counts, count_shape, schedule.num_q_blocks, schedule.num_heads,
+                     schedule.batch)
     counts, items, loads = lpt_table(work, schedule.num_ctas)
     if loads.max() >= (1 - TABLE_MIN_GAIN) * dealt_loads(schedule, work).max():
-        return schedule
-    return dataclasses.replace(schedule, table=(jnp.asarray(counts), jnp.asarray(items)))
+        return None
+    return counts, items
 
 
 def with_sorted_order(schedule: Schedule, meta) -> Schedule:
     """The sorted snake: items by decreasing work, computed on the device from the
     metadata's (traced) counts, dealt in a snake."""
     nq = schedule.num_q_blocks
-    counts = (jnp.asarray(meta.full_count, jnp.int32)[..., :nq]
-              + PARTIAL_TILE_WORK * jnp.asarray(meta.partial_count, jnp.int32)[..., :nq] + ITEM_WORK)
+    counts = _work(jnp.asarray(meta.full_count, jnp.int32)[..., :nq],
+                   jnp.asarray(meta.partial_count, jnp.int32)[..., :nq])
     work = jnp.broadcast_to(counts, (schedule.batch, schedule.num_heads, nq)).reshape(-1)
     order = jnp.argsort(-work, stable=True).astype(jnp.int32)
     return dataclasses.replace(schedule, balance=True, order=order)

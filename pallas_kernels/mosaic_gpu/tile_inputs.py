@@ -21,7 +21,7 @@ bias meets the scores in logit units whatever the sign or size of the scale.
 A dense "qkv" mask operand (int8 [Bm, Hm, T, S], 1 byte per pair) is copied by TMA
 like a "tile" bias, but only for PARTIAL tiles (FULL tiles need no mask values), into
 slots of its own counted over the CTA's PARTIAL steps. A block-sparse layout whose
-blocks the tiles do not divide becomes such an operand (expand_unaligned_blocks).
+blocks the tiles do not divide becomes such an operand (pallas_kernels.common.prepare_operands).
 """
 
 from __future__ import annotations
@@ -44,8 +44,7 @@ _WGMMA_COL = plgpu.Layout.WGMMA.reduce(0)
 def swizzled_smem(shape, dtype):
     """Shared memory laid out for TMA and the wgmma layout: (8, swizzle / itemsize)
     element tiles, the widest swizzle (128, 64 or 32 bytes) a row of the tile fills."""
-    row_bytes = shape[-1] * jnp.dtype(dtype).itemsize
-    swizzle = next(s for s in (128, 64, 32) if row_bytes % s == 0)
+    swizzle = plgpu.find_swizzle(shape[-1] * jnp.dtype(dtype).itemsize * 8)
     return plgpu.SMEM(shape, dtype, transforms=(
         plgpu.TilingTransform((8, swizzle // jnp.dtype(dtype).itemsize)),
         plgpu.SwizzleTransform(swizzle)))
@@ -77,21 +76,11 @@ def prepare_forward_bias(bias, *, q_pad: int, kv_pad: int):
     return route, pad_axis(rows.astype(jnp.float32), 2, q_pad)
 
 
-def expand_unaligned_blocks(operands, kinds, *, block_q: int, block_kv: int, q_len: int,
-                            kv_len: int):
-    """(operands, kinds) with every "block" layout whose blocks the forward tiles do not
-    divide expanded to a dense "qkv" operand [Bm, Hm, T, S] (a tile would straddle
-    layout blocks, so one scalar per tile cannot describe it), as the Triton kernels do.
-    The mask function reads the dense tile where it read the scalar."""
-    new_operands, new_kinds = [], []
-    for arr, (kind, layout_block) in zip(operands, kinds):
-        if kind == "block" and (layout_block[0] % block_q or layout_block[1] % block_kv):
-            lbq, lbk = layout_block
-            arr = jnp.repeat(jnp.repeat(jnp.asarray(arr), lbq, axis=-2), lbk, axis=-1)
-            arr, kind, layout_block = arr[..., :q_len, :kv_len], "qkv", None
-        new_operands.append(arr)
-        new_kinds.append((kind, layout_block))
-    return tuple(new_operands), tuple(new_kinds)
+# Shared memory a stream needs per slot beyond the tile: its ready and consumed barriers
+# (8 bytes each). Buffer alignment is left to the 1024-byte slack of MosaicConfig.smem_bytes;
+# the tightest plans (a bf16 bias and a dense mask at head dim 128, 1.5 KB to spare) were
+# allocated on an H200 (2026-11-30), and lowering itself refuses a layout past 227 KB.
+BARRIER_BYTES_PER_SLOT = 2 * 8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,8 +101,9 @@ class TileStream:
                 plgpu.Barrier(num_arrivals=CONSUMER_WARPGROUPS, num_barriers=self.slots))
 
     def smem_bytes(self) -> int:
-        return (self.slots * CONSUMER_WARPGROUPS * ROWS_PER_WARPGROUP * self.block_kv
-                * jnp.dtype(self.dtype).itemsize)
+        """Its slots and their barriers."""
+        return self.slots * (CONSUMER_WARPGROUPS * ROWS_PER_WARPGROUP * self.block_kv
+                             * jnp.dtype(self.dtype).itemsize + BARRIER_BYTES_PER_SLOT)
 
     @staticmethod
     def copy(ref, scratch, count, slots, batch, head, cta_start, kv_start):
@@ -276,8 +266,11 @@ def plan_tile_inputs(*, bias_route, bias_dtype, bias_scale, dense_positions, blo
         else:
             raise NotImplementedError(
                 f"the Mosaic GPU forward's shared memory cannot hold one slot of each tile "
-                f"input ({plan.smem_bytes()} bytes of the bias and dense mask tiles, "
-                f"{budget} left beside Q, K and V): the Triton kernels serve this call")
+                f"input: expected at most {budget} bytes beside Q, K and V, got "
+                f"{plan.smem_bytes()} for a {jnp.dtype(bias_dtype).name if bias_route == 'tile' else 'no'} "
+                f"[T, S] bias and {len(dense_positions)} dense mask(s) at block_kv {block_kv}. "
+                f"A bfloat16 bias halves its tiles; implementation=None or 'pallas_triton' "
+                f"runs the call on the Triton kernels")
         plan = make()
     return plan
 

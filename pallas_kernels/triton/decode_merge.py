@@ -100,7 +100,7 @@ def real_entries(rp: int, hp: int, rows: int, h: int, row0=0, col0=0):
     return (row < rows) & (col < h), row_ok
 
 
-def _merge_kernel(out_s_ref, lse_s_ref, o_ref, lse_ref, *, splits, per_step, rows, h):
+def _merge_kernel(out_s_ref, lse_s_ref, o_ref, lse_ref, *, splits, per_step, steps, rows, h):
     block_rows, columns = o_ref.shape
     entries, row_ok = real_entries(block_rows, columns, rows, h, row0=pl.program_id(2) * block_rows,
                                    col0=pl.program_id(3) * columns)
@@ -125,7 +125,7 @@ def _merge_kernel(out_s_ref, lse_s_ref, o_ref, lse_ref, *, splits, per_step, row
 
     carry = (jnp.full((block_rows,), MASK_VALUE, acc_dtype), jnp.zeros((block_rows,), acc_dtype),
              jnp.zeros((block_rows, columns), acc_dtype))
-    m_i, l_i, acc = jax.lax.fori_loop(0, -(-splits // per_step), merge_step, carry)
+    m_i, l_i, acc = jax.lax.fori_loop(0, steps, merge_step, carry)
 
     # A row no split saw (l = 0) returns 0 with lse = -inf.
     nonempty = l_i > 0
@@ -146,8 +146,10 @@ def merge_splits(out_s, lse_s, *, hp: int, out_dtype, interpret: bool):
     b, kh, splits, rows, h = out_s.shape
     launch = merge_launch(b, kh, splits, rows, h, hp)
     rb, cb = launch.rows, launch.columns
-    padded = launch.steps(splits) * launch.per_step
-    kernel = functools.partial(_merge_kernel, splits=splits, per_step=launch.per_step, rows=rows, h=h)
+    steps = launch.steps(splits)
+    padded = steps * launch.per_step
+    kernel = functools.partial(_merge_kernel, splits=splits, per_step=launch.per_step, steps=steps,
+                               rows=rows, h=h)
     return pl.pallas_call(
         kernel,
         # every block starts inside the real rows and the H real columns; its split axis
