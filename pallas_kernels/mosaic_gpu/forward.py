@@ -55,8 +55,8 @@ from pallas_kernels.mosaic_gpu.common import (LN2, LOG2E, MASK_VALUE, OperandRef
                                               pad_btnh, padded_head_dim)
 from pallas_kernels.mosaic_gpu.config import CONSUMER_WARPGROUPS, ROWS_PER_WARPGROUP, SMEM_BYTES
 from pallas_kernels.mosaic_gpu.schedule import Schedule, balanced_deal
-from pallas_kernels.mosaic_gpu.tile_inputs import (plan_tile_inputs,
-                                                   prepare_forward_bias)
+from pallas_kernels.mosaic_gpu.tile_inputs import (plan_tile_inputs, prepare_forward_bias,
+                                                   swizzled_smem)
 
 _WGMMA = plgpu.Layout.WGMMA
 _WGMMA_ROW = plgpu.Layout.WGMMA.reduce(1)   # one value per accumulator row
@@ -68,14 +68,6 @@ def _num_sms() -> int:
     when lowering for an abstract device)."""
     device = jax.devices()[0]
     return int(getattr(device, "core_count", 0) or 132) if device.platform == "gpu" else 132
-
-
-def _smem_tile(shape, dtype):
-    """Shared memory laid out for TMA and wgmma: (8, 64)-element tiles, 128-byte swizzle."""
-    swizzle = 128
-    return plgpu.SMEM(shape, dtype, transforms=(
-        plgpu.TilingTransform((8, swizzle // jnp.dtype(dtype).itemsize)),
-        plgpu.SwizzleTransform(swizzle)))
 
 
 def _kernel(lists: TileLists, q_ref, k_ref, v_ref, operand_refs, inputs, o_ref, lse_ref, scratch,
@@ -373,9 +365,9 @@ def forward(static, q, k, v, bias, metas, operands):
         o_ref, lse_ref = rest[len(extra_arrays):]
         bound = lists.bind(list_refs)
         scratch_types = (
-            (_smem_tile((q_buffers, CONSUMER_WARPGROUPS, rows, hp), q.dtype),
-             _smem_tile((stages, bk, hp), k.dtype),
-             _smem_tile((stages, bk, hp), v.dtype),
+            (swizzled_smem((q_buffers, CONSUMER_WARPGROUPS, rows, hp), q.dtype),
+             swizzled_smem((stages, bk, hp), k.dtype),
+             swizzled_smem((stages, bk, hp), v.dtype),
              plgpu.SMEM((CONSUMER_WARPGROUPS, rows), jnp.float32)),
             (plgpu.Barrier(num_barriers=stages), plgpu.Barrier(num_barriers=stages),
              plgpu.Barrier(num_barriers=q_buffers * CONSUMER_WARPGROUPS)),
