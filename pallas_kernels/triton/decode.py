@@ -60,8 +60,8 @@ Algorithm (flash-decoding). One program per (batch row b, KV head h, split s):
    the program writes the normalised output in q's dtype: one kernel per step. With
    several, each writes its float32 partial output, normalised by its own sum, and lse,
    and one merge kernel (pallas_kernels/triton/decode_merge.py) combines them exactly,
-   walking the splits of each (b, h) with an online log-sum-exp (blocks of rows and
-   columns in separate programs when B·K is small):
+   reading the splits of each (b, h) up to 128 at a time with an online log-sum-exp
+   (blocks of rows and columns in separate programs when B·K is small):
    lse = log Σ_s exp(lse_s), out = Σ_s exp(lse_s - lse) · out_s. Two kernels per step.
    Back to [B, Tq, N, H] and [B, N, Tq] is a free reshape for Tq = 1 (a transpose of the
    token and head axes for Tq > 1).
