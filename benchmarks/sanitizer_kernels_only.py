@@ -6,8 +6,10 @@ mask kind per argument, for one implementation:
 
 (benchmarks/sanitize_kernels.py also checks values against the reference, but the
 sanitizer 2025.3.1 segfaults on that process on the H100 image; see BENCHMARKS.md.)
-The Mosaic GPU kernels take the masks whose tiles they serve (windows and BigBird blocks
-aligned to their 128-row tiles); docs and dense are Triton-only.
+The Mosaic GPU forward takes every one of these (docs through segment ids, dense through
+int8 mask tiles); its backward takes causal, window, bigbird and docs, and gives dense
+and bias calls to the Triton kernels. "bias" is causal with a [1, N, T, S] bf16 bias,
+"keybias" causal with a per-key [1, N, 1, S] one (the forward's vector path).
 
 SANITIZE_HEADS=N (default 4, with 2 K/V heads) sets the query heads: the Mosaic forward's
 persistent schedule runs one CTA per SM, so only more work items than SMs (4 q-blocks × N
@@ -34,16 +36,21 @@ q = jnp.asarray(np.random.default_rng(1).standard_normal((1, 512, heads, 64)), j
 k = jnp.asarray(np.random.default_rng(2).standard_normal((1, 512, 2, 64)), jnp.bfloat16)
 
 
-def attend(q, k, mask):
-    return jaxattn.dot_product_attention(q, k, k, mask=mask, implementation=impl)
+biases = {"bias": jnp.asarray(np.random.default_rng(3).standard_normal((1, heads, 512, 512)), jnp.bfloat16),
+          "keybias": jnp.asarray(np.random.default_rng(4).standard_normal((1, heads, 1, 512)), jnp.bfloat16)}
+masks.update({name: M.CausalMask() for name in biases})
+
+
+def attend(q, k, mask, bias=None):
+    return jaxattn.dot_product_attention(q, k, k, bias, mask=mask, implementation=impl)
 
 
 for name in sys.argv[3:]:
-    mask = masks[name]
+    mask, bias = masks[name], biases.get(name)
     if mode == "fwd":
-        o = jax.jit(lambda q, k: attend(q, k, mask))(q, k)
+        o = jax.jit(lambda q, k: attend(q, k, mask, bias))(q, k)
         print(name, impl, "fwd", float(jnp.abs(o.astype(jnp.float32)).sum()), flush=True)
     else:
-        loss = lambda q, k: jnp.sum(attend(q, k, mask).astype(jnp.float32) ** 2)  # noqa: E731
+        loss = lambda q, k: jnp.sum(attend(q, k, mask, bias).astype(jnp.float32) ** 2)  # noqa: E731
         g = jax.jit(jax.grad(loss, argnums=(0, 1)))(q, k)
         print(name, impl, "grad", [float(jnp.abs(x.astype(jnp.float32)).sum()) for x in g], flush=True)
