@@ -1,23 +1,38 @@
-"""jaxattn's Hopper kernels beside tokamax's Mosaic GPU kernels and cuDNN, in one process.
+"""jaxattn's Hopper kernels and default dispatch beside tokamax's Mosaic kernels and cuDNN, in one process.
 
     python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
     PYTHONPATH=/tmp/site:$PWD python3 benchmarks/tokamax_bench.py --out tokamax.json
 
-tokamax (0.0.17, with its dependencies, carried as wheels: the GPU image has no package
-index) is called as `tokamax.dot_product_attention(..., implementation="mosaic")` with
-the same is_causal / local_window_size arguments jax.nn takes; jaxattn as
-`dot_product_attention(..., implementation="pallas_mosaic_gpu")` with the case's mask;
-cuDNN as `jax.nn.dot_product_attention(..., implementation="cudnn")`. Cases: issue 11's
-table (bf16, D128). Useful TFLOP/s: forward 4·B·N·T·S·D·density, forward+backward 3.5×
-that; medians of --repeats calls after 2 warm-ups, one input set per case.
+Engines (--engines):
+  jaxattn  `jaxattn.dot_product_attention(..., implementation="pallas_mosaic_gpu")` with
+           the case's Mask;
+  default  the same call with `implementation=None`: what dispatch picks. The row records
+           the order dispatch tries (`default_runs`, from
+           `jaxattn.implementations.default_order`; the first that serves the call runs)
+           and, for every engine, the custom calls of its compiled programs
+           (`custom_calls`), which name the kernels that actually ran;
+  tokamax  `tokamax.dot_product_attention(..., implementation="mosaic")` (0.0.17, with its
+           dependencies, carried as wheels: the GPU image has no package index);
+  cudnn    `jax.nn.dot_product_attention(..., implementation="cudnn")`.
+tokamax and cuDNN take jax.nn's is_causal / local_window_size arguments, or, for a mask
+those cannot express (BigBird), the same pairs as a dense bool [1, 1, S, S] mask passed
+as a jit argument.
+
+Cases: issue 11's table (bf16, D128): the six of HOPPER_GOAL_CASES, BigBird at 16k and
+causal attention at 512k tokens. Useful TFLOP/s: forward 4·B·N·T·S·D·density,
+forward+backward 3.5× that; medians of --repeats calls after 2 warm-ups (--long-repeats
+after 1 at 256k tokens and more, where one forward+backward call takes seconds), one
+input set per case.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import os
+import re
 import sys
 import time
 import traceback
@@ -28,11 +43,26 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 import jaxattn  # noqa: E402
-from jaxattn.benchmarking.cases import HOPPER_GOAL_CASES  # noqa: E402
-from jaxattn.benchmarking.timing import time_call  # noqa: E402
+from jaxattn import implementations  # noqa: E402
+from jaxattn.benchmarking.cases import HOPPER_GOAL_CASES, BenchCase  # noqa: E402
+from jaxattn.benchmarking.timing import DEFAULT_REPEATS, DEFAULT_WARMUP, time_call  # noqa: E402
+from jaxattn.masks import canonical_mask  # noqa: E402
 
-CASES = HOPPER_GOAL_CASES
-ENGINES = ("jaxattn", "tokamax", "cudnn")
+CASES = (
+    *HOPPER_GOAL_CASES,
+    BenchCase("D128 S16384 B1 H16 bigbird", 1, 16, 16384, 128, "bigbird"),
+    BenchCase("D128 S524288 B1 H8 causal", 1, 8, 524288, 128, "causal"),
+)
+ENGINES = ("jaxattn", "default", "tokamax", "cudnn")
+
+# From this many tokens per sequence one forward+backward call takes seconds: time
+# --long-repeats calls after LONG_WARMUP warm-ups.
+LONG_SEQ_LEN = 256 * 1024
+LONG_WARMUP = 1
+DEFAULT_LONG_REPEATS = 3
+
+# Custom-call targets in a compiled program, and the implementation each one belongs to.
+KERNEL_TARGETS = (("mosaic_gpu", "pallas_mosaic_gpu"), ("cudnn", "cudnn"), ("triton", "pallas_triton"))
 
 
 def import_tokamax():
@@ -51,71 +81,156 @@ def import_tokamax():
     return tokamax
 
 
-def attention(engine, case):
+@functools.lru_cache(maxsize=1)
+def jax_nn_arguments(case):
+    """jax.nn's keyword arguments for the case and its dense mask as a device array (or
+    None), built once per case: BigBird's at 16k is 256 MiB of bools."""
     kwargs, dense = case.jax_nn_mask_args()
-    if dense is not None:
-        raise ValueError(f"{case.name}: a dense mask is not a like-for-like call for tokamax")
-    if engine == "jaxattn":
+    return kwargs, None if dense is None else jnp.asarray(dense)
+
+
+def attention(engine, case):
+    """(fn(q, k, v, *mask_args), mask_args): jaxattn's engines close over the case's Mask
+    (static; its tile metadata is built at trace time, as a user's jit does); tokamax and
+    cuDNN get a dense mask, where the case needs one, as a jit argument, so that it is
+    read from memory as a user's would be, not folded into the program as a constant."""
+    if engine in ("jaxattn", "default"):
         mask = case.mask()
-        return lambda q, k, v: jaxattn.dot_product_attention(q, k, v, mask=mask,
-                                                             implementation="pallas_mosaic_gpu")
+        implementation = "pallas_mosaic_gpu" if engine == "jaxattn" else None
+        return (lambda q, k, v: jaxattn.dot_product_attention(q, k, v, mask=mask,
+                                                              implementation=implementation)), ()
+    kwargs, dense = jax_nn_arguments(case)
     if engine == "tokamax":
         tokamax = import_tokamax()
-        return lambda q, k, v: tokamax.dot_product_attention(q, k, v, implementation="mosaic", **kwargs)
-    return lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation="cudnn", **kwargs)
+        call = functools.partial(tokamax.dot_product_attention, implementation="mosaic", **kwargs)
+    elif engine == "cudnn":
+        call = functools.partial(jax.nn.dot_product_attention, implementation="cudnn", **kwargs)
+    else:
+        raise ValueError(f"engine: expected one of {list(ENGINES)}, got {engine!r}.")
+    if dense is None:
+        return call, ()
+    return (lambda q, k, v, mask: call(q, k, v, mask=mask)), (dense,)
 
 
-def run(case, engine, repeats):
-    attn = attention(engine, case)
+def default_runs(case):
+    """The implementations `implementation=None` tries for this case's call, in order
+    (the first that serves it runs), as jaxattn's dispatch lists them on this platform."""
+    return list(implementations.default_order(canonical_mask(case.mask()), jnp.bfloat16, None,
+                                              case.head_dim, has_bias=False))
+
+
+def custom_calls(compiled) -> list[str]:
+    """The custom-call targets of a compiled program: the kernels it launches."""
+    return sorted(set(re.findall(r'custom_call_target="([^"]+)"', compiled.as_text())))
+
+
+def kernels_of(targets) -> list[str]:
+    """The implementations whose kernels a list of custom-call targets holds."""
+    return [name for key, name in KERNEL_TARGETS if any(key in t for t in targets)]
+
+
+def timing_plan(case, repeats, long_repeats):
+    """(warm-up calls, timed calls) for a case."""
+    if case.seq_len >= LONG_SEQ_LEN:
+        return LONG_WARMUP, long_repeats
+    return DEFAULT_WARMUP, repeats
+
+
+def make_inputs(case):
     ks = jax.random.split(jax.random.key(0), 4)
     shape = (case.batch, case.seq_len, case.heads, case.head_dim)
-    q, k, v, do = (jax.random.normal(x, shape, jnp.bfloat16) for x in ks)
+    return tuple(jax.random.normal(x, shape, jnp.bfloat16) for x in ks)
 
-    def loss(q, k, v, do):
-        return jnp.sum(attn(q, k, v).astype(jnp.float32) * do.astype(jnp.float32))
-    fwd = jax.jit(attn).lower(q, k, v).compile()
-    bwd = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(q, k, v, do).compile()
+
+def run(case, engine, inputs, *, warmup, repeats):
+    """Compile and time one engine's forward and forward+backward on one case; returns the
+    row entry and the forward's output (bf16)."""
+    attn, mask_args = attention(engine, case)
+    q, k, v, do = inputs
+
+    def loss(q, k, v, do, *mask_args):
+        return jnp.sum(attn(q, k, v, *mask_args).astype(jnp.float32) * do.astype(jnp.float32))
+    fwd = jax.jit(attn).lower(q, k, v, *mask_args).compile()
+    bwd = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(q, k, v, do, *mask_args).compile()
     flops = case.flops("forward")
-    tf = time_call(fwd, [(q, k, v)], repeats=repeats).median_s
-    tb = time_call(bwd, [(q, k, v, do)], repeats=repeats).median_s
-    out = fwd(q, k, v).astype(jnp.float32)
+    tf = time_call(fwd, [(q, k, v, *mask_args)], warmup=warmup, repeats=repeats).median_s
+    tb = time_call(bwd, [(q, k, v, do, *mask_args)], warmup=warmup, repeats=repeats).median_s
+    out = fwd(q, k, v, *mask_args)
+    calls = dict(forward=custom_calls(fwd), forward_backward=custom_calls(bwd))
     return dict(fwd_ms=tf * 1e3, fwd_bwd_ms=tb * 1e3, fwd_tflops=flops / tf / 1e12,
-                fwd_bwd_tflops=3.5 * flops / tb / 1e12), out
+                fwd_bwd_tflops=3.5 * flops / tb / 1e12, custom_calls=calls,
+                kernels=kernels_of(calls["forward"] + calls["forward_backward"])), out
 
 
-def main(argv=None):
+@jax.jit
+def max_abs_diff(a, b):
+    return jnp.max(jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32)))
+
+
+def summary(case, row, engines):
+    """One line per case: forward / forward+backward TFLOP/s per engine (the default
+    engine with the kernels it ran)."""
+    def cell(e):
+        entry = row.get(e, {})
+        if "fwd_tflops" not in entry:
+            return f"{e}: {entry.get('error', '-')[:100]}"
+        label = f"{e}[{'+'.join(entry['kernels']) or '?'}]" if e == "default" else e
+        return f"{label} {entry['fwd_tflops']:.0f}/{entry['fwd_bwd_tflops']:.0f}"
+    return case.name + " | " + " | ".join(cell(e) for e in engines)
+
+
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="tokamax_bench.json")
     p.add_argument("--cases", nargs="*", default=None, help="substrings of case names")
-    p.add_argument("--engines", nargs="*", default=list(ENGINES))
-    p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--engines", nargs="*", default=list(ENGINES), choices=ENGINES)
+    p.add_argument("--repeats", type=int, default=DEFAULT_REPEATS,
+                   help=f"timed calls per measurement (after {DEFAULT_WARMUP} warm-ups)")
+    p.add_argument("--long-repeats", type=int, default=DEFAULT_LONG_REPEATS,
+                   help=f"timed calls per measurement at {LONG_SEQ_LEN} tokens and more "
+                        f"(after {LONG_WARMUP} warm-up)")
     args = p.parse_args(argv)
+    if args.repeats < 1 or args.long_repeats < 1:
+        p.error(f"--repeats and --long-repeats: expected >= 1, got {args.repeats} and {args.long_repeats}")
+    return args
+
+
+def selected_cases(names):
+    return [c for c in CASES if not names or any(n.lower() in c.name.lower() for n in names)]
+
+
+def main(argv=None):
+    args = parse_args(argv)
     meta = dict(device=str(jax.devices()[0].device_kind), jax=jax.__version__,
-                date=datetime.date.today().isoformat(), dtype="bfloat16")
+                date=datetime.date.today().isoformat(), dtype="bfloat16",
+                repeats=args.repeats, long_repeats=args.long_repeats, long_seq_len=LONG_SEQ_LEN)
     try:
         tokamax = import_tokamax()
         meta["tokamax"] = getattr(tokamax, "__version__", "?")
     except Exception as e:  # noqa: BLE001 - reported, the other engines still run
         meta["tokamax"] = f"import failed: {type(e).__name__}: {e}"[:300]
     rows = []
-    for case in CASES:
-        if args.cases and not any(c.lower() in case.name.lower() for c in args.cases):
-            continue
+    for case in selected_cases(args.cases):
+        warmup, repeats = timing_plan(case, args.repeats, args.long_repeats)
         row, outs, t0 = dict(case=case.name), {}, time.perf_counter()
+        row.update(warmup=warmup, repeats=repeats, flops_forward=case.flops("forward"))
+        if "default" in args.engines:
+            row["default_runs"] = default_runs(case)
+        inputs = make_inputs(case)
         for engine in args.engines:
             try:
-                row[engine], outs[engine] = run(case, engine, args.repeats)
+                row[engine], outs[engine] = run(case, engine, inputs, warmup=warmup, repeats=repeats)
             except Exception as e:  # noqa: BLE001 - one engine failing keeps the others
                 row[engine] = dict(error=f"{type(e).__name__}: {e}"[:400])
                 traceback.print_exc()
         for engine in outs:
             if engine != "cudnn" and "cudnn" in outs:
-                row[f"max_abs_diff_{engine}_vs_cudnn"] = float(jnp.max(jnp.abs(outs[engine] - outs["cudnn"])))
+                row[f"max_abs_diff_{engine}_vs_cudnn"] = float(max_abs_diff(outs[engine], outs["cudnn"]))
+        del inputs, outs
+        jax_nn_arguments.cache_clear()
         row["case_s"] = time.perf_counter() - t0
         rows.append(row)
-        print(case.name + " | " + " | ".join(
-            f"{e} {row[e]['fwd_tflops']:.0f}/{row[e]['fwd_bwd_tflops']:.0f}" if "fwd_tflops" in row.get(e, {})
-            else f"{e}: {row.get(e, {}).get('error', '-')[:100]}" for e in args.engines), flush=True)
+        print(summary(case, row, args.engines), flush=True)
         with open(args.out, "w") as f:
             json.dump(dict(meta=meta, rows=rows), f, indent=1)
     return 0

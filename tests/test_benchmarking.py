@@ -108,3 +108,50 @@ def test_rotation_sets():
     assert timing.rotation_sets(10 * 2**20) == 10  # 2 × 50 MiB / 10 MiB
     assert timing.rotation_sets(1) == 32  # capped
     assert timing.rotation_sets(10 * 2**20, cache_bytes=0) == 1  # CPU: no rotation
+
+
+def test_tokamax_bench_cases_and_arguments():
+    """benchmarks/tokamax_bench.py: issue 11's eight rows, the long case timed with fewer calls."""
+    from benchmarks import tokamax_bench as tb
+    names = [c.name for c in tb.CASES]
+    assert len(names) == len(set(names)) == 8
+    assert len(cases.HOPPER_GOAL_CASES) == 6 and set(cases.HOPPER_GOAL_CASES) <= set(tb.CASES)
+    long = next(c for c in tb.CASES if c.seq_len == 524288)
+    assert (long.batch, long.heads, long.head_dim, long.pattern) == (1, 8, 128, "causal")
+    assert next(c for c in tb.CASES if c.pattern == "bigbird").seq_len == 16384
+    args = tb.parse_args([])
+    assert args.engines == ["jaxattn", "default", "tokamax", "cudnn"]
+    assert tb.timing_plan(long, args.repeats, args.long_repeats) == (1, 3)
+    assert tb.timing_plan(tb.CASES[0], args.repeats, args.long_repeats) == (2, 20)
+    args = tb.parse_args(["--cases", "bigbird", "S524288", "--long-repeats", "2", "--engines", "default"])
+    assert [c.name for c in tb.selected_cases(args.cases)] == names[-2:] and args.long_repeats == 2
+    with pytest.raises(SystemExit):
+        tb.parse_args(["--engines", "xla"])
+
+
+def test_tokamax_bench_mask_arguments_and_default_engine(tmp_path, monkeypatch):
+    """The dense mask reaches jax.nn's engines as a jit argument; the default engine runs
+    end to end (on CPU: the reference, which is what dispatch lists there)."""
+    import json
+    from benchmarks import tokamax_bench as tb
+    bigbird = cases.BenchCase("tiny bigbird", 1, 2, 512, 32, "bigbird")
+    _, mask_args = tb.attention("cudnn", bigbird)
+    assert len(mask_args) == 1 and mask_args[0].shape == (1, 1, 512, 512) and mask_args[0].dtype == bool
+    assert tb.attention("jaxattn", bigbird)[1] == ()
+    window = cases.SMOKE_CASES[2]
+    assert tb.attention("cudnn", window)[1] == ()
+    assert tb.kernels_of(["__cudnn$fmhaSoftmax", "mosaic_gpu_v2"]) == ["pallas_mosaic_gpu", "cudnn"]
+
+    def no_tokamax():
+        raise ImportError("not installed")
+    monkeypatch.setattr(tb, "import_tokamax", no_tokamax)
+    monkeypatch.setattr(tb, "CASES", (window,))
+    out = tmp_path / "bench.json"
+    assert tb.main(["--engines", "default", "--repeats", "1", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["meta"]["tokamax"].startswith("import failed")
+    (row,) = result["rows"]
+    assert row["case"] == window.name and row["default_runs"] == ["reference"]
+    assert (row["warmup"], row["repeats"]) == (2, 1)
+    assert row["default"]["fwd_tflops"] > 0 and row["default"]["fwd_bwd_tflops"] > 0
+    assert set(row["default"]["custom_calls"]) == {"forward", "forward_backward"}
