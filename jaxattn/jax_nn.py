@@ -78,11 +78,19 @@ def jax_nn_mask_arguments(mask: Mask):
     for p in parts:
         if isinstance(p, FullMask):
             continue
-        if isinstance(p, CausalMask) and p.offset == 0 and "is_causal" not in kwargs:
+        if isinstance(p, CausalMask) and p.offset == 0:
             kwargs["is_causal"] = True
+        elif isinstance(p, LocalMask) and p.offset == 0 and p.left is None and p.right == 0:
+            kwargs["is_causal"] = True             # every key up to the query's own
         elif (isinstance(p, LocalMask) and p.offset == 0 and p.left is not None
               and p.right is not None and "local_window_size" not in kwargs):
             kwargs["local_window_size"] = (p.left, p.right)
+            if p.right == 0:
+                # The window ends at the query, so it is causal: say so. Given only
+                # local_window_size=(w, 0), jax.nn (0.11.2) hands cuDNN a sliding window
+                # without its causal mask type, and cuDNN then also attends to every later
+                # key (wrong outputs, measured on an H200).
+                kwargs["is_causal"] = True
         else:
             return None
     return kwargs
