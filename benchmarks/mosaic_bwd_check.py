@@ -3,11 +3,12 @@
     python benchmarks/mosaic_bwd_check.py correctness OUT.json [CASE ...]
     python benchmarks/mosaic_bwd_check.py timing OUT.json [CASE ...]
 
-correctness: dQ, dK, dV of the kernels (driven directly, with out/lse from the float32
-reference) against jax.vjp of jaxattn.reference in float32, worst row of each tensor;
+correctness (MOSAIC_BWD_FUSED=1: the fused kernel, 0: the two kernels): dQ, dK, dV of
+the kernels (driven directly, with out/lse from the float32 reference) against jax.vjp of jaxattn.reference in float32, worst row of each tensor;
 two runs bitwise identical. timing: the backward kernels alone vs cuDNN's backward
 (jax.vjp of jax.nn.dot_product_attention(implementation="cudnn"), backward call only),
-TFLOP/s = 2.5 · 4·B·N·T·S·D·density / t.
+TFLOP/s = 2.5 · 4·B·N·T·S·D·density / t; the default config, then the two-kernel and
+the fused backward (backward_fused.py) each, the fused one's two runs compared bitwise.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import json
+import os
 import sys
 import time
 import traceback
@@ -35,6 +37,9 @@ from pallas_kernels.mosaic_gpu import backward_kernels as mb
 
 RESULTS: dict = {}
 ONLY: tuple = ()     # case names given after OUT.json on the command line (all if none)
+# correctness: MOSAIC_BWD_FUSED=1 checks the fused kernel, 0 the two kernels, unset the
+# default config's choice.
+FUSED = {"1": True, "0": False}.get(os.environ.get("MOSAIC_BWD_FUSED", ""))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,15 +53,18 @@ def _dump(path):
         json.dump(RESULTS, f, indent=1)
 
 
-def prepare(mask, t, s, h, cap, scale):
+def prepare(mask, t, s, h, cap, scale, fused=None):
+    """fused: None = the default config's choice, else MosaicBackwardConfig.fused."""
     cfg = mb.default_backward_config(mb.padded_head_dim(h))
+    if fused is not None:
+        cfg = dataclasses.replace(cfg, fused=fused)
     metas = {n: jax.tree_util.tree_map(jnp.asarray, build_block_metadata(mask, t, s, *tl))
              for n, tl in cfg.metadata_tiles().items()}
     operands = mask.operands()
     static = FlashStatic(backend=None, scale=scale, logits_soft_cap=cap,
                          mask_fn=None if isinstance(mask, FullMask) else mask.evaluate,
                          operand_kinds=tuple((o.kind, o.layout_block) for o in operands),
-                         config=None, interpret=False)
+                         config=ConfigHolder(cfg), interpret=False)
     return static, metas, tuple(jnp.asarray(o.array) for o in operands)
 
 
@@ -94,7 +102,7 @@ def correctness_case(name, mask, b, t, s, n, kh, h, dtype=jnp.bfloat16, cap=None
                                                  logits_soft_cap=cap, return_residuals=True)
     (out, lse), vjp = jax.vjp(ref, f32(q), f32(k), f32(v))
     rdq, rdk, rdv = vjp((f32(do), jnp.zeros_like(lse)))
-    static, metas, operands = prepare(mask, t, s, h, cap, scale)
+    static, metas, operands = prepare(mask, t, s, h, cap, scale, FUSED)
     run = kernel_backward(static, metas, operands)
     t0 = time.time()
     # D = rowsum(dO ∘ O) from the float32 output: the kernels' own error, not that of
@@ -191,10 +199,28 @@ def timing_case(name, mask, t, window, b=1, n=16, h=128):
     try:
         tm = _median_time(run, (q, k, v, out, lse, do))
         res.update(mosaic_ms=tm * 1e3, mosaic_tflops=flops / tm / 1e12)
-        holder = ConfigHolder(mb.MosaicBackwardConfig(num_stages=3))
-        run3 = kernel_backward(dataclasses.replace(static, config=holder), metas, operands)
-        tm3 = _median_time(run3, (q, k, v, out, lse, do))
-        res.update(mosaic_stages3_ms=tm3 * 1e3, mosaic_stages3_tflops=flops / tm3 / 1e12)
+        two = run(q, k, v, out, lse, do)
+        for fused in (False, True):
+            holder = ConfigHolder(mb.MosaicBackwardConfig(fused=fused))
+            run_f = kernel_backward(dataclasses.replace(static, config=holder), metas, operands)
+            tf = _median_time(run_f, (q, k, v, out, lse, do))
+            label = "fused" if fused else "two_kernels"
+            res.update({f"{label}_ms": tf * 1e3, f"{label}_tflops": flops / tf / 1e12})
+            if fused:
+                a, b_ = run_f(q, k, v, out, lse, do), run_f(q, k, v, out, lse, do)
+                res["fused_bitwise_repeat"] = all(bool(jnp.array_equal(x, y)) for x, y in zip(a, b_))
+                res["fused_vs_two_kernels_max_abs"] = [
+                    float(jnp.max(jnp.abs(x.astype(jnp.float32) - y.astype(jnp.float32))))
+                    for x, y in zip(a, two)]
+        if os.environ.get("MOSAIC_BWD_FUSED_BREAKDOWN"):
+            # Where the fused kernel's time goes: its dQ adds unordered, or left out.
+            from pallas_kernels.mosaic_gpu import backward_fused
+            holder = ConfigHolder(mb.MosaicBackwardConfig(fused=True))
+            for adds in ("unordered", "skip"):
+                backward_fused.DQ_ADDS = adds
+                run_f = kernel_backward(dataclasses.replace(static, config=holder), metas, operands)
+                res[f"fused_{adds}_ms"] = _median_time(run_f, (q, k, v, out, lse, do)) * 1e3
+            backward_fused.DQ_ADDS = "ordered"
         static2 = static
         for part in ("dq", "dkdv"):
             one = jax.jit(lambda q_, k_, v_, o_, l_, d_, part=part: mb.backward(

@@ -24,14 +24,15 @@ from pallas_kernels.mosaic_gpu.backward_walk import TileLists
 from helpers import lower_for_h100
 from jaxattn.flash import build_call, prepare_call
 
-def _static_and_metas(mask, t, s, h, cap=None):
+def _static_and_metas(mask, t, s, h, cap=None, fused=False):
     """(static, metas, operands) as jaxattn builds them, at the backward kernels' tiles."""
+    config = dataclasses.replace(mb.default_backward_config(mb.padded_head_dim(h)), fused=fused)
     return build_call("pallas_mosaic_gpu", mask, t, s, scale=h ** -0.5, logits_soft_cap=cap,
-                        config=mb.default_backward_config(mb.padded_head_dim(h)), interpret=False)
+                      config=config, interpret=False)
 
 
-def _backward_fn(mask, t, s, h, cap=None, parts=("dq", "dkdv")):
-    static, metas, operands = _static_and_metas(mask, t, s, h, cap)
+def _backward_fn(mask, t, s, h, cap=None, parts=("dq", "dkdv"), fused=False):
+    static, metas, operands = _static_and_metas(mask, t, s, h, cap, fused)
 
     def run(q, k, v, out, lse, do):
         delta = jnp.einsum("btnh,btnh->bnt", do.astype(jnp.float32), out.astype(jnp.float32))
@@ -41,8 +42,8 @@ def _backward_fn(mask, t, s, h, cap=None, parts=("dq", "dkdv")):
 
 
 def _lowered_text(mask, *, b=1, t=256, s=256, n=2, kh=1, h=64, cap=None, dtype=jnp.bfloat16,
-                  parts=("dq", "dkdv")):
-    run = _backward_fn(mask, t, s, h, cap, parts)
+                  parts=("dq", "dkdv"), fused=False):
+    run = _backward_fn(mask, t, s, h, cap, parts, fused)
     shapes = [((b, t, n, h), dtype), ((b, s, kh, h), dtype), ((b, s, kh, h), dtype),
               ((b, t, n, h), dtype), ((b, n, t), jnp.float32), ((b, t, n, h), dtype)]
     args = [jax.ShapeDtypeStruct(shape, dt) for shape, dt in shapes]
@@ -66,6 +67,47 @@ def test_shipped_configurations_lower_for_h100(name):
     text = _lowered_text(mask, **kwargs)
     calls = 1 if kwargs.get("parts") == ("dkdv",) else 2
     assert text.count("mosaic_gpu") >= calls
+
+
+@pytest.mark.parametrize("name", ["causal_d128_gqa", "bigbird_d128", "documents_f16_d96"])
+def test_fused_backward_lowers_for_h100(name):
+    """One kernel for dK, dV and dQ (semaphore-ordered TMA adds of dQ's partial sums)."""
+    mask, kwargs = LOWERING_CASES[name]
+    text = _lowered_text(mask, **{**kwargs, "parts": ("dq", "dkdv"), "fused": True})
+    assert text.count("mosaic_gpu_v2") == 1     # the two-kernel backward launches 2
+
+
+@pytest.mark.parametrize("mask, t, s, tiles", [
+    (M.CausalMask(), 320, 384, (64, 128)),
+    (M.LocalMask(100, 30) | M.GlobalMask(20), 448, 448, (64, 128)),
+    (M.causal_document_mask(jnp.asarray(np.stack([np.repeat(np.arange(3), [100, 150, 134]),
+                                                  np.repeat(np.arange(2), [300, 84])]))), 384, 384,
+     (64, 128)),
+])
+def test_contributor_ranks_order_the_kv_blocks_of_every_q_block(mask, t, s, tiles):
+    """rank of (q-block i, kv-block j) = visitors j' < j of i, read along the transposed
+    lists; visitors = how many kv-blocks visit i: from a numpy walk of the forward lists."""
+    from jaxattn.masks import build_block_metadata
+    from pallas_kernels.mosaic_gpu.backward_fused import contributor_ranks
+    meta = jax.tree.map(jnp.asarray, build_block_metadata(mask, t, s, *tiles))
+    rank_full, rank_partial, visitors = jax.jit(contributor_ranks)(meta)
+    a = {f: np.asarray(getattr(meta, f)) for f in ("full_count", "full_index", "partial_count",
+                                                   "partial_index", "t_full_count", "t_full_index",
+                                                   "t_partial_count", "t_partial_index")}
+    bm, hm, n_q = a["full_count"].shape
+    for b in range(bm):
+        for h in range(hm):
+            seen = [set(a["full_index"][b, h, i, :a["full_count"][b, h, i]])
+                    | set(a["partial_index"][b, h, i, :a["partial_count"][b, h, i]])
+                    for i in range(n_q)]
+            assert list(np.asarray(visitors)[b, h]) == [len(x) for x in seen]
+            for kind, ranks in (("full", rank_full), ("partial", rank_partial)):
+                count, index = a[f"t_{kind}_count"][b, h], a[f"t_{kind}_index"][b, h]
+                for j in range(count.shape[0]):
+                    for slot in range(count[j]):
+                        i = index[j, slot]
+                        assert j in seen[i]
+                        assert int(ranks[b, h, j, slot]) == sum(x < j for x in seen[i])
 
 
 def _expected_walk(meta, block, heads, batch=0):
@@ -183,8 +225,9 @@ def worst_row_error(got, want) -> float:
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("fused", [False, True], ids=["two_kernels", "fused"])
 @pytest.mark.parametrize("name", list(GPU_CASES))
-def test_gradients_match_the_reference_per_row(name):
+def test_gradients_match_the_reference_per_row(name, fused):
     mask, b, t, s, n, kh, h, *cap = GPU_CASES[name]
     cap = cap[0] if cap else None
     ks = jax.random.split(jax.random.key(1), 4)
@@ -200,7 +243,7 @@ def test_gradients_match_the_reference_per_row(name):
 
     (out, lse), vjp = jax.vjp(ref, f32(q), f32(k), f32(v))
     want = vjp((f32(do), jnp.zeros_like(lse)))
-    run = jax.jit(_backward_fn(mask, t, s, h, cap))
+    run = jax.jit(_backward_fn(mask, t, s, h, cap, fused=fused))
     # D from the float32 output, so the comparison sees the kernels' error alone (bf16
     # P and dS operands: ~0.004 worst row, emulated on CPU) and not that of a rounded O.
     got = run(q, k, v, out, lse, do)

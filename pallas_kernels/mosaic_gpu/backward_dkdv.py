@@ -27,6 +27,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from pallas_kernels.mosaic_gpu.backward_fused import OrderedSums
 from pallas_kernels.mosaic_gpu.backward_walk import (WGMMA_COL, OperandTiles, TileLists, dlogits,
                                                      keep_partial, logits_and_probabilities,
                                                      swizzled, tile_list_pipeline, tile_positions)
@@ -34,11 +35,16 @@ from pallas_kernels.mosaic_gpu.backward_walk import (WGMMA_COL, OperandTiles, Ti
 
 def dkdv_call(q, k, v, do, lse2, delta, meta_arrays, *, block_q: int, block_kv: int,
               wgs: int, stages: int, scale: float, cap, mask_fn, kv_len: int, operands=(),
-              operand_kinds=()):
+              operand_kinds=(), rank_arrays=None):
     """q, do [B, Tp, N, Hp]; k, v [B, Sp, K, Hp] (padded to whole tiles, Hp % 64 == 0);
     lse2 = lse·log2e and delta [B, N, Tp] float32; meta_arrays = the transposed lists
     (t_full_count, t_full_index, t_partial_count, t_partial_index) at tiles
-    (block_q, block_kv). Returns dK, dV [B, Sp, K, Hp] in k's dtype."""
+    (block_q, block_kv). Returns dK, dV [B, Sp, K, Hp] in k's dtype.
+
+    With rank_arrays (backward_fused.contributor_ranks) the kernel is the fused backward:
+    each tile also computes its dQ partial sum dS K and adds it, in the fixed order that
+    backward_fused.py describes, into a float32 [B, N, Tp, Hp] output returned first
+    (dQ before its scale; rows of q-blocks no kv-block visits are left unwritten)."""
     b, tp, n, hp = q.shape
     sp, kh = k.shape[1], k.shape[2]
     groups = n // kh
@@ -46,20 +52,31 @@ def dkdv_call(q, k, v, do, lse2, delta, meta_arrays, *, block_q: int, block_kv: 
     dtype = q.dtype
     n_blocks = meta_arrays[0].shape[-1]
     kv_padded = n_blocks * block_kv != kv_len   # the last tile holds padded keys
+    fused = rank_arrays is not None
+    rank_arrays = tuple(rank_arrays or ())
+    sums = OrderedSums(batch=b, heads=n, q_blocks=tp // block_q, block_q=block_q, head_dim=hp,
+                       rows=rows, wgs=wgs, dtype=dtype) if fused else None
 
     def kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, tfc_ref, tfi_ref, tpc_ref,
                tpi_ref, *refs):
-        *operand_refs, dk_ref, dv_ref, k_smems, v_smems, kv_barriers = refs
+        rank_refs, refs = refs[:len(rank_arrays)], refs[len(rank_arrays):]
+        if fused:
+            sum_scratch, refs = refs[-2:], refs[:-2]
+            *operand_refs, dq_ref, dk_ref, dv_ref, k_smems, v_smems, kv_barriers = refs
+        else:
+            *operand_refs, dk_ref, dv_ref, k_smems, v_smems, kv_barriers = refs
         operand_tiles = OperandTiles(operand_refs, operand_kinds, q_axis=1)
         j = lax.axis_index("kv_blocks")
         head_kv = lax.axis_index("kv_heads")
         bi = lax.axis_index("batch")
         wg = lax.axis_index("wg")
         lists = TileLists((tfc_ref, tfi_ref, tpc_ref, tpi_ref), batch=bi, block=j,
-                          head0=head_kv * groups, groups=groups)
+                          head0=head_kv * groups, groups=groups,
+                          rank_refs=tuple(rank_refs) if fused else None)
         kv_base = j * block_kv + wg * rows
         kv_rows = pl.ds(kv_base, rows)
         k_smem, v_smem, barrier = k_smems.at[wg], v_smems.at[wg], kv_barriers.at[wg]
+        adds = sums.bind(dq_ref, *sum_scratch, wg=wg) if fused else None
 
         def compute_thread(pipeline):
             plgpu.copy_gmem_to_smem(k_ref.at[bi, kv_rows, head_kv], k_smem, barrier)
@@ -67,7 +84,11 @@ def dkdv_call(q, k, v, do, lse2, delta, meta_arrays, *, block_q: int, block_kv: 
             plgpu.barrier_wait(barrier)
 
             def accumulate(dk_acc, dv_acc):
-                pipeline((dk_acc, dv_acc))
+                if fused:
+                    *_, pending = pipeline((dk_acc, dv_acc, adds.nothing_pending()))
+                    adds.let_next_in(pending)
+                else:
+                    pipeline((dk_acc, dv_acc))
                 return dk_acc[...], dv_acc[...]
 
             acc = plgpu.ACC((rows, hp), jnp.float32)
@@ -85,7 +106,7 @@ def dkdv_call(q, k, v, do, lse2, delta, meta_arrays, *, block_q: int, block_kv: 
                  delta_done, carry):
             (s,) = index
             step = lists.decode(s)
-            dk_acc, dv_acc = carry
+            dk_acc, dv_acc, *pending = carry
 
             def scores(acc):
                 plgpu.wgmma(acc, k_smem, q_smem.T)                       # Sᵀ = K Qᵀ
@@ -112,13 +133,20 @@ def dkdv_call(q, k, v, do, lse2, delta, meta_arrays, *, block_q: int, block_kv: 
                 return plgpu.wgmma_accumulator_load(acc, wait_n=1)       # dPᵀ only
 
             dp_t = pl.run_scoped(probabilities_grad, tile_acc)
-            ds_t = dlogits(p_t, dp_t, delta_i, tanh, row_axis=1)
-            plgpu.wgmma(dk_acc, ds_t.astype(dtype), q_smem)              # dK += dSᵀ Q
-            plgpu.wgmma_wait(1)                                          # dV's wgmma done
+            ds_t = dlogits(p_t, dp_t, delta_i, tanh, row_axis=1).astype(dtype)
+            plgpu.wgmma(dk_acc, ds_t, q_smem)                            # dK += dSᵀ Q
+            if not fused:
+                plgpu.wgmma_wait(1)                                      # dV's wgmma done
+                plgpu.barrier_arrive(do_done)
+                plgpu.wgmma_wait(0)
+                plgpu.barrier_arrive(q_done)
+                return dk_acc, dv_acc
+            partial = adds.partial_sum(ds_t, k_smem)                     # dS K_j, all done
             plgpu.barrier_arrive(do_done)
-            plgpu.wgmma_wait(0)
             plgpu.barrier_arrive(q_done)
-            return dk_acc, dv_acc
+            counter = adds.add(partial, pending[0], batch=bi, head=head_kv * groups + step.head,
+                               q_block=step.block, rank=step.rank)
+            return dk_acc, dv_acc, counter
 
         def q_index(s):
             step = lists.decode(s)
@@ -137,13 +165,17 @@ def dkdv_call(q, k, v, do, lse2, delta, meta_arrays, *, block_q: int, block_kv: 
 
     kv_smem = plgpu.SMEM((wgs, rows, hp), dtype, transforms=swizzled((rows, hp), dtype))
     out = jax.ShapeDtypeStruct((b, sp, kh, hp), dtype)
+    # Mosaic GPU launches the LAST grid axis fastest; kv-blocks run slowest either way
+    # (the fused kernel's order of adds needs it: backward_fused.py).
+    grid = dict(grid=(n_blocks, b, kh), grid_names=("kv_blocks", "batch", "kv_heads")) if fused else \
+        dict(grid=(n_blocks, kh, b), grid_names=("kv_blocks", "kv_heads", "batch"))
     return plgpu.kernel(
         kernel,
-        out_type=(out, out),
-        scratch_types=[kv_smem, kv_smem, plgpu.Barrier(num_barriers=wgs, num_arrivals=2)],
+        out_type=(sums.out_type(), out, out) if fused else (out, out),
+        scratch_types=[kv_smem, kv_smem, plgpu.Barrier(num_barriers=wgs, num_arrivals=2),
+                       *(sums.scratch_types() if fused else ())],
         compiler_params=plgpu.CompilerParams(approx_math=True),
-        grid=(n_blocks, kh, b),
-        grid_names=("kv_blocks", "kv_heads", "batch"),
         num_threads=wgs + 1,
         thread_name="wg",
-    )(q, k, v, do, lse2, delta, *meta_arrays, *operands)
+        **grid,
+    )(q, k, v, do, lse2, delta, *meta_arrays, *rank_arrays, *operands)

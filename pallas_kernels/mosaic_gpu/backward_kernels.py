@@ -23,10 +23,12 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
 import jax.numpy as jnp
 
 from pallas_kernels.mosaic_gpu.backward_dkdv import dkdv_call
 from pallas_kernels.mosaic_gpu.backward_dq import dq_call
+from pallas_kernels.mosaic_gpu.backward_fused import contributor_ranks
 from pallas_kernels.mosaic_gpu.backward_walk import LOG2E
 from pallas_kernels.mosaic_gpu.common import prepare_operands
 
@@ -51,6 +53,9 @@ class MosaicBackwardConfig:
     block_kv_dq: int = 64
     compute_warpgroups: int = 2
     num_stages: int = 2
+    # One kernel for dK, dV and dQ (backward_fused.py: 5 products per tile instead of 7,
+    # dQ's partial sums added in a fixed order) instead of the dK/dV and dQ kernels.
+    fused: bool = False
 
     def __post_init__(self):
         for name in ("block_q_dkv", "block_kv_dq"):
@@ -67,6 +72,8 @@ class MosaicBackwardConfig:
                     f"{ROWS_PER_WARPGROUP * self.compute_warpgroups}, got {value}.")
         if self.num_stages < 1:
             raise ValueError(f"MosaicBackwardConfig.num_stages must be >= 1, got {self.num_stages}.")
+        if not isinstance(self.fused, bool):
+            raise ValueError(f"MosaicBackwardConfig.fused must be True or False, got {self.fused!r}.")
 
     def metadata_tiles(self) -> dict[str, tuple[int, int]]:
         return {"dkdv": (self.block_q_dkv, self.block_kv_dkv),
@@ -147,7 +154,8 @@ def backward(static, q, k, v, bias, out, lse, dout, delta, metas, operands,
         raise NotImplementedError("the Mosaic GPU backward has no bias yet")
     if q.dtype not in (jnp.bfloat16, jnp.float16):
         raise NotImplementedError(f"the Mosaic GPU backward runs bfloat16/float16, not {q.dtype}")
-    config = getattr(static.config, "backward", None)
+    config = static.config if isinstance(static.config, MosaicBackwardConfig) else getattr(
+        static.config, "backward", None)
     if not isinstance(config, MosaicBackwardConfig):
         config = default_backward_config(padded_head_dim(q.shape[-1]))
     t, h = q.shape[1], q.shape[3]
@@ -183,6 +191,23 @@ def backward(static, q, k, v, bias, out, lse, dout, delta, metas, operands,
                   operand_kinds=static.operand_kinds)
 
     dq = dk = dv = None
+    if want_dkdv and want_dq and config.fused:
+        m = metas["dkdv"]
+        lists = tuple(jnp.asarray(a, jnp.int32) for a in
+                      (m.t_full_count, m.t_full_index, m.t_partial_count, m.t_partial_index))
+        rank_full, rank_partial, visitors = contributor_ranks(
+            jax.tree.map(lambda a: jnp.asarray(a, jnp.int32), m))
+        sums, dk, dv = dkdv_call(qp, kp, vp, dop, lse2, delta_p, lists, block_q=m.block_q,
+                                 block_kv=m.block_kv, rank_arrays=(rank_full, rank_partial),
+                                 **common)
+        # q-blocks that no kv-block visits were never written: their dQ is 0.
+        b, n = q.shape[0], q.shape[2]
+        seen = _pad(jnp.broadcast_to(visitors > 0, (b, n, visitors.shape[-1])), 2,
+                    tp // m.block_q)
+        seen = jnp.repeat(seen, m.block_q, axis=2)[..., None]
+        dq = jnp.swapaxes(jnp.where(seen, sums * static.scale, 0.0), 1, 2)
+        dq = dq[:, :t, :, :h].astype(q.dtype)
+        return dq, dk[:, :s, :, :h].astype(k.dtype), dv[:, :s, :, :h].astype(v.dtype), None
     if want_dkdv:
         m = metas["dkdv"]
         lists = (m.t_full_count, m.t_full_index, m.t_partial_count, m.t_partial_index)

@@ -56,20 +56,26 @@ def swizzled(shape, dtype) -> tuple:
 @dataclasses.dataclass(frozen=True)
 class Step:
     """One decoded pipeline step: the tile's block index along the walked axis, the
-    query head within the KV head's group (0 for the dQ kernel), and whether the tile
-    is PARTIAL (mask evaluated) rather than FULL."""
+    query head within the KV head's group (0 for the dQ kernel), whether the tile
+    is PARTIAL (mask evaluated) rather than FULL, and, when the lists came with
+    ranks, the tile's rank (backward_fused.py: how many kv-blocks add to this
+    q-block's dQ before this one)."""
     block: jax.Array
     head: jax.Array
     partial: jax.Array
+    rank: jax.Array | None = None
 
 
 class TileLists:
     """The FULL-then-PARTIAL lists of one block for the `groups` query heads
     head0 … head0 + groups − 1, read as scalars from the metadata arrays in GMEM
-    (counts [Bm, Hm, n], indices [Bm, Hm, n, L]; Bm in {1, B}, Hm in {1, N})."""
+    (counts [Bm, Hm, n], indices [Bm, Hm, n, L]; Bm in {1, B}, Hm in {1, N}).
+    rank_refs, optional: two arrays shaped like the two index arrays, one int32 per
+    list entry, read at the same position as the entry (Step.rank)."""
 
-    def __init__(self, meta_refs, *, batch, block, head0, groups: int):
+    def __init__(self, meta_refs, *, batch, block, head0, groups: int, rank_refs=None):
         self.full_count, self.full_index, self.partial_count, self.partial_index = meta_refs
+        self.rank_refs = rank_refs
         self.bm = batch if self.full_count.shape[0] > 1 else 0
         self.per_head = self.full_count.shape[1] > 1
         self.block, self.groups = block, groups
@@ -105,10 +111,14 @@ class TileLists:
         i = step - start
         partial = i >= n_full
         # Both lists are read at clamped positions; the select keeps the right entry.
-        in_full = self.full_index[self.bm, row, self.block, jnp.minimum(i, self.l_full - 1)]
-        in_partial = self.partial_index[self.bm, row, self.block,
-                                        jnp.clip(i - n_full, 0, self.l_partial - 1)]
-        return Step(block=lax.select(partial, in_partial, in_full), head=head, partial=partial)
+        at_full = (self.bm, row, self.block, jnp.minimum(i, self.l_full - 1))
+        at_partial = (self.bm, row, self.block, jnp.clip(i - n_full, 0, self.l_partial - 1))
+        block = lax.select(partial, self.partial_index[at_partial], self.full_index[at_full])
+        rank = None
+        if self.rank_refs is not None:
+            rank_full, rank_partial = self.rank_refs
+            rank = lax.select(partial, rank_partial[at_partial], rank_full[at_full])
+        return Step(block=block, head=head, partial=partial, rank=rank)
 
 
 def logits_and_probabilities(s, lse2, *, scale: float, cap: float | None, row_axis: int):
