@@ -8,6 +8,10 @@ Two kernels, no floating-point atomics, so two runs are bitwise identical:
 * dQ (backward_dq.py): one program per (q-block, query head, batch row) walking the
   forward lists.
 
+Or, with MosaicBackwardConfig.fused, one kernel: the dK/dV kernel also adding dQ's
+partial sums in a fixed order (backward_fused.py; deterministic too, but measured slower
+on the H200, so off).
+
 Both skip EMPTY tiles (never loaded), do no mask work on FULL tiles, and on PARTIAL
 tiles select P to exactly 0 where static.mask_fn or kv_pos >= kv_len rules a pair out.
 D = rowsum(dO ∘ O) − dlse comes precomputed (pallas_kernels/flash_vjp.py), as does the
