@@ -294,16 +294,12 @@ def run_bench(names, repeats, variants, baselines=("cudnn", "triton")):
                 jax.block_until_ready(fn(*inputs[0]))
                 tm = timing.time_call(fn, inputs, repeats=repeats)
                 # Back to back: `repeats` calls, one wait at the end (no per-call dispatch
-                # gap; matters for sub-millisecond kernels).
-                t0 = time.perf_counter()
-                outs = [fn(*inputs[i % sets]) for i in range(repeats)]
-                issued = (time.perf_counter() - t0) / repeats   # host time to dispatch a call
-                jax.block_until_ready(outs)
-                b2b = (time.perf_counter() - t0) / repeats
+                # gap; matters for sub-millisecond kernels). fn was just timed: no warm-up.
+                b2b = timing.time_back_to_back(fn, inputs, repeats=repeats, warmup=0)
                 entry[impl] = {"ms": tm.median_s * 1e3, "tflops": flops / tm.median_s / 1e12,
-                               "min_ms": tm.min_s * 1e3, "back_to_back_ms": b2b * 1e3,
-                               "back_to_back_tflops": flops / b2b / 1e12,
-                               "dispatch_us": issued * 1e6}
+                               "min_ms": tm.min_s * 1e3, "back_to_back_ms": b2b.per_call_s * 1e3,
+                               "back_to_back_tflops": flops / b2b.per_call_s / 1e12,
+                               "dispatch_us": b2b.issue_s * 1e6}
             except Exception as e:  # noqa: BLE001
                 entry[impl] = {"error": f"{type(e).__name__}: {e}"[:1500]}
         print(json.dumps(entry), flush=True)

@@ -161,11 +161,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="time, memory, FLOPs and error of full, local, sparse and flash attention vs length",
         description=(
             "Sweep the sequence length n and measure, for each attention method: time per call\n"
-            "(median after warm-up), peak memory (MiB), the FLOPs its mask needs, and the error of\n"
-            "its output against the float32 jnp reference with the same mask, and against full\n"
-            "attention. Each case is compiled and measured before the next starts (Ctrl-C keeps\n"
-            "what finished). Prints a table and writes compare.json, compare.txt and PNG plots\n"
-            "to --out.\n\n"
+            "(median after warm-up, each call waited for; and issued back to back with one wait at\n"
+            "the end, which the time plot draws: the device's cost without the host's per-call\n"
+            "dispatch), peak memory (MiB), the FLOPs its mask needs, and the error of its output\n"
+            "against the float32 jnp reference with the same mask, and against full attention.\n"
+            "Each case is compiled and measured before the next starts (Ctrl-C keeps what\n"
+            "finished). Prints a table and writes compare.json, compare.txt and PNG plots to --out.\n\n"
             "Methods:\n"
             "  full        full attention, dense O(n²) jnp reference (the definition)\n"
             "  local       sliding window: key j visible from query i when |i - j| <= w\n"
@@ -206,13 +207,14 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--random-blocks", type=non_negative_int, default=None, metavar="R",
                    help=f"bigbird random blocks per query block (default: {_both('random_blocks')})")
     c.add_argument("--repeats", type=positive_int, default=20, metavar="K",
-                   help="timed calls per measurement (median reported); on CPU fewer once --time-budget is "
-                        "spent, never under 3")
+                   help="timed calls per measurement (median reported), and calls issued back to back; "
+                        "on CPU fewer once --time-budget is spent (never under 3 timed, 2 back to back)")
     c.add_argument("--warmup", type=non_negative_int, default=None, metavar="K",
                    help="untimed calls before timing (default: 1 on CPU, 2 on GPU)")
     c.add_argument("--time-budget", type=non_negative_seconds, default=None, metavar="SECONDS",
-                   help="stop timing a measurement after this many seconds of timed calls (default: 1.0 on "
-                        "CPU, none on GPU; 0 = no budget)")
+                   help="stop timing a measurement after this many seconds of timed calls, and issue only "
+                        "as many calls back to back as a quarter of it holds (default: 1.0 on CPU, none on "
+                        "GPU; 0 = no budget)")
     c.add_argument("--quick", action="store_true",
                    help=f"smaller sweep: lengths {_fmt(CPU_DEFAULTS.quick_seq_lens)} on CPU, "
                         f"{_fmt(GPU_DEFAULTS.quick_seq_lens)} on GPU, at most 5 timed calls")

@@ -155,3 +155,37 @@ def test_tokamax_bench_mask_arguments_and_default_engine(tmp_path, monkeypatch):
     assert (row["warmup"], row["repeats"]) == (2, 1)
     assert row["default"]["fwd_tflops"] > 0 and row["default"]["fwd_bwd_tflops"] > 0
     assert set(row["default"]["custom_calls"]) == {"forward", "forward_backward"}
+
+
+def test_back_to_back_issues_every_call_before_one_wait(monkeypatch):
+    seen, waited = [], []
+    ticks = iter([0.0, 3.0, 10.0])  # start, all issued, all finished
+
+    def fn(x):
+        seen.append(x)
+        return jnp.full((), x)
+
+    def wait(outs):  # records what each wait covers: the warm-up's output, then all of them
+        waited.append([int(o) for o in (outs if isinstance(outs, list) else [outs])])
+        return outs
+
+    monkeypatch.setattr(timing.jax, "block_until_ready", wait)
+    t = timing.time_back_to_back(fn, [(0,), (1,), (2,)], repeats=5, warmup=1, clock=lambda: next(ticks))
+    assert seen == [0, 1, 2, 0, 1, 2]  # the warm-up call, then 5 rotating on from it
+    assert waited == [[0], [1, 2, 0, 1, 2]]  # one wait for the warm-up, one for all 5 calls
+    assert t.per_call_s == 2.0 and t.issue_s == 0.6  # 10 s / 5 calls; 3 s of issuing / 5
+    assert (t.calls, t.warmup, t.input_sets) == (5, 1, 3)
+    assert t.as_dict()["per_call_s"] == 2.0
+
+
+def test_back_to_back_without_warmup_times_real_calls():
+    t = timing.time_back_to_back(lambda x: x + 1, [(jnp.ones(4),)], repeats=3, warmup=0)
+    assert t.calls == 3 and t.warmup == 0 and t.per_call_s >= t.issue_s > 0
+
+
+@pytest.mark.parametrize("kwargs", [dict(repeats=0), dict(warmup=-1)])
+def test_back_to_back_rejects_bad_counts(kwargs):
+    with pytest.raises(ValueError, match="need repeats >= 1 and warmup >= 0"):
+        timing.time_back_to_back(lambda: None, [()], **kwargs)
+    with pytest.raises(ValueError, match="at least one tuple"):
+        timing.time_back_to_back(lambda: None, [])

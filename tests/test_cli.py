@@ -18,6 +18,7 @@ import pytest
 
 import jaxattn
 from jaxattn import cli
+from jaxattn.benchmarking import report
 
 HAS_FLASH = "pallas_triton" in jaxattn.available_implementations()
 ON_GPU = jax.default_backend() == "gpu"
@@ -58,7 +59,16 @@ def test_compare_writes_table_json_and_plots(tiny_compare, capsys):
         assert (out / name).stat().st_size > 1000 if name.endswith(".png") else (out / name).exists()
     text = (out / "compare.txt").read_text()
     assert "err vs same-mask ref" in text and "dev vs full attn" in text
+    assert "back to back: calls issued without waiting" in text
     assert len(data["results"]) == 3 * len(LENS)
+    table = text.split("\n\n")[1].splitlines()
+    rule = next(i for i, line in enumerate(table) if line.startswith("─"))
+    assert sum("back" in line for line in table[:rule]) == 2  # the header "back to back ms"
+    for r in data["results"]:  # the back-to-back time sits right of the median
+        if r["status"] == "ok":
+            cells = next(line for line in table[rule + 1:]
+                         if line.split()[:3] == [r["method"], r["implementation"], str(r["seq_len"])]).split()
+            assert cells[3:5] == [report.fmt_fixed(r["time_ms"]), report.fmt_fixed(r["back_to_back_ms"])]
 
 
 def test_compare_numbers_are_sane(tiny_compare):
@@ -69,6 +79,9 @@ def test_compare_numbers_are_sane(tiny_compare):
             continue
         assert r["status"] == "ok", r
         assert r["time_ms"] > 0 and r["timing"]["repeats"] >= 1
+        b2b = r["timing"]["back_to_back"]
+        assert r["back_to_back_ms"] == pytest.approx(b2b["per_call_s"] * 1e3) and b2b["calls"] == 2
+        assert r["back_to_back_ms"] >= b2b["issue_s"] * 1e3 > 0
         assert r["memory_bytes"] > 0 and r["memory_source"] in ("xla_estimate", "device_peak")
     full = _rows(data, "full")
     for r in full:  # the reference against itself
@@ -368,6 +381,50 @@ def test_plots_tell_lines_apart_keep_legends_off_the_data_and_say_cpu(tiny_compa
     assert len(seen) == 3 + 3  # three single panels, then the three of compare.png
     for title in seen:
         assert ("CPU run" in title) != ON_GPU, title
+
+
+def _time_panel_curves(monkeypatch, rows, data, out):
+    """(y label, {legend label: y values}) of the time panel compare_plots draws."""
+    from matplotlib.figure import Figure
+
+    from jaxattn.benchmarking import plots
+
+    drawn = []
+    monkeypatch.setattr(Figure, "savefig", lambda fig, *a, **k: drawn.append(fig.axes[0]))
+    plots.compare_plots(rows, data["meta"], data["config"], out)
+    ax = drawn[0]  # compare_time.png
+    return ax.get_ylabel(), {ln.get_label(): list(ln.get_ydata()) for ln in ax.get_lines()
+                             if not ln.get_label().startswith("_")}
+
+
+def test_time_plot_draws_back_to_back_times_when_the_rows_have_them(tiny_compare, monkeypatch, tmp_path):
+    _, _, data, _ = tiny_compare
+    rows = data["results"]
+    label, curves = _time_panel_curves(monkeypatch, rows, data, tmp_path)
+    assert "issued back to back" in label
+    full = sorted((r for r in rows if r["method"] == "full"), key=lambda r: r["seq_len"])
+    assert curves["full (reference)"] == [r["back_to_back_ms"] for r in full]
+    # Results written before the back-to-back measurement existed: the median, said so.
+    older = [{k: v for k, v in r.items() if k != "back_to_back_ms"} for r in rows]
+    label, curves = _time_panel_curves(monkeypatch, older, data, tmp_path)
+    assert "median" in label and "back to back" not in label
+    assert curves["full (reference)"] == [r["time_ms"] for r in full]
+
+
+def test_back_to_back_calls_fit_a_quarter_of_the_time_budget():
+    from jaxattn.benchmarking import compare
+    from jaxattn.benchmarking.cases import PatternParams
+
+    def config(repeats, budget_s):
+        return compare.CompareConfig(seq_lens=(64,), methods=(("full", None),), batch=1, heads=1, head_dim=8,
+                                     dtype="float32", params=PatternParams(16, 4, 32, 2), repeats=repeats,
+                                     budget_s=budget_s)
+
+    assert compare.back_to_back_calls(config(20, None), 5.0) == 20  # no budget (GPU): every repeat
+    assert compare.back_to_back_calls(config(20, 1.0), 0.01) == 20  # 25 fit in 0.25 s: capped
+    assert compare.back_to_back_calls(config(20, 1.0), 0.05) == 5
+    assert compare.back_to_back_calls(config(20, 1.0), 0.3) == 2  # slow calls: still two
+    assert compare.back_to_back_calls(config(1, 1.0), 0.3) == 1  # never more than --repeats
 
 
 def test_terminal_gets_one_progress_display_with_eta():

@@ -38,8 +38,11 @@ def prepare_interpret_mode() -> None:
 # ------------------------------------------------------------------------------------
 def compare_notes(meta: dict) -> list[str]:
     notes = [
-        "time: median per call after warm-up, ms. GFLOP: forward FLOPs the mask needs, "
-        "4·B·N·n²·H × allowed (useful work only).",
+        "time: median per call after warm-up, each call waited for, ms (includes the host's "
+        "dispatch and wait). back to back: calls issued without waiting, one wait at the end, time / "
+        "calls, ms: what the device spends per call while the host stays ahead, as in a training loop "
+        "(the time plot draws it). GFLOP: forward FLOPs the mask needs, 4·B·N·n²·H × allowed "
+        "(useful work only).",
         "err vs same-mask ref: max |output - jnp reference in float32 with the same mask| (the "
         "implementation's error); dev vs full attn: max |output - full attention| (by design not 0 "
         "for local and sparse patterns).",

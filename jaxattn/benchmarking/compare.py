@@ -1,7 +1,8 @@
 """The length sweep behind `jaxattn compare`.
 
 For every sequence length n and method (cases.COMPARE_METHODS) it records: time per call
-(median after warm-up), peak memory (device statistics when the backend keeps them,
+(median after warm-up, each call waited for; and issued back to back, one wait for all, which
+takes the host's per-call dispatch out of sub-millisecond kernels' times), peak memory (device statistics when the backend keeps them,
 else XLA's compiled-memory estimate, labelled per row), the FLOPs the mask needs
 (flops.py), and two errors of the method's output, both against the jnp
 reference computed in float32 on the same inputs:
@@ -236,7 +237,7 @@ def _base_row(config, n, plan, mask, fraction):
         "flops_forward": flops.attention_flops(batch=config.batch, heads=config.heads, q_len=n, kv_len=n,
                                                head_dim=config.head_dim, fraction=fraction),
         "status": "ok", "reason": "",
-        "time_ms": None, "timing": None,
+        "time_ms": None, "back_to_back_ms": None, "timing": None,
         "memory_bytes": None, "memory_source": None, "xla_estimate_bytes": None, "device_peak_bytes": None,
         "err_max_abs": None, "err_rel_l2": None, "dev_full_max_abs": None, "dev_full_rel_l2": None,
         "error_rows": "all",
@@ -287,7 +288,8 @@ def _measure_case(config, case, inputs, oracles, measure_device, cache_bytes) ->
 
 
 def _run_and_time(config, row, compiled, sets, windows, measure_device):
-    """Peak memory of the first call, then the timing; the output on the error rows, or
+    """Peak memory of the first call, then the timings (median of waited-for calls, then
+    calls issued back to back); the output on the error rows, or
     None when the call would not fit (estimated)."""
     stats = device_memory_stats() if measure_device else None
     free = (stats["bytes_limit"] - stats.get("bytes_in_use", 0)) if stats and stats.get("bytes_limit") else None
@@ -309,7 +311,21 @@ def _run_and_time(config, row, compiled, sets, windows, measure_device):
                          min_repeats=config.min_repeats, budget_s=config.budget_s)
     row.update(time_ms=t.median_s * 1e3, timing=t.as_dict())
     row["timing"]["warmup"] = config.warmup  # the first call above was a warm-up too
+    b2b = timing.time_back_to_back(compiled, sets, repeats=back_to_back_calls(config, t.median_s),
+                                   warmup=0)  # warm: it was just timed
+    row.update(back_to_back_ms=b2b.per_call_s * 1e3)
+    row["timing"]["back_to_back"] = b2b.as_dict()
     return out_rows
+
+
+def back_to_back_calls(config: CompareConfig, median_s: float) -> int:
+    """Calls issued back to back: ``config.repeats``; under a time budget (the CPU default)
+    only as many as a quarter of the budget holds at the median's pace, but at least two
+    (so that one call's dispatch overlaps another's run)."""
+    if config.budget_s is None:
+        return config.repeats
+    fit = int(config.budget_s / 4 / median_s) if median_s > 0 else config.repeats
+    return max(min(2, config.repeats), min(config.repeats, fit))
 
 
 def _errors(row, mask, out_rows, qkv, windows, oracles):

@@ -139,6 +139,16 @@ def _error_panel(ax, rows, note=""):
     _legend_outside(ax, handles=handles)
 
 
+def time_series(rows: list[dict]) -> tuple[str, str]:
+    """The row key the time panel draws and its axis label: the time of calls issued back to
+    back when every timed row has one (the device's cost, without the host's per-call
+    dispatch and wait), else the median of waited-for calls (results of older versions)."""
+    timed = _ok(rows, "time_ms")
+    if timed and all(r.get("back_to_back_ms") is not None for r in timed):
+        return "back_to_back_ms", "time per call (ms, issued back to back)"
+    return "time_ms", "time per call (ms, median of waited-for calls)"
+
+
 def compare_plots(rows: list[dict], meta: dict, config: dict, out_dir: Path) -> list[Path]:
     """compare_time.png, compare_memory.png, compare_error.png and compare.png (all three)."""
     plt = _plt()
@@ -152,8 +162,10 @@ def compare_plots(rows: list[dict], meta: dict, config: dict, out_dir: Path) -> 
                  "memory, XLA estimate (arg+out+temp)" if mem_src <= {"xla_estimate"} else
                  "memory: device peak (filled) / XLA estimate (hollow)")
 
+    time_key, time_label = time_series(rows)
+
     def time_panel(ax):
-        _line_panel(ax, rows, "time_ms", 1.0, "time per call (ms, median)", f"time — {where}{note}", window)
+        _line_panel(ax, rows, time_key, 1.0, time_label, f"time — {where}{note}", window)
 
     def memory_panel(ax):
         mixed = len(mem_src) > 1  # hollow marks the estimates only when both kinds are drawn

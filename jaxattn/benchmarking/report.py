@@ -179,13 +179,13 @@ def compare_table(rows: list[dict], method_order: list[str] | None = None) -> st
     order = {m: i for i, m in enumerate(method_order or [])}
     rows = sorted(rows, key=lambda r: (r["seq_len"], order.get(r["method"], len(order))))
     table = _table([("method", "L"), ("implementation", "L"), ("n", "r"), ("time\nms", "r"),
-                    ("memory\nMiB", "r"), ("GFLOP", "r"), ("allowed", "r"), ("err vs\nsame-mask\nref", "r"),
+                    ("back\nto\nback\nms", "r"), ("memory\nMiB", "r"), ("GFLOP", "r"), ("allowed", "r"), ("err vs\nsame-\nmask\nref", "r"),
                     ("dev vs\nfull\nattn", "r"), ("status", "l")])
     status, notes = _status_cells(rows)
     for r, st in zip(rows, status):
         table.add_row(
             r["method"], r.get("implementation") or "-", str(r["seq_len"]),
-            fmt_fixed(r.get("time_ms")), compare_memory_cell(r),
+            fmt_fixed(r.get("time_ms")), fmt_fixed(r.get("back_to_back_ms")), compare_memory_cell(r),
             fmt_fixed(r["flops_forward"] / 1e9, 3), f"{100 * r['allowed_fraction']:.1f}%",
             fmt_num(r.get("err_max_abs"), ".1e"), fmt_num(r.get("dev_full_max_abs"), ".1e"), st)
     return "\n".join([render(table), *notes])
@@ -235,7 +235,9 @@ def compare_header(meta: dict, config, plans) -> str:
         f"patterns: window w={p.window}, {p.num_global} global tokens, bigbird {p.random_blocks} "
         f"random blocks of {p.block_size}",
         f"timing: median of up to {config.repeats} calls after {config.warmup} warm-up call(s) "
-        f"(at least {config.min_repeats}{budget})",
+        f"(at least {config.min_repeats}{budget}), each waited for; then up to {config.repeats} calls "
+        f"issued back to back, one wait at the end" + (" (as many as a quarter of the budget holds, "
+                                                       "at least 2)" if config.budget_s else ""),
         "methods:",
     ]
     interpret = meta["platform"] != "gpu"

@@ -11,6 +11,12 @@
 
 The same harness runs on CPU for `jaxattn compare`, where a per-measurement time budget
 may stop the repeats early (never below ``min_repeats``); the count is recorded.
+
+A waited-for call costs the host's dispatch plus the device's run plus the wait: for
+kernels of a few tens of µs the median is the host's floor, not the kernel. The second
+measure, ``time_back_to_back``, issues many calls without waiting and waits once at the
+end, as a training loop does: each call's dispatch overlaps the device's work on the
+previous ones, so while the host stays ahead the time per call is what the device spends.
 """
 
 from __future__ import annotations
@@ -45,6 +51,22 @@ class Timing:
     def as_dict(self) -> dict:
         return {"median_s": self.median_s, "min_s": self.min_s, "max_s": self.max_s,
                 "repeats": self.repeats, "warmup": self.warmup, "input_sets": self.input_sets}
+
+
+@dataclasses.dataclass(frozen=True)
+class BackToBack:
+    """Seconds per call of ``calls`` calls issued back to back (one wait at the end):
+    ``per_call_s`` is the wall time of all of them / ``calls``; ``issue_s`` is the host's
+    time to issue one call (the part of it before the wait, / ``calls``)."""
+    per_call_s: float
+    issue_s: float
+    calls: int
+    warmup: int
+    input_sets: int
+
+    def as_dict(self) -> dict:
+        return {"per_call_s": self.per_call_s, "issue_s": self.issue_s, "calls": self.calls,
+                "warmup": self.warmup, "input_sets": self.input_sets}
 
 
 def rotation_sets(bytes_per_set: int, *, cache_bytes: int = L2_BYTES, max_sets: int = 32) -> int:
@@ -87,3 +109,30 @@ def time_call(fn: Callable, input_sets: Sequence[tuple], *, warmup: int = DEFAUL
             break
     return Timing(median_s=statistics.median(times), min_s=min(times), max_s=max(times),
                   times_s=tuple(times), warmup=warmup, input_sets=n_sets)
+
+
+def time_back_to_back(fn: Callable, input_sets: Sequence[tuple], *, repeats: int = DEFAULT_REPEATS,
+                      warmup: int = 1, clock: Callable[[], float] = time.perf_counter) -> BackToBack:
+    """Time ``repeats`` calls of ``fn(*args)`` issued without waiting, args rotating over
+    ``input_sets``, then one ``jax.block_until_ready`` on all their outputs.
+
+    After ``warmup`` waited-for calls (0 for a function that was just timed and is warm).
+    The result is the device-bound cost of a call when the host stays ahead of the device
+    (a call's dispatch overlaps the previous calls' work); where issuing a call takes the
+    host longer than the device's run, it is the issue time instead (``issue_s`` says so).
+    All ``repeats`` outputs are alive at once until the wait.
+    """
+    if not input_sets:
+        raise ValueError("input_sets must hold at least one tuple of arguments.")
+    if repeats < 1 or warmup < 0:
+        raise ValueError(f"need repeats >= 1 and warmup >= 0, got {repeats=}, {warmup=}.")
+    n_sets = len(input_sets)
+    for call in range(warmup):
+        jax.block_until_ready(fn(*input_sets[call % n_sets]))
+    start = clock()
+    outs = [fn(*input_sets[(warmup + i) % n_sets]) for i in range(repeats)]
+    issued = clock()
+    jax.block_until_ready(outs)
+    end = clock()
+    return BackToBack(per_call_s=(end - start) / repeats, issue_s=(issued - start) / repeats,
+                      calls=repeats, warmup=warmup, input_sets=n_sets)
