@@ -208,12 +208,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"bigbird random blocks per query block (default: {_both('random_blocks')})")
     c.add_argument("--repeats", type=positive_int, default=20, metavar="K",
                    help="timed calls per measurement (median reported), and calls issued back to back; "
-                        "on CPU fewer once --time-budget is spent (never under 3 timed, 2 back to back)")
+                        "on CPU fewer once --time-budget is spent (never under 3 timed, 1 back to back)")
     c.add_argument("--warmup", type=non_negative_int, default=None, metavar="K",
                    help="untimed calls before timing (default: 1 on CPU, 2 on GPU)")
     c.add_argument("--time-budget", type=non_negative_seconds, default=None, metavar="SECONDS",
                    help="stop timing a measurement after this many seconds of timed calls, and issue only "
-                        "as many calls back to back as a quarter of it holds (default: 1.0 on CPU, none on "
+                        "as many calls back to back as a tenth of it holds (default: 1.0 on CPU, none on "
                         "GPU; 0 = no budget)")
     c.add_argument("--quick", action="store_true",
                    help=f"smaller sweep: lengths {_fmt(CPU_DEFAULTS.quick_seq_lens)} on CPU, "

@@ -319,13 +319,13 @@ def _run_and_time(config, row, compiled, sets, windows, measure_device):
 
 
 def back_to_back_calls(config: CompareConfig, median_s: float) -> int:
-    """Calls issued back to back: ``config.repeats``; under a time budget (the CPU default)
-    only as many as a quarter of the budget holds at the median's pace, but at least two
-    (so that one call's dispatch overlaps another's run)."""
+    """Calls issued back to back: ``config.repeats``; under a time budget (the CPU default,
+    where the host runs the calls itself and there is no dispatch to hide) only as many as
+    a tenth of the budget holds at the median's pace, at least one: a few seconds in all."""
     if config.budget_s is None:
         return config.repeats
-    fit = int(config.budget_s / 4 / median_s) if median_s > 0 else config.repeats
-    return max(min(2, config.repeats), min(config.repeats, fit))
+    fit = int(config.budget_s / 10 / median_s) if median_s > 0 else config.repeats
+    return max(1, min(config.repeats, fit))
 
 
 def _errors(row, mask, out_rows, qkv, windows, oracles):

@@ -236,8 +236,8 @@ def compare_header(meta: dict, config, plans) -> str:
         f"random blocks of {p.block_size}",
         f"timing: median of up to {config.repeats} calls after {config.warmup} warm-up call(s) "
         f"(at least {config.min_repeats}{budget}), each waited for; then up to {config.repeats} calls "
-        f"issued back to back, one wait at the end" + (" (as many as a quarter of the budget holds, "
-                                                       "at least 2)" if config.budget_s else ""),
+        f"issued back to back, one wait at the end" + (" (as many as a tenth of the budget holds, "
+                                                       "at least 1)" if config.budget_s else ""),
         "methods:",
     ]
     interpret = meta["platform"] != "gpu"
