@@ -2,10 +2,10 @@
 
 For every sequence length n and method (cases.COMPARE_METHODS) it records: time per call
 (median after warm-up, each call waited for; and issued back to back, one wait for all, which
-takes the host's per-call dispatch out of sub-millisecond kernels' times), peak memory (device statistics when the backend keeps them,
-else XLA's compiled-memory estimate, labelled per row), the FLOPs the mask needs
-(flops.py), and two errors of the method's output, both against the jnp
-reference computed in float32 on the same inputs:
+takes the host's per-call dispatch out of sub-millisecond kernels' times), peak memory
+(device statistics when the backend keeps them, else XLA's compiled-memory estimate,
+labelled per row), the FLOPs the mask needs (flops.py), and two errors of the method's
+output, both against the jnp reference computed in float32 on the same inputs:
 
 * ``err_*``: against the reference *with the same mask*: the implementation's error;
 * ``dev_*``: against *full* attention: how far the pattern's result is from full

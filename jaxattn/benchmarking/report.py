@@ -179,8 +179,8 @@ def compare_table(rows: list[dict], method_order: list[str] | None = None) -> st
     order = {m: i for i, m in enumerate(method_order or [])}
     rows = sorted(rows, key=lambda r: (r["seq_len"], order.get(r["method"], len(order))))
     table = _table([("method", "L"), ("implementation", "L"), ("n", "r"), ("time\nms", "r"),
-                    ("back\nto\nback\nms", "r"), ("memory\nMiB", "r"), ("GFLOP", "r"), ("allowed", "r"), ("err vs\nsame-\nmask\nref", "r"),
-                    ("dev vs\nfull\nattn", "r"), ("status", "l")])
+                    ("back\nto\nback\nms", "r"), ("memory\nMiB", "r"), ("GFLOP", "r"), ("allowed", "r"),
+                    ("err vs\nsame-\nmask\nref", "r"), ("dev vs\nfull\nattn", "r"), ("status", "l")])
     status, notes = _status_cells(rows)
     for r, st in zip(rows, status):
         table.add_row(
