@@ -24,6 +24,8 @@ def jax_nn_attention(implementation, query, key, value, bias, mask: Mask, *, sca
         raise NotImplementedError("cuDNN attention needs a CUDA GPU")
     if implementation == "cudnn" and query.dtype not in (jnp.bfloat16, jnp.float16):
         raise NotImplementedError("cuDNN attention takes bfloat16/float16 only")
+    if implementation == "cudnn" and (reason := cudnn_shape_reason(mask, query.shape[1], key.shape[1])):
+        raise NotImplementedError(reason)
     if implementation == "xla" and jax.default_backend() == "cpu" and query.dtype == jnp.float16:
         raise NotImplementedError("XLA's CPU dot has no float16 x float16 -> float32 mode")
     if implementation == "cudnn":
@@ -68,6 +70,19 @@ def _jax_nn_jit(query, key, value, bias, mask, *, implementation, scale, return_
     if lse is not None:
         lse = jnp.where(jnp.swapaxes(row_has_key[..., 0], 1, 2), lse, -jnp.inf)
     return (out, lse) if return_residuals else out
+
+
+def cudnn_shape_reason(mask: Mask, q_len: int, kv_len: int) -> str | None:
+    """Why cuDNN cannot run `mask` at these lengths, or None. Checked before tracing:
+    cuDNN refuses some of these only when XLA compiles the whole program, too late for
+    dispatch to take another implementation."""
+    window = (jax_nn_mask_arguments(mask) or {}).get("local_window_size")
+    if window is not None and q_len > kv_len:
+        # seen on an H200 (cuDNN via jax 0.11.2): "Sliding window attention is only
+        # supported with max_s_q <= max_s_kv", raised at compile time
+        return (f"cuDNN's sliding window needs as many keys as queries (got T={q_len} > "
+                f"S={kv_len})")
+    return None
 
 
 def jax_nn_mask_arguments(mask: Mask):

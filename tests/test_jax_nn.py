@@ -48,12 +48,47 @@ def test_xla_windows_match_the_reference(mask):
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("mask, t, s, declined", [
+    (LocalMask(100, 0), 512, 256, True),
+    (CausalMask() & LocalMask(100, 30), 512, 256, True),
+    (LocalMask(100, 0), 256, 512, False),
+    (CausalMask(), 512, 256, False),
+    (LocalMask(None, 0), 512, 256, False),
+])
+def test_cudnn_declines_windows_with_more_queries_than_keys(mask, t, s, declined):
+    """cuDNN refuses such a window only when XLA compiles the program (after dispatch
+    chose it); the check runs before, so dispatch takes the next implementation."""
+    from jaxattn.jax_nn import cudnn_shape_reason
+    reason = cudnn_shape_reason(mask, t, s)
+    assert (reason is not None) == declined
+    if declined:
+        assert f"T={t} > S={s}" in reason
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("mask", [LocalMask(100, 0), LocalMask(100, 0) & CausalMask(),
+@pytest.mark.parametrize("mask", [LocalMask(100, 0), CausalMask() & LocalMask(100, 30)], ids=repr)
+def test_default_dispatch_serves_windows_with_more_queries_than_keys(mask):
+    q = _qkv(512, 2, 64, jnp.bfloat16)[0]
+    _, k, v = _qkv(256, 2, 64, jnp.bfloat16, seed=1)
+    with pytest.raises(NotImplementedError, match="T=512 > S=256"):
+        jaxattn.dot_product_attention(q, k, v, mask=mask, implementation="cudnn")
+    got = jax.jit(lambda q, k, v: jaxattn.dot_product_attention(q, k, v, mask=mask))(q, k, v)
+    f32 = lambda x: x.astype(jnp.float32)  # noqa: E731
+    want = reference_attention(f32(q), f32(k), f32(v), None, canonical_mask(mask), scale=64 ** -0.5)
+    np.testing.assert_allclose(np.asarray(f32(got)), np.asarray(want), atol=0.05)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("t, s", [(512, 512), (256, 512), (512, 256)], ids=lambda x: str(x))
+@pytest.mark.parametrize("mask", [CausalMask(), LocalMask(100, 0), LocalMask(100, 0) & CausalMask(),
                                   CausalMask() & LocalMask(100, 30), LocalMask(None, 0)], ids=repr)
-def test_cudnn_windows_match_the_reference_per_row(mask):
-    """Worst row of |got − ref| / |ref| (float32 reference on the same bf16 inputs)."""
-    q, k, v = _qkv(512, 2, 64, jnp.bfloat16)
+def test_cudnn_windows_match_the_reference_per_row(mask, t, s):
+    """Worst row of |got − ref| / |ref| (float32 reference on the same bf16 inputs), also
+    with T ≠ S (the masks' positions are top-left aligned, as jax.nn's is_causal)."""
+    q = _qkv(t, 2, 64, jnp.bfloat16)[0]
+    _, k, v = _qkv(s, 2, 64, jnp.bfloat16, seed=1)
+    if jax_nn_mask_arguments(canonical_mask(mask)).get("local_window_size") and t > s:
+        pytest.skip("declined (test_cudnn_declines_windows_with_more_queries_than_keys)")
     got = jax.jit(lambda q, k, v: jaxattn.dot_product_attention(
         q, k, v, mask=mask, implementation="cudnn"))(q, k, v)
     f32 = lambda x: x.astype(jnp.float32)  # noqa: E731
