@@ -216,11 +216,14 @@ def timing_case(name, mask, t, window, b=1, n=16, h=128):
             # Where the fused kernel's time goes: its dQ adds unordered, or left out.
             from pallas_kernels.mosaic_gpu import backward_fused
             holder = ConfigHolder(mb.MosaicBackwardConfig(fused=True))
-            for adds in ("unordered", "skip"):
-                backward_fused.DQ_ADDS = adds
-                run_f = kernel_backward(dataclasses.replace(static, config=holder), metas, operands)
-                res[f"fused_{adds}_ms"] = _median_time(run_f, (q, k, v, out, lse, do)) * 1e3
-            backward_fused.DQ_ADDS = "ordered"
+            try:
+                for adds in ("unordered", "skip"):
+                    backward_fused.DQ_ADDS = adds   # read when the kernel is traced
+                    run_f = kernel_backward(dataclasses.replace(static, config=holder), metas,
+                                            operands)
+                    res[f"fused_{adds}_ms"] = _median_time(run_f, (q, k, v, out, lse, do)) * 1e3
+            finally:
+                backward_fused.DQ_ADDS = "ordered"
         static2 = static
         for part in ("dq", "dkdv"):
             one = jax.jit(lambda q_, k_, v_, o_, l_, d_, part=part: mb.backward(

@@ -92,14 +92,23 @@ NARROW_WINDOW_HEAD_DIMS = range(65, 129)
 
 
 def _narrow_causal_window(mask: Mask) -> bool:
-    window = (jax_nn_mask_arguments(mask) or {}).get("local_window_size")
-    return window is not None and window[1] == 0 and window[0] <= NARROW_WINDOW
+    """A causal window of at most NARROW_WINDOW keys back (causal & LocalMask(w, r)
+    keeps no key past the query whatever r is)."""
+    kwargs = jax_nn_mask_arguments(mask) or {}
+    window = kwargs.get("local_window_size")
+    return (window is not None and (window[1] == 0 or kwargs.get("is_causal", False))
+            and window[0] <= NARROW_WINDOW)
 
 
 def _cudnn_native(mask: Mask, dtype, logits_soft_cap) -> bool:
+    """cuDNN runs this mask natively: jax.nn expresses it, and not as a window reaching
+    past the query without causality (cuDNN declines those)."""
+    kwargs = jax_nn_mask_arguments(mask)
+    if kwargs is None or (kwargs.get("local_window_size", (0, 0))[1] > 0
+                          and not kwargs.get("is_causal", False)):
+        return False
     return (logits_soft_cap is None and dtype is not None
-            and jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-            and jax_nn_mask_arguments(mask) is not None)
+            and jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)))
 
 
 def _reference(query, key, value, bias, mask, *, scale, logits_soft_cap, return_residuals,

@@ -199,11 +199,15 @@ def test_gpu_order_falls_back_through_cudnn_to_reference(monkeypatch):
     assert implementations.default_order() == (*kernels, "cudnn", "reference")
     # masks jax.nn expresses natively, on 16-bit inputs, go to cuDNN first (measured faster)
     for mask in (M.FullMask(), M.CausalMask(), M.CausalMask() & M.LocalMask(2048, 0),
-                 M.LocalMask(128, 128)):
+                 M.CausalMask() & M.LocalMask(2048, 64)):
         assert implementations.default_order(mask, jnp.bfloat16) == ("cudnn", *kernels, "reference")
-    # ... except narrow causal windows: the Hopper kernels first, then cuDNN
+    # a window reaching past the query without causality: cuDNN declines it, so not first
+    assert implementations.default_order(M.LocalMask(128, 128), jnp.bfloat16) == (
+        *kernels, "cudnn", "reference")
+    # ... and narrow causal windows: the Hopper kernels first, then cuDNN
     rest = tuple(n for n in kernels if n != "pallas_mosaic_gpu")
-    for mask in (M.CausalMask() & M.LocalMask(128, 0), M.LocalMask(256, 0), M.LocalMask(1024, 0)):
+    for mask in (M.CausalMask() & M.LocalMask(128, 0), M.LocalMask(256, 0), M.LocalMask(1024, 0),
+                 M.CausalMask() & M.LocalMask(500, 16)):
         assert implementations.default_order(mask, jnp.bfloat16, None, 128) == (
             "pallas_mosaic_gpu", "cudnn", *rest, "reference")
         # not measured at head dims 64 and 256 (nor without knowing it), nor with a bias:

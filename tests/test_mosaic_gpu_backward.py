@@ -22,7 +22,7 @@ from pallas_kernels.flash_vjp import backward_lse
 from pallas_kernels.mosaic_gpu import backward_kernels as mb
 from pallas_kernels.mosaic_gpu.backward_walk import TileLists
 from helpers import lower_for_h100
-from jaxattn.flash import build_call, prepare_call
+from jaxattn.flash import build_call
 
 def _static_and_metas(mask, t, s, h, cap=None, fused=False):
     """(static, metas, operands) as jaxattn builds them, at the backward kernels' tiles."""
@@ -48,6 +48,13 @@ def _lowered_text(mask, *, b=1, t=256, s=256, n=2, kh=1, h=64, cap=None, dtype=j
               ((b, t, n, h), dtype), ((b, n, t), jnp.float32), ((b, t, n, h), dtype)]
     args = [jax.ShapeDtypeStruct(shape, dt) for shape, dt in shapes]
     return lower_for_h100(run, *args)
+
+
+def _per_head_documents_mask():
+    """Different documents per head (4 heads, 256 tokens): one tile list per head."""
+    ids = np.stack([np.repeat(np.arange(2), [70, 186]), np.repeat(np.arange(3), [20, 100, 136]),
+                    np.repeat(np.arange(2), [200, 56]), np.zeros(256, int)])[None]
+    return M.CausalMask() & M.DenseMask(jnp.asarray(ids[:, :, :, None] == ids[:, :, None, :]))
 
 
 LOWERING_CASES = {
@@ -79,6 +86,8 @@ def test_fused_backward_lowers_for_h100(name):
 
 @pytest.mark.parametrize("mask, t, s, tiles", [
     (M.CausalMask(), 320, 384, (64, 128)),
+    (_per_head_documents_mask(), 256, 256, (64, 128)),          # Hm > 1
+    (M.CausalMask(offset=-130), 300, 200, (64, 128)),           # q-blocks nobody visits
     (M.LocalMask(100, 30) | M.GlobalMask(20), 448, 448, (64, 128)),
     (M.causal_document_mask(jnp.asarray(np.stack([np.repeat(np.arange(3), [100, 150, 134]),
                                                   np.repeat(np.arange(2), [300, 84])]))), 384, 384,
@@ -123,26 +132,39 @@ def _expected_walk(meta, block, heads, batch=0):
     return walk
 
 
+def _expected_rank(meta, row, q_block, kv_block, batch=0):
+    """kv-blocks before `kv_block` on q-block `q_block`'s forward lists (numpy)."""
+    a = [np.asarray(x) for x in (meta.full_count, meta.full_index, meta.partial_count,
+                                 meta.partial_index)]
+    bm = batch if a[0].shape[0] > 1 else 0
+    row = row if a[0].shape[1] > 1 else 0
+    seen = (list(a[1][bm, row, q_block, :a[0][bm, row, q_block]])
+            + list(a[3][bm, row, q_block, :a[2][bm, row, q_block]]))
+    return sum(int(j) < kv_block for j in seen)
+
+
 @pytest.mark.parametrize("per_head", [False, True])
 def test_tile_lists_decode_every_step_of_the_group(per_head):
-    """The step → (head, block, partial) decoding both kernels share, on the transposed
-    lists of a GQA group (2 query heads per KV head), against the lists read in numpy."""
-    if per_head:   # different documents per head: one list per head
-        ids = np.stack([np.repeat(np.arange(2), [70, 186]), np.repeat(np.arange(3), [20, 100, 136]),
-                        np.repeat(np.arange(2), [200, 56]), np.zeros(256, int)])[None]
-        mask = M.CausalMask() & M.DenseMask(jnp.asarray(ids[:, :, :, None] == ids[:, :, None, :]))
-    else:
-        mask = M.LocalMask(100, 0) | M.GlobalMask(16)
+    """The step → (head, block, partial, rank) decoding both kernels share, on the
+    transposed lists of a GQA group (2 query heads per KV head), against the lists read
+    in numpy; rank (the fused kernel's turn) read from contributor_ranks' arrays."""
+    from pallas_kernels.mosaic_gpu.backward_fused import contributor_ranks
+    mask = _per_head_documents_mask() if per_head else M.LocalMask(100, 0) | M.GlobalMask(16)
     meta = M.build_block_metadata(mask, 256, 256, 64, 128)
     assert (np.asarray(meta.t_full_count).shape[1] > 1) == per_head
     arrays = tuple(jnp.asarray(x) for x in (meta.t_full_count, meta.t_full_index,
                                             meta.t_partial_count, meta.t_partial_index))
+    ranks = contributor_ranks(jax.tree.map(jnp.asarray, meta))[:2]
     for kv_head in (0, 1):
+        heads = [2 * kv_head, 2 * kv_head + 1]
         for block in range(meta.num_kv_blocks):
-            lists = TileLists(arrays, batch=0, block=block, head0=2 * kv_head, groups=2)
+            lists = TileLists(arrays, batch=0, block=block, head0=2 * kv_head, groups=2,
+                              rank_refs=ranks)
             got = [lists.decode(jnp.int32(i)) for i in range(int(lists.total))]
-            got = [(int(x.head), int(x.block), bool(x.partial)) for x in got]
-            assert got == _expected_walk(meta, block, [2 * kv_head, 2 * kv_head + 1])
+            got = [(int(x.head), int(x.block), bool(x.partial), int(x.rank)) for x in got]
+            want = [(g, i, partial, _expected_rank(meta, heads[g], i, block))
+                    for g, i, partial in _expected_walk(meta, block, heads)]
+            assert got == want
 
 
 @dataclasses.dataclass(frozen=True)
@@ -179,6 +201,12 @@ def test_config_checks_its_tiles():
     cfg = mb.MosaicBackwardConfig()
     assert cfg.smem_bytes(128, 2) < mb.SMEM_BYTES
     assert cfg.metadata_tiles() == {"dkdv": (64, 128), "dq": (128, 64)}
+    with pytest.raises(ValueError, match="fused=True.*block_q_dkv=64"):
+        mb.MosaicBackwardConfig(fused=True, block_q_dkv=128)
+    fused = mb.MosaicBackwardConfig(fused=True)
+    # + 16 KB of dSᵀ and 64 KB of float32 dQ staging at D128, still inside an sm90 CTA
+    assert fused.smem_bytes(128, 2) - cfg.smem_bytes(128, 2) == 80 * 1024
+    assert fused.smem_bytes(128, 2) < mb.SMEM_BYTES
 
 
 def test_metadata_for_other_tiles_is_refused():
@@ -200,6 +228,9 @@ GPU_CASES = {
     "ragged_t_ne_s_d128": (M.FullMask(), 1, 200, 333, 2, 1, 128),
     "empty_rows_d128": (M.CausalMask(offset=-50), 1, 300, 200, 2, 1, 128),
     "empty_programs_d64": (M.CausalMask(), 1, 256, 512, 2, 1, 64),   # keys 256+ seen by none
+    # rows 0-99 see no key: whole 64-row q-blocks that no kv-block visits (the fused
+    # kernel never writes their dQ rows; the caller zeroes them)
+    "empty_q_blocks_d64": (M.CausalMask(offset=-100), 1, 300, 200, 2, 1, 64),
     "bigbird_gqa_d128": (M.bigbird_mask(640, window=64, num_global=32, num_random_blocks=1,
                                         block_size=128, causal=True), 1, 640, 640, 4, 2, 128),
     "documents_d64": (M.causal_document_mask(jnp.asarray(np.repeat(np.arange(3), [100, 250, 162])[None])),

@@ -22,8 +22,12 @@ j' < j that visit q-block i. The warpgroup that owns rows w of kv-block j:
     when that copy has completed — checked one tile later, so the copy overlaps the next
     tile's products — adds 1 to the counter: the next contributor may go.
 
-No contributor waits on a later one, and the grid runs kv-blocks slowest (every program
-of kv-block j − 1 is launched before any of kv-block j), so the waits cannot deadlock.
+No contributor waits on a later one, a warpgroup releases its tile's pipeline slots
+before it waits, and it raises its last counter before it waits for its next turn. The
+grid runs kv-blocks slowest, so every program of kv-block j − 1 is launched before any
+of kv-block j — provided the GPU starts a grid's CTAs in linear order, which CUDA does
+not promise but Hopper does (FlashAttention-3's deterministic backward rests on the
+same); under that assumption the waits cannot deadlock.
 Rows of a q-block that no kv-block visits are never written; the caller zeroes them
 (`visitors` = 0).
 """
@@ -48,7 +52,9 @@ DQ_ADDS = "ordered"
 
 
 def contributor_ranks(meta):
-    """(rank_full, rank_partial, visitors) of block metadata `meta` (any tiles).
+    """(rank_full, rank_partial, visitors) of block metadata `meta` (any tiles). Builds
+    int32 [Bm, Hm, nQ, nK] arrays on the device at every call (~134 MB each at 512k
+    tokens with 64 × 128 tiles): affordable beside such a backward, not free.
 
     rank_* are shaped like meta.t_full_index / meta.t_partial_index: for the entry
     q-block i on kv-block j's transposed list, the number of kv-blocks j' < j whose tiles

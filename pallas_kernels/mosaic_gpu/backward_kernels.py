@@ -26,6 +26,7 @@ tiles, where kv_pos < kv_len masks them.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
@@ -45,6 +46,10 @@ class MosaicBackwardConfig:
     """Tiles of the two backward kernels. The dK/dV kernel splits block_kv_dkv and the
     dQ kernel block_q_dq between `compute_warpgroups` warpgroups of 64 rows each;
     `num_stages` tiles of the streamed operand are in flight.
+
+    fused (off): one kernel for dK, dV and dQ (backward_fused.py); it needs
+    block_q_dkv = 64 and adds 16 KB of dSᵀ and 64 KB of float32 dQ staging to the dK/dV
+    kernel's shared memory at D128 (~209 KB in all).
 
     Defaults (bf16, D 64/128, jax 0.11.2): tokamax's sm90 VJP heuristic and
     FlashAttention-3's backward (64-row warpgroup tiles, 2 stages), with two compute
@@ -78,16 +83,25 @@ class MosaicBackwardConfig:
             raise ValueError(f"MosaicBackwardConfig.num_stages must be >= 1, got {self.num_stages}.")
         if not isinstance(self.fused, bool):
             raise ValueError(f"MosaicBackwardConfig.fused must be True or False, got {self.fused!r}.")
+        if self.fused and self.block_q_dkv != ROWS_PER_WARPGROUP:
+            raise ValueError(
+                f"MosaicBackwardConfig(fused=True) needs block_q_dkv={ROWS_PER_WARPGROUP} (its "
+                f"dQ partial is one [{ROWS_PER_WARPGROUP}, D] float32 accumulator per warpgroup "
+                f"beside dK and dV), got {self.block_q_dkv}.")
 
     def metadata_tiles(self) -> dict[str, tuple[int, int]]:
         return {"dkdv": (self.block_q_dkv, self.block_kv_dkv),
                 "dq": (self.block_q_dq, self.block_kv_dq)}
 
     def smem_bytes(self, head_dim: int, itemsize: int) -> int:
-        """The larger of the two kernels' shared memory (operand tiles + barriers)."""
+        """The larger of the two kernels' shared memory (operand tiles + barriers; the
+        fused kernel's dSᵀ and float32 dQ staging too)."""
         row = head_dim * itemsize
         dkdv = (2 * self.block_kv_dkv * row
                 + self.num_stages * (2 * self.block_q_dkv * row + 2 * self.block_q_dkv * 4))
+        if self.fused:
+            dkdv += self.block_kv_dkv * self.block_q_dkv * itemsize + \
+                self.compute_warpgroups * self.block_q_dkv * head_dim * 4
         dq = 2 * self.block_q_dq * row + self.num_stages * 2 * self.block_kv_dq * row
         return max(dkdv, dq) + 1024
 
@@ -175,8 +189,10 @@ def backward(static, q, k, v, bias, out, lse, dout, delta, metas, operands,
             raise ValueError(f"metas[{name!r}] is built for tiles {(bq, bk)}, the Mosaic GPU "
                              f"backward config expects {config.metadata_tiles()[name]}: build "
                              "the metadata from config.metadata_tiles()")
-    tp = _round_up(t, max(bq for bq, _ in tiles.values())) if tiles else t
-    sp = _round_up(s, max(bk for _, bk in tiles.values())) if tiles else s
+    # whole tiles of every kernel that runs (block sizes are multiples of 64, not
+    # necessarily of each other)
+    tp = _round_up(t, math.lcm(*(bq for bq, _ in tiles.values()))) if tiles else t
+    sp = _round_up(s, math.lcm(*(bk for _, bk in tiles.values()))) if tiles else s
     reason = _operands_reason(static.operand_kinds, config)
     if reason is not None:
         raise NotImplementedError(reason)
