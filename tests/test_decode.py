@@ -148,12 +148,15 @@ PAGED_CASES = {
     "mqa_page8_two_pages_per_tile_strided_or_global_h96": (
         (3, 60, 4, 1, 96, 1), [60, 9, 0], 8, M.StridedMask(3) | M.GlobalMask(4), 2),
     "gqa_page32_tq4_window_h40": ((2, 96, 4, 2, 40, 4), [96, 40], 32, M.LocalMask(20, 0), None),
+    # operands as long as the cache (44), tiles reaching past it: their loads are masked
+    "gqa_page4_tq2_masks_with_arrays": ((3, 44, 4, 2, 16, 2), [44, 17, 1], 4, "arrays", 2),
 }
 
 
 @pytest.mark.parametrize("name", list(PAGED_CASES))
 def test_kernel_paged_matches_contiguous(name):
     (b, s, n, k, h, tq), lengths, page_size, mask, splits = PAGED_CASES[name]
+    mask = _array_mask(b, n, s) if mask == "arrays" else mask
     kc, vc = _caches(b, s, k, h, lengths)
     q = _query(b, tq, n, h)
     pk, pv, table = _to_paged(kc, vc, lengths, page_size)
@@ -205,6 +208,30 @@ def test_head_dim_96_reads_the_cache_in_place(layout):
                  and str(e.params["name"]) == "jaxattn_flash_decode"]
     cache_operands = [v.aval.shape for v in kernel.invars if v.aval.size >= cache_size]
     assert len(cache_operands) == 2 and all(shape[-1] == h for shape in cache_operands), cache_operands
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "paged4"])
+def test_mask_operands_reach_the_kernel_unpadded(layout):
+    """Segment ids are as long as the cache (50 or 52 positions, not a whole number of
+    tiles): the kernel masks the key positions past them in its loads, so no op outside
+    the kernels pads them to whole tiles on every generated token."""
+    b, n, k, h = 2, 4, 2, 16
+    s = 50 if layout == "contiguous" else 52            # 13 pages of 4
+    ids = jnp.asarray(np.repeat(np.arange(2), [20, s - 20])[None].repeat(b, 0), jnp.int32)
+    mask = M.SegmentMask(ids)
+    cache, table = ((b, s, k, h), None) if layout == "contiguous" else \
+        ((b * 13 + 1, 4, k, h), jax.ShapeDtypeStruct((b, 13), np.int32))
+
+    def fn(q, kc, vc, lengths, table):
+        return jaxattn.decode_attention(q, kc, vc, lengths=lengths, page_table=table, mask=mask,
+                                        implementation="pallas_triton", num_splits=2)
+    jaxpr = jax.make_jaxpr(fn)(jax.ShapeDtypeStruct((b, 1, n, h), jnp.float32),
+                               jax.ShapeDtypeStruct(cache, jnp.float32),
+                               jax.ShapeDtypeStruct(cache, jnp.float32),
+                               jax.ShapeDtypeStruct((b,), np.int32), table)
+    pads = [e for e in _ops_outside_kernels(jaxpr.jaxpr) if e.primitive.name == "pad"
+            and e.invars[0].aval.dtype == jnp.int32 and e.invars[0].aval.shape[-1] == s]
+    assert not pads, [str(e) for e in pads]
 
 
 def test_key_bounds_of_masks():
@@ -299,6 +326,7 @@ def test_kernel_declines_more_rows_than_it_holds():
     (1, 32, 1, (64, 16, 1, 128), 20, M.FullMask(), 3),                 # 4 pages per tile
     (4, 8, 8, (64, 64, 8, 64), 20, M.StridedMask(3), None),            # 1 page per tile
     (2, 8, 2, (2, 256, 2, 80), None, "arrays", 2),                     # mask operand tiles, H80
+    (2, 8, 2, (2, 250, 2, 64), None, "arrays", 3),                     # ... past their end: masked
     (1, 32, 8, (64, 16, 8, 96), 20, M.LocalMask(300, 0), None),       # H96 gathered: column mask
 ])
 def test_lowers_for_h100(monkeypatch, tq, n, k, cache_shape, pages, mask, splits):

@@ -267,9 +267,14 @@ def _decode_kernel(lengths_ref, q_ref, k_ref, v_ref, *refs, paged, tq, groups, r
         kv_start = t * bk
         keep = row_ok & (kv_pos >= kv_start) & (kv_pos < limit) & (kv_pos <= q_pos)
         if mask_fn is not None:
-            # One tile per operand, [rows|1, bk|1], at the tile's key positions.
-            values = tuple(ref[:, pl.ds(start, bk)] if cols else ref[...]
-                           for ref, cols in zip(operand_refs, operand_cols))
+            # One tile per operand, [rows|1, bk|1], at the tile's key positions; operands
+            # are as long as the cache's positions, so a tile reaching past them reads 0
+            # there (those keys are past `limit`, never kept) instead of a padded copy.
+            values = tuple(
+                plgpu.load(ref.at[:, pl.ds(start, bk)], other=0,
+                           mask=jnp.broadcast_to(kv_pos < ref.shape[1], (ref.shape[0], bk)))
+                if cols else ref[...]
+                for ref, cols in zip(operand_refs, operand_cols))
             keep = keep & mask_fn(q_pos, kv_pos, values)
         keep = jnp.broadcast_to(keep, (rp, bk))
         # The step zeroes the V rows of keys no row may see (unwritten slots, keys left of
@@ -294,14 +299,13 @@ def _decode_kernel(lengths_ref, q_ref, k_ref, v_ref, *refs, paged, tq, groups, r
     plgpu.store(lse_ref, lse.astype(lse_ref.dtype), mask=row_ok_1d)
 
 
-def _prepare_operand(a, *, kv_heads, groups, tq, rp, kv_pad):
-    """[B|1, N|1, Tq|1, S|1] -> [B|1, K|1, rp|1, kv_pad|1] int32 with rows (t, g) like
-    the packed query tile (row r = t·G + g of KV head h is query head h·G + g)."""
+def _prepare_operand(a, *, kv_heads, groups, tq, rp):
+    """[B|1, N|1, Tq|1, S|1] -> [B|1, K|1, rp|1, S|1] int32 with rows (t, g) like the
+    packed query tile (row r = t·G + g of KV head h is query head h·G + g). Not padded
+    along S: the kernel's loads mask the key positions past it."""
     a = jnp.asarray(a)
     a = a.astype(jnp.int32) if a.dtype != jnp.int32 else a
     bx, hx, tx, sx = a.shape
-    if sx > 1:
-        a = pad_axis(a, 3, kv_pad)
     if hx > 1 or tx > 1:
         a = jnp.broadcast_to(a, (bx, hx, tq, a.shape[3]))
         if hx > 1:
@@ -374,10 +378,7 @@ def decode(static: DecodeStatic, q, k_cache, v_cache, lengths, page_table=None, 
     else:
         cache_spec = pl.BlockSpec((None, k_cache.shape[1], None, hp), lambda i, j, s: (i, 0, j, 0))
         extra_specs, extra = [], []
-    # Mask operands: whole tiles of key positions, at most up to the last tile read.
-    kv_pad = -(-max(capacity, k_cache.shape[1] if not paged else 0) // bk) * bk
-    prepared = [_prepare_operand(a, kv_heads=kh, groups=groups, tq=tq, rp=rp, kv_pad=kv_pad)
-                for a in operands]
+    prepared = [_prepare_operand(a, kv_heads=kh, groups=groups, tq=tq, rp=rp) for a in operands]
     for a in prepared:
         per_b, per_h = a.shape[0] > 1, a.shape[1] > 1
         extra_specs.append(pl.BlockSpec(
