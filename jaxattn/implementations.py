@@ -24,7 +24,7 @@ import jax.numpy as jnp
 
 from pallas_kernels.registry import backend_names
 from jaxattn.flash import pallas_attention
-from jaxattn.jax_nn import jax_nn_attention, jax_nn_mask_arguments
+from jaxattn.jax_nn import cudnn_reason, jax_nn_attention, jax_nn_mask_arguments
 from jaxattn.masks import Mask
 from jaxattn.reference import reference_attention
 
@@ -101,14 +101,10 @@ def _narrow_causal_window(mask: Mask) -> bool:
 
 
 def _cudnn_native(mask: Mask, dtype, logits_soft_cap) -> bool:
-    """cuDNN runs this mask natively: jax.nn expresses it, and not as a window reaching
-    past the query without causality (cuDNN declines those)."""
-    kwargs = jax_nn_mask_arguments(mask)
-    if kwargs is None or (kwargs.get("local_window_size", (0, 0))[1] > 0
-                          and not kwargs.get("is_causal", False)):
-        return False
+    """cuDNN runs this mask natively (jax_nn.cudnn_reason has no objection to it)."""
     return (logits_soft_cap is None and dtype is not None
-            and jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)))
+            and jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+            and cudnn_reason(mask) is None)
 
 
 def _reference(query, key, value, bias, mask, *, scale, logits_soft_cap, return_residuals,

@@ -24,7 +24,8 @@ def jax_nn_attention(implementation, query, key, value, bias, mask: Mask, *, sca
         raise NotImplementedError("cuDNN attention needs a CUDA GPU")
     if implementation == "cudnn" and query.dtype not in (jnp.bfloat16, jnp.float16):
         raise NotImplementedError("cuDNN attention takes bfloat16/float16 only")
-    if implementation == "cudnn" and (reason := cudnn_shape_reason(mask, query.shape[1], key.shape[1])):
+    if implementation == "cudnn" and jax_nn_mask_arguments(mask) is not None and (
+            reason := cudnn_reason(mask, query.shape[1], key.shape[1])):
         raise NotImplementedError(reason)
     if implementation == "xla" and jax.default_backend() == "cpu" and query.dtype == jnp.float16:
         raise NotImplementedError("XLA's CPU dot has no float16 x float16 -> float32 mode")
@@ -72,12 +73,18 @@ def _jax_nn_jit(query, key, value, bias, mask, *, implementation, scale, return_
     return (out, lse) if return_residuals else out
 
 
-def cudnn_shape_reason(mask: Mask, q_len: int, kv_len: int) -> str | None:
-    """Why cuDNN cannot run `mask` at these lengths, or None. Checked before tracing:
-    cuDNN refuses some of these only when XLA compiles the whole program, too late for
-    dispatch to take another implementation."""
-    window = (jax_nn_mask_arguments(mask) or {}).get("local_window_size")
-    if window is not None and q_len > kv_len:
+def cudnn_reason(mask: Mask, q_len: int | None = None, kv_len: int | None = None) -> str | None:
+    """Why cuDNN cannot run `mask` (at these lengths, when given), or None. Checked before
+    tracing: cuDNN refuses some of these only when XLA compiles the whole program, too
+    late for dispatch to take another implementation; dispatch also reads it (without
+    lengths) to put cuDNN first only for masks it runs."""
+    kwargs = jax_nn_mask_arguments(mask)
+    if kwargs is None:
+        return "jax.nn has no structured argument for this mask (cuDNN would need it dense)"
+    window = kwargs.get("local_window_size")
+    if window is not None and window[1] > 0 and not kwargs.get("is_causal", False):
+        return "cuDNN's sliding window reaches no key past the query without a causal mask"
+    if window is not None and q_len is not None and kv_len is not None and q_len > kv_len:
         # seen on an H200 (cuDNN via jax 0.11.2): "Sliding window attention is only
         # supported with max_s_q <= max_s_kv", raised at compile time
         return (f"cuDNN's sliding window needs as many keys as queries (got T={q_len} > "

@@ -58,8 +58,8 @@ def test_xla_windows_match_the_reference(mask):
 def test_cudnn_declines_windows_with_more_queries_than_keys(mask, t, s, declined):
     """cuDNN refuses such a window only when XLA compiles the program (after dispatch
     chose it); the check runs before, so dispatch takes the next implementation."""
-    from jaxattn.jax_nn import cudnn_shape_reason
-    reason = cudnn_shape_reason(mask, t, s)
+    from jaxattn.jax_nn import cudnn_reason
+    reason = cudnn_reason(mask, t, s)
     assert (reason is not None) == declined
     if declined:
         assert f"T={t} > S={s}" in reason

@@ -212,11 +212,9 @@ def backward(static, q, k, v, bias, out, lse, dout, delta, metas, operands,
 
     dq = dk = dv = None
     if want_dkdv and want_dq and config.fused:
-        m = metas["dkdv"]
-        lists = tuple(jnp.asarray(a, jnp.int32) for a in
-                      (m.t_full_count, m.t_full_index, m.t_partial_count, m.t_partial_index))
-        rank_full, rank_partial, visitors = contributor_ranks(
-            jax.tree.map(lambda a: jnp.asarray(a, jnp.int32), m))
+        m = jax.tree.map(lambda a: jnp.asarray(a, jnp.int32), metas["dkdv"])
+        lists = (m.t_full_count, m.t_full_index, m.t_partial_count, m.t_partial_index)
+        rank_full, rank_partial, visitors = contributor_ranks(m)
         sums, dk, dv = dkdv_call(qp, kp, vp, dop, lse2, delta_p, lists, block_q=m.block_q,
                                  block_kv=m.block_kv, rank_arrays=(rank_full, rank_partial),
                                  **common)
