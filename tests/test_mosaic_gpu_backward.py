@@ -65,6 +65,14 @@ LOWERING_CASES = {
                                     block_size=128, causal=True), dict(t=512, s=512, h=128)),
     "documents_f16_d96": (M.causal_document_mask(jnp.asarray(np.repeat(np.arange(2), [90, 166])[None])),
                           dict(h=96, dtype=jnp.float16, parts=("dkdv",))),
+    # Masks whose PARTIAL tiles never read the query positions (padded keys of a full
+    # mask, segment ids alone, a block layout): the kernels must not build them.
+    "full_padded_keys_gqa": (M.FullMask(), dict(t=300, s=200, h=64, n=4, kh=2)),
+    "segments_only": (M.SegmentMask(jnp.asarray(np.repeat(np.arange(2), [100, 156])[None]),
+                                    jnp.asarray(np.repeat(np.arange(2), [90, 110])[None])),
+                      dict(t=256, s=200, h=128)),
+    "block_layout": (M.BlockSparseMask(np.array([[1, 0], [1, 1]], bool), 128, 128),
+                     dict(t=256, s=256, h=64)),
 }
 
 

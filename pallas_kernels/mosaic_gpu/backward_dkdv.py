@@ -34,8 +34,8 @@ from pallas_kernels.mosaic_gpu.backward_walk import (WGMMA_COL, OperandTiles, Ti
 
 
 def dkdv_call(q, k, v, do, lse2, delta, meta_arrays, *, block_q: int, block_kv: int,
-              wgs: int, stages: int, scale: float, cap, mask_fn, kv_len: int, operands=(),
-              operand_kinds=(), rank_arrays=None):
+              wgs: int, stages: int, memory_registers: int = 40, scale: float, cap, mask_fn,
+              kv_len: int, operands=(), operand_kinds=(), rank_arrays=None):
     """q, do [B, Tp, N, Hp]; k, v [B, Sp, K, Hp] (padded to whole tiles, Hp % 64 == 0);
     lse2 = lse·log2e and delta [B, N, Tp] float32; meta_arrays = the transposed lists
     (t_full_count, t_full_index, t_partial_count, t_partial_index) at tiles
@@ -108,16 +108,17 @@ def dkdv_call(q, k, v, do, lse2, delta, meta_arrays, *, block_q: int, block_kv: 
             step = lists.decode(s)
             dk_acc, dv_acc, *pending = carry
 
+            def load_row(ref, done):
+                value = plgpu.load(ref, (), layout=WGMMA_COL)
+                plgpu.barrier_arrive(done)
+                return value
+
             def scores(acc):
                 plgpu.wgmma(acc, k_smem, q_smem.T)                       # Sᵀ = K Qᵀ
-                lse2_i = plgpu.load(lse_smem, (), layout=WGMMA_COL)
-                delta_i = plgpu.load(delta_smem, (), layout=WGMMA_COL)
-                plgpu.barrier_arrive(lse_done)
-                plgpu.barrier_arrive(delta_done)
-                return acc[...], lse2_i, delta_i
+                return acc[...], load_row(lse_smem, lse_done)
 
             tile_acc = plgpu.ACC((rows, block_q), jnp.float32)
-            s_t, lse2_i, delta_i = pl.run_scoped(scores, tile_acc)
+            s_t, lse2_i = pl.run_scoped(scores, tile_acc)
             p_t, tanh = logits_and_probabilities(s_t, lse2_i, scale=scale, cap=cap, row_axis=1)
             positions = functools.partial(tile_positions, s_t.shape, step.block * block_q, 1,
                                           kv_base, 0)
@@ -125,7 +126,7 @@ def dkdv_call(q, k, v, do, lse2, delta, meta_arrays, *, block_q: int, block_kv: 
                 operand_tiles, s_t.shape, batch=bi, head=head_kv * groups + step.head,
                 q_start=step.block * block_q, kv_start=kv_base)
             p_t = keep_partial(p_t, step.partial, mask_fn, positions, kv_len, kv_padded,
-                               operands_here)
+                               operands_here, len(operand_kinds))
 
             def probabilities_grad(acc):
                 plgpu.wgmma(acc, v_smem, do_smem.T)                      # dPᵀ = V dOᵀ
@@ -133,6 +134,8 @@ def dkdv_call(q, k, v, do, lse2, delta, meta_arrays, *, block_q: int, block_kv: 
                 return plgpu.wgmma_accumulator_load(acc, wait_n=1)       # dPᵀ only
 
             dp_t = pl.run_scoped(probabilities_grad, tile_acc)
+            # D only now: not live in registers through P and the PARTIAL tiles' mask.
+            delta_i = load_row(delta_smem, delta_done)
             ds_t = dlogits(p_t, dp_t, delta_i, tanh, row_axis=1).astype(dtype)
             plgpu.wgmma(dk_acc, ds_t, q_smem)                            # dK += dSᵀ Q
             if not fused:
@@ -160,6 +163,7 @@ def dkdv_call(q, k, v, do, lse2, delta, meta_arrays, *, block_q: int, block_kv: 
                                 transforms=swizzled((block_q, hp), dtype))
         rowspec = plgpu.BlockSpec((None, block_q), row_index)
         pipeline = tile_list_pipeline(tile, lists, stages=stages, wgs=wgs, compute_thread=compute_thread,
+                                      memory_registers=memory_registers,
                                       in_specs=[qspec, qspec, rowspec, rowspec])
         pipeline(q_ref.at[bi], do_ref.at[bi], lse_ref.at[bi], delta_ref.at[bi])
 

@@ -28,8 +28,8 @@ from pallas_kernels.mosaic_gpu.backward_walk import (WGMMA_ROW, OperandTiles, Ti
 
 
 def dq_call(q, k, v, do, lse2, delta, meta_arrays, *, block_q: int, block_kv: int, wgs: int,
-            stages: int, scale: float, cap, mask_fn, kv_len: int, operands=(),
-            operand_kinds=()):
+            stages: int, memory_registers: int = 40, scale: float, cap, mask_fn, kv_len: int,
+            operands=(), operand_kinds=()):
     """Shapes as in backward_dkdv.dkdv_call; meta_arrays = the forward lists
     (full_count, full_index, partial_count, partial_index) at tiles (block_q, block_kv).
     Returns dQ [B, Tp, N, Hp] in q's dtype."""
@@ -95,7 +95,7 @@ def dq_call(q, k, v, do, lse2, delta, meta_arrays, *, block_q: int, block_kv: in
             operands_here = functools.partial(operand_tiles, s_i.shape, batch=bi, head=head,
                                               q_start=q_base, kv_start=step.block * block_kv)
             p = keep_partial(p, step.partial, mask_fn, positions, kv_len, kv_padded,
-                             operands_here)
+                             operands_here, len(operand_kinds))
             ds = dlogits(p, dp, delta_i, tanh, row_axis=0)
             plgpu.wgmma(dq_acc, ds.astype(dtype), k_smem)                # dQ += dS K
             plgpu.wgmma_wait(0)
@@ -108,6 +108,7 @@ def dq_call(q, k, v, do, lse2, delta, meta_arrays, *, block_q: int, block_kv: in
         kvspec = plgpu.BlockSpec((block_kv, hp), kv_index,
                                  transforms=swizzled((block_kv, hp), dtype))
         tile_list_pipeline(tile, lists, stages=stages, wgs=wgs, compute_thread=compute_thread,
+                                      memory_registers=memory_registers,
                            in_specs=[kvspec, kvspec])(k_ref.at[bi, :, head_kv], v_ref.at[bi, :, head_kv])
 
     qdo_smem = plgpu.SMEM((wgs, rows, hp), dtype, transforms=swizzled((rows, hp), dtype))

@@ -65,6 +65,9 @@ class MosaicBackwardConfig:
     # One kernel for dK, dV and dQ (backward_fused.py: 5 products per tile instead of 7,
     # dQ's partial sums added in a fixed order) instead of the dK/dV and dQ kernels.
     fused: bool = False
+    # Registers per thread left to the memory warpgroup (setmaxnreg); each compute
+    # warpgroup gets (512 - memory_registers) / compute_warpgroups, rounded down to 8.
+    memory_registers: int = 40
 
     def __post_init__(self):
         for name in ("block_q_dkv", "block_kv_dq"):
@@ -81,6 +84,9 @@ class MosaicBackwardConfig:
                     f"{ROWS_PER_WARPGROUP * self.compute_warpgroups}, got {value}.")
         if self.num_stages < 1:
             raise ValueError(f"MosaicBackwardConfig.num_stages must be >= 1, got {self.num_stages}.")
+        if self.memory_registers % 8 or not 24 <= self.memory_registers <= 256:
+            raise ValueError("MosaicBackwardConfig.memory_registers must be a multiple of 8 "
+                             f"between 24 and 256 (setmaxnreg's range), got {self.memory_registers}.")
         if not isinstance(self.fused, bool):
             raise ValueError(f"MosaicBackwardConfig.fused must be True or False, got {self.fused!r}.")
         if self.fused and self.block_q_dkv != ROWS_PER_WARPGROUP:
@@ -205,7 +211,8 @@ def backward(static, q, k, v, bias, out, lse, dout, delta, metas, operands,
     # The kernels read lse·log2e (exp2 with log2e folded in); +inf stays +inf.
     lse2 = _pad(lse.astype(jnp.float32) * LOG2E, 2, tp)
     delta_p = _pad(delta.astype(jnp.float32), 2, tp)
-    common = dict(wgs=config.compute_warpgroups, stages=config.num_stages, scale=static.scale,
+    common = dict(wgs=config.compute_warpgroups, stages=config.num_stages,
+                  memory_registers=config.memory_registers, scale=static.scale,
                   cap=static.logits_soft_cap, mask_fn=static.mask_fn, kv_len=s,
                   operands=prepare_operands(operands, static.operand_kinds, q_pad=tp, kv_pad=sp),
                   operand_kinds=static.operand_kinds)

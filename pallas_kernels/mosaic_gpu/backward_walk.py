@@ -28,7 +28,8 @@ WGMMA_ROW = plgpu.Layout.WGMMA.reduce(1)   # one value per accumulator row
 WGMMA_COL = plgpu.Layout.WGMMA.reduce(0)   # one value per accumulator column
 
 
-def tile_list_pipeline(tile, lists, *, stages: int, wgs: int, compute_thread, in_specs):
+def tile_list_pipeline(tile, lists, *, stages: int, wgs: int, compute_thread, in_specs,
+                       memory_registers: int = 40):
     """The pipeline both backward kernels run: one TMA warpgroup (few registers) streams
     the blocks `in_specs` name, step by step along this program's tile list
     (`lists.total` steps), to `wgs` compute warpgroups that call `tile`; consumed slots
@@ -38,7 +39,7 @@ def tile_list_pipeline(tile, lists, *, stages: int, wgs: int, compute_thread, in
         grid=(lists.total,),
         max_concurrent_steps=stages,
         num_compute_wgs=wgs,
-        memory_registers=40,
+        memory_registers=memory_registers,
         wg_axis="wg",
         manual_consumed_barriers=True,
         compute_context=compute_thread,
@@ -134,23 +135,37 @@ def logits_and_probabilities(s, lse2, *, scale: float, cap: float | None, row_ax
 
 
 def keep_partial(p, partial, mask_fn: Callable | None, positions, kv_len: int,
-                 kv_padded: bool, operands=lambda: ()):
+                 kv_padded: bool, operands=lambda: (), operand_count: int = 0):
     """On a PARTIAL tile, P is selected to exactly 0 where the mask (or kv_pos >= kv_len)
     rules a pair out; FULL tiles skip this work entirely (lax.cond on the step's kind).
-    positions() -> (q_pos, kv_pos): int32 positions of the tile's elements, same shape
-    and layout as p (the mask is element-wise, so the tile may be transposed);
-    operands() -> the mask operands' values for this tile (see OperandTiles)."""
+    positions(with_q) -> (q_pos or None, kv_pos): int32 positions of the tile's elements,
+    same shape and layout as p (the mask is element-wise, so the tile may be transposed);
+    operands() -> the `operand_count` mask operands' values for this tile (OperandTiles)."""
     if mask_fn is None and not kv_padded:
         return p
+    with_q = mask_fn is not None and reads_query_positions(mask_fn, p.shape, operand_count)
 
     def masked():
-        q_pos, kv_pos = positions()
+        q_pos, kv_pos = positions(with_q)
         keep = kv_pos < kv_len
         if mask_fn is not None:
-            keep = keep & mask_fn(q_pos, kv_pos, operands())
+            # A mask that never reads the query positions (segments, block layouts) gets
+            # none built: Mosaic GPU cannot lay out a value nothing uses.
+            keep = keep & mask_fn(kv_pos if q_pos is None else q_pos, kv_pos, operands())
         return jnp.where(keep, p, 0.0)
 
     return lax.cond(partial, masked, lambda: p)
+
+
+def reads_query_positions(mask_fn: Callable, shape, operand_count: int) -> bool:
+    """Whether mask_fn(q_pos, kv_pos, operands) reads q_pos, from its jaxpr on
+    tile-shaped int32 arguments (traced once per kernel trace, on the host)."""
+    tile = jax.ShapeDtypeStruct(tuple(shape), jnp.int32)
+    jaxpr = jax.make_jaxpr(lambda q, kv, *ops: mask_fn(q, kv, ops))(
+        tile, tile, *([tile] * operand_count)).jaxpr
+    q_var = jaxpr.invars[0]
+    return any(v is q_var for eqn in jaxpr.eqns for v in eqn.invars) or any(
+        v is q_var for v in jaxpr.outvars)
 
 
 class OperandTiles:
@@ -184,11 +199,19 @@ class OperandTiles:
         return tuple(values)
 
 
-def tile_positions(shape, q_start, q_axis: int, kv_start, kv_axis: int):
-    """Absolute (q_pos, kv_pos) of every element of a [rows, cols] tile in WGMMA layout."""
+def tile_positions(shape, q_start, q_axis: int, kv_start, kv_axis: int, with_q: bool = True):
+    """Absolute (q_pos, kv_pos) of every element of a [rows, cols] tile in WGMMA layout
+    (q_pos None when not `with_q`).
+
+    Each is one iota along its axis in the row or column layout, broadcast over the tile:
+    a thread then holds 2 row and 16 column positions instead of two 32-register tiles of
+    them, which cut the dK/dV kernel's register spills (ptxas, H200: 204 → 28–76 bytes on
+    masked tiles) at no cost in time (BACKWARD_NOTES.md)."""
     def iota(axis):
-        return plgpu.broadcasted_iota(jnp.int32, shape, axis, layout=WGMMA)
-    return q_start + iota(q_axis), kv_start + iota(kv_axis)
+        vector = plgpu.broadcasted_iota(jnp.int32, (shape[axis],), 0,
+                                        layout=WGMMA_ROW if axis == 0 else WGMMA_COL)
+        return lax.broadcast_in_dim(vector, shape, [axis])
+    return (q_start + iota(q_axis) if with_q else None), kv_start + iota(kv_axis)
 
 
 def dlogits(p, dp, delta, tanh, *, row_axis: int):
