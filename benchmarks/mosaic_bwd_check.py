@@ -2,6 +2,7 @@
 
     python benchmarks/mosaic_bwd_check.py correctness OUT.json [CASE ...]
     python benchmarks/mosaic_bwd_check.py timing OUT.json [CASE ...]
+    python benchmarks/mosaic_bwd_check.py variants OUT.json [CASE ...]
 
 correctness (MOSAIC_BWD_FUSED=1: the fused kernel, 0: the two kernels): dQ, dK, dV of
 the kernels (driven directly, with out/lse from the float32 reference) against jax.vjp of jaxattn.reference in float32, worst row of each tensor;
@@ -9,6 +10,10 @@ two runs bitwise identical. timing: the backward kernels alone vs cuDNN's backwa
 (jax.vjp of jax.nn.dot_product_attention(implementation="cudnn"), backward call only),
 TFLOP/s = 2.5 · 4·B·N·T·S·D·density / t; the default config, then the two-kernel and
 the fused backward (backward_fused.py) each, the fused one's two runs compared bitwise.
+variants: the two-kernel backward alone under each of VARIANTS (the memory warpgroup's
+registers, hence the compute warpgroups'), each one's dQ, dK, dV compared with the
+default's; with MOSAIC_GPU_DUMP_PTXAS=1 ptxas reports each variant's registers and
+spills as it compiles (in that order).
 """
 
 from __future__ import annotations
@@ -240,11 +245,59 @@ BIGBIRD_16K = bigbird_mask(16384, window=BIGBIRD_WINDOW, num_global=BIGBIRD_GLOB
                            num_random_blocks=BIGBIRD_RANDOM_BLOCKS, block_size=BIGBIRD_BLOCK, seed=0)
 
 
+TIMING_CASES = [("full_d128_s16k", FullMask(), 16384, None),
+                ("causal_d128_s16k", CausalMask(), 16384, None),
+                ("causal_window2048_s32k", LocalMask(2047, 0), 32768, 2048),
+                ("causal_window256_s32k", LocalMask(255, 0), 32768, 256),
+                ("bigbird_causal_s16k", BIGBIRD_16K, 16384, None)]
+
+# name -> MosaicBackwardConfig.memory_registers
+VARIANTS = {"default": 40, "registers_24": 24}
+ROUNDS = int(os.environ.get("MOSAIC_BWD_ROUNDS", "5"))
+
+
+def variants(path):
+    """Each variant compiled once, then timed in ROUNDS interleaved rounds (10 calls each;
+    the median of the rounds' medians), so that clock changes over the run (the H200's
+    power cap) fall on every variant alike."""
+    for name, mask, t, _ in TIMING_CASES:
+        if ONLY and name not in ONLY:
+            continue
+        b, n, h = 1, 16, 128
+        ks = jax.random.split(jax.random.PRNGKey(0), 4)
+        q, k, v, do = (jax.random.normal(x, (b, t, n, h), jnp.bfloat16) for x in ks)
+        out = jax.random.normal(ks[0], (b, t, n, h), jnp.bfloat16)
+        lse = jnp.full((b, n, t), 8.0, jnp.float32)
+        args = (q, k, v, out, lse, do)
+        static, metas, operands = prepare(mask, t, t, h, None, h ** -0.5)
+        res, runs, first = {}, {}, None
+        for label, registers in VARIANTS.items():
+            holder = ConfigHolder(mb.MosaicBackwardConfig(memory_registers=registers))
+            try:
+                print(f"ptxas follows for {name} {label}", file=sys.stderr, flush=True)
+                run = kernel_backward(dataclasses.replace(static, config=holder), metas, operands)
+                grads = jax.block_until_ready(run(*args))
+                first = grads if first is None else first
+                res[label + "_max_abs_vs_default"] = max(
+                    float(jnp.max(jnp.abs(x.astype(jnp.float32) - y.astype(jnp.float32))))
+                    for x, y in zip(grads, first))
+                runs[label] = run
+            except Exception as e:  # noqa: BLE001
+                res[label + "_error"] = f"{type(e).__name__}: {e}"[:1000]
+        rounds = {label: [] for label in runs}
+        for _ in range(ROUNDS):
+            for label, run in runs.items():
+                rounds[label].append(_median_time(run, args, reps=10) * 1e3)
+        for label, times in rounds.items():
+            res[label + "_ms"] = float(np.median(times))
+            res[label + "_rounds"] = times   # ms
+        RESULTS[name] = res
+        print(name, {k: round(v, 3) for k, v in res.items() if k.endswith("_ms")}, flush=True)
+        _dump(path)
+
+
 def timing(path):
-    cases = [("full_d128_s16k", FullMask(), 16384, None),
-             ("causal_d128_s16k", CausalMask(), 16384, None),
-             ("causal_window2048_s32k", LocalMask(2047, 0), 32768, 2048),
-             ("bigbird_causal_s16k", BIGBIRD_16K, 16384, None)]
+    cases = TIMING_CASES
     for name, mask, t, window in cases:
         if ONLY and name not in ONLY:
             continue
@@ -261,5 +314,5 @@ if __name__ == "__main__":
     RESULTS["meta"] = {"device": str(jax.devices()[0].device_kind), "jax": jax.__version__,
                        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
                        "mode": mode}
-    {"correctness": correctness, "timing": timing}[mode](path)
+    {"correctness": correctness, "timing": timing, "variants": variants}[mode](path)
     _dump(path)
