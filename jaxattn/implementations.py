@@ -24,6 +24,7 @@ import jax.numpy as jnp
 
 from pallas_kernels.registry import backend_names
 from jaxattn.flash import pallas_attention
+from jaxattn.forward_split import mosaic_forward_cudnn_training
 from jaxattn.jax_nn import cudnn_reason, jax_nn_attention, jax_nn_mask_arguments
 from jaxattn.masks import Mask
 from jaxattn.reference import reference_attention
@@ -117,5 +118,8 @@ def _reference(query, key, value, bias, mask, *, scale, logits_soft_cap, return_
 register_implementation("reference", _reference)
 register_implementation("xla", functools.partial(jax_nn_attention, "xla"))
 register_implementation("cudnn", functools.partial(jax_nn_attention, "cudnn"))
+# The Hopper forward when only the value is used, cuDNN's forward and backward when it is
+# differentiated (jaxattn/forward_split.py).
+register_implementation("mosaic_forward_cudnn_training", mosaic_forward_cudnn_training)
 for _name in backend_names():
     register_implementation(_name, functools.partial(pallas_attention, _name))

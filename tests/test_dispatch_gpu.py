@@ -75,3 +75,38 @@ def test_default_dispatch_matches_the_reference(name, t, s, h):
         # which alone moves rows with near-zero gradient by up to ~9 %; a mask applied
         # wrongly moves rows by O(1)
         assert _worst_row(g, w) < 0.15, label
+
+
+SPLIT_MASKS = ("causal", "window_ending_at_query", "causal_and_window")
+
+
+@pytest.mark.parametrize("h", [64, 128])
+@pytest.mark.parametrize("t, s", SHAPES[:2], ids=lambda x: str(x))
+@pytest.mark.parametrize("name", SPLIT_MASKS)
+def test_hopper_forward_with_cudnn_training(name, t, s, h):
+    """mosaic_forward_cudnn_training: the value alone is the Hopper forward's (bitwise),
+    a differentiated call cuDNN's gradient; both against the reference row by row."""
+    mask = MASKS[name]
+    q, k, v, do = _inputs(t, s, h)
+    f32 = lambda x: x.astype(jnp.float32)  # noqa: E731
+
+    def attend(implementation):
+        return lambda q, k, v: jaxattn.dot_product_attention(q, k, v, mask=mask,
+                                                             implementation=implementation)
+
+    def grads_of(fn):
+        loss = lambda q, k, v: jnp.sum(fn(q, k, v).astype(jnp.float32) * f32(do))  # noqa: E731
+        return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
+
+    split = attend("mosaic_forward_cudnn_training")
+    out = jax.jit(split)(q, k, v)
+    assert bool(jnp.array_equal(out, jax.jit(attend("pallas_mosaic_gpu"))(q, k, v)))
+    ref = lambda q, k, v: reference_attention(q, k, v, None, canonical_mask(mask),  # noqa: E731
+                                              scale=h ** -0.5)
+    assert _worst_row(out, ref(f32(q), f32(k), f32(v))) < 0.02, "output"
+    grads, cudnn_grads = grads_of(split), grads_of(attend("cudnn"))
+    want = jax.grad(lambda q, k, v: jnp.sum(ref(q, k, v) * f32(do)), argnums=(0, 1, 2))(
+        f32(q), f32(k), f32(v))
+    for label, g, c, w in zip(("dq", "dk", "dv"), grads, cudnn_grads, want):
+        assert _worst_row(g, c) < 1e-2, label + " vs cuDNN"
+        assert _worst_row(g, w) < 0.15, label + " vs the reference"

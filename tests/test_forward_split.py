@@ -1,0 +1,92 @@
+"""jaxattn/forward_split.py: a value computed by one implementation, its gradient (and
+the value it goes with) by another; and the implementation built on it, which declines
+what either half cannot serve."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxattn
+from jaxattn.forward_split import decline_reason, split_by_use
+from jaxattn.masks import CausalMask, LocalMask, StridedMask
+from jaxattn.reference import reference_attention
+
+NAME = "mosaic_forward_cudnn_training"
+
+
+def _attention(q, k, v):
+    return reference_attention(q, k, v, None, CausalMask(), scale=q.shape[-1] ** -0.5)
+
+
+def _trained(q, k, v):
+    """Twice the attention: a value and gradient told apart from the forward's."""
+    return 2.0 * _attention(q, k, v)
+
+
+def _inputs(t=33, s=33, h=16, n=4, kh=2):
+    ks = jax.random.split(jax.random.key(0), 4)
+    q = jax.random.normal(ks[0], (2, t, n, h), jnp.float32)
+    k, v = (jax.random.normal(x, (2, s, kh, h), jnp.float32) for x in ks[1:3])
+    w = jax.random.normal(ks[3], (2, t, n, h), jnp.float32)
+    return q, k, v, w
+
+
+def test_value_alone_comes_from_the_forward_and_a_gradient_from_the_trained_pair():
+    q, k, v, w = _inputs()
+    f = split_by_use(_attention, _trained)
+    np.testing.assert_allclose(jax.jit(f)(q, k, v), _attention(q, k, v), rtol=1e-6, atol=1e-6)
+
+    def loss(fn):
+        return lambda q, k, v: jnp.sum(fn(q, k, v) * w)
+    value, grads = jax.jit(jax.value_and_grad(loss(f), argnums=(0, 1, 2)))(q, k, v)
+    want_value, want_grads = jax.value_and_grad(loss(_trained), argnums=(0, 1, 2))(q, k, v)
+    np.testing.assert_allclose(value, want_value, rtol=1e-5)
+    for g, want in zip(grads, want_grads):
+        np.testing.assert_allclose(g, want, rtol=1e-5, atol=1e-5)
+
+
+def test_split_works_under_vmap_and_checkpoint():
+    q, k, v, w = _inputs()
+    f = split_by_use(_attention, _trained)
+    stacked = [jnp.stack([x, 0.5 * x]) for x in (q, k, v)]     # a vmapped axis ahead of B
+    np.testing.assert_allclose(jax.jit(jax.vmap(f))(*stacked), jax.vmap(_attention)(*stacked),
+                               rtol=1e-6, atol=1e-6)
+
+    def loss(fn):
+        return lambda q, k, v: jnp.sum(jax.checkpoint(fn)(q, k, v) * w)
+    grads = jax.jit(jax.grad(loss(f), argnums=(0, 1, 2)))(q, k, v)
+    want = jax.grad(loss(_trained), argnums=(0, 1, 2))(q, k, v)
+    for g, ww in zip(grads, want):
+        np.testing.assert_allclose(g, ww, rtol=1e-5, atol=1e-5)
+
+
+def test_registered_and_declines_off_a_gpu_with_its_reason():
+    assert NAME in jaxattn.available_implementations()
+    q, k, v, _ = _inputs()
+    q, k, v = (x.astype(jnp.bfloat16) for x in (q, k, v))
+    if jax.default_backend() == "gpu":
+        pytest.skip("this checks the CPU decline")
+    with pytest.raises(NotImplementedError, match=f"{NAME} cannot serve this call: .*CUDA GPU"):
+        jaxattn.dot_product_attention(q, k, v, is_causal=True, implementation=NAME)
+
+
+@pytest.mark.parametrize("kwargs, mask, expected", [
+    (dict(bias=True), CausalMask(), "no bias"),
+    (dict(return_residuals=True), CausalMask(), "no lse"),
+    (dict(logits_soft_cap=30.0), CausalMask(), "soft cap"),
+    ({}, StridedMask(4) & CausalMask(), "structured argument"),
+    ({}, LocalMask(8, 4), "past the query"),
+])
+def test_declines_what_either_half_cannot_serve(kwargs, mask, expected):
+    q, k, v, _ = _inputs()
+    q = q.astype(jnp.bfloat16)
+    bias = jnp.zeros((1, 1, 33, 33), jnp.bfloat16) if kwargs.get("bias") else None
+    reason = decline_reason(q, k, bias, mask, logits_soft_cap=kwargs.get("logits_soft_cap"),
+                            return_residuals=kwargs.get("return_residuals", False))
+    if jax.default_backend() != "gpu" and expected in ("structured argument", "past the query"):
+        assert "CUDA GPU" in reason           # checked first off a GPU
+    else:
+        assert expected in reason
