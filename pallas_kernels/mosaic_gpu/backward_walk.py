@@ -205,8 +205,8 @@ def tile_positions(shape, q_start, q_axis: int, kv_start, kv_axis: int, with_q: 
 
     Each is one iota along its axis in the row or column layout, broadcast over the tile:
     a thread then holds 2 row and 16 column positions instead of two 32-register tiles of
-    them, which cut the dK/dV kernel's register spills (ptxas, H200: 204 → 28–76 bytes on
-    masked tiles) at no cost in time (BACKWARD_NOTES.md)."""
+    them. With the dK/dV kernel's late D load this cut that kernel's register spills
+    (ptxas, H200) from 60–204 to 8–32 bytes per thread (BACKWARD_NOTES.md)."""
     def iota(axis):
         vector = plgpu.broadcasted_iota(jnp.int32, (shape[axis],), 0,
                                         layout=WGMMA_ROW if axis == 0 else WGMMA_COL)
