@@ -26,7 +26,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from benchmarks.strided_bench import _functions, cases, window_cases  # noqa: E402
+from benchmarks.strided_bench import IMPLEMENTATION, _functions, cases, window_cases  # noqa: E402
+from jaxattn.planned import planning  # noqa: E402
 from jaxattn.benchmarking.cases import BenchCase  # noqa: E402
 from jaxattn.benchmarking.timing import time_call  # noqa: E402
 
@@ -34,7 +35,8 @@ from jaxattn.benchmarking.timing import time_call  # noqa: E402
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("case", help=f"one of {list(cases()) + list(window_cases())} or bigbird")
-    p.add_argument("--engine", default="default", help="strided_bench's engine names")
+    p.add_argument("--engine", default="default", choices=list(IMPLEMENTATION),
+                   help="strided_bench's engines (cudnn, which needs the dense mask, excepted)")
     p.add_argument("--seq", type=int, default=32768)
     p.add_argument("--calls", type=int, default=2)
     p.add_argument("--backward-only", action="store_true", help="run only forward+backward calls")
@@ -47,12 +49,15 @@ def main(argv=None):
     ks = jax.random.split(jax.random.key(0), 4)
     q, k, v, do = (jax.random.normal(x, (b, s, n, d), jnp.bfloat16) for x in ks)
     fwd, fwd_bwd = _functions(args.engine, mask)
-    fwd, fwd_bwd = jax.jit(fwd), jax.jit(fwd_bwd)
+    # The planner's switch is read while tracing ("today" is the plain tile walk).
+    with planning(args.engine != "today"):
+        fwd = jax.jit(fwd).lower(q, k, v).compile()
+        fwd_bwd = jax.jit(fwd_bwd).lower(q, k, v, do).compile()
     for _ in range(2 + args.calls):
         if not args.backward_only:
             jax.block_until_ready(fwd(q, k, v))
         jax.block_until_ready(fwd_bwd(q, k, v, do))
-    hlo = fwd_bwd.lower(q, k, v, do).compile().as_text()
+    hlo = fwd_bwd.as_text()
     calls = sorted({line.split('custom_call_target="')[1].split('"')[0]
                     for line in hlo.splitlines() if 'custom_call_target="' in line})
     print("custom calls of the forward+backward:", calls, file=sys.stderr)

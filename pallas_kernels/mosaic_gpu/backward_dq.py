@@ -108,7 +108,7 @@ def dq_call(q, k, v, do, lse2, delta, meta_arrays, *, block_q: int, block_kv: in
         kvspec = plgpu.BlockSpec((block_kv, hp), kv_index,
                                  transforms=swizzled((block_kv, hp), dtype))
         tile_list_pipeline(tile, lists, stages=stages, wgs=wgs, compute_thread=compute_thread,
-                                      memory_registers=memory_registers,
+                           memory_registers=memory_registers,
                            in_specs=[kvspec, kvspec])(k_ref.at[bi, :, head_kv], v_ref.at[bi, :, head_kv])
 
     qdo_smem = plgpu.SMEM((wgs, rows, hp), dtype, transforms=swizzled((rows, hp), dtype))

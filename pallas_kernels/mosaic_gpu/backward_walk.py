@@ -20,6 +20,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
+# dce_jaxpr: which inputs of a jaxpr its outputs depend on (jax has no public form of it)
+from jax._src.interpreters import partial_eval as pe
 
 from pallas_kernels.common import LOG2E
 
@@ -158,14 +160,15 @@ def keep_partial(p, partial, mask_fn: Callable | None, positions, kv_len: int,
 
 
 def reads_query_positions(mask_fn: Callable, shape, operand_count: int) -> bool:
-    """Whether mask_fn(q_pos, kv_pos, operands) reads q_pos, from its jaxpr on
-    tile-shaped int32 arguments (traced once per kernel trace, on the host)."""
+    """Whether mask_fn(q_pos, kv_pos, operands)'s result depends on q_pos: q_pos is live
+    in its jaxpr on tile-shaped int32 arguments once dead code is removed (a position
+    map may compute with q_pos and then not use it; traced once per kernel trace, on
+    the host)."""
     tile = jax.ShapeDtypeStruct(tuple(shape), jnp.int32)
     jaxpr = jax.make_jaxpr(lambda q, kv, *ops: mask_fn(q, kv, ops))(
         tile, tile, *([tile] * operand_count)).jaxpr
-    q_var = jaxpr.invars[0]
-    return any(v is q_var for eqn in jaxpr.eqns for v in eqn.invars) or any(
-        v is q_var for v in jaxpr.outvars)
+    _, used_inputs = pe.dce_jaxpr(jaxpr, [True] * len(jaxpr.outvars))
+    return bool(used_inputs[0])
 
 
 class OperandTiles:
@@ -201,12 +204,9 @@ class OperandTiles:
 
 def tile_positions(shape, q_start, q_axis: int, kv_start, kv_axis: int, with_q: bool = True):
     """Absolute (q_pos, kv_pos) of every element of a [rows, cols] tile in WGMMA layout
-    (q_pos None when not `with_q`).
-
-    Each is one iota along its axis in the row or column layout, broadcast over the tile:
-    a thread then holds 2 row and 16 column positions instead of two 32-register tiles of
-    them. With the dK/dV kernel's late D load this cut that kernel's register spills
-    (ptxas, H200) from 60–204 to 8–32 bytes per thread (BACKWARD_NOTES.md)."""
+    (q_pos None when not `with_q`): one iota per axis in the row or column layout,
+    broadcast over the tile, so a thread holds its 2 row and 16 column positions (what
+    that did to the dK/dV kernel's registers: BACKWARD_NOTES.md)."""
     def iota(axis):
         vector = plgpu.broadcasted_iota(jnp.int32, (shape[axis],), 0,
                                         layout=WGMMA_ROW if axis == 0 else WGMMA_COL)
