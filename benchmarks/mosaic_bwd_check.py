@@ -10,9 +10,9 @@ two runs bitwise identical. timing: the backward kernels alone vs cuDNN's backwa
 (jax.vjp of jax.nn.dot_product_attention(implementation="cudnn"), backward call only),
 TFLOP/s = 2.5 · 4·B·N·T·S·D·density / t; the default config, then the two-kernel and
 the fused backward (backward_fused.py) each, the fused one's two runs compared bitwise.
-variants: the two-kernel backward alone under each of VARIANTS (the memory warpgroup's
-registers, hence the compute warpgroups'), each one's dQ, dK, dV compared with the
-default's; with MOSAIC_GPU_DUMP_PTXAS=1 ptxas reports each variant's registers and
+variants: the two-kernel backward alone under each of VARIANTS (the persistent dK/dV
+kernel; the memory warpgroup's registers, hence the compute warpgroups'), each one's dQ,
+dK, dV compared with the default's; with MOSAIC_GPU_DUMP_PTXAS=1 ptxas reports each variant's registers and
 spills as it compiles (in that order).
 """
 
@@ -251,8 +251,13 @@ TIMING_CASES = [("full_d128_s16k", FullMask(), 16384, None),
                 ("causal_window256_s32k", LocalMask(255, 0), 32768, 256),
                 ("bigbird_causal_s16k", BIGBIRD_16K, 16384, None)]
 
-# name -> MosaicBackwardConfig.memory_registers
-VARIANTS = {"default": 40, "registers_24": 24}
+# The variants also time the one part of the strided & causal plan at 32k (D128 H16,
+# stride 256): 256 residue classes of 128 causal rows, as 4096 heads.
+VARIANT_CASES = TIMING_CASES + [("strided256_causal_part_s32k", CausalMask(), 128, None, 4096)]
+
+# name -> MosaicBackwardConfig fields
+VARIANTS = {"default": {}, "persistent_dkdv": {"persistent": True},
+            "registers_24": {"memory_registers": 24}}
 ROUNDS = int(os.environ.get("MOSAIC_BWD_ROUNDS", "5"))
 
 
@@ -260,10 +265,10 @@ def variants(path):
     """Each variant compiled once, then timed in ROUNDS interleaved rounds (10 calls each;
     the median of the rounds' medians), so that clock changes over the run (the H200's
     power cap) fall on every variant alike."""
-    for name, mask, t, _ in TIMING_CASES:
+    for name, mask, t, _, *heads in VARIANT_CASES:
         if ONLY and name not in ONLY:
             continue
-        b, n, h = 1, 16, 128
+        b, n, h = 1, heads[0] if heads else 16, 128
         ks = jax.random.split(jax.random.PRNGKey(0), 4)
         q, k, v, do = (jax.random.normal(x, (b, t, n, h), jnp.bfloat16) for x in ks)
         out = jax.random.normal(ks[0], (b, t, n, h), jnp.bfloat16)
@@ -271,16 +276,18 @@ def variants(path):
         args = (q, k, v, out, lse, do)
         static, metas, operands = prepare(mask, t, t, h, None, h ** -0.5)
         res, runs, first = {}, {}, None
-        for label, registers in VARIANTS.items():
-            holder = ConfigHolder(mb.MosaicBackwardConfig(memory_registers=registers))
+        for label, fields in VARIANTS.items():
+            holder = ConfigHolder(mb.MosaicBackwardConfig(**fields))
             try:
                 print(f"ptxas follows for {name} {label}", file=sys.stderr, flush=True)
                 run = kernel_backward(dataclasses.replace(static, config=holder), metas, operands)
                 grads = jax.block_until_ready(run(*args))
-                first = grads if first is None else first
-                res[label + "_max_abs_vs_default"] = max(
-                    float(jnp.max(jnp.abs(x.astype(jnp.float32) - y.astype(jnp.float32))))
-                    for x, y in zip(grads, first))
+                if label == "default":
+                    first = grads
+                if first is not None:
+                    res[label + "_max_abs_vs_default"] = max(
+                        float(jnp.max(jnp.abs(x.astype(jnp.float32) - y.astype(jnp.float32))))
+                        for x, y in zip(grads, first))
                 runs[label] = run
             except Exception as e:  # noqa: BLE001
                 res[label + "_error"] = f"{type(e).__name__}: {e}"[:1000]

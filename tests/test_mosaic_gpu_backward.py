@@ -23,16 +23,21 @@ from pallas_kernels.mosaic_gpu import backward_kernels as mb
 from pallas_kernels.mosaic_gpu.backward_walk import TileLists
 from helpers import lower_for_h100
 from jaxattn.flash import build_call
+from jaxattn.parallel.masks import localize
 
-def _static_and_metas(mask, t, s, h, cap=None, fused=False):
+VARIANTS = ("two_kernels", "fused", "persistent")   # the dK/dV kernel: per item, fused, persistent
+
+
+def _static_and_metas(mask, t, s, h, cap=None, variant="two_kernels"):
     """(static, metas, operands) as jaxattn builds them, at the backward kernels' tiles."""
-    config = dataclasses.replace(mb.default_backward_config(mb.padded_head_dim(h)), fused=fused)
+    config = dataclasses.replace(mb.default_backward_config(mb.padded_head_dim(h)),
+                                 fused=variant == "fused", persistent=variant == "persistent")
     return build_call("pallas_mosaic_gpu", mask, t, s, scale=h ** -0.5, logits_soft_cap=cap,
                       config=config, interpret=False)
 
 
-def _backward_fn(mask, t, s, h, cap=None, parts=("dq", "dkdv"), fused=False):
-    static, metas, operands = _static_and_metas(mask, t, s, h, cap, fused)
+def _backward_fn(mask, t, s, h, cap=None, parts=("dq", "dkdv"), variant="two_kernels"):
+    static, metas, operands = _static_and_metas(mask, t, s, h, cap, variant)
 
     def run(q, k, v, out, lse, do):
         delta = jnp.einsum("btnh,btnh->bnt", do.astype(jnp.float32), out.astype(jnp.float32))
@@ -42,8 +47,8 @@ def _backward_fn(mask, t, s, h, cap=None, parts=("dq", "dkdv"), fused=False):
 
 
 def _lowered_text(mask, *, b=1, t=256, s=256, n=2, kh=1, h=64, cap=None, dtype=jnp.bfloat16,
-                  parts=("dq", "dkdv"), fused=False):
-    run = _backward_fn(mask, t, s, h, cap, parts, fused)
+                  parts=("dq", "dkdv"), variant="two_kernels"):
+    run = _backward_fn(mask, t, s, h, cap, parts, variant)
     shapes = [((b, t, n, h), dtype), ((b, s, kh, h), dtype), ((b, s, kh, h), dtype),
               ((b, t, n, h), dtype), ((b, n, t), jnp.float32), ((b, t, n, h), dtype)]
     args = [jax.ShapeDtypeStruct(shape, dt) for shape, dt in shapes]
@@ -73,7 +78,33 @@ LOWERING_CASES = {
                       dict(t=256, s=200, h=128)),
     "block_layout": (M.BlockSparseMask(np.array([[1, 0], [1, 1]], bool), 128, 128),
                      dict(t=256, s=256, h=64)),
+    # a ring step's view of a padding mask: its position map adds to q_pos, then the
+    # lengths never read the result
+    "ring_view_of_lengths": (localize(M.LengthMask(jnp.asarray([200]), jnp.asarray([150]),
+                                                   q_len=512, kv_len=512),
+                                      ((64, 128), (384, 128)), ((64, 128), (384, 128))),
+                             dict(t=256, s=256, h=64)),
 }
+
+
+@pytest.mark.parametrize("mask, reads", [
+    (M.CausalMask(), True),
+    (M.LocalMask(8, 4), True),
+    (M.SegmentMask(jnp.zeros((1, 64), jnp.int32), jnp.zeros((1, 64), jnp.int32)), False),
+    (M.BlockSparseMask(np.array([[1, 0], [1, 1]], bool), 32, 32), False),
+    (M.causal_document_mask(jnp.zeros((1, 64), jnp.int32)), True),
+    (M.SegmentMask(jnp.zeros((1, 64), jnp.int32), jnp.zeros((1, 64), jnp.int32))
+     | M.GlobalMask(4), True),
+    (localize(M.LengthMask(jnp.asarray([40]), jnp.asarray([30]), q_len=64, kv_len=64),
+              ((0, 64),), ((0, 64),)), False),
+])
+def test_reads_query_positions(mask, reads):
+    """Whether a mask's value depends on the query positions: the backward kernels build
+    them only then (Mosaic GPU cannot lay out a value nothing uses)."""
+    from pallas_kernels.mosaic_gpu.backward_walk import reads_query_positions
+    canonical = M.canonical_mask(mask)
+    count = len(canonical.operands())
+    assert reads_query_positions(canonical.evaluate, (64, 64), count) is reads
 
 
 @pytest.mark.parametrize("name", list(LOWERING_CASES))
@@ -88,8 +119,16 @@ def test_shipped_configurations_lower_for_h100(name):
 def test_fused_backward_lowers_for_h100(name):
     """One kernel for dK, dV and dQ (semaphore-ordered TMA adds of dQ's partial sums)."""
     mask, kwargs = LOWERING_CASES[name]
-    text = _lowered_text(mask, **{**kwargs, "parts": ("dq", "dkdv"), "fused": True})
+    text = _lowered_text(mask, **{**kwargs, "parts": ("dq", "dkdv"), "variant": "fused"})
     assert text.count("mosaic_gpu_v2") == 1     # the two-kernel backward launches 2
+
+
+@pytest.mark.parametrize("name", list(LOWERING_CASES))
+def test_persistent_dkdv_lowers_for_h100(name):
+    """The dK/dV kernel as one CTA per SM looping over kv-blocks (two K/V buffers)."""
+    mask, kwargs = LOWERING_CASES[name]
+    text = _lowered_text(mask, **{**kwargs, "parts": ("dkdv",), "variant": "persistent"})
+    assert "jaxattn_mosaic_dkdv_persistent" in text
 
 
 @pytest.mark.parametrize("mask, t, s, tiles", [
@@ -215,6 +254,17 @@ def test_config_checks_its_tiles():
     # + 16 KB of dSᵀ and 64 KB of float32 dQ staging at D128, still inside an sm90 CTA
     assert fused.smem_bytes(128, 2) - cfg.smem_bytes(128, 2) == 80 * 1024
     assert fused.smem_bytes(128, 2) < mb.SMEM_BYTES
+    persistent = mb.MosaicBackwardConfig(persistent=True)
+    # a second K/V buffer (64 KB at D128)
+    assert persistent.smem_bytes(128, 2) - cfg.smem_bytes(128, 2) == 64 * 1024
+    assert persistent.smem_bytes(128, 2) < mb.SMEM_BYTES
+    with pytest.raises(ValueError, match="choose one"):
+        mb.MosaicBackwardConfig(fused=True, persistent=True)
+    with pytest.raises(ValueError, match="persistent must be True or False"):
+        mb.MosaicBackwardConfig(persistent=1)
+    for bad in (20, 44, 40.0, 264):
+        with pytest.raises(ValueError, match="memory_registers must be a multiple of 8"):
+            mb.MosaicBackwardConfig(memory_registers=bad)
 
 
 def test_metadata_for_other_tiles_is_refused():
@@ -249,6 +299,8 @@ GPU_CASES = {
         M.causal_document_mask(jnp.asarray(np.stack([np.repeat(np.arange(3), [200, 60, 252]),
                                                      np.repeat(np.arange(2), [300, 212])])))
         & M.LocalMask(160, 0), 2, 512, 512, 2, 1, 128, 5.0),
+    # 512 kv-block items: a persistent CTA runs ~4 of them, reusing both K/V buffers
+    "many_items_causal_gqa_d64": (M.CausalMask(), 4, 1024, 1024, 32, 16, 64),
 }
 
 
@@ -264,9 +316,9 @@ def worst_row_error(got, want) -> float:
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("fused", [False, True], ids=["two_kernels", "fused"])
+@pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("name", list(GPU_CASES))
-def test_gradients_match_the_reference_per_row(name, fused):
+def test_gradients_match_the_reference_per_row(name, variant):
     mask, b, t, s, n, kh, h, *cap = GPU_CASES[name]
     cap = cap[0] if cap else None
     ks = jax.random.split(jax.random.key(1), 4)
@@ -282,7 +334,7 @@ def test_gradients_match_the_reference_per_row(name, fused):
 
     (out, lse), vjp = jax.vjp(ref, f32(q), f32(k), f32(v))
     want = vjp((f32(do), jnp.zeros_like(lse)))
-    run = jax.jit(_backward_fn(mask, t, s, h, cap, fused=fused))
+    run = jax.jit(_backward_fn(mask, t, s, h, cap, variant=variant))
     # D from the float32 output, so the comparison sees the kernels' error alone (bf16
     # P and dS operands: ~0.004 worst row, emulated on CPU) and not that of a rounded O.
     got = run(q, k, v, out, lse, do)
@@ -291,3 +343,22 @@ def test_gradients_match_the_reference_per_row(name, fused):
         assert bool(jnp.all(jnp.isfinite(g))), name_
         assert worst_row_error(g, w) < 0.02, name_
         assert bool(jnp.array_equal(g, g2)), f"{name_} differs between two runs"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["causal_d128", "window_gqa_d128", "bigbird_gqa_d128",
+                                  "documents_window_softcap_d128", "many_items_causal_gqa_d64"])
+def test_persistent_dkdv_equals_the_per_item_kernel(name):
+    """Same products in the same order, CTA by CTA or looped: dK and dV bitwise equal."""
+    mask, b, t, s, n, kh, h, *cap = GPU_CASES[name]
+    cap = cap[0] if cap else None
+    ks = jax.random.split(jax.random.key(2), 5)
+    q, do = (jax.random.normal(x, (b, t, n, h), jnp.bfloat16) for x in ks[:2])
+    k, v = (jax.random.normal(x, (b, s, kh, h), jnp.bfloat16) for x in ks[2:4])
+    out = jax.random.normal(ks[4], (b, t, n, h), jnp.float32)
+    lse = jnp.full((b, n, t), 4.0, jnp.float32)
+    per_item, persistent = (
+        jax.jit(_backward_fn(mask, t, s, h, cap, parts=("dkdv",), variant=variant))(
+            q, k, v, out, lse, do) for variant in ("two_kernels", "persistent"))
+    for label, a, c in zip(("dk", "dv"), per_item[1:], persistent[1:]):
+        assert bool(jnp.array_equal(a, c)), label

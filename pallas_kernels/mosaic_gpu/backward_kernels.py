@@ -33,6 +33,7 @@ import jax.numpy as jnp
 
 from pallas_kernels.mosaic_gpu.backward_dkdv import dkdv_call
 from pallas_kernels.mosaic_gpu.backward_dq import dq_call
+from pallas_kernels.mosaic_gpu.backward_dkdv_persistent import dkdv_persistent_call
 from pallas_kernels.mosaic_gpu.backward_fused import contributor_ranks
 from pallas_kernels.mosaic_gpu.backward_walk import LOG2E
 from pallas_kernels.mosaic_gpu.common import prepare_operands
@@ -55,7 +56,8 @@ class MosaicBackwardConfig:
     FlashAttention-3's backward (64-row warpgroup tiles, 2 stages), with two compute
     warpgroups per CTA. Shared memory at D128: dK/dV 2·(K+V) 64 KB + 2 stages·(Q+dO)
     64 KB; dQ 2·(Q+dO) 64 KB + 2 stages·(K+V) 64 KB. Registers per compute thread at
-    D128: dK and dV accumulators 64 + 64, Sᵀ and dPᵀ 32 + 32 (of 232)."""
+    D128: dK and dV accumulators 64 + 64, Sᵀ and dPᵀ 32 + 32 (of the 232 the default
+    memory_registers leaves each of two compute warpgroups)."""
     block_q_dkv: int = 64
     block_kv_dkv: int = 128
     block_q_dq: int = 128
@@ -65,8 +67,13 @@ class MosaicBackwardConfig:
     # One kernel for dK, dV and dQ (backward_fused.py: 5 products per tile instead of 7,
     # dQ's partial sums added in a fixed order) instead of the dK/dV and dQ kernels.
     fused: bool = False
+    # The dK/dV kernel as one CTA per SM looping over kv-blocks, the next one's K/V and
+    # first Q/dO tiles loaded during the current one (backward_dkdv_persistent.py), instead
+    # of one CTA per kv-block. Off until measured on a GPU.
+    persistent: bool = False
     # Registers per thread left to the memory warpgroup (setmaxnreg); each compute
-    # warpgroup gets (512 - memory_registers) / compute_warpgroups, rounded down to 8.
+    # warpgroup gets (512 - memory_registers) / compute_warpgroups, rounded down to 8 and
+    # at most 256 (232 with the defaults).
     memory_registers: int = 40
 
     def __post_init__(self):
@@ -84,11 +91,17 @@ class MosaicBackwardConfig:
                     f"{ROWS_PER_WARPGROUP * self.compute_warpgroups}, got {value}.")
         if self.num_stages < 1:
             raise ValueError(f"MosaicBackwardConfig.num_stages must be >= 1, got {self.num_stages}.")
-        if self.memory_registers % 8 or not 24 <= self.memory_registers <= 256:
+        if (not isinstance(self.memory_registers, int) or isinstance(self.memory_registers, bool)
+                or self.memory_registers % 8 or not 24 <= self.memory_registers <= 256):
             raise ValueError("MosaicBackwardConfig.memory_registers must be a multiple of 8 "
                              f"between 24 and 256 (setmaxnreg's range), got {self.memory_registers}.")
-        if not isinstance(self.fused, bool):
-            raise ValueError(f"MosaicBackwardConfig.fused must be True or False, got {self.fused!r}.")
+        for flag in ("fused", "persistent"):
+            if not isinstance(getattr(self, flag), bool):
+                raise ValueError(f"MosaicBackwardConfig.{flag} must be True or False, got "
+                                 f"{getattr(self, flag)!r}.")
+        if self.fused and self.persistent:
+            raise ValueError("MosaicBackwardConfig: fused=True and persistent=True are two different "
+                             "dK/dV kernels; choose one.")
         if self.fused and self.block_q_dkv != ROWS_PER_WARPGROUP:
             raise ValueError(
                 f"MosaicBackwardConfig(fused=True) needs block_q_dkv={ROWS_PER_WARPGROUP} (its "
@@ -103,7 +116,8 @@ class MosaicBackwardConfig:
         """The larger of the two kernels' shared memory (operand tiles + barriers; the
         fused kernel's dSᵀ and float32 dQ staging too)."""
         row = head_dim * itemsize
-        dkdv = (2 * self.block_kv_dkv * row
+        kv_buffers = 2 if self.persistent else 1
+        dkdv = (kv_buffers * 2 * self.block_kv_dkv * row
                 + self.num_stages * (2 * self.block_q_dkv * row + 2 * self.block_q_dkv * 4))
         if self.fused:
             dkdv += self.block_kv_dkv * self.block_q_dkv * itemsize + \
@@ -237,8 +251,9 @@ def backward(static, q, k, v, bias, out, lse, dout, delta, metas, operands,
         m = metas["dkdv"]
         lists = (m.t_full_count, m.t_full_index, m.t_partial_count, m.t_partial_index)
         lists = tuple(jnp.asarray(a, jnp.int32) for a in lists)
-        dk, dv = dkdv_call(qp, kp, vp, dop, lse2, delta_p, lists, block_q=m.block_q,
-                           block_kv=m.block_kv, **common)
+        call = dkdv_persistent_call if config.persistent else dkdv_call
+        dk, dv = call(qp, kp, vp, dop, lse2, delta_p, lists, block_q=m.block_q,
+                      block_kv=m.block_kv, **common)
         dk, dv = dk[:, :s, :, :h].astype(k.dtype), dv[:, :s, :, :h].astype(v.dtype)
     if want_dq:
         m = metas["dq"]

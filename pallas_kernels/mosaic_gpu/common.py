@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
@@ -20,8 +21,15 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from pallas_kernels.metadata import BlockMetadata
 from pallas_kernels.common import LN2, LOG2E, MASK_VALUE, pad_btnh
 
-__all__ = ["LN2", "LOG2E", "MASK_VALUE", "pad_btnh", "padded_head_dim", "TileLists", "OperandRef",
-           "prepare_operands"]
+__all__ = ["LN2", "LOG2E", "MASK_VALUE", "pad_btnh", "padded_head_dim", "num_sms", "TileLists",
+           "OperandRef", "prepare_operands"]
+
+
+def num_sms() -> int:
+    """Streaming multiprocessors of the GPU (132 on an H100/H200 SXM when unknown, e.g.
+    when lowering for an abstract device)."""
+    device = jax.devices()[0]
+    return int(getattr(device, "core_count", 0) or 132) if device.platform == "gpu" else 132
 
 
 def padded_head_dim(h: int) -> int:

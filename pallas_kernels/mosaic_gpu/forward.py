@@ -52,7 +52,7 @@ from pallas_kernels.common import pad_to_multiple, prepare_operands
 from pallas_kernels.mosaic_gpu import named_barrier
 from pallas_kernels.mosaic_gpu.consumer_turns import MbarrierTurns, NamedBarrierTurns
 from pallas_kernels.mosaic_gpu.common import (LN2, LOG2E, MASK_VALUE, OperandRef, TileLists,
-                                              pad_btnh, padded_head_dim)
+                                              num_sms, pad_btnh, padded_head_dim)
 from pallas_kernels.mosaic_gpu.config import CONSUMER_WARPGROUPS, ROWS_PER_WARPGROUP, SMEM_BYTES
 from pallas_kernels.mosaic_gpu.schedule import Schedule, balanced_deal
 from pallas_kernels.mosaic_gpu.tile_inputs import (plan_tile_inputs, prepare_forward_bias,
@@ -61,13 +61,6 @@ from pallas_kernels.mosaic_gpu.tile_inputs import (plan_tile_inputs, prepare_for
 _WGMMA = plgpu.Layout.WGMMA
 _WGMMA_ROW = plgpu.Layout.WGMMA.reduce(1)   # one value per accumulator row
 _WGMMA_COL = plgpu.Layout.WGMMA.reduce(0)   # one value per accumulator column
-
-
-def _num_sms() -> int:
-    """Streaming multiprocessors of the GPU (132 on an H100/H200 SXM when unknown, e.g.
-    when lowering for an abstract device)."""
-    device = jax.devices()[0]
-    return int(getattr(device, "core_count", 0) or 132) if device.platform == "gpu" else 132
 
 
 def _kernel(lists: TileLists, q_ref, k_ref, v_ref, operand_refs, inputs, o_ref, lse_ref, scratch,
@@ -338,7 +331,7 @@ def forward(static, q, k, v, bias, metas, operands):
     rows = ROWS_PER_WARPGROUP
     nq = tp // bq
     schedule = balanced_deal(
-        Schedule(nq, n, b, cfg.persistent, min(_num_sms(), nq * n * b), balance=not meta.even_q_work),
+        Schedule(nq, n, b, cfg.persistent, min(num_sms(), nq * n * b), balance=not meta.even_q_work),
         meta)
     n_schedule = len(schedule.arrays())
     plan_inputs = functools.partial(

@@ -1,0 +1,214 @@
+"""The dK/dV kernel of the Mosaic GPU backward, persistent: one CTA per SM looping over
+work items (kv-block j, KV head, batch row).
+
+The per-item kernel (backward_dkdv.py) runs one CTA per item. On short tile lists —
+causal windows, BigBird, the residue classes of a strided plan, where an item is one to
+a few tiles — each CTA's chain (load K_j, V_j → products → stage and store dK, dV) is
+exposed, one CTA per SM: on the H200 that kernel moved 805 MB at 2.9 TB/s for strided &
+causal, where the persistent forward runs at the memory bound (BACKWARD_NOTES.md). Here
+a CTA keeps two K/V buffers, so the next item's K_j, V_j and its first Q/dO tiles are
+loaded while the current item computes and stores, and no launch sits between items.
+
+Three warpgroups, as in forward.py:
+* the producer (warpgroup `wgs`, 40 registers) walks this CTA's items (schedule.py's
+  snake deal) and per item copies K_j, V_j into buffer `item % 2` once the compute
+  warpgroups have released it (their dK, dV stores of the item two back have read it),
+  then every step of the item's TRANSPOSED lists (GQA: once per query head of the
+  group): Q_i, dO_i, lse_i, D_i into slot `(first + step) % stages`, once released;
+* the compute warpgroups each own block_kv / wgs keys of the item: they zero dK and dV,
+  run every step with the per-tile arithmetic of backward_dkdv.py (the same products in
+  the same order), then stage dK, dV in the
+  item's K/V buffer and store them by TMA, and release the buffer once the stores have
+  read it.
+Slots turn over every step of every item of the CTA (`first` counts the CTA's steps so
+far), buffers every item. EMPTY tiles are in no list and are never loaded.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from pallas_kernels.mosaic_gpu.backward_walk import (WGMMA_COL, OperandTiles, TileLists, dlogits,
+                                                     keep_partial, logits_and_probabilities,
+                                                     swizzled, tile_positions)
+from pallas_kernels.mosaic_gpu.common import num_sms
+from pallas_kernels.mosaic_gpu.schedule import Schedule
+
+KV_BUFFERS = 2   # item i + 1's K/V load while item i computes
+
+
+def dkdv_persistent_call(q, k, v, do, lse2, delta, meta_arrays, *, block_q: int, block_kv: int,
+                         wgs: int, stages: int, memory_registers: int = 40, scale: float, cap,
+                         mask_fn, kv_len: int, operands=(), operand_kinds=()):
+    """Arguments and result as backward_dkdv.dkdv_call (without rank_arrays)."""
+    b, tp, n, hp = q.shape
+    sp, kh = k.shape[1], k.shape[2]
+    groups = n // kh
+    rows = block_kv // wgs                     # key rows per compute warpgroup
+    dtype = q.dtype
+    n_blocks = meta_arrays[0].shape[-1]
+    kv_padded = n_blocks * block_kv != kv_len   # the last tile holds padded keys
+    num_items = n_blocks * kh * b
+    schedule = Schedule(n_blocks, kh, b, persistent=True, num_ctas=min(num_sms(), num_items),
+                        balance=True)
+    compute_registers = min(256, (512 - memory_registers) // wgs) // 8 * 8
+
+    def kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, tfc_ref, tfi_ref, tpc_ref,
+               tpi_ref, *refs):
+        *operand_refs, dk_ref, dv_ref = refs
+        operand_tiles = OperandTiles(operand_refs, operand_kinds, q_axis=1)
+        meta_refs = (tfc_ref, tfi_ref, tpc_ref, tpi_ref)
+
+        def body(k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem, kv_ready, step_ready,
+                 kv_free, step_free):
+            wg = lax.axis_index("wg")
+            my_items = schedule.my_item_count()
+
+            def item_lists(item):
+                j, head_kv, bi = schedule.item(item)
+                lists = TileLists(meta_refs, batch=bi, block=j, head0=head_kv * groups,
+                                  groups=groups)
+                return j, head_kv, bi, lists
+
+            @pl.when(wg < wgs)
+            def _compute():
+                plgpu.set_max_registers(compute_registers, action="increase")
+
+                def run_item(item, first):
+                    j, head_kv, bi, lists = item_lists(item)
+                    buf = lax.rem(item, KV_BUFFERS)
+                    kv_base = j * block_kv + wg * rows
+                    k_tile, v_tile = k_smem.at[buf, wg], v_smem.at[buf, wg]
+                    plgpu.barrier_wait(kv_ready.at[buf])
+
+                    def step_products(s, dk_acc, dv_acc):
+                        slot = lax.rem(first + s, stages)
+                        step = lists.decode(s)
+                        q_tile, do_tile = q_smem.at[slot], do_smem.at[slot]
+                        plgpu.barrier_wait(step_ready.at[slot])
+
+                        def scores(acc):
+                            plgpu.wgmma(acc, k_tile, q_tile.T)                  # Sᵀ = K Qᵀ
+                            return acc[...], plgpu.load(lse_smem.at[slot], (), layout=WGMMA_COL)
+
+                        tile_acc = plgpu.ACC((rows, block_q), jnp.float32)
+                        s_t, lse2_i = pl.run_scoped(scores, tile_acc)
+                        p_t, tanh = logits_and_probabilities(s_t, lse2_i, scale=scale, cap=cap,
+                                                             row_axis=1)
+                        positions = functools.partial(tile_positions, s_t.shape,
+                                                      step.block * block_q, 1, kv_base, 0)
+                        operands_here = functools.partial(
+                            operand_tiles, s_t.shape, batch=bi, head=head_kv * groups + step.head,
+                            q_start=step.block * block_q, kv_start=kv_base)
+                        p_t = keep_partial(p_t, step.partial, mask_fn, positions, kv_len,
+                                           kv_padded, operands_here, len(operand_kinds))
+
+                        def probabilities_grad(acc):
+                            plgpu.wgmma(acc, v_tile, do_tile.T)                 # dPᵀ = V dOᵀ
+                            plgpu.wgmma(dv_acc, p_t.astype(dtype), do_tile)     # dV += Pᵀ dO
+                            return plgpu.wgmma_accumulator_load(acc, wait_n=1)  # dPᵀ only
+
+                        dp_t = pl.run_scoped(probabilities_grad, tile_acc)
+                        delta_i = plgpu.load(delta_smem.at[slot], (), layout=WGMMA_COL)
+                        ds_t = dlogits(p_t, dp_t, delta_i, tanh, row_axis=1).astype(dtype)
+                        plgpu.wgmma(dk_acc, ds_t, q_tile)                       # dK += dSᵀ Q
+                        plgpu.wgmma_wait(0)
+                        plgpu.barrier_arrive(step_free.at[slot])                # slot read
+
+                    def accumulate(dk_acc, dv_acc):
+                        @pl.loop(0, lists.total)
+                        def _(s):
+                            step_products(s, dk_acc, dv_acc)
+                        return dk_acc[...], dv_acc[...]
+
+                    acc = plgpu.ACC((rows, hp), jnp.float32)
+                    dk, dv = pl.run_scoped(accumulate, acc, acc)
+                    # K_j and V_j are no longer read: their buffer stages the results.
+                    k_tile[...] = (dk * scale).astype(dtype)
+                    v_tile[...] = dv.astype(dtype)
+                    plgpu.commit_smem()
+                    kv_rows = pl.ds(kv_base, rows)
+                    plgpu.copy_smem_to_gmem(k_tile, dk_ref.at[bi, kv_rows, head_kv],
+                                            commit_group=False)
+                    plgpu.copy_smem_to_gmem(v_tile, dv_ref.at[bi, kv_rows, head_kv],
+                                            commit_group=False)
+                    plgpu.commit_smem_to_gmem_group()
+                    # The producer may refill this buffer once the stores have read it.
+                    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+                    plgpu.barrier_arrive(kv_free.at[buf])
+                    return first + lists.total
+
+                lax.fori_loop(0, my_items, run_item, jnp.int32(0))
+                plgpu.wait_smem_to_gmem(0)
+
+            @pl.when(wg == wgs)
+            def _producer():
+                plgpu.set_max_registers(memory_registers, action="decrease")
+
+                def run_item(item, first):
+                    j, head_kv, bi, lists = item_lists(item)
+                    buf = lax.rem(item, KV_BUFFERS)
+
+                    @pl.when(item >= KV_BUFFERS)
+                    def _():
+                        plgpu.barrier_wait(kv_free.at[buf])
+
+                    for w in range(wgs):
+                        kv_rows = pl.ds(j * block_kv + w * rows, rows)
+                        plgpu.copy_gmem_to_smem(k_ref.at[bi, kv_rows, head_kv], k_smem.at[buf, w],
+                                                kv_ready.at[buf])
+                        plgpu.copy_gmem_to_smem(v_ref.at[bi, kv_rows, head_kv], v_smem.at[buf, w],
+                                                kv_ready.at[buf])
+
+                    @pl.loop(0, lists.total)
+                    def _(s):
+                        at = first + s
+                        slot = lax.rem(at, stages)
+                        step = lists.decode(s)   # read before the wait: its latency overlaps it
+                        head = head_kv * groups + step.head
+                        q_rows = pl.ds(step.block * block_q, block_q)
+
+                        @pl.when(at >= stages)
+                        def _():
+                            plgpu.barrier_wait(step_free.at[slot])
+
+                        ready = step_ready.at[slot]
+                        plgpu.copy_gmem_to_smem(q_ref.at[bi, q_rows, head], q_smem.at[slot], ready)
+                        plgpu.copy_gmem_to_smem(do_ref.at[bi, q_rows, head], do_smem.at[slot], ready)
+                        plgpu.copy_gmem_to_smem(lse_ref.at[bi, head, q_rows], lse_smem.at[slot], ready)
+                        plgpu.copy_gmem_to_smem(delta_ref.at[bi, head, q_rows], delta_smem.at[slot],
+                                                ready)
+
+                    return first + lists.total
+
+                lax.fori_loop(0, my_items, run_item, jnp.int32(0))
+
+        kv_smem = plgpu.SMEM((KV_BUFFERS, wgs, rows, hp), dtype, transforms=swizzled((rows, hp), dtype))
+        qdo_smem = plgpu.SMEM((stages, block_q, hp), dtype, transforms=swizzled((block_q, hp), dtype))
+        row_smem = plgpu.SMEM((stages, block_q), jnp.float32)
+        pl.run_scoped(
+            body, kv_smem, kv_smem, qdo_smem, qdo_smem, row_smem, row_smem,
+            plgpu.Barrier(num_arrivals=2 * wgs, num_barriers=KV_BUFFERS),   # K and V copies
+            plgpu.Barrier(num_arrivals=4, num_barriers=stages),             # Q, dO, lse, D
+            plgpu.Barrier(num_arrivals=wgs, num_barriers=KV_BUFFERS),
+            plgpu.Barrier(num_arrivals=wgs, num_barriers=stages),
+            collective_axes="wg")
+
+    out = jax.ShapeDtypeStruct((b, sp, kh, hp), dtype)
+    grid, grid_names = schedule.grid()
+    return plgpu.kernel(
+        kernel,
+        out_type=(out, out),
+        compiler_params=plgpu.CompilerParams(approx_math=True),
+        grid=grid,
+        grid_names=grid_names,
+        num_threads=wgs + 1,
+        thread_name="wg",
+        kernel_name="jaxattn_mosaic_dkdv_persistent",
+    )(q, k, v, do, lse2, delta, *meta_arrays, *operands)
