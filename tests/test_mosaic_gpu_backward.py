@@ -124,11 +124,14 @@ def test_fused_backward_lowers_for_h100(name):
 
 
 @pytest.mark.parametrize("name", list(LOWERING_CASES))
-def test_persistent_dkdv_lowers_for_h100(name):
-    """The dK/dV kernel as one CTA per SM looping over kv-blocks (two K/V buffers)."""
+def test_persistent_kernels_lower_for_h100(name):
+    """Both kernels as one CTA per SM looping over their blocks (two buffers of the
+    resident tiles)."""
     mask, kwargs = LOWERING_CASES[name]
-    text = _lowered_text(mask, **{**kwargs, "parts": ("dkdv",), "variant": "persistent"})
+    text = _lowered_text(mask, **{**kwargs, "variant": "persistent"})
     assert "jaxattn_mosaic_dkdv_persistent" in text
+    if kwargs.get("parts") != ("dkdv",):
+        assert "jaxattn_mosaic_dq_persistent" in text
 
 
 @pytest.mark.parametrize("mask, t, s, tiles", [
@@ -255,7 +258,7 @@ def test_config_checks_its_tiles():
     assert fused.smem_bytes(128, 2) - cfg.smem_bytes(128, 2) == 80 * 1024
     assert fused.smem_bytes(128, 2) < mb.SMEM_BYTES
     persistent = mb.MosaicBackwardConfig(persistent=True)
-    # a second K/V buffer (64 KB at D128)
+    # a second buffer of the resident tiles (64 KB at D128 in either kernel)
     assert persistent.smem_bytes(128, 2) - cfg.smem_bytes(128, 2) == 64 * 1024
     assert persistent.smem_bytes(128, 2) < mb.SMEM_BYTES
     with pytest.raises(ValueError, match="choose one"):
@@ -348,8 +351,8 @@ def test_gradients_match_the_reference_per_row(name, variant):
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", ["causal_d128", "window_gqa_d128", "bigbird_gqa_d128",
                                   "documents_window_softcap_d128", "many_items_causal_gqa_d64"])
-def test_persistent_dkdv_equals_the_per_item_kernel(name):
-    """Same products in the same order, CTA by CTA or looped: dK and dV bitwise equal."""
+def test_persistent_kernels_equal_the_per_item_kernels(name):
+    """Same products in the same order, CTA by CTA or looped: dQ, dK and dV bitwise equal."""
     mask, b, t, s, n, kh, h, *cap = GPU_CASES[name]
     cap = cap[0] if cap else None
     ks = jax.random.split(jax.random.key(2), 5)
@@ -358,7 +361,7 @@ def test_persistent_dkdv_equals_the_per_item_kernel(name):
     out = jax.random.normal(ks[4], (b, t, n, h), jnp.float32)
     lse = jnp.full((b, n, t), 4.0, jnp.float32)
     per_item, persistent = (
-        jax.jit(_backward_fn(mask, t, s, h, cap, parts=("dkdv",), variant=variant))(
-            q, k, v, out, lse, do) for variant in ("two_kernels", "persistent"))
-    for label, a, c in zip(("dk", "dv"), per_item[1:], persistent[1:]):
+        jax.jit(_backward_fn(mask, t, s, h, cap, variant=variant))(q, k, v, out, lse, do)
+        for variant in ("two_kernels", "persistent"))
+    for label, a, c in zip(("dq", "dk", "dv"), per_item, persistent):
         assert bool(jnp.array_equal(a, c)), label

@@ -33,6 +33,7 @@ import jax.numpy as jnp
 
 from pallas_kernels.mosaic_gpu.backward_dkdv import dkdv_call
 from pallas_kernels.mosaic_gpu.backward_dq import dq_call
+from pallas_kernels.mosaic_gpu.backward_dq_persistent import dq_persistent_call
 from pallas_kernels.mosaic_gpu.backward_dkdv_persistent import dkdv_persistent_call
 from pallas_kernels.mosaic_gpu.backward_fused import contributor_ranks
 from pallas_kernels.mosaic_gpu.backward_walk import LOG2E
@@ -67,9 +68,10 @@ class MosaicBackwardConfig:
     # One kernel for dK, dV and dQ (backward_fused.py: 5 products per tile instead of 7,
     # dQ's partial sums added in a fixed order) instead of the dK/dV and dQ kernels.
     fused: bool = False
-    # The dK/dV kernel as one CTA per SM looping over kv-blocks, the next one's K/V and
-    # first Q/dO tiles loaded during the current one (backward_dkdv_persistent.py), instead
-    # of one CTA per kv-block. Off until measured on a GPU.
+    # Both kernels as one CTA per SM looping over their blocks, the next block's resident
+    # tiles (K/V for dK/dV, Q/dO for dQ) and first streamed tiles loaded during the current
+    # one (backward_dkdv_persistent.py, backward_dq_persistent.py), instead of one CTA per
+    # block. Off until measured on a GPU.
     persistent: bool = False
     # Registers per thread left to the memory warpgroup (setmaxnreg); each compute
     # warpgroup gets (512 - memory_registers) / compute_warpgroups, rounded down to 8 and
@@ -116,13 +118,13 @@ class MosaicBackwardConfig:
         """The larger of the two kernels' shared memory (operand tiles + barriers; the
         fused kernel's dSᵀ and float32 dQ staging too)."""
         row = head_dim * itemsize
-        kv_buffers = 2 if self.persistent else 1
-        dkdv = (kv_buffers * 2 * self.block_kv_dkv * row
+        resident_buffers = 2 if self.persistent else 1
+        dkdv = (resident_buffers * 2 * self.block_kv_dkv * row
                 + self.num_stages * (2 * self.block_q_dkv * row + 2 * self.block_q_dkv * 4))
         if self.fused:
             dkdv += self.block_kv_dkv * self.block_q_dkv * itemsize + \
                 self.compute_warpgroups * self.block_q_dkv * head_dim * 4
-        dq = 2 * self.block_q_dq * row + self.num_stages * 2 * self.block_kv_dq * row
+        dq = resident_buffers * 2 * self.block_q_dq * row + self.num_stages * 2 * self.block_kv_dq * row
         return max(dkdv, dq) + 1024
 
 
@@ -259,7 +261,8 @@ def backward(static, q, k, v, bias, out, lse, dout, delta, metas, operands,
         m = metas["dq"]
         lists = (m.full_count, m.full_index, m.partial_count, m.partial_index)
         lists = tuple(jnp.asarray(a, jnp.int32) for a in lists)
-        dq = dq_call(qp, kp, vp, dop, lse2, delta_p, lists, block_q=m.block_q,
-                     block_kv=m.block_kv, **common)
+        call = dq_persistent_call if config.persistent else dq_call
+        dq = call(qp, kp, vp, dop, lse2, delta_p, lists, block_q=m.block_q,
+                  block_kv=m.block_kv, **common)
         dq = dq[:, :t, :, :h]
     return dq, dk, dv, None

@@ -1,0 +1,187 @@
+"""The dQ kernel of the Mosaic GPU backward, persistent: one CTA per SM looping over work
+items (q-block i, query head n, batch row), the twin of backward_dkdv_persistent.py (why:
+its docstring and BACKWARD_NOTES.md).
+
+* the producer (warpgroup `wgs`, 40 registers) walks this CTA's items (schedule.py's snake
+  deal, heaviest q-blocks first) and per item copies Q_i and dO_i into buffer `item % 2`
+  once the compute warpgroups have released it (their dQ store of the item two back has
+  read it), then every K_j, V_j on q-block i's lists — FULL kv-blocks first, then PARTIAL
+  ones — into slot `(first + step) % stages`, once released;
+* the compute warpgroups each own block_q / wgs query rows of the item: they read their
+  lse and D rows, run every step with the per-tile arithmetic of backward_dq.py (the same
+  products in the same order), then stage dQ in the item's Q buffer, store it by TMA and
+  release the buffer once the store has read it.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from pallas_kernels.mosaic_gpu.backward_walk import (WGMMA_ROW, OperandTiles, TileLists, dlogits,
+                                                     keep_partial, logits_and_probabilities,
+                                                     swizzled, tile_positions)
+from pallas_kernels.mosaic_gpu.common import num_sms
+from pallas_kernels.mosaic_gpu.schedule import Schedule
+
+QDO_BUFFERS = 2   # item i + 1's Q and dO load while item i computes
+
+
+def dq_persistent_call(q, k, v, do, lse2, delta, meta_arrays, *, block_q: int, block_kv: int,
+                       wgs: int, stages: int, memory_registers: int = 40, scale: float, cap,
+                       mask_fn, kv_len: int, operands=(), operand_kinds=()):
+    """Arguments and result as backward_dq.dq_call."""
+    b, tp, n, hp = q.shape
+    kh = k.shape[2]
+    groups = n // kh
+    rows = block_q // wgs                      # query rows per compute warpgroup
+    dtype = q.dtype
+    n_q_blocks = meta_arrays[0].shape[-1]
+    kv_padded = kv_len % block_kv != 0         # the last kv tile holds padded keys
+    num_items = n_q_blocks * n * b
+    schedule = Schedule(n_q_blocks, n, b, persistent=True, num_ctas=min(num_sms(), num_items),
+                        balance=True)
+    compute_registers = min(256, (512 - memory_registers) // wgs) // 8 * 8
+
+    def kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, fc_ref, fi_ref, pc_ref, pi_ref,
+               *refs):
+        *operand_refs, dq_ref = refs
+        operand_tiles = OperandTiles(operand_refs, operand_kinds, q_axis=0)
+        meta_refs = (fc_ref, fi_ref, pc_ref, pi_ref)
+
+        def body(q_smem, do_smem, k_smem, v_smem, qdo_ready, kv_ready, qdo_free, kv_free):
+            wg = lax.axis_index("wg")
+            my_items = schedule.my_item_count()
+
+            def item_lists(item):
+                i, head, bi = schedule.item(item)
+                lists = TileLists(meta_refs, batch=bi, block=i, head0=head, groups=1)
+                return i, head, bi, lists
+
+            @pl.when(wg < wgs)
+            def _compute():
+                plgpu.set_max_registers(compute_registers, action="increase")
+
+                def run_item(item, first):
+                    i, head, bi, lists = item_lists(item)
+                    buf = lax.rem(item, QDO_BUFFERS)
+                    q_base = i * block_q + wg * rows
+                    q_rows = pl.ds(q_base, rows)
+                    q_tile, do_tile = q_smem.at[buf, wg], do_smem.at[buf, wg]
+                    lse2_i = plgpu.load(lse_ref.at[bi, head, q_rows], (), layout=WGMMA_ROW,
+                                        optimized=False)
+                    delta_i = plgpu.load(delta_ref.at[bi, head, q_rows], (), layout=WGMMA_ROW,
+                                         optimized=False)
+                    plgpu.barrier_wait(qdo_ready.at[buf])
+
+                    def step_products(s, dq_acc):
+                        slot = lax.rem(first + s, stages)
+                        step = lists.decode(s)
+                        k_tile, v_tile = k_smem.at[slot], v_smem.at[slot]
+                        plgpu.barrier_wait(kv_ready.at[slot])
+
+                        def scores_and_grads(dp_acc, s_acc):
+                            plgpu.wgmma(dp_acc, do_tile, v_tile.T)              # dP = dO Vᵀ
+                            plgpu.wgmma(s_acc, q_tile, k_tile.T)                # S = Q Kᵀ
+                            plgpu.wgmma_wait(0)
+                            return dp_acc[...], s_acc[...]
+
+                        tile_acc = plgpu.ACC((rows, block_kv), jnp.float32)
+                        dp, s_i = pl.run_scoped(scores_and_grads, tile_acc, tile_acc)
+                        p, tanh = logits_and_probabilities(s_i, lse2_i, scale=scale, cap=cap,
+                                                           row_axis=0)
+                        positions = functools.partial(tile_positions, s_i.shape, q_base, 0,
+                                                      step.block * block_kv, 1)
+                        operands_here = functools.partial(
+                            operand_tiles, s_i.shape, batch=bi, head=head, q_start=q_base,
+                            kv_start=step.block * block_kv)
+                        p = keep_partial(p, step.partial, mask_fn, positions, kv_len, kv_padded,
+                                         operands_here, len(operand_kinds))
+                        ds = dlogits(p, dp, delta_i, tanh, row_axis=0)
+                        plgpu.wgmma(dq_acc, ds.astype(dtype), k_tile)           # dQ += dS K
+                        plgpu.wgmma_wait(0)
+                        plgpu.barrier_arrive(kv_free.at[slot])                  # slot read
+
+                    def accumulate(dq_acc):
+                        @pl.loop(0, lists.total)
+                        def _(s):
+                            step_products(s, dq_acc)
+                        return dq_acc[...]
+
+                    dq = pl.run_scoped(accumulate, plgpu.ACC((rows, hp), jnp.float32))
+                    q_tile[...] = (dq * scale).astype(dtype)   # Q_i's buffer stages dQ_i
+                    plgpu.commit_smem()
+                    plgpu.copy_smem_to_gmem(q_tile, dq_ref.at[bi, q_rows, head])
+                    # The producer may refill this buffer once the store has read it.
+                    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+                    plgpu.barrier_arrive(qdo_free.at[buf])
+                    return first + lists.total
+
+                lax.fori_loop(0, my_items, run_item, jnp.int32(0))
+                plgpu.wait_smem_to_gmem(0)
+
+            @pl.when(wg == wgs)
+            def _producer():
+                plgpu.set_max_registers(memory_registers, action="decrease")
+
+                def run_item(item, first):
+                    i, head, bi, lists = item_lists(item)
+                    buf = lax.rem(item, QDO_BUFFERS)
+                    head_kv = lax.div(head, jnp.int32(groups))
+
+                    @pl.when(item >= QDO_BUFFERS)
+                    def _():
+                        plgpu.barrier_wait(qdo_free.at[buf])
+
+                    for w in range(wgs):
+                        q_rows = pl.ds(i * block_q + w * rows, rows)
+                        plgpu.copy_gmem_to_smem(q_ref.at[bi, q_rows, head], q_smem.at[buf, w],
+                                                qdo_ready.at[buf])
+                        plgpu.copy_gmem_to_smem(do_ref.at[bi, q_rows, head], do_smem.at[buf, w],
+                                                qdo_ready.at[buf])
+
+                    @pl.loop(0, lists.total)
+                    def _(s):
+                        at = first + s
+                        slot = lax.rem(at, stages)
+                        kv_rows = pl.ds(lists.decode(s).block * block_kv, block_kv)
+
+                        @pl.when(at >= stages)
+                        def _():
+                            plgpu.barrier_wait(kv_free.at[slot])
+
+                        ready = kv_ready.at[slot]
+                        plgpu.copy_gmem_to_smem(k_ref.at[bi, kv_rows, head_kv], k_smem.at[slot], ready)
+                        plgpu.copy_gmem_to_smem(v_ref.at[bi, kv_rows, head_kv], v_smem.at[slot], ready)
+
+                    return first + lists.total
+
+                lax.fori_loop(0, my_items, run_item, jnp.int32(0))
+
+        qdo_smem = plgpu.SMEM((QDO_BUFFERS, wgs, rows, hp), dtype,
+                              transforms=swizzled((rows, hp), dtype))
+        kv_smem = plgpu.SMEM((stages, block_kv, hp), dtype, transforms=swizzled((block_kv, hp), dtype))
+        pl.run_scoped(
+            body, qdo_smem, qdo_smem, kv_smem, kv_smem,
+            plgpu.Barrier(num_arrivals=2 * wgs, num_barriers=QDO_BUFFERS),   # Q and dO copies
+            plgpu.Barrier(num_arrivals=2, num_barriers=stages),              # K and V
+            plgpu.Barrier(num_arrivals=wgs, num_barriers=QDO_BUFFERS),
+            plgpu.Barrier(num_arrivals=wgs, num_barriers=stages),
+            collective_axes="wg")
+
+    grid, grid_names = schedule.grid()
+    return plgpu.kernel(
+        kernel,
+        out_type=jax.ShapeDtypeStruct((b, tp, n, hp), dtype),
+        compiler_params=plgpu.CompilerParams(approx_math=True),
+        grid=grid,
+        grid_names=grid_names,
+        num_threads=wgs + 1,
+        thread_name="wg",
+        kernel_name="jaxattn_mosaic_dq_persistent",
+    )(q, k, v, do, lse2, delta, *meta_arrays, *operands)
