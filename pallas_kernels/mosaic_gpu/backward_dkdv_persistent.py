@@ -11,7 +11,7 @@ loaded while the current item computes and stores, and no launch sits between it
 
 Three warpgroups, as in forward.py:
 * the producer (warpgroup `wgs`, 40 registers) walks this CTA's items (schedule.py's
-  snake deal) and per item copies K_j, V_j into buffer `item % 2` once the compute
+  snake deal, kv-block 0 — a causal mask's heaviest — first) and per item copies K_j, V_j into buffer `item % 2` once the compute
   warpgroups have released it (their dK, dV stores of the item two back have read it),
   then every step of the item's TRANSPOSED lists (GQA: once per query head of the
   group): Q_i, dO_i, lse_i, D_i into slot `(first + step) % stages`, once released;
@@ -71,7 +71,10 @@ def dkdv_persistent_call(q, k, v, do, lse2, delta, meta_arrays, *, block_q: int,
             my_items = schedule.my_item_count()
 
             def item_lists(item):
-                j, head_kv, bi = schedule.item(item)
+                # The schedule deals the last block first (the heaviest q-block of a causal
+                # mask); the heaviest kv-block of a causal mask is the first: flip it.
+                last_first, head_kv, bi = schedule.item(item)
+                j = n_blocks - 1 - last_first
                 lists = TileLists(meta_refs, batch=bi, block=j, head0=head_kv * groups,
                                   groups=groups)
                 return j, head_kv, bi, lists
