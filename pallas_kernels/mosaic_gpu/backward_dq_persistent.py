@@ -2,8 +2,9 @@
 items (q-block i, query head n, batch row), the twin of backward_dkdv_persistent.py (why:
 its docstring and BACKWARD_NOTES.md).
 
-* the producer (warpgroup `wgs`, 40 registers) walks this CTA's items (schedule.py's snake
-  deal, heaviest q-blocks first) and per item copies Q_i and dO_i into buffer `item % 2`
+* the producer (warpgroup `wgs`, 40 registers) walks this CTA's items (schedule.py's
+  balanced deal of the dQ lists, as the forward's: a table, a sorted snake or a snake,
+  heaviest q-blocks first) and per item copies Q_i and dO_i into buffer `item % 2`
   once the compute warpgroups have released it (their dQ store of the item two back has
   read it), then every K_j, V_j on q-block i's lists — FULL kv-blocks first, then PARTIAL
   ones — into slot `(first + step) % stages`, once released;
@@ -27,15 +28,17 @@ from pallas_kernels.mosaic_gpu.backward_walk import (WGMMA_ROW, OperandTiles, Ti
                                                      keep_partial, logits_and_probabilities,
                                                      swizzled, tile_positions)
 from pallas_kernels.mosaic_gpu.common import num_sms
-from pallas_kernels.mosaic_gpu.schedule import Schedule
+from pallas_kernels.mosaic_gpu.schedule import Schedule, balanced_deal
 
 QDO_BUFFERS = 2   # item i + 1's Q and dO load while item i computes
 
 
 def dq_persistent_call(q, k, v, do, lse2, delta, meta_arrays, *, block_q: int, block_kv: int,
                        wgs: int, stages: int, memory_registers: int = 40, scale: float, cap,
-                       mask_fn, kv_len: int, operands=(), operand_kinds=()):
-    """Arguments and result as backward_dq.dq_call."""
+                       mask_fn, kv_len: int, operands=(), operand_kinds=(), meta=None):
+    """Arguments and result as backward_dq.dq_call; `meta`, the BlockMetadata the lists
+    come from, lets the deal balance the items' work (its static tile counts, or its
+    traced ones sorted on the device)."""
     b, tp, n, hp = q.shape
     kh = k.shape[2]
     groups = n // kh
@@ -46,20 +49,24 @@ def dq_persistent_call(q, k, v, do, lse2, delta, meta_arrays, *, block_q: int, b
     num_items = n_q_blocks * n * b
     schedule = Schedule(n_q_blocks, n, b, persistent=True, num_ctas=min(num_sms(), num_items),
                         balance=True)
+    if meta is not None:
+        schedule = balanced_deal(schedule, meta)
+    n_schedule = len(schedule.arrays())
     compute_registers = min(256, (512 - memory_registers) // wgs) // 8 * 8
 
     def kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, fc_ref, fi_ref, pc_ref, pi_ref,
                *refs):
-        *operand_refs, dq_ref = refs
+        schedule_refs, (*operand_refs, dq_ref) = refs[:n_schedule], refs[n_schedule:]
+        deal = schedule.bind(schedule_refs)
         operand_tiles = OperandTiles(operand_refs, operand_kinds, q_axis=0)
         meta_refs = (fc_ref, fi_ref, pc_ref, pi_ref)
 
         def body(q_smem, do_smem, k_smem, v_smem, qdo_ready, kv_ready, qdo_free, kv_free):
             wg = lax.axis_index("wg")
-            my_items = schedule.my_item_count()
+            my_items = deal.my_item_count()
 
             def item_lists(item):
-                i, head, bi = schedule.item(item)
+                i, head, bi = deal.item(item)
                 lists = TileLists(meta_refs, batch=bi, block=i, head0=head, groups=1)
                 return i, head, bi, lists
 
@@ -184,4 +191,4 @@ def dq_persistent_call(q, k, v, do, lse2, delta, meta_arrays, *, block_q: int, b
         num_threads=wgs + 1,
         thread_name="wg",
         kernel_name="jaxattn_mosaic_dq_persistent",
-    )(q, k, v, do, lse2, delta, *meta_arrays, *operands)
+    )(q, k, v, do, lse2, delta, *meta_arrays, *schedule.arrays(), *operands)

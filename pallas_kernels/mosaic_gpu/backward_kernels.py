@@ -262,8 +262,11 @@ def backward(static, q, k, v, bias, out, lse, dout, delta, metas, operands,
         m = metas["dq"]
         lists = (m.full_count, m.full_index, m.partial_count, m.partial_index)
         lists = tuple(jnp.asarray(a, jnp.int32) for a in lists)
-        call = dq_persistent_call if config.persistent else dq_call
-        dq = call(qp, kp, vp, dop, lse2, delta_p, lists, block_q=m.block_q,
-                  block_kv=m.block_kv, **common)
+        if config.persistent:
+            dq = dq_persistent_call(qp, kp, vp, dop, lse2, delta_p, lists, block_q=m.block_q,
+                                    block_kv=m.block_kv, meta=m, **common)
+        else:
+            dq = dq_call(qp, kp, vp, dop, lse2, delta_p, lists, block_q=m.block_q,
+                         block_kv=m.block_kv, **common)
         dq = dq[:, :t, :, :h]
     return dq, dk, dv, None
