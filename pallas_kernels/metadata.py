@@ -73,6 +73,9 @@ class BlockMetadata:
                   dynamic masks or past MAX_STATIC_TILE_COUNTS q-blocks. Lets a persistent
                   kernel balance its CTAs' work when it is traced, where the count arrays
                   are tracers
+    t_tile_counts the same for the transposed lists: (FULL, PARTIAL) counts of every
+                  kv-block, int32 [Bm, Hm, nK, 2] as bytes (the persistent dK/dV kernel's
+                  deal)
     Kernels zero such K/V (Q) rows inside PARTIAL tiles, so NaN/Inf held by a masked
     key (or query) cannot meet a zero probability in a dot (0 · NaN = NaN); where these
     facts are False (causal, aligned windows: every column of a PARTIAL tile has some
@@ -99,6 +102,7 @@ class BlockMetadata:
     partial_isolates_queries: bool = dataclasses.field(default=True, metadata=dict(static=True))
     even_q_work: bool = dataclasses.field(default=False, metadata=dict(static=True))
     tile_counts: bytes | None = dataclasses.field(default=None, metadata=dict(static=True))
+    t_tile_counts: bytes | None = dataclasses.field(default=None, metadata=dict(static=True))
 
     @property
     def num_q_blocks(self) -> int:
@@ -118,7 +122,8 @@ class BlockMetadata:
 MAX_STATIC_TILE_COUNTS = 1 << 16
 
 def encode_tile_counts(full_count, partial_count) -> bytes | None:
-    """BlockMetadata.tile_counts of static (numpy) counts; None past MAX_STATIC_TILE_COUNTS."""
+    """BlockMetadata.tile_counts (or t_tile_counts) of static (numpy) counts; None past
+    MAX_STATIC_TILE_COUNTS."""
     if full_count.size > MAX_STATIC_TILE_COUNTS:
         return None
     return np.stack([full_count, partial_count], -1).astype(np.int32).tobytes()

@@ -782,3 +782,35 @@ def test_evenly_dealt_masks_keep_their_arithmetic_deal(mask):
     meta = build_block_metadata(mask, t, t, 128, 128)
     sched = Schedule(t // 128, 16, 1, True, 132, balance=not meta.even_q_work)
     assert balanced_deal(sched, meta) is sched
+
+
+@pytest.mark.parametrize("mask", [M.CausalMask(), M.bigbird_mask(8192, window=256, num_global=256,
+                                                                  num_random_blocks=3, block_size=128,
+                                                                  causal=True, seed=0),
+                                  M.causal_document_mask(_documents([3000, 700, 1500, 2992]))],
+                         ids=["causal", "bigbird", "documents"])
+def test_persistent_dkdv_deal_balances_the_transposed_work(mask):
+    """The persistent dK/dV kernel deals kv-blocks by the transposed lists' work
+    (schedule.dealt_by_counts): the LPT table from the static counts, or, for data masks
+    (segment ids), a snake over the items sorted on the device. Every item once, the
+    heaviest first (kv-block 0 under a causal mask; BigBird's global keys, ~5x the rest),
+    the busiest CTA within 10 % of the mean (25 % for the sorted snake)."""
+    from pallas_kernels.metadata import decode_tile_counts
+    from pallas_kernels.mosaic_gpu.schedule import dealt_by_counts
+    t, heads = 8192, 16
+    meta = build_block_metadata(mask, t, t, 64, 128)
+    nk = t // 128
+    static = (None if meta.t_tile_counts is None else
+              decode_tile_counts(meta.t_tile_counts, meta.t_full_count.shape))
+    assert (static is None) == mask.is_dynamic
+    sched = dealt_by_counts(Schedule(nk, heads, 1, True, 132), static, meta.t_full_count,
+                            meta.t_partial_count)
+    assert (sched.table is not None) == (static is not None)
+    shares = _cta_shares(sched)
+    assert sorted(i for s in shares for i in s) == sorted((j, h, 0) for j in range(nk) for h in range(heads))
+    tf, tp = np.asarray(meta.t_full_count)[0, 0], np.asarray(meta.t_partial_count)[0, 0]
+    work = tf + 2 * tp + 1
+    assert work[shares[0][0][0]] == work.max()
+    load = np.array([sum(work[j] for j, _, _ in s) for s in shares])
+    # the table places every item; the sorted snake only alternates directions
+    assert load.max() <= (1.1 if static is not None else 1.25) * load.mean(), (load.max(), load.mean())

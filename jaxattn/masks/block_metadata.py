@@ -100,7 +100,8 @@ def _metadata_from_states(state, q_len, kv_len, block_q, block_kv, xp):
     if xp is np:
         facts = dict(full_is_run=_lists_are_runs(fc, fi), t_full_is_run=_lists_are_runs(tfc, tfi),
                      dense=bool(np.all(full)), even_q_work=_even_work(fc + pc),
-                     tile_counts=encode_tile_counts(fc, pc))
+                     tile_counts=encode_tile_counts(fc, pc),
+                     t_tile_counts=encode_tile_counts(tfc, tpc))
     return BlockMetadata(fc, fi, pc, pi, tfc, tfi, tpc, tpi, block_q=block_q, block_kv=block_kv,
                          q_len=q_len, kv_len=kv_len, **facts)
 

@@ -10,8 +10,10 @@ a CTA keeps two K/V buffers, so the next item's K_j, V_j and its first Q/dO tile
 loaded while the current item computes and stores, and no launch sits between items.
 
 Three warpgroups, as in forward.py:
-* the producer (warpgroup `wgs`, 40 registers) walks this CTA's items (schedule.py's
-  snake deal, kv-block 0 — a causal mask's heaviest — first) and per item copies K_j, V_j into buffer `item % 2` once the compute
+* the producer (warpgroup `wgs`, 40 registers) walks this CTA's items (dealt by the
+  transposed lists' work, schedule.dealt_by_counts: longest first to the least loaded
+  CTA when the counts are static, else a snake over the items sorted on the device;
+  either way heaviest kv-blocks first, equal ones in order) and per item copies K_j, V_j into buffer `item % 2` once the compute
   warpgroups have released it (their dK, dV stores of the item two back have read it),
   then every step of the item's TRANSPOSED lists (GQA: once per query head of the
   group): Q_i, dO_i, lse_i, D_i into slot `(first + step) % stages`, once released;
@@ -38,15 +40,17 @@ from pallas_kernels.mosaic_gpu.backward_walk import (WGMMA_COL, OperandTiles, Ti
                                                      keep_partial, logits_and_probabilities,
                                                      swizzled, tile_positions)
 from pallas_kernels.mosaic_gpu.common import num_sms
-from pallas_kernels.mosaic_gpu.schedule import Schedule
+from pallas_kernels.metadata import decode_tile_counts
+from pallas_kernels.mosaic_gpu.schedule import Schedule, dealt_by_counts
 
 KV_BUFFERS = 2   # item i + 1's K/V load while item i computes
 
 
 def dkdv_persistent_call(q, k, v, do, lse2, delta, meta_arrays, *, block_q: int, block_kv: int,
                          wgs: int, stages: int, memory_registers: int = 40, scale: float, cap,
-                         mask_fn, kv_len: int, operands=(), operand_kinds=()):
-    """Arguments and result as backward_dkdv.dkdv_call (without rank_arrays)."""
+                         mask_fn, kv_len: int, operands=(), operand_kinds=(), meta=None):
+    """Arguments and result as backward_dkdv.dkdv_call (without rank_arrays); `meta`, the
+    BlockMetadata the lists come from, gives the deal its static tile counts."""
     b, tp, n, hp = q.shape
     sp, kh = k.shape[1], k.shape[2]
     groups = n // kh
@@ -55,26 +59,38 @@ def dkdv_persistent_call(q, k, v, do, lse2, delta, meta_arrays, *, block_q: int,
     n_blocks = meta_arrays[0].shape[-1]
     kv_padded = n_blocks * block_kv != kv_len   # the last tile holds padded keys
     num_items = n_blocks * kh * b
-    schedule = Schedule(n_blocks, kh, b, persistent=True, num_ctas=min(num_sms(), num_items),
-                        balance=True)
+    # Items by their work: under a causal mask the first kv-blocks, which every later
+    # q-block visits, carry the most; under BigBird the global keys' kv-blocks, ~5× the
+    # rest. Query heads of a KV head share its kv-block's item: the group's summed counts.
+    full_t, partial_t = meta_arrays[0], meta_arrays[2]   # [Bm, Hm, nK]
+    static = None
+    if meta is not None and meta.t_tile_counts is not None:
+        static = decode_tile_counts(meta.t_tile_counts, tuple(meta.t_full_count.shape))
+    if full_t.shape[1] > 1:
+        full_t = full_t.reshape(full_t.shape[0], kh, groups, -1).sum(axis=2)
+        partial_t = partial_t.reshape(partial_t.shape[0], kh, groups, -1).sum(axis=2)
+        if static is not None:
+            static = static.reshape(static.shape[0], kh, groups, *static.shape[2:]).sum(axis=2)
+    schedule = dealt_by_counts(
+        Schedule(n_blocks, kh, b, persistent=True, num_ctas=min(num_sms(), num_items)),
+        static, full_t, partial_t)
+    n_schedule = len(schedule.arrays())
     compute_registers = min(256, (512 - memory_registers) // wgs) // 8 * 8
 
     def kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, tfc_ref, tfi_ref, tpc_ref,
                tpi_ref, *refs):
-        *operand_refs, dk_ref, dv_ref = refs
+        schedule_refs, (*operand_refs, dk_ref, dv_ref) = refs[:n_schedule], refs[n_schedule:]
+        deal = schedule.bind(schedule_refs)
         operand_tiles = OperandTiles(operand_refs, operand_kinds, q_axis=1)
         meta_refs = (tfc_ref, tfi_ref, tpc_ref, tpi_ref)
 
         def body(k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem, kv_ready, step_ready,
                  kv_free, step_free):
             wg = lax.axis_index("wg")
-            my_items = schedule.my_item_count()
+            my_items = deal.my_item_count()
 
             def item_lists(item):
-                # The schedule deals the last block first (the heaviest q-block of a causal
-                # mask); the heaviest kv-block of a causal mask is the first: flip it.
-                last_first, head_kv, bi = schedule.item(item)
-                j = n_blocks - 1 - last_first
+                j, head_kv, bi = deal.item(item)
                 lists = TileLists(meta_refs, batch=bi, block=j, head0=head_kv * groups,
                                   groups=groups)
                 return j, head_kv, bi, lists
@@ -214,4 +230,4 @@ def dkdv_persistent_call(q, k, v, do, lse2, delta, meta_arrays, *, block_q: int,
         num_threads=wgs + 1,
         thread_name="wg",
         kernel_name="jaxattn_mosaic_dkdv_persistent",
-    )(q, k, v, do, lse2, delta, *meta_arrays, *operands)
+    )(q, k, v, do, lse2, delta, *meta_arrays, *schedule.arrays(), *operands)

@@ -254,9 +254,12 @@ def backward(static, q, k, v, bias, out, lse, dout, delta, metas, operands,
         m = metas["dkdv"]
         lists = (m.t_full_count, m.t_full_index, m.t_partial_count, m.t_partial_index)
         lists = tuple(jnp.asarray(a, jnp.int32) for a in lists)
-        call = dkdv_persistent_call if config.persistent else dkdv_call
-        dk, dv = call(qp, kp, vp, dop, lse2, delta_p, lists, block_q=m.block_q,
-                      block_kv=m.block_kv, **common)
+        if config.persistent:
+            dk, dv = dkdv_persistent_call(qp, kp, vp, dop, lse2, delta_p, lists, block_q=m.block_q,
+                                          block_kv=m.block_kv, meta=m, **common)
+        else:
+            dk, dv = dkdv_call(qp, kp, vp, dop, lse2, delta_p, lists, block_q=m.block_q,
+                               block_kv=m.block_kv, **common)
         dk, dv = dk[:, :s, :, :h].astype(k.dtype), dv[:, :s, :, :h].astype(v.dtype)
     if want_dq:
         m = metas["dq"]

@@ -219,9 +219,33 @@ def _balanced_table(schedule: Schedule, tile_counts: bytes, count_shape):
 def with_sorted_order(schedule: Schedule, meta) -> Schedule:
     """The sorted snake: items by decreasing work, computed on the device from the
     metadata's (traced) counts, dealt in a snake."""
+    return sorted_by_counts(schedule, meta.full_count, meta.partial_count)
+
+
+def dealt_by_counts(schedule: Schedule, static_counts, full_count, partial_count) -> Schedule:
+    """`schedule` (persistent) dealt by the work of its blocks, whose FULL / PARTIAL tile
+    counts are `full_count` / `partial_count` [Bm, Hm', n'] (n' >= the schedule's blocks,
+    Hm' in {1, the schedule's heads}; e.g. the kv-blocks of the dK/dV pass's transposed
+    lists): the LPT table from `static_counts` (the same counts as a numpy int32
+    [Bm, Hm', n', 2], known at trace time for static masks; at most MAX_TABLE_ITEMS
+    items), else the sorted snake from the (traced) arrays."""
+    if static_counts is None or schedule.num_items > MAX_TABLE_ITEMS:
+        return sorted_by_counts(schedule, full_count, partial_count)
     nq = schedule.num_q_blocks
-    counts = _work(jnp.asarray(meta.full_count, jnp.int32)[..., :nq],
-                   jnp.asarray(meta.partial_count, jnp.int32)[..., :nq])
+    counts = np.asarray(static_counts)[..., :nq, :].astype(np.int64)
+    work = _work(counts[..., 0], counts[..., 1])
+    work = np.broadcast_to(work, (schedule.batch, schedule.num_heads, nq)).reshape(-1)
+    table_counts, items, _ = lpt_table(work, schedule.num_ctas)
+    return dataclasses.replace(schedule, table=(jnp.asarray(table_counts), jnp.asarray(items)))
+
+
+def sorted_by_counts(schedule: Schedule, full_count, partial_count) -> Schedule:
+    """The sorted snake over blocks whose FULL / PARTIAL tile counts are given as
+    [Bm, Hm, n'] (n' >= the schedule's blocks): the forward's q-blocks, or the kv-blocks
+    of the dK/dV pass's transposed lists."""
+    nq = schedule.num_q_blocks
+    counts = _work(jnp.asarray(full_count, jnp.int32)[..., :nq],
+                   jnp.asarray(partial_count, jnp.int32)[..., :nq])
     work = jnp.broadcast_to(counts, (schedule.batch, schedule.num_heads, nq)).reshape(-1)
     order = jnp.argsort(-work, stable=True).astype(jnp.int32)
     return dataclasses.replace(schedule, balance=True, order=order)
