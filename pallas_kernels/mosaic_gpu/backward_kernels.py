@@ -57,9 +57,10 @@ class MosaicBackwardConfig:
     FlashAttention-3's backward (64-row warpgroup tiles, 2 stages), with two compute
     warpgroups per CTA. Shared memory at D128: dK/dV K and V of 128 rows (64 KB) + 2
     stages of Q and dO (64 KB); dQ Q and dO of 128 rows (64 KB) + 2 stages of K and V
-    (64 KB); the persistent kernels hold two of the resident pair (~193 and 192 KB). Registers per compute thread at
-    D128: dK and dV accumulators 64 + 64, Sᵀ and dPᵀ 32 + 32 (of the 232 the default
-    memory_registers leaves each of two compute warpgroups)."""
+    (64 KB); the persistent kernels hold two of the resident pair (~193 and 192 KB).
+    Registers per compute thread at D128: dK and dV accumulators 64 + 64, Sᵀ and dPᵀ
+    32 + 32 (of the 232 the default memory_registers leaves each of two compute
+    warpgroups)."""
     block_q_dkv: int = 64
     block_kv_dkv: int = 128
     block_q_dq: int = 128

@@ -231,12 +231,21 @@ def dealt_by_counts(schedule: Schedule, static_counts, full_count, partial_count
     items), else the sorted snake from the (traced) arrays."""
     if static_counts is None or schedule.num_items > MAX_TABLE_ITEMS:
         return sorted_by_counts(schedule, full_count, partial_count)
+    static_counts = np.ascontiguousarray(static_counts, np.int32)
+    table = _lpt_table_of_counts(schedule, static_counts.tobytes(), static_counts.shape)
+    return dataclasses.replace(schedule, table=tuple(jnp.asarray(x) for x in table))
+
+
+@functools.lru_cache(maxsize=64)
+def _lpt_table_of_counts(schedule: Schedule, raw: bytes, count_shape):
+    """(counts, items) of the LPT table over int32 (FULL, PARTIAL) counts [.., n', 2] given
+    as bytes; cached, since each trace of a call asks again."""
     nq = schedule.num_q_blocks
-    counts = np.asarray(static_counts)[..., :nq, :].astype(np.int64)
+    counts = np.frombuffer(raw, np.int32).reshape(count_shape)[..., :nq, :].astype(np.int64)
     work = _work(counts[..., 0], counts[..., 1])
     work = np.broadcast_to(work, (schedule.batch, schedule.num_heads, nq)).reshape(-1)
     table_counts, items, _ = lpt_table(work, schedule.num_ctas)
-    return dataclasses.replace(schedule, table=(jnp.asarray(table_counts), jnp.asarray(items)))
+    return table_counts, items
 
 
 def sorted_by_counts(schedule: Schedule, full_count, partial_count) -> Schedule:
