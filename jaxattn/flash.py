@@ -144,7 +144,17 @@ def _sharded_call(call, plan, query, key, value, bias, mask, seed, return_residu
         if seed is not None:   # dropout: this shard's first batch row and query head
             seed = with_offsets(seed, _shard_index(b_axis) * q.shape[0],
                                 _shard_index(h_axis) * q.shape[2])
-        return call(q, k, v, bias, jax.tree_util.tree_unflatten(treedef, leaves), seed, None)
+        local_mask = jax.tree_util.tree_unflatten(treedef, leaves)
+        # A mask's jax arrays arrive sharded like the inputs; its static (numpy) data does
+        # not, and per-row or per-head static data would be read at the wrong rows.
+        bm, hm = local_mask.batch_heads()
+        if bm not in (1, q.shape[0]) or hm not in (1, q.shape[2]):
+            raise NotImplementedError(
+                f"the mask holds static (numpy) data per batch row or head ([{bm}, {hm}, ...]) "
+                f"and the inputs are sharded over those ([{q.shape[0]}, {q.shape[2]}] per shard): "
+                "pass that data as a jax array (e.g. DenseMask(jnp.asarray(allowed))) so each "
+                "shard receives its own rows")
+        return call(q, k, v, bias, local_mask, seed, None)
 
     seed_spec = None if seed is None else P()
     return jax.shard_map(local, mesh=mesh,

@@ -634,6 +634,29 @@ class InterpretOnlyCases:
         for g, w in zip(got, want):
             np.testing.assert_allclose(g, w, atol=1e-4)
 
+    def test_static_per_row_mask_under_batch_sharding_is_refused(self):
+        """A numpy mask that differs per batch row is not split with the inputs: refused
+        with a message (before, each shard read row 0's pattern); as a jax array it is
+        split and the result is the reference's."""
+        from jax.sharding import NamedSharding, PartitionSpec as P
+        if jax.device_count() < 2:
+            pytest.skip("needs 2 (simulated) devices")
+        mesh = jax.make_mesh((2,), ("data",), devices=jax.devices()[:2])
+        q, k, v, _ = make_inputs(2, 40, 40, 2, 1, 16)
+        allowed = np.random.default_rng(0).random((2, 1, 40, 40)) < 0.5
+        allowed[..., 0] = True
+        put = lambda x: jax.device_put(x, NamedSharding(mesh, P("data")))  # noqa: E731
+
+        def attend(q, k, v, mask):
+            return jaxattn.dot_product_attention(q, k, v, mask=mask, implementation=self.backend)
+        with pytest.raises(NotImplementedError, match="static .numpy. data per batch row"):
+            jax.jit(lambda q, k, v: attend(q, k, v, M.DenseMask(allowed)))(put(q), put(k), put(v))
+        got = jax.jit(lambda q, k, v, a: attend(q, k, v, M.DenseMask(a)))(
+            put(q), put(k), put(v), put(jnp.asarray(allowed)))
+        want = jaxattn.dot_product_attention(q, k, v, mask=M.DenseMask(allowed),
+                                             implementation="reference")
+        np.testing.assert_allclose(got, want, atol=2e-5)
+
     def test_sequence_sharded_input_is_refused_for_ring_attention(self):
         from jax.sharding import NamedSharding, PartitionSpec as P
         if jax.device_count() < 2:
