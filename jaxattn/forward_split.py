@@ -32,7 +32,9 @@ def split_by_use(forward: Callable, trained: Callable) -> Callable:
     trained(q, k, v) with trained's VJP when it is differentiated. JAX calls a custom
     VJP's forward rule, never its primal, under reverse-mode differentiation, so a
     gradient never mixes the two: value and gradient both come from `trained`.
-    Forward-mode (jax.jvp) is not defined, as for any custom VJP."""
+    Forward-mode (jax.jvp) is not defined, as for any custom VJP. `forward` and `trained`
+    must not close over traced values (a custom VJP's rules cannot see them): pass
+    arrays as arguments."""
 
     @jax.custom_vjp
     def attend(q, k, v):
@@ -57,15 +59,22 @@ def decline_reason(query, key, bias, mask: Mask, *, logits_soft_cap, return_resi
         return "it returns no lse (the two halves would give different ones)"
     if logits_soft_cap is not None:
         return "cuDNN has no logits soft cap"
-    if jax.default_backend() != "gpu":
-        return "cuDNN and the Hopper kernels need a CUDA GPU"
     if query.dtype not in (jnp.bfloat16, jnp.float16):
         return f"cuDNN attention takes bfloat16/float16, not {query.dtype}"
+    # Checked here, not left to the halves: under jax.grad of a jit, a checkpoint or a scan
+    # the cuDNN half is traced after dispatch, where a refusal can fall back to nothing.
+    # Up to 128 the Hopper forward also takes every mask (its finite-input check is on).
+    h = query.shape[-1]
+    if h % 8 or h > 128:
+        return (f"it runs head dims that are multiples of 8 up to 128 (cuDNN's multiples of 8; "
+                f"the Hopper forward's finite-input check up to 128), got {h}")
     if jax_nn_mask_arguments(mask) is None:
         return "jax.nn has no structured argument for this mask (cuDNN would need it dense)"
     reason = cudnn_reason(mask, query.shape[1], key.shape[1])
     if reason is not None:
         return reason
+    if jax.default_backend() != "gpu":
+        return "cuDNN and the Hopper kernels need a CUDA GPU"
     if HOPPER_KERNELS not in backend_names():
         return f"the {HOPPER_KERNELS} backend is not registered"
     request = kernel_request(query, key, None, mask, None)
