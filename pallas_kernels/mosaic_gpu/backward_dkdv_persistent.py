@@ -13,10 +13,12 @@ Three warpgroups, as in forward.py:
 * the producer (warpgroup `wgs`, 40 registers) walks this CTA's items (dealt by the
   transposed lists' work, schedule.dealt_by_counts: longest first to the least loaded
   CTA when the counts are static, else a snake over the items sorted on the device;
-  either way heaviest kv-blocks first, equal ones in order) and per item copies K_j, V_j into buffer `item % 2` once the compute
-  warpgroups have released it (their dK, dV stores of the item two back have read it),
-  then every step of the item's TRANSPOSED lists (GQA: once per query head of the
-  group): Q_i, dO_i, lse_i, D_i into slot `(first + step) % stages`, once released;
+  either way heaviest kv-blocks first, equal ones in order) and per item copies K_j,
+  V_j into buffer `item % 2` once the compute warpgroups have released it (their dK,
+  dV stores of the item two back have read it), then every step of the item's
+  TRANSPOSED lists (GQA: once per query head of the group): Q_i, dO_i, lse_i, D_i into
+  slot `(first + step) % stages`, once released (backward_walk.run_persistent_producer,
+  the loop both persistent kernels share);
 * the compute warpgroups each own block_kv / wgs keys of the item: they zero dK and dV,
   run every step with the per-tile arithmetic of backward_dkdv.py (the same products in
   the same order), then stage dK, dV in the
@@ -38,7 +40,8 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.mosaic_gpu.backward_walk import (WGMMA_COL, OperandTiles, TileLists, dlogits,
                                                      keep_partial, logits_and_probabilities,
-                                                     swizzled, tile_positions)
+                                                     run_persistent_producer, swizzled,
+                                                     tile_positions)
 from pallas_kernels.mosaic_gpu.common import num_sms
 from pallas_kernels.metadata import decode_tile_counts
 from pallas_kernels.mosaic_gpu.schedule import Schedule, dealt_by_counts
@@ -170,14 +173,8 @@ def dkdv_persistent_call(q, k, v, do, lse2, delta, meta_arrays, *, block_q: int,
             def _producer():
                 plgpu.set_max_registers(memory_registers, action="decrease")
 
-                def run_item(item, first):
-                    j, head_kv, bi, lists = item_lists(item)
-                    buf = lax.rem(item, KV_BUFFERS)
-
-                    @pl.when(item >= KV_BUFFERS)
-                    def _():
-                        plgpu.barrier_wait(kv_free.at[buf])
-
+                def copy_resident(item_data, buf):
+                    j, head_kv, bi, _ = item_data
                     for w in range(wgs):
                         kv_rows = pl.ds(j * block_kv + w * rows, rows)
                         plgpu.copy_gmem_to_smem(k_ref.at[bi, kv_rows, head_kv], k_smem.at[buf, w],
@@ -185,28 +182,25 @@ def dkdv_persistent_call(q, k, v, do, lse2, delta, meta_arrays, *, block_q: int,
                         plgpu.copy_gmem_to_smem(v_ref.at[bi, kv_rows, head_kv], v_smem.at[buf, w],
                                                 kv_ready.at[buf])
 
-                    @pl.loop(0, lists.total)
-                    def _(s):
-                        at = first + s
-                        slot = lax.rem(at, stages)
-                        step = lists.decode(s)   # read before the wait: its latency overlaps it
-                        head = head_kv * groups + step.head
-                        q_rows = pl.ds(step.block * block_q, block_q)
+                def locate_step(item_data, s):
+                    _, head_kv, _, lists = item_data
+                    step = lists.decode(s)
+                    return head_kv * groups + step.head, pl.ds(step.block * block_q, block_q)
 
-                        @pl.when(at >= stages)
-                        def _():
-                            plgpu.barrier_wait(step_free.at[slot])
+                def copy_step(item_data, where, slot):
+                    bi = item_data[2]
+                    head, q_rows = where
+                    ready = step_ready.at[slot]
+                    plgpu.copy_gmem_to_smem(q_ref.at[bi, q_rows, head], q_smem.at[slot], ready)
+                    plgpu.copy_gmem_to_smem(do_ref.at[bi, q_rows, head], do_smem.at[slot], ready)
+                    plgpu.copy_gmem_to_smem(lse_ref.at[bi, head, q_rows], lse_smem.at[slot], ready)
+                    plgpu.copy_gmem_to_smem(delta_ref.at[bi, head, q_rows], delta_smem.at[slot],
+                                            ready)
 
-                        ready = step_ready.at[slot]
-                        plgpu.copy_gmem_to_smem(q_ref.at[bi, q_rows, head], q_smem.at[slot], ready)
-                        plgpu.copy_gmem_to_smem(do_ref.at[bi, q_rows, head], do_smem.at[slot], ready)
-                        plgpu.copy_gmem_to_smem(lse_ref.at[bi, head, q_rows], lse_smem.at[slot], ready)
-                        plgpu.copy_gmem_to_smem(delta_ref.at[bi, head, q_rows], delta_smem.at[slot],
-                                                ready)
-
-                    return first + lists.total
-
-                lax.fori_loop(0, my_items, run_item, jnp.int32(0))
+                run_persistent_producer(my_items, item_lists, buffers=KV_BUFFERS, buffer_free=kv_free,
+                                        copy_resident=copy_resident, stages=stages,
+                                        slot_free=step_free, locate_step=locate_step,
+                                        copy_step=copy_step)
 
         kv_smem = plgpu.SMEM((KV_BUFFERS, wgs, rows, hp), dtype, transforms=swizzled((rows, hp), dtype))
         qdo_smem = plgpu.SMEM((stages, block_q, hp), dtype, transforms=swizzled((block_q, hp), dtype))

@@ -7,7 +7,8 @@ its docstring and BACKWARD_NOTES.md).
   heaviest q-blocks first) and per item copies Q_i and dO_i into buffer `item % 2`
   once the compute warpgroups have released it (their dQ store of the item two back has
   read it), then every K_j, V_j on q-block i's lists — FULL kv-blocks first, then PARTIAL
-  ones — into slot `(first + step) % stages`, once released;
+  ones — into slot `(first + step) % stages`, once released
+  (backward_walk.run_persistent_producer);
 * the compute warpgroups each own block_q / wgs query rows of the item: they read their
   lse and D rows, run every step with the per-tile arithmetic of backward_dq.py (the same
   products in the same order), then stage dQ in the item's Q buffer, store it by TMA and
@@ -26,7 +27,8 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.mosaic_gpu.backward_walk import (WGMMA_ROW, OperandTiles, TileLists, dlogits,
                                                      keep_partial, logits_and_probabilities,
-                                                     swizzled, tile_positions)
+                                                     run_persistent_producer, swizzled,
+                                                     tile_positions)
 from pallas_kernels.mosaic_gpu.common import num_sms
 from pallas_kernels.mosaic_gpu.schedule import Schedule, balanced_deal
 
@@ -136,15 +138,8 @@ def dq_persistent_call(q, k, v, do, lse2, delta, meta_arrays, *, block_q: int, b
             def _producer():
                 plgpu.set_max_registers(memory_registers, action="decrease")
 
-                def run_item(item, first):
-                    i, head, bi, lists = item_lists(item)
-                    buf = lax.rem(item, QDO_BUFFERS)
-                    head_kv = lax.div(head, jnp.int32(groups))
-
-                    @pl.when(item >= QDO_BUFFERS)
-                    def _():
-                        plgpu.barrier_wait(qdo_free.at[buf])
-
+                def copy_resident(item_data, buf):
+                    i, head, bi, _ = item_data
                     for w in range(wgs):
                         q_rows = pl.ds(i * block_q + w * rows, rows)
                         plgpu.copy_gmem_to_smem(q_ref.at[bi, q_rows, head], q_smem.at[buf, w],
@@ -152,23 +147,20 @@ def dq_persistent_call(q, k, v, do, lse2, delta, meta_arrays, *, block_q: int, b
                         plgpu.copy_gmem_to_smem(do_ref.at[bi, q_rows, head], do_smem.at[buf, w],
                                                 qdo_ready.at[buf])
 
-                    @pl.loop(0, lists.total)
-                    def _(s):
-                        at = first + s
-                        slot = lax.rem(at, stages)
-                        kv_rows = pl.ds(lists.decode(s).block * block_kv, block_kv)
+                def locate_step(item_data, s):
+                    return pl.ds(item_data[3].decode(s).block * block_kv, block_kv)
 
-                        @pl.when(at >= stages)
-                        def _():
-                            plgpu.barrier_wait(kv_free.at[slot])
+                def copy_step(item_data, kv_rows, slot):
+                    _, head, bi, _ = item_data
+                    head_kv = lax.div(head, jnp.int32(groups))
+                    ready = kv_ready.at[slot]
+                    plgpu.copy_gmem_to_smem(k_ref.at[bi, kv_rows, head_kv], k_smem.at[slot], ready)
+                    plgpu.copy_gmem_to_smem(v_ref.at[bi, kv_rows, head_kv], v_smem.at[slot], ready)
 
-                        ready = kv_ready.at[slot]
-                        plgpu.copy_gmem_to_smem(k_ref.at[bi, kv_rows, head_kv], k_smem.at[slot], ready)
-                        plgpu.copy_gmem_to_smem(v_ref.at[bi, kv_rows, head_kv], v_smem.at[slot], ready)
-
-                    return first + lists.total
-
-                lax.fori_loop(0, my_items, run_item, jnp.int32(0))
+                run_persistent_producer(my_items, item_lists, buffers=QDO_BUFFERS, buffer_free=qdo_free,
+                                        copy_resident=copy_resident, stages=stages,
+                                        slot_free=kv_free, locate_step=locate_step,
+                                        copy_step=copy_step)
 
         qdo_smem = plgpu.SMEM((QDO_BUFFERS, wgs, rows, hp), dtype,
                               transforms=swizzled((rows, hp), dtype))

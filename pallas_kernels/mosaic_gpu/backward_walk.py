@@ -49,6 +49,45 @@ def tile_list_pipeline(tile, lists, *, stages: int, wgs: int, compute_thread, in
     )
 
 
+def run_persistent_producer(num_items, item_lists, *, buffers: int, buffer_free, copy_resident,
+                            stages: int, slot_free, locate_step, copy_step):
+    """The producer loop both persistent backward kernels run over this CTA's items.
+
+    Per item: its resident tiles (K/V of a kv-block, or Q/dO of a q-block) go into buffer
+    `item % buffers` once the compute warpgroups have released it (`buffer_free`, from the
+    item `buffers` back); then each step's streamed tiles go into slot `(first + step) %
+    stages` once released (`slot_free`, from the step `stages` back), `first` counting the
+    CTA's steps so far. item_lists(item) -> (..., lists); copy_resident(item_data, buf);
+    locate_step(item_data, step) -> where (read before the wait, so its global-memory
+    latency overlaps it); copy_step(item_data, where, slot)."""
+    def run_item(item, first):
+        item_data = item_lists(item)
+        lists = item_data[-1]
+        buf = lax.rem(item, buffers)
+
+        @pl.when(item >= buffers)
+        def _():
+            plgpu.barrier_wait(buffer_free.at[buf])
+
+        copy_resident(item_data, buf)
+
+        @pl.loop(0, lists.total)
+        def _(s):
+            at = first + s
+            slot = lax.rem(at, stages)
+            where = locate_step(item_data, s)
+
+            @pl.when(at >= stages)
+            def _():
+                plgpu.barrier_wait(slot_free.at[slot])
+
+            copy_step(item_data, where, slot)
+
+        return first + lists.total
+
+    lax.fori_loop(0, num_items, run_item, jnp.int32(0))
+
+
 def swizzled(shape, dtype) -> tuple:
     """Tiling + 128-byte swizzle transforms for a [rows, head_dim] operand of wgmma."""
     bits = jnp.finfo(dtype).bits
