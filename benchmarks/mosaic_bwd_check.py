@@ -10,8 +10,8 @@ two runs bitwise identical. timing: the backward kernels alone vs cuDNN's backwa
 (jax.vjp of jax.nn.dot_product_attention(implementation="cudnn"), backward call only),
 TFLOP/s = 2.5 · 4·B·N·T·S·D·density / t; the default config, then the two-kernel and
 the fused backward (backward_fused.py) each, the fused one's two runs compared bitwise.
-variants: the two-kernel backward alone under each of VARIANTS (the persistent
-kernels; the memory warpgroup's registers, hence the compute warpgroups'), each one's dQ,
+variants: the two-kernel backward alone under each of VARIANTS (the default persistent
+kernels, the per-block ones; the memory warpgroup's registers, hence the compute warpgroups'), each one's dQ,
 dK, dV compared with the default's; with MOSAIC_GPU_DUMP_PTXAS=1 ptxas reports each variant's registers and
 spills as it compiles (in that order).
 """
@@ -256,7 +256,7 @@ TIMING_CASES = [("full_d128_s16k", FullMask(), 16384, None),
 VARIANT_CASES = TIMING_CASES + [("strided256_causal_part_s32k", CausalMask(), 128, None, 4096)]
 
 # name -> MosaicBackwardConfig fields
-VARIANTS = {"default": {}, "persistent": {"persistent": True},
+VARIANTS = {"default": {}, "per_block": {"persistent": False},
             "registers_24": {"memory_registers": 24}}
 ROUNDS = int(os.environ.get("MOSAIC_BWD_ROUNDS", "5"))
 

@@ -14,6 +14,8 @@ and bias calls to the Triton kernels. "bias" is causal with a [1, N, T, S] bf16 
 SANITIZE_HEADS=N (default 4, with 2 K/V heads) sets the query heads: the Mosaic forward's
 persistent schedule runs one CTA per SM, so only more work items than SMs (4 q-blocks × N
 heads > 132 on an H200, e.g. N = 68) make a CTA loop over several items.
+SANITIZE_KV_HEADS=M (default 2) sets the K/V heads: the persistent dK/dV kernel's items are
+4 kv-blocks × M heads, so M = 68 makes its CTAs loop too.
 """
 import os
 import sys
@@ -32,8 +34,9 @@ masks = {"causal": M.CausalMask(), "window": M.CausalMask() & M.LocalMask(128, 0
          "docs": M.causal_document_mask(jnp.asarray(np.repeat(np.arange(4), [100, 200, 12, 200])[None])),
          "dense": M.DenseMask(np.random.default_rng(0).random((512, 512)) < 0.3)}
 heads = int(os.environ.get("SANITIZE_HEADS", "4"))
+kv_heads = int(os.environ.get("SANITIZE_KV_HEADS", "2"))
 q = jnp.asarray(np.random.default_rng(1).standard_normal((1, 512, heads, 64)), jnp.bfloat16)
-k = jnp.asarray(np.random.default_rng(2).standard_normal((1, 512, 2, 64)), jnp.bfloat16)
+k = jnp.asarray(np.random.default_rng(2).standard_normal((1, 512, kv_heads, 64)), jnp.bfloat16)
 
 
 biases = {"bias": jnp.asarray(np.random.default_rng(3).standard_normal((1, heads, 512, 512)), jnp.bfloat16),

@@ -249,20 +249,18 @@ def test_config_checks_its_tiles():
     with pytest.raises(ValueError, match="multiple of 64"):
         mb.MosaicBackwardConfig(block_q_dkv=32)
     cfg = mb.MosaicBackwardConfig()
-    assert cfg.smem_bytes(128, 2) < mb.SMEM_BYTES
+    assert cfg.persistent and cfg.smem_bytes(128, 2) < mb.SMEM_BYTES
     assert cfg.metadata_tiles() == {"dkdv": (64, 128), "dq": (128, 64)}
     with pytest.raises(ValueError, match="fused=True.*block_q_dkv=64"):
         mb.MosaicBackwardConfig(fused=True, block_q_dkv=128)
-    fused = mb.MosaicBackwardConfig(fused=True)
-    # + 16 KB of dSᵀ and 64 KB of float32 dQ staging at D128, still inside an sm90 CTA
-    assert fused.smem_bytes(128, 2) - cfg.smem_bytes(128, 2) == 80 * 1024
+    per_block = mb.MosaicBackwardConfig(persistent=False)
+    # the persistent kernels hold a second buffer of the resident tiles (64 KB at D128)
+    assert cfg.smem_bytes(128, 2) - per_block.smem_bytes(128, 2) == 64 * 1024
+    # the fused kernel, one buffer: + 16 KB of dSᵀ and 64 KB of float32 dQ staging at D128
+    fused = mb.MosaicBackwardConfig(fused=True, persistent=False)
+    assert fused.smem_bytes(128, 2) - per_block.smem_bytes(128, 2) == 80 * 1024
+    assert mb.MosaicBackwardConfig(fused=True).smem_bytes(128, 2) == fused.smem_bytes(128, 2)
     assert fused.smem_bytes(128, 2) < mb.SMEM_BYTES
-    persistent = mb.MosaicBackwardConfig(persistent=True)
-    # a second buffer of the resident tiles (64 KB at D128 in either kernel)
-    assert persistent.smem_bytes(128, 2) - cfg.smem_bytes(128, 2) == 64 * 1024
-    assert persistent.smem_bytes(128, 2) < mb.SMEM_BYTES
-    with pytest.raises(ValueError, match="choose one"):
-        mb.MosaicBackwardConfig(fused=True, persistent=True)
     with pytest.raises(ValueError, match="persistent must be True or False"):
         mb.MosaicBackwardConfig(persistent=1)
     for bad in (20, 44, 40.0, 264):

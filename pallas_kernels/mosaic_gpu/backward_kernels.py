@@ -68,13 +68,16 @@ class MosaicBackwardConfig:
     compute_warpgroups: int = 2
     num_stages: int = 2
     # One kernel for dK, dV and dQ (backward_fused.py: 5 products per tile instead of 7,
-    # dQ's partial sums added in a fixed order) instead of the dK/dV and dQ kernels.
+    # dQ's partial sums added in a fixed order) instead of the dK/dV and dQ kernels, when
+    # both are wanted (it runs one CTA per kv-block; `persistent` then applies only to a
+    # backward that wants dQ alone or dK/dV alone).
     fused: bool = False
     # Both kernels as one CTA per SM looping over their blocks, the next block's resident
     # tiles (K/V for dK/dV, Q/dO for dQ) and first streamed tiles loaded during the current
     # one (backward_dkdv_persistent.py, backward_dq_persistent.py), instead of one CTA per
-    # block. Off until measured on a GPU.
-    persistent: bool = False
+    # block. On an H200 the persistent pair ran every measured case faster than the
+    # per-block kernels, same gradients bitwise (BENCHMARKS.md, "Persistent backward").
+    persistent: bool = True
     # Registers per thread left to the memory warpgroup (setmaxnreg); each compute
     # warpgroup gets (512 - memory_registers) / compute_warpgroups, rounded down to 8 and
     # at most 256 (232 with the defaults).
@@ -103,9 +106,6 @@ class MosaicBackwardConfig:
             if not isinstance(getattr(self, flag), bool):
                 raise ValueError(f"MosaicBackwardConfig.{flag} must be True or False, got "
                                  f"{getattr(self, flag)!r}.")
-        if self.fused and self.persistent:
-            raise ValueError("MosaicBackwardConfig: fused=True and persistent=True are two different "
-                             "dK/dV kernels; choose one.")
         if self.fused and self.block_q_dkv != ROWS_PER_WARPGROUP:
             raise ValueError(
                 f"MosaicBackwardConfig(fused=True) needs block_q_dkv={ROWS_PER_WARPGROUP} (its "
@@ -117,17 +117,19 @@ class MosaicBackwardConfig:
                 "dq": (self.block_q_dq, self.block_kv_dq)}
 
     def smem_bytes(self, head_dim: int, itemsize: int) -> int:
-        """The larger of the two kernels' shared memory (operand tiles + barriers; the
-        fused kernel's dSᵀ and float32 dQ staging too)."""
+        """The largest shared memory of the kernels this config can run (operand tiles +
+        barriers; the fused kernel's dSᵀ and float32 dQ staging too)."""
         row = head_dim * itemsize
         resident_buffers = 2 if self.persistent else 1
-        dkdv = (resident_buffers * 2 * self.block_kv_dkv * row
-                + self.num_stages * (2 * self.block_q_dkv * row + 2 * self.block_q_dkv * 4))
-        if self.fused:
-            dkdv += self.block_kv_dkv * self.block_q_dkv * itemsize + \
-                self.compute_warpgroups * self.block_q_dkv * head_dim * 4
+        streamed_dkdv = self.num_stages * (2 * self.block_q_dkv * row + 2 * self.block_q_dkv * 4)
+        dkdv = resident_buffers * 2 * self.block_kv_dkv * row + streamed_dkdv
         dq = resident_buffers * 2 * self.block_q_dq * row + self.num_stages * 2 * self.block_kv_dq * row
-        return max(dkdv, dq) + 1024
+        kernels = [dkdv, dq]
+        if self.fused:
+            kernels.append(2 * self.block_kv_dkv * row + streamed_dkdv
+                           + self.block_kv_dkv * self.block_q_dkv * itemsize
+                           + self.compute_warpgroups * self.block_q_dkv * head_dim * 4)
+        return max(kernels) + 1024
 
 
 def default_backward_config(head_dim: int) -> MosaicBackwardConfig:
