@@ -26,7 +26,7 @@ from pallas_kernels.registry import backend_names
 from jaxattn.flash import pallas_attention
 from jaxattn.forward_split import mosaic_forward_cudnn_training
 from jaxattn.jax_nn import cudnn_reason, jax_nn_attention, jax_nn_mask_arguments
-from jaxattn.masks import Mask
+from jaxattn.masks import FullMask, Mask
 from jaxattn.reference import reference_attention
 
 _IMPLEMENTATIONS: dict[str, Callable] = {}
@@ -57,39 +57,56 @@ def default_order(mask: Mask | None = None, dtype=None, logits_soft_cap=None,
     (when given) this request.
 
     On a GPU: the kernel backends in the registry's preference order, then cuDNN, which
-    serves in O(T) memory what they decline, then the O(T·S) reference. Except that a
-    mask `jax.nn.dot_product_attention` expresses natively (full, causal, sliding
-    window) on 16-bit inputs without a soft cap goes to cuDNN first: measured on an H200
-    (BENCHMARKS.md, "What implementation=None runs") cuDNN's training step is as fast or
-    faster there, so the default never returns something slower than jax.nn would.
-    Narrow causal windows (at most NARROW_WINDOW keys back) are the exception: on an
-    H200, in one process each, the Hopper kernels ran causal windows at 32k at 147 / 162
-    (256 keys), 221 / 239 (512) and 351 / 337 (1024) TFLOP/s forward / forward+backward
-    against cuDNN's 110 / 133, 187 / 222 and 274 / 328 (at 2048 keys: 445 / 416 against
-    374 / 417, a tie for a training step, so wider windows stay with cuDNN). At the head
-    dims those kernels run as 128 (65–128; the only size measured) such windows go to
-    those kernels first and to cuDNN where they decline (an unaligned window, a GPU
-    before Hopper). Not with a bias: those measurements had none, and with one the Hopper
-    forward hands its backward to the Triton kernels (for the bias gradient), a training
-    step not compared with cuDNN's.
-    jaxattn's kernels stay bitwise deterministic; name one to keep that for these masks."""
+    serves in O(T) memory what they decline, then the O(T·S) reference. Except for a mask
+    `jax.nn.dot_product_attention` expresses natively (full, causal, sliding window) on
+    16-bit inputs without a soft cap, where the default must never be slower than jax.nn
+    (BENCHMARKS.md, "What implementation=None runs"; all figures below one H200, bf16,
+    D128, each beside cuDNN in one process, TFLOP/s forward / forward+backward):
+    - narrow causal windows (at most NARROW_WINDOW keys back) go to the Hopper kernels
+      first: at 32k, 256 keys 146 / 177 against cuDNN's 113 / 133, 2048 keys 461 / 426
+      against 392 / 410 (with the persistent backward; 512 and 1024 keys measured ahead
+      before it);
+    - other causal masks and the full mask go to mosaic_forward_cudnn_training: the Hopper
+      forward when the value is only used, cuDNN's forward and backward when it is
+      differentiated. Causal at 16k: Hopper forward 557 against cuDNN's 528, training
+      step 480 against 520; full at 16k 606 / 489 against 595 / 539, at 1k (B16) 325 /
+      360 against 274 / 316 (a training step there is faster on the Hopper kernels, which
+      the split does not yet use: the crossover length was not measured);
+    - anything else native goes to cuDNN first.
+    Only at the head dims those kernels run as 128 (65–128; the only size measured), and
+    not with a bias: those measurements had none, and with one the Hopper forward hands
+    its backward to the Triton kernels (for the bias gradient), a training step not
+    compared with cuDNN's. Where the first declines (an unaligned window, a GPU before
+    Hopper) cuDNN is next.
+    jaxattn's kernels stay bitwise deterministic; cuDNN's backward is not promised to be:
+    name a kernel backend to keep that for these masks."""
     if jax.default_backend() != "gpu":
         return ("reference",)
     kernels = tuple(name for name in backend_names() if name in _IMPLEMENTATIONS)
     if mask is not None and _cudnn_native(mask, dtype, logits_soft_cap):
-        if (HOPPER_KERNELS in kernels and head_dim in NARROW_WINDOW_HEAD_DIMS and not has_bias
-                and _narrow_causal_window(mask)):
+        hopper = HOPPER_KERNELS in kernels and head_dim in NARROW_WINDOW_HEAD_DIMS and not has_bias
+        if hopper and _narrow_causal_window(mask):
             rest = tuple(name for name in kernels if name != HOPPER_KERNELS)
             return (HOPPER_KERNELS, "cudnn", *rest, "reference")
+        if hopper and (_causal(mask) or isinstance(mask, FullMask)):
+            return (FORWARD_SPLIT, "cudnn", *kernels, "reference")
         return ("cudnn", *kernels, "reference")
     return (*kernels, "cudnn", "reference")
 
 
 # The kernel backend that beats cuDNN on narrow causal windows, and how narrow (keys
-# before the query; faster at 256, 512 and 1024, tied at 2048: see default_order).
+# before the query; measured faster at 256, 512, 1024 and 2048: see default_order).
 HOPPER_KERNELS = "pallas_mosaic_gpu"
-NARROW_WINDOW = 1024
+FORWARD_SPLIT = "mosaic_forward_cudnn_training"
+NARROW_WINDOW = 2048
 NARROW_WINDOW_HEAD_DIMS = range(65, 129)
+
+
+def _causal(mask: Mask) -> bool:
+    """Causal attention, windowed or not, as jax.nn expresses it."""
+    kwargs = jax_nn_mask_arguments(mask) or {}
+    window = kwargs.get("local_window_size")
+    return bool(kwargs.get("is_causal", False)) or (window is not None and window[1] == 0)
 
 
 def _narrow_causal_window(mask: Mask) -> bool:

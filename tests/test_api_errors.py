@@ -207,11 +207,22 @@ def test_gpu_order_falls_back_through_cudnn_to_reference(monkeypatch):
     # ... and narrow causal windows: the Hopper kernels first, then cuDNN
     rest = tuple(n for n in kernels if n != "pallas_mosaic_gpu")
     for mask in (M.CausalMask() & M.LocalMask(128, 0), M.LocalMask(256, 0), M.LocalMask(1024, 0),
-                 M.CausalMask() & M.LocalMask(500, 16)):
+                 M.CausalMask() & M.LocalMask(500, 16), M.CausalMask() & M.LocalMask(2048, 0)):
         assert implementations.default_order(mask, jnp.bfloat16, None, 128) == (
             "pallas_mosaic_gpu", "cudnn", *rest, "reference")
         # not measured at head dims 64 and 256 (nor without knowing it), nor with a bias:
         # cuDNN first
+        for head_dim in (64, 256, None):
+            assert implementations.default_order(mask, jnp.bfloat16, None, head_dim)[0] == "cudnn"
+        assert implementations.default_order(mask, jnp.bfloat16, None, 128, has_bias=True)[0] == "cudnn"
+    # ... other causal masks and the full mask at those head dims: the Hopper forward for
+    # values, cuDNN for training steps (mosaic_forward_cudnn_training), then cuDNN where
+    # the split declines
+    for mask in (M.CausalMask(), M.CausalMask() & M.LocalMask(2049, 0), M.LocalMask(4096, 0),
+                 M.FullMask()):
+        assert implementations.default_order(mask, jnp.bfloat16, None, 128) == (
+            "mosaic_forward_cudnn_training", "cudnn", *kernels, "reference")
+        assert implementations.default_order(mask, jnp.float16, None, 96)[0] == "mosaic_forward_cudnn_training"
         for head_dim in (64, 256, None):
             assert implementations.default_order(mask, jnp.bfloat16, None, head_dim)[0] == "cudnn"
         assert implementations.default_order(mask, jnp.bfloat16, None, 128, has_bias=True)[0] == "cudnn"
