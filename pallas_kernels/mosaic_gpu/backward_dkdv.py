@@ -7,19 +7,12 @@ lse_i, D_i) of every query block i on kv-block j's TRANSPOSED lists — FULL q-b
 first, then PARTIAL ones — once per query head of the group (GQA: the group's dK/dV
 sum in registers, no atomics, so the result is deterministic).
 
-Per tile, in the transposed orientation (rows = keys, columns = queries), so that Pᵀ
-and dSᵀ are already the register operands of the next wgmma (FlashAttention-2, Alg. 2):
-    Sᵀ = K Qᵀ                      (wgmma, both from shared memory)
-    Pᵀ = exp2(scale·log2e·Sᵀ − lse·log2e)   masked to 0 on PARTIAL tiles only
-    dV += Pᵀ dO                    (Pᵀ from registers)
-    dPᵀ = V dOᵀ
-    dSᵀ = Pᵀ ∘ (dPᵀ − D)           (× (1 − tanh²) with a soft cap)
-    dK += dSᵀ Q                    (dSᵀ from registers); dK is scaled once at the end.
+Per tile: backward_tiles.dkdv_tile (rows = keys, columns = queries, so that Pᵀ and dSᵀ
+are already the register operands of the next wgmma); dK is scaled once at the end.
 """
 
 from __future__ import annotations
 
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -28,9 +21,9 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.mosaic_gpu.backward_fused import OrderedSums
-from pallas_kernels.mosaic_gpu.backward_walk import (WGMMA_COL, OperandTiles, TileLists, dlogits,
-                                                     keep_partial, logits_and_probabilities,
-                                                     swizzled, tile_list_pipeline, tile_positions)
+from pallas_kernels.mosaic_gpu.backward_tiles import TileArithmetic, dkdv_tile
+from pallas_kernels.mosaic_gpu.backward_walk import (WGMMA_COL, OperandTiles, TileLists, swizzled,
+                                                     tile_list_pipeline)
 
 
 def dkdv_call(q, k, v, do, lse2, delta, meta_arrays, *, block_q: int, block_kv: int,
@@ -65,7 +58,9 @@ def dkdv_call(q, k, v, do, lse2, delta, meta_arrays, *, block_q: int, block_kv: 
             *operand_refs, dq_ref, dk_ref, dv_ref, k_smems, v_smems, kv_barriers = refs
         else:
             *operand_refs, dk_ref, dv_ref, k_smems, v_smems, kv_barriers = refs
-        operand_tiles = OperandTiles(operand_refs, operand_kinds, q_axis=1)
+        arith = TileArithmetic(scale, cap, mask_fn, kv_len, kv_padded,
+                               OperandTiles(operand_refs, operand_kinds, q_axis=1),
+                               len(operand_kinds), dtype)
         j = lax.axis_index("kv_blocks")
         head_kv = lax.axis_index("kv_heads")
         bi = lax.axis_index("batch")
@@ -113,31 +108,11 @@ def dkdv_call(q, k, v, do, lse2, delta, meta_arrays, *, block_q: int, block_kv: 
                 plgpu.barrier_arrive(done)
                 return value
 
-            def scores(acc):
-                plgpu.wgmma(acc, k_smem, q_smem.T)                       # Sᵀ = K Qᵀ
-                return acc[...], load_row(lse_smem, lse_done)
-
-            tile_acc = plgpu.ACC((rows, block_q), jnp.float32)
-            s_t, lse2_i = pl.run_scoped(scores, tile_acc)
-            p_t, tanh = logits_and_probabilities(s_t, lse2_i, scale=scale, cap=cap, row_axis=1)
-            positions = functools.partial(tile_positions, s_t.shape, step.block * block_q, 1,
-                                          kv_base, 0)
-            operands_here = functools.partial(
-                operand_tiles, s_t.shape, batch=bi, head=head_kv * groups + step.head,
-                q_start=step.block * block_q, kv_start=kv_base)
-            p_t = keep_partial(p_t, step.partial, mask_fn, positions, kv_len, kv_padded,
-                               operands_here, len(operand_kinds))
-
-            def probabilities_grad(acc):
-                plgpu.wgmma(acc, v_smem, do_smem.T)                      # dPᵀ = V dOᵀ
-                plgpu.wgmma(dv_acc, p_t.astype(dtype), do_smem)          # dV += Pᵀ dO
-                return plgpu.wgmma_accumulator_load(acc, wait_n=1)       # dPᵀ only
-
-            dp_t = pl.run_scoped(probabilities_grad, tile_acc)
-            # D only now: not live in registers through P and the PARTIAL tiles' mask.
-            delta_i = load_row(delta_smem, delta_done)
-            ds_t = dlogits(p_t, dp_t, delta_i, tanh, row_axis=1).astype(dtype)
-            plgpu.wgmma(dk_acc, ds_t, q_smem)                            # dK += dSᵀ Q
+            ds_t = dkdv_tile(arith, k_smem, v_smem, q_smem, do_smem, dk_acc, dv_acc,
+                             lse_row=lambda: load_row(lse_smem, lse_done),
+                             delta_row=lambda: load_row(delta_smem, delta_done),
+                             partial=step.partial, q_start=step.block * block_q,
+                             kv_start=kv_base, batch=bi, head=head_kv * groups + step.head)
             if not fused:
                 plgpu.wgmma_wait(1)                                      # dV's wgmma done
                 plgpu.barrier_arrive(do_done)

@@ -20,7 +20,7 @@ Three warpgroups, as in forward.py:
   slot `(first + step) % stages`, once released (backward_walk.run_persistent_producer,
   the loop both persistent kernels share);
 * the compute warpgroups each own block_kv / wgs keys of the item: they zero dK and dV,
-  run every step with the per-tile arithmetic of backward_dkdv.py (the same products in
+  run every step with backward_tiles.dkdv_tile (the per-block kernel's products in
   the same order), then stage dK, dV in the
   item's K/V buffer and store them by TMA, and release the buffer once the stores have
   read it.
@@ -30,7 +30,6 @@ far), buffers every item. EMPTY tiles are in no list and are never loaded.
 
 from __future__ import annotations
 
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -38,10 +37,9 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels.mosaic_gpu.backward_walk import (WGMMA_COL, OperandTiles, TileLists, dlogits,
-                                                     keep_partial, logits_and_probabilities,
-                                                     run_persistent_producer, swizzled,
-                                                     tile_positions)
+from pallas_kernels.mosaic_gpu.backward_tiles import TileArithmetic, dkdv_tile
+from pallas_kernels.mosaic_gpu.backward_walk import (WGMMA_COL, OperandTiles, TileLists,
+                                                     run_persistent_producer, swizzled)
 from pallas_kernels.mosaic_gpu.common import num_sms
 from pallas_kernels.metadata import decode_tile_counts
 from pallas_kernels.mosaic_gpu.schedule import Schedule, dealt_by_counts
@@ -84,7 +82,9 @@ def dkdv_persistent_call(q, k, v, do, lse2, delta, meta_arrays, *, block_q: int,
                tpi_ref, *refs):
         schedule_refs, (*operand_refs, dk_ref, dv_ref) = refs[:n_schedule], refs[n_schedule:]
         deal = schedule.bind(schedule_refs)
-        operand_tiles = OperandTiles(operand_refs, operand_kinds, q_axis=1)
+        arith = TileArithmetic(scale, cap, mask_fn, kv_len, kv_padded,
+                               OperandTiles(operand_refs, operand_kinds, q_axis=1),
+                               len(operand_kinds), dtype)
         meta_refs = (tfc_ref, tfi_ref, tpc_ref, tpi_ref)
 
         def body(k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem, kv_ready, step_ready,
@@ -114,32 +114,12 @@ def dkdv_persistent_call(q, k, v, do, lse2, delta, meta_arrays, *, block_q: int,
                         step = lists.decode(s)
                         q_tile, do_tile = q_smem.at[slot], do_smem.at[slot]
                         plgpu.barrier_wait(step_ready.at[slot])
-
-                        def scores(acc):
-                            plgpu.wgmma(acc, k_tile, q_tile.T)                  # Sᵀ = K Qᵀ
-                            return acc[...], plgpu.load(lse_smem.at[slot], (), layout=WGMMA_COL)
-
-                        tile_acc = plgpu.ACC((rows, block_q), jnp.float32)
-                        s_t, lse2_i = pl.run_scoped(scores, tile_acc)
-                        p_t, tanh = logits_and_probabilities(s_t, lse2_i, scale=scale, cap=cap,
-                                                             row_axis=1)
-                        positions = functools.partial(tile_positions, s_t.shape,
-                                                      step.block * block_q, 1, kv_base, 0)
-                        operands_here = functools.partial(
-                            operand_tiles, s_t.shape, batch=bi, head=head_kv * groups + step.head,
-                            q_start=step.block * block_q, kv_start=kv_base)
-                        p_t = keep_partial(p_t, step.partial, mask_fn, positions, kv_len,
-                                           kv_padded, operands_here, len(operand_kinds))
-
-                        def probabilities_grad(acc):
-                            plgpu.wgmma(acc, v_tile, do_tile.T)                 # dPᵀ = V dOᵀ
-                            plgpu.wgmma(dv_acc, p_t.astype(dtype), do_tile)     # dV += Pᵀ dO
-                            return plgpu.wgmma_accumulator_load(acc, wait_n=1)  # dPᵀ only
-
-                        dp_t = pl.run_scoped(probabilities_grad, tile_acc)
-                        delta_i = plgpu.load(delta_smem.at[slot], (), layout=WGMMA_COL)
-                        ds_t = dlogits(p_t, dp_t, delta_i, tanh, row_axis=1).astype(dtype)
-                        plgpu.wgmma(dk_acc, ds_t, q_tile)                       # dK += dSᵀ Q
+                        dkdv_tile(arith, k_tile, v_tile, q_tile, do_tile, dk_acc, dv_acc,
+                                  lse_row=lambda: plgpu.load(lse_smem.at[slot], (), layout=WGMMA_COL),
+                                  delta_row=lambda: plgpu.load(delta_smem.at[slot], (),
+                                                               layout=WGMMA_COL),
+                                  partial=step.partial, q_start=step.block * block_q,
+                                  kv_start=kv_base, batch=bi, head=head_kv * groups + step.head)
                         plgpu.wgmma_wait(0)
                         plgpu.barrier_arrive(step_free.at[slot])                # slot read
 

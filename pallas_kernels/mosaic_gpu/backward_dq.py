@@ -5,16 +5,11 @@ q-blocks of a causal mask have the longest lists). Its `wgs` compute warpgroups 
 own `block_q / wgs` rows of Q_i and dO_i (loaded once into shared memory), their lse and
 D, and a float32 accumulator dQ in registers; a memory warpgroup streams K_j, V_j of
 every kv-block j on q-block i's lists — FULL kv-blocks first, then PARTIAL ones; EMPTY
-tiles are never loaded. Per tile (FlashAttention-2, Alg. 2):
-    S = Q Kᵀ,  dP = dO Vᵀ               (wgmma, both from shared memory)
-    P = exp2(scale·log2e·S − lse·log2e)  masked to 0 on PARTIAL tiles only
-    dS = P ∘ (dP − D)                    (× (1 − tanh²) with a soft cap)
-    dQ += dS K                           (dS from registers); dQ is scaled once at the end.
+tiles are never loaded. Per tile: backward_tiles.dq_tile (dQ += dS K with dS from
+registers); dQ is scaled once at the end.
 """
 
 from __future__ import annotations
-
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -22,9 +17,9 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels.mosaic_gpu.backward_walk import (WGMMA_ROW, OperandTiles, TileLists, dlogits,
-                                                     keep_partial, logits_and_probabilities,
-                                                     swizzled, tile_list_pipeline, tile_positions)
+from pallas_kernels.mosaic_gpu.backward_tiles import TileArithmetic, dq_tile
+from pallas_kernels.mosaic_gpu.backward_walk import (WGMMA_ROW, OperandTiles, TileLists, swizzled,
+                                                     tile_list_pipeline)
 
 
 def dq_call(q, k, v, do, lse2, delta, meta_arrays, *, block_q: int, block_kv: int, wgs: int,
@@ -44,7 +39,9 @@ def dq_call(q, k, v, do, lse2, delta, meta_arrays, *, block_q: int, block_kv: in
     def kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, fc_ref, fi_ref, pc_ref, pi_ref,
                *refs):
         *operand_refs, dq_ref, q_smems, do_smems, qdo_barriers = refs
-        operand_tiles = OperandTiles(operand_refs, operand_kinds, q_axis=0)
+        arith = TileArithmetic(scale, cap, mask_fn, kv_len, kv_padded,
+                               OperandTiles(operand_refs, operand_kinds, q_axis=0),
+                               len(operand_kinds), dtype)
         i = n_q_blocks - 1 - lax.axis_index("q_blocks")      # heaviest q-blocks first
         head = lax.axis_index("heads")
         bi = lax.axis_index("batch")
@@ -80,24 +77,13 @@ def dq_call(q, k, v, do, lse2, delta, meta_arrays, *, block_q: int, block_kv: in
             step = lists.decode(s)
             dq_acc, lse2_i, delta_i = carry
 
-            def scores_and_grads(dp_acc, s_acc):
-                plgpu.wgmma(dp_acc, do_smem, v_smem.T)                  # dP = dO Vᵀ
-                plgpu.wgmma(s_acc, q_smem, k_smem.T)                    # S = Q Kᵀ
-                plgpu.wgmma_wait(1)
+            def scores_issued():
+                plgpu.wgmma_wait(1)                                      # dP done: V read
                 plgpu.barrier_arrive(v_done)
-                return dp_acc[...], s_acc[...]
 
-            tile_acc = plgpu.ACC((rows, block_kv), jnp.float32)
-            dp, s_i = pl.run_scoped(scores_and_grads, tile_acc, tile_acc)
-            p, tanh = logits_and_probabilities(s_i, lse2_i, scale=scale, cap=cap, row_axis=0)
-            positions = functools.partial(tile_positions, s_i.shape, q_base, 0,
-                                          step.block * block_kv, 1)
-            operands_here = functools.partial(operand_tiles, s_i.shape, batch=bi, head=head,
-                                              q_start=q_base, kv_start=step.block * block_kv)
-            p = keep_partial(p, step.partial, mask_fn, positions, kv_len, kv_padded,
-                             operands_here, len(operand_kinds))
-            ds = dlogits(p, dp, delta_i, tanh, row_axis=0)
-            plgpu.wgmma(dq_acc, ds.astype(dtype), k_smem)                # dQ += dS K
+            dq_tile(arith, q_smem, do_smem, k_smem, v_smem, dq_acc, lse2=lse2_i, delta=delta_i,
+                    scores_issued=scores_issued, partial=step.partial, q_start=q_base,
+                    kv_start=step.block * block_kv, batch=bi, head=head)
             plgpu.wgmma_wait(0)
             plgpu.barrier_arrive(k_done)
             return dq_acc, lse2_i, delta_i

@@ -10,14 +10,13 @@ its docstring and BACKWARD_NOTES.md).
   ones — into slot `(first + step) % stages`, once released
   (backward_walk.run_persistent_producer);
 * the compute warpgroups each own block_q / wgs query rows of the item: they read their
-  lse and D rows, run every step with the per-tile arithmetic of backward_dq.py (the same
+  lse and D rows, run every step with backward_tiles.dq_tile (the per-block kernel's
   products in the same order), then stage dQ in the item's Q buffer, store it by TMA and
   release the buffer once the store has read it.
 """
 
 from __future__ import annotations
 
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -25,10 +24,9 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels.mosaic_gpu.backward_walk import (WGMMA_ROW, OperandTiles, TileLists, dlogits,
-                                                     keep_partial, logits_and_probabilities,
-                                                     run_persistent_producer, swizzled,
-                                                     tile_positions)
+from pallas_kernels.mosaic_gpu.backward_tiles import TileArithmetic, dq_tile
+from pallas_kernels.mosaic_gpu.backward_walk import (WGMMA_ROW, OperandTiles, TileLists,
+                                                     run_persistent_producer, swizzled)
 from pallas_kernels.mosaic_gpu.common import num_sms
 from pallas_kernels.mosaic_gpu.schedule import Schedule, balanced_deal
 
@@ -60,7 +58,9 @@ def dq_persistent_call(q, k, v, do, lse2, delta, meta_arrays, *, block_q: int, b
                *refs):
         schedule_refs, (*operand_refs, dq_ref) = refs[:n_schedule], refs[n_schedule:]
         deal = schedule.bind(schedule_refs)
-        operand_tiles = OperandTiles(operand_refs, operand_kinds, q_axis=0)
+        arith = TileArithmetic(scale, cap, mask_fn, kv_len, kv_padded,
+                               OperandTiles(operand_refs, operand_kinds, q_axis=0),
+                               len(operand_kinds), dtype)
         meta_refs = (fc_ref, fi_ref, pc_ref, pi_ref)
 
         def body(q_smem, do_smem, k_smem, v_smem, qdo_ready, kv_ready, qdo_free, kv_free):
@@ -93,26 +93,10 @@ def dq_persistent_call(q, k, v, do, lse2, delta, meta_arrays, *, block_q: int, b
                         step = lists.decode(s)
                         k_tile, v_tile = k_smem.at[slot], v_smem.at[slot]
                         plgpu.barrier_wait(kv_ready.at[slot])
-
-                        def scores_and_grads(dp_acc, s_acc):
-                            plgpu.wgmma(dp_acc, do_tile, v_tile.T)              # dP = dO Vᵀ
-                            plgpu.wgmma(s_acc, q_tile, k_tile.T)                # S = Q Kᵀ
-                            plgpu.wgmma_wait(0)
-                            return dp_acc[...], s_acc[...]
-
-                        tile_acc = plgpu.ACC((rows, block_kv), jnp.float32)
-                        dp, s_i = pl.run_scoped(scores_and_grads, tile_acc, tile_acc)
-                        p, tanh = logits_and_probabilities(s_i, lse2_i, scale=scale, cap=cap,
-                                                           row_axis=0)
-                        positions = functools.partial(tile_positions, s_i.shape, q_base, 0,
-                                                      step.block * block_kv, 1)
-                        operands_here = functools.partial(
-                            operand_tiles, s_i.shape, batch=bi, head=head, q_start=q_base,
-                            kv_start=step.block * block_kv)
-                        p = keep_partial(p, step.partial, mask_fn, positions, kv_len, kv_padded,
-                                         operands_here, len(operand_kinds))
-                        ds = dlogits(p, dp, delta_i, tanh, row_axis=0)
-                        plgpu.wgmma(dq_acc, ds.astype(dtype), k_tile)           # dQ += dS K
+                        dq_tile(arith, q_tile, do_tile, k_tile, v_tile, dq_acc, lse2=lse2_i,
+                                delta=delta_i, scores_issued=lambda: plgpu.wgmma_wait(0),
+                                partial=step.partial, q_start=q_base,
+                                kv_start=step.block * block_kv, batch=bi, head=head)
                         plgpu.wgmma_wait(0)
                         plgpu.barrier_arrive(kv_free.at[slot])                  # slot read
 

@@ -1,5 +1,6 @@
 """What the Mosaic GPU backward kernels share: walking a block's tile lists, and the
-per-tile arithmetic of FlashAttention-2's backward (Algorithm 2).
+pieces of a tile's arithmetic (FlashAttention-2's backward, Algorithm 2) that
+backward_tiles.py puts together.
 
 Tile lists (pallas_kernels/metadata.py) arrive in global memory untouched. A program
 walks its block's FULL list, then its PARTIAL list, as one flat sequence of pipeline

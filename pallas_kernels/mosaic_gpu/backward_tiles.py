@@ -1,0 +1,109 @@
+"""One tile's products in the Mosaic GPU backward: the dK/dV pass (transposed) and the
+dQ pass, each written once for the kernel that runs one CTA per block and the
+persistent one (the same products in the same order, so their gradients are bitwise
+equal). The kernels differ only in where the tiles sit and how slots are released;
+those are the callers' business, after the last product has been issued.
+
+dK/dV, rows = keys, columns = queries, so that Pᵀ and dSᵀ are already the register
+operands of the next wgmma (FlashAttention-2, Algorithm 2):
+    Sᵀ = K Qᵀ;  Pᵀ = exp2(scale·log2e·Sᵀ − lse·log2e), masked on PARTIAL tiles;
+    dPᵀ = V dOᵀ;  dV += Pᵀ dO;  dSᵀ = Pᵀ ∘ (dPᵀ − D);  dK += dSᵀ Q.
+dQ, rows = queries:
+    dP = dO Vᵀ;  S = Q Kᵀ;  P as above;  dS = P ∘ (dP − D);  dQ += dS K.
+dK and dQ are scaled once at the end, by the callers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable
+
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from pallas_kernels.mosaic_gpu.backward_walk import (OperandTiles, dlogits, keep_partial,
+                                                     logits_and_probabilities, tile_positions)
+
+
+@dataclasses.dataclass(frozen=True)
+class TileArithmetic:
+    """What a kernel call's tiles share: the logits' scale and soft cap, the mask
+    (mask_fn, its operands' loader, the true key count when the last kv tile is
+    padded) and the dtype of the wgmma operands built in registers (P, dS)."""
+    scale: float
+    cap: float | None
+    mask_fn: Callable | None
+    kv_len: int
+    kv_padded: bool
+    operand_tiles: OperandTiles
+    operand_count: int
+    dtype: Any
+
+    def probabilities(self, s, lse2, *, row_axis: int, partial, q_start, kv_start, batch, head):
+        """(P, tanh or None) of raw scores s, P selected to 0 where a PARTIAL tile's mask
+        rules a pair out. row_axis: the tile's query axis."""
+        p, tanh = logits_and_probabilities(s, lse2, scale=self.scale, cap=self.cap,
+                                           row_axis=row_axis)
+        kv_axis = 1 - row_axis
+        positions = functools.partial(tile_positions, s.shape, q_start, row_axis, kv_start,
+                                      kv_axis)
+        operands_here = functools.partial(self.operand_tiles, s.shape, batch=batch, head=head,
+                                          q_start=q_start, kv_start=kv_start)
+        p = keep_partial(p, partial, self.mask_fn, positions, self.kv_len, self.kv_padded,
+                         operands_here, self.operand_count)
+        return p, tanh
+
+
+def dkdv_tile(arith: TileArithmetic, k_tile, v_tile, q_tile, do_tile, dk_acc, dv_acc, *,
+              lse_row: Callable, delta_row: Callable, partial, q_start, kv_start, batch, head):
+    """One (kv-block, q-block) tile of the dK/dV pass: K, V [rows, Hp] and Q, dO
+    [block_q, Hp] in shared memory; dk_acc, dv_acc the warpgroup's float32 accumulators.
+    lse_row() / delta_row() load the q-block's lse·log2e and D in the column layout
+    (called when needed: D only after dPᵀ, so it is not live through the mask). Issues
+    dK += dSᵀ Q last, without waiting for it, and returns dSᵀ (the fused kernel's dQ
+    partial reuses it)."""
+    rows, block_q = k_tile.shape[0], q_tile.shape[0]
+
+    def scores(acc):
+        plgpu.wgmma(acc, k_tile, q_tile.T)                          # Sᵀ = K Qᵀ
+        return acc[...], lse_row()
+
+    tile_acc = plgpu.ACC((rows, block_q), jnp.float32)
+    s_t, lse2 = pl.run_scoped(scores, tile_acc)
+    p_t, tanh = arith.probabilities(s_t, lse2, row_axis=1, partial=partial, q_start=q_start,
+                                    kv_start=kv_start, batch=batch, head=head)
+
+    def probabilities_grad(acc):
+        plgpu.wgmma(acc, v_tile, do_tile.T)                         # dPᵀ = V dOᵀ
+        plgpu.wgmma(dv_acc, p_t.astype(arith.dtype), do_tile)       # dV += Pᵀ dO
+        return plgpu.wgmma_accumulator_load(acc, wait_n=1)          # dPᵀ only
+
+    dp_t = pl.run_scoped(probabilities_grad, tile_acc)
+    ds_t = dlogits(p_t, dp_t, delta_row(), tanh, row_axis=1).astype(arith.dtype)
+    plgpu.wgmma(dk_acc, ds_t, q_tile)                               # dK += dSᵀ Q
+    return ds_t
+
+
+def dq_tile(arith: TileArithmetic, q_tile, do_tile, k_tile, v_tile, dq_acc, *, lse2, delta,
+            scores_issued: Callable, partial, q_start, kv_start, batch, head):
+    """One (q-block, kv-block) tile of the dQ pass: Q, dO [rows, Hp] and K, V
+    [block_kv, Hp] in shared memory; lse2 and delta the warpgroup's rows (row layout);
+    dq_acc its float32 accumulator. scores_issued() runs once dP and S are issued, before
+    they are read (it waits for them, and may release V's slot). Issues dQ += dS K last,
+    without waiting for it."""
+    rows, block_kv = q_tile.shape[0], k_tile.shape[0]
+
+    def scores_and_grads(dp_acc, s_acc):
+        plgpu.wgmma(dp_acc, do_tile, v_tile.T)                      # dP = dO Vᵀ
+        plgpu.wgmma(s_acc, q_tile, k_tile.T)                        # S = Q Kᵀ
+        scores_issued()
+        return dp_acc[...], s_acc[...]
+
+    tile_acc = plgpu.ACC((rows, block_kv), jnp.float32)
+    dp, s = pl.run_scoped(scores_and_grads, tile_acc, tile_acc)
+    p, tanh = arith.probabilities(s, lse2, row_axis=0, partial=partial, q_start=q_start,
+                                  kv_start=kv_start, batch=batch, head=head)
+    ds = dlogits(p, dp, delta, tanh, row_axis=0)
+    plgpu.wgmma(dq_acc, ds.astype(arith.dtype), k_tile)            # dQ += dS K
