@@ -364,3 +364,182 @@ def test_persistent_kernels_equal_the_per_item_kernels(name):
         for variant in ("two_kernels", "persistent"))
     for label, a, c in zip(("dq", "dk", "dv"), per_item, persistent):
         assert bool(jnp.array_equal(a, c)), label
+
+
+def _walk_masks():
+    """A causal mask shifted so that the first q-block and the last kv-block see nothing
+    (items of zero steps), and per-head documents (one list per query head)."""
+    ids = np.stack([np.repeat(np.arange(2), [20, 44]), np.repeat(np.arange(3), [30, 10, 24]),
+                    np.zeros(64, int), np.repeat(np.arange(2), [50, 14])])[None]
+    return {"causal_shifted": M.CausalMask(offset=-20),
+            "per_head_documents": M.CausalMask() & M.DenseMask(ids[:, :, :, None] == ids[:, :, None, :])}
+
+
+# A barrier protocol gone wrong deadlocks the interpreter: fail (the whole run, by
+# pytest-timeout's thread method, which can stop a process blocked in native code).
+@pytest.mark.timeout(180, method="thread")
+@pytest.mark.parametrize("kernel", ["dkdv", "dq"])
+@pytest.mark.parametrize("mask_name", list(_walk_masks()))
+def test_persistent_walk_in_the_interpreter(kernel, mask_name):
+    """The persistent kernels' walk, run by three warpgroups in the Mosaic GPU interpreter:
+    the kernel's deal (3 CTAs, 16 or 32 items: several each, some of zero steps), the
+    producer loop both kernels run (resident tiles into alternating buffers, each step's
+    streamed tile into rotating slots, each refilled only once released) and the lists'
+    decoding under GQA (4 query heads, 2 K/V heads, B2). The two consumers store the
+    resident and streamed tiles they receive: every item runs once, on one CTA, with its
+    tiles in list order (checked in numpy)."""
+    from pallas_kernels.mosaic_gpu.backward_dkdv_persistent import dkdv_schedule
+    from pallas_kernels.mosaic_gpu.backward_dq_persistent import dq_schedule
+    from pallas_kernels.mosaic_gpu.backward_walk import run_persistent_producer
+    from jax import lax
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    mask = _walk_masks()[mask_name]
+    b, t, n, kh, d, bq, bk, wgs, stages, ctas = 2, 64, 4, 2, 8, 16, 16, 2, 2, 3
+    groups, nb = n // kh, t // 16
+    meta = M.build_block_metadata(mask, t, t, bq, bk)
+    m = jax.tree_util.tree_map(np.asarray, meta)
+    pos = np.arange(t, dtype=np.float32)
+
+    def encoded(heads):   # [B, T, heads, d]: 1 + batch·10⁴ + head·10³ + position
+        value = 1 + np.arange(b)[:, None, None] * 1e4 + np.arange(heads)[None, None, :] * 1e3 \
+            + pos[None, :, None]
+        return np.broadcast_to(value[..., None], (b, t, heads, d)).astype(np.float32)
+
+    q_enc, k_enc = encoded(n), encoded(kh)
+    if kernel == "dkdv":   # items (kv-block, KV head, batch); resident K, streamed Q
+        lists = (m.t_full_count, m.t_full_index, m.t_partial_count, m.t_partial_index)
+        schedule = dkdv_schedule(lists, meta, kv_heads=kh, groups=groups, batch=b, num_ctas=ctas)
+        item_heads, resident, streamed, res_rows, step_rows = kh, k_enc, q_enc, bk // wgs, bq
+    else:                  # items (q-block, query head, batch); resident Q, streamed K
+        lists = (m.full_count, m.full_index, m.partial_count, m.partial_index)
+        schedule = dq_schedule(meta, n_q_blocks=nb, heads=n, batch=b, num_ctas=ctas)
+        item_heads, resident, streamed, res_rows, step_rows = n, q_enc, k_enc, bq // wgs, bk
+    walk_groups = groups if kernel == "dkdv" else 1
+    max_steps = walk_groups * nb
+    n_schedule = len(schedule.arrays())
+
+    def body(*refs):
+        meta_refs, refs = refs[:4], refs[4:]
+        deal = schedule.bind(refs[:n_schedule])
+        res_ref, step_src, res_out, step_out, who_out = refs[n_schedule:]
+        cta = lax.axis_index("cta")
+
+        def item_lists(item):
+            block, head, bi = deal.item(item)
+            head0 = head * walk_groups
+            return block, head, bi, TileLists(meta_refs, batch=bi, block=block, head0=head0,
+                                              groups=walk_groups)
+
+        def scoped(res_smem, step_smem, res_ready, step_ready, res_free, step_free):
+            wg = lax.axis_index("wg")
+            my_items = deal.my_item_count()
+
+            @pl.when(wg < wgs)
+            def _consumers():
+                def run_item(item, first):
+                    block, head, bi, tiles = item_lists(item)
+                    buf = lax.rem(item, 2)
+                    plgpu.barrier_wait(res_ready.at[buf])
+                    plgpu.copy_smem_to_gmem(res_smem.at[buf, wg], res_out.at[bi, head, block, wg])
+                    who_out[bi, head, block, wg] = jnp.full((d,), cta, jnp.int32)
+
+                    @pl.loop(0, tiles.total)
+                    def _(s):
+                        slot = lax.rem(first + s, stages)
+                        plgpu.barrier_wait(step_ready.at[slot])
+
+                        @pl.when(wg == 0)
+                        def _():
+                            plgpu.copy_smem_to_gmem(step_smem.at[slot], step_out.at[bi, head, block, s])
+                        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+                        plgpu.barrier_arrive(step_free.at[slot])
+
+                    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+                    plgpu.barrier_arrive(res_free.at[buf])
+                    return first + tiles.total
+
+                lax.fori_loop(0, my_items, run_item, jnp.int32(0))
+                plgpu.wait_smem_to_gmem(0)
+
+            @pl.when(wg == wgs)
+            def _producer():
+                def copy_resident(item_data, buf):
+                    block, head, bi, _ = item_data
+                    for w in range(wgs):
+                        rows = pl.ds(block * (res_rows * wgs) + w * res_rows, res_rows)
+                        plgpu.copy_gmem_to_smem(res_ref.at[bi, rows, head], res_smem.at[buf, w],
+                                                res_ready.at[buf])
+
+                def locate_step(item_data, s):
+                    _, head, _, tiles = item_data
+                    step = tiles.decode(s)
+                    source_head = head * walk_groups + step.head if kernel == "dkdv" else \
+                        lax.div(head, jnp.int32(groups))
+                    return source_head, pl.ds(step.block * step_rows, step_rows)
+
+                def copy_step(item_data, where, slot):
+                    source_head, rows = where
+                    plgpu.copy_gmem_to_smem(step_src.at[item_data[2], rows, source_head],
+                                            step_smem.at[slot], step_ready.at[slot])
+
+                steps = run_persistent_producer(my_items, item_lists, buffers=2, buffer_free=res_free,
+                                                copy_resident=copy_resident, stages=stages,
+                                                slot_free=step_free, locate_step=locate_step,
+                                                copy_step=copy_step)
+                # The interpreter wants every release observed by the thread that waits
+                # on its barrier: the last buffers' and slots' releases (the kernels need not).
+                @pl.loop(jnp.maximum(my_items - 2, 0), my_items)
+                def _(item):
+                    plgpu.barrier_wait(res_free.at[lax.rem(item, 2)])
+
+                @pl.loop(jnp.maximum(steps - stages, 0), steps)
+                def _(s):
+                    plgpu.barrier_wait(step_free.at[lax.rem(s, stages)])
+
+        pl.run_scoped(scoped, plgpu.SMEM((2, wgs, res_rows, d), jnp.float32),
+                      plgpu.SMEM((stages, step_rows, d), jnp.float32),
+                      plgpu.Barrier(num_arrivals=wgs, num_barriers=2),
+                      plgpu.Barrier(num_arrivals=1, num_barriers=stages),
+                      plgpu.Barrier(num_arrivals=wgs, num_barriers=2),
+                      plgpu.Barrier(num_arrivals=wgs, num_barriers=stages),
+                      collective_axes="wg")
+
+    out_type = (jax.ShapeDtypeStruct((b, item_heads, nb, wgs, res_rows, d), jnp.float32),
+                jax.ShapeDtypeStruct((b, item_heads, nb, max_steps, step_rows, d), jnp.float32),
+                jax.ShapeDtypeStruct((b, item_heads, nb, wgs, d), jnp.int32))
+    grid, grid_names = schedule.grid()
+    run = plgpu.kernel(body, out_type=out_type, grid=grid, grid_names=grid_names,
+                       num_threads=wgs + 1, thread_name="wg",
+                       interpret=plgpu.InterpretGPUParams())
+    res, steps, who = (np.asarray(x) for x in jax.jit(run)(
+        *(jnp.asarray(a, jnp.int32) for a in lists), *schedule.arrays(), jnp.asarray(resident),
+        jnp.asarray(streamed)))
+
+    full_count, full_index, partial_count, partial_index = lists
+    zero_step_items = 0
+    for bi in range(b):
+        for head in range(item_heads):
+            for block in range(nb):
+                # one CTA ran the item (both consumers agree), with its resident tiles
+                assert len(set(who[bi, head, block].reshape(-1))) == 1
+                assert 0 <= who[bi, head, block, 0, 0] < grid[0]
+                rows = block * res_rows * wgs + np.arange(res_rows * wgs)
+                np.testing.assert_array_equal(res[bi, head, block].reshape(-1, d)[:, 0],
+                                              resident[bi, rows, head, 0])
+                want = []   # the streamed tiles' first positions, in list order
+                for g in range(walk_groups):
+                    list_head = head * walk_groups + g if kernel == "dkdv" else head
+                    r = list_head if full_count.shape[1] > 1 else 0
+                    source_head = list_head if kernel == "dkdv" else head // groups
+                    for index, count in ((full_index, full_count), (partial_index, partial_count)):
+                        for other in index[0, r, block, :count[0, r, block]]:
+                            want.append(streamed[bi, other * step_rows, source_head, 0])
+                zero_step_items += not want
+                got = steps[bi, head, block, :len(want), 0, 0]
+                np.testing.assert_array_equal(got, np.asarray(want, np.float32))
+    if mask_name == "causal_shifted":
+        assert zero_step_items > 0, "items with no step were checked"
+    counts = np.bincount(who[..., 0, 0].reshape(-1), minlength=grid[0])
+    assert counts.min() >= 2, f"every CTA ran several items: {counts}"

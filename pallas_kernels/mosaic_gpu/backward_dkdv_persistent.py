@@ -47,6 +47,29 @@ from pallas_kernels.mosaic_gpu.schedule import Schedule, dealt_by_counts
 KV_BUFFERS = 2   # item i + 1's K/V load while item i computes
 
 
+def dkdv_schedule(meta_arrays, meta, *, kv_heads: int, groups: int, batch: int,
+                  num_ctas: int) -> Schedule:
+    """How at most `num_ctas` CTAs share the items (kv-block j, KV head, batch row), by the
+    work of the transposed lists `meta_arrays` (their BlockMetadata `meta`, when given,
+    has it as static counts). Under a causal mask the first kv-blocks, which every later
+    q-block visits, carry the most; under BigBird the global keys' kv-blocks, ~5× the
+    rest. Query heads of a KV head share its kv-block's item: the group's summed counts."""
+    n_blocks = meta_arrays[0].shape[-1]
+    num_items = n_blocks * kv_heads * batch
+    full_t, partial_t = meta_arrays[0], meta_arrays[2]   # [Bm, Hm, nK]
+    static = None
+    if meta is not None and meta.t_tile_counts is not None:
+        static = decode_tile_counts(meta.t_tile_counts, tuple(meta.t_full_count.shape))
+    if full_t.shape[1] > 1:
+        full_t = full_t.reshape(full_t.shape[0], kv_heads, groups, -1).sum(axis=2)
+        partial_t = partial_t.reshape(partial_t.shape[0], kv_heads, groups, -1).sum(axis=2)
+        if static is not None:
+            static = static.reshape(static.shape[0], kv_heads, groups, *static.shape[2:]).sum(axis=2)
+    return dealt_by_counts(
+        Schedule(n_blocks, kv_heads, batch, persistent=True, num_ctas=min(num_ctas, num_items)),
+        static, full_t, partial_t)
+
+
 def dkdv_persistent_call(q, k, v, do, lse2, delta, meta_arrays, *, block_q: int, block_kv: int,
                          wgs: int, stages: int, memory_registers: int = 40, scale: float, cap,
                          mask_fn, kv_len: int, operands=(), operand_kinds=(), meta=None):
@@ -59,22 +82,8 @@ def dkdv_persistent_call(q, k, v, do, lse2, delta, meta_arrays, *, block_q: int,
     dtype = q.dtype
     n_blocks = meta_arrays[0].shape[-1]
     kv_padded = n_blocks * block_kv != kv_len   # the last tile holds padded keys
-    num_items = n_blocks * kh * b
-    # Items by their work: under a causal mask the first kv-blocks, which every later
-    # q-block visits, carry the most; under BigBird the global keys' kv-blocks, ~5× the
-    # rest. Query heads of a KV head share its kv-block's item: the group's summed counts.
-    full_t, partial_t = meta_arrays[0], meta_arrays[2]   # [Bm, Hm, nK]
-    static = None
-    if meta is not None and meta.t_tile_counts is not None:
-        static = decode_tile_counts(meta.t_tile_counts, tuple(meta.t_full_count.shape))
-    if full_t.shape[1] > 1:
-        full_t = full_t.reshape(full_t.shape[0], kh, groups, -1).sum(axis=2)
-        partial_t = partial_t.reshape(partial_t.shape[0], kh, groups, -1).sum(axis=2)
-        if static is not None:
-            static = static.reshape(static.shape[0], kh, groups, *static.shape[2:]).sum(axis=2)
-    schedule = dealt_by_counts(
-        Schedule(n_blocks, kh, b, persistent=True, num_ctas=min(num_sms(), num_items)),
-        static, full_t, partial_t)
+    schedule = dkdv_schedule(meta_arrays, meta, kv_heads=kh, groups=groups, batch=b,
+                             num_ctas=num_sms())
     n_schedule = len(schedule.arrays())
     compute_registers = min(256, (512 - memory_registers) // wgs) // 8 * 8
 

@@ -33,6 +33,15 @@ from pallas_kernels.mosaic_gpu.schedule import Schedule, balanced_deal
 QDO_BUFFERS = 2   # item i + 1's Q and dO load while item i computes
 
 
+def dq_schedule(meta, *, n_q_blocks: int, heads: int, batch: int, num_ctas: int) -> Schedule:
+    """How at most `num_ctas` CTAs share the items (q-block i, query head, batch row): by
+    the work of the lists of `meta` (their BlockMetadata) when given, as the forward."""
+    num_items = n_q_blocks * heads * batch
+    schedule = Schedule(n_q_blocks, heads, batch, persistent=True,
+                        num_ctas=min(num_ctas, num_items), balance=True)
+    return schedule if meta is None else balanced_deal(schedule, meta)
+
+
 def dq_persistent_call(q, k, v, do, lse2, delta, meta_arrays, *, block_q: int, block_kv: int,
                        wgs: int, stages: int, memory_registers: int = 40, scale: float, cap,
                        mask_fn, kv_len: int, operands=(), operand_kinds=(), meta=None):
@@ -46,11 +55,7 @@ def dq_persistent_call(q, k, v, do, lse2, delta, meta_arrays, *, block_q: int, b
     dtype = q.dtype
     n_q_blocks = meta_arrays[0].shape[-1]
     kv_padded = kv_len % block_kv != 0         # the last kv tile holds padded keys
-    num_items = n_q_blocks * n * b
-    schedule = Schedule(n_q_blocks, n, b, persistent=True, num_ctas=min(num_sms(), num_items),
-                        balance=True)
-    if meta is not None:
-        schedule = balanced_deal(schedule, meta)
+    schedule = dq_schedule(meta, n_q_blocks=n_q_blocks, heads=n, batch=b, num_ctas=num_sms())
     n_schedule = len(schedule.arrays())
     compute_registers = min(256, (512 - memory_registers) // wgs) // 8 * 8
 

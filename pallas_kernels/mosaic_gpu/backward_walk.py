@@ -60,7 +60,7 @@ def run_persistent_producer(num_items, item_lists, *, buffers: int, buffer_free,
     stages` once released (`slot_free`, from the step `stages` back), `first` counting the
     CTA's steps so far. item_lists(item) -> (..., lists); copy_resident(item_data, buf);
     locate_step(item_data, step) -> where (read before the wait, so its global-memory
-    latency overlaps it); copy_step(item_data, where, slot)."""
+    latency overlaps it); copy_step(item_data, where, slot). Returns the CTA's step count."""
     def run_item(item, first):
         item_data = item_lists(item)
         lists = item_data[-1]
@@ -86,7 +86,7 @@ def run_persistent_producer(num_items, item_lists, *, buffers: int, buffer_free,
 
         return first + lists.total
 
-    lax.fori_loop(0, num_items, run_item, jnp.int32(0))
+    return lax.fori_loop(0, num_items, run_item, jnp.int32(0))
 
 
 def swizzled(shape, dtype) -> tuple:
