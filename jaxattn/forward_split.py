@@ -1,11 +1,11 @@
 """Attention computed by one implementation when only its value is used, and by another
 (value and gradient) when it is differentiated.
 
-On an H200 the Hopper forward kernel ran causal attention faster than cuDNN's forward
-(D128 S16k: 559–576 against 478–522 TFLOP/s in two processes, 613 against 567–579 back
-to back; a causal window of 2048 keys at 32k: 441–452 against 375–447), while cuDNN's
-fused backward makes its training step faster than the two deterministic Hopper backward
-kernels (509–523 against 462–466). `mosaic_forward_cudnn_training` serves both: a
+On an H200 the Hopper forward kernel ran causal and full attention faster than cuDNN's
+forward (D128 S16k causal: 557–576 against 478–528 TFLOP/s in three processes; full 606
+against 595 at 16k, 325 against 274 at 1k), while cuDNN's fused backward makes a 16k
+training step faster than the two deterministic Hopper backward kernels (causal 509–523
+against 462–480). `mosaic_forward_cudnn_training` serves both: a
 custom VJP whose primal is the Hopper forward and whose forward rule, the one JAX runs
 under `jax.grad` / `jax.vjp`, is cuDNN's forward with cuDNN's own VJP. Inference and
 prefill get the faster forward, training steps keep cuDNN's pair, and the two are each

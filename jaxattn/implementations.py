@@ -62,19 +62,22 @@ def default_order(mask: Mask | None = None, dtype=None, logits_soft_cap=None,
     16-bit inputs without a soft cap, where the default must never be slower than jax.nn
     (BENCHMARKS.md, "What implementation=None runs"; all figures below one H200, bf16,
     D128, each beside cuDNN in one process, TFLOP/s forward / forward+backward):
-    - narrow causal windows (at most NARROW_WINDOW keys back) go to the Hopper kernels
-      first: at 32k, 256 keys 146 / 177 against cuDNN's 113 / 133, 2048 keys 461 / 426
-      against 392 / 410 (with the persistent backward; 512 and 1024 keys measured ahead
-      before it);
-    - other causal masks and the full mask go to mosaic_forward_cudnn_training: the Hopper
-      forward when the value is only used, cuDNN's forward and backward when it is
-      differentiated. Causal at 16k: Hopper forward 557 against cuDNN's 528, training
-      step 480 against 520; full at 16k 606 / 489 against 595 / 539, at 1k (B16) 325 /
-      360 against 274 / 316 (a training step there is faster on the Hopper kernels, which
-      the split does not yet use: the crossover length was not measured);
+    - causal windows of at most NARROW_WINDOW keys back go to the Hopper kernels first:
+      at 32k, 256 keys 146 / 177 against cuDNN's 113 / 133 (512 and 1024 keys 20–30 %
+      ahead in earlier runs), at head dims 65–128, which those kernels run as 128 (margins
+      that survive the padding). Windows of up to WIDE_WINDOW keys too, at head dim 128
+      only: at 2048 keys 461 / 426 against 392 / 410, a 4 % lead in the training step
+      that a padded head dim would lose;
+    - other causal masks and the full mask go to mosaic_forward_cudnn_training at head
+      dim 128 (SPLIT_HEAD_DIMS): the Hopper forward when the value is only used, cuDNN's
+      forward and backward when it is differentiated. Causal at 16k: Hopper forward 557
+      against cuDNN's 528, training step 480 against 520; full at 16k 606 / 489 against
+      595 / 539, at 1k (B16) 325 / 360 against 274 / 316 (a training step there is faster
+      on the Hopper kernels, which the split does not yet use: the crossover length was
+      not measured). The forward leads by 2–19 %, too little to survive a head dim padded
+      to 128, so other head dims stay with cuDNN;
     - anything else native goes to cuDNN first.
-    Only at the head dims those kernels run as 128 (65–128; the only size measured), and
-    not with a bias: those measurements had none, and with one the Hopper forward hands
+    Not with a bias: those measurements had none, and with one the Hopper forward hands
     its backward to the Triton kernels (for the bias gradient), a training step not
     compared with cuDNN's. Where the first declines (an unaligned window, a GPU before
     Hopper) cuDNN is next.
@@ -84,22 +87,27 @@ def default_order(mask: Mask | None = None, dtype=None, logits_soft_cap=None,
         return ("reference",)
     kernels = tuple(name for name in backend_names() if name in _IMPLEMENTATIONS)
     if mask is not None and _cudnn_native(mask, dtype, logits_soft_cap):
-        hopper = HOPPER_KERNELS in kernels and head_dim in NARROW_WINDOW_HEAD_DIMS and not has_bias
-        if hopper and _narrow_causal_window(mask):
+        hopper = HOPPER_KERNELS in kernels and not has_bias
+        window = _causal_window(mask)
+        if hopper and window is not None and (
+                (window <= NARROW_WINDOW and head_dim in NARROW_WINDOW_HEAD_DIMS)
+                or (window <= WIDE_WINDOW and head_dim in SPLIT_HEAD_DIMS)):
             rest = tuple(name for name in kernels if name != HOPPER_KERNELS)
             return (HOPPER_KERNELS, "cudnn", *rest, "reference")
-        if hopper and (_causal(mask) or isinstance(mask, FullMask)):
+        if hopper and head_dim in SPLIT_HEAD_DIMS and (_causal(mask) or isinstance(mask, FullMask)):
             return (FORWARD_SPLIT, "cudnn", *kernels, "reference")
         return ("cudnn", *kernels, "reference")
     return (*kernels, "cudnn", "reference")
 
 
-# The kernel backend that beats cuDNN on narrow causal windows, and how narrow (keys
-# before the query; measured faster at 256, 512, 1024 and 2048: see default_order).
+# The kernel backend that beats cuDNN on causal windows, and on which (keys before the
+# query, head dims; measured: see default_order).
 HOPPER_KERNELS = "pallas_mosaic_gpu"
 FORWARD_SPLIT = "mosaic_forward_cudnn_training"
-NARROW_WINDOW = 2048
+NARROW_WINDOW = 1024
 NARROW_WINDOW_HEAD_DIMS = range(65, 129)
+WIDE_WINDOW = 2048
+SPLIT_HEAD_DIMS = (128,)
 
 
 def _causal(mask: Mask) -> bool:
@@ -109,13 +117,14 @@ def _causal(mask: Mask) -> bool:
     return bool(kwargs.get("is_causal", False)) or (window is not None and window[1] == 0)
 
 
-def _narrow_causal_window(mask: Mask) -> bool:
-    """A causal window of at most NARROW_WINDOW keys back (causal & LocalMask(w, r)
-    keeps no key past the query whatever r is)."""
+def _causal_window(mask: Mask) -> int | None:
+    """Keys before the query of a causal window (causal & LocalMask(w, r) keeps no key
+    past the query whatever r is), or None for a mask that is not one."""
     kwargs = jax_nn_mask_arguments(mask) or {}
     window = kwargs.get("local_window_size")
-    return (window is not None and (window[1] == 0 or kwargs.get("is_causal", False))
-            and window[0] <= NARROW_WINDOW)
+    if window is None or not (window[1] == 0 or kwargs.get("is_causal", False)):
+        return None
+    return window[0]
 
 
 def _cudnn_native(mask: Mask, dtype, logits_soft_cap) -> bool:

@@ -204,26 +204,32 @@ def test_gpu_order_falls_back_through_cudnn_to_reference(monkeypatch):
     # a window reaching past the query without causality: cuDNN declines it, so not first
     assert implementations.default_order(M.LocalMask(128, 128), jnp.bfloat16) == (
         *kernels, "cudnn", "reference")
-    # ... and narrow causal windows: the Hopper kernels first, then cuDNN
+    # ... and narrow causal windows: the Hopper kernels first, then cuDNN, at head dims
+    # 65-128; windows up to 2048 keys at head dim 128 only (a smaller lead)
     rest = tuple(n for n in kernels if n != "pallas_mosaic_gpu")
+    hopper_first = ("pallas_mosaic_gpu", "cudnn", *rest, "reference")
     for mask in (M.CausalMask() & M.LocalMask(128, 0), M.LocalMask(256, 0), M.LocalMask(1024, 0),
-                 M.CausalMask() & M.LocalMask(500, 16), M.CausalMask() & M.LocalMask(2048, 0)):
-        assert implementations.default_order(mask, jnp.bfloat16, None, 128) == (
-            "pallas_mosaic_gpu", "cudnn", *rest, "reference")
+                 M.CausalMask() & M.LocalMask(500, 16)):
+        for head_dim in (128, 96, 72):
+            assert implementations.default_order(mask, jnp.bfloat16, None, head_dim) == hopper_first
         # not measured at head dims 64 and 256 (nor without knowing it), nor with a bias:
         # cuDNN first
         for head_dim in (64, 256, None):
             assert implementations.default_order(mask, jnp.bfloat16, None, head_dim)[0] == "cudnn"
         assert implementations.default_order(mask, jnp.bfloat16, None, 128, has_bias=True)[0] == "cudnn"
-    # ... other causal masks and the full mask at those head dims: the Hopper forward for
+    for mask in (M.CausalMask() & M.LocalMask(2048, 0), M.LocalMask(1025, 0)):
+        assert implementations.default_order(mask, jnp.bfloat16, None, 128) == hopper_first
+        for head_dim in (96, 64, None):
+            assert implementations.default_order(mask, jnp.bfloat16, None, head_dim)[0] == "cudnn"
+    # ... other causal masks and the full mask at head dim 128: the Hopper forward for
     # values, cuDNN for training steps (mosaic_forward_cudnn_training), then cuDNN where
-    # the split declines
+    # the split declines; other head dims (a padded 128 would lose the lead): cuDNN
     for mask in (M.CausalMask(), M.CausalMask() & M.LocalMask(2049, 0), M.LocalMask(4096, 0),
                  M.FullMask()):
-        assert implementations.default_order(mask, jnp.bfloat16, None, 128) == (
-            "mosaic_forward_cudnn_training", "cudnn", *kernels, "reference")
-        assert implementations.default_order(mask, jnp.float16, None, 96)[0] == "mosaic_forward_cudnn_training"
-        for head_dim in (64, 256, None):
+        for dtype in (jnp.bfloat16, jnp.float16):
+            assert implementations.default_order(mask, dtype, None, 128) == (
+                "mosaic_forward_cudnn_training", "cudnn", *kernels, "reference")
+        for head_dim in (96, 120, 64, 256, None):
             assert implementations.default_order(mask, jnp.bfloat16, None, head_dim)[0] == "cudnn"
         assert implementations.default_order(mask, jnp.bfloat16, None, 128, has_bias=True)[0] == "cudnn"
     for mask, dtype, cap in ((M.CausalMask(), jnp.float32, None), (M.CausalMask(), jnp.bfloat16, 30.0),
