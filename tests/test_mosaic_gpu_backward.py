@@ -277,6 +277,18 @@ def test_metadata_for_other_tiles_is_refused():
         mb.backward(static, x, x, x, None, x, lse, x, lse, metas, (), parts=("dq",))
 
 
+def test_a_config_over_the_shared_memory_limit_is_refused():
+    """Four stages beside the persistent kernels' two resident buffers: 258 KB at D128."""
+    static, metas, _ = _static_and_metas(M.CausalMask(), 256, 256, 128, variant="persistent")
+    static = dataclasses.replace(static, config=dataclasses.replace(static.config, num_stages=4))
+    assert static.config.smem_bytes(128, 2) > mb.SMEM_BYTES
+    assert dataclasses.replace(static.config, persistent=False).smem_bytes(128, 2) <= mb.SMEM_BYTES
+    x = jnp.zeros((1, 256, 1, 128), jnp.bfloat16)
+    lse = jnp.zeros((1, 1, 256), jnp.float32)
+    with pytest.raises(ValueError, match="shared memory.*persistent=False"):
+        mb.backward(static, x, x, x, None, x, lse, x, lse, metas, ())
+
+
 # ---------------------------------------------------------------------------------------
 # GPU tier
 # ---------------------------------------------------------------------------------------
@@ -387,7 +399,9 @@ def test_persistent_walk_in_the_interpreter(kernel, mask_name):
     streamed tile into rotating slots, each refilled only once released) and the lists'
     decoding under GQA (4 query heads, 2 K/V heads, B2). The two consumers store the
     resident and streamed tiles they receive: every item runs once, on one CTA, with its
-    tiles in list order (checked in numpy)."""
+    tiles in list order (checked in numpy), and the interpreter's race detector sees no
+    slot or buffer refilled while read. The copies here stand in for the kernels' own
+    (which heads and rows they read is what the GPU tier checks)."""
     from pallas_kernels.mosaic_gpu.backward_dkdv_persistent import dkdv_schedule
     from pallas_kernels.mosaic_gpu.backward_dq_persistent import dq_schedule
     from pallas_kernels.mosaic_gpu.backward_walk import run_persistent_producer
@@ -512,10 +526,14 @@ def test_persistent_walk_in_the_interpreter(kernel, mask_name):
     grid, grid_names = schedule.grid()
     run = plgpu.kernel(body, out_type=out_type, grid=grid, grid_names=grid_names,
                        num_threads=wgs + 1, thread_name="wg",
-                       interpret=plgpu.InterpretGPUParams())
+                       interpret=plgpu.InterpretGPUParams(detect_races=True))
     res, steps, who = (np.asarray(x) for x in jax.jit(run)(
         *(jnp.asarray(a, jnp.int32) for a in lists), *schedule.arrays(), jnp.asarray(resident),
         jnp.asarray(streamed)))
+    # a slot or buffer refilled while a consumer still reads it is a race (jax has no
+    # public handle on the interpreter's race detector)
+    from jax._src.pallas.mosaic_gpu.interpret import gpu_callbacks
+    assert not gpu_callbacks.get_races().races_found, "the interpreter saw a race"
 
     full_count, full_index, partial_count, partial_index = lists
     zero_step_items = 0

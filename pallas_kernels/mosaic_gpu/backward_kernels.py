@@ -3,10 +3,15 @@ what it declines.
 
 Two kernels, no floating-point atomics, so two runs are bitwise identical:
 
-* dK/dV (backward_dkdv.py): one program per (kv-block, kv head, batch row) walking the
-  TRANSPOSED tile lists, the G query heads of its KV head looped in-kernel;
-* dQ (backward_dq.py): one program per (q-block, query head, batch row) walking the
-  forward lists.
+* dK/dV: work items (kv-block, kv head, batch row) walking the TRANSPOSED tile lists,
+  the G query heads of its KV head looped in-kernel;
+* dQ: work items (q-block, query head, batch row) walking the forward lists.
+
+By default each kernel is persistent (backward_dkdv_persistent.py,
+backward_dq_persistent.py): one CTA per SM loops over a balanced share of the items,
+loading the next item's resident tiles during the current one. With
+MosaicBackwardConfig(persistent=False), one CTA per item (backward_dkdv.py,
+backward_dq.py). Either way a tile's products are backward_tiles.py's.
 
 Or, with MosaicBackwardConfig.fused, one kernel: the dK/dV kernel also adding dQ's
 partial sums in a fixed order (backward_fused.py; deterministic too, but measured slower
@@ -76,7 +81,9 @@ class MosaicBackwardConfig:
     # tiles (K/V for dK/dV, Q/dO for dQ) and first streamed tiles loaded during the current
     # one (backward_dkdv_persistent.py, backward_dq_persistent.py), instead of one CTA per
     # block. On an H200 the persistent pair ran every measured case faster than the
-    # per-block kernels, same gradients bitwise (BENCHMARKS.md, "Persistent backward").
+    # per-block kernels, same gradients bitwise (BENCHMARKS.md, "Sixth run of the day").
+    # Their dK/dV deal is an LPT table from the masks' static counts: up to ~1 s of host
+    # time for a new shape at the table's item limit, then cached.
     persistent: bool = True
     # Registers per thread left to the memory warpgroup (setmaxnreg); each compute
     # warpgroup gets (512 - memory_registers) / compute_warpgroups, rounded down to 8 and
@@ -222,6 +229,13 @@ def backward(static, q, k, v, bias, out, lse, dout, delta, metas, operands,
     reason = _operands_reason(static.operand_kinds, config)
     if reason is not None:
         raise NotImplementedError(reason)
+    smem = config.smem_bytes(hp, q.dtype.itemsize)
+    if smem > SMEM_BYTES:
+        raise ValueError(
+            f"MosaicBackwardConfig needs {smem} bytes of shared memory per CTA at head dim "
+            f"{hp} ({q.dtype.name}), more than the {SMEM_BYTES} an sm90 CTA may allocate: "
+            f"lower num_stages or block_q_dkv, or set persistent=False (one buffer of the "
+            f"resident tiles instead of two); got {config}.")
 
     def btnh(x, length):
         return _pad(_pad(x, 1, length), 3, hp)
