@@ -52,7 +52,8 @@ def get_implementation(name: str) -> Callable:
 
 
 def default_order(mask: Mask | None = None, dtype=None, logits_soft_cap=None,
-                  head_dim: int | None = None, has_bias: bool = False) -> tuple[str, ...]:
+                  head_dim: int | None = None, has_bias: bool = False,
+                  q_len: int | None = None) -> tuple[str, ...]:
     """Implementations tried by implementation=None, best first, for this platform and
     (when given) this request.
 
@@ -66,10 +67,11 @@ def default_order(mask: Mask | None = None, dtype=None, logits_soft_cap=None,
       at 32k, 256 keys 146 / 177 against cuDNN's 113 / 133 (512 and 1024 keys 20–30 %
       ahead in earlier runs), at head dims 65–128, which those kernels run as 128 (margins
       that survive the padding). Windows of up to WIDE_WINDOW keys too, at head dim 128
-      only: at 2048 keys 461 / 426 against 392 / 410, a 4 % lead in the training step
-      that a padded head dim would lose;
+      and at least MIN_QUERIES queries only: at 2048 keys 461 / 426 against 392 / 410, a
+      4 % lead in the training step that a padded head dim would lose;
     - other causal masks and the full mask go to mosaic_forward_cudnn_training at head
-      dim 128 (SPLIT_HEAD_DIMS): the Hopper forward when the value is only used, cuDNN's
+      dim 128 (SPLIT_HEAD_DIMS) and at least MIN_QUERIES queries (the shortest measured;
+      a decoding step's few queries were not): the Hopper forward when the value is only used, cuDNN's
       forward and backward when it is differentiated. Causal at 16k: Hopper forward 557
       against cuDNN's 528, training step 480 against 520; full at 16k 606 / 489 against
       595 / 539, at 1k (B16) 325 / 360 against 274 / 316 (a training step there is faster
@@ -89,12 +91,13 @@ def default_order(mask: Mask | None = None, dtype=None, logits_soft_cap=None,
     if mask is not None and _cudnn_native(mask, dtype, logits_soft_cap):
         hopper = HOPPER_KERNELS in kernels and not has_bias
         window = _causal_window(mask)
+        measured = head_dim in SPLIT_HEAD_DIMS and q_len is not None and q_len >= MIN_QUERIES
         if hopper and window is not None and (
                 (window <= NARROW_WINDOW and head_dim in NARROW_WINDOW_HEAD_DIMS)
-                or (window <= WIDE_WINDOW and head_dim in SPLIT_HEAD_DIMS)):
+                or (window <= WIDE_WINDOW and measured)):
             rest = tuple(name for name in kernels if name != HOPPER_KERNELS)
             return (HOPPER_KERNELS, "cudnn", *rest, "reference")
-        if hopper and head_dim in SPLIT_HEAD_DIMS and (_causal(mask) or isinstance(mask, FullMask)):
+        if hopper and measured and (_causal(mask) or isinstance(mask, FullMask)):
             return (FORWARD_SPLIT, "cudnn", *kernels, "reference")
         return ("cudnn", *kernels, "reference")
     return (*kernels, "cudnn", "reference")
@@ -108,6 +111,7 @@ NARROW_WINDOW = 1024
 NARROW_WINDOW_HEAD_DIMS = range(65, 129)
 WIDE_WINDOW = 2048
 SPLIT_HEAD_DIMS = (128,)
+MIN_QUERIES = 1024
 
 
 def _causal(mask: Mask) -> bool:

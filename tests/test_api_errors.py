@@ -218,20 +218,26 @@ def test_gpu_order_falls_back_through_cudnn_to_reference(monkeypatch):
             assert implementations.default_order(mask, jnp.bfloat16, None, head_dim)[0] == "cudnn"
         assert implementations.default_order(mask, jnp.bfloat16, None, 128, has_bias=True)[0] == "cudnn"
     for mask in (M.CausalMask() & M.LocalMask(2048, 0), M.LocalMask(1025, 0)):
-        assert implementations.default_order(mask, jnp.bfloat16, None, 128) == hopper_first
+        assert implementations.default_order(mask, jnp.bfloat16, None, 128, q_len=1024) == hopper_first
         for head_dim in (96, 64, None):
-            assert implementations.default_order(mask, jnp.bfloat16, None, head_dim)[0] == "cudnn"
+            assert implementations.default_order(mask, jnp.bfloat16, None, head_dim, q_len=4096)[0] == "cudnn"
+        # ... and not for fewer queries than measured (nor without knowing how many)
+        for q_len in (1023, 1, None):
+            assert implementations.default_order(mask, jnp.bfloat16, None, 128, q_len=q_len)[0] == "cudnn"
     # ... other causal masks and the full mask at head dim 128: the Hopper forward for
     # values, cuDNN for training steps (mosaic_forward_cudnn_training), then cuDNN where
     # the split declines; other head dims (a padded 128 would lose the lead): cuDNN
     for mask in (M.CausalMask(), M.CausalMask() & M.LocalMask(2049, 0), M.LocalMask(4096, 0),
                  M.FullMask()):
         for dtype in (jnp.bfloat16, jnp.float16):
-            assert implementations.default_order(mask, dtype, None, 128) == (
+            assert implementations.default_order(mask, dtype, None, 128, q_len=1024) == (
                 "mosaic_forward_cudnn_training", "cudnn", *kernels, "reference")
         for head_dim in (96, 120, 64, 256, None):
-            assert implementations.default_order(mask, jnp.bfloat16, None, head_dim)[0] == "cudnn"
-        assert implementations.default_order(mask, jnp.bfloat16, None, 128, has_bias=True)[0] == "cudnn"
+            assert implementations.default_order(mask, jnp.bfloat16, None, head_dim, q_len=4096)[0] == "cudnn"
+        for q_len in (1023, 1, None):   # a decoding step's queries: not measured
+            assert implementations.default_order(mask, jnp.bfloat16, None, 128, q_len=q_len)[0] == "cudnn"
+        assert implementations.default_order(mask, jnp.bfloat16, None, 128, has_bias=True,
+                                             q_len=4096)[0] == "cudnn"
     for mask, dtype, cap in ((M.CausalMask(), jnp.float32, None), (M.CausalMask(), jnp.bfloat16, 30.0),
                              (M.CausalMask() & M.StridedMask(4), jnp.bfloat16, None)):
         assert implementations.default_order(mask, dtype, cap) == (*kernels, "cudnn", "reference")
