@@ -26,7 +26,7 @@ from pallas_kernels.registry import backend_names
 from jaxattn.flash import pallas_attention
 from jaxattn.forward_split import mosaic_forward_cudnn_training
 from jaxattn.jax_nn import cudnn_reason, jax_nn_attention, jax_nn_mask_arguments
-from jaxattn.masks import FullMask, Mask
+from jaxattn.masks import Mask
 from jaxattn.reference import reference_attention
 
 _IMPLEMENTATIONS: dict[str, Callable] = {}
@@ -60,25 +60,23 @@ def default_order(mask: Mask | None = None, dtype=None, logits_soft_cap=None,
     On a GPU: the kernel backends in the registry's preference order, then cuDNN, which
     serves in O(T) memory what they decline, then the O(T·S) reference. Except for a mask
     `jax.nn.dot_product_attention` expresses natively (full, causal, sliding window) on
-    16-bit inputs without a soft cap, where the default must never be slower than jax.nn
-    (BENCHMARKS.md, "What implementation=None runs"; all figures below one H200, bf16,
-    D128, each beside cuDNN in one process, TFLOP/s forward / forward+backward):
-    - causal windows of at most NARROW_WINDOW keys back go to the Hopper kernels first:
-      at 32k, 256 keys 146 / 177 against cuDNN's 113 / 133 (512 and 1024 keys 20–30 %
-      ahead in earlier runs), at head dims 65–128, which those kernels run as 128 (margins
-      that survive the padding). Windows of up to WIDE_WINDOW keys too, at head dim 128
-      and at least MIN_QUERIES queries only: at 2048 keys 461 / 426 against 392 / 410, a
-      4 % lead in the training step that a padded head dim would lose;
-    - other causal masks and the full mask go to mosaic_forward_cudnn_training at head
-      dim 128 (SPLIT_HEAD_DIMS) and at least MIN_QUERIES queries (the shortest measured;
-      a decoding step's few queries were not): the Hopper forward when the value is only used, cuDNN's
-      forward and backward when it is differentiated. Causal at 16k: Hopper forward 557
-      against cuDNN's 528, training step 480 against 520; full at 16k 606 / 489 against
-      595 / 539, at 1k (B16) 325 / 360 against 274 / 316 (a training step there is faster
-      on the Hopper kernels, which the split does not yet use: the crossover length was
-      not measured). The forward leads by 2–19 %, too little to survive a head dim padded
-      to 128, so other head dims stay with cuDNN;
-    - anything else native goes to cuDNN first.
+    16-bit inputs without a soft cap or bias, where the default must never be slower
+    than jax.nn, so the Hopper kernels come first only where they were measured ahead
+    (BENCHMARKS.md, "What implementation=None runs"; one H200, bf16, beside cuDNN in one
+    process, TFLOP/s forward / forward+backward), i.e. at head dim 128 (the kernels run
+    65–127 as 128, cuDNN the head dim itself: a padded head dim costs 1.07–1.97× the work)
+    and from MIN_QUERIES queries (the shortest measured; a decoding step's few were not):
+    - causal windows of at most WINDOW keys back go to the Hopper kernels: at 32k, 256
+      keys 146 / 177 against cuDNN's 113 / 133, 2048 keys 461 / 426 against 392 / 410
+      (512 and 1024 keys 18–28 % ahead in the forward before the persistent backward);
+    - other causal masks and the full mask go to mosaic_forward_cudnn_training: the
+      Hopper forward when the value is only used, cuDNN's forward and backward when it
+      is differentiated. Causal at 16k: Hopper forward 557 against cuDNN's 528, training
+      step 480 against 520; full at 16k 606 / 489 against 595 / 539, at 1k (B16) 325 /
+      360 against 274 / 316 (a training step there is faster on the Hopper kernels, which
+      the split does not yet use: the crossover length was not measured);
+    - anything else native, and all of these at other head dims or shorter queries, goes
+      to cuDNN first.
     Not with a bias: those measurements had none, and with one the Hopper forward hands
     its backward to the Triton kernels (for the bias gradient), a training step not
     compared with cuDNN's. Where the first declines (an unaligned window, a GPU before
@@ -89,28 +87,25 @@ def default_order(mask: Mask | None = None, dtype=None, logits_soft_cap=None,
         return ("reference",)
     kernels = tuple(name for name in backend_names() if name in _IMPLEMENTATIONS)
     if mask is not None and _cudnn_native(mask, dtype, logits_soft_cap):
-        hopper = HOPPER_KERNELS in kernels and not has_bias
+        measured = (HOPPER_KERNELS in kernels and not has_bias and head_dim in MEASURED_HEAD_DIMS
+                    and q_len is not None and q_len >= MIN_QUERIES)
         window = _causal_window(mask)
-        measured = head_dim in SPLIT_HEAD_DIMS and q_len is not None and q_len >= MIN_QUERIES
-        if hopper and window is not None and (
-                (window <= NARROW_WINDOW and head_dim in NARROW_WINDOW_HEAD_DIMS)
-                or (window <= WIDE_WINDOW and measured)):
+        if measured and window is not None and window <= WINDOW:
             rest = tuple(name for name in kernels if name != HOPPER_KERNELS)
             return (HOPPER_KERNELS, "cudnn", *rest, "reference")
-        if hopper and measured and (_causal(mask) or isinstance(mask, FullMask)):
+        if measured and (_causal(mask) or jax_nn_mask_arguments(mask) == {}):   # causal or full
             return (FORWARD_SPLIT, "cudnn", *kernels, "reference")
         return ("cudnn", *kernels, "reference")
     return (*kernels, "cudnn", "reference")
 
 
-# The kernel backend that beats cuDNN on causal windows, and on which (keys before the
-# query, head dims; measured: see default_order).
+# Where the Hopper kernels come first for masks cuDNN runs natively (see default_order):
+# causal windows up to WINDOW keys back, and the split for causal and full masks, at the
+# measured head dims and query lengths.
 HOPPER_KERNELS = "pallas_mosaic_gpu"
 FORWARD_SPLIT = "mosaic_forward_cudnn_training"
-NARROW_WINDOW = 1024
-NARROW_WINDOW_HEAD_DIMS = range(65, 129)
-WIDE_WINDOW = 2048
-SPLIT_HEAD_DIMS = (128,)
+WINDOW = 2048
+MEASURED_HEAD_DIMS = (128,)
 MIN_QUERIES = 1024
 
 

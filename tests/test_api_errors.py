@@ -204,38 +204,30 @@ def test_gpu_order_falls_back_through_cudnn_to_reference(monkeypatch):
     # a window reaching past the query without causality: cuDNN declines it, so not first
     assert implementations.default_order(M.LocalMask(128, 128), jnp.bfloat16) == (
         *kernels, "cudnn", "reference")
-    # ... and narrow causal windows: the Hopper kernels first, then cuDNN, at head dims
-    # 65-128; windows up to 2048 keys at head dim 128 only (a smaller lead)
+    # ... where the Hopper kernels were measured ahead (head dim 128, >= 1024 queries):
+    # causal windows up to 2048 keys back to them first, then cuDNN
     rest = tuple(n for n in kernels if n != "pallas_mosaic_gpu")
     hopper_first = ("pallas_mosaic_gpu", "cudnn", *rest, "reference")
     for mask in (M.CausalMask() & M.LocalMask(128, 0), M.LocalMask(256, 0), M.LocalMask(1024, 0),
-                 M.CausalMask() & M.LocalMask(500, 16)):
-        for head_dim in (128, 96, 72):
-            assert implementations.default_order(mask, jnp.bfloat16, None, head_dim) == hopper_first
-        # not measured at head dims 64 and 256 (nor without knowing it), nor with a bias:
-        # cuDNN first
-        for head_dim in (64, 256, None):
-            assert implementations.default_order(mask, jnp.bfloat16, None, head_dim)[0] == "cudnn"
-        assert implementations.default_order(mask, jnp.bfloat16, None, 128, has_bias=True)[0] == "cudnn"
-    for mask in (M.CausalMask() & M.LocalMask(2048, 0), M.LocalMask(1025, 0)):
-        assert implementations.default_order(mask, jnp.bfloat16, None, 128, q_len=1024) == hopper_first
-        for head_dim in (96, 64, None):
-            assert implementations.default_order(mask, jnp.bfloat16, None, head_dim, q_len=4096)[0] == "cudnn"
-        # ... and not for fewer queries than measured (nor without knowing how many)
-        for q_len in (1023, 1, None):
-            assert implementations.default_order(mask, jnp.bfloat16, None, 128, q_len=q_len)[0] == "cudnn"
-    # ... other causal masks and the full mask at head dim 128: the Hopper forward for
-    # values, cuDNN for training steps (mosaic_forward_cudnn_training), then cuDNN where
-    # the split declines; other head dims (a padded 128 would lose the lead): cuDNN
-    for mask in (M.CausalMask(), M.CausalMask() & M.LocalMask(2049, 0), M.LocalMask(4096, 0),
-                 M.FullMask()):
+                 M.CausalMask() & M.LocalMask(500, 16), M.CausalMask() & M.LocalMask(2048, 0),
+                 M.LocalMask(1025, 0)):
         for dtype in (jnp.bfloat16, jnp.float16):
-            assert implementations.default_order(mask, dtype, None, 128, q_len=1024) == (
-                "mosaic_forward_cudnn_training", "cudnn", *kernels, "reference")
-        for head_dim in (96, 120, 64, 256, None):
-            assert implementations.default_order(mask, jnp.bfloat16, None, head_dim, q_len=4096)[0] == "cudnn"
-        for q_len in (1023, 1, None):   # a decoding step's queries: not measured
-            assert implementations.default_order(mask, jnp.bfloat16, None, 128, q_len=q_len)[0] == "cudnn"
+            assert implementations.default_order(mask, dtype, None, 128, q_len=1024) == hopper_first
+    # ... other causal masks and the full mask: the Hopper forward for values, cuDNN for
+    # training steps (mosaic_forward_cudnn_training), then cuDNN where the split declines
+    split_first = ("mosaic_forward_cudnn_training", "cudnn", *kernels, "reference")
+    for mask in (M.CausalMask(), M.CausalMask() & M.LocalMask(2049, 0), M.LocalMask(4096, 0),
+                 M.FullMask(), M.FullMask() & M.FullMask()):
+        for dtype in (jnp.bfloat16, jnp.float16):
+            assert implementations.default_order(mask, dtype, None, 128, q_len=32768) == split_first
+    # ... not where they were not measured: other head dims (the kernels pad 65-127 to
+    # 128), fewer queries (a decoding step's), unknown sizes, or with a bias
+    for mask in (M.LocalMask(256, 0), M.CausalMask() & M.LocalMask(2048, 0), M.CausalMask(),
+                 M.FullMask()):
+        for head_dim, q_len in ((96, 4096), (120, 4096), (64, 4096), (256, 4096), (None, 4096),
+                                (128, 1023), (128, 1), (128, None)):
+            assert implementations.default_order(mask, jnp.bfloat16, None, head_dim,
+                                                 q_len=q_len)[0] == "cudnn"
         assert implementations.default_order(mask, jnp.bfloat16, None, 128, has_bias=True,
                                              q_len=4096)[0] == "cudnn"
     for mask, dtype, cap in ((M.CausalMask(), jnp.float32, None), (M.CausalMask(), jnp.bfloat16, 30.0),

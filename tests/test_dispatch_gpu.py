@@ -50,11 +50,10 @@ def _worst_row(got, want) -> float:
     return float(np.max(np.linalg.norm(got - want, axis=-1) / np.maximum(norm, floor)))
 
 
-@pytest.mark.parametrize("h", [64, 128, 96])
-@pytest.mark.parametrize("t, s", SHAPES, ids=lambda x: str(x))
-@pytest.mark.parametrize("name", list(MASKS))
-def test_default_dispatch_matches_the_reference(name, t, s, h):
-    mask = MASKS[name]
+def _check_default_dispatch(mask, t, s, h):
+    """implementation=None's output and gradients against the reference, row by row;
+    returns the lowered text of (forward, gradient) programs (their custom calls name
+    the kernels that run)."""
     q, k, v, do = _inputs(t, s, h)
     f32 = lambda x: x.astype(jnp.float32)  # noqa: E731
 
@@ -64,8 +63,8 @@ def test_default_dispatch_matches_the_reference(name, t, s, h):
     ours = lambda q, k, v: jaxattn.dot_product_attention(q, k, v, mask=mask)  # noqa: E731
     ref = lambda q, k, v: reference_attention(q, k, v, None, canonical_mask(mask),  # noqa: E731
                                               scale=h ** -0.5)
-    out = jax.jit(ours)(q, k, v)
-    grads = jax.jit(jax.grad(loss(ours), argnums=(0, 1, 2)))(q, k, v)
+    forward, gradient = jax.jit(ours), jax.jit(jax.grad(loss(ours), argnums=(0, 1, 2)))
+    out, grads = forward(q, k, v), gradient(q, k, v)
     want_out = ref(f32(q), f32(k), f32(v))
     want_grads = jax.grad(loss(ref), argnums=(0, 1, 2))(f32(q), f32(k), f32(v))
     assert _worst_row(out, want_out) < 0.02, "output"
@@ -75,6 +74,34 @@ def test_default_dispatch_matches_the_reference(name, t, s, h):
         # which alone moves rows with near-zero gradient by up to ~9 %; a mask applied
         # wrongly moves rows by O(1)
         assert _worst_row(g, w) < 0.15, label
+    return forward.lower(q, k, v).as_text(), gradient.lower(q, k, v).as_text()
+
+
+@pytest.mark.parametrize("h", [64, 128, 96])
+@pytest.mark.parametrize("t, s", SHAPES, ids=lambda x: str(x))
+@pytest.mark.parametrize("name", list(MASKS))
+def test_default_dispatch_matches_the_reference(name, t, s, h):
+    _check_default_dispatch(MASKS[name], t, s, h)
+
+
+# Where dispatch puts the Hopper kernels first for masks cuDNN runs natively (head dim
+# 128, >= 1024 queries): (mask, kernels the forward runs, kernels the gradient runs).
+MEASURED_ROUTES = {
+    "causal": (CausalMask(), "mosaic_gpu", "cudnn"),
+    "full": (FullMask(), "mosaic_gpu", "cudnn"),
+    "window_2047": (LocalMask(2047, 0), "mosaic_gpu", "mosaic_gpu"),
+}
+
+
+@pytest.mark.parametrize("name", list(MEASURED_ROUTES))
+def test_default_dispatch_where_the_hopper_kernels_come_first(name):
+    """At the size dispatch routes by (D128, 1024 queries): right values and gradients,
+    and the kernels it promises (the split: Hopper forward, cuDNN's gradient)."""
+    mask, forward_kernel, gradient_kernel = MEASURED_ROUTES[name]
+    forward_text, gradient_text = _check_default_dispatch(mask, 1024, 1024, 128)
+    assert forward_kernel in forward_text and gradient_kernel in gradient_text
+    if gradient_kernel == "cudnn":
+        assert "mosaic_gpu" not in gradient_text, "a differentiated split runs cuDNN alone"
 
 
 SPLIT_MASKS = ("causal", "window_ending_at_query", "causal_and_window")
