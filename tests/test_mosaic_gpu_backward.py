@@ -278,15 +278,17 @@ def test_metadata_for_other_tiles_is_refused():
 
 
 def test_a_config_over_the_shared_memory_limit_is_refused():
-    """Four stages beside the persistent kernels' two resident buffers: 258 KB at D128."""
+    """Four stages beside the persistent kernels' two resident buffers: 257 KiB (dQ) and
+    259 KiB (dK/dV) at D128."""
     static, metas, _ = _static_and_metas(M.CausalMask(), 256, 256, 128, variant="persistent")
     static = dataclasses.replace(static, config=dataclasses.replace(static.config, num_stages=4))
     assert static.config.smem_bytes(128, 2) > mb.SMEM_BYTES
     assert dataclasses.replace(static.config, persistent=False).smem_bytes(128, 2) <= mb.SMEM_BYTES
     x = jnp.zeros((1, 256, 1, 128), jnp.bfloat16)
     lse = jnp.zeros((1, 1, 256), jnp.float32)
-    with pytest.raises(ValueError, match="shared memory.*persistent=False"):
-        mb.backward(static, x, x, x, None, x, lse, x, lse, metas, ())
+    for parts, kernel, size in ((("dkdv",), "dkdv", 265216), (("dq",), "dq", 263168)):
+        with pytest.raises(ValueError, match=f"{kernel} kernel needs {size} bytes.*persistent=False"):
+            mb.backward(static, x, x, x, None, x, lse, x, lse, metas, (), parts=parts)
 
 
 # ---------------------------------------------------------------------------------------

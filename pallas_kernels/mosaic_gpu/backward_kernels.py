@@ -123,20 +123,25 @@ class MosaicBackwardConfig:
         return {"dkdv": (self.block_q_dkv, self.block_kv_dkv),
                 "dq": (self.block_q_dq, self.block_kv_dq)}
 
-    def smem_bytes(self, head_dim: int, itemsize: int) -> int:
-        """The largest shared memory of the kernels this config can run (operand tiles +
-        barriers; the fused kernel's dSᵀ and float32 dQ staging too)."""
+    def kernel_smem_bytes(self, head_dim: int, itemsize: int) -> dict[str, int]:
+        """Shared memory of each kernel this config can run ("dkdv", "dq", and "fused"
+        when fused): operand tiles, the fused kernel's dSᵀ and float32 dQ staging, and
+        1 KB for barriers and alignment."""
         row = head_dim * itemsize
         resident_buffers = 2 if self.persistent else 1
         streamed_dkdv = self.num_stages * (2 * self.block_q_dkv * row + 2 * self.block_q_dkv * 4)
-        dkdv = resident_buffers * 2 * self.block_kv_dkv * row + streamed_dkdv
-        dq = resident_buffers * 2 * self.block_q_dq * row + self.num_stages * 2 * self.block_kv_dq * row
-        kernels = [dkdv, dq]
+        sizes = {"dkdv": resident_buffers * 2 * self.block_kv_dkv * row + streamed_dkdv,
+                 "dq": resident_buffers * 2 * self.block_q_dq * row
+                 + self.num_stages * 2 * self.block_kv_dq * row}
         if self.fused:
-            kernels.append(2 * self.block_kv_dkv * row + streamed_dkdv
-                           + self.block_kv_dkv * self.block_q_dkv * itemsize
-                           + self.compute_warpgroups * self.block_q_dkv * head_dim * 4)
-        return max(kernels) + 1024
+            sizes["fused"] = (2 * self.block_kv_dkv * row + streamed_dkdv
+                              + self.block_kv_dkv * self.block_q_dkv * itemsize
+                              + self.compute_warpgroups * self.block_q_dkv * head_dim * 4)
+        return {name: size + 1024 for name, size in sizes.items()}
+
+    def smem_bytes(self, head_dim: int, itemsize: int) -> int:
+        """The largest shared memory of the kernels this config can run."""
+        return max(self.kernel_smem_bytes(head_dim, itemsize).values())
 
 
 def default_backward_config(head_dim: int) -> MosaicBackwardConfig:
@@ -229,13 +234,17 @@ def backward(static, q, k, v, bias, out, lse, dout, delta, metas, operands,
     reason = _operands_reason(static.operand_kinds, config)
     if reason is not None:
         raise NotImplementedError(reason)
-    smem = config.smem_bytes(hp, q.dtype.itemsize)
-    if smem > SMEM_BYTES:
-        raise ValueError(
-            f"MosaicBackwardConfig needs {smem} bytes of shared memory per CTA at head dim "
-            f"{hp} ({q.dtype.name}), more than the {SMEM_BYTES} an sm90 CTA may allocate: "
-            f"lower num_stages or block_q_dkv, or set persistent=False (one buffer of the "
-            f"resident tiles instead of two); got {config}.")
+    running = ("fused",) if want_dkdv and want_dq and config.fused else tuple(tiles)
+    sizes = config.kernel_smem_bytes(hp, q.dtype.itemsize)
+    for kernel in running:
+        if sizes[kernel] > SMEM_BYTES:
+            persistent_fix = (", or set persistent=False (one buffer of the resident tiles "
+                              "instead of two)") if config.persistent and kernel != "fused" else ""
+            raise ValueError(
+                f"MosaicBackwardConfig's {kernel} kernel needs {sizes[kernel]} bytes of shared "
+                f"memory per CTA at head dim {hp} ({q.dtype.name}), more than the {SMEM_BYTES} "
+                f"an sm90 CTA may allocate: lower num_stages or its block sizes"
+                f"{persistent_fix}; got {config}.")
 
     def btnh(x, length):
         return _pad(_pad(x, 1, length), 3, hp)
