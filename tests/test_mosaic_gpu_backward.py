@@ -392,11 +392,15 @@ def _walk_masks():
 # A barrier protocol gone wrong deadlocks the interpreter: fail (the whole run, by
 # pytest-timeout's thread method, which can stop a process blocked in native code).
 @pytest.mark.timeout(180, method="thread")
-@pytest.mark.parametrize("kernel", ["dkdv", "dq"])
-@pytest.mark.parametrize("mask_name", list(_walk_masks()))
-def test_persistent_walk_in_the_interpreter(kernel, mask_name):
+@pytest.mark.parametrize("kernel, mask_name, deal", [
+    ("dkdv", "causal_shifted", "table"), ("dq", "causal_shifted", "table"),
+    ("dkdv", "per_head_documents", "table"), ("dq", "per_head_documents", "table"),
+    ("dkdv", "causal_shifted", "sorted"), ("dq", "causal_shifted", "sorted")])
+def test_persistent_walk_in_the_interpreter(kernel, mask_name, deal):
     """The persistent kernels' walk, run by three warpgroups in the Mosaic GPU interpreter:
-    the kernel's deal (3 CTAs, 16 or 32 items: several each, some of zero steps), the
+    the kernel's deal (3 CTAs, 16 or 32 items: several each, some of zero steps; the
+    LPT table of a static mask's counts, or, as for a mask whose counts are traced, the
+    snake over the items sorted on the device), the
     producer loop both kernels run (resident tiles into alternating buffers, each step's
     streamed tile into rotating slots, each refilled only once released) and the lists'
     decoding under GQA (4 query heads, 2 K/V heads, B2). The two consumers store the
@@ -415,6 +419,8 @@ def test_persistent_walk_in_the_interpreter(kernel, mask_name):
     b, t, n, kh, d, bq, bk, wgs, stages, ctas = 2, 64, 4, 2, 8, 16, 16, 2, 2, 3
     groups, nb = n // kh, t // 16
     meta = M.build_block_metadata(mask, t, t, bq, bk)
+    if deal == "sorted":   # no static counts: the deal sorts the traced ones
+        meta = dataclasses.replace(meta, tile_counts=None, t_tile_counts=None)
     m = jax.tree_util.tree_map(np.asarray, meta)
     pos = np.arange(t, dtype=np.float32)
 
@@ -427,10 +433,12 @@ def test_persistent_walk_in_the_interpreter(kernel, mask_name):
     if kernel == "dkdv":   # items (kv-block, KV head, batch); resident K, streamed Q
         lists = (m.t_full_count, m.t_full_index, m.t_partial_count, m.t_partial_index)
         schedule = dkdv_schedule(lists, meta, kv_heads=kh, groups=groups, batch=b, num_ctas=ctas)
+        assert (schedule.table is None) == (deal == "sorted")
         item_heads, resident, streamed, res_rows, step_rows = kh, k_enc, q_enc, bk // wgs, bq
     else:                  # items (q-block, query head, batch); resident Q, streamed K
         lists = (m.full_count, m.full_index, m.partial_count, m.partial_index)
         schedule = dq_schedule(meta, n_q_blocks=nb, heads=n, batch=b, num_ctas=ctas)
+        assert (schedule.order is not None) == (deal == "sorted")
         item_heads, resident, streamed, res_rows, step_rows = n, q_enc, k_enc, bq // wgs, bk
     walk_groups = groups if kernel == "dkdv" else 1
     max_steps = walk_groups * nb
