@@ -410,7 +410,7 @@ def test_persistent_walk_in_the_interpreter(kernel, mask_name, deal):
     (which heads and rows they read is what the GPU tier checks)."""
     from pallas_kernels.mosaic_gpu.backward_dkdv_persistent import dkdv_schedule
     from pallas_kernels.mosaic_gpu.backward_dq_persistent import dq_schedule
-    from pallas_kernels.mosaic_gpu.backward_walk import run_persistent_producer
+    from pallas_kernels.mosaic_gpu.backward_walk import copy_resident_rows, run_persistent_producer
     from jax import lax
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
@@ -489,12 +489,10 @@ def test_persistent_walk_in_the_interpreter(kernel, mask_name, deal):
 
             @pl.when(wg == wgs)
             def _producer():
-                def copy_resident(item_data, buf):
+                def copy_resident(item_data, buf):   # the kernels' copy, of one source
                     block, head, bi, _ = item_data
-                    for w in range(wgs):
-                        rows = pl.ds(block * (res_rows * wgs) + w * res_rows, res_rows)
-                        plgpu.copy_gmem_to_smem(res_ref.at[bi, rows, head], res_smem.at[buf, w],
-                                                res_ready.at[buf])
+                    copy_resident_rows((res_ref,), (res_smem,), buf, res_ready.at[buf],
+                                       batch=bi, block=block, head=head, rows=res_rows, wgs=wgs)
 
                 def locate_step(item_data, s):
                     _, head, _, tiles = item_data

@@ -39,7 +39,8 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.mosaic_gpu.backward_tiles import TileArithmetic, dkdv_tile
 from pallas_kernels.mosaic_gpu.backward_walk import (WGMMA_COL, OperandTiles, TileLists,
-                                                     run_persistent_producer, swizzled)
+                                                     copy_resident_rows, run_persistent_producer,
+                                                     swizzled)
 from pallas_kernels.mosaic_gpu.common import num_sms
 from pallas_kernels.metadata import decode_tile_counts
 from pallas_kernels.mosaic_gpu.schedule import Schedule, dealt_by_counts
@@ -164,12 +165,8 @@ def dkdv_persistent_call(q, k, v, do, lse2, delta, meta_arrays, *, block_q: int,
 
                 def copy_resident(item_data, buf):
                     j, head_kv, bi, _ = item_data
-                    for w in range(wgs):
-                        kv_rows = pl.ds(j * block_kv + w * rows, rows)
-                        plgpu.copy_gmem_to_smem(k_ref.at[bi, kv_rows, head_kv], k_smem.at[buf, w],
-                                                kv_ready.at[buf])
-                        plgpu.copy_gmem_to_smem(v_ref.at[bi, kv_rows, head_kv], v_smem.at[buf, w],
-                                                kv_ready.at[buf])
+                    copy_resident_rows((k_ref, v_ref), (k_smem, v_smem), buf, kv_ready.at[buf],
+                                       batch=bi, block=j, head=head_kv, rows=rows, wgs=wgs)
 
                 def locate_step(item_data, s):
                     _, head_kv, _, lists = item_data

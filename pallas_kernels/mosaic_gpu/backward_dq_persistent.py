@@ -26,7 +26,8 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.mosaic_gpu.backward_tiles import TileArithmetic, dq_tile
 from pallas_kernels.mosaic_gpu.backward_walk import (WGMMA_ROW, OperandTiles, TileLists,
-                                                     run_persistent_producer, swizzled)
+                                                     copy_resident_rows, run_persistent_producer,
+                                                     swizzled)
 from pallas_kernels.mosaic_gpu.common import num_sms
 from pallas_kernels.mosaic_gpu.schedule import Schedule, balanced_deal
 
@@ -129,12 +130,9 @@ def dq_persistent_call(q, k, v, do, lse2, delta, meta_arrays, *, block_q: int, b
 
                 def copy_resident(item_data, buf):
                     i, head, bi, _ = item_data
-                    for w in range(wgs):
-                        q_rows = pl.ds(i * block_q + w * rows, rows)
-                        plgpu.copy_gmem_to_smem(q_ref.at[bi, q_rows, head], q_smem.at[buf, w],
-                                                qdo_ready.at[buf])
-                        plgpu.copy_gmem_to_smem(do_ref.at[bi, q_rows, head], do_smem.at[buf, w],
-                                                qdo_ready.at[buf])
+                    copy_resident_rows((q_ref, do_ref), (q_smem, do_smem), buf,
+                                       qdo_ready.at[buf], batch=bi, block=i, head=head,
+                                       rows=rows, wgs=wgs)
 
                 def locate_step(item_data, s):
                     return pl.ds(item_data[3].decode(s).block * block_kv, block_kv)

@@ -89,6 +89,18 @@ def run_persistent_producer(num_items, item_lists, *, buffers: int, buffer_free,
     return lax.fori_loop(0, num_items, run_item, jnp.int32(0))
 
 
+def copy_resident_rows(sources, buffers, buf, ready, *, batch, block, head, rows: int,
+                       wgs: int):
+    """A persistent kernel's resident copies for one item: block `block` of each source
+    [B, T, heads, Hp] in GMEM (K and V, or Q and dO), one `rows`-row share per compute
+    warpgroup, into buffer `buf` of `buffers` (each [buffers, wgs, rows, Hp] in SMEM), all
+    arriving on `ready`."""
+    for w in range(wgs):
+        item_rows = pl.ds(block * (rows * wgs) + w * rows, rows)
+        for source, buffer in zip(sources, buffers):
+            plgpu.copy_gmem_to_smem(source.at[batch, item_rows, head], buffer.at[buf, w], ready)
+
+
 def swizzled(shape, dtype) -> tuple:
     """Tiling + 128-byte swizzle transforms for a [rows, head_dim] operand of wgmma."""
     bits = jnp.finfo(dtype).bits
