@@ -119,7 +119,7 @@ def default_runs(case):
     (the first that serves it runs), as jaxattn's dispatch lists them on this platform."""
     return list(implementations.default_order(canonical_mask(case.mask()), jnp.bfloat16, None,
                                               case.head_dim, has_bias=False,
-                                              q_len=case.seq_len))
+                                              q_len=case.seq_len, kv_len=case.seq_len))
 
 
 def custom_calls(compiled) -> list[str]:

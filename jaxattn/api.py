@@ -351,7 +351,8 @@ def dot_product_attention(query, key, value, bias=None, mask=None, *, scale=None
 
     order = (names if names is not None
              else implementations.default_order(canonical, query.dtype, cap, query.shape[-1],
-                                                has_bias=bias is not None, q_len=query.shape[1]))
+                                                has_bias=bias is not None, q_len=query.shape[1],
+                                                kv_len=key.shape[1]))
     reasons = []
     for name in order:
         try:

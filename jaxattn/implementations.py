@@ -53,7 +53,7 @@ def get_implementation(name: str) -> Callable:
 
 def default_order(mask: Mask | None = None, dtype=None, logits_soft_cap=None,
                   head_dim: int | None = None, has_bias: bool = False,
-                  q_len: int | None = None) -> tuple[str, ...]:
+                  q_len: int | None = None, kv_len: int | None = None) -> tuple[str, ...]:
     """Implementations tried by implementation=None, best first, for this platform and
     (when given) this request.
 
@@ -69,12 +69,17 @@ def default_order(mask: Mask | None = None, dtype=None, logits_soft_cap=None,
     - causal windows of at most WINDOW keys back go to the Hopper kernels: at 32k, 256
       keys 146 / 177 against cuDNN's 113 / 133, 2048 keys 461 / 426 against 392 / 410
       (512 and 1024 keys 18–28 % ahead in the forward before the persistent backward);
-    - other causal masks and the full mask go to mosaic_forward_cudnn_training: the
+    - so do other causal masks up to CAUSAL_TRAINING_LENGTH tokens (queries and keys)
+      and the full mask up to FULL_TRAINING_LENGTH: there the Hopper kernels' training
+      step leads cuDNN's too (benchmarks/crossover_bench.py, 16k tokens per call: causal
+      238 / 302 / 420 / 463 against 207 / 293 / 385 / 429 at 1k / 2k / 4k / 8k, full
+      358 / 409 against 330 / 399 at 1k / 2k), and their forward is level or ahead;
+    - longer causal masks and full masks go to mosaic_forward_cudnn_training: the
       Hopper forward when the value is only used, cuDNN's forward and backward when it
-      is differentiated. Causal at 16k: Hopper forward 557 against cuDNN's 528, training
-      step 480 against 520; full at 16k 606 / 489 against 595 / 539, at 1k (B16) 325 /
-      360 against 274 / 316 (a training step there is faster on the Hopper kernels, which
-      the split does not yet use: the crossover length was not measured);
+      is differentiated, for cuDNN's backward leads there (causal 16k 467 against 495,
+      full 4k 466 against 474, 8k 481 against 511, 16k 480 against 534) while the
+      Hopper forward stays level or ahead (causal 16k 557 against 528, full 16k 606
+      against 595);
     - anything else native, and all of these at other head dims or shorter queries, goes
       to cuDNN first.
     Not with a bias: those measurements had none, and with one the Hopper forward hands
@@ -90,21 +95,28 @@ def default_order(mask: Mask | None = None, dtype=None, logits_soft_cap=None,
         measured = (HOPPER_KERNELS in kernels and not has_bias and head_dim in MEASURED_HEAD_DIMS
                     and q_len is not None and q_len >= MIN_QUERIES)
         window = _causal_window(mask)
-        if measured and window is not None and window <= WINDOW:
+        causal, full = _causal(mask), jax_nn_mask_arguments(mask) == {}
+        length = max(q_len or 0, kv_len or 0)
+        if measured and ((window is not None and window <= WINDOW)
+                         or (causal and length <= CAUSAL_TRAINING_LENGTH)
+                         or (full and length <= FULL_TRAINING_LENGTH)):
             rest = tuple(name for name in kernels if name != HOPPER_KERNELS)
             return (HOPPER_KERNELS, "cudnn", *rest, "reference")
-        if measured and (_causal(mask) or jax_nn_mask_arguments(mask) == {}):   # causal or full
+        if measured and (causal or full):
             return (FORWARD_SPLIT, "cudnn", *kernels, "reference")
         return ("cudnn", *kernels, "reference")
     return (*kernels, "cudnn", "reference")
 
 
 # Where the Hopper kernels come first for masks cuDNN runs natively (see default_order):
-# causal windows up to WINDOW keys back, and the split for causal and full masks, at the
-# measured head dims and query lengths.
+# causal windows up to WINDOW keys back, causal masks up to CAUSAL_TRAINING_LENGTH and
+# the full mask up to FULL_TRAINING_LENGTH tokens, and the split for longer causal and
+# full masks, at the measured head dims and query lengths.
 HOPPER_KERNELS = "pallas_mosaic_gpu"
 FORWARD_SPLIT = "mosaic_forward_cudnn_training"
 WINDOW = 2048
+CAUSAL_TRAINING_LENGTH = 8192
+FULL_TRAINING_LENGTH = 2048
 MEASURED_HEAD_DIMS = (128,)
 MIN_QUERIES = 1024
 

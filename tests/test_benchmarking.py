@@ -189,3 +189,15 @@ def test_back_to_back_rejects_bad_counts(kwargs):
         timing.time_back_to_back(lambda: None, [()], **kwargs)
     with pytest.raises(ValueError, match="at least one tuple"):
         timing.time_back_to_back(lambda: None, [])
+
+
+def test_crossover_bench_cases_keep_the_tokens_and_width():
+    """benchmarks/crossover_bench.py: every length carries 16k tokens and 2048 columns of
+    heads, and a length that does not divide the tokens is refused."""
+    from benchmarks import crossover_bench as cb
+    rows = cb.cases([1024, 16384], [64, 128], ["full", "causal"])
+    assert [(c.batch * c.seq_len, c.heads * c.head_dim) for c in rows] == [(16384, 2048)] * 8
+    assert {c.pattern for c in rows} == {"full", "causal"}
+    assert cb.attention("jaxattn", rows[0]) is not None
+    with pytest.raises(SystemExit):
+        cb.main(["--out", "unused.json", "--lengths", "3000"])

@@ -85,23 +85,29 @@ def test_default_dispatch_matches_the_reference(name, t, s, h):
 
 
 # Where dispatch puts the Hopper kernels first for masks cuDNN runs natively (head dim
-# 128, >= 1024 queries): (mask, kernels the forward runs, kernels the gradient runs).
+# 128, >= 1024 queries): (mask, tokens, kernels the forward runs, kernels the gradient
+# runs). Causal masks up to 8192 tokens and the full mask up to 2048 run on them in
+# training too; longer, the split (Hopper forward, cuDNN's gradient).
 MEASURED_ROUTES = {
-    "causal": (CausalMask(), "mosaic_gpu", "cudnn"),
-    "full": (FullMask(), "mosaic_gpu", "cudnn"),
-    "window_2047": (LocalMask(2047, 0), "mosaic_gpu", "mosaic_gpu"),
+    "causal": (CausalMask(), 1024, "mosaic_gpu", "mosaic_gpu"),
+    "full": (FullMask(), 2048, "mosaic_gpu", "mosaic_gpu"),
+    "window_2047": (LocalMask(2047, 0), 1024, "mosaic_gpu", "mosaic_gpu"),
+    "causal_past_8192": (CausalMask(), 8320, "mosaic_gpu", "cudnn"),
+    "full_past_2048": (FullMask(), 2176, "mosaic_gpu", "cudnn"),
 }
 
 
 @pytest.mark.parametrize("name", list(MEASURED_ROUTES))
 def test_default_dispatch_where_the_hopper_kernels_come_first(name):
-    """At the size dispatch routes by (D128, 1024 queries): right values and gradients,
-    and the kernels it promises (the split: Hopper forward, cuDNN's gradient)."""
-    mask, forward_kernel, gradient_kernel = MEASURED_ROUTES[name]
-    forward_text, gradient_text = _check_default_dispatch(mask, 1024, 1024, 128)
+    """At the sizes dispatch routes by (D128, >= 1024 queries): right values and
+    gradients, and the kernels it promises (the split: Hopper forward, cuDNN's gradient)."""
+    mask, tokens, forward_kernel, gradient_kernel = MEASURED_ROUTES[name]
+    forward_text, gradient_text = _check_default_dispatch(mask, tokens, tokens, 128)
     assert forward_kernel in forward_text and gradient_kernel in gradient_text
     if gradient_kernel == "cudnn":
         assert "mosaic_gpu" not in gradient_text, "a differentiated split runs cuDNN alone"
+    else:
+        assert "cudnn" not in forward_text + gradient_text, "the Hopper kernels alone"
 
 
 SPLIT_MASKS = ("causal", "window_ending_at_query", "causal_and_window")
