@@ -251,9 +251,10 @@ def test_split_count_fills_the_gpu():
     assert default_num_splits(64, 8, 512, cores=132) == 4        # long cache: 4 splits in flight
     assert default_num_splits(1, 1, 8, cores=132) == 2           # >= 4 tiles per split
     assert default_num_splits(1, 8, 2048, cores=132, paged=True) == 33   # paged: two waves
-    # pages smaller than a tile at small B·K: four waves
+    # pages smaller than a tile (a gathered tile): four waves
     assert default_num_splits(1, 8, 2048, cores=132, paged=True, pages_per_tile=4) == 66
-    assert default_num_splits(8, 8, 64, cores=132, paged=True, pages_per_tile=4) == 4
+    assert default_num_splits(8, 8, 64, cores=132, paged=True, pages_per_tile=4) == 8
+    assert default_num_splits(8, 8, 512, cores=132, paged=True, pages_per_tile=4) == 8
     assert default_num_splits(1, 1, 2048, cores=132, paged=True, pages_per_tile=4) == 132  # <= cores
 
 

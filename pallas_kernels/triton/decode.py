@@ -148,17 +148,21 @@ def default_num_splits(batch: int, kv_heads: int, kv_tiles: int, *, cores: int,
       loads, and more programs in flight cover that (64-slot pages at B = 1: 33 splits
       3099 GB/s at 128k and 2017 at 32k in one run, 16 splits 2154–2171 and 1394–1427 in
       two later ones);
-    * pages smaller than a tile (one tile gathers rows of several pages) keep four waves
-      when B·K <= 8: 16-slot pages at B = 1, K = 8 ran at 2273 / 3387 GB/s (32k / 128k)
-      with 66 splits against 2201 / 3107 with 33 (2026-11-30). At 8 × 4k (B·K = 64) two
-      waves are 4 splits: 2309 GB/s, level with 8 (2317) and 33 (2251);
+    * pages smaller than a tile (one tile gathers rows of several pages) keep four
+      waves: Triton does not pipeline a gathered load through shared memory as it does a
+      block of rows (ncu at 8 × 32k: 39 KB of shared memory per program against 72 KB,
+      DRAM at 83 % of peak against 91 %), so each program has fewer bytes in flight and
+      more programs make up for it. 16-slot pages, K = 8: at B = 1, 66 splits 2273 / 3387
+      GB/s (32k / 128k) against 2201 / 3107 with 33; at 8 × 32k, 8 splits 3661 against
+      3422 with 4 (contiguous, 4 splits: 3744); at 8 × 4k, 4 / 8 / 33 splits level (2309 /
+      2317 / 2251);
     * a paged row never gets more splits than there are cores (one wave of programs for
       that row alone, the contiguous optimum at B·K = 1: MQA 1 × 32k ran 581 GB/s with
       132 splits, 550 with 66); paged caches at B·K < 8 are not measured;
     * each split keeps at least `min_tiles_per_split` tiles of keys."""
     waves = 1
     if paged:
-        waves = 4 if pages_per_tile > 1 and batch * kv_heads <= 8 else 2
+        waves = 4 if pages_per_tile > 1 else 2
     want = max(1, waves * cores // (batch * kv_heads))
     if paged:
         want = min(want, cores)
