@@ -109,6 +109,10 @@ def main(argv=None):
                    help="KV heads of the --splits cases (8: GQA 32/8; 1: MQA)")
     p.add_argument("--split-layout", default="contiguous",
                    help="cache layout of the --splits cases (contiguous, paged16, paged64)")
+    p.add_argument("--configs", nargs="*", default=(), metavar="BK,WARPS,STAGES[,SPLITS]",
+                   help="also time the kernel with each of these DecodeConfigs (and split count, "
+                        "default: the shapes' own) on the --split-cases in the --split-layout, e.g. "
+                        "16,4,8 for 16-key tiles, 4 warps, 8 stages")
     p.add_argument("--head-dims", type=int, nargs="*", default=[128], metavar="H",
                    help="run the grid cases (and the check) at each of these head dims, e.g. 96 128: "
                         "a head dim that is not a power of two is tiled as the next power of two "
@@ -148,11 +152,21 @@ def main(argv=None):
     plan += [(D.DecodeCase(args.split_kv_heads, b, ctx, 1, args.split_layout), "pallas_triton", ("splits", n))
              for b, ctx in split_cases
              for n in args.splits or ()]
+    for text in args.configs:
+        try:
+            bk, warps, stages, *n = (int(x) for x in text.split(","))
+            cfg = ("config", DecodeConfig(bk, warps, stages), n[0] if n else None)
+        except (ValueError, TypeError) as e:
+            p.error(f"--configs: expected BK,WARPS,STAGES[,SPLITS] with a valid DecodeConfig, got {text!r} ({e})")
+        plan += [(D.DecodeCase(args.split_kv_heads, b, ctx, 1, args.split_layout), "pallas_triton", cfg)
+                 for b, ctx in split_cases]
     for case, impl, cfg in plan:
         if time.perf_counter() - start > args.budget_s:
             result["skipped"].append(dict(case=case.name, impl=impl, config=str(cfg)))
             continue
-        if isinstance(cfg, tuple):   # ("splits", n): the default config, n splits
+        if isinstance(cfg, tuple) and cfg[0] == "config":   # ("config", DecodeConfig, n or None)
+            fn = tuned_fn(case, cfg[1], cfg[2])
+        elif isinstance(cfg, tuple):   # ("splits", n): the default config, n splits
             fn = tuned_fn(case, None, cfg[1])
         else:
             fn = None if cfg is None else tuned_fn(case, cfg, None)
@@ -160,7 +174,9 @@ def main(argv=None):
         if row is None:
             continue
         row["tuned"] = cfg is not None
-        if isinstance(cfg, tuple):
+        if isinstance(cfg, tuple) and cfg[0] == "config":
+            row["config"], row["num_splits"] = dataclasses.asdict(cfg[1]), cfg[2]
+        elif isinstance(cfg, tuple):
             row["num_splits"] = cfg[1]
         elif cfg is not None:
             row["config"] = dataclasses.asdict(cfg)
