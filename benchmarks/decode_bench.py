@@ -121,6 +121,11 @@ def main(argv=None):
     p.add_argument("--budget-s", type=float, default=225.0,
                    help="start no new case after this many seconds (the rest is recorded as skipped)")
     p.add_argument("--skip-check", action="store_true")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="with R > 1, build every measurement first, then time them in R interleaved "
+                        "rounds (10 calls each) and report the median of the round medians and the "
+                        "rounds' spread: for gaps between layouts smaller than the spread of one run "
+                        "(no --budget-s then)")
     p.add_argument("--max-inner", type=int, default=D.MAX_INNER,
                    help="decode steps per timed executable at most (default %(default)s); small "
                         "cases reach it, and each call's dispatch is shared by that many steps")
@@ -160,19 +165,15 @@ def main(argv=None):
             p.error(f"--configs: expected BK,WARPS,STAGES[,SPLITS] with a valid DecodeConfig, got {text!r} ({e})")
         plan += [(D.DecodeCase(args.split_kv_heads, b, ctx, 1, args.split_layout), "pallas_triton", cfg)
                  for b, ctx in split_cases]
-    for case, impl, cfg in plan:
-        if time.perf_counter() - start > args.budget_s:
-            result["skipped"].append(dict(case=case.name, impl=impl, config=str(cfg)))
-            continue
+    def timed_fn(case, cfg):
+        """The function a plan entry times: None for the default path, else a tuned kernel."""
         if isinstance(cfg, tuple) and cfg[0] == "config":   # ("config", DecodeConfig, n or None)
-            fn = tuned_fn(case, cfg[1], cfg[2])
-        elif isinstance(cfg, tuple):   # ("splits", n): the default config, n splits
-            fn = tuned_fn(case, None, cfg[1])
-        else:
-            fn = None if cfg is None else tuned_fn(case, cfg, None)
-        row = D.measure(case, impl, dtype=DTYPE, fn=fn, hbm_gbps=hbm, max_inner=args.max_inner)
-        if row is None:
-            continue
+            return tuned_fn(case, cfg[1], cfg[2])
+        if isinstance(cfg, tuple):   # ("splits", n): the default config, n splits
+            return tuned_fn(case, None, cfg[1])
+        return None if cfg is None else tuned_fn(case, cfg, None)
+
+    def describe(row, case, impl, cfg):
         row["tuned"] = cfg is not None
         if isinstance(cfg, tuple) and cfg[0] == "config":
             row["config"], row["num_splits"] = dataclasses.asdict(cfg[1]), cfg[2]
@@ -182,9 +183,30 @@ def main(argv=None):
             row["config"] = dataclasses.asdict(cfg)
         result["rows"].append(row)
         desc = impl if cfg is None else f"{impl} {cfg}"
+        spread = (f" (rounds {min(row['round_gbps']):.0f}-{max(row['round_gbps']):.0f})"
+                  if "round_gbps" in row else "")
         print(f"{case.name:40s} {desc:45s} "
-              + (f"{row['gbps']:8.0f} GB/s {row['median_ms']:.4f} ms" if "gbps" in row else row["error"][:80]),
+              + (f"{row['gbps']:8.0f} GB/s {row['median_ms']:.4f} ms{spread}" if "gbps" in row
+                 else row["error"][:80]),
               flush=True)
+
+    if args.rounds > 1:   # every entry built first, then timed round after round
+        entries = [(case, impl, cfg) for case, impl, cfg in plan
+                   if D.decode_fn(impl, case) is not None or cfg is not None]
+        rows = D.measure_interleaved([(case, impl, timed_fn(case, cfg)) for case, impl, cfg in entries],
+                                     rounds=args.rounds, dtype=DTYPE, hbm_gbps=hbm,
+                                     max_inner=args.max_inner)
+        for (case, impl, cfg), row in zip(entries, rows):
+            describe(row, case, impl, cfg)
+    for case, impl, cfg in plan if args.rounds <= 1 else ():
+        if time.perf_counter() - start > args.budget_s:
+            result["skipped"].append(dict(case=case.name, impl=impl, config=str(cfg)))
+            continue
+        row = D.measure(case, impl, dtype=DTYPE, fn=timed_fn(case, cfg), hbm_gbps=hbm,
+                        max_inner=args.max_inner)
+        if row is None:
+            continue
+        describe(row, case, impl, cfg)
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1, default=str)
     result["wall_s"] = time.perf_counter() - start

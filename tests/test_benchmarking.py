@@ -201,3 +201,18 @@ def test_crossover_bench_cases_keep_the_tokens_and_width():
     assert cb.attention("jaxattn", rows[0]) is not None
     with pytest.raises(SystemExit):
         cb.main(["--out", "unused.json", "--lengths", "3000"])
+
+
+def test_decode_measurements_in_interleaved_rounds():
+    """jaxattn.benchmarking.decode.measure_interleaved: every entry built, then timed once
+    per round; a row holds each round's GB/s and their median; an implementation that
+    cannot take a case (jax.nn has no page table) gives no row."""
+    from jaxattn.benchmarking import decode as D
+    small = D.DecodeCase(2, 1, 64, 1, "contiguous", head_dim=16)
+    plan = [(small, "xla", None), (D.DecodeCase(2, 1, 64, 1, "paged16", head_dim=16), "xla", None),
+            (D.DecodeCase(2, 2, 64, 1, "contiguous", head_dim=16), "xla", None)]
+    rows = D.measure_interleaved(plan, rounds=3, repeats=1, max_inner=2)
+    assert [r["case"] for r in rows] == [plan[0][0].name, plan[2][0].name]
+    for row in rows:
+        assert row["rounds"] == 3 and len(row["round_gbps"]) == 3
+        assert min(row["round_gbps"]) <= row["gbps"] <= max(row["round_gbps"])

@@ -255,6 +255,9 @@ def test_split_count_fills_the_gpu():
     assert default_num_splits(1, 8, 2048, cores=132, paged=True, pages_per_tile=4) == 66
     assert default_num_splits(8, 8, 64, cores=132, paged=True, pages_per_tile=4) == 8
     assert default_num_splits(8, 8, 512, cores=132, paged=True, pages_per_tile=4) == 8
+    # ... whose splits may be as short as 2 tiles (a short cache at B·K = 8: 64 tiles)
+    assert default_num_splits(1, 8, 64, cores=132, paged=True, pages_per_tile=4) == 32
+    assert default_num_splits(1, 8, 64, cores=132, paged=True) == 16      # one page per tile: 4
     assert default_num_splits(1, 1, 2048, cores=132, paged=True, pages_per_tile=4) == 132  # <= cores
 
 

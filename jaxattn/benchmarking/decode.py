@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import statistics
 import traceback
 
 import jax
@@ -139,11 +140,11 @@ def chained_steps(fn, n_steps: int):
     return steps
 
 
-def measure(case: DecodeCase, impl: str, *, dtype=jnp.bfloat16, key=None, warmup=2, repeats=20,
-            fn=None, hbm_gbps: float | None = None, max_inner: int = MAX_INNER) -> dict | None:
-    """One row: GB/s of `impl` on `case` (None when the implementation cannot take it).
-    `fn` overrides the function timed (a tuned kernel config); `max_inner` caps the steps
-    per executable (each call's dispatch is shared by that many steps)."""
+def prepare(case: DecodeCase, impl: str, *, dtype=jnp.bfloat16, key=None, fn=None,
+            max_inner: int = MAX_INNER):
+    """(row, compiled chained steps or None, their arguments, steps per call): the
+    measurement's inputs and executable, built but not timed. None when `impl` cannot
+    take the case; a row with "error" (and no executable) when building it failed."""
     fn = fn or decode_fn(impl, case)
     if fn is None:
         return None
@@ -159,15 +160,68 @@ def measure(case: DecodeCase, impl: str, *, dtype=jnp.bfloat16, key=None, warmup
         queries = [jax.random.normal(k, shape, dtype) for k in jax.random.split(key, inner)]
         lengths = jnp.full((case.batch,), case.context, jnp.int32)
         compiled = jax.jit(chained_steps(fn, inner)).lower(queries, caches, lengths).compile()
-        timing = time_call(compiled, [(queries, caches, lengths)], warmup=warmup, repeats=repeats)
-        seconds = timing.median_s / inner
-        row.update(median_ms=seconds * 1e3, gbps=nbytes / seconds / 1e9, timing=timing.as_dict())
-        if hbm_gbps:
-            row["pct_hbm"] = 100 * nbytes / seconds / 1e9 / hbm_gbps
+    except Exception as e:  # noqa: BLE001 - record and go on with the next measurement
+        row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+        traceback.print_exc(limit=2)
+        return row, None, None, inner
+    return row, compiled, (queries, caches, lengths), inner
+
+
+def _record(row, seconds_per_call, inner, hbm_gbps):
+    seconds = seconds_per_call / inner
+    row.update(median_ms=seconds * 1e3, gbps=row["bytes"] / seconds / 1e9)
+    if hbm_gbps:
+        row["pct_hbm"] = 100 * row["bytes"] / seconds / 1e9 / hbm_gbps
+
+
+def measure(case: DecodeCase, impl: str, *, dtype=jnp.bfloat16, key=None, warmup=2, repeats=20,
+            fn=None, hbm_gbps: float | None = None, max_inner: int = MAX_INNER) -> dict | None:
+    """One row: GB/s of `impl` on `case` (None when the implementation cannot take it).
+    `fn` overrides the function timed (a tuned kernel config); `max_inner` caps the steps
+    per executable (each call's dispatch is shared by that many steps)."""
+    prepared = prepare(case, impl, dtype=dtype, key=key, fn=fn, max_inner=max_inner)
+    if prepared is None:
+        return None
+    row, compiled, args, inner = prepared
+    if compiled is None:
+        return row
+    try:
+        timing = time_call(compiled, [args], warmup=warmup, repeats=repeats)
+        _record(row, timing.median_s, inner, hbm_gbps)
+        row["timing"] = timing.as_dict()
     except Exception as e:  # noqa: BLE001 - record and go on with the next measurement
         row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
         traceback.print_exc(limit=2)
     return row
+
+
+def measure_interleaved(plan, *, rounds: int, dtype=jnp.bfloat16, repeats=10,
+                        hbm_gbps: float | None = None, max_inner: int = MAX_INNER) -> list[dict]:
+    """Rows for `plan`, a list of (case, impl, fn or None), timed in `rounds` rounds that
+    each time every entry once (`repeats` calls, the median), entry after entry: a drift
+    of the card's clock or of its neighbours' load moves every entry alike, so the gap
+    between two entries is read from the same minutes. A row reports the median of its
+    round medians (`gbps`, `median_ms`) and every round's GB/s (`round_gbps`)."""
+    prepared = [prepare(case, impl, dtype=dtype, fn=fn, max_inner=max_inner) for case, impl, fn in plan]
+    live = [p for p in prepared if p is not None]
+    medians = [[] for _ in live]
+    for r in range(rounds):
+        for i, (row, compiled, args, inner) in enumerate(live):
+            if compiled is None or "error" in row:
+                continue
+            try:
+                t = time_call(compiled, [args], warmup=2 if r == 0 else 0, repeats=repeats)
+                medians[i].append(t.median_s)
+            except Exception as e:  # noqa: BLE001 - record and go on
+                row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+    rows = []
+    for (row, _, _, inner), ts in zip(live, medians):
+        if ts and "error" not in row:
+            _record(row, statistics.median(ts), inner, hbm_gbps)
+            row["round_gbps"] = [row["bytes"] / (t / inner) / 1e9 for t in ts]
+            row["rounds"] = len(ts)
+        rows.append(row)
+    return rows
 
 
 def card_hbm_gbps() -> float | None:

@@ -155,7 +155,11 @@ def default_num_splits(batch: int, kv_heads: int, kv_tiles: int, *, cores: int,
       more programs make up for it. 16-slot pages, K = 8: at B = 1, 66 splits 2273 / 3387
       GB/s (32k / 128k) against 2201 / 3107 with 33; at 8 × 32k, 8 splits 3661 against
       3422 with 4 (contiguous, 4 splits: 3744); at 8 × 4k, 4 / 8 / 33 splits level (2309 /
-      2317 / 2251);
+      2317 / 2251). Their splits may hold 2 tiles instead of `min_tiles_per_split`: a
+      gathered tile's table read and loads are not overlapped with the next tile's, so a
+      short split is a few dependent round trips, and more of them in parallel is what
+      helps (1 × 4k, 64 tiles, 5 interleaved rounds: 16 / 32 / 64 splits 718 / 795 / 730
+      GB/s, contiguous 820);
     * a paged row never gets more splits than there are cores (one wave of programs for
       that row alone, the contiguous optimum at B·K = 1: MQA 1 × 32k ran 581 GB/s with
       132 splits, 550 with 66); paged caches at B·K < 8 are not measured;
@@ -168,7 +172,13 @@ def default_num_splits(batch: int, kv_heads: int, kv_tiles: int, *, cores: int,
         want = min(want, cores)
     if kv_tiles >= long_cache_tiles:
         want = max(want, 4)
+    if paged and pages_per_tile > 1:
+        min_tiles_per_split = min(min_tiles_per_split, GATHERED_MIN_TILES_PER_SPLIT)
     return max(1, min(want, kv_tiles // min_tiles_per_split))
+
+
+# Tiles per split at least, for caches whose tiles gather rows of several pages.
+GATHERED_MIN_TILES_PER_SPLIT = 2
 
 
 def _div(x, d: int):
