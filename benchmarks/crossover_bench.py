@@ -11,7 +11,8 @@ inputs. The two engines are timed in interleaved rounds (--rounds rounds of --ca
 waited-for calls each, engine after engine), so that a drift of the card's clock during
 the run moves both alike; a row reports the median over the rounds of each round's median,
 the spread of the round medians, and the time per call of --calls calls issued back to
-back. The dispatch rule in jaxattn/implementations.py cites these rows.
+back. The engines and inputs are tokamax_bench.py's. The dispatch rule in
+jaxattn/implementations.py cites these rows.
 """
 
 from __future__ import annotations
@@ -28,13 +29,14 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-import jaxattn  # noqa: E402
+from benchmarks.tokamax_bench import attention, make_inputs  # noqa: E402
 from jaxattn.benchmarking.cases import BenchCase  # noqa: E402
-from jaxattn.benchmarking.timing import time_back_to_back, time_call  # noqa: E402
+from jaxattn.benchmarking.timing import time_back_to_back, time_interleaved  # noqa: E402
 
 ENGINES = ("jaxattn", "cudnn")
 TOKENS = 16384
 WIDTH = 2048     # heads · head dim
+MODES = {"fwd": "forward", "fwd_bwd": "forward_and_vjp"}
 
 
 def cases(lengths, head_dims, patterns):
@@ -42,50 +44,35 @@ def cases(lengths, head_dims, patterns):
             for d in head_dims for s in lengths for p in patterns]
 
 
-def attention(engine, case):
-    if engine == "jaxattn":
-        mask = case.mask()
-        return lambda q, k, v: jaxattn.dot_product_attention(q, k, v, mask=mask,
-                                                             implementation="pallas_mosaic_gpu")
-    kwargs, _ = case.jax_nn_mask_args()
-    return lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation="cudnn", **kwargs)
-
-
 def compiled_steps(engine, case, inputs):
-    """(forward, forward+backward) compiled for the case's inputs."""
-    attn = attention(engine, case)
+    """{mode: (compiled function, its arguments)}: the forward and the forward+backward
+    (jax.grad of a weighted sum) of the engine (tokamax_bench.attention's "jaxattn":
+    the Hopper kernels; "cudnn": jax.nn's cuDNN) on the case's inputs."""
+    attn, mask_args = attention(engine, case)
     q, k, v, do = inputs
 
-    def loss(q, k, v, do):
-        return jnp.sum(attn(q, k, v).astype(jnp.float32) * do.astype(jnp.float32))
-    fwd = jax.jit(attn).lower(q, k, v).compile()
-    bwd = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(q, k, v, do).compile()
-    return fwd, bwd
+    def loss(q, k, v, do, *mask_args):
+        return jnp.sum(attn(q, k, v, *mask_args).astype(jnp.float32) * do.astype(jnp.float32))
+    fwd_args, bwd_args = (q, k, v, *mask_args), (q, k, v, do, *mask_args)
+    return {"fwd": (jax.jit(attn).lower(*fwd_args).compile(), fwd_args),
+            "fwd_bwd": (jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(*bwd_args).compile(), bwd_args)}
 
 
 def measure(case, rounds, calls):
-    keys = jax.random.split(jax.random.key(0), 4)
-    shape = (case.batch, case.seq_len, case.heads, case.head_dim)
-    inputs = tuple(jax.random.normal(x, shape, jnp.bfloat16) for x in keys)
+    inputs = make_inputs(case)
     steps = {e: compiled_steps(e, case, inputs) for e in ENGINES}
-    args = {"fwd": [inputs[:3]], "fwd_bwd": [inputs]}
-    flops = {"fwd": case.flops("forward"), "fwd_bwd": 3.5 * case.flops("forward")}
-    medians = {(e, m): [] for e in ENGINES for m in args}
-    for r in range(rounds):
-        for e in ENGINES:
-            for i, m in enumerate(args):
-                t = time_call(steps[e][i], args[m], warmup=2 if r == 0 else 0, repeats=calls)
-                medians[(e, m)].append(t.median_s)
+    entries = [(e, m) for e in ENGINES for m in MODES]
+    medians = time_interleaved([steps[e][m] for e, m in entries], rounds=rounds, repeats=calls)
     row = {"case": case.name, "batch": case.batch, "heads": case.heads, "seq_len": case.seq_len,
            "head_dim": case.head_dim, "pattern": case.pattern}
-    for e in ENGINES:
-        for i, m in enumerate(args):
-            ts = medians[(e, m)]
-            med = statistics.median(ts)
-            b2b = time_back_to_back(steps[e][i], args[m], repeats=calls, warmup=0).per_call_s
-            row[e + "_" + m] = {"ms": med * 1e3, "tflops": flops[m] / med / 1e12,
-                                "round_tflops": [flops[m] / t / 1e12 for t in ts],
-                                "b2b_tflops": flops[m] / b2b / 1e12}
+    for (e, m), ts in zip(entries, medians):
+        flops = case.flops(MODES[m])
+        med = statistics.median(ts)
+        fn, args = steps[e][m]
+        b2b = time_back_to_back(fn, [args], repeats=calls, warmup=0).per_call_s
+        row[e + "_" + m] = {"ms": med * 1e3, "tflops": flops / med / 1e12,
+                            "round_tflops": [flops / t / 1e12 for t in ts],
+                            "b2b_tflops": flops / b2b / 1e12}
     return row
 
 

@@ -124,8 +124,9 @@ def main(argv=None):
     p.add_argument("--rounds", type=int, default=1,
                    help="with R > 1, build every measurement first, then time them in R interleaved "
                         "rounds (10 calls each) and report the median of the round medians and the "
-                        "rounds' spread: for gaps between layouts smaller than the spread of one run "
-                        "(no --budget-s then)")
+                        "rounds' spread: for gaps between layouts smaller than the spread of one run. "
+                        "Every case's caches stay on the device at once (choose cases with --match), "
+                        "--budget-s does not apply, and the JSON is rewritten after every round")
     p.add_argument("--max-inner", type=int, default=D.MAX_INNER,
                    help="decode steps per timed executable at most (default %(default)s); small "
                         "cases reach it, and each call's dispatch is shared by that many steps")
@@ -159,12 +160,15 @@ def main(argv=None):
              for n in args.splits or ()]
     for text in args.configs:
         try:
-            bk, warps, stages, *n = (int(x) for x in text.split(","))
-            cfg = ("config", DecodeConfig(bk, warps, stages), n[0] if n else None)
+            fields = [int(x) for x in text.split(",")]
+            if len(fields) not in (3, 4):
+                raise ValueError(f"{len(fields)} fields")
+            cfg = ("config", DecodeConfig(*fields[:3]), fields[3] if len(fields) == 4 else None)
         except (ValueError, TypeError) as e:
             p.error(f"--configs: expected BK,WARPS,STAGES[,SPLITS] with a valid DecodeConfig, got {text!r} ({e})")
         plan += [(D.DecodeCase(args.split_kv_heads, b, ctx, 1, args.split_layout), "pallas_triton", cfg)
                  for b, ctx in split_cases]
+
     def timed_fn(case, cfg):
         """The function a plan entry times: None for the default path, else a tuned kernel."""
         if isinstance(cfg, tuple) and cfg[0] == "config":   # ("config", DecodeConfig, n or None)
@@ -191,13 +195,18 @@ def main(argv=None):
               flush=True)
 
     if args.rounds > 1:   # every entry built first, then timed round after round
-        entries = [(case, impl, cfg) for case, impl, cfg in plan
-                   if D.decode_fn(impl, case) is not None or cfg is not None]
-        rows = D.measure_interleaved([(case, impl, timed_fn(case, cfg)) for case, impl, cfg in entries],
+        def save(rows):
+            result["rows"] = [dict(r, tuned=cfg is not None) for r, (_, _, cfg) in zip(rows, plan)
+                              if r is not None]
+            with open(args.out, "w") as f:
+                json.dump(result, f, indent=1, default=str)
+        rows = D.measure_interleaved([(case, impl, timed_fn(case, cfg)) for case, impl, cfg in plan],
                                      rounds=args.rounds, dtype=DTYPE, hbm_gbps=hbm,
-                                     max_inner=args.max_inner)
-        for (case, impl, cfg), row in zip(entries, rows):
-            describe(row, case, impl, cfg)
+                                     max_inner=args.max_inner, on_round=save)
+        result["rows"] = []
+        for (case, impl, cfg), row in zip(plan, rows):
+            if row is not None:
+                describe(row, case, impl, cfg)
     for case, impl, cfg in plan if args.rounds <= 1 else ():
         if time.perf_counter() - start > args.budget_s:
             result["skipped"].append(dict(case=case.name, impl=impl, config=str(cfg)))

@@ -1,11 +1,12 @@
 """Attention computed by one implementation when only its value is used, and by another
 (value and gradient) when it is differentiated.
 
-On an H200 the Hopper forward kernel ran causal and full attention faster than cuDNN's
-forward (D128 S16k causal: 557–576 against 478–528 TFLOP/s in three processes; full 606
-against 595 at 16k, 325 against 274 at 1k), while cuDNN's fused backward makes a 16k
-training step faster than the two deterministic Hopper backward kernels (causal 509–523
-against 462–480). `mosaic_forward_cudnn_training` serves both: a
+On an H200 the Hopper forward kernel ran long causal and full attention as fast as
+cuDNN's forward or faster (D128 S16k causal: 557–576 against 478–528 TFLOP/s in three
+processes; full 606 against 595), while cuDNN's fused backward makes a long training step
+faster than the two deterministic Hopper backward kernels (causal 16k 509–523 against
+462–480; full from 8k). Shorter self-attention runs on the Hopper kernels alone
+(jaxattn.implementations.default_order). `mosaic_forward_cudnn_training` serves both: a
 custom VJP whose primal is the Hopper forward and whose forward rule, the one JAX runs
 under `jax.grad` / `jax.vjp`, is cuDNN's forward with cuDNN's own VJP. Inference and
 prefill get the faster forward, training steps keep cuDNN's pair, and the two are each

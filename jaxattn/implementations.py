@@ -69,17 +69,20 @@ def default_order(mask: Mask | None = None, dtype=None, logits_soft_cap=None,
     - causal windows of at most WINDOW keys back go to the Hopper kernels: at 32k, 256
       keys 146 / 177 against cuDNN's 113 / 133, 2048 keys 461 / 426 against 392 / 410
       (512 and 1024 keys 18–28 % ahead in the forward before the persistent backward);
-    - so do other causal masks up to CAUSAL_TRAINING_LENGTH tokens (queries and keys)
-      and the full mask up to FULL_TRAINING_LENGTH: there the Hopper kernels' training
-      step leads cuDNN's too (benchmarks/crossover_bench.py, 16k tokens per call: causal
-      238 / 302 / 420 / 463 against 207 / 293 / 385 / 429 at 1k / 2k / 4k / 8k, full
-      358 / 409 against 330 / 399 at 1k / 2k), and their forward is level or ahead;
-    - longer causal masks and full masks go to mosaic_forward_cudnn_training: the
-      Hopper forward when the value is only used, cuDNN's forward and backward when it
-      is differentiated, for cuDNN's backward leads there (causal 16k 467 against 495,
-      full 4k 466 against 474, 8k 481 against 511, 16k 480 against 534) while the
-      Hopper forward stays level or ahead (causal 16k 557 against 528, full 16k 606
-      against 595);
+    - so do causal attention (no window) up to CAUSAL_TRAINING_LENGTH tokens and the
+      full mask up to FULL_TRAINING_LENGTH, as self-attention (as many queries as keys,
+      the shape measured): there the Hopper kernels' training step leads cuDNN's or is
+      level with it (benchmarks/crossover_bench.py, 16k tokens per call, 16 heads: causal
+      238 / 302 / 420 / 463 against 207 / 293 / 385 / 429 at 1k / 2k / 4k / 8k; full 358
+      against 330 at 1k, 409 against 399 at 2k, level within the rounds' spread and ahead
+      back to back), and their forward is level within the rounds' spread or ahead;
+    - other causal masks (wider windows, more keys than queries or fewer) and the full
+      mask go to mosaic_forward_cudnn_training: the Hopper forward when the value is
+      only used, cuDNN's forward and backward when it is differentiated, for cuDNN's
+      backward leads from 16k causal and 8k full tokens (causal 16k 467 against 495,
+      full 8k 481 against 511, 16k 480 against 534; full 4k level, 466 against 474)
+      while the Hopper forward stays level or ahead (causal 16k 557 against 528, full
+      16k 606 against 595);
     - anything else native, and all of these at other head dims or shorter queries, goes
       to cuDNN first.
     Not with a bias: those measurements had none, and with one the Hopper forward hands
@@ -96,10 +99,11 @@ def default_order(mask: Mask | None = None, dtype=None, logits_soft_cap=None,
                     and q_len is not None and q_len >= MIN_QUERIES)
         window = _causal_window(mask)
         causal, full = _causal(mask), jax_nn_mask_arguments(mask) == {}
-        length = max(q_len or 0, kv_len or 0)
+        self_attention = measured and kv_len == q_len
         if measured and ((window is not None and window <= WINDOW)
-                         or (causal and length <= CAUSAL_TRAINING_LENGTH)
-                         or (full and length <= FULL_TRAINING_LENGTH)):
+                         or (self_attention and causal and window is None
+                             and q_len <= CAUSAL_TRAINING_LENGTH)
+                         or (self_attention and full and q_len <= FULL_TRAINING_LENGTH)):
             rest = tuple(name for name in kernels if name != HOPPER_KERNELS)
             return (HOPPER_KERNELS, "cudnn", *rest, "reference")
         if measured and (causal or full):
@@ -109,9 +113,10 @@ def default_order(mask: Mask | None = None, dtype=None, logits_soft_cap=None,
 
 
 # Where the Hopper kernels come first for masks cuDNN runs natively (see default_order):
-# causal windows up to WINDOW keys back, causal masks up to CAUSAL_TRAINING_LENGTH and
-# the full mask up to FULL_TRAINING_LENGTH tokens, and the split for longer causal and
-# full masks, at the measured head dims and query lengths.
+# causal windows up to WINDOW keys back, causal self-attention up to
+# CAUSAL_TRAINING_LENGTH and full self-attention up to FULL_TRAINING_LENGTH tokens, and
+# the split for the other causal and full masks, at the measured head dims and query
+# lengths.
 HOPPER_KERNELS = "pallas_mosaic_gpu"
 FORWARD_SPLIT = "mosaic_forward_cudnn_training"
 WINDOW = 2048

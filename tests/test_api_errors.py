@@ -213,25 +213,31 @@ def test_gpu_order_falls_back_through_cudnn_to_reference(monkeypatch):
                  M.LocalMask(1025, 0)):
         for dtype in (jnp.bfloat16, jnp.float16):
             assert implementations.default_order(mask, dtype, None, 128, q_len=1024) == hopper_first
-    # ... and so do other causal masks up to 8192 tokens and the full mask up to 2048
-    # (queries and keys), where their training step leads cuDNN's too
-    causal_masks = (M.CausalMask(), M.CausalMask() & M.LocalMask(2049, 0), M.LocalMask(4096, 0))
-    full_masks = (M.FullMask(), M.FullMask() & M.FullMask())
-    for masks_, longest in ((causal_masks, 8192), (full_masks, 2048)):
-        for mask in masks_:
-            for q_len, kv_len in ((1024, None), (1024, 1024), (longest, longest), (1024, longest)):
-                assert implementations.default_order(mask, jnp.bfloat16, None, 128, q_len=q_len,
-                                                     kv_len=kv_len) == hopper_first
-    # ... longer: the Hopper forward for values, cuDNN for training steps
-    # (mosaic_forward_cudnn_training), then cuDNN where the split declines
+    # ... and so do causal attention (no window) up to 8192 tokens and the full mask up
+    # to 2048, as self-attention (as many keys as queries), where their training step
+    # leads cuDNN's or is level with it
+    for mask, longest in ((M.CausalMask(), 8192), (M.FullMask(), 2048), (M.FullMask() & M.FullMask(), 2048)):
+        for length in (1024, longest):
+            assert implementations.default_order(mask, jnp.bfloat16, None, 128, q_len=length,
+                                                 kv_len=length) == hopper_first
+    # ... the other causal and full masks: the Hopper forward for values, cuDNN for
+    # training steps (mosaic_forward_cudnn_training), then cuDNN where the split declines:
+    # longer, T != S (or an unknown key length), and causal windows past 2048 keys
     split_first = ("mosaic_forward_cudnn_training", "cudnn", *kernels, "reference")
-    for masks_, longest in ((causal_masks, 8192), (full_masks, 2048)):
-        for mask in masks_:
-            for q_len, kv_len in ((32768, None), (longest + 1, longest + 1), (1024, longest + 1),
-                                  (longest + 1, 1024)):
-                for dtype in (jnp.bfloat16, jnp.float16):
-                    assert implementations.default_order(mask, dtype, None, 128, q_len=q_len,
-                                                         kv_len=kv_len) == split_first
+    for mask, longest in ((M.CausalMask(), 8192), (M.FullMask(), 2048), (M.FullMask() & M.FullMask(), 2048)):
+        for q_len, kv_len in ((32768, 32768), (longest + 1, longest + 1), (1024, None), (1024, 2048),
+                              (2048, 1024)):
+            for dtype in (jnp.bfloat16, jnp.float16):
+                assert implementations.default_order(mask, dtype, None, 128, q_len=q_len,
+                                                     kv_len=kv_len) == split_first
+    for mask in (M.CausalMask() & M.LocalMask(2049, 0), M.LocalMask(4096, 0)):
+        for length in (1024, 8192, 32768):
+            assert implementations.default_order(mask, jnp.bfloat16, None, 128, q_len=length,
+                                                 kv_len=length) == split_first
+    # windows up to 2048 keys back go to the Hopper kernels whatever the key length
+    for kv_len in (None, 1024, 32768):
+        assert implementations.default_order(M.LocalMask(2048, 0), jnp.bfloat16, None, 128, q_len=32768,
+                                             kv_len=kv_len) == hopper_first
     # ... not where they were not measured: other head dims (the kernels pad 65-127 to
     # 128), fewer queries (a decoding step's), unknown sizes, or with a bias
     for mask in (M.LocalMask(256, 0), M.CausalMask() & M.LocalMask(2048, 0), M.CausalMask(),

@@ -205,14 +205,30 @@ def test_crossover_bench_cases_keep_the_tokens_and_width():
 
 def test_decode_measurements_in_interleaved_rounds():
     """jaxattn.benchmarking.decode.measure_interleaved: every entry built, then timed once
-    per round; a row holds each round's GB/s and their median; an implementation that
-    cannot take a case (jax.nn has no page table) gives no row."""
+    per round; a row holds each round's GB/s and their median, one entry per plan item
+    in its order (None where jax.nn cannot take a paged cache), also for each round's
+    callback."""
     from jaxattn.benchmarking import decode as D
-    small = D.DecodeCase(2, 1, 64, 1, "contiguous", head_dim=16)
-    plan = [(small, "xla", None), (D.DecodeCase(2, 1, 64, 1, "paged16", head_dim=16), "xla", None),
+    plan = [(D.DecodeCase(2, 1, 64, 1, "contiguous", head_dim=16), "xla", None),
+            (D.DecodeCase(2, 1, 64, 1, "paged16", head_dim=16), "xla", None),
             (D.DecodeCase(2, 2, 64, 1, "contiguous", head_dim=16), "xla", None)]
-    rows = D.measure_interleaved(plan, rounds=3, repeats=1, max_inner=2)
-    assert [r["case"] for r in rows] == [plan[0][0].name, plan[2][0].name]
-    for row in rows:
+    seen = []
+    rows = D.measure_interleaved(plan, rounds=3, repeats=1, max_inner=2,
+                                 on_round=lambda rows: seen.append([r and r["rounds"] for r in rows]))
+    assert rows[1] is None and [rows[0]["case"], rows[2]["case"]] == [plan[0][0].name, plan[2][0].name]
+    assert seen == [[1, None, 1], [2, None, 2], [3, None, 3]]
+    for row in (rows[0], rows[2]):
         assert row["rounds"] == 3 and len(row["round_gbps"]) == 3
         assert min(row["round_gbps"]) <= row["gbps"] <= max(row["round_gbps"])
+
+
+def test_interleaved_rounds_time_every_call_once_per_round():
+    """timing.time_interleaved: round r times call 0, then call 1, ...; warm-up calls only
+    in the first round."""
+    order = []
+    calls = [(lambda i=i: order.append(i), ()) for i in range(3)]
+    medians = timing.time_interleaved(calls, rounds=2, repeats=2, warmup=1)
+    assert order == [0, 0, 0, 1, 1, 1, 2, 2, 2] + [0, 0, 1, 1, 2, 2]
+    assert [len(m) for m in medians] == [2, 2, 2]
+    with pytest.raises(ValueError, match="rounds"):
+        timing.time_interleaved(calls, rounds=0)

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 
 import jaxattn
 from jaxattn import masks as M
-from jaxattn.benchmarking.timing import rotation_sets, time_call
+from jaxattn.benchmarking.timing import rotation_sets, time_call, time_interleaved
 
 IMPLEMENTATIONS = ("pallas_triton", "cudnn", "xla")
 LAYOUTS = ("contiguous", "paged16", "paged64")
@@ -196,32 +196,28 @@ def measure(case: DecodeCase, impl: str, *, dtype=jnp.bfloat16, key=None, warmup
 
 
 def measure_interleaved(plan, *, rounds: int, dtype=jnp.bfloat16, repeats=10,
-                        hbm_gbps: float | None = None, max_inner: int = MAX_INNER) -> list[dict]:
-    """Rows for `plan`, a list of (case, impl, fn or None), timed in `rounds` rounds that
-    each time every entry once (`repeats` calls, the median), entry after entry: a drift
-    of the card's clock or of its neighbours' load moves every entry alike, so the gap
-    between two entries is read from the same minutes. A row reports the median of its
-    round medians (`gbps`, `median_ms`) and every round's GB/s (`round_gbps`)."""
+                        hbm_gbps: float | None = None, max_inner: int = MAX_INNER,
+                        on_round=None) -> list[dict | None]:
+    """One row per entry of `plan`, a list of (case, impl, fn or None), in its order (None
+    where the implementation cannot take the case): every entry built first, then all
+    timed in `rounds` interleaved rounds (timing.time_interleaved, `repeats` calls each).
+    A row reports the median of its round medians (`gbps`, `median_ms`) and every round's
+    GB/s (`round_gbps`); `on_round(rows)` sees the rows after each round. Every entry's
+    caches stay on the device for the whole run: plan what fits."""
     prepared = [prepare(case, impl, dtype=dtype, fn=fn, max_inner=max_inner) for case, impl, fn in plan]
-    live = [p for p in prepared if p is not None]
-    medians = [[] for _ in live]
-    for r in range(rounds):
-        for i, (row, compiled, args, inner) in enumerate(live):
-            if compiled is None or "error" in row:
-                continue
-            try:
-                t = time_call(compiled, [args], warmup=2 if r == 0 else 0, repeats=repeats)
-                medians[i].append(t.median_s)
-            except Exception as e:  # noqa: BLE001 - record and go on
-                row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
-    rows = []
-    for (row, _, _, inner), ts in zip(live, medians):
-        if ts and "error" not in row:
+    timed = [p for p in prepared if p is not None and p[1] is not None]
+
+    def record(r, medians):
+        for (row, _, _, inner), ts in zip(timed, medians):
             _record(row, statistics.median(ts), inner, hbm_gbps)
             row["round_gbps"] = [row["bytes"] / (t / inner) / 1e9 for t in ts]
             row["rounds"] = len(ts)
-        rows.append(row)
-    return rows
+        if on_round is not None:
+            on_round([None if p is None else p[0] for p in prepared])
+
+    time_interleaved([(compiled, args) for _, compiled, args, _ in timed], rounds=rounds,
+                     repeats=repeats, on_round=record)
+    return [None if p is None else p[0] for p in prepared]
 
 
 def card_hbm_gbps() -> float | None:

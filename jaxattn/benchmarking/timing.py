@@ -136,3 +136,23 @@ def time_back_to_back(fn: Callable, input_sets: Sequence[tuple], *, repeats: int
     end = clock()
     return BackToBack(per_call_s=(end - start) / repeats, issue_s=(issued - start) / repeats,
                       calls=repeats, warmup=warmup, input_sets=n_sets)
+
+
+def time_interleaved(calls: Sequence[tuple[Callable, tuple]], *, rounds: int, repeats: int = 10,
+                     warmup: int = DEFAULT_WARMUP,
+                     on_round: Callable[[int, list[list[float]]], None] | None = None) -> list[list[float]]:
+    """Seconds per call of each (fn, args) in ``calls``, measured in ``rounds`` rounds that
+    each time every call once, one after another (``repeats`` waited-for calls each, their
+    median; ``warmup`` untimed calls in the first round only). A drift of the card's clock,
+    or of the load beside it, over the run then moves every entry alike, so a gap between
+    two entries is read from the same minutes. Returns each call's round medians;
+    ``on_round(r, medians)`` sees them after every round (to save partial results)."""
+    if rounds < 1:
+        raise ValueError(f"rounds must be >= 1, got {rounds}.")
+    medians: list[list[float]] = [[] for _ in calls]
+    for r in range(rounds):
+        for (fn, args), out in zip(calls, medians):
+            out.append(time_call(fn, [args], warmup=warmup if r == 0 else 0, repeats=repeats).median_s)
+        if on_round is not None:
+            on_round(r, medians)
+    return medians

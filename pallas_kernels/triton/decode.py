@@ -163,7 +163,8 @@ def default_num_splits(batch: int, kv_heads: int, kv_tiles: int, *, cores: int,
     * a paged row never gets more splits than there are cores (one wave of programs for
       that row alone, the contiguous optimum at B·K = 1: MQA 1 × 32k ran 581 GB/s with
       132 splits, 550 with 66); paged caches at B·K < 8 are not measured;
-    * each split keeps at least `min_tiles_per_split` tiles of keys."""
+    * each split keeps at least `min_tiles_per_split` tiles of keys
+      (GATHERED_MIN_TILES_PER_SPLIT where tiles gather several pages, above)."""
     waves = 1
     if paged:
         waves = 4 if pages_per_tile > 1 else 2
