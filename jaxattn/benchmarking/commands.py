@@ -212,8 +212,10 @@ def run_decode_bench_command(chosen, impls, dtype, warmup, repeats, out_dir: Pat
         try:
             for case, impl in plan:
                 progress.start(f"{case.name} {impl}")
+                # On CPU one step per timed call: the interpreted kernel gains nothing from
+                # sharing a dispatch, and a chain of 32 interpreted steps is slow to compile.
                 row = decode.measure(case, impl, dtype=jnp.dtype(dtype), warmup=warmup, repeats=repeats,
-                                     hbm_gbps=hbm)
+                                     hbm_gbps=hbm, max_inner=1 if smoke else decode.MAX_INNER)
                 if row is None:
                     progress.finished(f"{case.name} {impl}: not applicable (no page table / window in jax.nn)")
                     continue
