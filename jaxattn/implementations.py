@@ -76,8 +76,8 @@ def default_order(mask: Mask | None = None, dtype=None, logits_soft_cap=None,
       238 / 302 / 420 / 463 against 207 / 293 / 385 / 429 at 1k / 2k / 4k / 8k; full 358
       against 330 at 1k, 409 against 399 at 2k, level within the rounds' spread and ahead
       back to back), and their forward is level within the rounds' spread or ahead;
-    - other causal masks (wider windows, more keys than queries or fewer) and the full
-      mask go to mosaic_forward_cudnn_training: the Hopper forward when the value is
+    - the other causal and full masks (longer, wider windows, more keys than queries
+      or fewer) go to mosaic_forward_cudnn_training: the Hopper forward when the value is
       only used, cuDNN's forward and backward when it is differentiated, for cuDNN's
       backward leads from 16k causal and 8k full tokens (causal 16k 467 against 495,
       full 8k 481 against 511, 16k 480 against 534; full 4k level, 466 against 474)
