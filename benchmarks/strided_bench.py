@@ -58,6 +58,8 @@ ENGINES = ("today", "plan", "plan_mosaic", "default", "cudnn")
 # mask's native form (a causal window as local_window_size), where jax.nn has one.
 IMPLEMENTATION = dict(today="pallas_triton", plan="pallas_triton", plan_mosaic="pallas_mosaic_gpu", default=None,
                       cudnn_native="cudnn", default_unchecked=None)
+# Engines whose forward output a row compares with today's path.
+COMPARED_WITH_TODAY = ("plan", "plan_mosaic", "default", "default_unchecked")
 
 
 @contextlib.contextmanager
@@ -160,7 +162,7 @@ def run_case(name, mask, *, b, n, s, d, engines):
             del extra
         except Exception as e:  # an engine that cannot run this case (OOM, unsupported)
             row[engine] = dict(error=f"{type(e).__name__}: {str(e)[:300]}")
-    for engine in ("plan", "plan_mosaic", "default", "default_unchecked"):
+    for engine in COMPARED_WITH_TODAY:
         if engine in outs and "today" in outs:
             row[f"max_abs_diff_{engine}_vs_today"] = float(jnp.max(jnp.abs(outs[engine] - outs["today"])))
     row["case_s"] = time.perf_counter() - t0
@@ -193,7 +195,7 @@ def main(argv=None):
             cells.append(f"{engine} {r['fwd_tflops']:.1f}/{r['fwd_bwd_tflops']:.1f} TFLOP/s "
                          f"({r['fwd_ms']:.2f}/{r['fwd_bwd_ms']:.2f} ms{b2b})" if "fwd_tflops" in r
                          else f"{engine}: {r.get('error', '-')[:80]}")
-        for engine in ("plan", "plan_mosaic", "default", "default_unchecked"):
+        for engine in COMPARED_WITH_TODAY:
             if f"max_abs_diff_{engine}_vs_today" in row:
                 cells.append(f"|{engine} - today| {row[f'max_abs_diff_{engine}_vs_today']:.1e}")
         print(" | ".join(cells), flush=True)

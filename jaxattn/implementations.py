@@ -99,7 +99,7 @@ def default_order(mask: Mask | None = None, dtype=None, logits_soft_cap=None,
                     and q_len is not None and q_len >= MIN_QUERIES)
         window = _causal_window(mask)
         causal, full = _causal(mask), jax_nn_mask_arguments(mask) == {}
-        self_attention = measured and kv_len == q_len
+        self_attention = kv_len == q_len
         if measured and ((window is not None and window <= WINDOW)
                          or (self_attention and causal and window is None
                              and q_len <= CAUSAL_TRAINING_LENGTH)
