@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import jaxattn
 from jaxattn import masks as M
 from jaxattn.decode import kernel_decode, key_bounds
-from pallas_kernels.triton.decode import DecodeConfig, default_num_splits
+from pallas_kernels.triton.decode import DecodeConfig, default_decode_config, default_num_splits
 from helpers import lower_for_h100
 
 
@@ -259,6 +259,18 @@ def test_split_count_fills_the_gpu():
     assert default_num_splits(1, 8, 64, cores=132, paged=True, pages_per_tile=4) == 32
     assert default_num_splits(1, 8, 64, cores=132, paged=True) == 16      # one page per tile: 4
     assert default_num_splits(1, 1, 2048, cores=132, paged=True, pages_per_tile=4) == 132  # <= cores
+
+
+def test_tile_width_follows_the_cache_layout_and_query_rows():
+    wide = lambda **kw: default_decode_config(interpret=False, **kw).block_kv
+    assert wide(rows=32, page_size=16) == 128           # MQA over small pages: 8 pages a tile
+    assert wide(rows=64, page_size=64) == 128           # ... or 2 pages of 64
+    assert wide(rows=32, page_size=None) == 64          # contiguous cache
+    assert wide(rows=16, page_size=16) == 64            # GQA's few rows: 64-key tiles
+    assert wide(rows=32, page_size=128) == 64           # a tile inside one page
+    assert wide(rows=32, page_size=16, head_dim=256) == 64   # shared memory
+    assert default_decode_config(128, interpret=False, page_size=16) == DecodeConfig(64, 8, 3)
+    assert default_decode_config(32, interpret=True, page_size=16).block_kv == 16
 
 
 # ------------------------------------------------------------------------------------
