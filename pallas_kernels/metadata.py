@@ -76,6 +76,12 @@ class BlockMetadata:
     t_tile_counts the same for the transposed lists: (FULL, PARTIAL) counts of every
                   kv-block, int32 [Bm, Hm, nK, 2] as bytes (the persistent dK/dV kernel's
                   deal)
+    isolated_keys  for static masks, where the key columns of the first isolation fact lie:
+                   the sorted positions (int32 as bytes; encode_positions /
+                   decode_positions) of every key that some PARTIAL tile holds unattended.
+                   None when unknown (dynamic masks; more than MAX_ISOLATED_POSITIONS or a
+                   quarter of the keys; the isolation check's budget spent): any key may be
+    isolated_queries the same for the query rows of the second fact
     Kernels zero such K/V (Q) rows inside PARTIAL tiles, so NaN/Inf held by a masked
     key (or query) cannot meet a zero probability in a dot (0 · NaN = NaN); where these
     facts are False (causal, aligned windows: every column of a PARTIAL tile has some
@@ -103,6 +109,8 @@ class BlockMetadata:
     even_q_work: bool = dataclasses.field(default=False, metadata=dict(static=True))
     tile_counts: bytes | None = dataclasses.field(default=None, metadata=dict(static=True))
     t_tile_counts: bytes | None = dataclasses.field(default=None, metadata=dict(static=True))
+    isolated_keys: bytes | None = dataclasses.field(default=None, metadata=dict(static=True))
+    isolated_queries: bytes | None = dataclasses.field(default=None, metadata=dict(static=True))
 
     @property
     def num_q_blocks(self) -> int:
@@ -132,6 +140,26 @@ def encode_tile_counts(full_count, partial_count) -> bytes | None:
 def decode_tile_counts(raw: bytes, count_shape) -> np.ndarray:
     """int32 [Bm, Hm, nQ, 2] (FULL, PARTIAL) from BlockMetadata.tile_counts."""
     return np.frombuffer(raw, np.int32).reshape(*count_shape, 2)
+
+
+# Most positions BlockMetadata.isolated_keys (isolated_queries) lists. A check of the
+# inputs at the listed rows reads only those; past this (or a quarter of the rows) a
+# read of every row costs about as much as the gather.
+MAX_ISOLATED_POSITIONS = 1 << 12
+
+
+def encode_positions(flags) -> bytes | None:
+    """BlockMetadata.isolated_keys (or isolated_queries) from a bool vector over the
+    positions; None past MAX_ISOLATED_POSITIONS or a quarter of the positions."""
+    positions = np.flatnonzero(flags).astype(np.int32)
+    if len(positions) > min(MAX_ISOLATED_POSITIONS, len(flags) // 4):
+        return None
+    return positions.tobytes()
+
+
+def decode_positions(raw: bytes) -> np.ndarray:
+    """int32 positions from BlockMetadata.isolated_keys (or isolated_queries)."""
+    return np.frombuffer(raw, np.int32)
 
 
 # Operand kinds a mask may ask the kernel to load for a tile at rows

@@ -19,7 +19,8 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from jaxattn import masks as M
 from jaxattn.masks.base import AndMask, OrMask, tile_bounds
 from jaxattn.masks.block_metadata import _static_metadata, build_block_metadata, tile_states
-from pallas_kernels.metadata import EMPTY, FULL, PARTIAL, BlockMetadata
+from pallas_kernels.metadata import (EMPTY, FULL, MAX_ISOLATED_POSITIONS, PARTIAL, BlockMetadata,
+                                     decode_positions)
 
 # No deadline and no too_slow check: CI machines are shared and jit compiles vary.
 SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -344,13 +345,14 @@ def test_128k_static_metadata_is_cheap(make):
 # attends? The kernels skip zeroing such rows only where the answer is a proven "no".
 # ---------------------------------------------------------------------------------
 def isolation_oracle(dense, state, bq, bk):
-    """(keys, queries) straight from the dense [Bm, Hm, T, S] matrix, tile by tile."""
-    keys = queries = False
+    """(keys, queries, key positions, query positions) straight from the dense
+    [Bm, Hm, T, S] matrix, tile by tile."""
+    lone_keys, lone_queries = set(), set()
     for b, h, a, c in np.argwhere(state == PARTIAL):
         tile = dense[b, h, a * bq:(a + 1) * bq, c * bk:(c + 1) * bk]
-        keys |= bool((~tile.any(axis=0)).any())
-        queries |= bool((~tile.any(axis=1)).any())
-    return keys, queries
+        lone_keys |= set((c * bk + np.flatnonzero(~tile.any(axis=0))).tolist())
+        lone_queries |= set((a * bq + np.flatnonzero(~tile.any(axis=1))).tolist())
+    return bool(lone_keys), bool(lone_queries), sorted(lone_keys), sorted(lone_queries)
 
 
 @SETTINGS
@@ -361,9 +363,14 @@ def test_isolation_facts_match_dense(case):
     dense = oracle(mask, q_len, kv_len)
     state = np.broadcast_to(tile_states(mask, q_len, kv_len, bq, bk),
                             dense.shape[:2] + tile_states(mask, q_len, kv_len, bq, bk).shape[2:])
-    want = isolation_oracle(dense, state, bq, bk)
-    got = (md.partial_isolates_keys, md.partial_isolates_queries)
-    assert got == want
+    keys, queries, key_positions, query_positions = isolation_oracle(dense, state, bq, bk)
+    assert (md.partial_isolates_keys, md.partial_isolates_queries) == (keys, queries)
+    for raw, want, length in ((md.isolated_keys, key_positions, kv_len),
+                              (md.isolated_queries, query_positions, q_len)):
+        if raw is None:   # listed only while short: a check reads every row instead
+            assert len(want) > min(MAX_ISOLATED_POSITIONS, length // 4)
+        else:
+            assert decode_positions(raw).tolist() == want
 
 
 @pytest.mark.parametrize("mask, t, s, want", [
@@ -391,6 +398,7 @@ def test_dynamic_masks_may_isolate():
     ids = jnp.zeros((1, 64), jnp.int32)
     md = build_block_metadata(M.SegmentMask(ids, ids), 64, 64, 16, 16)
     assert md.partial_isolates_keys and md.partial_isolates_queries
+    assert md.isolated_keys is None and md.isolated_queries is None   # any row may be
 
 
 @pytest.mark.parametrize("mask, want", [

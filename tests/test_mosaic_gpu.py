@@ -37,7 +37,7 @@ from pallas_kernels.common import prepare_operands as prepare_forward_operands
 from pallas_kernels.mosaic_gpu.common import OperandRef, TileLists, prepare_operands
 from pallas_kernels.mosaic_gpu.config import SMEM_BYTES, MosaicConfig
 from pallas_kernels.mosaic_gpu.forward import forward as mosaic_forward
-from pallas_kernels.metadata import encode_tile_counts
+from pallas_kernels.metadata import decode_positions, encode_tile_counts
 from pallas_kernels.mosaic_gpu.schedule import Schedule, dealt_loads, item_work, balanced_deal
 from pallas_kernels.triton.config import TritonConfig
 from pallas_kernels.triton.config import config_for_head_dim as triton_config_for_head_dim
@@ -577,6 +577,50 @@ def test_nonfinite_inputs_take_the_triton_kernels_on_the_mosaic_metadata():
         np.testing.assert_allclose(got, ref, atol=2e-4, err_msg=name)
     (zero_out, _), zero_grads = guarded(*clean)
     assert not np.any(np.asarray(zero_out)) and not any(np.any(np.asarray(g)) for g in zero_grads)
+
+
+def test_the_finite_check_reads_only_rows_the_kernels_may_treat_differently():
+    """A static mask's check gathers only the keys (queries) some PARTIAL tile holds
+    unattended: there the Mosaic kernels would multiply NaN by a zero probability and
+    the Triton ones zero the row. `Causal & ~Local(1, 0)` (a strided plan's part on its
+    residue classes) leaves the last two keys and first two queries of each diagonal
+    tile so. NaN there takes the Triton kernels; NaN at a key some row of every tile
+    holding it attends reaches the same rows in both, and the check lets the Mosaic
+    kernels (a stand-in returning zeros on CPU) run."""
+    b, t, n, h = 1, 256, 2, 64
+    mask = M.CausalMask() & NotMask(M.LocalMask(1, 0))
+    static, metas, operands = _call(mask, t, t, h)
+    positions = lambda raw: decode_positions(raw).tolist()
+    assert positions(metas["forward"].isolated_keys) == [126, 127, 254, 255]
+    assert positions(metas["dq"].isolated_keys) == [126, 127, 254, 255]
+    assert positions(metas["dkdv"].isolated_queries) == [0, 1, 128, 129]
+    static = dataclasses.replace(static, interpret=True)
+    ks = jax.random.split(jax.random.key(4), 4)
+    q, k, v, do = (jax.random.normal(kk, (b, t, n, h)) for kk in ks)
+    out, lse = reference_attention(q, k, v, None, mask, scale=h ** -0.5, return_residuals=True)
+    delta = jnp.einsum("btnh,btnh->bnt", do, out)
+
+    def stand_in_forward(static, q, k, v, bias, metas, operands):
+        return jnp.zeros_like(q), jnp.zeros((b, n, t), jnp.float32)
+
+    def stand_in_backward(static, q, k, v, bias, out, lse, dout, delta, metas, operands, parts):
+        return jnp.zeros_like(q), jnp.zeros_like(k), jnp.zeros_like(v), None
+
+    @jax.jit
+    def guarded(q, k, v):
+        fwd = nonfinite_fallback.guarded_forward(stand_in_forward, static, q, k, v, None, metas,
+                                                 operands)[0]
+        bwd = nonfinite_fallback.guarded_backward(stand_in_backward, static, q, k, v, None, out,
+                                                  backward_lse(lse), do, delta, metas, operands,
+                                                  ("dq", "dkdv"))[0]
+        return jnp.any(fwd != 0), jnp.any(bwd != 0)    # True: the Triton kernels ran
+
+    assert guarded(q, k, v.at[:, 5].set(jnp.nan)) == (False, False)   # attended in its tiles
+    assert guarded(q, k.at[:, 200].set(jnp.inf), v) == (False, False)
+    assert guarded(q.at[:, 64].set(jnp.nan), k, v) == (False, False)
+    assert guarded(q, k, v.at[:, 127].set(jnp.nan)) == (True, True)    # unattended in tile 0
+    assert guarded(q, k.at[:, 255].set(jnp.inf), v) == (False, True)   # K: backward only
+    assert guarded(q.at[:, 129].set(jnp.nan), k, v) == (False, True)   # Q: backward only
 
 
 # ---------------------------------------------------------------------------------

@@ -14,7 +14,8 @@ import functools
 import numpy as np
 import jax.numpy as jnp
 
-from pallas_kernels.metadata import FULL, PARTIAL, BlockMetadata, encode_tile_counts
+from pallas_kernels.metadata import (FULL, PARTIAL, BlockMetadata, encode_positions,
+                                     encode_tile_counts)
 from jaxattn.masks.base import AndMask, Mask
 from jaxattn.masks.data import DenseMask
 from jaxattn.masks.structured import CausalMask, FullMask, LocalMask
@@ -147,24 +148,26 @@ def _tile_operand_values(operands, q_pos, kv_pos):
 
 
 def partial_tiles_isolate(mask: Mask, state, q_len: int, kv_len: int, block_q: int,
-                          block_kv: int) -> tuple[bool, bool]:
-    """(keys, queries): whether some PARTIAL tile of `state` [Bm, Hm, nQ, nK] holds a key
-    column that no query row of the tile may attend, and whether one holds a query row
-    that may attend no key column of the tile. Exact: the mask (static, numpy operands)
-    is evaluated on every PARTIAL tile, chunk by chunk, stopping once both answers are
-    known; a check that would pass ISOLATION_CHECK_PAIRS answers (True, True). Padded
-    rows and columns hold zeros, not user data, and are left out."""
+                          block_kv: int):
+    """(keys, queries, lone_keys, lone_queries): whether some PARTIAL tile of `state`
+    [Bm, Hm, nQ, nK] holds a key column that no query row of the tile may attend, and
+    whether one holds a query row that may attend no key column of the tile; then which
+    keys (bool [kv_len]) and which queries (bool [q_len]) are such a column or row in at
+    least one PARTIAL tile (of any batch row or head). Exact: the mask (static, numpy
+    operands) is evaluated on every PARTIAL tile, chunk by chunk; a check that would
+    pass ISOLATION_CHECK_PAIRS answers (True, True, None, None): may isolate, anywhere.
+    Padded rows and columns hold zeros, not user data, and are left out."""
     partial = state == PARTIAL
     tiles = np.argwhere(np.any(partial, axis=(0, 1)))                # [P, 2] (q-block, kv-block)
+    lone_key_at, lone_query_at = np.zeros(kv_len, bool), np.zeros(q_len, bool)
     if len(tiles) == 0:
-        return False, False
+        return False, False, lone_key_at, lone_query_at
     bm, hm = state.shape[:2]
     if len(tiles) * bm * hm * block_q * block_kv > ISOLATION_CHECK_PAIRS:
-        return True, True
+        return True, True, None, None
     rows = np.arange(block_q)[None, :, None]
     cols = np.arange(block_kv)[None, None, :]
     operands = mask.operands()
-    keys = queries = False
     chunk = max(1, ISOLATION_CHUNK // (bm * hm * block_q * block_kv))
     for start in range(0, len(tiles), chunk):
         part = tiles[start:start + chunk]
@@ -179,19 +182,23 @@ def partial_tiles_isolate(mask: Mask, state, q_len: int, kv_len: int, block_q: i
         here = partial[:, :, part[:, 0], part[:, 1]]                      # [Bm, Hm, p]
         lone_keys = ~allowed.any(axis=3) & (kv_pos[:, :, :, 0] < kv_len)   # [Bm, Hm, p, bk]
         lone_queries = ~allowed.any(axis=4) & (q_pos[..., 0] < q_len)      # [Bm, Hm, p, bq]
-        keys = keys or bool(np.any(lone_keys & here[..., None]))
-        queries = queries or bool(np.any(lone_queries & here[..., None]))
-        if keys and queries:
-            break
-    return keys, queries
+        lone_keys = np.any(lone_keys & here[..., None], axis=(0, 1))       # [p, bk]
+        lone_queries = np.any(lone_queries & here[..., None], axis=(0, 1))  # [p, bq]
+        lone_key_at[kv_pos[0, 0, :, 0][lone_keys]] = True
+        lone_query_at[q_pos[0, 0, :, :, 0][lone_queries]] = True
+    return bool(lone_key_at.any()), bool(lone_query_at.any()), lone_key_at, lone_query_at
 
 
 @functools.lru_cache(maxsize=256)
 def _static_metadata(mask: Mask, q_len: int, kv_len: int, block_q: int, block_kv: int):
     state = tile_states(mask, q_len, kv_len, block_q, block_kv)
     meta = _metadata_from_states(state, q_len, kv_len, block_q, block_kv, np)
-    keys, queries = partial_tiles_isolate(mask, state, q_len, kv_len, block_q, block_kv)
-    return dataclasses.replace(meta, partial_isolates_keys=keys, partial_isolates_queries=queries)
+    keys, queries, key_at, query_at = partial_tiles_isolate(mask, state, q_len, kv_len, block_q,
+                                                            block_kv)
+    return dataclasses.replace(
+        meta, partial_isolates_keys=keys, partial_isolates_queries=queries,
+        isolated_keys=None if key_at is None else encode_positions(key_at),
+        isolated_queries=None if query_at is None else encode_positions(query_at))
 
 
 def build_block_metadata(mask: Mask, q_len: int, kv_len: int, block_q: int,

@@ -13,9 +13,21 @@ whose edges cut tiles), a call first checks its inputs: V in the forward (P·V i
 only product there that meets an unattended key unselected), Q, K and V in the backward
 (dP = dO·Vᵀ, dQ += dS·K, dK += dSᵀ·Q). All finite, the common case: the Mosaic kernels.
 Otherwise: the Triton kernels, which zero those rows, with tiles equal to the Mosaic
-ones so that the same metadata drives them. The check is one read of the checked
-tensors; both paths are compiled. Masks that provably leave no such rows (causal with
-T = S, aligned windows, BigBird's block patterns) never pay for it.
+ones so that the same metadata drives them. Both paths are compiled. Masks that
+provably leave no such rows (causal with T = S, aligned windows, BigBird's block
+patterns) never pay for the check.
+
+The check reads only the rows where the two kernels can differ: a NaN in a key that
+every PARTIAL tile holding it has some row attend reaches the same rows in both
+(0 · NaN inside that tile's product, Triton zeroes only unattended rows). For static
+masks the metadata lists those positions (BlockMetadata.isolated_keys /
+isolated_queries), the same facts that decide whether a check runs: V at the forward
+tiles' unattended keys; K and V at the dQ tiles' unattended keys and Q at the dK/dV
+tiles' unattended queries in the backward. The check gathers those rows alone: a
+strided plan's `Causal & ~Local(1, 0)` part on 128-row residue classes leaves the last
+two keys and the first two queries of each class unattended, and reads 1/64 of the
+tensors instead of all of them. Dynamic masks (segment ids, lengths) and long lists
+check every row.
 """
 
 from __future__ import annotations
@@ -24,9 +36,11 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from pallas_kernels import triton as _triton
+from pallas_kernels.metadata import decode_positions
 from pallas_kernels.triton.config import TritonConfig
 
 
@@ -52,6 +66,21 @@ def forward_needs_check(metas) -> bool:
 def backward_needs_check(metas, parts) -> bool:
     return (("dq" in parts and metas["dq"].partial_isolates_keys)
             or ("dkdv" in parts and metas["dkdv"].partial_isolates_queries))
+
+
+def _isolated(metas, name, field, wanted=True):
+    """`field` (isolated_keys or isolated_queries) of kernel `name`'s metadata as int32
+    positions: none when that kernel does not run (or is not `wanted`), None when the
+    metadata does not list them (every position may be isolated)."""
+    if not wanted or name not in metas:
+        return np.zeros(0, np.int32)
+    raw = getattr(metas[name], field)
+    return None if raw is None else decode_positions(raw)
+
+
+def _rows(x, positions):
+    """The rows of x [B, L, N, H] at these sequence positions (all of x for None)."""
+    return x if positions is None else jnp.take(x, jnp.asarray(positions), axis=1)
 
 
 @jax.custom_batching.custom_vmap
@@ -81,7 +110,8 @@ def _like(results, templates):
 def guarded_forward(mosaic_forward, static, q, k, v, bias, metas, operands):
     """(out, lse) of the Mosaic forward, or of the Triton forward when V holds NaN/Inf."""
     triton_static = _triton_static(static)
-    return lax.cond(_all_finite(v),
+    keys = _isolated(metas, "forward", "isolated_keys")
+    return lax.cond(_all_finite(_rows(v, keys)),
                     lambda: mosaic_forward(static, q, k, v, bias, metas, operands),
                     lambda: _triton.forward(triton_static, q, k, v, bias, metas, operands))
 
@@ -101,4 +131,6 @@ def guarded_backward(mosaic_backward, static, q, k, v, bias, out, lse, dout, del
         return _like(_triton.backward(triton_static, q, k, v, bias, out, lse, dout, delta, metas,
                                       operands, parts=parts), templates)
 
-    return lax.cond(_all_finite(q, k, v), mosaic, triton)
+    keys = _isolated(metas, "dq", "isolated_keys", wanted="dq" in parts)
+    queries = _isolated(metas, "dkdv", "isolated_queries", wanted="dkdv" in parts)
+    return lax.cond(_all_finite(_rows(q, queries), _rows(k, keys), _rows(v, keys)), mosaic, triton)
