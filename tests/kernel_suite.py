@@ -467,6 +467,34 @@ class KernelCases:
         for name, got, ref, nv in zip(("dq", "dk", "dv"), mine[2], want[2], naive[2]):
             self.check(name, got, ref, nv, atol=2e-4)
 
+    def test_nan_past_the_last_query_never_reaches_results(self):
+        """Causal with T < S, T not a multiple of the query tile: the keys past the last
+        query are attended by no row, only by the last tile's padding rows (which attend
+        nothing), so NaN/Inf held there changes no output and no gradient."""
+        f = self.length_scale
+        t, s = 40 * f + 3, 53 * f
+        q, k, v, do = make_inputs(1, t, s, 2, 1, 16, dtype=self.dtype, seed=9)
+        mask, tail = M.CausalMask(), np.arange(t, s)
+        clean = (q, k.at[:, tail].set(0), v.at[:, tail].set(0), do)
+        dirty = (q, k.at[:, tail].set(jnp.inf), v.at[:, tail].set(jnp.nan), do)
+        if self.declined(*dirty, mask):
+            return
+        f32 = lambda xs: tuple(x.astype(jnp.float32) for x in xs)  # noqa: E731
+
+        @jax.jit
+        def both(clean, dirty):
+            return run("reference", *f32(clean), mask), run(self.backend, *dirty, mask), \
+                self.naive_run(*clean, mask)
+
+        want, mine, naive = both(clean, dirty)
+        naive = naive or (None, None, (None,) * 3)
+        out, _, (dq, dk, dv) = mine
+        assert not _nonfinite(out, dq, dk, dv), "NaN/Inf past the last query reached a result"
+        assert not np.asarray(dk)[:, tail].any() and not np.asarray(dv)[:, tail].any()
+        self.check("out", out, want[0], naive[0], atol=2e-5)
+        for name, got, ref, nv in zip(("dq", "dk", "dv"), mine[2], want[2], naive[2]):
+            self.check(name, got, ref, nv, atol=2e-4)
+
 
 
 

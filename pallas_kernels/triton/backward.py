@@ -101,7 +101,7 @@ def _accumulate_operand_grads(sums, loads, wanted):
 
 def _dkdv_kernel(table_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, n_operands,
                  accesses, mask_fn, bias_acc, dropout, layout, per_head_table, groups, scale, cap,
-                 kv_len, bq, bk, acc, score_mod, score_shapes, score_wanted, dbias):
+                 kv_len, q_len, bq, bk, acc, score_mod, score_shapes, score_wanted, dbias):
     operand_refs, bias_ref, seed_ref, score_refs, (dk_ref, dv_ref, *grad_refs) = split_refs(
         refs, n_operands, bias_acc, dropout, len(score_shapes))
     dbias_ref = grad_refs[:1] if dbias else []
@@ -123,7 +123,7 @@ def _dkdv_kernel(table_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *re
         keep = None
         if partial:
             keep = tile_keep(mask_fn, accesses, operand_refs, q_start, kv_start, kv_len,
-                             bq=bq, bk=bk, g=g)
+                             bq=bq, bk=bk, q_len=q_len, g=g)
         bias = None if bias_acc is None else bias_acc.load(bias_ref, q_start, kv_start, g)
         drop = None if dropout is None else dropout.tile(h_head, q_start, kv_start, bq=bq, bk=bk)
         score = None
@@ -162,8 +162,8 @@ def _dkdv_kernel(table_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *re
 
 
 def _dq_kernel(table_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, n_operands,
-               accesses, mask_fn, bias_acc, dropout, dbias_mode, layout, scale, cap, kv_len, bq, bk,
-               acc, score_mod, score_shapes, score_wanted):
+               accesses, mask_fn, bias_acc, dropout, dbias_mode, layout, scale, cap, kv_len, q_len,
+               bq, bk, acc, score_mod, score_shapes, score_wanted):
     del score_wanted   # operand gradients come from the dK/dV kernel
     operand_refs, bias_ref, seed_ref, score_refs, (dq_ref, *dbias_ref) = split_refs(
         refs, n_operands, bias_acc, dropout, len(score_shapes))
@@ -183,7 +183,7 @@ def _dq_kernel(table_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs
         keep = None
         if partial:   # keys no query here may attend (padding) may hold NaN: dQ += dS·K
             keep = tile_keep(mask_fn, accesses, operand_refs, q_start, kv_start, kv_len,
-                             bq=bq, bk=bk)
+                             bq=bq, bk=bk, q_len=q_len)
             if layout.zero_isolated:
                 k = zero_unreachable(k, keep, axis=0)
         bias = None if bias_acc is None else bias_acc.load(bias_ref, q_start, kv_start, 0)
@@ -309,7 +309,8 @@ class _Problem:
     def kernel_params(self, static):
         """Keyword arguments every backward kernel takes."""
         return dict(mask_fn=static.mask_fn, scale=static.scale, cap=static.logits_soft_cap,
-                    dropout=kernel_dropout(static), kv_len=self.s, bq=self.bq, bk=self.bk,
+                    dropout=kernel_dropout(static), kv_len=self.s,
+                    q_len=self.t if self.tp != self.t else None, bq=self.bq, bk=self.bk,
                     acc=self.acc, score_mod=static.score_mod,
                     score_shapes=static.score_operand_shapes)
 

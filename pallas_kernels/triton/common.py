@@ -328,10 +328,14 @@ def kernel_dropout(static) -> KernelDropout | None:
     return KernelDropout(static.dropout_rate, static.broadcast_dropout) if static.dropout_rate else None
 
 
-def tile_keep(mask_fn, accesses, refs, q_start, kv_start, kv_len, *, bq, bk, g=0):
-    """Allowed pairs of one PARTIAL tile: the mask at absolute positions AND kv < kv_len."""
+def tile_keep(mask_fn, accesses, refs, q_start, kv_start, kv_len, *, bq, bk, g=0, q_len=None):
+    """Allowed pairs of one PARTIAL tile: the mask at absolute positions AND kv < kv_len
+    (AND q < q_len when the query rows are padded: a padding row attends nothing, so a key
+    only padding rows would reach counts as unattended and is zeroed like one)."""
     q_pos, kv_pos = tile_positions(q_start, kv_start, bq=bq, bk=bk)
     keep = kv_pos < kv_len
+    if q_len is not None:
+        keep = keep & (q_pos < q_len)
     if mask_fn is not None:
         values = tuple(a.load(r, q_start, kv_start, g) for a, r in zip(accesses, refs))
         keep = keep & mask_fn(q_pos, kv_pos, values)

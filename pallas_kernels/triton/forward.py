@@ -29,7 +29,7 @@ from pallas_kernels.triton.common import (KernelDropout, bias_access, dot_nt, fo
 
 
 def _forward_kernel(table_ref, q_ref, k_ref, v_ref, *refs, n_operands, accesses, mask_fn,
-                    bias_acc, dropout, layout, scale, cap, kv_len, bq, bk, acc, score_mod,
+                    bias_acc, dropout, layout, scale, cap, kv_len, q_len, bq, bk, acc, score_mod,
                     score_shapes):
     operand_refs, bias_ref, seed_ref, score_refs, (o_ref, lse_ref) = split_refs(
         refs, n_operands, bias_acc, dropout, len(score_shapes))
@@ -58,7 +58,7 @@ def _forward_kernel(table_ref, q_ref, k_ref, v_ref, *refs, n_operands, accesses,
         keep = None
         if partial:   # PARTIAL tile: the mask (and kv padding) evaluated element-wise
             keep = tile_keep(mask_fn, accesses, operand_refs, q_start, kv_start, kv_len,
-                             bq=bq, bk=bk)
+                             bq=bq, bk=bk, q_len=q_len)
         drop = None if dropout is None else dropout.tile(h_head, q_start, kv_start, bq=bq, bk=bk)
         return online_softmax_step(logits2, m_i, l_i, o_acc,
                                    lambda: v_ref[pl.ds(kv_start, bk), :], keep,
@@ -129,7 +129,7 @@ def forward(static, q, k, v, bias, metas, operands, dropout_seed=None, score_ope
         _forward_kernel, n_operands=len(accesses), accesses=accesses, mask_fn=static.mask_fn,
         bias_acc=bias_acc, dropout=dropout,
         layout=layout, scale=static.scale, cap=static.logits_soft_cap,
-        kv_len=s, bq=bq, bk=bk, acc=acc, score_mod=static.score_mod,
+        kv_len=s, q_len=t if tp != t else None, bq=bq, bk=bk, acc=acc, score_mod=static.score_mod,
         score_shapes=static.score_operand_shapes)
     out, lse = pl.pallas_call(
         kernel,
