@@ -80,7 +80,7 @@ class BlockMetadata:
                    the sorted positions (int32 as bytes; encode_positions /
                    decode_positions) of every key that some PARTIAL tile holds unattended.
                    None when unknown (dynamic masks; more than MAX_ISOLATED_POSITIONS or a
-                   quarter of the keys; the isolation check's budget spent): any key may be
+                   quarter of the keys; the isolation check's budget spent): any key may be one
     isolated_queries the same for the query rows of the second fact
     Kernels zero such K/V (Q) rows inside PARTIAL tiles, so NaN/Inf held by a masked
     key (or query) cannot meet a zero probability in a dot (0 · NaN = NaN); where these

@@ -25,6 +25,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+import jaxattn
 from jaxattn import masks as M
 from jaxattn.masks import build_block_metadata
 from jaxattn.masks.complement import NotMask
@@ -604,7 +605,9 @@ def test_the_finite_check_reads_only_rows_the_kernels_may_treat_differently():
         return jnp.zeros_like(q), jnp.zeros((b, n, t), jnp.float32)
 
     def stand_in_backward(static, q, k, v, bias, out, lse, dout, delta, metas, operands, parts):
-        return jnp.zeros_like(q), jnp.zeros_like(k), jnp.zeros_like(v), None
+        dkdv = "dkdv" in parts
+        return (jnp.zeros_like(q) if "dq" in parts else None, jnp.zeros_like(k) if dkdv else None,
+                jnp.zeros_like(v) if dkdv else None, None)
 
     @jax.jit
     def guarded(q, k, v):
@@ -618,9 +621,21 @@ def test_the_finite_check_reads_only_rows_the_kernels_may_treat_differently():
     assert guarded(q, k, v.at[:, 5].set(jnp.nan)) == (False, False)   # attended in its tiles
     assert guarded(q, k.at[:, 200].set(jnp.inf), v) == (False, False)
     assert guarded(q.at[:, 64].set(jnp.nan), k, v) == (False, False)
-    assert guarded(q, k, v.at[:, 127].set(jnp.nan)) == (True, True)    # unattended in tile 0
-    assert guarded(q, k.at[:, 255].set(jnp.inf), v) == (False, True)   # K: backward only
-    assert guarded(q.at[:, 129].set(jnp.nan), k, v) == (False, True)   # Q: backward only
+    assert guarded(q, k, v.at[:, 127].set(jnp.nan)) == (True, False)   # unattended in tile 0:
+    assert guarded(q, k.at[:, 255].set(jnp.inf), v) == (False, True)   # V in the forward (P·V),
+    assert guarded(q.at[:, 129].set(jnp.nan), k, v) == (False, True)   # K (dQ += dS·K) and Q
+    # (dK += dSᵀ·Q) in the backward, whose dS is 0 where P is (V and D never multiply a 0)
+
+    def backward_only(parts, q, k, v):
+        grads = nonfinite_fallback.guarded_backward(
+            stand_in_backward, static, q, k, v, None, out, backward_lse(lse), do, delta, metas,
+            operands, parts)[:3]
+        return jnp.any(jnp.stack([jnp.any(g != 0) for g in grads if g is not None]))
+
+    # A call that asks for one pass (ring attention's hops) checks what that pass multiplies.
+    for parts, bad_k, bad_q in ((("dq",), True, False), (("dkdv",), False, True)):
+        assert bool(jax.jit(functools.partial(backward_only, parts))(q, k.at[:, 255].set(jnp.inf), v)) is bad_k
+        assert bool(jax.jit(functools.partial(backward_only, parts))(q.at[:, 129].set(jnp.nan), k, v)) is bad_q
 
 
 # ---------------------------------------------------------------------------------
@@ -732,6 +747,46 @@ def test_documents_under_vmap_with_and_without_poison():
         err = np.abs(got - want).max()
         assert np.isfinite(got).all() and err <= 2e-2, (poisoned, err)
 
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mask", [M.CausalMask(), M.CausalMask() & NotMask(M.LocalMask(1, 0))],
+                         ids=["causal", "causal-minus-diagonal-pair"])
+def test_static_mask_gradients_with_poisoned_unattended_keys_and_queries(mask):
+    """A static mask whose PARTIAL tiles hold keys no query attends (T < S: the keys past
+    the last query share the last q-block's tiles) and, for the second mask, queries
+    that attend nothing: NaN/Inf there reaches no output and no gradient. The finite
+    check reads only the listed rows, so the Mosaic backward runs with NaN in V past
+    the last query; its dS is selected to 0 where P is, like Triton's."""
+    b, t, s, n, h = 1, 320, 512, 2, 128
+    ks = jax.random.split(jax.random.key(5), 4)
+    q, k, v, do = (jax.random.normal(kk, (b, length, n, h), jnp.float32)
+                   for kk, length in zip(ks, (t, s, s, t)))
+    bad_keys = np.arange(t, s)                       # attended by no query (causal, T < S)
+    bad_queries = np.array([0, 1]) if isinstance(mask, M.AndMask) else np.zeros(0, int)
+    clean = (q.at[:, bad_queries].set(0), k.at[:, bad_keys].set(0), v.at[:, bad_keys].set(0))
+    dirty = (q.at[:, bad_queries].set(jnp.nan), k.at[:, bad_keys].set(jnp.inf),
+             v.at[:, bad_keys].set(jnp.nan))
+
+    def loss(impl, q, k, v):
+        out = jaxattn.dot_product_attention(q, k, v, mask=mask, implementation=impl)
+        return jnp.sum(out.astype(jnp.float32) * do), out
+
+    def run(impl, xs):
+        (_, out), grads = jax.value_and_grad(functools.partial(loss, impl), argnums=(0, 1, 2),
+                                             has_aux=True)(*xs)
+        return out, grads
+
+    bf16 = tuple(x.astype(jnp.bfloat16) for x in dirty)
+    out, grads = jax.jit(functools.partial(run, "pallas_mosaic_gpu"))(bf16)
+    want_out, want_grads = jax.jit(functools.partial(run, "reference"))(clean)
+    for name, got, want in zip(("out", "dq", "dk", "dv"), (out, *grads), (want_out, *want_grads)):
+        got = np.asarray(got, np.float32)
+        assert np.isfinite(got).all(), name
+        err = np.abs(got - np.asarray(want)).max(axis=(0, 2, 3))      # worst per row
+        assert (err <= 4e-2 * max(1.0, float(np.abs(np.asarray(want)).max()))).all(), (name, err.max())
+    assert not np.asarray(grads[1], np.float32)[:, bad_keys].any()
+    assert not np.asarray(grads[2], np.float32)[:, bad_keys].any()
 
 
 @pytest.mark.parametrize("balance", [True, False])

@@ -7,9 +7,9 @@ those are the callers' business, after the last product has been issued.
 dK/dV, rows = keys, columns = queries, so that Pᵀ and dSᵀ are already the register
 operands of the next wgmma (FlashAttention-2, Algorithm 2):
     Sᵀ = K Qᵀ;  Pᵀ = exp2(scale·log2e·Sᵀ − lse·log2e), masked on PARTIAL tiles;
-    dPᵀ = V dOᵀ;  dV += Pᵀ dO;  dSᵀ = Pᵀ ∘ (dPᵀ − D);  dK += dSᵀ Q.
+    dPᵀ = V dOᵀ;  dV += Pᵀ dO;  dSᵀ = Pᵀ ∘ (dPᵀ − D), 0 where Pᵀ is;  dK += dSᵀ Q.
 dQ, rows = queries:
-    dP = dO Vᵀ;  S = Q Kᵀ;  P as above;  dS = P ∘ (dP − D);  dQ += dS K.
+    dP = dO Vᵀ;  S = Q Kᵀ;  P as above;  dS = P ∘ (dP − D), 0 where P is;  dQ += dS K.
 dK and dQ are scaled once at the end, by the callers.
 """
 
@@ -20,6 +20,7 @@ import functools
 from typing import Any, Callable
 
 import jax.numpy as jnp
+from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
@@ -55,6 +56,16 @@ class TileArithmetic:
                          operands_here, self.operand_count)
         return p, tanh
 
+    def dlogits(self, p, dp, delta, tanh, *, row_axis: int, partial):
+        """dS of the tile (backward_walk.dlogits), selected to exactly 0 where a PARTIAL
+        tile's P was: a pair the mask rules out then contributes nothing even where dP,
+        D or the cap's tanh is NaN (a V row, an output or a K row that is NaN/Inf; P = 0
+        alone would give 0 · NaN = NaN in dK and dQ). FULL tiles skip the select."""
+        ds = dlogits(p, dp, delta, tanh, row_axis=row_axis)
+        if self.mask_fn is None and not self.kv_padded:
+            return ds
+        return lax.cond(partial, lambda: jnp.where(p == 0.0, 0.0, ds), lambda: ds)
+
 
 def dkdv_tile(arith: TileArithmetic, k_tile, v_tile, q_tile, do_tile, dk_acc, dv_acc, *,
               lse_row: Callable, delta_row: Callable, partial, q_start, kv_start, batch, head):
@@ -81,7 +92,8 @@ def dkdv_tile(arith: TileArithmetic, k_tile, v_tile, q_tile, do_tile, dk_acc, dv
         return plgpu.wgmma_accumulator_load(acc, wait_n=1)          # dPᵀ only
 
     dp_t = pl.run_scoped(probabilities_grad, tile_acc)
-    ds_t = dlogits(p_t, dp_t, delta_row(), tanh, row_axis=1).astype(arith.dtype)
+    ds_t = arith.dlogits(p_t, dp_t, delta_row(), tanh, row_axis=1,
+                         partial=partial).astype(arith.dtype)
     plgpu.wgmma(dk_acc, ds_t, q_tile)                               # dK += dSᵀ Q
     return ds_t
 
@@ -105,5 +117,5 @@ def dq_tile(arith: TileArithmetic, q_tile, do_tile, k_tile, v_tile, dq_acc, *, l
     dp, s = pl.run_scoped(scores_and_grads, tile_acc, tile_acc)
     p, tanh = arith.probabilities(s, lse2, row_axis=0, partial=partial, q_start=q_start,
                                   kv_start=kv_start, batch=batch, head=head)
-    ds = dlogits(p, dp, delta, tanh, row_axis=0)
+    ds = arith.dlogits(p, dp, delta, tanh, row_axis=0, partial=partial)
     plgpu.wgmma(dq_acc, ds.astype(arith.dtype), k_tile)            # dQ += dS K

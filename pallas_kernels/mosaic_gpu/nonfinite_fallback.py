@@ -1,33 +1,31 @@
 """Masks that leave unreached rows in PARTIAL tiles: the Mosaic kernels when the inputs
 are finite, the Triton kernels (on the same block metadata) when they are not.
 
-The Mosaic kernels select masked scores away but do not zero the K/V rows of keys that
-no query row of a PARTIAL tile attends (nor, in the dK/dV kernel, Q rows that attend no
-key of the tile): a wgmma then multiplies such a row by exact zeros. With finite inputs
-that contributes exactly nothing. Only a NaN or Inf held there (padding, unwritten
-cache slots, a poisoned document) would reach results, through 0 · NaN = NaN.
+The Mosaic kernels select masked scores away (P and, in the backward, dS are exactly 0
+for a pair the mask rules out) but do not zero the K/V rows of keys that no query row
+of a PARTIAL tile attends, nor Q rows that attend no key of the tile: a wgmma then
+multiplies such a row by exact zeros. With finite inputs that contributes exactly
+nothing. Only a NaN or Inf held there (padding, unwritten cache slots, a poisoned
+document) would reach results, through 0 · NaN = NaN: V in the forward (P·V), K in the
+dQ pass (dQ += dS·K) and Q in the dK/dV pass (dK += dSᵀ·Q). Everywhere else the two
+kernels agree, NaN for NaN: a key some row of the tile attends is multiplied unzeroed
+by both, and neither multiplies V, D or the soft cap's tanh into dS where P is 0.
 
 So where the block metadata says such rows may exist (BlockMetadata.partial_isolates_*:
 every mask holding traced data, such as segment ids and sequence lengths, and static masks
-whose edges cut tiles), a call first checks its inputs: V in the forward (P·V is the
-only product there that meets an unattended key unselected), Q, K and V in the backward
-(dP = dO·Vᵀ, dQ += dS·K, dK += dSᵀ·Q). All finite, the common case: the Mosaic kernels.
-Otherwise: the Triton kernels, which zero those rows, with tiles equal to the Mosaic
-ones so that the same metadata drives them. Both paths are compiled. Masks that
-provably leave no such rows (causal with T = S, aligned windows, BigBird's block
-patterns) never pay for the check.
+whose edges cut tiles), a call first checks those inputs. All finite, the common case:
+the Mosaic kernels. Otherwise: the Triton kernels, which zero those rows, with tiles
+equal to the Mosaic ones so that the same metadata drives them. Both paths are
+compiled. Masks that provably leave no such rows (causal with T = S, aligned windows,
+BigBird's block patterns) never pay for the check.
 
-The check reads only the rows where the two kernels can differ: a NaN in a key that
-every PARTIAL tile holding it has some row attend reaches the same rows in both
-(0 · NaN inside that tile's product, Triton zeroes only unattended rows). For static
-masks the metadata lists those positions (BlockMetadata.isolated_keys /
-isolated_queries), the same facts that decide whether a check runs: V at the forward
-tiles' unattended keys; K and V at the dQ tiles' unattended keys and Q at the dK/dV
-tiles' unattended queries in the backward. The check gathers those rows alone: a
-strided plan's `Causal & ~Local(1, 0)` part on 128-row residue classes leaves the last
-two keys and the first two queries of each class unattended, and reads 1/64 of the
-tensors instead of all of them. Dynamic masks (segment ids, lengths) and long lists
-check every row.
+For static masks the metadata also lists where those rows are (BlockMetadata.
+isolated_keys / isolated_queries): the forward tiles' unattended keys for V, the dQ
+tiles' unattended keys for K and the dK/dV tiles' unattended queries for Q. The check
+then gathers those rows alone: a strided plan's `Causal & ~Local(1, 0)` part on 128-row
+residue classes leaves the last two keys and the first two queries of each class
+unattended, and reads 1/64 of V, K and Q instead of all of them. Dynamic masks (segment
+ids, lengths) and long lists check every row.
 """
 
 from __future__ import annotations
@@ -108,7 +106,8 @@ def _like(results, templates):
 
 
 def guarded_forward(mosaic_forward, static, q, k, v, bias, metas, operands):
-    """(out, lse) of the Mosaic forward, or of the Triton forward when V holds NaN/Inf."""
+    """(out, lse) of the Mosaic forward, or of the Triton forward when V holds NaN/Inf at
+    a key a forward tile leaves unattended."""
     triton_static = _triton_static(static)
     keys = _isolated(metas, "forward", "isolated_keys")
     return lax.cond(_all_finite(_rows(v, keys)),
@@ -118,8 +117,8 @@ def guarded_forward(mosaic_forward, static, q, k, v, bias, metas, operands):
 
 def guarded_backward(mosaic_backward, static, q, k, v, bias, out, lse, dout, delta, metas,
                      operands, parts):
-    """(dq, dk, dv, dbias) of the Mosaic backward, or of the Triton backward when Q, K or
-    V hold NaN/Inf."""
+    """(dq, dk, dv, dbias) of the Mosaic backward, or of the Triton backward when K holds
+    NaN/Inf at a key a dQ tile leaves unattended or Q at a query a dK/dV tile does."""
     triton_static = _triton_static(static)
     templates = (q, k, v, bias)
 
@@ -133,4 +132,4 @@ def guarded_backward(mosaic_backward, static, q, k, v, bias, out, lse, dout, del
 
     keys = _isolated(metas, "dq", "isolated_keys", wanted="dq" in parts)
     queries = _isolated(metas, "dkdv", "isolated_queries", wanted="dkdv" in parts)
-    return lax.cond(_all_finite(_rows(q, queries), _rows(k, keys), _rows(v, keys)), mosaic, triton)
+    return lax.cond(_all_finite(_rows(q, queries), _rows(k, keys)), mosaic, triton)
