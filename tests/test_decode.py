@@ -7,6 +7,8 @@ every kernel case, so agreement with the reference proves none of them leaks.
 Kernel compilations in interpret mode dominate the time: each case below is one.
 """
 
+import sys
+
 import numpy as np
 import pytest
 import jax
@@ -264,11 +266,13 @@ def test_split_count_fills_the_gpu():
 def test_tile_width_follows_the_cache_layout_and_query_rows():
     wide = lambda **kw: default_decode_config(interpret=False, **kw).block_kv
     assert wide(rows=32, page_size=16) == 128           # MQA over small pages: 8 pages a tile
-    assert wide(rows=64, page_size=64) == 128           # ... or 2 pages of 64
+    assert wide(rows=32, page_size=64) == 128           # ... or 2 pages of 64
     assert wide(rows=32, page_size=None) == 64          # contiguous cache
     assert wide(rows=16, page_size=16) == 64            # GQA's few rows: 64-key tiles
+    assert wide(rows=64, page_size=16) == 64            # not measured
     assert wide(rows=32, page_size=128) == 64           # a tile inside one page
     assert wide(rows=32, page_size=16, head_dim=256) == 64   # shared memory
+    assert wide(rows=32, page_size=16, itemsize=4) == 64     # float32 cache
     assert default_decode_config(128, interpret=False, page_size=16) == DecodeConfig(64, 8, 3)
     assert default_decode_config(32, interpret=True, page_size=16).block_kv == 16
 
@@ -361,6 +365,32 @@ def test_lowers_for_h100(monkeypatch, tq, n, k, cache_shape, pages, mask, splits
     assert "jaxattn_flash_decode" in text
 
 
+@pytest.mark.parametrize("k,page,block_kv", [(1, 16, 128), (1, 64, 128), (8, 16, 64)])
+def test_default_tiles_of_a_paged_cache_lower_for_h100(monkeypatch, k, page, block_kv):
+    """The kernel's own choice (config=None) for a paged cache: MQA's 32 query rows gather
+    128-key tiles (8 pages of 16 or 2 of 64), GQA's 4 rows 64-key ones; both lower."""
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    triton_decode = sys.modules["pallas_kernels.triton.decode"]   # the package exports a `decode` function
+    chosen = []
+
+    def recording(*args, **kwargs):
+        chosen.append(default_decode_config(*args, **kwargs))
+        return chosen[-1]
+    monkeypatch.setattr(triton_decode, "default_decode_config", recording)
+    b, n, h, pages = 2, 32, 128, 20
+
+    def fn(q, kc, vc, lengths, table):
+        return kernel_decode("pallas_triton", q, kc, vc, lengths, table, M.FullMask(), scale=0.1,
+                             logits_soft_cap=None, num_splits=None, return_residuals=False,
+                             interpret=False, config=None)
+    cache = jax.ShapeDtypeStruct((b * pages, page, k, h), jnp.bfloat16)
+    text = lower_for_h100(fn, jax.ShapeDtypeStruct((b, 1, n, h), jnp.bfloat16), cache, cache,
+                          jax.ShapeDtypeStruct((b,), np.int32),
+                          jax.ShapeDtypeStruct((b, pages), np.int32))
+    assert "jaxattn_flash_decode" in text
+    assert chosen and all(c.block_kv == block_kv for c in chosen), chosen
+
+
 # ------------------------------------------------------------------------------------
 # GPU tier (skipped without a GPU): real sizes and the kernels' real tiles, bf16, worst
 # row against the float32 reference on the same inputs.
@@ -386,7 +416,7 @@ def _check_real_size(k, tq, layout, mask=None, score_mod=None, h=128):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("k,tq", [(8, 1), (8, 4), (1, 4)])
+@pytest.mark.parametrize("k,tq", [(8, 1), (8, 4), (1, 4), (1, 1)])   # (1, 1): 128-key paged tiles
 @pytest.mark.parametrize("layout,mask", [("contiguous", None), ("contiguous", M.LocalMask(1023, 0)),
                                          ("paged16", None), ("paged64", M.LocalMask(511, 0))])
 def test_gpu_real_sizes(k, tq, layout, mask):
@@ -396,7 +426,8 @@ def test_gpu_real_sizes(k, tq, layout, mask):
 @pytest.mark.gpu
 @pytest.mark.parametrize("h", [96, 80])
 @pytest.mark.parametrize("k,tq,layout,mask", [(8, 1, "contiguous", None), (1, 4, "contiguous", M.LocalMask(1023, 0)),
-                                              (8, 1, "paged16", None), (8, 4, "paged64", M.LocalMask(511, 0))])
+                                              (8, 1, "paged16", None), (8, 4, "paged64", M.LocalMask(511, 0)),
+                                              (1, 1, "paged16", None)])
 def test_gpu_real_sizes_head_dim_not_power_of_two(h, k, tq, layout, mask):
     """H = 96 and 80 tiled as 128 columns, K/V loaded with a column mask from the cache as
     it is (contiguous blocks, one page per tile, and 16-slot pages gathered into a tile)."""

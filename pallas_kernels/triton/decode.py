@@ -115,27 +115,29 @@ class DecodeConfig:
 
 
 def default_decode_config(rows: int, *, interpret: bool, page_size: int | None = None,
-                          head_dim: int = 128) -> DecodeConfig:
+                          head_dim: int = 128, itemsize: int = 2) -> DecodeConfig:
     """Small tiles in interpret mode (cheap emulated grid, multi-tile logic exercised on
     small test caches); 8 warps once the packed query tile is large (MQA, Tq > 1).
 
-    A paged cache whose pages are smaller than 128 slots, read by 32 to 64 query rows
-    (MQA: 32 heads on one KV head), gathers 128-key tiles: 8 pages of 16 slots or 2 of 64
-    per tile. Triton does not stage a gathered tile through shared memory ahead of use,
+    A paged cache whose pages are smaller than 128 slots, read by a 32-row query tile
+    (MQA: 32 heads on one KV head; 17 to 32 rows pad to it), gathers 128-key tiles: 8
+    pages of 16 slots or 2 of 64 per tile. Triton does not stage a gathered tile through shared memory ahead of use,
     so a tile's loads wait on its own table read; twice the keys per tile is twice the
     bytes in flight per wait, and the 32 rows' dot products are amortised over more keys.
     Five interleaved rounds on an H200, MQA Tq 1, GB/s with 64-key vs 128-key tiles
-    (contiguous cache in the same run): page 16 — 8 × 128k 2545 vs 3088 (3296),
+    (contiguous cache in the same process): page 16 — 8 × 128k 2545 vs 3088 (3296),
     64 × 32k 2688 vs 3442 (3537), 64 × 128k 2972 vs 3770 (3865), 1 × 128k 1186 vs 1376,
     8 × 32k 1815 vs 1966, 1 × 4k and 8 × 4k level; page 64 — 64 × 32k 3138 vs 3465
-    (3572), 8 × 128k 3024 vs 3230 (3283), 1 × 32k and 8 × 32k level. With 4 query rows
-    (K = 8) 128-key tiles were slower (8 × 128k page 16: 3325 vs 3833), so GQA keeps 64.
-    Head dims above 128 keep 64-key tiles (a 128 × 256 tile's stages would not fit in
-    shared memory)."""
+    (3572), 8 × 128k 3024 vs 3230 (3283), 1 × 32k and 8 × 32k level. With 16 padded query
+    rows (K = 8, Tq 1) 128-key tiles were slower (8 × 128k page 16: 3833 vs 3325), so
+    those keep 64; other row counts are not measured and keep 64 too. Rows wider than
+    256 bytes (head dims above 128 in 16 bits, float32 caches) keep 64-key tiles: their
+    stages would not fit in shared memory as bf16 D128's do."""
     if interpret:
         return DecodeConfig(block_kv=16, num_warps=4, num_stages=1)
     num_warps = 4 if rows <= 64 else 8
-    gathered_wide = page_size is not None and page_size < 128 and 32 <= rows <= 64 and head_dim <= 128
+    gathered_wide = (page_size is not None and page_size < 128 and rows == 32
+                     and head_dim * itemsize <= 256)
     return DecodeConfig(block_kv=128 if gathered_wide else 64, num_warps=num_warps, num_stages=3)
 
 
@@ -364,7 +366,8 @@ def decode(static: DecodeStatic, q, k_cache, v_cache, lengths, page_table=None, 
     hp = padded_head_dim(h)
     acc = acc_dtype(q.dtype)
     cfg = static.config or default_decode_config(
-        rp, interpret=static.interpret, page_size=k_cache.shape[1] if paged else None, head_dim=hp)
+        rp, interpret=static.interpret, page_size=k_cache.shape[1] if paged else None, head_dim=hp,
+        itemsize=k_cache.dtype.itemsize)
     bk = cfg.block_kv
     page_size = pages_per_tile = num_pages = 1
     clamp_last = False
