@@ -476,24 +476,28 @@ class KernelCases:
         q, k, v, do = make_inputs(1, t, s, 2, 1, 16, dtype=self.dtype, seed=9)
         mask, tail = M.CausalMask(), np.arange(t, s)
         clean = (q, k.at[:, tail].set(0), v.at[:, tail].set(0), do)
-        dirty = (q, k.at[:, tail].set(jnp.inf), v.at[:, tail].set(jnp.nan), do)
-        if self.declined(*dirty, mask):
+        # K and V poisoned, and V alone (a check that reads K would not see it)
+        poisoned = {"k_and_v": (q, k.at[:, tail].set(jnp.inf), v.at[:, tail].set(jnp.nan), do),
+                    "v_only": (q, clean[1], v.at[:, tail].set(jnp.nan), do)}
+        if self.declined(*poisoned["k_and_v"], mask):
             return
         f32 = lambda xs: tuple(x.astype(jnp.float32) for x in xs)  # noqa: E731
 
         @jax.jit
-        def both(clean, dirty):
-            return run("reference", *f32(clean), mask), run(self.backend, *dirty, mask), \
-                self.naive_run(*clean, mask)
+        def all_runs(clean, poisoned):
+            return (run("reference", *f32(clean), mask),
+                    {name: run(self.backend, *dirty, mask) for name, dirty in poisoned.items()},
+                    self.naive_run(*clean, mask))
 
-        want, mine, naive = both(clean, dirty)
+        want, mine_by_poison, naive = all_runs(clean, poisoned)
         naive = naive or (None, None, (None,) * 3)
-        out, _, (dq, dk, dv) = mine
-        assert not _nonfinite(out, dq, dk, dv), "NaN/Inf past the last query reached a result"
-        assert not np.asarray(dk)[:, tail].any() and not np.asarray(dv)[:, tail].any()
-        self.check("out", out, want[0], naive[0], atol=2e-5)
-        for name, got, ref, nv in zip(("dq", "dk", "dv"), mine[2], want[2], naive[2]):
-            self.check(name, got, ref, nv, atol=2e-4)
+        for label, mine in mine_by_poison.items():
+            out, _, (dq, dk, dv) = mine
+            assert not _nonfinite(out, dq, dk, dv), f"{label}: NaN/Inf past the last query reached a result"
+            assert not np.asarray(dk)[:, tail].any() and not np.asarray(dv)[:, tail].any(), label
+            self.check(f"{label} out", out, want[0], naive[0], atol=2e-5)
+            for name, got, ref, nv in zip(("dq", "dk", "dv"), mine[2], want[2], naive[2]):
+                self.check(f"{label} {name}", got, ref, nv, atol=2e-4)
 
 
 

@@ -365,10 +365,12 @@ def test_lowers_for_h100(monkeypatch, tq, n, k, cache_shape, pages, mask, splits
     assert "jaxattn_flash_decode" in text
 
 
-@pytest.mark.parametrize("k,page,block_kv", [(1, 16, 128), (1, 64, 128), (8, 16, 64)])
-def test_default_tiles_of_a_paged_cache_lower_for_h100(monkeypatch, k, page, block_kv):
+@pytest.mark.parametrize("k,page,dtype,block_kv", [(1, 16, jnp.bfloat16, 128), (1, 64, jnp.bfloat16, 128),
+                                                   (8, 16, jnp.bfloat16, 64), (1, 16, jnp.float32, 64)])
+def test_default_tiles_of_a_paged_cache_lower_for_h100(monkeypatch, k, page, dtype, block_kv):
     """The kernel's own choice (config=None) for a paged cache: MQA's 32 query rows gather
-    128-key tiles (8 pages of 16 or 2 of 64), GQA's 4 rows 64-key ones; both lower."""
+    128-key tiles (8 pages of 16 or 2 of 64) from a 16-bit cache, GQA's 4 rows and a
+    float32 cache 64-key ones; all lower."""
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     triton_decode = sys.modules["pallas_kernels.triton.decode"]   # the package exports a `decode` function
     chosen = []
@@ -383,8 +385,8 @@ def test_default_tiles_of_a_paged_cache_lower_for_h100(monkeypatch, k, page, blo
         return kernel_decode("pallas_triton", q, kc, vc, lengths, table, M.FullMask(), scale=0.1,
                              logits_soft_cap=None, num_splits=None, return_residuals=False,
                              interpret=False, config=None)
-    cache = jax.ShapeDtypeStruct((b * pages, page, k, h), jnp.bfloat16)
-    text = lower_for_h100(fn, jax.ShapeDtypeStruct((b, 1, n, h), jnp.bfloat16), cache, cache,
+    cache = jax.ShapeDtypeStruct((b * pages, page, k, h), dtype)
+    text = lower_for_h100(fn, jax.ShapeDtypeStruct((b, 1, n, h), dtype), cache, cache,
                           jax.ShapeDtypeStruct((b,), np.int32),
                           jax.ShapeDtypeStruct((b, pages), np.int32))
     assert "jaxattn_flash_decode" in text

@@ -638,6 +638,21 @@ def test_the_finite_check_reads_only_rows_the_kernels_may_treat_differently():
         assert bool(jax.jit(functools.partial(backward_only, parts))(q.at[:, 129].set(jnp.nan), k, v)) is bad_q
 
 
+def test_the_fused_backward_checks_k_where_its_dkdv_tiles_leave_keys_unattended():
+    """The fused backward adds dQ += dS·K inside the dK/dV tiles (64 query rows): causal
+    self-attention leaves keys unattended there (a diagonal tile's upper half), which the
+    two-kernel backward's dQ tiles (128 rows) do not, so only the fused one is checked."""
+    static, metas, _ = _call(M.CausalMask(), 1024, 1024, 128)
+    parts = ("dq", "dkdv")
+    assert not nonfinite_fallback.backward_needs_check(metas, parts)
+    assert nonfinite_fallback.backward_needs_check(metas, parts, fused=True)
+    fused = dataclasses.replace(static, config=dataclasses.replace(
+        static.config, backward=dataclasses.replace(static.config.backward, fused=True)))
+    assert nonfinite_fallback.fused_backward(fused, parts)
+    assert not nonfinite_fallback.fused_backward(fused, ("dkdv",))
+    assert not nonfinite_fallback.fused_backward(static, parts)
+
+
 # ---------------------------------------------------------------------------------
 # GPU tier
 # ---------------------------------------------------------------------------------
@@ -750,22 +765,29 @@ def test_documents_under_vmap_with_and_without_poison():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("mask", [M.CausalMask(), M.CausalMask() & NotMask(M.LocalMask(1, 0))],
-                         ids=["causal", "causal-minus-diagonal-pair"])
-def test_static_mask_gradients_with_poisoned_unattended_keys_and_queries(mask):
+@pytest.mark.parametrize("mask, t, poison_k", [
+    (M.CausalMask(), 320, True),
+    (M.CausalMask(), 300, False),    # V only: the dK/dV kernel's last q-block is padded
+    (M.CausalMask() & NotMask(M.LocalMask(1, 0)), 320, True),
+], ids=["causal", "causal-padded-rows-v-only", "causal-minus-diagonal-pair"])
+def test_static_mask_gradients_with_poisoned_unattended_keys_and_queries(mask, t, poison_k):
     """A static mask whose PARTIAL tiles hold keys no query attends (T < S: the keys past
-    the last query share the last q-block's tiles) and, for the second mask, queries
-    that attend nothing: NaN/Inf there reaches no output and no gradient. The finite
-    check reads only the listed rows, so the Mosaic backward runs with NaN in V past
-    the last query; its dS is selected to 0 where P is, like Triton's."""
-    b, t, s, n, h = 1, 320, 512, 2, 128
+    the last query share the last q-block's tiles) and, for the last mask, queries that
+    attend nothing: NaN/Inf there reaches no output and no gradient. The forward's check
+    sends it to the Triton kernels (V there is NaN). The backward's check reads K and Q at
+    the listed rows only: in the first two cases K past the last query is Inf only where a
+    dQ tile holds it (T = 320: none, so the Mosaic backward runs, its dS selected to 0
+    where P is; T = 300 poisons V alone, and the padding rows 300–319 of the dK/dV kernel's
+    last q-block must attend nothing); the last one's Q rows 0–1 send it to Triton."""
+    b, s, n, h = 1, 512, 2, 128
     ks = jax.random.split(jax.random.key(5), 4)
     q, k, v, do = (jax.random.normal(kk, (b, length, n, h), jnp.float32)
                    for kk, length in zip(ks, (t, s, s, t)))
     bad_keys = np.arange(t, s)                       # attended by no query (causal, T < S)
     bad_queries = np.array([0, 1]) if isinstance(mask, M.AndMask) else np.zeros(0, int)
     clean = (q.at[:, bad_queries].set(0), k.at[:, bad_keys].set(0), v.at[:, bad_keys].set(0))
-    dirty = (q.at[:, bad_queries].set(jnp.nan), k.at[:, bad_keys].set(jnp.inf),
+    dirty = (q.at[:, bad_queries].set(jnp.nan),
+             k.at[:, bad_keys].set(jnp.inf) if poison_k else clean[1],
              v.at[:, bad_keys].set(jnp.nan))
 
     def loss(impl, q, k, v):

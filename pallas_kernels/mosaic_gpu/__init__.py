@@ -105,7 +105,8 @@ def backward(static, q, k, v, bias, out, lse, dout, delta, metas, operands, part
     MosaicConfig.backward: head dim 256, a bias and its gradient, dense mask operands; see
     default_config), which computes every part asked for, "dbias" included."""
     if not static.config.triton_backward:
-        if nonfinite_fallback.backward_needs_check(metas, parts):
+        if nonfinite_fallback.backward_needs_check(
+                metas, parts, nonfinite_fallback.fused_backward(static, parts)):
             return nonfinite_fallback.guarded_backward(
                 _mosaic_backward.backward, static, q, k, v, bias, out, lse, dout, delta, metas,
                 operands, parts)

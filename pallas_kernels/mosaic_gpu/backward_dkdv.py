@@ -28,7 +28,8 @@ from pallas_kernels.mosaic_gpu.backward_walk import (WGMMA_COL, OperandTiles, Ti
 
 def dkdv_call(q, k, v, do, lse2, delta, meta_arrays, *, block_q: int, block_kv: int,
               wgs: int, stages: int, memory_registers: int = 40, scale: float, cap, mask_fn,
-              kv_len: int, operands=(), operand_kinds=(), rank_arrays=None):
+              kv_len: int, operands=(), operand_kinds=(), rank_arrays=None,
+              q_len: int | None = None):
     """q, do [B, Tp, N, Hp]; k, v [B, Sp, K, Hp] (padded to whole tiles, Hp % 64 == 0);
     lse2 = lse·log2e and delta [B, N, Tp] float32; meta_arrays = the transposed lists
     (t_full_count, t_full_index, t_partial_count, t_partial_index) at tiles
@@ -45,6 +46,9 @@ def dkdv_call(q, k, v, do, lse2, delta, meta_arrays, *, block_q: int, block_kv: 
     dtype = q.dtype
     n_blocks = meta_arrays[0].shape[-1]
     kv_padded = n_blocks * block_kv != kv_len   # the last tile holds padded keys
+    # Padding rows of the last q-block must attend nothing: only a mask can make a tile
+    # PARTIAL where they would otherwise reach keys (None: no such rows, or no mask).
+    q_padded_to = q_len if mask_fn is not None and q_len is not None and q_len != q.shape[1] else None
     fused = rank_arrays is not None
     rank_arrays = tuple(rank_arrays or ())
     sums = OrderedSums(batch=b, heads=n, q_blocks=tp // block_q, block_q=block_q, head_dim=hp,
@@ -60,7 +64,7 @@ def dkdv_call(q, k, v, do, lse2, delta, meta_arrays, *, block_q: int, block_kv: 
             *operand_refs, dk_ref, dv_ref, k_smems, v_smems, kv_barriers = refs
         arith = TileArithmetic(scale, cap, mask_fn, kv_len, kv_padded,
                                OperandTiles(operand_refs, operand_kinds, q_axis=1),
-                               len(operand_kinds), dtype)
+                               len(operand_kinds), dtype, q_padded_to)
         j = lax.axis_index("kv_blocks")
         head_kv = lax.axis_index("kv_heads")
         bi = lax.axis_index("batch")

@@ -18,14 +18,18 @@ partial sums in a fixed order (backward_fused.py; deterministic too, but measure
 on the H200, so off).
 
 Both skip EMPTY tiles (never loaded), do no mask work on FULL tiles, and on PARTIAL
-tiles select P to exactly 0 where static.mask_fn or kv_pos >= kv_len rules a pair out.
+tiles select P (and dS) to exactly 0 where static.mask_fn or kv_pos >= kv_len rules a
+pair out, and in the dK/dV kernels where q_pos >= T (below).
 D = rowsum(dO ∘ O) − dlse comes precomputed (pallas_kernels/flash_vjp.py), as does the
 backward lse (+inf on rows with no allowed key, so P = 0 there).
 
 Inputs are zero-padded to whole tiles along T and S and to a multiple of 64 along the
-head dim (wgmma's K). Padded query rows get lse = 0, D = 0 and dO = 0, so their P is
-finite and their dS and dV contributions are zero; padded keys sit only in PARTIAL
-tiles, where kv_pos < kv_len masks them.
+head dim (wgmma's K). Padded query rows get lse = 0, D = 0 and dO = 0, so with finite
+inputs their P is finite and their dS and dV contributions are zero. With a mask, the
+dK/dV kernels' PARTIAL tiles also rule them out (q_pos < T): evaluated past T, a mask
+would let them reach keys no query attends, where a NaN/Inf in K or V (padding,
+unwritten slots) would meet their P = 1 (the dQ kernel drops their rows anyway). Padded
+keys sit only in PARTIAL tiles, where kv_pos < kv_len masks them.
 """
 
 from __future__ import annotations
@@ -267,7 +271,7 @@ def backward(static, q, k, v, bias, out, lse, dout, delta, metas, operands,
         rank_full, rank_partial, visitors = contributor_ranks(m)
         sums, dk, dv = dkdv_call(qp, kp, vp, dop, lse2, delta_p, lists, block_q=m.block_q,
                                  block_kv=m.block_kv, rank_arrays=(rank_full, rank_partial),
-                                 **common)
+                                 q_len=t, **common)
         # q-blocks that no kv-block visits were never written: their dQ is 0.
         b, n = q.shape[0], q.shape[2]
         seen = _pad(jnp.broadcast_to(visitors > 0, (b, n, visitors.shape[-1])), 2,
@@ -282,10 +286,10 @@ def backward(static, q, k, v, bias, out, lse, dout, delta, metas, operands,
         lists = tuple(jnp.asarray(a, jnp.int32) for a in lists)
         if config.persistent:
             dk, dv = dkdv_persistent_call(qp, kp, vp, dop, lse2, delta_p, lists, block_q=m.block_q,
-                                          block_kv=m.block_kv, meta=m, **common)
+                                          block_kv=m.block_kv, meta=m, q_len=t, **common)
         else:
             dk, dv = dkdv_call(qp, kp, vp, dop, lse2, delta_p, lists, block_q=m.block_q,
-                               block_kv=m.block_kv, **common)
+                               block_kv=m.block_kv, q_len=t, **common)
         dk, dv = dk[:, :s, :, :h].astype(k.dtype), dv[:, :s, :, :h].astype(v.dtype)
     if want_dq:
         m = metas["dq"]

@@ -32,7 +32,8 @@ from pallas_kernels.mosaic_gpu.backward_walk import (OperandTiles, dlogits, keep
 class TileArithmetic:
     """What a kernel call's tiles share: the logits' scale and soft cap, the mask
     (mask_fn, its operands' loader, the true key count when the last kv tile is
-    padded) and the dtype of the wgmma operands built in registers (P, dS)."""
+    padded, the true query count where the dK/dV kernel's last q-block is padded) and
+    the dtype of the wgmma operands built in registers (P, dS)."""
     scale: float
     cap: float | None
     mask_fn: Callable | None
@@ -41,6 +42,7 @@ class TileArithmetic:
     operand_tiles: OperandTiles
     operand_count: int
     dtype: Any
+    q_len: int | None = None   # T where a masked dK/dV tile's query rows are padded past it
 
     def probabilities(self, s, lse2, *, row_axis: int, partial, q_start, kv_start, batch, head):
         """(P, tanh or None) of raw scores s, P selected to 0 where a PARTIAL tile's mask
@@ -53,7 +55,7 @@ class TileArithmetic:
         operands_here = functools.partial(self.operand_tiles, s.shape, batch=batch, head=head,
                                           q_start=q_start, kv_start=kv_start)
         p = keep_partial(p, partial, self.mask_fn, positions, self.kv_len, self.kv_padded,
-                         operands_here, self.operand_count)
+                         operands_here, self.operand_count, q_len=self.q_len)
         return p, tanh
 
     def dlogits(self, p, dp, delta, tanh, *, row_axis: int, partial):
@@ -62,7 +64,7 @@ class TileArithmetic:
         D or the cap's tanh is NaN (a V row, an output or a K row that is NaN/Inf; P = 0
         alone would give 0 · NaN = NaN in dK and dQ). FULL tiles skip the select."""
         ds = dlogits(p, dp, delta, tanh, row_axis=row_axis)
-        if self.mask_fn is None and not self.kv_padded:
+        if self.mask_fn is None and not self.kv_padded and self.q_len is None:
             return ds
         return lax.cond(partial, lambda: jnp.where(p == 0.0, 0.0, ds), lambda: ds)
 

@@ -189,19 +189,25 @@ def logits_and_probabilities(s, lse2, *, scale: float, cap: float | None, row_ax
 
 
 def keep_partial(p, partial, mask_fn: Callable | None, positions, kv_len: int,
-                 kv_padded: bool, operands=lambda: (), operand_count: int = 0):
-    """On a PARTIAL tile, P is selected to exactly 0 where the mask (or kv_pos >= kv_len)
-    rules a pair out; FULL tiles skip this work entirely (lax.cond on the step's kind).
+                 kv_padded: bool, operands=lambda: (), operand_count: int = 0,
+                 q_len: int | None = None):
+    """On a PARTIAL tile, P is selected to exactly 0 where the mask (or kv_pos >= kv_len,
+    or q_pos >= q_len when `q_len` is given: the query tile's padding rows, which would
+    otherwise evaluate the mask past T and reach keys no query attends) rules a pair out;
+    FULL tiles skip this work entirely (lax.cond on the step's kind).
     positions(with_q) -> (q_pos or None, kv_pos): int32 positions of the tile's elements,
     same shape and layout as p (the mask is element-wise, so the tile may be transposed);
     operands() -> the `operand_count` mask operands' values for this tile (OperandTiles)."""
-    if mask_fn is None and not kv_padded:
+    if mask_fn is None and not kv_padded and q_len is None:
         return p
-    with_q = mask_fn is not None and reads_query_positions(mask_fn, p.shape, operand_count)
+    with_q = q_len is not None or (
+        mask_fn is not None and reads_query_positions(mask_fn, p.shape, operand_count))
 
     def masked():
         q_pos, kv_pos = positions(with_q)
         keep = kv_pos < kv_len
+        if q_len is not None:
+            keep = keep & (q_pos < q_len)
         if mask_fn is not None:
             # A mask that never reads the query positions (segments, block layouts) gets
             # none built: Mosaic GPU cannot lay out a value nothing uses.

@@ -7,9 +7,12 @@ of a PARTIAL tile attends, nor Q rows that attend no key of the tile: a wgmma th
 multiplies such a row by exact zeros. With finite inputs that contributes exactly
 nothing. Only a NaN or Inf held there (padding, unwritten cache slots, a poisoned
 document) would reach results, through 0 · NaN = NaN: V in the forward (P·V), K in the
-dQ pass (dQ += dS·K) and Q in the dK/dV pass (dK += dSᵀ·Q). Everywhere else the two
-kernels agree, NaN for NaN: a key some row of the tile attends is multiplied unzeroed
-by both, and neither multiplies V, D or the soft cap's tanh into dS where P is 0.
+dQ pass (dQ += dS·K; in the fused backward, which adds dQ in the dK/dV pass, K at the
+keys its tiles leave unattended) and Q in the dK/dV pass (dK += dSᵀ·Q). A key some row of
+the tile attends is multiplied unzeroed by both kernels; neither lets V, D or the soft
+cap's tanh into dS where P is 0 (Mosaic selects dS where P is 0, Triton where the mask
+rules a pair out: they differ only where an attended pair's P underflows to 0 in a row
+whose D is already NaN); and both rule the query tile's padding rows out of PARTIAL tiles.
 
 So where the block metadata says such rows may exist (BlockMetadata.partial_isolates_*:
 every mask holding traced data, such as segment ids and sequence lengths, and static masks
@@ -21,7 +24,8 @@ BigBird's block patterns) never pay for the check.
 
 For static masks the metadata also lists where those rows are (BlockMetadata.
 isolated_keys / isolated_queries): the forward tiles' unattended keys for V, the dQ
-tiles' unattended keys for K and the dK/dV tiles' unattended queries for Q. The check
+tiles' unattended keys for K (and the dK/dV tiles' too, fused) and the dK/dV tiles'
+unattended queries for Q. The check
 then gathers those rows alone: a strided plan's `Causal & ~Local(1, 0)` part on 128-row
 residue classes leaves the last two keys and the first two queries of each class
 unattended, and reads 1/64 of V, K and Q instead of all of them. Dynamic masks (segment
@@ -61,9 +65,16 @@ def forward_needs_check(metas) -> bool:
     return bool(metas["forward"].partial_isolates_keys)
 
 
-def backward_needs_check(metas, parts) -> bool:
+def backward_needs_check(metas, parts, fused: bool = False) -> bool:
+    """`fused`: the fused backward runs this call (dQ added inside the dK/dV tiles)."""
     return (("dq" in parts and metas["dq"].partial_isolates_keys)
-            or ("dkdv" in parts and metas["dkdv"].partial_isolates_queries))
+            or ("dkdv" in parts and metas["dkdv"].partial_isolates_queries)
+            or (fused and metas["dkdv"].partial_isolates_keys))
+
+
+def fused_backward(static, parts) -> bool:
+    """Whether the fused Mosaic backward (MosaicBackwardConfig.fused) serves this call."""
+    return bool(getattr(static.config.backward, "fused", False)) and {"dq", "dkdv"} <= set(parts)
 
 
 def _isolated(metas, name, field, wanted=True):
@@ -118,7 +129,8 @@ def guarded_forward(mosaic_forward, static, q, k, v, bias, metas, operands):
 def guarded_backward(mosaic_backward, static, q, k, v, bias, out, lse, dout, delta, metas,
                      operands, parts):
     """(dq, dk, dv, dbias) of the Mosaic backward, or of the Triton backward when K holds
-    NaN/Inf at a key a dQ tile leaves unattended or Q at a query a dK/dV tile does."""
+    NaN/Inf at a key a dQ tile leaves unattended (a dK/dV tile too, fused) or Q at a query
+    a dK/dV tile does."""
     triton_static = _triton_static(static)
     templates = (q, k, v, bias)
 
@@ -131,5 +143,8 @@ def guarded_backward(mosaic_backward, static, q, k, v, bias, out, lse, dout, del
                                       operands, parts=parts), templates)
 
     keys = _isolated(metas, "dq", "isolated_keys", wanted="dq" in parts)
+    if fused_backward(static, parts):   # dQ += dS·K inside the dK/dV tiles as well
+        fused_keys = _isolated(metas, "dkdv", "isolated_keys")
+        keys = None if keys is None or fused_keys is None else np.union1d(keys, fused_keys)
     queries = _isolated(metas, "dkdv", "isolated_queries", wanted="dkdv" in parts)
     return lax.cond(_all_finite(_rows(q, queries), _rows(k, keys)), mosaic, triton)

@@ -299,7 +299,8 @@ class _Problem:
         hp = padded_head_dim(h)
         tp, sp = pad_to_multiple(t, bq), pad_to_multiple(s, bk)
         acc = acc_dtype(q.dtype)
-        # Padded rows: lse = 0 and D = 0 keep P finite, and dO = 0 makes their dS and dV zero.
+        # Padded rows: lse = 0 and D = 0 keep P finite, dO = 0 makes their dS and dV zero, and
+        # PARTIAL tiles rule them out (tile_keep's q_len) where a mask would reach keys past T.
         return cls(b, t, n, h, s, kh, bq, bk, tp, sp, hp, acc,
                    pad_btnh(q, tp, hp), pad_btnh(k, sp, hp), pad_btnh(v, sp, hp),
                    pad_btnh(dout.astype(q.dtype), tp, hp), pad_axis(lse.astype(acc), 2, tp),
