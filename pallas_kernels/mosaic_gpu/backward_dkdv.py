@@ -31,7 +31,8 @@ def dkdv_call(q, k, v, do, lse2, delta, meta_arrays, *, block_q: int, block_kv: 
               kv_len: int, operands=(), operand_kinds=(), rank_arrays=None,
               q_len: int | None = None):
     """q, do [B, Tp, N, Hp]; k, v [B, Sp, K, Hp] (padded to whole tiles, Hp % 64 == 0);
-    lse2 = lse·log2e and delta [B, N, Tp] float32; meta_arrays = the transposed lists
+    lse2 = lse·log2e and delta [B, N, Tp] float32; q_len: the true T where a mask's PARTIAL
+    tiles must rule out the padding rows past it (else None); meta_arrays = the transposed lists
     (t_full_count, t_full_index, t_partial_count, t_partial_index) at tiles
     (block_q, block_kv). Returns dK, dV [B, Sp, K, Hp] in k's dtype.
 
@@ -46,9 +47,6 @@ def dkdv_call(q, k, v, do, lse2, delta, meta_arrays, *, block_q: int, block_kv: 
     dtype = q.dtype
     n_blocks = meta_arrays[0].shape[-1]
     kv_padded = n_blocks * block_kv != kv_len   # the last tile holds padded keys
-    # Padding rows of the last q-block must attend nothing: only a mask can make a tile
-    # PARTIAL where they would otherwise reach keys (None: no such rows, or no mask).
-    q_padded_to = q_len if mask_fn is not None and q_len is not None and q_len != q.shape[1] else None
     fused = rank_arrays is not None
     rank_arrays = tuple(rank_arrays or ())
     sums = OrderedSums(batch=b, heads=n, q_blocks=tp // block_q, block_q=block_q, head_dim=hp,
@@ -64,7 +62,7 @@ def dkdv_call(q, k, v, do, lse2, delta, meta_arrays, *, block_q: int, block_kv: 
             *operand_refs, dk_ref, dv_ref, k_smems, v_smems, kv_barriers = refs
         arith = TileArithmetic(scale, cap, mask_fn, kv_len, kv_padded,
                                OperandTiles(operand_refs, operand_kinds, q_axis=1),
-                               len(operand_kinds), dtype, q_padded_to)
+                               len(operand_kinds), dtype, q_len)
         j = lax.axis_index("kv_blocks")
         head_kv = lax.axis_index("kv_heads")
         bi = lax.axis_index("batch")

@@ -84,9 +84,6 @@ def dkdv_persistent_call(q, k, v, do, lse2, delta, meta_arrays, *, block_q: int,
     dtype = q.dtype
     n_blocks = meta_arrays[0].shape[-1]
     kv_padded = n_blocks * block_kv != kv_len   # the last tile holds padded keys
-    # Padding rows of the last q-block must attend nothing: only a mask can make a tile
-    # PARTIAL where they would otherwise reach keys (None: no such rows, or no mask).
-    q_padded_to = q_len if mask_fn is not None and q_len is not None and q_len != q.shape[1] else None
     schedule = dkdv_schedule(meta_arrays, meta, kv_heads=kh, groups=groups, batch=b,
                              num_ctas=num_sms())
     n_schedule = len(schedule.arrays())
@@ -98,7 +95,7 @@ def dkdv_persistent_call(q, k, v, do, lse2, delta, meta_arrays, *, block_q: int,
         deal = schedule.bind(schedule_refs)
         arith = TileArithmetic(scale, cap, mask_fn, kv_len, kv_padded,
                                OperandTiles(operand_refs, operand_kinds, q_axis=1),
-                               len(operand_kinds), dtype, q_padded_to)
+                               len(operand_kinds), dtype, q_len)
         meta_refs = (tfc_ref, tfi_ref, tpc_ref, tpi_ref)
 
         def body(k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem, kv_ready, step_ready,

@@ -264,6 +264,9 @@ def backward(static, q, k, v, bias, out, lse, dout, delta, metas, operands,
                   operands=prepare_operands(operands, static.operand_kinds, q_pad=tp, kv_pad=sp),
                   operand_kinds=static.operand_kinds)
 
+    # The dK/dV kernels' padding rows past T must attend nothing: only a mask can make a
+    # tile PARTIAL where they would otherwise reach keys no query attends.
+    padded_q_len = t if static.mask_fn is not None and tp != t else None
     dq = dk = dv = None
     if want_dkdv and want_dq and config.fused:
         m = jax.tree.map(lambda a: jnp.asarray(a, jnp.int32), metas["dkdv"])
@@ -271,7 +274,7 @@ def backward(static, q, k, v, bias, out, lse, dout, delta, metas, operands,
         rank_full, rank_partial, visitors = contributor_ranks(m)
         sums, dk, dv = dkdv_call(qp, kp, vp, dop, lse2, delta_p, lists, block_q=m.block_q,
                                  block_kv=m.block_kv, rank_arrays=(rank_full, rank_partial),
-                                 q_len=t, **common)
+                                 q_len=padded_q_len, **common)
         # q-blocks that no kv-block visits were never written: their dQ is 0.
         b, n = q.shape[0], q.shape[2]
         seen = _pad(jnp.broadcast_to(visitors > 0, (b, n, visitors.shape[-1])), 2,
@@ -286,10 +289,10 @@ def backward(static, q, k, v, bias, out, lse, dout, delta, metas, operands,
         lists = tuple(jnp.asarray(a, jnp.int32) for a in lists)
         if config.persistent:
             dk, dv = dkdv_persistent_call(qp, kp, vp, dop, lse2, delta_p, lists, block_q=m.block_q,
-                                          block_kv=m.block_kv, meta=m, q_len=t, **common)
+                                          block_kv=m.block_kv, meta=m, q_len=padded_q_len, **common)
         else:
             dk, dv = dkdv_call(qp, kp, vp, dop, lse2, delta_p, lists, block_q=m.block_q,
-                               block_kv=m.block_kv, q_len=t, **common)
+                               block_kv=m.block_kv, q_len=padded_q_len, **common)
         dk, dv = dk[:, :s, :, :h].astype(k.dtype), dv[:, :s, :, :h].astype(v.dtype)
     if want_dq:
         m = metas["dq"]
