@@ -525,6 +525,19 @@ def test_masks_that_leave_unattended_keys_in_a_tile_are_checked_or_refused(mask,
         prepare(config=mosaic_gpu.config_for_head_dim(256))
 
 
+def _stand_in_forward(static, q, k, v, bias, metas, operands):
+    """The Mosaic forward's place in the finite check's cond on CPU: zeros, (out, lse)."""
+    b, t, n, _ = q.shape
+    return jnp.zeros_like(q), jnp.zeros((b, n, t), jnp.float32)
+
+
+def _stand_in_backward(static, q, k, v, bias, out, lse, dout, delta, metas, operands, parts):
+    """The Mosaic backward's place on CPU: zero gradients for the parts asked for."""
+    dkdv = "dkdv" in parts
+    return (jnp.zeros_like(q) if "dq" in parts else None, jnp.zeros_like(k) if dkdv else None,
+            jnp.zeros_like(v) if dkdv else None, None)
+
+
 def test_nonfinite_inputs_take_the_triton_kernels_on_the_mosaic_metadata():
     """The finite-input check's other branch, run on CPU: NaN/Inf in keys no query
     attends and in a query that attends no key send the call to the Triton kernels
@@ -554,17 +567,11 @@ def test_nonfinite_inputs_take_the_triton_kernels_on_the_mosaic_metadata():
     want = vjp((do, jnp.zeros_like(lse)))
     delta = jnp.einsum("btnh,btnh->bnt", do, out)
 
-    def stand_in_forward(static, q, k, v, bias, metas, operands):
-        return jnp.zeros_like(q), jnp.zeros((b, n, t), jnp.float32)
-
-    def stand_in_backward(static, q, k, v, bias, out, lse, dout, delta, metas, operands, parts):
-        return jnp.zeros_like(q), jnp.zeros_like(k), jnp.zeros_like(v), None
-
     @jax.jit
     def guarded(q, k, v):
-        fwd = nonfinite_fallback.guarded_forward(stand_in_forward, static, q, k, v, None, metas,
+        fwd = nonfinite_fallback.guarded_forward(_stand_in_forward, static, q, k, v, None, metas,
                                                  operands)
-        bwd = nonfinite_fallback.guarded_backward(stand_in_backward, static, q, k, v, None, out,
+        bwd = nonfinite_fallback.guarded_backward(_stand_in_backward, static, q, k, v, None, out,
                                                   backward_lse(lse), do, delta, metas, operands,
                                                   ("dq", "dkdv"))
         return fwd, bwd[:3]
@@ -601,19 +608,11 @@ def test_the_finite_check_reads_only_rows_the_kernels_may_treat_differently():
     out, lse = reference_attention(q, k, v, None, mask, scale=h ** -0.5, return_residuals=True)
     delta = jnp.einsum("btnh,btnh->bnt", do, out)
 
-    def stand_in_forward(static, q, k, v, bias, metas, operands):
-        return jnp.zeros_like(q), jnp.zeros((b, n, t), jnp.float32)
-
-    def stand_in_backward(static, q, k, v, bias, out, lse, dout, delta, metas, operands, parts):
-        dkdv = "dkdv" in parts
-        return (jnp.zeros_like(q) if "dq" in parts else None, jnp.zeros_like(k) if dkdv else None,
-                jnp.zeros_like(v) if dkdv else None, None)
-
     @jax.jit
     def guarded(q, k, v):
-        fwd = nonfinite_fallback.guarded_forward(stand_in_forward, static, q, k, v, None, metas,
+        fwd = nonfinite_fallback.guarded_forward(_stand_in_forward, static, q, k, v, None, metas,
                                                  operands)[0]
-        bwd = nonfinite_fallback.guarded_backward(stand_in_backward, static, q, k, v, None, out,
+        bwd = nonfinite_fallback.guarded_backward(_stand_in_backward, static, q, k, v, None, out,
                                                   backward_lse(lse), do, delta, metas, operands,
                                                   ("dq", "dkdv"))[0]
         return jnp.any(fwd != 0), jnp.any(bwd != 0)    # True: the Triton kernels ran
@@ -628,7 +627,7 @@ def test_the_finite_check_reads_only_rows_the_kernels_may_treat_differently():
 
     def backward_only(parts, q, k, v):
         grads = nonfinite_fallback.guarded_backward(
-            stand_in_backward, static, q, k, v, None, out, backward_lse(lse), do, delta, metas,
+            _stand_in_backward, static, q, k, v, None, out, backward_lse(lse), do, delta, metas,
             operands, parts)[:3]
         return jnp.any(jnp.stack([jnp.any(g != 0) for g in grads if g is not None]))
 

@@ -25,11 +25,10 @@ BigBird's block patterns) never pay for the check.
 For static masks the metadata also lists where those rows are (BlockMetadata.
 isolated_keys / isolated_queries): the forward tiles' unattended keys for V, the dQ
 tiles' unattended keys for K (and the dK/dV tiles' too, fused) and the dK/dV tiles'
-unattended queries for Q. The check
-then gathers those rows alone: a strided plan's `Causal & ~Local(1, 0)` part on 128-row
-residue classes leaves the last two keys and the first two queries of each class
-unattended, and reads 1/64 of V, K and Q instead of all of them. Dynamic masks (segment
-ids, lengths) and long lists check every row.
+unattended queries for Q. The check then gathers those rows alone: a strided plan's
+`Causal & ~Local(1, 0)` part on 128-row residue classes leaves the last two keys and the
+first two queries of each class unattended, and reads 1/64 of V, K and Q instead of all
+of them. Dynamic masks (segment ids, lengths) and long lists check every row.
 """
 
 from __future__ import annotations

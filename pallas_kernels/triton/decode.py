@@ -121,9 +121,10 @@ def default_decode_config(rows: int, *, interpret: bool, page_size: int | None =
 
     A paged cache whose pages are smaller than 128 slots, read by a 32-row query tile
     (MQA: 32 heads on one KV head; 17 to 32 rows pad to it), gathers 128-key tiles: 8
-    pages of 16 slots or 2 of 64 per tile. Triton does not stage a gathered tile through shared memory ahead of use,
-    so a tile's loads wait on its own table read; twice the keys per tile is twice the
-    bytes in flight per wait, and the 32 rows' dot products are amortised over more keys.
+    pages of 16 slots or 2 of 64 per tile. Triton does not stage a gathered tile through
+    shared memory ahead of use, so a tile's loads wait on its own table read; twice the
+    keys per tile is twice the bytes in flight per wait, and the 32 rows' dot products
+    are amortised over more keys.
     Five interleaved rounds on an H200, MQA Tq 1, GB/s with 64-key vs 128-key tiles
     (contiguous cache in the same process): page 16 — 8 × 128k 2545 vs 3088 (3296),
     64 × 32k 2688 vs 3442 (3537), 64 × 128k 2972 vs 3770 (3865), 1 × 128k 1186 vs 1376,
