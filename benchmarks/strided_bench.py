@@ -20,6 +20,10 @@ Engines:
          nonfinite_fallback.py): what those checks cost a plan whose parts leave keys or
          queries unattended in PARTIAL tiles (the union's second part does). A measurement
          only: this bench's inputs are finite; a user's call keeps the checks
+  default_merge_differentiated  (only when named) the default engine with a union's
+         merge differentiated by autodiff (each part's own backward on its weighted dO),
+         instead of the merge's own VJP (each part's backward kernels on the merged
+         residuals, jaxattn/planned.py): what that VJP saves
 Times are medians of 20 calls after 2 warm-ups (jaxattn/benchmarking/timing.py), and
 per call of 20 issued back to back (`b2b_*`: what the device takes when the host's
 dispatch is not waited for); one input set
@@ -49,6 +53,7 @@ import jaxattn  # noqa: E402
 from jaxattn import masks as M  # noqa: E402
 from jaxattn.benchmarking.flops import allowed_pairs as allowed_pair_count  # noqa: E402
 from jaxattn.benchmarking.timing import time_back_to_back, time_call  # noqa: E402
+from jaxattn import planned  # noqa: E402
 from jaxattn.planned import planning  # noqa: E402
 from jaxattn.reference import allowed_pairs  # noqa: E402
 from pallas_kernels.mosaic_gpu import nonfinite_fallback as fallback  # noqa: E402
@@ -57,9 +62,10 @@ ENGINES = ("today", "plan", "plan_mosaic", "default", "cudnn")
 # "cudnn_native" (run only when named) is jaxattn's "cudnn" implementation: jax.nn with the
 # mask's native form (a causal window as local_window_size), where jax.nn has one.
 IMPLEMENTATION = dict(today="pallas_triton", plan="pallas_triton", plan_mosaic="pallas_mosaic_gpu", default=None,
-                      cudnn_native="cudnn", default_unchecked=None)
+                      cudnn_native="cudnn", default_unchecked=None, default_merge_differentiated=None)
 # Engines whose forward output a row compares with today's path.
-COMPARED_WITH_TODAY = ("plan", "plan_mosaic", "default", "default_unchecked")
+COMPARED_WITH_TODAY = ("plan", "plan_mosaic", "default", "default_unchecked",
+                       "default_merge_differentiated")
 
 
 @contextlib.contextmanager
@@ -78,6 +84,18 @@ def finite_checks_off():
     finally:
         fallback.forward_needs_check, fallback.backward_needs_check = saved
         jax.clear_caches()
+
+
+@contextlib.contextmanager
+def merge_differentiated():
+    """While tracing inside: a planned union's merge is differentiated by autodiff, as
+    when its parts run on different implementations."""
+    saved = planned._kernels_serve_all
+    planned._kernels_serve_all = lambda *args: False
+    try:
+        yield
+    finally:
+        planned._kernels_serve_all = saved
 
 
 def cases():
@@ -135,8 +153,9 @@ def run_case(name, mask, *, b, n, s, d, engines):
             extra = (allowed_pairs(mask, s, s),) if engine == "cudnn" else ()
             fwd, fwd_bwd = _functions(engine, mask)
             # The planner's switch is read while tracing: compile inside it.
-            unchecked = finite_checks_off() if engine == "default_unchecked" else contextlib.nullcontext()
-            with planning(engine != "today"), unchecked:
+            variant = (finite_checks_off() if engine == "default_unchecked" else merge_differentiated()
+                       if engine == "default_merge_differentiated" else contextlib.nullcontext())
+            with planning(engine != "today"), variant:
                 fwd_c = jax.jit(fwd).lower(q, k, v, *extra).compile()
                 bwd_c = jax.jit(fwd_bwd).lower(q, k, v, *extra, do).compile()
             tf = time_call(fwd_c, [(q, k, v, *extra)]).median_s

@@ -56,6 +56,27 @@ def _served(backend_name: str, request: KernelRequest, config, interpret):
     return backend, config if config is not None else backend.default_config(request, interpret=interpret)
 
 
+def decline_reason(backend_name: str, query, key, mask: Mask, *, scale, logits_soft_cap):
+    """Why kernel backend `backend_name` would decline pallas_attention(query, key, ...,
+    mask) without a bias (its supports() or its block metadata check), or None when it
+    serves the call. Nothing is traced."""
+    interpret = default_interpret()
+    request = kernel_request(query, key, None, mask, logits_soft_cap)
+    try:
+        _, config = _served(backend_name, request, None, interpret)
+        prepare_call(backend_name, mask, query.shape[1], key.shape[1], scale=scale,
+                     logits_soft_cap=logits_soft_cap, config=config, interpret=interpret)
+    except NotImplementedError as e:
+        return str(e)
+    return None
+
+
+def explicitly_sharded(query, key, value) -> bool:
+    """Whether the inputs carry an explicit sharding over batch or heads (pallas_attention
+    then runs the kernels per shard under shard_map)."""
+    return _explicit_sharding_plan(query, key, value) is not None
+
+
 def pallas_attention(backend_name: str, query, key, value, bias, mask: Mask, *, scale,
                      logits_soft_cap, return_residuals, dropout_rate=0.0, dropout_seed=None,
                      broadcast_dropout=False, config=None, interpret=None, score_mod=None):

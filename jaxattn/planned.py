@@ -17,13 +17,22 @@ p' of class r where j + pre = p'·s + r. Two ways to give the kernels the classe
   are moved into the batch axis ([B·s, Tc, N, H], a transpose). Padding keys are masked
   by a SegmentMask, and segment ids are permuted like the tokens.
 
-Parts over disjoint pairs merge through their log-sum-exp (`merge_partials`).
+Parts over disjoint pairs merge through their log-sum-exp (`merge_partials`). When every
+part runs on one kernel backend, the merge has its own VJP (`_merged_parts`): for
+disjoint parts the attention of the union has P = exp(S − lse) with the merged lse, and
+dS = P ∘ (dP − D) with D = rowsum(dO ∘ O) − dlse of the merged output. So each part's
+backward kernels take the merged O, lse, dO and D in its own layout (free views, or the
+permutation of the forward), and D is computed once. Differentiating through the merge
+instead would cost three more passes over O-sized arrays (each part's weighted dO and
+its own D) and keep every part's output alive until the backward.
 """
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
+import dataclasses
+import functools
 
 import numpy as np
 import jax
@@ -31,6 +40,7 @@ import jax.numpy as jnp
 
 from pallas_kernels.registry import backend_names, get_backend
 from jaxattn import flash
+from jaxattn.flash import pallas_attention, pallas_backward
 from jaxattn.implementations import default_order
 from jaxattn.masks import AndMask, Mask, OrMask, SegmentMask, StridedMask
 from jaxattn.masks.complement import NotMask
@@ -102,7 +112,9 @@ def run_planned(query, key, value, bias, mask: Mask, *, implementation, scale, l
                 return_residuals, attend_fn):
     """The dispatch hook: the planned result of dot_product_attention, or None when the
     plain tile walk is the best (or the call has a bias, which the plan does not permute).
-    `attend_fn` is dot_product_attention itself, which runs each part."""
+    Parts that all run on the kernel backend the plan was sized for merge under the
+    merge's own VJP (`_merged_parts`); otherwise `attend_fn` (dot_product_attention
+    itself) runs each part and the merge is differentiated as it stands."""
     if bias is not None:
         return None
     found = plan_for(mask, query, key, implementation, logits_soft_cap)
@@ -126,16 +138,89 @@ def run_planned(query, key, value, bias, mask: Mask, *, implementation, scale, l
 
     try:
         with planning(False):  # the parts' own calls take the plain walk
-            partials = [_run_part(part, data, query, key, value, attend) for part in plan.parts]
+            inputs = [_part_inputs(part, data, query, key, value) for part in plan.parts]
+            if len(inputs) > 1 and _kernels_serve_all(planned_for, inputs, scale, logits_soft_cap,
+                                                      (query, key, value)):
+                spec = _MergeSpec(planned_for, scale, logits_soft_cap,
+                                  tuple(layout for *_, layout in inputs))
+                out, lse = _merged_parts(spec, tuple(tuple(x[:4]) for x in inputs))
+            else:
+                partials = [_from_layout(*attend(q, k, v, m), layout) for q, k, v, m, layout in inputs]
+                out, lse = partials[0] if len(partials) == 1 else merge_partials(partials)
     except NotImplementedError:  # a kernel declines a part's call: keep today's path
         return None
-    out, lse = partials[0] if len(partials) == 1 else merge_partials(partials)
     return (out, lse) if return_residuals else out
 
 
-def _run_part(part: Part, data, query, key, value, attend):
+def _kernels_serve_all(name: str, inputs, scale, logits_soft_cap, arrays) -> bool:
+    """Whether kernel backend `name` serves every part as given (so that the merge's own
+    VJP can run their backward kernels): a static scale, no explicit sharding (the
+    backward kernels are called on whole arrays), and the backend accepting each part."""
+    if not isinstance(scale, float) or flash.explicitly_sharded(*arrays):
+        return False
+    return all(flash.decline_reason(name, q, k, m, scale=scale, logits_soft_cap=logits_soft_cap)
+               is None for q, k, _, m, _ in inputs)
+
+
+@dataclasses.dataclass(frozen=True)
+class _MergeSpec:
+    """The static side of a merged call: the kernel backend, scale, soft cap, and each
+    part's layout ((batch, stride, T, heads) for a residue layout, None for natural)."""
+
+    backend: str
+    scale: float
+    logits_soft_cap: float | None
+    layouts: tuple
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _merged_parts(spec: _MergeSpec, inputs):
+    """(out, lse) of the union of disjoint parts; inputs: per part (q, k, v, kernel mask)
+    in that part's layout."""
+    return _merged_forward(spec, inputs)[0]
+
+
+def _merged_forward(spec: _MergeSpec, inputs):
+    with planning(False):
+        partials = [
+            _from_layout(*pallas_attention(spec.backend, q, k, v, None, m, scale=spec.scale,
+                                           logits_soft_cap=spec.logits_soft_cap,
+                                           return_residuals=True), layout)
+            for (q, k, v, m), layout in zip(inputs, spec.layouts)]
+    out, lse = merge_partials(partials)
+    return (out, lse), (inputs, out, lse)
+
+
+def _merged_backward(spec: _MergeSpec, residuals, cotangents):
+    inputs, out, lse = residuals
+    dout, dlse = cotangents
+    acc = lse.dtype
+    # D = rowsum(dO ∘ O) − dlse of the merged result, once for every part: [B, N, T].
+    delta = jnp.einsum("btnh,btnh->bnt", dout.astype(acc), out.astype(acc)) - dlse.astype(acc)
+    grads = []
+    for (q, k, v, m), layout in zip(inputs, spec.layouts):
+        o_p, do_p, lse_p, delta_p = out, dout, lse, delta
+        if layout is not None:
+            _, s, _, heads = layout
+            tq = q.shape[1]
+            o_p, do_p = (_to_classes(x, s, tq, 0, heads) for x in (out, dout))
+            # A padding query row of the classes gets dO = 0 and P = 0 (lse = +inf).
+            lse_p = _rows_to_classes(lse, s, tq, heads, jnp.inf)
+            delta_p = _rows_to_classes(delta, s, tq, heads, 0)
+        dq, dk, dv = pallas_backward(spec.backend, q, k, v, o_p, lse_p, do_p, delta_p, m,
+                                     scale=spec.scale, logits_soft_cap=spec.logits_soft_cap)
+        grads.append((dq, dk, dv, None))  # the kernel mask holds integer data only
+    return (tuple(grads),)
+
+
+_merged_parts.defvjp(_merged_forward, _merged_backward)
+
+
+def _part_inputs(part: Part, data, query, key, value):
+    """(q, k, v, kernel mask, layout) of one part: the arrays in the part's layout, and
+    the layout _from_layout needs to bring its result back (None: natural order)."""
     if part.layout is None:
-        return attend(query, key, value, substitute(part.mask, data.__getitem__))
+        return query, key, value, substitute(part.mask, data.__getitem__), None
     s, pre = part.layout.stride, part.layout.pre
     b, t = query.shape[:2]
     kv_len = key.shape[1]
@@ -155,9 +240,13 @@ def _run_part(part: Part, data, query, key, value, attend):
         kk = np.arange(tk)[None, :] * s + np.arange(s)[:, None]
         pad = np.tile(((kk < pre) | (kk >= kv_len + pre)).astype(np.int32), (b, 1))
         kernel_mask = kernel_mask & SegmentMask(jnp.zeros((b * s, tq), jnp.int32), jnp.asarray(pad))
-    out, lse = attend(_to_classes(query, s, tq, 0, heads), _to_classes(key, s, tk, pre, heads),
-                      _to_classes(value, s, tk, pre, heads), kernel_mask)
-    return _from_classes(out, lse, b, s, t, heads)
+    return (_to_classes(query, s, tq, 0, heads), _to_classes(key, s, tk, pre, heads),
+            _to_classes(value, s, tk, pre, heads), kernel_mask, (b, s, t, heads))
+
+
+def _from_layout(out, lse, layout):
+    """A part's (out, lse) in natural order."""
+    return (out, lse) if layout is None else _from_classes(out, lse, *layout)
 
 
 def _to_classes(x, stride: int, length: int, front: int, heads: bool):
@@ -185,6 +274,15 @@ def _from_classes(out, lse, b: int, stride: int, t: int, heads: bool):
         out = out.reshape(b, stride, tq, n, h).transpose(0, 2, 1, 3, 4).reshape(b, tq * stride, n, h)
     lse = lse.reshape(b, stride, n, tq).transpose(0, 2, 3, 1).reshape(b, n, tq * stride)
     return out[:, :t], lse[..., :t]
+
+
+def _rows_to_classes(x, stride: int, length: int, heads: bool, fill):
+    """A per-row array laid out like lse ([B, N, T]) in the classes' layout: [B, stride·N,
+    length] (heads) or [B·stride, N, length] (batch), padding rows set to `fill`."""
+    b, n, t = x.shape
+    x = jnp.pad(x, ((0, 0), (0, 0), (0, length * stride - t)), constant_values=fill)
+    x = x.reshape(b, n, length, stride).transpose(0, 3, 1, 2)
+    return x.reshape(b, stride * n, length) if heads else x.reshape(b * stride, n, length)
 
 
 def merge_partials(partials):

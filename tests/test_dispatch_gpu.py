@@ -85,6 +85,28 @@ def test_default_dispatch_matches_the_reference(name, t, s, h):
     _check_default_dispatch(MASKS[name], t, s, h)
 
 
+# Unions the planner runs as two parts (a window in natural order, the strided rest in
+# residue classes) merged through the log-sum-exp; the backward runs each part's kernels
+# on the merged residuals (jaxattn/planned.py). T != S and lengths that are not whole
+# classes fold the classes into the batch, padded.
+PLANNED_UNIONS = {
+    "window_or_strided_causal": (LocalMask(16, 0) | StridedMask(16)) & CausalMask(),
+    "symmetric_window_or_shifted_strided": LocalMask(8, 8) | StridedMask(32, offset=5),
+}
+
+
+@pytest.mark.parametrize("h", [64, 128])
+@pytest.mark.parametrize("t, s", [(1024, 1024), (1000, 1100), (1100, 1000)], ids=lambda x: str(x))
+@pytest.mark.parametrize("name", list(PLANNED_UNIONS))
+def test_planned_union_matches_the_reference(name, t, s, h):
+    from jaxattn.planned import plan_for
+    mask = PLANNED_UNIONS[name]
+    q, k, _, _ = _inputs(t, s, h)
+    found = plan_for(mask, q, k, None)
+    assert found is not None and len(found[0].parts) == 2, "the planner runs it as two parts"
+    _check_default_dispatch(mask, t, s, h)
+
+
 # Where dispatch puts the Hopper kernels first for masks cuDNN runs natively (head dim
 # 128, >= 1024 queries): (mask, tokens, kernels the forward runs, kernels the gradient
 # runs). Causal masks up to 8192 tokens and the full mask up to 2048 run on them in
