@@ -8,6 +8,7 @@ the allowed pairs only: forward 4·B·N·T·S·D·density, forward+backward 3.5�
 Engines:
   today  jaxattn pallas_triton with the planner off (jaxattn.planned.planning(False))
   plan   jaxattn pallas_triton as dispatch chooses (the plan of jaxattn.masks.explain)
+  today_mosaic  (only when named) jaxattn pallas_mosaic_gpu with the planner off
   plan_mosaic  the same plan on the pallas_mosaic_gpu kernels (Hopper only; their forward
          tiles are 128 x 128, so explain's tile counts differ)
   default  implementation=None: what dispatch picks for the plan's parts (each part may
@@ -61,7 +62,7 @@ from pallas_kernels.mosaic_gpu import nonfinite_fallback as fallback  # noqa: E4
 ENGINES = ("today", "plan", "plan_mosaic", "default", "cudnn")
 # "cudnn_native" (run only when named) is jaxattn's "cudnn" implementation: jax.nn with the
 # mask's native form (a causal window as local_window_size), where jax.nn has one.
-IMPLEMENTATION = dict(today="pallas_triton", plan="pallas_triton", plan_mosaic="pallas_mosaic_gpu", default=None,
+IMPLEMENTATION = dict(today="pallas_triton", today_mosaic="pallas_mosaic_gpu", plan="pallas_triton", plan_mosaic="pallas_mosaic_gpu", default=None,
                       cudnn_native="cudnn", default_unchecked=None, default_merge_differentiated=None)
 # Engines whose forward output a row compares with today's path.
 COMPARED_WITH_TODAY = ("plan", "plan_mosaic", "default", "default_unchecked",
@@ -113,6 +114,9 @@ def window_cases(seq: int = 32768):
     random lengths, seed 0: segment ids on the Mosaic kernels behind their finite-input
     check, beside the Triton kernels)."""
     out = {f"local {w} causal": M.LocalMask(w, 0) & M.CausalMask() for w in (256, 512, 1024, 2048)}
+    # `jaxattn compare`'s strided method (non-causal), at its default window
+    out["local 256 both ways | strided 256"] = M.LocalMask(256, 256) | M.StridedMask(256)
+    out["full"] = M.FullMask()   # flash attention, beside it (engines today / today_mosaic)
     cuts = np.sort(np.random.default_rng(0).choice(np.arange(1, seq), 7, replace=False))
     ids = np.searchsorted(cuts, np.arange(seq), side="right").astype(np.int32)[None]
     out["8 documents causal"] = M.causal_document_mask(jnp.asarray(ids))
@@ -155,7 +159,7 @@ def run_case(name, mask, *, b, n, s, d, engines):
             # The planner's switch is read while tracing: compile inside it.
             variant = (finite_checks_off() if engine == "default_unchecked" else merge_differentiated()
                        if engine == "default_merge_differentiated" else contextlib.nullcontext())
-            with planning(engine != "today"), variant:
+            with planning(not engine.startswith("today")), variant:
                 fwd_c = jax.jit(fwd).lower(q, k, v, *extra).compile()
                 bwd_c = jax.jit(fwd_bwd).lower(q, k, v, *extra, do).compile()
             tf = time_call(fwd_c, [(q, k, v, *extra)]).median_s
@@ -194,14 +198,15 @@ def main(argv=None):
     p.add_argument("--cases", nargs="*", default=None, help=f"names among {list(cases()) + list(window_cases())}")
     p.add_argument("--engines", nargs="*", default=list(ENGINES), choices=list(IMPLEMENTATION) + ["cudnn"])
     p.add_argument("--seq", type=int, default=32768)
+    p.add_argument("--head-dim", type=int, default=128)
     args = p.parse_args(argv)
     all_cases = {**cases(), **window_cases(args.seq)}
     meta = dict(device=str(jax.devices()[0].device_kind), date=datetime.date.today().isoformat(),
-                jax=jax.__version__, b=1, n=16, d=128, dtype="bfloat16")
+                jax=jax.__version__, b=1, n=16, d=args.head_dim, dtype="bfloat16")
     rows = []
     for name in args.cases or list(cases()):
         try:
-            row = run_case(name, all_cases[name], b=1, n=16, s=args.seq, d=128, engines=args.engines)
+            row = run_case(name, all_cases[name], b=1, n=16, s=args.seq, d=args.head_dim, engines=args.engines)
         except Exception:
             traceback.print_exc()
             row = dict(case=name, error=traceback.format_exc()[-500:])
