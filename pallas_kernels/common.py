@@ -33,6 +33,15 @@ def pad_to_multiple(n: int, m: int) -> int:
     return -(-n // m) * m
 
 
+def padded_query_len(mask_fn, q_len: int, padded_len: int):
+    """T for the PARTIAL tiles' compare q < T, or None where no compare is needed. The
+    query tile's padding rows past T must attend nothing, or a key that only they reach
+    (causal with T < S: the keys past the last query) would count as attended and its
+    K/V rows be multiplied in unzeroed. Only a mask can let them reach such keys: without
+    one a PARTIAL tile is a kv-padded tile, whose real keys every real row attends."""
+    return q_len if mask_fn is not None and padded_len != q_len else None
+
+
 def pad_axis(x, axis: int, size: int, value=0):
     """x padded at the end of `axis` to `size` with `value`."""
     pad = size - x.shape[axis]

@@ -40,6 +40,7 @@ import math
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.common import padded_query_len
 from pallas_kernels.mosaic_gpu.backward_dkdv import dkdv_call
 from pallas_kernels.mosaic_gpu.backward_dq import dq_call
 from pallas_kernels.mosaic_gpu.backward_dq_persistent import dq_persistent_call
@@ -264,9 +265,10 @@ def backward(static, q, k, v, bias, out, lse, dout, delta, metas, operands,
                   operands=prepare_operands(operands, static.operand_kinds, q_pad=tp, kv_pad=sp),
                   operand_kinds=static.operand_kinds)
 
-    # The dK/dV kernels' padding rows past T must attend nothing: only a mask can make a
-    # tile PARTIAL where they would otherwise reach keys no query attends.
-    padded_q_len = t if static.mask_fn is not None and tp != t else None
+    # The dK/dV kernels' padding rows past T must attend nothing (the forward's and dQ's
+    # padding rows only write rows that are dropped; keys they reach are checked like any
+    # unattended key, nonfinite_fallback.py).
+    padded_q_len = padded_query_len(static.mask_fn, t, tp)
     dq = dk = dv = None
     if want_dkdv and want_dq and config.fused:
         m = jax.tree.map(lambda a: jnp.asarray(a, jnp.int32), metas["dkdv"])

@@ -26,8 +26,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.common import (LOG2E, acc_dtype, dbias_mode, pad_axis, pad_btnh,
-                                   pad_to_multiple, prepare_bias, prepare_operands, reduce_dbias,
-                                   reversed_q_block)
+                                   pad_to_multiple, padded_query_len, prepare_bias,
+                                   prepare_operands, reduce_dbias, reversed_q_block)
 from pallas_kernels.score_mod import flat_operand, score_vjp, tile_sum
 from pallas_kernels.triton.common import (KernelDropout, bias_access, dot_nn, dot_nt, dot_tn,
                                           forward_table, kernel_dropout, make_operand_access,
@@ -300,7 +300,7 @@ class _Problem:
         tp, sp = pad_to_multiple(t, bq), pad_to_multiple(s, bk)
         acc = acc_dtype(q.dtype)
         # Padded rows: lse = 0 and D = 0 keep P finite, dO = 0 makes their dS and dV zero, and
-        # PARTIAL tiles rule them out (tile_keep's q_len) where a mask would reach keys past T.
+        # PARTIAL tiles rule them out (padded_query_len) where a mask would reach keys past T.
         return cls(b, t, n, h, s, kh, bq, bk, tp, sp, hp, acc,
                    pad_btnh(q, tp, hp), pad_btnh(k, sp, hp), pad_btnh(v, sp, hp),
                    pad_btnh(dout.astype(q.dtype), tp, hp), pad_axis(lse.astype(acc), 2, tp),
@@ -311,7 +311,7 @@ class _Problem:
         """Keyword arguments every backward kernel takes."""
         return dict(mask_fn=static.mask_fn, scale=static.scale, cap=static.logits_soft_cap,
                     dropout=kernel_dropout(static), kv_len=self.s,
-                    q_len=self.t if self.tp != self.t else None, bq=self.bq, bk=self.bk,
+                    q_len=padded_query_len(static.mask_fn, self.t, self.tp), bq=self.bq, bk=self.bk,
                     acc=self.acc, score_mod=static.score_mod,
                     score_shapes=static.score_operand_shapes)
 

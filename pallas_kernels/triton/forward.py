@@ -19,7 +19,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.common import (LN2, LOG2E, MASK_VALUE, acc_dtype, pad_btnh, pad_to_multiple,
-                                   prepare_bias, prepare_operands, reversed_q_block)
+                                   padded_query_len, prepare_bias, prepare_operands,
+                                   reversed_q_block)
 from pallas_kernels.score_mod import apply_score_mod, flat_operand
 from pallas_kernels.triton.common import (KernelDropout, bias_access, dot_nt, forward_table,
                                           kernel_dropout, make_operand_access,
@@ -129,7 +130,8 @@ def forward(static, q, k, v, bias, metas, operands, dropout_seed=None, score_ope
         _forward_kernel, n_operands=len(accesses), accesses=accesses, mask_fn=static.mask_fn,
         bias_acc=bias_acc, dropout=dropout,
         layout=layout, scale=static.scale, cap=static.logits_soft_cap,
-        kv_len=s, q_len=t if tp != t else None, bq=bq, bk=bk, acc=acc, score_mod=static.score_mod,
+        kv_len=s, q_len=padded_query_len(static.mask_fn, t, tp), bq=bq, bk=bk, acc=acc,
+        score_mod=static.score_mod,
         score_shapes=static.score_operand_shapes)
     out, lse = pl.pallas_call(
         kernel,
