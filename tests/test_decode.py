@@ -261,6 +261,10 @@ def test_split_count_fills_the_gpu():
     assert default_num_splits(1, 8, 64, cores=132, paged=True, pages_per_tile=4) == 32
     assert default_num_splits(1, 8, 64, cores=132, paged=True) == 16      # one page per tile: 4
     assert default_num_splits(1, 1, 2048, cores=132, paged=True, pages_per_tile=4) == 132  # <= cores
+    # 128-key gathered tiles (MQA over small pages) hold twice the bytes: two waves
+    assert default_num_splits(8, 1, 256, cores=132, paged=True, pages_per_tile=8, block_kv=128) == 33
+    assert default_num_splits(64, 1, 32, cores=132, paged=True, pages_per_tile=2, block_kv=128) == 4
+    assert default_num_splits(1, 1, 256, cores=132, paged=True, pages_per_tile=8, block_kv=128) == 128
 
 
 def test_tile_width_follows_the_cache_layout_and_query_rows():

@@ -154,7 +154,7 @@ def num_cores(interpret: bool) -> int:
 
 def default_num_splits(batch: int, kv_heads: int, kv_tiles: int, *, cores: int,
                        min_tiles_per_split: int = 4, long_cache_tiles: int = 128,
-                       paged: bool = False, pages_per_tile: int = 1) -> int:
+                       paged: bool = False, pages_per_tile: int = 1, block_kv: int = 64) -> int:
     """Splits per (row, KV head), from a sweep on an H200 (BENCHMARKS.md, decode):
 
     * one wave: B·K·splits <= `cores` programs. Small batches need the cache split to
@@ -180,6 +180,12 @@ def default_num_splits(batch: int, kv_heads: int, kv_tiles: int, *, cores: int,
       short split is a few dependent round trips, and more of them in parallel is what
       helps (1 × 4k, 64 tiles, 5 interleaved rounds: 16 / 32 / 64 splits 718 / 795 / 730
       GB/s, contiguous 820);
+    * gathered tiles of 128 keys (MQA's, default_decode_config) keep two waves, not four:
+      each holds twice the bytes in flight. Five interleaved rounds on an H200, MQA Tq 1,
+      GB/s at 4 waves (the rule before) / 2 waves, contiguous in the same rounds: 16-slot
+      pages 8 × 32k 2043 / 2260 (2411), 8 × 128k 3180 / 3314 (3311), 64 × 4k 2032 / 2243
+      (2318); 64-slot pages 8 × 32k 2117 / 2471 (2551), 8 × 128k 3314 / 3459 (3445),
+      64 × 4k 2175 / 2374 (2441); at B·K = 1 both reach the one-wave cap below;
     * a paged row never gets more splits than there are cores (one wave of programs for
       that row alone, the contiguous optimum at B·K = 1: MQA 1 × 32k ran 581 GB/s with
       132 splits, 550 with 66); paged caches at B·K < 8 are not measured;
@@ -187,7 +193,7 @@ def default_num_splits(batch: int, kv_heads: int, kv_tiles: int, *, cores: int,
       (GATHERED_MIN_TILES_PER_SPLIT where tiles gather several pages, above)."""
     waves = 1
     if paged:
-        waves = 4 if pages_per_tile > 1 else 2
+        waves = 4 if pages_per_tile > 1 and block_kv < WIDE_GATHERED_TILE else 2
     want = max(1, waves * cores // (batch * kv_heads))
     if paged:
         want = min(want, cores)
@@ -200,6 +206,8 @@ def default_num_splits(batch: int, kv_heads: int, kv_tiles: int, *, cores: int,
 
 # Tiles per split at least, for caches whose tiles gather rows of several pages.
 GATHERED_MIN_TILES_PER_SPLIT = 2
+# Gathered tiles at least this many keys wide keep two waves of splits (default_num_splits).
+WIDE_GATHERED_TILE = 128
 
 
 def _div(x, d: int):
@@ -392,7 +400,8 @@ def decode(static: DecodeStatic, q, k_cache, v_cache, lengths, page_table=None, 
     span = static.bounds.span(tq)
     kv_tiles = -(-min(capacity, span if span is not None else capacity) // bk)
     splits = static.num_splits or default_num_splits(
-        b, kh, kv_tiles, cores=num_cores(static.interpret), paged=paged, pages_per_tile=pages_per_tile)
+        b, kh, kv_tiles, cores=num_cores(static.interpret), paged=paged, pages_per_tile=pages_per_tile,
+        block_kv=bk)
     splits = max(1, min(splits, -(-capacity // bk)))
 
     # [B, Tq, K·G, H] -> [B, K, Tq·G, H]: the G heads of KV head h and the Tq tokens as
