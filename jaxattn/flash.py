@@ -59,7 +59,8 @@ def _served(backend_name: str, request: KernelRequest, config, interpret):
 def decline_reason(backend_name: str, query, key, mask: Mask, *, scale, logits_soft_cap):
     """Why kernel backend `backend_name` would decline pallas_attention(query, key, ...,
     mask) without a bias (its supports() or its block metadata check), or None when it
-    serves the call. Nothing is traced."""
+    serves the call. No kernel runs; a mask holding arrays builds its block metadata
+    (jnp operations, dead code under jit)."""
     interpret = default_interpret()
     request = kernel_request(query, key, None, mask, logits_soft_cap)
     try:

@@ -235,11 +235,18 @@ def _part_inputs(part: Part, data, query, key, value):
                            _to_classes(kv_ids[..., None, None], s, tk, pre, False)[..., 0, 0])
 
     kernel_mask = to_class_coords(part.mask, part.layout, segments)
-    if not heads and (pre or kv_len + pre != tk * s):
-        # Key rows padded in front (pre) and at the end of the classes attend to nothing.
+    if not heads and (pre or kv_len + pre != tk * s or t != tq * s):
+        # Rows padded at the ends of the classes (and key rows in front, pre) take no part:
+        # real rows get id 0, padding keys 1, padding queries 2. A padding query then
+        # attends no key; otherwise a key reached by padding queries alone (causal, T < S:
+        # the keys past the last query) would count as attended in a PARTIAL tile, and
+        # the kernels would multiply its K/V rows in unzeroed (NaN there would reach
+        # real rows of the tile).
         kk = np.arange(tk)[None, :] * s + np.arange(s)[:, None]
-        pad = np.tile(((kk < pre) | (kk >= kv_len + pre)).astype(np.int32), (b, 1))
-        kernel_mask = kernel_mask & SegmentMask(jnp.zeros((b * s, tq), jnp.int32), jnp.asarray(pad))
+        qq = np.arange(tq)[None, :] * s + np.arange(s)[:, None]
+        pad_kv = np.tile(((kk < pre) | (kk >= kv_len + pre)).astype(np.int32), (b, 1))
+        pad_q = np.tile(np.where(qq >= t, 2, 0).astype(np.int32), (b, 1))
+        kernel_mask = kernel_mask & SegmentMask(jnp.asarray(pad_q), jnp.asarray(pad_kv))
     return (_to_classes(query, s, tq, 0, heads), _to_classes(key, s, tk, pre, heads),
             _to_classes(value, s, tk, pre, heads), kernel_mask, (b, s, t, heads))
 

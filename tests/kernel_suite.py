@@ -355,6 +355,17 @@ class KernelCases:
         assert np.all(np.asarray(out)[:, 4] == 0) and np.isneginf(np.asarray(lse)[0, 0, 4])
         assert not _nonfinite(out, *grads)
 
+    def test_large_key_bias_with_padded_query_rows_stays_finite(self):
+        """A per-key bias of +100 (a logit whose exp overflows float32 until the lse comes
+        off) with T not a multiple of the query tile: the backward's padding rows must
+        get P = 0, not exp(100) = inf times their dO = 0 (NaN in dK, dV and dbias)."""
+        if not self.supports_bias:
+            pytest.skip("backend declares no bias")
+        f = self.length_scale
+        q, k, v, do = make_inputs(1, 21 * f, 30 * f, 2, 1, 16, dtype=self.dtype)
+        bias = jnp.zeros((1, 1, 1, 30 * f)).at[..., ::3].set(100.0)
+        self.compare(q, k, v, do, None, None, bias)
+
     def test_backward_bitwise_deterministic(self):
         f = self.length_scale
         q, k, v, do = make_inputs(1, 64 * f, 64 * f, 4, 2, 16, dtype=self.dtype)

@@ -98,13 +98,18 @@ PLANNED_UNIONS = {
 @pytest.mark.parametrize("h", [64, 128])
 @pytest.mark.parametrize("t, s", [(1024, 1024), (1000, 1100), (1100, 1000)], ids=lambda x: str(x))
 @pytest.mark.parametrize("name", list(PLANNED_UNIONS))
-def test_planned_union_matches_the_reference(name, t, s, h):
-    from jaxattn.planned import plan_for
+def test_planned_union_matches_the_reference(name, t, s, h, monkeypatch):
+    from jaxattn import planned
     mask = PLANNED_UNIONS[name]
     q, k, _, _ = _inputs(t, s, h)
-    found = plan_for(mask, q, k, None)
+    found = planned.plan_for(mask, q, k, None)
     assert found is not None and len(found[0].parts) == 2, "the planner runs it as two parts"
+    backward_calls = []
+    run_backward = planned.pallas_backward
+    monkeypatch.setattr(planned, "pallas_backward",
+                        lambda *a, **kw: backward_calls.append(a[0]) or run_backward(*a, **kw))
     _check_default_dispatch(mask, t, s, h)
+    assert len(backward_calls) >= 2, "each part's backward kernels ran on the merged residuals"
 
 
 # Where dispatch puts the Hopper kernels first for masks cuDNN runs natively (head dim

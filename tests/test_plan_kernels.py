@@ -135,9 +135,8 @@ def test_default_dispatch_runs_parts_on_the_planned_kernels(monkeypatch):
 
 def test_merged_backward_runs_each_parts_kernels_on_the_merged_residuals(monkeypatch):
     """A union of two parts on one kernel backend: the backward calls each part's
-    backward kernels once, with the merged lse (brought into the part's layout), and no
-    forward kernel runs again; the gradients (dO and the lse's own cotangent) match the
-    reference."""
+    backward kernels once, with the merged lse (brought into the part's layout); the
+    gradients (dO and the lse's own cotangent) match the reference."""
     from jaxattn import planned
     mask = (M.LocalMask(8, 0) | M.StridedMask(8)) & M.CausalMask()
     q, k, v, do = _inputs(1, 256, 256, 2, 1, 16)
@@ -163,12 +162,16 @@ def test_merged_backward_runs_each_parts_kernels_on_the_merged_residuals(monkeyp
         np.testing.assert_allclose(g, w, atol=1e-4, rtol=1e-4, err_msg=f"d{d}")
 
 
-def test_merged_backward_float64_gradient_check():
+def test_merged_backward_float64_gradient_check(monkeypatch):
     """The merge's own VJP against finite differences, in float64: two parts, one in
     classes folded into the batch and padded (T, S not multiples of the stride, T != S,
     keys shifted), GQA, a soft cap, the lse differentiated too."""
     from jax.test_util import check_grads
+    from jaxattn import planned
     mask = M.LocalMask(4, 4) | M.StridedMask(64, offset=5)
+    served = []
+    serve_all = planned._kernels_serve_all
+    monkeypatch.setattr(planned, "_kernels_serve_all", lambda *a: served.append(serve_all(*a)) or served[-1])
     with jax.enable_x64(True):
         ks = jax.random.split(jax.random.key(3), 3)
         q = jax.random.normal(ks[0], (1, 192, 2, 8), jnp.float64)
@@ -182,3 +185,22 @@ def test_merged_backward_float64_gradient_check():
                                                      implementation=IMPL, return_residuals=True)
             return jnp.sum(jnp.tanh(out)) + jnp.sum(jnp.where(jnp.isfinite(lse), lse, 0.0) ** 2)
         check_grads(jax.jit(f), (q, k, v), order=1, modes=("rev",), atol=1e-6, rtol=1e-6)
+    assert served and all(served), "the merge's own VJP ran"
+
+
+def test_nan_past_the_last_query_never_reaches_a_folded_part():
+    """Classes folded into the batch and padded at the end (T = 250 is not a multiple of
+    8): the padding query rows must attend nothing, or the keys past the last query
+    (causal, T < S), which only they would reach, count as attended in a PARTIAL tile
+    and their NaN K/V rows are multiplied into the tile's real rows."""
+    mask = M.StridedMask(8) & M.CausalMask()
+    q, k, v, do = _inputs(1, 250, 270, 2, 1, 16)
+    plan, _, _ = plan_for(mask, q, k, IMPL)
+    assert [(p.layout.stride, p.q_len) for p in plan.parts] == [(8, 32)]   # 256 rows for 250
+    tail = jnp.arange(250, 270)
+    poisoned = (q, k.at[:, tail].set(jnp.nan), v.at[:, tail].set(jnp.inf), do)
+    (_, _, clean), (out, _, grads) = _both(q, k, v, do, mask)[1], _both(*poisoned, mask)[1]
+    assert bool(jnp.all(jnp.isfinite(out))) and bool(jnp.all(jnp.isfinite(grads[0])))
+    np.testing.assert_allclose(grads[0], clean[0], atol=1e-5, rtol=1e-5)
+    for d, got, want in zip("kv", grads[1:], clean[1:]):   # the poisoned keys' own rows aside
+        np.testing.assert_allclose(got[:, :250], want[:, :250], atol=1e-5, rtol=1e-5, err_msg=f"d{d}")

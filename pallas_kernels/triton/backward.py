@@ -299,11 +299,12 @@ class _Problem:
         hp = padded_head_dim(h)
         tp, sp = pad_to_multiple(t, bq), pad_to_multiple(s, bk)
         acc = acc_dtype(q.dtype)
-        # Padded rows: lse = 0 and D = 0 keep P finite, dO = 0 makes their dS and dV zero, and
-        # PARTIAL tiles rule them out (padded_query_len) where a mask would reach keys past T.
+        # Padded rows: lse = +inf makes their P exactly 0 (with lse = 0 a bias or score_mod
+        # logit above ~88 gave P = inf and inf·0 = NaN in dV, dK and dbias), D = 0 and
+        # dO = 0; PARTIAL tiles also rule them out (padded_query_len) under a mask.
         return cls(b, t, n, h, s, kh, bq, bk, tp, sp, hp, acc,
                    pad_btnh(q, tp, hp), pad_btnh(k, sp, hp), pad_btnh(v, sp, hp),
-                   pad_btnh(dout.astype(q.dtype), tp, hp), pad_axis(lse.astype(acc), 2, tp),
+                   pad_btnh(dout.astype(q.dtype), tp, hp), pad_axis(lse.astype(acc), 2, tp, jnp.inf),
                    pad_axis(delta.astype(acc), 2, tp), prepare_bias(bias, tp, sp, acc),
                    tuple(flat_operand(x) for x in score_operands))
 
