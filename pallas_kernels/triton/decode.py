@@ -184,10 +184,10 @@ def default_num_splits(batch: int, kv_heads: int, kv_tiles: int, *, cores: int,
       bytes in flight (measured on default_decode_config's 128-key MQA tiles only; K = 8
       with a 128-key config, and wider tiles, are not measured). Five interleaved rounds
       on an H200, MQA Tq 1, GB/s at 4 waves (the rule before) / 2 waves, contiguous in
-      the same rounds: 16-slot pages 8 × 32k 2043 / 2260 (2411), 8 × 128k 3180 / 3314 (3311), 64 × 4k 2032 / 2243
-      (2318); 64-slot pages 8 × 32k 2117 / 2471 (2551), 8 × 128k 3314 / 3459 (3445),
-      64 × 4k 2175 / 2374 (2441); at B·K = 1 both rules give the same count (the cap
-      below, or the cache's tiles / 2);
+      the same rounds: 16-slot pages 8 × 32k 2043 / 2260 (2411), 8 × 128k 3180 / 3314
+      (3311), 64 × 4k 2032 / 2243 (2318); 64-slot pages 8 × 32k 2117 / 2471 (2551),
+      8 × 128k 3314 / 3459 (3445), 64 × 4k 2175 / 2374 (2441); at B·K = 1 both rules
+      give the same count (the cap below, or the cache's tiles / 2);
     * a paged row never gets more splits than there are cores (one wave of programs for
       that row alone, the contiguous optimum at B·K = 1: MQA 1 × 32k ran 581 GB/s with
       132 splits, 550 with 66); paged caches at B·K < 8 are not measured;
