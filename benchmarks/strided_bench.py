@@ -64,6 +64,9 @@ ENGINES = ("today", "plan", "plan_mosaic", "default", "cudnn")
 # mask's native form (a causal window as local_window_size), where jax.nn has one.
 IMPLEMENTATION = dict(today="pallas_triton", today_mosaic="pallas_mosaic_gpu", plan="pallas_triton", plan_mosaic="pallas_mosaic_gpu", default=None,
                       cudnn_native="cudnn", default_unchecked=None, default_merge_differentiated=None)
+# Engines whose gradients a row compares with each other (the same dispatch, the union's
+# merge under its own VJP and differentiated by autodiff).
+GRADIENTS_COMPARED = ("default", "default_merge_differentiated")
 # Engines whose forward output a row compares with today's path.
 COMPARED_WITH_TODAY = ("plan", "plan_mosaic", "default", "default_unchecked",
                        "default_merge_differentiated")
@@ -151,7 +154,7 @@ def run_case(name, mask, *, b, n, s, d, engines):
         explanation = M.explain(mask, s, s, block_q=128, block_kv=64)
         row.update(plain_tiles=explanation.plan.plain_tiles, planned_tiles=explanation.plan.tiles,
                    planned=explanation.plan.planned, explain=str(explanation))
-    outs = {}
+    outs, grads = {}, {}
     for engine in engines:
         try:
             extra = (allowed_pairs(mask, s, s),) if engine == "cudnn" else ()
@@ -182,9 +185,15 @@ def run_case(name, mask, *, b, n, s, d, engines):
                 row[engine]["b2b_error"] = f"{type(e).__name__}: {str(e)[:300]}"
             if engine != "cudnn":
                 outs[engine] = fwd_c(q, k, v).astype(jnp.float32)
+            if engine in GRADIENTS_COMPARED:
+                grads[engine] = bwd_c(q, k, v, do)
             del extra
         except Exception as e:  # an engine that cannot run this case (OOM, unsupported)
             row[engine] = dict(error=f"{type(e).__name__}: {str(e)[:300]}")
+    if all(e in grads for e in GRADIENTS_COMPARED):   # the merge's VJP against autodiff's
+        row["max_abs_grad_diff_merge_vjp_vs_differentiated"] = max(
+            float(jnp.max(jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32))))
+            for a, b in zip(*(grads[e] for e in GRADIENTS_COMPARED)))
     for engine in COMPARED_WITH_TODAY:
         if engine in outs and "today" in outs:
             row[f"max_abs_diff_{engine}_vs_today"] = float(jnp.max(jnp.abs(outs[engine] - outs["today"])))
@@ -219,6 +228,9 @@ def main(argv=None):
             cells.append(f"{engine} {r['fwd_tflops']:.1f}/{r['fwd_bwd_tflops']:.1f} TFLOP/s "
                          f"({r['fwd_ms']:.2f}/{r['fwd_bwd_ms']:.2f} ms{b2b})" if "fwd_tflops" in r
                          else f"{engine}: {r.get('error', '-')[:80]}")
+        if "max_abs_grad_diff_merge_vjp_vs_differentiated" in row:
+            cells.append(f"|grads merge VJP - differentiated| "
+                         f"{row['max_abs_grad_diff_merge_vjp_vs_differentiated']:.1e}")
         for engine in COMPARED_WITH_TODAY:
             if f"max_abs_diff_{engine}_vs_today" in row:
                 cells.append(f"|{engine} - today| {row[f'max_abs_diff_{engine}_vs_today']:.1e}")
