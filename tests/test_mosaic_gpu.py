@@ -810,29 +810,22 @@ def test_static_mask_gradients_with_poisoned_unattended_keys_and_queries(mask, t
     assert not np.asarray(grads[2], np.float32)[:, bad_keys].any()
 
 
-@pytest.mark.parametrize("balance, q_fastest", [(True, False), (False, False), (True, True)])
-@pytest.mark.parametrize("nq, heads, batch, ctas", [(16, 20, 1, 132), (3, 5, 2, 7), (8, 40, 1, 132),
-                                                    (64, 3, 2, 13)])
+@pytest.mark.parametrize("balance", [True, False])
+@pytest.mark.parametrize("nq, heads, batch, ctas", [(16, 20, 1, 132), (3, 5, 2, 7), (8, 40, 1, 132)])
 def test_persistent_schedule_covers_every_item_once_and_balances_causal_work(nq, heads, batch, ctas,
-                                                                              balance, q_fastest):
+                                                                              balance):
     """The persistent CTAs' shares (lax.axis_index evaluated under vmap) hold every
     (q-block, head, batch row) exactly once, and causal work (q-block q costs q + 1
     tiles) is spread evenly: within 20 % of the mean in the worst CTA here, where
-    dealing q-blocks fastest in plain rounds put 1.7–1.8x the mean on one CTA. The snake
-    numbering q-blocks fastest balances once a head has a few rounds of q-blocks (64 for
-    13 CTAs), and its rounds then hold neighbouring q-blocks of one head."""
-    sched = Schedule(nq, heads, batch, True, ctas, balance=balance, q_fastest=q_fastest)
+    dealing q-blocks fastest in plain rounds put 1.7–1.8x the mean on one CTA."""
+    sched = Schedule(nq, heads, batch, True, ctas, balance=balance)
     shares = _cta_shares(sched)
     got = sorted(item for share in shares for item in share)
     want = sorted((q, h, b) for q in range(nq) for h in range(heads) for b in range(batch))
     assert got == want
     load = np.array([sum(q + 1 for q, _, _ in share) for share in shares])
-    if balance and sched.num_items >= 2 * ctas and (not q_fastest or nq >= 4 * ctas):
+    if balance and sched.num_items >= 2 * ctas:
         assert load.max() <= 1.2 * load.mean(), load
-    if q_fastest and nq >= 4 * ctas:
-        first_round = [share[0] for share in shares]
-        assert {(h, b) for _, h, b in first_round} == {(0, 0)}
-        assert sorted(q for q, _, _ in first_round) == list(range(nq - ctas, nq))
     # The host-side model of the deal (what the table is judged against) is this deal.
     work = np.broadcast_to(np.arange(nq) + 1, (batch, heads, nq)).reshape(-1)
     np.testing.assert_array_equal(dealt_loads(sched, work), load)

@@ -17,11 +17,6 @@ and the order decides what shares L2. Four deals:
   robin with q-blocks fastest, the first CTA of a causal 16k call got about three times
   the work of the middle one (391 TFLOP/s against 546 on the H200); dealt this way,
   windowed calls lost their L2 sharing (window 256: 114 against 159).
-  With ``q_fastest`` the snake numbers the items q-block fastest instead: a round then
-  holds C neighbouring q-blocks of one head (about equal work when a head has many more
-  q-blocks than there are CTAs), so the CTAs running at the same time walk one head's
-  K/V together rather than those of every head. Chosen from SNAKE_Q_FASTEST_FROM_BLOCKS
-  q-blocks per head (`balanced_deal`).
 * table (static masks whose work neither deal balances: BigBird's global rows visit
   every kv-block, the other rows about a tenth of them, so both deals give every CTA the
   same number of items and the CTAs that drew a global row get ~1.5× the mean work):
@@ -63,10 +58,6 @@ ITEM_WORK = 1
 TABLE_MIN_GAIN = 0.05
 # Items past which no table is built (the host-side deal would cost ~1 s at trace time).
 MAX_TABLE_ITEMS = 1 << 17
-# q-blocks per head from which the snake deals q-block fastest (``Schedule.q_fastest``);
-# None: never. Below ~4 rounds of q-blocks per head that deal is out of balance (a causal
-# 16k call, 128 q-blocks for 132 CTAs: the busiest CTA gets 1.53× the mean work).
-SNAKE_Q_FASTEST_FROM_BLOCKS: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,7 +73,6 @@ class Schedule:
     balance: bool = True
     table: tuple | None = None      # (counts [C] int32, items [C, L] int32) or their refs
     order: object | None = None     # items by decreasing work (int32 [B·N·nQ]) or its ref
-    q_fastest: bool = False         # the snake numbers items q-block fastest (docstring)
 
     @property
     def num_items(self) -> int:
@@ -136,7 +126,7 @@ class Schedule:
         flat = i * self.num_ctas + self._seat(i)
         if self.order is not None:
             return self._decode(self.order[flat])
-        if self.balance and not self.q_fastest:
+        if self.balance:
             rows = self.num_heads * self.batch
             reversed_q, rest = lax.div(flat, jnp.int32(rows)), lax.rem(flat, jnp.int32(rows))
         else:
@@ -169,7 +159,6 @@ def dealt_loads(schedule: Schedule, work: np.ndarray) -> np.ndarray:
     rounds, seat = np.divmod(flat, c)
     if schedule.balance:
         seat = np.where(rounds % 2 == 0, seat, c - 1 - seat)
-    if schedule.balance and not schedule.q_fastest:
         reversed_q, rest = np.divmod(flat, rows)
     else:
         rest, reversed_q = np.divmod(flat, nq)
@@ -204,9 +193,6 @@ def balanced_deal(schedule: Schedule, meta) -> Schedule:
     work by more than TABLE_MIN_GAIN; else unchanged."""
     if not schedule.persistent:
         return schedule
-    if (schedule.balance and SNAKE_Q_FASTEST_FROM_BLOCKS is not None
-            and schedule.num_q_blocks >= SNAKE_Q_FASTEST_FROM_BLOCKS):
-        schedule = dataclasses.replace(schedule, q_fastest=True)
     if meta.tile_counts is None:
         return schedule if meta.even_q_work else with_sorted_order(schedule, meta)
     if schedule.num_items > MAX_TABLE_ITEMS:
