@@ -96,7 +96,9 @@ class KernelBackend(Protocol):
 
     backward(static, q, k, v, bias, out, lse, dout, delta, metas, operands, parts)
         -> (dq, dk, dv, dbias). lse is the backward lse (+inf on empty rows), delta is
-        D = rowsum(dO ∘ O) − dlse [B, N, T]. parts ⊆ ("dq", "dkdv", "dbias"): the halves
+        D = rowsum(dO ∘ O) − dlse [B, N, T], as an array or as a
+        pallas_kernels.common.DeltaOfOutput (not yet formed: the backend forms it from
+        out and dout, in a kernel or by common.delta_array). parts ⊆ ("dq", "dkdv", "dbias"): the halves
         asked for; the others come back None. dbias has the bias's shape and dtype.
 
     decode: the KV-cache decode entry, or None when the backend has none:

@@ -9,8 +9,10 @@ contract these helpers implement is written down in pallas_kernels/README.md.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -141,6 +143,25 @@ def reduce_dbias(dbias, bias):
     batch and head axes the bias is broadcast along."""
     sum_axes = tuple(a for a in range(4) if bias.shape[a] == 1 and dbias.shape[a] != 1)
     return jnp.sum(dbias, axis=sum_axes, keepdims=True).astype(bias.dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class DeltaOfOutput:
+    """The backward's D = rowsum(dO ∘ O) − dlse, not yet formed: a backend whose dQ
+    kernel reads the O and dO rows of its q-block may form it there (one pass over O and
+    dO in memory fewer); every other use calls `delta_array`. `dlse` is the lse's
+    cotangent [B, N, T], or None for none."""
+    dlse: jax.Array | None = None
+
+
+def delta_array(delta, out, dout) -> jax.Array:
+    """D as an array [B, N, T] in the accumulation dtype: `delta` itself when it is an
+    array, else (a DeltaOfOutput) rowsum(dout ∘ out) − dlse of these [B, T, N, H] arrays."""
+    if not isinstance(delta, DeltaOfOutput):
+        return delta
+    acc = acc_dtype(out.dtype)
+    d = jnp.einsum("btnh,btnh->bnt", dout.astype(acc), out.astype(acc))
+    return d if delta.dlse is None else d - delta.dlse.astype(acc)
 
 
 def backward_lse(lse):

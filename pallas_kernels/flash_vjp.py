@@ -46,7 +46,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.common import acc_dtype, backward_lse
+from pallas_kernels.common import DeltaOfOutput, backward_lse
 from pallas_kernels.metadata import BlockMetadata
 
 
@@ -150,11 +150,11 @@ def _bwd(static, residuals, cotangents):
     dout, dlse = cotangents
     if isinstance(dout, jax.custom_derivatives.SymbolicZero):  # only the lse is used
         dout = jnp.zeros(out.shape, out.dtype)
-    acc = acc_dtype(q.dtype)
-    # D = rowsum(dO ∘ O) − dlse, laid out like lse: [B, N, T].
-    delta = jnp.einsum("btnh,btnh->bnt", dout.astype(acc), out.astype(acc))
-    if dlse is not None and not isinstance(dlse, jax.custom_derivatives.SymbolicZero):
-        delta = delta - dlse.astype(acc)
+    # D = rowsum(dO ∘ O) − dlse, laid out like lse: [B, N, T]. Left to the backend, which
+    # may form it in its own kernels (pallas_kernels.common.DeltaOfOutput).
+    if dlse is None or isinstance(dlse, jax.custom_derivatives.SymbolicZero):
+        dlse = None
+    delta = DeltaOfOutput(dlse)
     parts = ("dq", "dkdv") + (("dbias",) if want_dbias is not None else ())
     # dbias stays None for a bias that is not differentiated (a zero cotangent).
     seed_kw = _seed_argument(static, seed)

@@ -19,6 +19,7 @@ import pytest
 
 from jaxattn import masks as M
 from jaxattn.reference import reference_attention
+from pallas_kernels.common import DeltaOfOutput
 from pallas_kernels.flash_vjp import backward_lse
 from pallas_kernels.mosaic_gpu import backward_kernels as mb
 from pallas_kernels.mosaic_gpu.backward_walk import TileLists
@@ -26,22 +27,30 @@ from helpers import lower_for_h100
 from jaxattn.flash import build_call
 from jaxattn.parallel.masks import localize
 
-VARIANTS = ("two_kernels", "fused", "persistent")   # the dK/dV kernel: per item, fused, persistent
+# the dK/dV kernel per item, fused, persistent; and persistent with D formed in its dQ
+# kernel (D handed over as a DeltaOfOutput, as jaxattn's own VJP does)
+VARIANTS = ("two_kernels", "fused", "persistent", "persistent_own_delta")
 
 
 def _static_and_metas(mask, t, s, h, cap=None, variant="two_kernels"):
     """(static, metas, operands) as jaxattn builds them, at the backward kernels' tiles."""
     config = dataclasses.replace(mb.default_backward_config(mb.padded_head_dim(h)),
-                                 fused=variant == "fused", persistent=variant == "persistent")
+                                 fused=variant == "fused", persistent=variant.startswith("persistent"))
     return build_call("pallas_mosaic_gpu", mask, t, s, scale=h ** -0.5, logits_soft_cap=cap,
                       config=config, interpret=False)
 
 
 def _backward_fn(mask, t, s, h, cap=None, parts=("dq", "dkdv"), variant="two_kernels"):
+    """run(q, k, v, out, lse, do, dlse=None) -> (dq, dk, dv): D = rowsum(dO ∘ O) − dlse
+    formed here, or by the dQ kernel for the "_own_delta" variant."""
     static, metas, operands = _static_and_metas(mask, t, s, h, cap, variant)
 
-    def run(q, k, v, out, lse, do):
-        delta = jnp.einsum("btnh,btnh->bnt", do.astype(jnp.float32), out.astype(jnp.float32))
+    def run(q, k, v, out, lse, do, dlse=None):
+        if variant.endswith("_own_delta"):
+            delta = DeltaOfOutput(dlse)
+        else:
+            delta = jnp.einsum("btnh,btnh->bnt", do.astype(jnp.float32), out.astype(jnp.float32))
+            delta = delta if dlse is None else delta - dlse
         return mb.backward(static, q, k, v, None, out, backward_lse(lse), do, delta, metas,
                            operands, parts=parts)[:3]
     return run
@@ -122,6 +131,27 @@ def test_fused_backward_lowers_for_h100(name):
     mask, kwargs = LOWERING_CASES[name]
     text = _lowered_text(mask, **{**kwargs, "parts": ("dq", "dkdv"), "variant": "fused"})
     assert text.count("mosaic_gpu_v2") == 1     # the two-kernel backward launches 2
+
+
+@pytest.mark.parametrize("with_dlse", [False, True])
+@pytest.mark.parametrize("name", ["causal_d128_gqa", "window_ragged_softcap", "documents_f16_d96"])
+def test_dq_kernel_forming_delta_lowers_for_h100(name, with_dlse):
+    """Handed a DeltaOfOutput, the persistent dQ kernel forms D (and writes it for the
+    dK/dV kernel): the program has no pass of its own over O and dO left."""
+    mask, kwargs = LOWERING_CASES[name]
+    kwargs = {**kwargs, "parts": ("dq", "dkdv")}
+    b, t, s, n, kh, h = 1, kwargs.get("t", 256), kwargs.get("s", 256), kwargs.get("n", 2), \
+        kwargs.get("kh", 1), kwargs.get("h", 64)
+    dtype = kwargs.get("dtype", jnp.bfloat16)
+    shapes = [((b, t, n, h), dtype), ((b, s, kh, h), dtype), ((b, s, kh, h), dtype),
+              ((b, t, n, h), dtype), ((b, n, t), jnp.float32), ((b, t, n, h), dtype)]
+    shapes += [((b, n, t), jnp.float32)] if with_dlse else []
+    for variant in ("persistent_own_delta", "persistent"):
+        run = _backward_fn(mask, t, s, h, kwargs.get("cap"), variant=variant)
+        text = lower_for_h100(run, *(jax.ShapeDtypeStruct(shape, dt) for shape, dt in shapes))
+        assert "jaxattn_mosaic_dq_persistent" in text and "jaxattn_mosaic_dkdv_persistent" in text
+        # D = rowsum(dO ∘ O) by XLA is a dot_general
+        assert ("dot_general" in text) == (variant == "persistent"), variant
 
 
 @pytest.mark.parametrize("name", list(LOWERING_CASES))
@@ -373,6 +403,24 @@ def test_gradients_match_the_reference_per_row(name, variant):
         assert bool(jnp.all(jnp.isfinite(g))), name_
         assert worst_row_error(g, w) < 0.02, name_
         assert bool(jnp.array_equal(g, g2)), f"{name_} differs between two runs"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["causal_d128", "ragged_t_ne_s_d128", "empty_rows_d128",
+                                  "documents_window_softcap_d128", "many_items_causal_gqa_d64"])
+def test_delta_formed_in_the_dq_kernel_subtracts_dlse(name):
+    """D formed by the dQ kernel from O, dO and the lse's cotangent gives the gradients
+    of D formed by XLA, row by row (the sums run in another order: not bitwise)."""
+    mask, b, t, s, n, kh, h, *cap = GPU_CASES[name]
+    cap = cap[0] if cap else None
+    q, k, v, do, out, lse, _ = _reference_case(name)
+    dlse = jax.random.normal(jax.random.key(3), lse.shape, jnp.float32)
+    got = jax.jit(_backward_fn(mask, t, s, h, cap, variant="persistent_own_delta"))(
+        q, k, v, out, lse, do, dlse)
+    want = jax.jit(_backward_fn(mask, t, s, h, cap, variant="persistent"))(q, k, v, out, lse, do, dlse)
+    for label, g, w in zip(("dq", "dk", "dv"), got, want):
+        assert bool(jnp.all(jnp.isfinite(g))), label
+        assert worst_row_error(g, w) < 0.01, label
 
 
 @pytest.mark.gpu

@@ -13,6 +13,12 @@ its docstring and BACKWARD_NOTES.md).
   lse and D rows, run every step with backward_tiles.dq_tile (the per-block kernel's
   products in the same order), then stage dQ in the item's Q buffer, store it by TMA and
   release the buffer once the store has read it.
+
+Given O (and the lse's cotangent, if any) instead of D, the compute warpgroups form their
+rows of D = rowsum(dO ∘ O) − dlse themselves, from O read straight from global memory and
+dO from the item's buffer, and write D out for the dK/dV kernel, which runs after this
+one: the separate pass over O and dO (a quarter of a short walk's backward, strided &
+causal at 32k) is gone; every q-block is an item, so every row of D is written.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.mosaic_gpu.backward_tiles import TileArithmetic, dq_tile
-from pallas_kernels.mosaic_gpu.backward_walk import (WGMMA_ROW, OperandTiles, TileLists,
+from pallas_kernels.mosaic_gpu.backward_walk import (WGMMA, WGMMA_ROW, OperandTiles, TileLists,
                                                      copy_resident_rows, run_persistent_producer,
                                                      swizzled)
 from pallas_kernels.mosaic_gpu.common import num_sms
@@ -45,10 +51,16 @@ def dq_schedule(meta, *, n_q_blocks: int, heads: int, batch: int, num_ctas: int)
 
 def dq_persistent_call(q, k, v, do, lse2, delta, meta_arrays, *, block_q: int, block_kv: int,
                        wgs: int, stages: int, memory_registers: int = 40, scale: float, cap,
-                       mask_fn, kv_len: int, operands=(), operand_kinds=(), meta=None):
+                       mask_fn, kv_len: int, operands=(), operand_kinds=(), meta=None,
+                       out=None, dlse=None):
     """Arguments and result as backward_dq.dq_call; `meta`, the BlockMetadata the lists
     come from, lets the deal balance the items' work (its static tile counts, or its
-    traced ones sorted on the device)."""
+    traced ones sorted on the device). With `out` (O padded like q) and delta None, the
+    kernel forms D = rowsum(dO ∘ O) − dlse itself (`dlse` float32 [B, N, Tp] or None)
+    and returns (dq, D float32 [B, N, Tp])."""
+    own_delta = out is not None
+    if own_delta == (delta is not None):
+        raise ValueError("dq_persistent_call takes either delta or out (to form D), not both")
     b, tp, n, hp = q.shape
     kh = k.shape[2]
     groups = n // kh
@@ -60,16 +72,26 @@ def dq_persistent_call(q, k, v, do, lse2, delta, meta_arrays, *, block_q: int, b
     n_schedule = len(schedule.arrays())
     compute_registers = min(256, (512 - memory_registers) // wgs) // 8 * 8
 
-    def kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, fc_ref, fi_ref, pc_ref, pi_ref,
-               *refs):
-        schedule_refs, (*operand_refs, dq_ref) = refs[:n_schedule], refs[n_schedule:]
+    has_dlse = own_delta and dlse is not None
+    row_inputs = ((out,) + ((dlse,) if has_dlse else ())) if own_delta else (delta,)
+
+    def kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, *refs):
+        (row_refs, (fc_ref, fi_ref, pc_ref, pi_ref), schedule_refs,
+         refs) = (refs[:len(row_inputs)], refs[len(row_inputs):len(row_inputs) + 4],
+                  refs[len(row_inputs) + 4:len(row_inputs) + 4 + n_schedule],
+                  refs[len(row_inputs) + 4 + n_schedule:])
+        if own_delta:
+            *operand_refs, dq_ref, delta_out_ref = refs
+        else:
+            *operand_refs, dq_ref = refs
         deal = schedule.bind(schedule_refs)
         arith = TileArithmetic(scale, cap, mask_fn, kv_len, kv_padded,
                                OperandTiles(operand_refs, operand_kinds, q_axis=0),
                                len(operand_kinds), dtype)
         meta_refs = (fc_ref, fi_ref, pc_ref, pi_ref)
 
-        def body(q_smem, do_smem, k_smem, v_smem, qdo_ready, kv_ready, qdo_free, kv_free):
+        def body(q_smem, do_smem, k_smem, v_smem, qdo_ready, kv_ready, qdo_free, kv_free,
+                 *delta_smem):
             wg = lax.axis_index("wg")
             my_items = deal.my_item_count()
 
@@ -90,9 +112,28 @@ def dq_persistent_call(q, k, v, do, lse2, delta, meta_arrays, *, block_q: int, b
                     q_tile, do_tile = q_smem.at[buf, wg], do_smem.at[buf, wg]
                     lse2_i = plgpu.load(lse_ref.at[bi, head, q_rows], (), layout=WGMMA_ROW,
                                         optimized=False)
-                    delta_i = plgpu.load(delta_ref.at[bi, head, q_rows], (), layout=WGMMA_ROW,
-                                         optimized=False)
+                    if own_delta:
+                        # D of these rows: O straight from global memory (issued before the
+                        # wait for Q and dO, so the two latencies overlap), dO from the
+                        # item's buffer.
+                        o_rows = plgpu.load(row_refs[0].at[bi, q_rows, head], (), layout=WGMMA,
+                                            optimized=False)
+                    else:
+                        delta_i = plgpu.load(row_refs[0].at[bi, head, q_rows], (),
+                                             layout=WGMMA_ROW, optimized=False)
                     plgpu.barrier_wait(qdo_ready.at[buf])
+                    if own_delta:
+                        do_rows = plgpu.load(do_tile, (), layout=WGMMA)
+                        delta_i = jnp.sum(o_rows.astype(jnp.float32) * do_rows.astype(jnp.float32),
+                                          axis=1)
+                        if has_dlse:
+                            delta_i = delta_i - plgpu.load(row_refs[1].at[bi, head, q_rows], (),
+                                                           layout=WGMMA_ROW, optimized=False)
+                        # Out for the dK/dV kernel; the store below waits for this copy too.
+                        delta_smem[0][wg] = delta_i
+                        plgpu.commit_smem()
+                        plgpu.copy_smem_to_gmem(delta_smem[0].at[wg],
+                                                delta_out_ref.at[bi, head, q_rows])
 
                     def step_products(s, dq_acc):
                         slot = lax.rem(first + s, stages)
@@ -158,16 +199,18 @@ def dq_persistent_call(q, k, v, do, lse2, delta, meta_arrays, *, block_q: int, b
             plgpu.Barrier(num_arrivals=2, num_barriers=stages),              # K and V
             plgpu.Barrier(num_arrivals=wgs, num_barriers=QDO_BUFFERS),
             plgpu.Barrier(num_arrivals=wgs, num_barriers=stages),
+            *((plgpu.SMEM((wgs, rows), jnp.float32),) if own_delta else ()),
             collective_axes="wg")
 
     grid, grid_names = schedule.grid()
+    dq_type = jax.ShapeDtypeStruct((b, tp, n, hp), dtype)
     return plgpu.kernel(
         kernel,
-        out_type=jax.ShapeDtypeStruct((b, tp, n, hp), dtype),
+        out_type=(dq_type, jax.ShapeDtypeStruct((b, n, tp), jnp.float32)) if own_delta else dq_type,
         compiler_params=plgpu.CompilerParams(approx_math=True),
         grid=grid,
         grid_names=grid_names,
         num_threads=wgs + 1,
         thread_name="wg",
         kernel_name="jaxattn_mosaic_dq_persistent",
-    )(q, k, v, do, lse2, delta, *meta_arrays, *schedule.arrays(), *operands)
+    )(q, k, v, do, lse2, *row_inputs, *meta_arrays, *schedule.arrays(), *operands)

@@ -20,8 +20,10 @@ on the H200, so off).
 Both skip EMPTY tiles (never loaded), do no mask work on FULL tiles, and on PARTIAL
 tiles select P (and dS) to exactly 0 where static.mask_fn or kv_pos >= kv_len rules a
 pair out, and in the dK/dV kernels where q_pos >= T (below).
-D = rowsum(dO ∘ O) − dlse comes precomputed (pallas_kernels/flash_vjp.py), as does the
-backward lse (+inf on rows with no allowed key, so P = 0 there).
+D = rowsum(dO ∘ O) − dlse comes precomputed, or, when it comes as a DeltaOfOutput
+(pallas_kernels/common.py) and the persistent dQ kernel runs, that kernel forms it from
+the O and dO rows of its items and the dK/dV kernel, run after it, reads its D. The
+backward lse comes precomputed (+inf on rows with no allowed key, so P = 0 there).
 
 Inputs are zero-padded to whole tiles along T and S and to a multiple of 64 along the
 head dim (wgmma's K). Padded query rows get lse = 0, D = 0 and dO = 0, so with finite
@@ -40,7 +42,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.common import padded_query_len
+from pallas_kernels.common import DeltaOfOutput, delta_array, padded_query_len
 from pallas_kernels.mosaic_gpu.backward_dkdv import dkdv_call
 from pallas_kernels.mosaic_gpu.backward_dq import dq_call
 from pallas_kernels.mosaic_gpu.backward_dq_persistent import dq_persistent_call
@@ -210,7 +212,6 @@ def backward(static, q, k, v, bias, out, lse, dout, delta, metas, operands,
              parts=("dq", "dkdv", "dbias")):
     """(dq, dk, dv, dbias) per the backend contract; what `parts` does not ask for is
     None. Raises NotImplementedError for what backward_supports declines."""
-    del out   # D already carries what the backward needs of O
     if bias is not None:
         raise NotImplementedError("the Mosaic GPU backward has no bias yet")
     if q.dtype not in (jnp.bfloat16, jnp.float16):
@@ -258,7 +259,11 @@ def backward(static, q, k, v, bias, out, lse, dout, delta, metas, operands,
     kp, vp = btnh(k.astype(q.dtype), sp), btnh(v.astype(q.dtype), sp)
     # The kernels read lse·log2e (exp2 with log2e folded in); +inf stays +inf.
     lse2 = _pad(lse.astype(jnp.float32) * LOG2E, 2, tp)
-    delta_p = _pad(delta.astype(jnp.float32), 2, tp)
+    # D formed by the persistent dQ kernel (then run first), or by XLA here.
+    dq_forms_delta = (isinstance(delta, DeltaOfOutput) and want_dq and config.persistent
+                      and not (want_dkdv and config.fused))
+    delta_p = None if dq_forms_delta else _pad(
+        delta_array(delta, out, dout).astype(jnp.float32), 2, tp)
     common = dict(wgs=config.compute_warpgroups, stages=config.num_stages,
                   memory_registers=config.memory_registers, scale=static.scale,
                   cap=static.logits_soft_cap, mask_fn=static.mask_fn, kv_len=s,
@@ -270,6 +275,16 @@ def backward(static, q, k, v, bias, out, lse, dout, delta, metas, operands,
     # unattended key, nonfinite_fallback.py).
     padded_q_len = padded_query_len(static.mask_fn, t, tp)
     dq = dk = dv = None
+    if dq_forms_delta:
+        m = metas["dq"]
+        lists = tuple(jnp.asarray(a, jnp.int32)
+                      for a in (m.full_count, m.full_index, m.partial_count, m.partial_index))
+        dlse = None if delta.dlse is None else _pad(delta.dlse.astype(jnp.float32), 2, tp)
+        dq, delta_p = dq_persistent_call(qp, kp, vp, dop, lse2, None, lists, block_q=m.block_q,
+                                         block_kv=m.block_kv, meta=m, out=btnh(out, tp),
+                                         dlse=dlse, **common)
+        dq = dq[:, :t, :, :h]
+        want_dq = False
     if want_dkdv and want_dq and config.fused:
         m = jax.tree.map(lambda a: jnp.asarray(a, jnp.int32), metas["dkdv"])
         lists = (m.t_full_count, m.t_full_index, m.t_partial_count, m.t_partial_index)

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.common import (LOG2E, acc_dtype, dbias_mode, pad_axis, pad_btnh,
+from pallas_kernels.common import (LOG2E, acc_dtype, dbias_mode, delta_array, pad_axis, pad_btnh,
                                    pad_to_multiple, padded_query_len, prepare_bias,
                                    prepare_operands, reduce_dbias, reversed_q_block)
 from pallas_kernels.score_mod import flat_operand, score_vjp, tile_sum
@@ -227,7 +227,8 @@ def backward(static, q, k, v, bias, out, lse, dout, delta, metas, operands,
     With a score function (static.score_mod), `score_operands` are its arrays and the
     result has a fifth member: their gradients, for those `score_grads` flags (None for
     the others). The dK/dV kernel writes one share per program, summed here."""
-    del out  # D = rowsum(dO ∘ O) − dlse already carries what the backward needs of O.
+    delta = delta_array(delta, out, dout)   # D = rowsum(dO ∘ O) − dlse: all it needs of O
+    del out
     with_score = score_operands is not None
     score_operands = tuple(score_operands or ())
     wanted = tuple(i for i, w in enumerate(score_grads) if w)
