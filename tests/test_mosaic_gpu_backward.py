@@ -154,6 +154,40 @@ def test_dq_kernel_forming_delta_lowers_for_h100(name, with_dlse):
         assert ("dot_general" in text) == (variant == "persistent"), variant
 
 
+def test_delta_from_the_dq_kernel_is_padded_with_zeros_for_the_dkdv_kernel(monkeypatch):
+    """With one compute warpgroup the dQ kernel's q-blocks have 64 rows and the dK/dV
+    kernel's 128: at T = 150 the dQ kernel writes D for rows 0-191 and the dK/dV kernel
+    reads rows 0-255. Its rows 192-255 must be zeros (rows past T get Q = 0, lse = 0,
+    so P = 1 on FULL tiles and dS = -D: anything else there reaches dK). The two kernels
+    are stood in for by functions that record what they get."""
+    config = mb.MosaicBackwardConfig(block_q_dkv=128, block_kv_dkv=64, block_q_dq=64,
+                                     block_kv_dq=64, compute_warpgroups=1)
+    t, s, n, h = 150, 200, 2, 64
+    static, metas, operands = build_call("pallas_mosaic_gpu", M.FullMask(), t, s, scale=h ** -0.5,
+                                         logits_soft_cap=None, config=config, interpret=False)
+    seen = {}
+
+    def dq_kernel(q, k, v, do, lse2, delta, lists, *, block_q, out, **kwargs):
+        assert delta is None and out is not None
+        rows = lists[0].shape[-1] * block_q
+        seen["dq_rows"] = rows
+        return jnp.zeros_like(q), jnp.full((q.shape[0], q.shape[2], rows), 7.0, jnp.float32)
+
+    def dkdv_kernel(q, k, v, do, lse2, delta, lists, **kwargs):
+        seen["delta"] = delta
+        return jnp.zeros_like(k), jnp.zeros_like(v)
+
+    monkeypatch.setattr(mb, "dq_persistent_call", dq_kernel)
+    monkeypatch.setattr(mb, "dkdv_persistent_call", dkdv_kernel)
+    x = jnp.zeros((1, t, n, h), jnp.bfloat16)
+    kv = jnp.zeros((1, s, n, h), jnp.bfloat16)
+    mb.backward(static, x, kv, kv, None, x, jnp.zeros((1, n, t)), x, DeltaOfOutput(None), metas,
+                operands, parts=("dq", "dkdv"))
+    delta = np.asarray(seen["delta"])
+    assert seen["dq_rows"] == 192 and delta.shape == (1, n, 256)
+    assert (delta[..., :192] == 7.0).all() and (delta[..., 192:] == 0.0).all()
+
+
 @pytest.mark.parametrize("name", list(LOWERING_CASES))
 def test_persistent_kernels_lower_for_h100(name):
     """Both kernels as one CTA per SM looping over their blocks (two buffers of the

@@ -17,8 +17,9 @@ its docstring and BACKWARD_NOTES.md).
 Given O (and the lse's cotangent, if any) instead of D, the compute warpgroups form their
 rows of D = rowsum(dO ∘ O) − dlse themselves, from O read straight from global memory and
 dO from the item's buffer, and write D out for the dK/dV kernel, which runs after this
-one: the separate pass over O and dO (a quarter of a short walk's backward, strided &
-causal at 32k) is gone; every q-block is an item, so every row of D is written.
+one: the separate pass over O and dO (74 of the 454 µs of strided & causal's backward
+kernels at 32k) is gone. Every q-block is an item, so every row of D up to the last
+q-block is written (the caller pads D to the dK/dV kernel's rows).
 """
 
 from __future__ import annotations
@@ -57,10 +58,14 @@ def dq_persistent_call(q, k, v, do, lse2, delta, meta_arrays, *, block_q: int, b
     come from, lets the deal balance the items' work (its static tile counts, or its
     traced ones sorted on the device). With `out` (O padded like q) and delta None, the
     kernel forms D = rowsum(dO ∘ O) − dlse itself (`dlse` float32 [B, N, Tp] or None)
-    and returns (dq, D float32 [B, N, Tp])."""
+    and returns (dq, D float32 [B, N, nQ · block_q]), nQ the lists' q-blocks."""
     own_delta = out is not None
     if own_delta == (delta is not None):
-        raise ValueError("dq_persistent_call takes either delta or out (to form D), not both")
+        raise ValueError("dq_persistent_call takes exactly one of delta (D formed) or out (D "
+                         f"formed here); got delta={delta is not None}, out={own_delta}")
+    if dlse is not None and not own_delta:
+        raise ValueError("dq_persistent_call: dlse is subtracted only where the kernel forms D "
+                         "(out given); with delta given, subtract it from delta instead")
     b, tp, n, hp = q.shape
     kh = k.shape[2]
     groups = n // kh
@@ -206,7 +211,8 @@ def dq_persistent_call(q, k, v, do, lse2, delta, meta_arrays, *, block_q: int, b
     dq_type = jax.ShapeDtypeStruct((b, tp, n, hp), dtype)
     return plgpu.kernel(
         kernel,
-        out_type=(dq_type, jax.ShapeDtypeStruct((b, n, tp), jnp.float32)) if own_delta else dq_type,
+        out_type=((dq_type, jax.ShapeDtypeStruct((b, n, n_q_blocks * block_q), jnp.float32))
+                  if own_delta else dq_type),
         compiler_params=plgpu.CompilerParams(approx_math=True),
         grid=grid,
         grid_names=grid_names,

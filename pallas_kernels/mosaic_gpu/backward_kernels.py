@@ -283,6 +283,9 @@ def backward(static, q, k, v, bias, out, lse, dout, delta, metas, operands,
         dq, delta_p = dq_persistent_call(qp, kp, vp, dop, lse2, None, lists, block_q=m.block_q,
                                          block_kv=m.block_kv, meta=m, out=btnh(out, tp),
                                          dlse=dlse, **common)
+        # D holds the dQ kernel's q-blocks; the dK/dV kernel's may reach further (tiles
+        # whose sizes do not divide each other): zeros there, as for every padded row.
+        delta_p = _pad(delta_p, 2, tp)
         dq = dq[:, :t, :, :h]
         want_dq = False
     if want_dkdv and want_dq and config.fused:
