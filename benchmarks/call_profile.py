@@ -2,14 +2,17 @@
 
     PYTHONPATH=$PWD python3 benchmarks/call_profile.py --out-dir prof/
 
-For each case (issue 16's strided masks at 32k by default, `implementation=None`), the
-forward and the forward+backward are compiled, warmed up, then called --calls times
+For each case (issue 16's strided masks at 32k by default, `implementation=None` or
+--implementation), the forward and the forward+backward are compiled, warmed up, then
+called --calls times
 one at a time (each waited for) under `jax.profiler.trace` with a Perfetto trace. Saved:
-the trace (`perfetto_trace.json.gz`), each compiled program's optimized HLO (its
+the trace (`perfetto_trace.json.gz`, also copied to the output folder's top), each
+compiled program's optimized HLO (its
 kernels and copies), and per call the host's issue time (until the call returns) and
 wall time (until its result is ready). `summarize` reads the trace back: per call,
 the device kernels' total time, the first kernel's start after the call began, and
-the idle gaps between kernels.
+the idle gaps between kernels. --floor adds a program of one XLA kernel with inputs and
+output the size of the attention's (q + 1): the runtime's own cost of a waited-for call.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import glob
 import gzip
 import json
 import os
+import shutil
 import sys
 import time
 
@@ -45,7 +49,7 @@ def run(args):
         mask = CASES[name](M)
 
         def attn(q, k, v, mask=mask):
-            return jaxattn.dot_product_attention(q, k, v, mask=mask)
+            return jaxattn.dot_product_attention(q, k, v, mask=mask, implementation=args.implementation)
 
         def train(q, k, v, do, attn=attn):
             _, vjp = jax.vjp(attn, q, k, v)
@@ -57,6 +61,11 @@ def run(args):
             for _ in range(3):
                 jax.block_until_ready(compiled(*call_args))
             programs.append((f"{name}_{mode}", compiled, call_args))
+    if args.floor:
+        compiled = jax.jit(lambda q: q + 1).lower(q).compile()
+        for _ in range(3):
+            jax.block_until_ready(compiled(q))
+        programs.append(("floor_q_plus_1", compiled, (q,)))
     calls = []
     with jax.profiler.trace(os.path.join(args.out_dir, "trace"), create_perfetto_trace=True):
         for label, compiled, call_args in programs:
@@ -72,6 +81,9 @@ def run(args):
                 del out
     with open(os.path.join(args.out_dir, "calls.json"), "w") as f:
         json.dump(calls, f, indent=1)
+    for path in glob.glob(os.path.join(args.out_dir, "trace", "**", "perfetto_trace.json.gz"),
+                          recursive=True):
+        shutil.copy(path, os.path.join(args.out_dir, "perfetto_trace.json.gz"))
     for c in calls:
         print(f"{c['label']:24s} {c['call']} issue {c['issue_us']:7.1f} µs  wall {c['wall_us']:7.1f} µs")
 
@@ -79,7 +91,7 @@ def run(args):
 def summarize(out_dir):
     """Per annotated call: kernels on the device (count, busy µs), from the call's start to
     the first kernel, from the last kernel's end to the call's end, and the gaps."""
-    path = glob.glob(os.path.join(out_dir, "trace", "**", "perfetto_trace.json.gz"), recursive=True)[0]
+    path = glob.glob(os.path.join(out_dir, "**", "perfetto_trace.json.gz"), recursive=True)[0]
     with gzip.open(path) as f:
         trace = json.load(f)
     events = [e for e in trace["traceEvents"] if e.get("ph") == "X"]
@@ -115,6 +127,8 @@ def main(argv=None):
     p.add_argument("--heads", type=int, default=16)
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--calls", type=int, default=5)
+    p.add_argument("--implementation", default=None, help="as dot_product_attention's (default: None)")
+    p.add_argument("--floor", action="store_true", help="also time q + 1 (the runtime's floor)")
     p.add_argument("--summarize-only", action="store_true")
     args = p.parse_args(argv)
     if not args.summarize_only:
