@@ -98,8 +98,8 @@ class KernelBackend(Protocol):
         -> (dq, dk, dv, dbias). lse is the backward lse (+inf on empty rows), delta is
         D = rowsum(dO ∘ O) − dlse [B, N, T], as an array or as a
         pallas_kernels.common.DeltaOfOutput (not yet formed: the backend forms it from
-        out and dout, in a kernel or by common.delta_array). parts ⊆ ("dq", "dkdv", "dbias"): the halves
-        asked for; the others come back None. dbias has the bias's shape and dtype.
+        out and dout, in a kernel or by common.delta_array). parts ⊆ ("dq", "dkdv",
+        "dbias"): the halves asked for; the others come back None. dbias has the bias's shape and dtype.
 
     decode: the KV-cache decode entry, or None when the backend has none:
         decode(static, q, k_cache, v_cache, lengths, page_table=None, operands=(),

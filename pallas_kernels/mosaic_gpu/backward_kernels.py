@@ -259,7 +259,7 @@ def backward(static, q, k, v, bias, out, lse, dout, delta, metas, operands,
     kp, vp = btnh(k.astype(q.dtype), sp), btnh(v.astype(q.dtype), sp)
     # The kernels read lse·log2e (exp2 with log2e folded in); +inf stays +inf.
     lse2 = _pad(lse.astype(jnp.float32) * LOG2E, 2, tp)
-    # D formed by the persistent dQ kernel (then run first), or by XLA here.
+    # D formed by the persistent dQ kernel, or by XLA here.
     dq_forms_delta = (isinstance(delta, DeltaOfOutput) and want_dq and config.persistent
                       and not (want_dkdv and config.fused))
     delta_p = None if dq_forms_delta else _pad(
@@ -275,20 +275,28 @@ def backward(static, q, k, v, bias, out, lse, dout, delta, metas, operands,
     # unattended key, nonfinite_fallback.py).
     padded_q_len = padded_query_len(static.mask_fn, t, tp)
     dq = dk = dv = None
-    if dq_forms_delta:
+    fused = want_dkdv and want_dq and config.fused
+    if want_dq and not fused:
+        # Before dK/dV: when the dQ kernel forms D, the dK/dV kernel reads it.
         m = metas["dq"]
-        lists = tuple(jnp.asarray(a, jnp.int32)
-                      for a in (m.full_count, m.full_index, m.partial_count, m.partial_index))
-        dlse = None if delta.dlse is None else _pad(delta.dlse.astype(jnp.float32), 2, tp)
-        dq, delta_p = dq_persistent_call(qp, kp, vp, dop, lse2, None, lists, block_q=m.block_q,
-                                         block_kv=m.block_kv, meta=m, out=btnh(out, tp),
-                                         dlse=dlse, **common)
-        # D holds the dQ kernel's q-blocks; the dK/dV kernel's may reach further (tiles
-        # whose sizes do not divide each other): zeros there, as for every padded row.
-        delta_p = _pad(delta_p, 2, tp)
+        lists = (m.full_count, m.full_index, m.partial_count, m.partial_index)
+        lists = tuple(jnp.asarray(a, jnp.int32) for a in lists)
+        if dq_forms_delta:
+            dlse = None if delta.dlse is None else _pad(delta.dlse.astype(jnp.float32), 2, tp)
+            dq, delta_p = dq_persistent_call(qp, kp, vp, dop, lse2, None, lists, block_q=m.block_q,
+                                             block_kv=m.block_kv, meta=m, out=btnh(out, tp),
+                                             dlse=dlse, **common)
+            # D holds the dQ kernel's q-blocks; the dK/dV kernel's may reach further (tiles
+            # whose sizes do not divide each other): zeros there, as for every padded row.
+            delta_p = _pad(delta_p, 2, tp)
+        elif config.persistent:
+            dq = dq_persistent_call(qp, kp, vp, dop, lse2, delta_p, lists, block_q=m.block_q,
+                                    block_kv=m.block_kv, meta=m, **common)
+        else:
+            dq = dq_call(qp, kp, vp, dop, lse2, delta_p, lists, block_q=m.block_q,
+                         block_kv=m.block_kv, **common)
         dq = dq[:, :t, :, :h]
-        want_dq = False
-    if want_dkdv and want_dq and config.fused:
+    if fused:
         m = jax.tree.map(lambda a: jnp.asarray(a, jnp.int32), metas["dkdv"])
         lists = (m.t_full_count, m.t_full_index, m.t_partial_count, m.t_partial_index)
         rank_full, rank_partial, visitors = contributor_ranks(m)
@@ -314,15 +322,4 @@ def backward(static, q, k, v, bias, out, lse, dout, delta, metas, operands,
             dk, dv = dkdv_call(qp, kp, vp, dop, lse2, delta_p, lists, block_q=m.block_q,
                                block_kv=m.block_kv, q_len=padded_q_len, **common)
         dk, dv = dk[:, :s, :, :h].astype(k.dtype), dv[:, :s, :, :h].astype(v.dtype)
-    if want_dq:
-        m = metas["dq"]
-        lists = (m.full_count, m.full_index, m.partial_count, m.partial_index)
-        lists = tuple(jnp.asarray(a, jnp.int32) for a in lists)
-        if config.persistent:
-            dq = dq_persistent_call(qp, kp, vp, dop, lse2, delta_p, lists, block_q=m.block_q,
-                                    block_kv=m.block_kv, meta=m, **common)
-        else:
-            dq = dq_call(qp, kp, vp, dop, lse2, delta_p, lists, block_q=m.block_q,
-                         block_kv=m.block_kv, **common)
-        dq = dq[:, :t, :, :h]
     return dq, dk, dv, None

@@ -25,8 +25,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.common import (LOG2E, acc_dtype, dbias_mode, delta_array, pad_axis, pad_btnh,
-                                   pad_to_multiple, padded_query_len, prepare_bias,
+from pallas_kernels.common import (LOG2E, acc_dtype, dbias_mode, delta_array, pad_axis,
+                                   pad_btnh, pad_to_multiple, padded_query_len, prepare_bias,
                                    prepare_operands, reduce_dbias, reversed_q_block)
 from pallas_kernels.score_mod import flat_operand, score_vjp, tile_sum
 from pallas_kernels.triton.common import (KernelDropout, bias_access, dot_nn, dot_nt, dot_tn,
