@@ -102,7 +102,9 @@ def main(argv=None):
                         "8 x 128k and 64 x 32k")
     p.add_argument("--splits", type=int, nargs="*", default=None, metavar="N",
                    help="also time the kernel with each of these num_splits on the --split-cases "
-                        "(K8, Tq 1, contiguous): how much of a gap the split count explains")
+                        "(K8, Tq 1, contiguous): how much of a gap the split count explains. The "
+                        "whole grid runs beside them (minutes) unless --match narrows it; "
+                        "--match '^$' times the splits alone")
     p.add_argument("--split-cases", nargs="*", default=["1x32768", "1x131072"], metavar="BxCTX",
                    help="batch x context of the --splits sweep (default 1x32768 1x131072)")
     p.add_argument("--split-kv-heads", type=int, default=8,
