@@ -38,6 +38,7 @@ import numpy as np
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.common import DeltaOfOutput, delta_array
 from pallas_kernels.registry import backend_names, get_backend
 from jaxattn import flash
 from jaxattn.flash import pallas_attention, pallas_backward
@@ -194,9 +195,8 @@ def _merged_forward(spec: _MergeSpec, inputs):
 def _merged_backward(spec: _MergeSpec, residuals, cotangents):
     inputs, out, lse = residuals
     dout, dlse = cotangents
-    acc = lse.dtype
     # D = rowsum(dO ∘ O) − dlse of the merged result, once for every part: [B, N, T].
-    delta = jnp.einsum("btnh,btnh->bnt", dout.astype(acc), out.astype(acc)) - dlse.astype(acc)
+    delta = delta_array(DeltaOfOutput(dlse), out, dout)
     grads = []
     for (q, k, v, m), layout in zip(inputs, spec.layouts):
         o_p, do_p, lse_p, delta_p = out, dout, lse, delta
