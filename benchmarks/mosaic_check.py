@@ -209,6 +209,9 @@ class BiasCase(BenchCase):
 BENCH = [
     *HOPPER_GOAL_CASES,
     BenchCase("D128 S16384 B1 H16 bigbird", 1, 16, 16384, 128, "bigbird"),
+    # 33 heads × 128 q-blocks = 4224 items = 32 whole rounds of 132 CTAs, against H16's
+    # 2048 = 15.5 rounds: what the last, partly filled round of the persistent deal costs.
+    BenchCase("D128 S16384 B1 H33 full", 1, 33, 16384, 128, "full"),
     DocumentsCase("D128 S16384 B1 H16 causal documents (8)", 1, 16, 16384, 128, "documents"),
     BiasCase("D128 S4096 B1 H16 causal, bias [1,N,T,S]", 1, 16, 4096, 128, "causal",
              bias_shape=(1, 16, 4096, 4096)),
