@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import importlib
 import types
 
 import jax
@@ -40,8 +39,7 @@ from pallas_kernels.mosaic_gpu.common import OperandRef, TileLists, prepare_oper
 from pallas_kernels.mosaic_gpu.config import SMEM_BYTES, MosaicConfig
 from pallas_kernels.mosaic_gpu.forward import forward as mosaic_forward
 from pallas_kernels.metadata import decode_positions, encode_tile_counts
-from pallas_kernels.mosaic_gpu.schedule import (MERGE_PARTIAL, SEND_PARTIAL, WHOLE, Schedule,
-                                                balanced_deal, dealt_loads, item_work, split_last_round)
+from pallas_kernels.mosaic_gpu.schedule import Schedule, dealt_loads, item_work, balanced_deal
 from pallas_kernels.triton.config import TritonConfig
 from pallas_kernels.triton.config import config_for_head_dim as triton_config_for_head_dim
 from helpers import lower_for_h100
@@ -85,9 +83,6 @@ LOWERING_CASES = {
     # `not` in the kernel failed Mosaic GPU's lowering until NotMask used an exclusive or
     "complement D64": (M.GlobalMask(3) & NotMask(M.CausalMask() & M.StridedMask(7)), 256, 256, 2, 2, 64,
                        jnp.bfloat16),
-    # 192 items on 132 CTAs: the last round's tiles shared out, items split between two
-    # CTAs (schedule.split_last_round; test_split_last_round_runs_every_step_once)
-    "full D128 split last round": (M.FullMask(), 4096, 4096, 6, 2, 128, jnp.bfloat16),
 }
 
 
@@ -121,14 +116,6 @@ def test_forward_with_operands_and_soft_cap_lowers_for_h100(name):
     text = _lower_for_h100(lambda q, k, v: mosaic_forward(static, q, k, v, None, metas, operands),
                            *_shapes(b, t, s, n, kh, h))
     assert text.count("mosaic_gpu_v2") == 1
-
-
-def _banded_dense(t, seed=5):
-    """A random [T, T] mask (half the pairs) whose rows 1000–1299 attend nothing: some
-    q-blocks have no tiles at all, most have every tile PARTIAL."""
-    keep = np.random.default_rng(seed).random((t, t)) < 0.5
-    keep[1000:1300] = False
-    return keep
 
 
 def _dense(t, s, seed=0, heads=1):
@@ -685,13 +672,6 @@ GPU_CASES = {
                                       & M.LocalMask(300, 0), 1, 1280, 1280, 2, 1, 64,
                                       jnp.bfloat16, 30.0),
     "soft cap causal f16": (M.CausalMask(), 1, 1024, 1024, 4, 4, 128, jnp.float16, 20.0),
-    # More items than CTAs in a partly filled last round: items split between two CTAs,
-    # whose partial states merge (schedule.split_last_round, SPLIT_CASES below).
-    "split last round full GQA": (M.FullMask(), 1, 4096, 4096, 6, 2, 128, jnp.bfloat16),
-    "split last round window f16 soft cap": (M.LocalMask(700, 0), 1, 8192, 8192, 5, 5, 128,
-                                             jnp.float16, 30.0),
-    "split last round dense mask, empty q-blocks D64": (M.DenseMask(_banded_dense(4096)), 1, 4096,
-                                                        4096, 5, 1, 64, jnp.bfloat16),
 }
 
 
@@ -721,9 +701,6 @@ GPU_BIAS_CASES = {
     "dense causal mask + bias B4 H8 D64": (M.CausalMask() & M.DenseMask(
         np.random.default_rng(4).random((1024, 1024)) < 0.5), 4, 1024, 1024, 8, 8, 64, jnp.bfloat16,
         None, (4, 8, 1024, 1024), jnp.bfloat16),
-    # 160 items: the bias tiles' slots count the steps of split items too
-    "split last round full bias bf16 D64": (M.FullMask(), 1, 4096, 4096, 5, 5, 64, jnp.bfloat16, None,
-                                            (1, 5, 4096, 4096), jnp.bfloat16),
 }
 
 
@@ -925,112 +902,6 @@ def test_evenly_dealt_masks_keep_their_arithmetic_deal(mask):
     meta = build_block_metadata(mask, t, t, 128, 128)
     sched = Schedule(t // 128, 16, 1, True, 132, balance=not meta.even_q_work)
     assert balanced_deal(sched, meta) is sched
-
-
-# (mask, T, heads, batch): in-order deals whose last round is partly filled (the GPU
-# cases named "split last round" among them).
-SPLIT_CASES = {
-    "full 16k H16 (15.5 rounds)": (M.FullMask(), 16384, 16, 1),
-    "full 4k H6 (1.5 rounds)": (M.FullMask(), 4096, 6, 1),
-    "full 4k H5": (M.FullMask(), 4096, 5, 1),
-    "window 8k H5": (M.LocalMask(700, 0), 8192, 5, 1),
-    "window 256 32k H16": (M.LocalMask(256, 0), 32768, 16, 1),
-    "dense mask with empty q-blocks": (M.DenseMask(_banded_dense(4096)), 4096, 5, 1),
-    "full 1k B16 H16": (M.FullMask(), 1024, 16, 16),
-}
-
-
-def _entries(sched):
-    """Each CTA's entries [(q-block, head, batch row, first step, end step, epilogue,
-    partner), ...] from the kernel's own reads of the table (vmap over the CTAs)."""
-    width = int(np.asarray(sched.table[1]).shape[1])
-
-    def share(_):
-        rows = []
-        for i in range(width):
-            rows.append(jnp.stack([*sched.item(jnp.int32(i)), *sched.piece(jnp.int32(i), None)]))
-        return sched.my_item_count(), jnp.stack(rows)
-    counts, rows = jax.vmap(share, axis_name="cta")(jnp.arange(sched.num_ctas))
-    counts, rows = np.asarray(counts), np.asarray(rows)
-    return [[tuple(int(x) for x in rows[c, i]) for i in range(counts[c])] for c in range(sched.num_ctas)]
-
-
-@pytest.mark.parametrize("name", list(SPLIT_CASES))
-def test_split_last_round_runs_every_step_once(name):
-    """split_last_round (persistent in-order deals with a partly filled last round):
-    every step of every item's list runs exactly once; a split item has two entries on
-    two CTAs, its first steps (MERGE, naming the other CTA) and the rest (SEND); a CTA
-    sends at most once (one workspace slot) and before any merge of its own (so no wait
-    can cycle); and the busiest CTA's work is within 1 % of the mean (plus a few
-    entries' fixed costs), under what the in-order deal gave it."""
-    mask, t, heads, batch = SPLIT_CASES[name]
-    meta = build_block_metadata(mask, t, t, 128, 128)
-    nq = t // 128
-    base = Schedule(nq, heads, batch, True, min(132, nq * heads * batch), balance=not meta.even_q_work)
-    assert balanced_deal(base, meta) is base
-    sched = split_last_round(base, meta)
-    assert sched.splits_items and len(sched.arrays()) == 3
-    full, partial = (np.broadcast_to(np.asarray(x), (batch, heads, nq)) for x in
-                     (meta.full_count, meta.partial_count))
-    ran = {}
-    load = np.zeros(sched.num_ctas)
-    for cta, entries in enumerate(_entries(sched)):
-        roles = [e[5] for e in entries]
-        assert roles.count(SEND_PARTIAL) <= 1 and roles.count(MERGE_PARTIAL) <= 1, roles
-        if SEND_PARTIAL in roles and MERGE_PARTIAL in roles:
-            assert roles.index(SEND_PARTIAL) < roles.index(MERGE_PARTIAL)
-        for q, h, b, lo, end, role, partner in entries:
-            f, p = int(full[b, h, q]), int(partial[b, h, q])
-            assert 0 <= lo < end <= f + p or lo == end == f + p == 0
-            ran.setdefault((q, h, b), []).append((lo, end, role, partner, cta))
-            load[cta] += (min(end, f) - min(lo, f)) + 2 * (max(end, f) - max(lo, f)) + 1
-    assert sorted(ran) == sorted((q, h, b) for q in range(nq) for h in range(heads) for b in range(batch))
-    splits = 0
-    for (q, h, b), pieces in ran.items():
-        total = int(full[b, h, q] + partial[b, h, q])
-        if len(pieces) == 1:
-            assert pieces[0][:3] == (0, total, WHOLE)
-            continue
-        splits += 1
-        (lo1, end1, role1, partner, cta1), (lo2, end2, role2, _, cta2) = sorted(pieces)
-        assert (lo1, end2, end1) == (0, total, lo2) and (role1, role2) == (MERGE_PARTIAL, SEND_PARTIAL)
-        assert partner == cta2 != cta1
-    assert splits > 0
-    work = item_work(meta.tile_counts, meta.full_count.shape, nq, heads, batch)
-    assert load.sum() == work.sum() + splits
-    # within 1 % of the mean, give or take a few entries' fixed costs and a PARTIAL step
-    assert load.max() <= 1.01 * load.mean() + 5, (load.max(), load.mean())
-    assert load.max() < dealt_loads(base, work).max()
-
-
-@pytest.mark.parametrize("mask, t, heads", [(M.FullMask(), 16384, 33), (M.FullMask(), 4096, 4),
-                                            (M.CausalMask(), 16384, 16),
-                                            (M.causal_document_mask(_documents([3000, 1096])), 4096, 5)],
-                         ids=["whole rounds", "one partial round", "causal snake", "documents"])
-def test_split_last_round_leaves_other_deals_alone(mask, t, heads):
-    """Whole rounds (33 heads x 128 q-blocks = 32 x 132), fewer items than CTAs, the
-    causal snake (balanced already) and data masks (tile counts unknown at trace time)
-    keep their deal."""
-    meta = build_block_metadata(mask, t, t, 128, 128)
-    nq = t // 128
-    base = balanced_deal(Schedule(nq, heads, 1, True, min(132, nq * heads),
-                                  balance=not meta.even_q_work), meta)
-    assert split_last_round(base, meta) is base
-
-
-def test_split_last_round_is_chosen_by_the_forward(monkeypatch):
-    """The shipped D128 config splits the last round of dense 4k with 6 heads (192 items
-    on 132 CTAs); split_last_round=False keeps the in-order deal."""
-    fwd = importlib.import_module("pallas_kernels.mosaic_gpu.forward")   # the package's
-    seen = []                                                            # `forward` is a function
-    real = fwd.split_last_round
-    monkeypatch.setattr(fwd, "split_last_round", lambda s, m: seen.append(real(s, m)) or seen[-1])
-    for flag in (True, False):
-        cfg = dataclasses.replace(mosaic_gpu.config_for_head_dim(128), split_last_round=flag)
-        static, metas, operands = _call(M.FullMask(), 4096, 4096, 128, config=cfg)
-        jax.eval_shape(lambda q, k, v: mosaic_forward(static, q, k, v, None, metas, operands),
-                       *_shapes(1, 4096, 4096, 6, 2, 128))
-    assert len(seen) == 1 and seen[0].splits_items
 
 
 @pytest.mark.parametrize("mask", [M.CausalMask(), M.bigbird_mask(8192, window=256, num_global=256,

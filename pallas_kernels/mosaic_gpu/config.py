@@ -58,9 +58,6 @@ class MosaicConfig:
     # The consumers take turns through hardware named barriers (bar.sync / bar.arrive)
     # instead of a shared-memory mbarrier (consumer_turns.py); off until timed on a GPU.
     named_barriers: bool = False
-    # Persistent in-order deals share the tiles of their last rounds evenly between the
-    # CTAs, splitting some items between two (schedule.split_last_round).
-    split_last_round: bool = True
     backward: MosaicBackwardConfig | TritonConfig = dataclasses.field(
         default_factory=MosaicBackwardConfig)
     # Masks that may leave unattended keys in PARTIAL tiles: check the inputs and take the
@@ -77,7 +74,7 @@ class MosaicConfig:
                              f"of the P·V product), got {self.block_kv}.")
         if self.num_stages < 1:
             raise ValueError(f"MosaicConfig.num_stages must be >= 1, got {self.num_stages}.")
-        for flag in ("named_barriers", "finite_check", "split_last_round"):
+        for flag in ("named_barriers", "finite_check"):
             if not isinstance(getattr(self, flag), bool):
                 raise ValueError(f"MosaicConfig.{flag} must be a bool (True or False), got "
                                  f"{getattr(self, flag)!r}.")

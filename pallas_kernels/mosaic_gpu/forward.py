@@ -36,11 +36,6 @@ or, persistent, a share of them (which share: schedule.py). Three warpgroups:
 * Epilogue (Algorithm 1, line 12): O = acc / l staged through shared memory and stored
   by TMA; lse = ln(2)·(m + log2 l). A row with no allowed key has l = 0 and returns
   O = 0, lse = -inf (the running max starts at a finite MASK_VALUE, so no -inf - -inf).
-* Items split between two CTAs (schedule.py, split_last_round): an entry runs the steps
-  [first, end) of its item's list. The CTA with the later steps stores its unnormalised
-  acc, m and l to a float32 workspace and raises a semaphore; the CTA with the first
-  steps, at its last entry, waits for it, merges (m = max(m1, m2); acc and l are the
-  sums of each part scaled by exp2(m_part - m)) and runs the epilogue.
 """
 
 from __future__ import annotations
@@ -59,8 +54,7 @@ from pallas_kernels.mosaic_gpu.consumer_turns import MbarrierTurns, NamedBarrier
 from pallas_kernels.mosaic_gpu.common import (LN2, LOG2E, MASK_VALUE, OperandRef, TileLists,
                                               num_sms, pad_btnh, padded_head_dim)
 from pallas_kernels.mosaic_gpu.config import CONSUMER_WARPGROUPS, ROWS_PER_WARPGROUP, SMEM_BYTES
-from pallas_kernels.mosaic_gpu.schedule import (MERGE_PARTIAL, SEND_PARTIAL, Schedule, balanced_deal,
-                                                split_last_round)
+from pallas_kernels.mosaic_gpu.schedule import Schedule, balanced_deal
 from pallas_kernels.mosaic_gpu.tile_inputs import (plan_tile_inputs, prepare_forward_bias,
                                                    swizzled_smem)
 
@@ -71,10 +65,9 @@ _WGMMA_COL = plgpu.Layout.WGMMA.reduce(0)   # one value per accumulator column
 
 def _kernel(lists: TileLists, q_ref, k_ref, v_ref, operand_refs, inputs, o_ref, lse_ref, scratch,
             *, schedule_: Schedule, groups, block_kv, stages, scale, cap, kv_len, mask_fn, dtype,
-            named_barriers, workspace=None):
+            named_barriers):
     """`inputs`: the bias and dense mask tiles (tile_inputs.BoundTileInputs); with a
-    bias, `scale` is 1 (the bias add applies the call's scale). `workspace`: with split
-    items, (acc [C, 2, 64, H], m and l [C, 2, 2, 64]) float32 refs in global memory."""
+    bias, `scale` is 1 (the bias add applies the call's scale)."""
     (q_smem, k_smem, v_smem, lse_smem), (k_ready, v_ready, q_ready), consumed, schedule = scratch[:4]
     k_consumed, v_consumed = consumed
     rows = ROWS_PER_WARPGROUP
@@ -112,11 +105,7 @@ def _kernel(lists: TileLists, q_ref, k_ref, v_ref, operand_refs, inputs, o_ref, 
             first, first_partial = firsts
             qi, head, batch = schedule_.item(item)
             walk = lists.walker(batch, head, qi)
-            num_full = walk.num_full
-            # This entry runs steps [lo, end) of the item's list (all of them unless the
-            # item is split between two CTAs); step `step` uses slot (first + step - lo).
-            lo, end, role, partner = schedule_.piece(item, walk.total)
-            partial_lo = num_full if isinstance(lo, int) and lo == 0 else jnp.maximum(lo, num_full)
+            num_full, total = walk.num_full, walk.total
             cta_start = qi * (CONSUMER_WARPGROUPS * rows)
             q_start = cta_start + wg * rows
             buf = lax.rem(item, q_buffers)
@@ -170,7 +159,7 @@ def _kernel(lists: TileLists, q_ref, k_ref, v_ref, operand_refs, inputs, o_ref, 
             acc = plgpu.layout_cast(jnp.zeros((rows, q_smem.shape[-1]), jnp.float32), _WGMMA)
             plgpu.barrier_wait(q_ready.at[buf * CONSUMER_WARPGROUPS + wg])
 
-            @pl.when(end > lo)
+            @pl.when(total > 0)
             def _():
                 plgpu.barrier_wait(k_ready.at[lax.rem(first, stages)])
 
@@ -179,12 +168,12 @@ def _kernel(lists: TileLists, q_ref, k_ref, v_ref, operand_refs, inputs, o_ref, 
 
             def visit(step, carry, partial):
                 acc, m_i, l_i, tile_inputs = carry
-                slot = lax.rem(first + step - lo, stages)
+                slot = lax.rem(first + step, stages)
                 if partial:
                     # The next PARTIAL tile's list entry and "block" values are loaded one
                     # step ahead, so their global-memory latency hides behind this step;
                     # this tile's per-key operands are loaded now, ahead of S = Q Kᵀ.
-                    next_inputs = partial_tile_inputs(jnp.minimum(step + 1, end - 1))
+                    next_inputs = partial_tile_inputs(jnp.minimum(step + 1, total - 1))
                     kv_operands = tuple(o.vector(batch, tile_inputs[0], block_kv, _WGMMA_COL)
                                         for o in operand_refs if o.kind == "kv")
                 col_bias = None
@@ -199,7 +188,7 @@ def _kernel(lists: TileLists, q_ref, k_ref, v_ref, operand_refs, inputs, o_ref, 
 
                 s = pl.run_scoped(qk_product, plgpu.ACC((rows, block_kv), jnp.float32))
                 plgpu.barrier_arrive(k_consumed.at[slot])
-                s = inputs.add_bias(s, step_count=first + step - lo, wg=wg, row_values=row_bias,
+                s = inputs.add_bias(s, step_count=first + step, wg=wg, row_values=row_bias,
                                     col_values=col_bias)
                 if cap is not None:   # soft cap, on every tile, ahead of the mask
                     s = jnp.tanh(s * (scale / cap))
@@ -215,7 +204,7 @@ def _kernel(lists: TileLists, q_ref, k_ref, v_ref, operand_refs, inputs, o_ref, 
                                                                layout=_WGMMA)
                     keep = kv_pos < kv_len
                     if mask_fn is not None:
-                        dense = inputs.dense_tiles(first_partial + step - partial_lo, wg)
+                        dense = inputs.dense_tiles(first_partial + step - num_full, wg)
                         keep = keep & mask_fn(q_pos, kv_pos,
                                               operand_tiles(block_values, kv_operands, dense))
                     s = jnp.where(keep, s, -jnp.inf)
@@ -244,73 +233,31 @@ def _kernel(lists: TileLists, q_ref, k_ref, v_ref, operand_refs, inputs, o_ref, 
                 def pv_product(acc_ref):                       # O += P V (line 10)
                     plgpu.wgmma(acc_ref, p, v_smem.at[slot])
 
-                    @pl.when(step + 1 < end)
+                    @pl.when(step + 1 < total)
                     def _():
-                        plgpu.barrier_wait(k_ready.at[lax.rem(first + step + 1 - lo, stages)])
+                        plgpu.barrier_wait(k_ready.at[lax.rem(first + step + 1, stages)])
 
                 acc = pl.run_state(pv_product)(plgpu.ACC.init(acc))
                 plgpu.barrier_arrive(v_consumed.at[slot])
                 return acc, m_next, l_i, tile_inputs
 
             # FULL tiles (no mask work), then PARTIAL ones; EMPTY tiles are never visited.
-            acc, m_i, l_i, _ = lax.fori_loop(lo, jnp.minimum(end, num_full),
-                                             functools.partial(visit, partial=False),
+            acc, m_i, l_i, _ = lax.fori_loop(0, num_full, functools.partial(visit, partial=False),
                                              (acc, m_i, l_i, ()))
-            acc, m_i, l_i, _ = lax.fori_loop(partial_lo, end, functools.partial(visit, partial=True),
-                                             (acc, m_i, l_i, partial_tile_inputs(partial_lo)))
+            acc, m_i, l_i, _ = lax.fori_loop(num_full, total, functools.partial(visit, partial=True),
+                                             (acc, m_i, l_i, partial_tile_inputs(num_full)))
             turns.end_item()   # consumer 0's extra turn: consumer 1's last P V may go
-
-            def write_output(acc, m_i, l_i):
-                # Epilogue (line 12): O = acc / l; empty rows (l = 0) give O = 0, lse = -inf.
-                nonempty = l_i > 0.0
-                l_safe = jnp.where(nonempty, l_i, 1.0)
-                acc = acc * lax.broadcast_in_dim(1.0 / l_safe, acc.shape, [0])
-                q_tile[...] = acc.astype(dtype)       # this warpgroup's Q is no longer read
-                lse_smem[wg] = jnp.where(nonempty, (m_i + jnp.log2(l_safe)) * LN2, -jnp.inf)
-                plgpu.commit_smem()
-                plgpu.copy_smem_to_gmem(q_tile, o_ref.at[batch, pl.ds(q_start, rows), head])
-                plgpu.copy_smem_to_gmem(lse_smem.at[wg],
-                                        lse_ref.at[batch, head, pl.ds(q_start, rows)])
-
-            if workspace is None:
-                write_output(acc, m_i, l_i)
-            else:
-                split_epilogue(acc, m_i, l_i, role, partner, write_output)
-            return first + end - lo, first_partial + jnp.maximum(end - partial_lo, 0)
-
-        def split_epilogue(acc, m_i, l_i, role, partner, write_output):
-            """The epilogue of an entry when items may be split (schedule.py): a SEND entry
-            leaves its state for the partner CTA; a MERGE entry takes the partner's
-            state in first; both others write O."""
-            ws_acc, ws_stats, ready = workspace
-            cta = lax.axis_index("cta")
-
-            def merged():
-                plgpu.semaphore_wait(ready.at[partner * CONSUMER_WARPGROUPS + wg], 1,
-                                     memory_scope="gpu")
-                acc_2 = plgpu.load(ws_acc.at[partner, wg], (), layout=_WGMMA, optimized=False)
-                m_2 = plgpu.load(ws_stats.at[partner, wg, 0], (), layout=_WGMMA_ROW, optimized=False)
-                l_2 = plgpu.load(ws_stats.at[partner, wg, 1], (), layout=_WGMMA_ROW, optimized=False)
-                m = jnp.maximum(m_i, m_2)
-                alpha, alpha_2 = jnp.exp2(m_i - m), jnp.exp2(m_2 - m)
-                acc_m = (acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
-                         + acc_2 * lax.broadcast_in_dim(alpha_2, acc.shape, [0]))
-                return acc_m, m, l_i * alpha + l_2 * alpha_2
-
-            acc, m_i, l_i = lax.cond(role == MERGE_PARTIAL, merged, lambda: (acc, m_i, l_i))
-
-            @pl.when(role == SEND_PARTIAL)
-            def _():
-                ws_acc.at[cta, wg][...] = acc
-                ws_stats.at[cta, wg, 0][...] = m_i
-                ws_stats.at[cta, wg, 1][...] = l_i
-                # The signal follows a warpgroup barrier: every thread's stores come first.
-                plgpu.semaphore_signal(ready.at[cta * CONSUMER_WARPGROUPS + wg], 1,
-                                       memory_scope="gpu")
-
-            @pl.when(role != SEND_PARTIAL)
-            def _():
-                write_output(acc, m_i, l_i)
+            # Epilogue (line 12): O = acc / l; empty rows (l = 0) give O = 0, lse = -inf.
+            nonempty = l_i > 0.0
+            l_safe = jnp.where(nonempty, l_i, 1.0)
+            acc = acc * lax.broadcast_in_dim(1.0 / l_safe, acc.shape, [0])
+            q_tile[...] = acc.astype(dtype)       # this warpgroup's Q is no longer read
+            lse_smem[wg] = jnp.where(nonempty, (m_i + jnp.log2(l_safe)) * LN2, -jnp.inf)
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(q_tile, o_ref.at[batch, pl.ds(q_start, rows), head])
+            plgpu.copy_smem_to_gmem(lse_smem.at[wg],
+                                    lse_ref.at[batch, head, pl.ds(q_start, rows)])
+            return first + total, first_partial + total - num_full
 
         lax.fori_loop(0, num_items, run_item, (jnp.int32(0), jnp.int32(0)))
         plgpu.wait_smem_to_gmem(0)
@@ -330,16 +277,12 @@ def _kernel(lists: TileLists, q_ref, k_ref, v_ref, operand_refs, inputs, o_ref, 
                 plgpu.copy_gmem_to_smem(src_ref.at[batch, kv, kv_head], dst_smem.at[slot],
                                         ready.at[slot])
 
-            lo, end, _, _ = schedule_.piece(item, walk.total)
-            partial_lo = (walk.num_full if isinstance(lo, int) and lo == 0
-                          else jnp.maximum(lo, walk.num_full))
-
             # Refill a slot's K (V) as soon as both consumers are done with the K (V)
             # tile in it; the first `stages` steps of the CTA find their slots free. The
             # list entry is read before waiting, so its latency overlaps the wait.
-            @pl.loop(lo, end)
+            @pl.loop(0, walk.total)
             def _(step):
-                at = first + step - lo
+                at = first + step
                 slot = lax.rem(at, stages)
                 kv_block = walk.kv_block(step)
 
@@ -349,7 +292,7 @@ def _kernel(lists: TileLists, q_ref, k_ref, v_ref, operand_refs, inputs, o_ref, 
 
                 copy(k_ref, k_smem, k_ready, kv_block, slot)
                 # The bias tile beside K; a dense mask tile too when the step is PARTIAL.
-                inputs.copy_step(at, first_partial + step - partial_lo, step >= walk.num_full,
+                inputs.copy_step(at, first_partial + step - walk.num_full, step >= walk.num_full,
                                  batch, head, qi * (CONSUMER_WARPGROUPS * rows), kv_block * block_kv)
 
                 @pl.when(at >= stages)
@@ -358,7 +301,7 @@ def _kernel(lists: TileLists, q_ref, k_ref, v_ref, operand_refs, inputs, o_ref, 
 
                 copy(v_ref, v_smem, v_ready, kv_block, slot)
 
-            return first + end - lo, first_partial + jnp.maximum(end - partial_lo, 0)
+            return first + walk.total, first_partial + walk.total - walk.num_full
 
         lax.fori_loop(0, num_items, run_item, (jnp.int32(0), jnp.int32(0)))
 
@@ -390,14 +333,7 @@ def forward(static, q, k, v, bias, metas, operands):
     schedule = balanced_deal(
         Schedule(nq, n, b, cfg.persistent, min(num_sms(), nq * n * b), balance=not meta.even_q_work),
         meta)
-    if cfg.split_last_round:
-        schedule = split_last_round(schedule, meta)
     n_schedule = len(schedule.arrays())
-    # Split items leave partial states here (float32: acc, then m and l, per CTA and
-    # consumer warpgroup); outputs of the kernel that the caller drops.
-    workspace_types = () if not schedule.splits_items else (
-        jax.ShapeDtypeStruct((schedule.num_ctas, CONSUMER_WARPGROUPS, rows, hp), jnp.float32),
-        jax.ShapeDtypeStruct((schedule.num_ctas, CONSUMER_WARPGROUPS, 2, rows), jnp.float32))
     plan_inputs = functools.partial(
         plan_tile_inputs, bias_route=bias_route,
         bias_dtype=None if bias_array is None else bias_array.dtype, bias_scale=static.scale,
@@ -419,10 +355,7 @@ def forward(static, q, k, v, bias, metas, operands):
                              zip(rest[:len(operand_arrays)], operand_kinds, operand_blocks))
         rest = rest[len(operand_arrays):]
         bias_ref = rest[0] if extra_arrays else None
-        o_ref, lse_ref, *workspace = rest[len(extra_arrays):]
-        if workspace:   # one semaphore per (CTA, consumer warpgroup), zeroed per call
-            workspace.append(pl.get_global(plgpu.SemaphoreType.REGULAR(
-                (schedule.num_ctas * CONSUMER_WARPGROUPS,))))
+        o_ref, lse_ref = rest[len(extra_arrays):]
         bound = lists.bind(list_refs)
         scratch_types = (
             (swizzled_smem((q_buffers, CONSUMER_WARPGROUPS, rows, hp), q.dtype),
@@ -442,15 +375,14 @@ def forward(static, q, k, v, bias, metas, operands):
                 tile_inputs.bind(bias_ref, dense_refs, scratch[4]), o_ref, lse_ref, scratch,
                 schedule_=schedule.bind(schedule_refs), groups=n // kh, block_kv=bk, stages=stages,
                 scale=1.0 if bias_route else static.scale, cap=static.logits_soft_cap, kv_len=s,
-                mask_fn=static.mask_fn, dtype=q.dtype, named_barriers=cfg.named_barriers,
-                workspace=tuple(workspace) or None),
+                mask_fn=static.mask_fn, dtype=q.dtype, named_barriers=cfg.named_barriers),
             *scratch_types, collective_axes="wg")
 
     grid, grid_names = schedule.grid()
-    out, lse, *_ = plgpu.kernel(
+    out, lse = plgpu.kernel(
         entry,
         out_type=(jax.ShapeDtypeStruct((b, tp, n, hp), q.dtype),
-                  jax.ShapeDtypeStruct((b, n, tp), jnp.float32), *workspace_types),
+                  jax.ShapeDtypeStruct((b, n, tp), jnp.float32)),
         grid=grid,
         grid_names=grid_names,
         num_threads=CONSUMER_WARPGROUPS + 1,

@@ -36,19 +36,6 @@ and the order decides what shares L2. Four deals:
   (8 at 16k) put 1.37× the mean work on the busiest CTA under the snake by q-block, 1.07×
   under the sorted snake. (BigBird shows why static masks take the table instead:
   its sorted snake still gives every CTA equally many items, 1.37×.)
-
-The in-order deal leaves the last round partly filled whenever the items are not a
-whole number of rounds: dense 16k with 16 heads is 2048 items on 132 CTAs, 15.5
-rounds, so 68 CTAs run a 16th item while 64 idle (3 % of the call). ``split_last_round``
-(forward only) keeps the deal for all rounds but the last whole one and shares those
-last items' *tiles* evenly instead (stream-K over the tail): CTA c takes a contiguous
-run of the remaining steps, so an item may be split between two CTAs. The CTA with the
-item's later steps runs them first and writes its partial softmax state (unnormalised
-O, running max, running sum) to a workspace and raises a semaphore; the CTA with its
-first steps runs them last, waits for that semaphore, merges the two states and writes
-O. No CTA waits before its own partial is written, so the waits cannot cycle. Its
-entries travel as a table whose rows also say which steps run and what the epilogue
-does (``pieces``).
 """
 
 from __future__ import annotations
@@ -71,15 +58,6 @@ ITEM_WORK = 1
 TABLE_MIN_GAIN = 0.05
 # Items past which no table is built (the host-side deal would cost ~1 s at trace time).
 MAX_TABLE_ITEMS = 1 << 17
-# split_last_round replaces the in-order deal when it cuts the busiest CTA's work by more
-# than this fraction, and only while its tail holds at most this many steps (host time).
-SPLIT_MIN_GAIN = 0.01
-MAX_SPLIT_STEPS = 1 << 22
-
-# What a table entry's epilogue does (``Schedule.pieces``): the whole item; the later
-# steps of an item, whose partial state goes to the workspace; the first steps, which
-# merge the partner CTA's partial state and write O.
-WHOLE, SEND_PARTIAL, MERGE_PARTIAL = 0, 1, 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,9 +73,6 @@ class Schedule:
     balance: bool = True
     table: tuple | None = None      # (counts [C] int32, items [C, L] int32) or their refs
     order: object | None = None     # items by decreasing work (int32 [B·N·nQ]) or its ref
-    # With the table of split_last_round: int32 [C, L, 4] (first step, end step, what the
-    # epilogue does, partner CTA) per entry, or its ref.
-    pieces: object | None = None
 
     @property
     def num_items(self) -> int:
@@ -108,30 +83,16 @@ class Schedule:
             return (self.num_ctas,), ("cta",)
         return (self.num_q_blocks, self.num_heads, self.batch), ("q", "heads", "batch")
 
-    @property
-    def splits_items(self) -> bool:
-        """True when some items run on two CTAs (split_last_round)."""
-        return self.pieces is not None
-
     def arrays(self) -> tuple:
         """Kernel inputs of the table or sorted deal (none for the arithmetic deals)."""
         if self.table is not None:
-            return (*self.table, *(() if self.pieces is None else (self.pieces,)))
+            return self.table
         return () if self.order is None else (self.order,)
 
     def bind(self, refs) -> "Schedule":
         if self.table is not None:
-            table, pieces = tuple(refs[:2]), (refs[2] if self.pieces is not None else None)
-            return dataclasses.replace(self, table=table, pieces=pieces)
+            return dataclasses.replace(self, table=tuple(refs))
         return self if self.order is None else dataclasses.replace(self, order=refs[0])
-
-    def piece(self, i, total):
-        """(first step, end step, epilogue, partner CTA) of this CTA's i-th entry, whose
-        item's list has `total` steps: steps [0, total) and WHOLE unless items are split."""
-        if self.pieces is None:   # Python constants: Mosaic GPU folds them into the loops
-            return 0, total, WHOLE, 0
-        cta = lax.axis_index("cta")
-        return tuple(self.pieces[cta, i, k] for k in range(4))
 
     def _decode(self, flat):
         """(q-block, head, batch row) of flat = (batch·N + head)·nQ + q-block."""
@@ -253,113 +214,6 @@ def _balanced_table(schedule: Schedule, tile_counts: bytes, count_shape):
     if loads.max() >= (1 - TABLE_MIN_GAIN) * dealt_loads(schedule, work).max():
         return None
     return counts, items
-
-
-def split_last_round(schedule: Schedule, meta) -> Schedule:
-    """`schedule` with its last whole round and the partly filled one shared by tiles
-    (module docstring) where that cuts the busiest CTA's work by more than
-    SPLIT_MIN_GAIN: persistent in-order deals of static masks only (their tile counts
-    are known at trace time); anything else is returned unchanged."""
-    if (not schedule.persistent or schedule.balance or schedule.table is not None
-            or schedule.order is not None or meta.tile_counts is None):
-        return schedule
-    split = _split_table(schedule, meta.tile_counts, tuple(meta.full_count.shape))
-    if split is None:
-        return schedule
-    counts, items, pieces = (jnp.asarray(x) for x in split)
-    return dataclasses.replace(schedule, table=(counts, items), pieces=pieces)
-
-
-@functools.lru_cache(maxsize=64)
-def _split_table(schedule: Schedule, tile_counts: bytes, count_shape):
-    """(counts [C], items [C, L], pieces [C, L, 4]) of split_last_round, or None when it
-    does not apply or gains too little; cached like _balanced_table."""
-    c, nq, m = schedule.num_ctas, schedule.num_q_blocks, schedule.num_items
-    full_rounds, rest = divmod(m, c)
-    if full_rounds == 0 or rest == 0:
-        return None
-    counts = decode_tile_counts(tile_counts, count_shape)[..., :nq, :].astype(np.int64)
-    counts = np.broadcast_to(counts, (schedule.batch, schedule.num_heads, nq, 2)).reshape(-1, 2)
-    plan = split_plan(counts[:, 0], counts[:, 1], num_ctas=c, num_q_blocks=nq)
-    if plan is None:
-        return None
-    entries, loads = plan
-    if loads.max() >= (1 - SPLIT_MIN_GAIN) * dealt_loads(schedule, _work(counts[:, 0], counts[:, 1])).max():
-        return None
-    width = max(len(e) for e in entries)
-    table_counts = np.array([len(e) for e in entries], np.int32)
-    items = np.zeros((c, width), np.int32)
-    pieces = np.zeros((c, width, 4), np.int32)
-    for cta, row in enumerate(entries):
-        for k, (item, lo, hi, role, partner) in enumerate(row):
-            items[cta, k] = item
-            pieces[cta, k] = (lo, hi, role, partner)
-    return table_counts, items, pieces
-
-
-def split_plan(full, partial, *, num_ctas: int, num_q_blocks: int):
-    """The entries of split_last_round for items with `full` / `partial` tile counts
-    (int arrays over the flat items (batch·N + head)·nQ + q-block), dealt in order:
-    ([per CTA: [(item, first step, end step, epilogue, partner CTA), ...]], work per CTA),
-    or None when some item would run on more than two CTAs (its steps outweigh a CTA's
-    share of the tail). A step weighs 1 (FULL) or PARTIAL_TILE_WORK (PARTIAL), an entry
-    ITEM_WORK more. All rounds but the last whole one are dealt in order; the steps of
-    the rest, in the same order, are cut into one contiguous run per CTA, sized to even
-    out the CTAs' work."""
-    c, nq = num_ctas, num_q_blocks
-    m = len(full)
-    dp_rounds = m // c - 1
-    # The in-order deal: position f holds q-block nQ - 1 - f % nQ of row f // nQ.
-    f = np.arange(m)
-    order = (f // nq) * nq + (nq - 1 - f % nq)
-    entries = [[] for _ in range(c)]
-    loads = np.zeros(c)
-    for pos in range(dp_rounds * c):
-        item = int(order[pos])
-        entries[pos % c].append((item, 0, int(full[item] + partial[item]), WHOLE, 0))
-        loads[pos % c] += _work(full[item], partial[item])
-    tail = order[dp_rounds * c:]
-    totals = (full + partial)[tail]
-    if totals.sum() > MAX_SPLIT_STEPS:
-        return None
-    # Every tail step's weight and where it starts in the tail's weighted sequence.
-    step_item = np.repeat(np.arange(len(tail)), totals)
-    step_index = np.arange(len(step_item)) - np.repeat(np.cumsum(totals) - totals, totals)
-    weight = np.where(step_index < full[tail][step_item], 1, PARTIAL_TILE_WORK)
-    start = np.cumsum(weight) - weight
-    # CTA c takes the next `share[c]` of the tail's weight: what brings its work to the
-    # common level (the rounds dealt in order may have left CTAs uneven).
-    level = (loads.sum() + weight.sum()) / c
-    share = np.maximum(level - loads, 0)
-    share *= weight.sum() / share.sum()
-    bounds = np.round(np.r_[0, np.cumsum(share)])
-    step_cta = np.clip(np.searchsorted(bounds, start, side="right") - 1, 0, c - 1)
-    first_step = np.cumsum(totals) - totals
-    for k, item in enumerate(tail):
-        item, total = int(item), int(totals[k])
-        if total == 0:   # no steps: O = 0 and lse = -inf, written by the CTA at its place
-            at = np.searchsorted(bounds, start[first_step[k]] if first_step[k] < len(start)
-                                 else weight.sum(), side="right") - 1
-            cta = int(np.clip(at, 0, c - 1))
-            entries[cta].append((item, 0, 0, WHOLE, 0))
-            loads[cta] += ITEM_WORK
-            continue
-        ctas = step_cta[first_step[k]:first_step[k] + total]
-        runs = np.flatnonzero(np.diff(ctas)) + 1        # steps where the CTA changes
-        if len(runs) > 1:
-            return None
-        steps_weight = weight[first_step[k]:first_step[k] + total]
-        if not len(runs):
-            cta = int(ctas[0])
-            entries[cta].append((item, 0, total, WHOLE, 0))
-            loads[cta] += steps_weight.sum() + ITEM_WORK
-            continue
-        cut, head_cta, tail_cta = int(runs[0]), int(ctas[0]), int(ctas[-1])
-        entries[head_cta].append((item, 0, cut, MERGE_PARTIAL, tail_cta))
-        entries[tail_cta].append((item, cut, total, SEND_PARTIAL, 0))
-        loads[head_cta] += steps_weight[:cut].sum() + ITEM_WORK
-        loads[tail_cta] += steps_weight[cut:].sum() + ITEM_WORK
-    return entries, loads
 
 
 def with_sorted_order(schedule: Schedule, meta) -> Schedule:
