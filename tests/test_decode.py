@@ -281,6 +281,17 @@ def test_tile_width_follows_the_cache_layout_and_query_rows():
     assert default_decode_config(32, interpret=True, page_size=16).block_kv == 16
 
 
+def test_pipeline_depth_follows_the_cache_layout_and_query_rows():
+    """MQA's 32 query rows over a contiguous cache keep 4 K/V stages in flight; GQA's few
+    rows, paged caches, wide rows (shared memory) and interpret mode keep fewer."""
+    stages = lambda rows, **kw: default_decode_config(rows, interpret=False, **kw).num_stages  # noqa: E731
+    assert stages(32) == 4
+    assert stages(16) == stages(64) == stages(128) == 3
+    assert stages(32, page_size=16) == stages(32, page_size=128) == 3
+    assert stages(32, head_dim=256) == stages(32, itemsize=4) == 3
+    assert default_decode_config(32, interpret=True).num_stages == 1
+
+
 # ------------------------------------------------------------------------------------
 # Errors: what was expected, what came, how to fix it.
 # ------------------------------------------------------------------------------------

@@ -133,13 +133,25 @@ def default_decode_config(rows: int, *, interpret: bool, page_size: int | None =
     rows (K = 8, Tq 1) 128-key tiles were slower (8 × 128k page 16: 3833 vs 3325), so
     those keep 64; other row counts are not measured and keep 64 too. Rows wider than
     256 bytes (head dims above 128 in 16 bits, float32 caches) keep 64-key tiles: their
-    stages would not fit in shared memory as bf16 D128's do."""
+    stages would not fit in shared memory as bf16 D128's do.
+
+    A contiguous cache read by a 32-row query tile keeps 4 K/V stages in flight instead
+    of 3 (64-key tiles of rows up to 256 bytes: 128 KB of shared memory). Three
+    interleaved rounds on an H200, MQA Tq 1, GB/s with 3 / 4 / 5 stages: 1 × 4k 78 / 100
+    / 95, 1 × 32k 587 / 640 / 634, 1 × 128k 1547 / 1642 / 1491, 8 × 4k 608 / 712 / 581,
+    8 × 32k 2061 / 2413 / 2137, 8 × 128k 3200 / 3379 / 3290, 64 × 4k 2276 / 2451 / 2278,
+    64 × 32k 3525 / 3699 / 3349, 64 × 128k 3815 / 3980 / 3639. GQA's 16 padded rows
+    (K = 8) did not gain (8 × 32k 3748 / 3805, 8 × 128k 3938 / 4081, 64 × 32k 4200 / 4054,
+    rounds overlapping) and keep 3; gathered (paged) tiles are not pipelined by Triton and
+    keep 3."""
     if interpret:
         return DecodeConfig(block_kv=16, num_warps=4, num_stages=1)
     num_warps = 4 if rows <= 64 else 8
-    gathered_wide = (page_size is not None and page_size < 128 and rows == 32
-                     and head_dim * itemsize <= 256)
-    return DecodeConfig(block_kv=128 if gathered_wide else 64, num_warps=num_warps, num_stages=3)
+    narrow_rows = head_dim * itemsize <= 256
+    gathered_wide = page_size is not None and page_size < 128 and rows == 32 and narrow_rows
+    deep = page_size is None and rows == 32 and narrow_rows
+    return DecodeConfig(block_kv=128 if gathered_wide else 64, num_warps=num_warps,
+                        num_stages=4 if deep else 3)
 
 
 def num_cores(interpret: bool) -> int:
