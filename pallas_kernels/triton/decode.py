@@ -269,22 +269,36 @@ def _decode_kernel(lengths_ref, q_ref, k_ref, v_ref, *refs, paged, tq, groups, r
     if score_mod is not None:   # each row's query head: h·G + g
         q_head = kv_head * groups + jax.lax.rem(r, jnp.int32(groups))
 
-    def tile(t):
+    # A tile inside one page needs one table entry, the page it lies in: the loops below
+    # read it one tile ahead, so the tile's K/V loads do not wait on its own table read
+    # (an H200, K = 8 over 64-slot pages, means of two processes each: 1 × 32k 2600
+    # against 2488 GB/s, 1 × 128k 3572 / 3222, 8 × 32k 3710 / 3333, 8 × 128k 3993 / 3576).
+    # Tiles gathered from several pages read their entries where they are used: carried
+    # ahead as a vector they ran 2–7 % slower over 16-slot pages (K = 8 at the same four
+    # sizes; decode_table_ahead_ab_* in benchmarks/results).
+    entry_ahead = paged and pages_per_tile == 1
+
+    def table_entry(t):
+        """The page holding tile t (read ahead), or () where nothing is read ahead."""
+        return table_ref[_div(t * bk, page_size)] if entry_ahead else ()
+
+    def tile(t, entry):
         """(tile t's rows in the K/V refs: a pl.ds block or a [bk] array of slots to
-        gather, absolute position of its first key)."""
+        gather, absolute position of its first key); `entry`: table_entry(t)."""
         kv_start = t * bk
         if not paged:
             start = jnp.minimum(kv_start, slots - bk) if clamp_last else kv_start
             return pl.ds(start, bk), start
         # The pool is one column of slots (page p holds slots p·page_size ...).
-        slot = _div(kv_start, page_size)
-        first_page = jnp.clip(table_ref[slot], 0, num_pages - 1)
         if pages_per_tile == 1:   # the tile lies inside one page: a plain block of rows
-            row = first_page * page_size + jax.lax.rem(kv_start, jnp.int32(page_size))
+            row = (jnp.clip(entry, 0, num_pages - 1) * page_size
+                   + jax.lax.rem(kv_start, jnp.int32(page_size)))
             return pl.ds(row, bk), kv_start
         # Several pages per tile: one gather of bk rows, each row's page read from the
         # table. Pages holding no key <= hi are replaced by the tile's first page (always
         # needed), so their table entries are never followed.
+        slot = _div(kv_start, page_size)
+        first_page = jnp.clip(table_ref[slot], 0, num_pages - 1)
         r = jax.lax.iota(jnp.int32, bk)
         page_of_row = _div(r, page_size)
         pages = table_ref[slot + page_of_row]
@@ -308,8 +322,9 @@ def _decode_kernel(lengths_ref, q_ref, k_ref, v_ref, *refs, paged, tq, groups, r
         return plgpu.load(view, mask=real_columns, other=0)
 
     def visit(t, carry, masked):
-        m_i, l_i, o_acc = carry
-        rows, start = tile(t)
+        m_i, l_i, o_acc, entry = carry
+        rows, start = tile(t, entry)
+        entry = table_entry(jnp.minimum(t + 1, last_tile))          # the next tile's, ahead
         k = load(k_ref, rows)                                       # [bk, hp]
         kv_pos = start + jax.lax.broadcasted_iota(jnp.int32, (1, bk), 1)
         if score_mod is None:
@@ -320,7 +335,7 @@ def _decode_kernel(lengths_ref, q_ref, k_ref, v_ref, *refs, paged, tq, groups, r
                                      score_shapes)
             logits2 = logits * LOG2E
         if not masked:   # every pair allowed: FlashAttention-2's plain step
-            return online_softmax_step(logits2, m_i, l_i, o_acc, lambda: load(v_ref, rows))
+            return (*online_softmax_step(logits2, m_i, l_i, o_acc, lambda: load(v_ref, rows)), entry)
         kv_start = t * bk
         keep = row_ok & (kv_pos >= kv_start) & (kv_pos < limit) & (kv_pos <= q_pos)
         if mask_fn is not None:
@@ -336,16 +351,18 @@ def _decode_kernel(lengths_ref, q_ref, k_ref, v_ref, *refs, paged, tq, groups, r
         keep = jnp.broadcast_to(keep, (rp, bk))
         # The step zeroes the V rows of keys no row may see (unwritten slots, keys left of
         # a window, the overlap of a clamped last tile): 0 · NaN would still be NaN.
-        return online_softmax_step(logits2, m_i, l_i, o_acc, lambda: load(v_ref, rows), keep)
+        return (*online_softmax_step(logits2, m_i, l_i, o_acc, lambda: load(v_ref, rows), keep), entry)
 
+    # The row's last tile: reads ahead stop there (its entry is read again, not followed).
+    last_tile = jnp.maximum(end - 1, 0)
     carry = (jnp.full((rp,), MASK_VALUE, acc), jnp.zeros((rp,), acc),
-             jnp.zeros((rp, hp), acc))
+             jnp.zeros((rp, hp), acc), table_entry(jnp.minimum(a, last_tile)))
     masked = functools.partial(visit, masked=True)
     carry = jax.lax.fori_loop(a, jnp.minimum(z, cf), masked, carry)              # window edge
     carry = jax.lax.fori_loop(jnp.maximum(a, cf), jnp.minimum(z, ce),
                               functools.partial(visit, masked=False), carry)     # interior
     carry = jax.lax.fori_loop(jnp.maximum(a, ce), z, masked, carry)              # newest keys
-    m_i, l_i, o_acc = carry
+    m_i, l_i, o_acc, _ = carry
 
     # Epilogue: O = acc / l; a row that saw no allowed key returns 0 with lse = -inf.
     # Only the real rows and columns are stored (the arrays hold nothing else).
