@@ -168,6 +168,38 @@ def test_kernel_paged_matches_contiguous(name):
     _assert_close(got, want)
 
 
+@pytest.mark.parametrize("batch, kv_heads, ahead", [(1, 1, True), (2, 2, False)],
+                         ids=["one wave: entries read ahead", "two waves: read where used"])
+def test_wide_gathered_tiles_match_the_reference(batch, kv_heads, ahead):
+    """128-key tiles gathered from 16-slot pages (MQA's default on a GPU), in interpret
+    mode with that config: with the grid one wave of programs (interpret mode counts 4
+    cores) each tile's entries are read one tile ahead, otherwise where they are used;
+    both equal the reference with NaN in unwritten slots and unused pages, and garbage
+    entries for those pages (never followed)."""
+    from pallas_kernels.triton.decode import _table_ahead
+    s, n, h, splits = 512, 4, 16, 2
+    assert _table_ahead(True, 128 // 16, 128, programs=batch * kv_heads * splits, cores=4) == ahead
+    lengths = [500, 130][:batch]
+    kc, vc = _caches(batch, s, kv_heads, h, lengths)
+    q = _query(batch, 1, n, h)
+    pk, pv, table = _to_paged(kc, vc, lengths, 16)
+    want = _decode("reference", q, kc, vc, lengths)
+    got = kernel_decode("pallas_triton", jnp.asarray(q), jnp.asarray(pk), jnp.asarray(pv),
+                        jnp.asarray(lengths, jnp.int32), jnp.asarray(table), M.FullMask(),
+                        scale=h ** -0.5, logits_soft_cap=None, num_splits=splits,
+                        return_residuals=True, config=DecodeConfig(128, 4, 1), interpret=True)
+    _assert_close(got, want)
+
+
+def test_table_reads_ahead_where_measured_faster():
+    from pallas_kernels.triton.decode import _table_ahead
+    assert not _table_ahead(False, 1, 64, programs=8, cores=132)            # contiguous
+    assert _table_ahead(True, 1, 64, programs=1024, cores=132)              # one page a tile
+    assert _table_ahead(True, 8, 128, programs=132, cores=132)              # MQA, B = 1
+    assert not _table_ahead(True, 8, 128, programs=264, cores=132)          # MQA, B = 8
+    assert not _table_ahead(True, 4, 64, programs=66, cores=132)            # K = 8's 64-key tiles
+
+
 def _ops_outside_kernels(jaxpr):
     """The equations of a jaxpr and of its sub-jaxprs, except the bodies of pallas_calls
     (kernel code, which works on on-chip tiles)."""

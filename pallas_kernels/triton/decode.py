@@ -229,9 +229,35 @@ def _div(x, d: int):
     return jax.lax.div(x, jnp.int32(d))
 
 
+def _table_ahead(paged: bool, pages_per_tile: int, block_kv: int, *, programs: int,
+                 cores: int) -> bool:
+    """Whether the decode kernel reads each tile's page-table entries one tile ahead.
+    Measured on an H200 (benchmarks/results/decode_*_ahead_ab_*: the two kernels in
+    alternating processes, two each, three interleaved rounds per process), GB/s with
+    (without) reading ahead:
+
+    * a tile inside one page (one entry): always. K = 8 over 64-slot pages: 1 × 32k
+      2571, 2630 (2536, 2441), 1 × 128k 3576, 3569 (3274, 3170), 8 × 32k 3693, 3728 (3411,
+      3256), 8 × 128k 3935, 4051 (3579, 3574);
+    * a tile gathered from several pages (a vector of entries carried through the loop):
+      only 128-key tiles and wider (MQA's) when the grid is one wave of programs (at most
+      one per core: nothing else on the SM hides the table read). MQA at 1 × 128k over
+      16-slot pages 1571, 1345 (1386, 1229), over 64-slot pages 1684, 1242 (1466, 1266);
+      at 1 × 32k 615, 618 (606, 594) and 647, 522 (606, 508). With two waves or more
+      (B = 8, 64) it was up to 12 % slower (8 × 32k over 64-slot pages 1980, 1933
+      against 2258, 2038), and with K = 8's 64-key gathered tiles (4 waves) 2–7 % slower
+      (16-slot pages, 1 × 32k to 8 × 128k)."""
+    if not paged:
+        return False
+    if pages_per_tile == 1:
+        return True
+    return block_kv >= WIDE_GATHERED_TILE and programs <= cores
+
+
 def _decode_kernel(lengths_ref, q_ref, k_ref, v_ref, *refs, paged, tq, groups, rows,
                    head_dim, capacity, slots, bk, page_size, pages_per_tile, num_pages, clamp_last, scale,
-                   cap, mask_fn, operand_cols, score_mod, score_shapes, bounds, num_splits, acc):
+                   cap, mask_fn, operand_cols, score_mod, score_shapes, bounds, num_splits, acc,
+                   table_ahead):
     table_ref, refs = (refs[0], refs[1:]) if paged else (None, refs)
     n_mask, n_score = len(operand_cols), len(score_shapes)
     operand_refs, score_refs = refs[:n_mask], refs[n_mask:n_mask + n_score]
@@ -269,18 +295,21 @@ def _decode_kernel(lengths_ref, q_ref, k_ref, v_ref, *refs, paged, tq, groups, r
     if score_mod is not None:   # each row's query head: h·G + g
         q_head = kv_head * groups + jax.lax.rem(r, jnp.int32(groups))
 
-    # A tile inside one page needs one table entry, the page it lies in: the loops below
-    # read it one tile ahead, so the tile's K/V loads do not wait on its own table read
-    # (an H200, K = 8 over 64-slot pages, means of two processes each: 1 × 32k 2600
-    # against 2488 GB/s, 1 × 128k 3572 / 3222, 8 × 32k 3710 / 3333, 8 × 128k 3993 / 3576).
-    # Tiles gathered from several pages read their entries where they are used: carried
-    # ahead as a vector they ran 2–7 % slower over 16-slot pages (K = 8 at the same four
-    # sizes; decode_table_ahead_ab_* in benchmarks/results).
-    entry_ahead = paged and pages_per_tile == 1
+    # With `table_ahead` (_table_ahead) the loops below carry the next tile's page-table
+    # entries, read one tile ahead, so a tile's K/V loads do not wait on its own table
+    # read; otherwise a tile reads them where it uses them.
+    gathered_ahead = table_ahead and pages_per_tile > 1
 
     def table_entry(t):
-        """The page holding tile t (read ahead), or () where nothing is read ahead."""
-        return table_ref[_div(t * bk, page_size)] if entry_ahead else ()
+        """Tile t's table entries read ahead: the page holding it (one-page tiles), or
+        the pages of its first and of each of its rows (gathered tiles); () where
+        nothing is read ahead."""
+        if not table_ahead:
+            return ()
+        slot = _div(t * bk, page_size)
+        if pages_per_tile == 1:
+            return table_ref[slot]
+        return table_ref[slot], table_ref[slot + _div(jax.lax.iota(jnp.int32, bk), page_size)]
 
     def tile(t, entry):
         """(tile t's rows in the K/V refs: a pl.ds block or a [bk] array of slots to
@@ -298,10 +327,10 @@ def _decode_kernel(lengths_ref, q_ref, k_ref, v_ref, *refs, paged, tq, groups, r
         # table. Pages holding no key <= hi are replaced by the tile's first page (always
         # needed), so their table entries are never followed.
         slot = _div(kv_start, page_size)
-        first_page = jnp.clip(table_ref[slot], 0, num_pages - 1)
         r = jax.lax.iota(jnp.int32, bk)
         page_of_row = _div(r, page_size)
-        pages = table_ref[slot + page_of_row]
+        first_page, pages = entry if gathered_ahead else (table_ref[slot], table_ref[slot + page_of_row])
+        first_page = jnp.clip(first_page, 0, num_pages - 1)
         pages = jnp.where(kv_start + page_of_row * page_size <= hi,
                           jnp.clip(pages, 0, num_pages - 1), first_page)
         return pages * page_size + jax.lax.rem(r, jnp.int32(page_size)), kv_start
@@ -488,7 +517,9 @@ def decode(static: DecodeStatic, q, k_cache, v_cache, lengths, page_table=None, 
         clamp_last=clamp_last, scale=static.scale, cap=static.logits_soft_cap,
         mask_fn=static.mask_fn, operand_cols=tuple(a.shape[3] > 1 for a in prepared),
         score_mod=static.score_mod, score_shapes=static.score_operand_shapes,
-        bounds=static.bounds, num_splits=splits, acc=acc)
+        bounds=static.bounds, num_splits=splits, acc=acc,
+        table_ahead=_table_ahead(paged, pages_per_tile, bk, programs=b * kh * splits,
+                                 cores=num_cores(static.interpret)))
     out, lse = pl.pallas_call(
         kernel,
         grid=(b, kh, splits),
