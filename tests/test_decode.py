@@ -168,26 +168,40 @@ def test_kernel_paged_matches_contiguous(name):
     _assert_close(got, want)
 
 
-@pytest.mark.parametrize("batch, kv_heads, ahead", [(1, 1, True), (2, 2, False)],
-                         ids=["one wave: entries read ahead", "two waves: read where used"])
-def test_wide_gathered_tiles_match_the_reference(batch, kv_heads, ahead):
+WIDE_GATHERED_CASES = {   # (B, K, lengths, mask, reads ahead)
+    "one wave: entries read ahead": (1, 1, [500], M.FullMask(), True),
+    # pages past the length hold NaN and garbage entries; the window starts past tile 0
+    "one wave, window, unused pages": (1, 1, [300], M.LocalMask(150, 0), True),
+    # no key to read: zeros, lse -inf (the kernel's one table read stays inside the table,
+    # which interpret mode, clamping indices, cannot show)
+    "one wave, offset past the cache: nothing to read": (1, 1, [512], M.LocalMask(0, None, 1000), True),
+    "two waves: read where used": (2, 2, [500, 130], M.FullMask(), False),
+}
+
+
+@pytest.mark.parametrize("name", list(WIDE_GATHERED_CASES))
+def test_wide_gathered_tiles_match_the_reference(monkeypatch, name):
     """128-key tiles gathered from 16-slot pages (MQA's default on a GPU), in interpret
     mode with that config: with the grid one wave of programs (interpret mode counts 4
-    cores) each tile's entries are read one tile ahead, otherwise where they are used;
-    both equal the reference with NaN in unwritten slots and unused pages, and garbage
-    entries for those pages (never followed)."""
-    from pallas_kernels.triton.decode import _table_ahead
-    s, n, h, splits = 512, 4, 16, 2
-    assert _table_ahead(True, 128 // 16, 128, programs=batch * kv_heads * splits, cores=4) == ahead
-    lengths = [500, 130][:batch]
+    cores) the kernel reads each tile's entries one tile ahead, otherwise where they are
+    used; both equal the reference with NaN in unwritten slots and unused pages, and
+    garbage entries for those pages (never followed)."""
+    batch, kv_heads, lengths, mask, ahead = WIDE_GATHERED_CASES[name]
+    triton_decode = sys.modules["pallas_kernels.triton.decode"]   # the package exports a `decode` function
+    chosen = []
+    real = triton_decode._table_ahead
+    monkeypatch.setattr(triton_decode, "_table_ahead",
+                        lambda *a, **kw: chosen.append(real(*a, **kw)) or chosen[-1])
+    s, n, h = 512, 4, 16
     kc, vc = _caches(batch, s, kv_heads, h, lengths)
     q = _query(batch, 1, n, h)
     pk, pv, table = _to_paged(kc, vc, lengths, 16)
-    want = _decode("reference", q, kc, vc, lengths)
+    want = _decode("reference", q, kc, vc, lengths, mask=mask)
     got = kernel_decode("pallas_triton", jnp.asarray(q), jnp.asarray(pk), jnp.asarray(pv),
-                        jnp.asarray(lengths, jnp.int32), jnp.asarray(table), M.FullMask(),
-                        scale=h ** -0.5, logits_soft_cap=None, num_splits=splits,
+                        jnp.asarray(lengths, jnp.int32), jnp.asarray(table), mask,
+                        scale=h ** -0.5, logits_soft_cap=None, num_splits=2,
                         return_residuals=True, config=DecodeConfig(128, 4, 1), interpret=True)
+    assert chosen == [ahead]
     _assert_close(got, want)
 
 

@@ -97,9 +97,10 @@ def _is_pow2(x: int) -> bool:
 class DecodeConfig:
     """block_kv: keys per tile (a power of two >= 16); warps and pipeline stages of Triton.
 
-    Defaults not yet measured on a GPU: block_kv 64 and 3 stages follow the forward
-    kernel's tuned H100 values (pallas_kernels/triton/config.py);
-    benchmarks/decode_bench.py --tune times the alternatives."""
+    The field defaults (64-key tiles, 4 warps, 3 stages) are a starting point; what a
+    call runs without a config is `default_decode_config`, chosen per query rows and
+    cache layout from sweeps on an H200 (its docstring; benchmarks/decode_bench.py
+    --tune / --configs time the alternatives)."""
 
     block_kv: int = 64
     num_warps: int = 4
@@ -383,7 +384,10 @@ def _decode_kernel(lengths_ref, q_ref, k_ref, v_ref, *refs, paged, tq, groups, r
         return (*online_softmax_step(logits2, m_i, l_i, o_acc, lambda: load(v_ref, rows), keep), entry)
 
     # The row's last tile: reads ahead stop there (its entry is read again, not followed).
-    last_tile = jnp.maximum(end - 1, 0)
+    # A row with nothing to read (end == first, possibly past the cache when a mask's
+    # offset or a length beyond the cache puts `lo` there) still reads one entry: keep
+    # it inside the table.
+    last_tile = jnp.clip(end - 1, 0, -(-capacity // bk) - 1)
     carry = (jnp.full((rp,), MASK_VALUE, acc), jnp.zeros((rp,), acc),
              jnp.zeros((rp, hp), acc), table_entry(jnp.minimum(a, last_tile)))
     masked = functools.partial(visit, masked=True)
