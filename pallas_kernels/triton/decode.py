@@ -296,21 +296,20 @@ def _decode_kernel(lengths_ref, q_ref, k_ref, v_ref, *refs, paged, tq, groups, r
     if score_mod is not None:   # each row's query head: h·G + g
         q_head = kv_head * groups + jax.lax.rem(r, jnp.int32(groups))
 
-    # With `table_ahead` (_table_ahead) the loops below carry the next tile's page-table
-    # entries, read one tile ahead, so a tile's K/V loads do not wait on its own table
-    # read; otherwise a tile reads them where it uses them.
-    gathered_ahead = table_ahead and pages_per_tile > 1
-
-    def table_entry(t):
-        """Tile t's table entries read ahead: the page holding it (one-page tiles), or
-        the pages of its first and of each of its rows (gathered tiles); () where
-        nothing is read ahead."""
-        if not table_ahead:
-            return ()
+    def read_entries(t):
+        """Tile t's page-table entries: the page holding it (one-page tiles), or the
+        pages of its first and of each of its rows (gathered tiles)."""
         slot = _div(t * bk, page_size)
         if pages_per_tile == 1:
             return table_ref[slot]
         return table_ref[slot], table_ref[slot + _div(jax.lax.iota(jnp.int32, bk), page_size)]
+
+    # With `table_ahead` (_table_ahead) the loops below carry the next tile's entries,
+    # read one tile ahead, so a tile's K/V loads do not wait on its own table read;
+    # otherwise a tile reads them where it uses them.
+    def table_entry(t):
+        """Tile t's entries read ahead, or () where nothing is read ahead."""
+        return read_entries(t) if table_ahead else ()
 
     def tile(t, entry):
         """(tile t's rows in the K/V refs: a pl.ds block or a [bk] array of slots to
@@ -320,17 +319,17 @@ def _decode_kernel(lengths_ref, q_ref, k_ref, v_ref, *refs, paged, tq, groups, r
             start = jnp.minimum(kv_start, slots - bk) if clamp_last else kv_start
             return pl.ds(start, bk), start
         # The pool is one column of slots (page p holds slots p·page_size ...).
+        entries = entry if table_ahead else read_entries(t)
         if pages_per_tile == 1:   # the tile lies inside one page: a plain block of rows
-            row = (jnp.clip(entry, 0, num_pages - 1) * page_size
+            row = (jnp.clip(entries, 0, num_pages - 1) * page_size
                    + jax.lax.rem(kv_start, jnp.int32(page_size)))
             return pl.ds(row, bk), kv_start
         # Several pages per tile: one gather of bk rows, each row's page read from the
         # table. Pages holding no key <= hi are replaced by the tile's first page (always
         # needed), so their table entries are never followed.
-        slot = _div(kv_start, page_size)
         r = jax.lax.iota(jnp.int32, bk)
         page_of_row = _div(r, page_size)
-        first_page, pages = entry if gathered_ahead else (table_ref[slot], table_ref[slot + page_of_row])
+        first_page, pages = entries
         first_page = jnp.clip(first_page, 0, num_pages - 1)
         pages = jnp.where(kv_start + page_of_row * page_size <= hi,
                           jnp.clip(pages, 0, num_pages - 1), first_page)
