@@ -213,13 +213,32 @@ def test_decode_measurements_in_interleaved_rounds():
             (D.DecodeCase(2, 1, 64, 1, "paged16", head_dim=16), "xla", None),
             (D.DecodeCase(2, 2, 64, 1, "contiguous", head_dim=16), "xla", None)]
     seen = []
-    rows = D.measure_interleaved(plan, rounds=3, repeats=1, max_inner=2,
+    rows = D.measure_interleaved(plan, rounds=3, repeats=1, max_inner=2, back_to_back=2,
                                  on_round=lambda rows: seen.append([r and r["rounds"] for r in rows]))
     assert rows[1] is None and [rows[0]["case"], rows[2]["case"]] == [plan[0][0].name, plan[2][0].name]
     assert seen == [[1, None, 1], [2, None, 2], [3, None, 3]]
     for row in (rows[0], rows[2]):
-        assert row["rounds"] == 3 and len(row["round_gbps"]) == 3
+        assert row["rounds"] == 3 and len(row["round_gbps"]) == 3 and len(row["round_steady_gbps"]) == 3
         assert min(row["round_gbps"]) <= row["gbps"] <= max(row["round_gbps"])
+        assert min(row["round_steady_gbps"]) <= row["steady_gbps"] <= max(row["round_steady_gbps"])
+        assert row["steady_ms"] == pytest.approx(row["bytes"] / row["steady_gbps"] / 1e6)
+
+
+def test_rounds_time_waited_then_back_to_back_calls():
+    """timing.time_rounds: per round and call, `repeats` waited-for calls, then
+    `back_to_back` issued without waiting (outputs all alive until one wait); each call's
+    times list one entry per round of each kind."""
+    order = []
+    calls = [(lambda i=i: order.append(i) or i, ()) for i in range(2)]
+    seen = []
+    times = timing.time_rounds(calls, rounds=2, repeats=2, warmup=0, back_to_back=3,
+                               on_round=lambda r, t: seen.append((r, [len(x.back_to_back_s) for x in t])))
+    assert order == ([0] * 5 + [1] * 5) * 2
+    assert [(len(t.waited_s), len(t.back_to_back_s)) for t in times] == [(2, 2), (2, 2)]
+    assert seen == [(0, [1, 1]), (1, [2, 2])]
+    assert timing.time_rounds(calls, rounds=1, repeats=1, warmup=0)[0].back_to_back_s == []
+    with pytest.raises(ValueError, match="back_to_back"):
+        timing.time_rounds(calls, rounds=1, back_to_back=-1)
 
 
 def test_interleaved_rounds_time_every_call_once_per_round():

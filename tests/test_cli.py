@@ -216,7 +216,10 @@ def test_bench_decode_allow_cpu_smoke(tmp_path):
         assert "error" not in r, r.get("error")
         assert r["bytes"] == 2 * r["batch"] * r["context"] * r["kv_heads"] * r["head_dim"] * 2
         assert r["gbps"] == pytest.approx(r["bytes"] / (r["median_ms"] * 1e-3) / 1e9)
-    assert "| K | B | context |" in (tmp_path / "bench_decode.txt").read_text()
+        assert r["steady_gbps"] == pytest.approx(r["bytes"] / (r["steady_ms"] * 1e-3) / 1e9)
+        assert r["timing"]["back_to_back"]["calls"] == 2
+    text = (tmp_path / "bench_decode.txt").read_text()
+    assert text.count("| K | B | context |") == 2 and "issued back to back" in text
 
 
 @pytest.mark.skipif(ON_GPU, reason="CPU smoke mode")

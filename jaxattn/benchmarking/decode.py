@@ -13,6 +13,13 @@ output (q + 0 · out, as in real decoding), so no compiler can merge the steps i
 pass over the cache (XLA's dot merger joins independent dots that share an operand: a
 run without the chain credited XLA with more than the HBM's bandwidth). Cache copies
 rotate so that together they exceed the L2 where they fit; median over the repeats.
+
+Two figures per row. `gbps`: each call waited for (`jax.block_until_ready`), so every
+`inner` steps also carry one call's issue and wait (0.1–0.4 ms on the H200 of
+BENCHMARKS.md), which weighs most where a step is long and `inner` small. `steady_gbps`:
+`BACK_TO_BACK_CALLS` calls issued without waiting and one wait at the end, the host ahead
+of the device as in a serving loop that does not stop to look at every token: the
+time the device spends per step.
 """
 
 from __future__ import annotations
@@ -27,7 +34,7 @@ import jax.numpy as jnp
 
 import jaxattn
 from jaxattn import masks as M
-from jaxattn.benchmarking.timing import rotation_sets, time_call, time_interleaved
+from jaxattn.benchmarking.timing import rotation_sets, time_back_to_back, time_call, time_rounds
 
 IMPLEMENTATIONS = ("pallas_triton", "cudnn", "xla")
 LAYOUTS = ("contiguous", "paged16", "paged64")
@@ -36,6 +43,7 @@ TARGET_EXEC_S = 2e-3
 MAX_INNER = 32
 MAX_SETS = 8          # cache copies rotated through at most (device memory)
 MAX_CACHE_BYTES = 40e9
+BACK_TO_BACK_CALLS = 10   # executables of `inner` steps issued without waiting (steady_gbps)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -167,18 +175,27 @@ def prepare(case: DecodeCase, impl: str, *, dtype=jnp.bfloat16, key=None, fn=Non
     return row, compiled, (queries, caches, lengths), inner
 
 
-def _record(row, seconds_per_call, inner, hbm_gbps):
+def _record(row, seconds_per_call, inner, hbm_gbps, back_to_back_s=None):
+    """GB/s and time per step of the waited-for calls and, when timed, of the calls
+    issued back to back (`steady_*`)."""
     seconds = seconds_per_call / inner
     row.update(median_ms=seconds * 1e3, gbps=row["bytes"] / seconds / 1e9)
     if hbm_gbps:
         row["pct_hbm"] = 100 * row["bytes"] / seconds / 1e9 / hbm_gbps
+    if back_to_back_s is not None:
+        step = back_to_back_s / inner
+        row.update(steady_ms=step * 1e3, steady_gbps=row["bytes"] / step / 1e9)
+        if hbm_gbps:
+            row["steady_pct_hbm"] = 100 * row["bytes"] / step / 1e9 / hbm_gbps
 
 
 def measure(case: DecodeCase, impl: str, *, dtype=jnp.bfloat16, key=None, warmup=2, repeats=20,
-            fn=None, hbm_gbps: float | None = None, max_inner: int = MAX_INNER) -> dict | None:
+            fn=None, hbm_gbps: float | None = None, max_inner: int = MAX_INNER,
+            back_to_back: int = BACK_TO_BACK_CALLS) -> dict | None:
     """One row: GB/s of `impl` on `case` (None when the implementation cannot take it).
     `fn` overrides the function timed (a tuned kernel config); `max_inner` caps the steps
-    per executable (each call's dispatch is shared by that many steps)."""
+    per executable (each call's dispatch is shared by that many steps); `back_to_back`
+    calls issued without waiting give `steady_gbps` (0: not timed)."""
     prepared = prepare(case, impl, dtype=dtype, key=key, fn=fn, max_inner=max_inner)
     if prepared is None:
         return None
@@ -187,8 +204,11 @@ def measure(case: DecodeCase, impl: str, *, dtype=jnp.bfloat16, key=None, warmup
         return row
     try:
         timing = time_call(compiled, [args], warmup=warmup, repeats=repeats)
-        _record(row, timing.median_s, inner, hbm_gbps)
+        b2b = time_back_to_back(compiled, [args], repeats=back_to_back, warmup=0) if back_to_back else None
+        _record(row, timing.median_s, inner, hbm_gbps, None if b2b is None else b2b.per_call_s)
         row["timing"] = timing.as_dict()
+        if b2b is not None:
+            row["timing"]["back_to_back"] = b2b.as_dict()
     except Exception as e:  # noqa: BLE001 - record and go on with the next measurement
         row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
         traceback.print_exc(limit=2)
@@ -197,26 +217,30 @@ def measure(case: DecodeCase, impl: str, *, dtype=jnp.bfloat16, key=None, warmup
 
 def measure_interleaved(plan, *, rounds: int, dtype=jnp.bfloat16, repeats=10,
                         hbm_gbps: float | None = None, max_inner: int = MAX_INNER,
-                        on_round=None) -> list[dict | None]:
+                        back_to_back: int = BACK_TO_BACK_CALLS, on_round=None) -> list[dict | None]:
     """One row per entry of `plan`, a list of (case, impl, fn or None), in its order (None
     where the implementation cannot take the case): every entry built first, then all
-    timed in `rounds` interleaved rounds (timing.time_interleaved, `repeats` calls each).
-    A row reports the median of its round medians (`gbps`, `median_ms`) and every round's
-    GB/s (`round_gbps`); `on_round(rows)` sees the rows after each round. Every entry's
-    caches stay on the device for the whole run: plan what fits."""
+    timed in `rounds` interleaved rounds (timing.time_rounds: `repeats` waited-for calls
+    each, then `back_to_back` calls issued without waiting). A row reports the median of
+    its round medians (`gbps`, `median_ms`; `steady_gbps`, `steady_ms`) and every round's
+    GB/s (`round_gbps`, `round_steady_gbps`); `on_round(rows)` sees the rows after each
+    round. Every entry's caches stay on the device for the whole run: plan what fits."""
     prepared = [prepare(case, impl, dtype=dtype, fn=fn, max_inner=max_inner) for case, impl, fn in plan]
     timed = [p for p in prepared if p is not None and p[1] is not None]
 
-    def record(r, medians):
-        for (row, _, _, inner), ts in zip(timed, medians):
-            _record(row, statistics.median(ts), inner, hbm_gbps)
-            row["round_gbps"] = [row["bytes"] / (t / inner) / 1e9 for t in ts]
-            row["rounds"] = len(ts)
+    def record(r, times):
+        for (row, _, _, inner), t in zip(timed, times):
+            _record(row, statistics.median(t.waited_s), inner, hbm_gbps,
+                    statistics.median(t.back_to_back_s) if t.back_to_back_s else None)
+            row["round_gbps"] = [row["bytes"] / (s / inner) / 1e9 for s in t.waited_s]
+            if t.back_to_back_s:
+                row["round_steady_gbps"] = [row["bytes"] / (s / inner) / 1e9 for s in t.back_to_back_s]
+            row["rounds"] = len(t.waited_s)
         if on_round is not None:
             on_round([None if p is None else p[0] for p in prepared])
 
-    time_interleaved([(compiled, args) for _, compiled, args, _ in timed], rounds=rounds,
-                     repeats=repeats, on_round=record)
+    time_rounds([(compiled, args) for _, compiled, args, _ in timed], rounds=rounds,
+                repeats=repeats, back_to_back=back_to_back, on_round=record)
     return [None if p is None else p[0] for p in prepared]
 
 
@@ -225,15 +249,16 @@ def card_hbm_gbps() -> float | None:
     return next((v for name, v in HBM_GBPS.items() if name in kind), None)
 
 
-def markdown_table(rows) -> str:
-    """GB/s per case (rows) and implementation/layout (columns)."""
+def markdown_table(rows, key: str = "gbps") -> str:
+    """GB/s per case (rows) and implementation/layout (columns): `key` "gbps" (calls
+    waited for) or "steady_gbps" (calls issued back to back)."""
     cols, grouped = [], {}
     for r in rows:
         col = r["impl"] if r["layout"] == "contiguous" else f"{r['impl']} {r['layout']}"
         if col not in cols:
             cols.append(col)
-        key = (r["kv_heads"], r["batch"], r["context"], r["tq"], r["head_dim"], r["window"])
-        grouped.setdefault(key, {})[col] = r.get("gbps")
+        case = (r["kv_heads"], r["batch"], r["context"], r["tq"], r["head_dim"], r["window"])
+        grouped.setdefault(case, {})[col] = r.get(key)
     lines = ["| K | B | context | Tq | H | window | " + " | ".join(cols) + " |",
              "|---|---|---|---|---|---|" + "---|" * len(cols)]
     for (k, b, ctx, tq, h, window), vals in grouped.items():

@@ -138,21 +138,45 @@ def time_back_to_back(fn: Callable, input_sets: Sequence[tuple], *, repeats: int
                       calls=repeats, warmup=warmup, input_sets=n_sets)
 
 
+@dataclasses.dataclass
+class RoundTimes:
+    """One call's times over interleaved rounds: ``waited_s`` the median of each round's
+    waited-for calls; ``back_to_back_s`` each round's time per call issued back to back
+    (empty unless asked for)."""
+    waited_s: list[float] = dataclasses.field(default_factory=list)
+    back_to_back_s: list[float] = dataclasses.field(default_factory=list)
+
+
+def time_rounds(calls: Sequence[tuple[Callable, tuple]], *, rounds: int, repeats: int = 10,
+                warmup: int = DEFAULT_WARMUP, back_to_back: int = 0,
+                on_round: Callable[[int, list[RoundTimes]], None] | None = None) -> list[RoundTimes]:
+    """Seconds per call of each (fn, args) in ``calls``, measured in ``rounds`` rounds that
+    each time every call once, one after another: ``repeats`` waited-for calls (their
+    median), then, with ``back_to_back`` > 0, that many calls issued without waiting
+    (``time_back_to_back``); ``warmup`` untimed calls in the first round only. A drift of
+    the card's clock, or of the load beside it, over the run then moves every entry
+    alike, so a gap between two entries is read from the same minutes. ``on_round(r,
+    times)`` sees every call's times after each round (to save partial results)."""
+    if rounds < 1:
+        raise ValueError(f"rounds must be >= 1, got {rounds}.")
+    if back_to_back < 0:
+        raise ValueError(f"back_to_back must be >= 0 calls, got {back_to_back}.")
+    times = [RoundTimes() for _ in calls]
+    for r in range(rounds):
+        for (fn, args), out in zip(calls, times):
+            out.waited_s.append(time_call(fn, [args], warmup=warmup if r == 0 else 0, repeats=repeats).median_s)
+            if back_to_back:
+                out.back_to_back_s.append(time_back_to_back(fn, [args], repeats=back_to_back, warmup=0).per_call_s)
+        if on_round is not None:
+            on_round(r, times)
+    return times
+
+
 def time_interleaved(calls: Sequence[tuple[Callable, tuple]], *, rounds: int, repeats: int = 10,
                      warmup: int = DEFAULT_WARMUP,
                      on_round: Callable[[int, list[list[float]]], None] | None = None) -> list[list[float]]:
-    """Seconds per call of each (fn, args) in ``calls``, measured in ``rounds`` rounds that
-    each time every call once, one after another (``repeats`` waited-for calls each, their
-    median; ``warmup`` untimed calls in the first round only). A drift of the card's clock,
-    or of the load beside it, over the run then moves every entry alike, so a gap between
-    two entries is read from the same minutes. Returns each call's round medians;
-    ``on_round(r, medians)`` sees them after every round (to save partial results)."""
-    if rounds < 1:
-        raise ValueError(f"rounds must be >= 1, got {rounds}.")
-    medians: list[list[float]] = [[] for _ in calls]
-    for r in range(rounds):
-        for (fn, args), out in zip(calls, medians):
-            out.append(time_call(fn, [args], warmup=warmup if r == 0 else 0, repeats=repeats).median_s)
-        if on_round is not None:
-            on_round(r, medians)
-    return medians
+    """``time_rounds`` without back-to-back calls: each call's round medians of waited-for
+    calls; ``on_round(r, medians)`` sees them after every round."""
+    forward = None if on_round is None else (lambda r, times: on_round(r, [t.waited_s for t in times]))
+    return [t.waited_s for t in time_rounds(calls, rounds=rounds, repeats=repeats, warmup=warmup,
+                                             on_round=forward)]
