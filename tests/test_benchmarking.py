@@ -222,6 +222,7 @@ def test_decode_measurements_in_interleaved_rounds():
         assert min(row["round_gbps"]) <= row["gbps"] <= max(row["round_gbps"])
         assert min(row["round_steady_gbps"]) <= row["steady_gbps"] <= max(row["round_steady_gbps"])
         assert row["steady_ms"] == pytest.approx(row["bytes"] / row["steady_gbps"] / 1e6)
+        assert 0 < row["steady_issue_ms"] <= row["steady_ms"]   # issued before the one wait
 
 
 def test_rounds_time_waited_then_back_to_back_calls():
@@ -234,7 +235,7 @@ def test_rounds_time_waited_then_back_to_back_calls():
     times = timing.time_rounds(calls, rounds=2, repeats=2, warmup=0, back_to_back=3,
                                on_round=lambda r, t: seen.append((r, [len(x.back_to_back_s) for x in t])))
     assert order == ([0] * 5 + [1] * 5) * 2
-    assert [(len(t.waited_s), len(t.back_to_back_s)) for t in times] == [(2, 2), (2, 2)]
+    assert [(len(t.waited_s), len(t.back_to_back_s), len(t.back_to_back_issue_s)) for t in times] == [(2, 2, 2)] * 2
     assert seen == [(0, [1, 1]), (1, [2, 2])]
     assert timing.time_rounds(calls, rounds=1, repeats=1, warmup=0)[0].back_to_back_s == []
     with pytest.raises(ValueError, match="back_to_back"):

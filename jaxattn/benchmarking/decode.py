@@ -209,6 +209,7 @@ def measure(case: DecodeCase, impl: str, *, dtype=jnp.bfloat16, key=None, warmup
         row["timing"] = timing.as_dict()
         if b2b is not None:
             row["timing"]["back_to_back"] = b2b.as_dict()
+            row["steady_issue_ms"] = b2b.issue_s / inner * 1e3
     except Exception as e:  # noqa: BLE001 - record and go on with the next measurement
         row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
         traceback.print_exc(limit=2)
@@ -235,6 +236,8 @@ def measure_interleaved(plan, *, rounds: int, dtype=jnp.bfloat16, repeats=10,
             row["round_gbps"] = [row["bytes"] / (s / inner) / 1e9 for s in t.waited_s]
             if t.back_to_back_s:
                 row["round_steady_gbps"] = [row["bytes"] / (s / inner) / 1e9 for s in t.back_to_back_s]
+                # Where this reaches steady_ms the host, not the device, set the pace.
+                row["steady_issue_ms"] = statistics.median(t.back_to_back_issue_s) / inner * 1e3
             row["rounds"] = len(t.waited_s)
         if on_round is not None:
             on_round([None if p is None else p[0] for p in prepared])

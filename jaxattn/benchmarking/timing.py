@@ -142,9 +142,10 @@ def time_back_to_back(fn: Callable, input_sets: Sequence[tuple], *, repeats: int
 class RoundTimes:
     """One call's times over interleaved rounds: ``waited_s`` the median of each round's
     waited-for calls; ``back_to_back_s`` each round's time per call issued back to back
-    (empty unless asked for)."""
+    (empty unless asked for) and the host's time to issue each of those calls."""
     waited_s: list[float] = dataclasses.field(default_factory=list)
     back_to_back_s: list[float] = dataclasses.field(default_factory=list)
+    back_to_back_issue_s: list[float] = dataclasses.field(default_factory=list)   # host's, per call
 
 
 def time_rounds(calls: Sequence[tuple[Callable, tuple]], *, rounds: int, repeats: int = 10,
@@ -166,7 +167,9 @@ def time_rounds(calls: Sequence[tuple[Callable, tuple]], *, rounds: int, repeats
         for (fn, args), out in zip(calls, times):
             out.waited_s.append(time_call(fn, [args], warmup=warmup if r == 0 else 0, repeats=repeats).median_s)
             if back_to_back:
-                out.back_to_back_s.append(time_back_to_back(fn, [args], repeats=back_to_back, warmup=0).per_call_s)
+                b2b = time_back_to_back(fn, [args], repeats=back_to_back, warmup=0)
+                out.back_to_back_s.append(b2b.per_call_s)
+                out.back_to_back_issue_s.append(b2b.issue_s)
         if on_round is not None:
             on_round(r, times)
     return times
