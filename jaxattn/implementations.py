@@ -74,13 +74,14 @@ def default_order(mask: Mask | None = None, dtype=None, logits_soft_cap=None,
       the shape measured): there the Hopper kernels' training step leads cuDNN's or is
       level with it (benchmarks/crossover_bench.py, 16k tokens per call, 16 heads: causal
       238 / 302 / 420 / 463 against 207 / 293 / 385 / 429 at 1k / 2k / 4k / 8k; full 358
-      against 330 at 1k, 409 against 399 at 2k, level within the rounds' spread and ahead
-      back to back), and their forward is level within the rounds' spread or ahead;
+      against 330 at 1k, 439 against 415 at 2k, and at 4k, since the dQ kernel forms D,
+      486 against 485, level within the rounds' spread and ahead back to back, 513
+      against 506), and their forward is level within the rounds' spread or ahead;
     - the other causal and full masks (longer, wider windows, more keys than queries
       or fewer) go to mosaic_forward_cudnn_training: the Hopper forward when the value is
       only used, cuDNN's forward and backward when it is differentiated, for cuDNN's
-      backward leads from 16k causal and 8k full tokens (causal 16k 467 against 495,
-      full 8k 481 against 511, 16k 480 against 534; full 4k level, 466 against 474)
+      backward leads from 16k causal and 8k full tokens (causal 16k 471 against 516,
+      full 8k 494 against 521, 16k 503 against 542)
       while the Hopper forward stays level or ahead (causal 16k 557 against 528, full
       16k 606 against 595);
     - anything else native, and all of these at other head dims or shorter queries, goes
@@ -121,7 +122,7 @@ HOPPER_KERNELS = "pallas_mosaic_gpu"
 FORWARD_SPLIT = "mosaic_forward_cudnn_training"
 WINDOW = 2048
 CAUSAL_TRAINING_LENGTH = 8192
-FULL_TRAINING_LENGTH = 2048
+FULL_TRAINING_LENGTH = 4096
 MEASURED_HEAD_DIMS = (128,)
 MIN_QUERIES = 1024
 

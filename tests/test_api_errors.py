@@ -214,9 +214,9 @@ def test_gpu_order_falls_back_through_cudnn_to_reference(monkeypatch):
         for dtype in (jnp.bfloat16, jnp.float16):
             assert implementations.default_order(mask, dtype, None, 128, q_len=1024) == hopper_first
     # ... and so do causal attention (no window) up to 8192 tokens and the full mask up
-    # to 2048, as self-attention (as many keys as queries), where their training step
+    # to 4096, as self-attention (as many keys as queries), where their training step
     # leads cuDNN's or is level with it
-    for mask, longest in ((M.CausalMask(), 8192), (M.FullMask(), 2048), (M.FullMask() & M.FullMask(), 2048)):
+    for mask, longest in ((M.CausalMask(), 8192), (M.FullMask(), 4096), (M.FullMask() & M.FullMask(), 4096)):
         for length in (1024, longest):
             assert implementations.default_order(mask, jnp.bfloat16, None, 128, q_len=length,
                                                  kv_len=length) == hopper_first
@@ -224,7 +224,7 @@ def test_gpu_order_falls_back_through_cudnn_to_reference(monkeypatch):
     # training steps (mosaic_forward_cudnn_training), then cuDNN where the split declines:
     # longer, T != S (or an unknown key length), and causal windows past 2048 keys
     split_first = ("mosaic_forward_cudnn_training", "cudnn", *kernels, "reference")
-    for mask, longest in ((M.CausalMask(), 8192), (M.FullMask(), 2048), (M.FullMask() & M.FullMask(), 2048)):
+    for mask, longest in ((M.CausalMask(), 8192), (M.FullMask(), 4096), (M.FullMask() & M.FullMask(), 4096)):
         for q_len, kv_len in ((32768, 32768), (longest + 1, longest + 1), (1024, None), (1024, 2048),
                               (2048, 1024)):
             for dtype in (jnp.bfloat16, jnp.float16):

@@ -114,14 +114,14 @@ def test_planned_union_matches_the_reference(name, t, s, h, monkeypatch):
 
 # Where dispatch puts the Hopper kernels first for masks cuDNN runs natively (head dim
 # 128, >= 1024 queries): (mask, tokens, kernels the forward runs, kernels the gradient
-# runs). Causal masks up to 8192 tokens and the full mask up to 2048 run on them in
+# runs). Causal masks up to 8192 tokens and the full mask up to 4096 run on them in
 # training too; longer, the split (Hopper forward, cuDNN's gradient).
 MEASURED_ROUTES = {
     "causal": (CausalMask(), 1024, "mosaic_gpu", "mosaic_gpu"),
-    "full": (FullMask(), 2048, "mosaic_gpu", "mosaic_gpu"),
+    "full": (FullMask(), 4096, "mosaic_gpu", "mosaic_gpu"),
     "window_2047": (LocalMask(2047, 0), 1024, "mosaic_gpu", "mosaic_gpu"),
     "causal_past_8192": (CausalMask(), 8320, "mosaic_gpu", "cudnn"),
-    "full_past_2048": (FullMask(), 2176, "mosaic_gpu", "cudnn"),
+    "full_past_4096": (FullMask(), 4224, "mosaic_gpu", "cudnn"),
 }
 
 
