@@ -111,6 +111,8 @@ def main(argv=None):
                    help="KV heads of the --splits cases (8: GQA 32/8; 1: MQA)")
     p.add_argument("--split-layout", default="contiguous",
                    help="cache layout of the --splits cases (contiguous, paged16, paged64)")
+    p.add_argument("--split-tq", type=int, default=1,
+                   help="new tokens per row of the --splits and --configs cases (default 1)")
     p.add_argument("--configs", nargs="*", default=(), metavar="BK,WARPS,STAGES[,SPLITS]",
                    help="also time the kernel with each of these DecodeConfigs (and split count, "
                         "default: the shapes' own) on the --split-cases in the --split-layout, e.g. "
@@ -160,7 +162,7 @@ def main(argv=None):
         plan += [(D.DecodeCase(8, b, ctx, 1, layout), "pallas_triton", cfg) for layout in args.tune_paged
                  for b, ctx in ((8, 131072), (64, 32768)) for cfg in TUNE_CONFIGS]
     split_cases = [tuple(int(x) for x in c.lower().split("x")) for c in args.split_cases]
-    plan += [(D.DecodeCase(args.split_kv_heads, b, ctx, 1, args.split_layout), "pallas_triton", ("splits", n))
+    plan += [(D.DecodeCase(args.split_kv_heads, b, ctx, args.split_tq, args.split_layout), "pallas_triton", ("splits", n))
              for b, ctx in split_cases
              for n in args.splits or ()]
     for text in args.configs:
@@ -171,7 +173,7 @@ def main(argv=None):
             cfg = ("config", DecodeConfig(*fields[:3]), fields[3] if len(fields) == 4 else None)
         except (ValueError, TypeError) as e:
             p.error(f"--configs: expected BK,WARPS,STAGES[,SPLITS] with a valid DecodeConfig, got {text!r} ({e})")
-        plan += [(D.DecodeCase(args.split_kv_heads, b, ctx, 1, args.split_layout), "pallas_triton", cfg)
+        plan += [(D.DecodeCase(args.split_kv_heads, b, ctx, args.split_tq, args.split_layout), "pallas_triton", cfg)
                  for b, ctx in split_cases]
 
     def timed_fn(case, cfg):
