@@ -168,7 +168,7 @@ def test_kernel_paged_matches_contiguous(name):
     _assert_close(got, want)
 
 
-WIDE_GATHERED_CASES = {   # (B, K, lengths, mask, reads ahead)
+WIDE_GATHERED_CASES = {   # (B, K, lengths, mask, reads ahead[, new tokens per row])
     "one wave: entries read ahead": (1, 1, [500], M.FullMask(), True),
     # pages past the length hold NaN and garbage entries; the window starts past tile 0
     "one wave, window, unused pages": (1, 1, [300], M.LocalMask(150, 0), True),
@@ -176,17 +176,20 @@ WIDE_GATHERED_CASES = {   # (B, K, lengths, mask, reads ahead)
     # which interpret mode, clamping indices, cannot show)
     "one wave, offset past the cache: nothing to read": (1, 1, [512], M.LocalMask(0, None, 1000), True),
     "two waves: read where used": (2, 2, [500, 130], M.FullMask(), False),
+    # four new tokens per row (MQA's 128 rows on a GPU), causal among themselves
+    "four new tokens, two waves": (2, 2, [500, 130], M.FullMask(), False, 4),
 }
 
 
 @pytest.mark.parametrize("name", list(WIDE_GATHERED_CASES))
 def test_wide_gathered_tiles_match_the_reference(monkeypatch, name):
-    """128-key tiles gathered from 16-slot pages (MQA's default on a GPU), in interpret
+    """128-key tiles gathered from 16-slot pages (MQA's default on a GPU, one or four new
+    tokens), in interpret
     mode with that config: with the grid one wave of programs (interpret mode counts 4
     cores) the kernel reads each tile's entries one tile ahead, otherwise where they are
     used; both equal the reference with NaN in unwritten slots and unused pages, and
     garbage entries for those pages (never followed)."""
-    batch, kv_heads, lengths, mask, ahead = WIDE_GATHERED_CASES[name]
+    batch, kv_heads, lengths, mask, ahead, *tq = WIDE_GATHERED_CASES[name]
     triton_decode = sys.modules["pallas_kernels.triton.decode"]   # the package exports a `decode` function
     chosen = []
     real = triton_decode._table_ahead
@@ -194,7 +197,7 @@ def test_wide_gathered_tiles_match_the_reference(monkeypatch, name):
                         lambda *a, **kw: chosen.append(real(*a, **kw)) or chosen[-1])
     s, n, h = 512, 4, 16
     kc, vc = _caches(batch, s, kv_heads, h, lengths)
-    q = _query(batch, 1, n, h)
+    q = _query(batch, tq[0] if tq else 1, n, h)
     pk, pv, table = _to_paged(kc, vc, lengths, 16)
     want = _decode("reference", q, kc, vc, lengths, mask=mask)
     got = kernel_decode("pallas_triton", jnp.asarray(q), jnp.asarray(pk), jnp.asarray(pv),
@@ -323,7 +326,9 @@ def test_tile_width_follows_the_cache_layout_and_query_rows():
     assert wide(rows=32, page_size=128) == 64           # a tile inside one page
     assert wide(rows=32, page_size=16, head_dim=256) == 64   # shared memory
     assert wide(rows=32, page_size=16, itemsize=4) == 64     # float32 cache
-    assert default_decode_config(128, interpret=False, page_size=16) == DecodeConfig(64, 8, 3)
+    assert default_decode_config(128, interpret=False, page_size=16) == DecodeConfig(128, 8, 3)  # MQA, Tq 4
+    assert default_decode_config(128, interpret=False, page_size=64) == DecodeConfig(64, 8, 3)   # not measured
+    assert default_decode_config(128, interpret=False, page_size=16, head_dim=256).block_kv == 64
     assert default_decode_config(32, interpret=True, page_size=16).block_kv == 16
 
 
@@ -426,12 +431,14 @@ def test_lowers_for_h100(monkeypatch, tq, n, k, cache_shape, pages, mask, splits
     assert "jaxattn_flash_decode" in text
 
 
-@pytest.mark.parametrize("k,page,dtype,block_kv", [(1, 16, jnp.bfloat16, 128), (1, 64, jnp.bfloat16, 128),
-                                                   (8, 16, jnp.bfloat16, 64), (1, 16, jnp.float32, 64)])
-def test_default_tiles_of_a_paged_cache_lower_for_h100(monkeypatch, k, page, dtype, block_kv):
+@pytest.mark.parametrize("k,page,dtype,tq,block_kv", [(1, 16, jnp.bfloat16, 1, 128), (1, 64, jnp.bfloat16, 1, 128),
+                                                      (8, 16, jnp.bfloat16, 1, 64), (1, 16, jnp.float32, 1, 64),
+                                                      (1, 16, jnp.bfloat16, 4, 128), (1, 64, jnp.bfloat16, 4, 64)])
+def test_default_tiles_of_a_paged_cache_lower_for_h100(monkeypatch, k, page, dtype, tq, block_kv):
     """The kernel's own choice (config=None) for a paged cache: MQA's 32 query rows gather
-    128-key tiles (8 pages of 16 or 2 of 64) from a 16-bit cache, GQA's 4 rows and a
-    float32 cache 64-key ones; all lower."""
+    128-key tiles (8 pages of 16 or 2 of 64) from a 16-bit cache, and so do its 128 rows
+    of four new tokens over 16-slot pages; GQA's 4 rows and a float32 cache 64-key ones;
+    all lower."""
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     triton_decode = sys.modules["pallas_kernels.triton.decode"]   # the package exports a `decode` function
     chosen = []
@@ -447,7 +454,7 @@ def test_default_tiles_of_a_paged_cache_lower_for_h100(monkeypatch, k, page, dty
                              logits_soft_cap=None, num_splits=None, return_residuals=False,
                              interpret=False, config=None)
     cache = jax.ShapeDtypeStruct((b * pages, page, k, h), dtype)
-    text = lower_for_h100(fn, jax.ShapeDtypeStruct((b, 1, n, h), dtype), cache, cache,
+    text = lower_for_h100(fn, jax.ShapeDtypeStruct((b, tq, n, h), dtype), cache, cache,
                           jax.ShapeDtypeStruct((b,), np.int32),
                           jax.ShapeDtypeStruct((b, pages), np.int32))
     assert "jaxattn_flash_decode" in text
