@@ -137,8 +137,9 @@ def default_decode_config(rows: int, *, interpret: bool, page_size: int | None =
     back, 64-key / 128-key tiles (3 stages; contiguous cache in the same process):
     1 × 128k 1316 / 1440 (1848), 8 × 32k 1261 / 1572 (2500), 8 × 128k 1747 / 2205 (3166),
     64 × 32k 1842 / 2302 (3080); 2 stages, 4 warps and 32-key tiles were no better
-    overall. 128 rows over larger pages and other row counts are not measured and keep
-    64-key tiles. Rows wider than
+    overall. 1 × 32k, not in that sweep, lost (639 against 709–725 in other processes:
+    ~2 wide tiles per split at B·K = 1). 128 rows over larger pages and other row counts
+    are not measured and keep 64-key tiles. Rows wider than
     256 bytes (head dims above 128 in 16 bits, float32 caches) keep 64-key tiles: their
     stages would not fit in shared memory as bf16 D128's do.
 
