@@ -102,7 +102,8 @@ def main(argv=None):
                         "8 x 128k and 64 x 32k")
     p.add_argument("--splits", type=int, nargs="*", default=None, metavar="N",
                    help="also time the kernel with each of these num_splits on the --split-cases "
-                        "(K8, Tq 1, contiguous): how much of a gap the split count explains. The "
+                        "(K, Tq and layout from --split-kv-heads, --split-tq, --split-layout): how "
+                        "much of a gap the split count explains. The "
                         "whole grid runs beside them (minutes) unless --match narrows it; "
                         "--match '^$' times the splits alone")
     p.add_argument("--split-cases", nargs="*", default=["1x32768", "1x131072"], metavar="BxCTX",
@@ -127,7 +128,7 @@ def main(argv=None):
     p.add_argument("--skip-check", action="store_true")
     p.add_argument("--rounds", type=int, default=1,
                    help="with R > 1, build every measurement first, then time them in R interleaved "
-                        "rounds (10 calls each) and report the median of the round medians and the "
+                        "rounds (10 waited-for calls each, then --back-to-back ones) and report the median of the round medians and the "
                         "rounds' spread: for gaps between layouts smaller than the spread of one run. "
                         "Every case's caches stay on the device at once (choose cases with --match), "
                         "--budget-s does not apply, and the JSON is rewritten after every round")
@@ -141,6 +142,8 @@ def main(argv=None):
                    help="run only the grid cases whose name matches one of these regular "
                         "expressions (names look like 'K1 B8 ctx 32k Tq4 paged16')")
     args = p.parse_args(argv)
+    if args.back_to_back < 0:
+        p.error(f"--back-to-back: expected a number of calls >= 0 (0 skips them), got {args.back_to_back}")
     dev = jax.devices()[0]
     hbm = D.card_hbm_gbps()
     meta = dict(device=str(dev.device_kind), cores=num_cores(jax.default_backend() != "gpu"), jax=jax.__version__,

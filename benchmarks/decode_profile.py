@@ -11,7 +11,7 @@ layout changes and the split merge around it; cuDNN's and XLA's steps for compar
     ncu --clock-control none --metrics gpu__time_duration.sum --csv \
         python3 benchmarks/decode_profile.py contiguous --batch 1 --context 32768 --impl cudnn
 
-Shape: D128, N32, K = --kv-heads (8; 1 is MQA), Tq 1, B = --batch (8), context =
+Shape: D128, N32, K = --kv-heads (8; 1 is MQA), Tq = --tq (1), B = --batch (8), context =
 --context (131072), bf16, every row full; the kernel config and split count are the defaults. Each layout runs 5 times
 (compile and warm-up first), so `--launch-skip 2 --launch-count 3` profiles the same
 launches of each layout's kernel when layouts are profiled one per process.
@@ -37,13 +37,14 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--context", type=int, default=131072)
     p.add_argument("--kv-heads", type=int, default=8)
+    p.add_argument("--tq", type=int, default=1, help="new tokens per row")
     p.add_argument("--impl", default="pallas_triton",
                    help="pallas_triton, cudnn or xla (the last two: contiguous caches only)")
     args = p.parse_args(argv)
     for layout in args.layouts:
-        case = D.DecodeCase(args.kv_heads, args.batch, args.context, 1, layout)
+        case = D.DecodeCase(args.kv_heads, args.batch, args.context, args.tq, layout)
         kc, vc, table = D.make_cache(jax.random.key(0), case, jnp.bfloat16)
-        q = jax.random.normal(jax.random.key(1), (case.batch, 1, case.num_heads, case.head_dim), jnp.bfloat16)
+        q = jax.random.normal(jax.random.key(1), (case.batch, case.tq, case.num_heads, case.head_dim), jnp.bfloat16)
         lengths = jnp.full((case.batch,), case.context, jnp.int32)
         fn = jax.jit(D.decode_fn(args.impl, case))
         for _ in range(5):

@@ -66,24 +66,27 @@ def default_order(mask: Mask | None = None, dtype=None, logits_soft_cap=None,
     process, TFLOP/s forward / forward+backward), i.e. at head dim 128 (the kernels run
     65–127 as 128, cuDNN the head dim itself: a padded head dim costs 1.07–1.97× the work)
     and from MIN_QUERIES queries (the shortest measured; a decoding step's few were not):
+    Figures from the twelfth run of 2026-11-30 unless dated otherwise:
     - causal windows of at most WINDOW keys back go to the Hopper kernels: at 32k, 256
-      keys 146 / 177 against cuDNN's 113 / 133, 2048 keys 461 / 426 against 392 / 410
-      (512 and 1024 keys 18–28 % ahead in the forward before the persistent backward);
+      keys 162 / 171 against cuDNN's 115 / 128, 2048 keys 451 / 414 against 379 / 417
+      (level in training: 440 against 436 back to back; 512 and 1024 keys 18–28 % ahead
+      in the forward, before the persistent backward);
     - so do causal attention (no window) up to CAUSAL_TRAINING_LENGTH tokens and the
       full mask up to FULL_TRAINING_LENGTH, as self-attention (as many queries as keys,
       the shape measured): there the Hopper kernels' training step leads cuDNN's or is
       level with it (benchmarks/crossover_bench.py, 16k tokens per call, 16 heads: causal
-      238 / 302 / 420 / 463 against 207 / 293 / 385 / 429 at 1k / 2k / 4k / 8k; full 358
-      against 330 at 1k, 439 against 415 at 2k, and at 4k, since the dQ kernel forms D,
-      486 against 485, level within the rounds' spread and ahead back to back, 513
-      against 506), and their forward is level within the rounds' spread or ahead;
+      331 / 411 / 462 against 315 / 399 / 451 at 2k / 4k / 8k, and 238 against 207 at 1k
+      in the seventh run; full 439 against 415 at 2k and, since the dQ kernel forms D,
+      486 against 485 at 4k, level within the rounds' spread and ahead back to back, 513
+      against 506; 358 against 330 at 1k in the seventh run), and their forward is
+      level within the rounds' spread or ahead;
     - the other causal and full masks (longer, wider windows, more keys than queries
       or fewer) go to mosaic_forward_cudnn_training: the Hopper forward when the value is
       only used, cuDNN's forward and backward when it is differentiated, for cuDNN's
       backward leads from 16k causal and 8k full tokens (causal 16k 471 against 516,
-      full 8k 494 against 521, 16k 503 against 542)
-      while the Hopper forward stays level or ahead (causal 16k 557 against 528, full
-      16k 606 against 595);
+      full 8k 494 against 521, 16k 503 against 542), while the Hopper forward leads on
+      causal attention (16k: 530 against 508, 608 against 580 back to back) and is level
+      on the full mask (16k: 584 against 602, 636 against 612 back to back);
     - anything else native, and all of these at other head dims or shorter queries, goes
       to cuDNN first.
     Not with a bias: those measurements had none, and with one the Hopper forward hands

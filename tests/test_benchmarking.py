@@ -225,6 +225,24 @@ def test_decode_measurements_in_interleaved_rounds():
         assert 0 < row["steady_issue_ms"] <= row["steady_ms"]   # issued before the one wait
 
 
+def test_decode_steady_figures_are_per_step(monkeypatch):
+    """steady_ms and steady_issue_ms are a back-to-back call's time and the host's issue
+    time divided by the steps chained in the executable, on the one-row path and in
+    interleaved rounds (back-to-back timing stubbed with known seconds)."""
+    from jaxattn.benchmarking import decode as D
+    fake = timing.BackToBack(per_call_s=0.012, issue_s=0.004, calls=3, warmup=0, input_sets=1)
+    monkeypatch.setattr(D, "time_back_to_back", lambda *a, **kw: fake)        # measure()
+    monkeypatch.setattr(timing, "time_back_to_back", lambda *a, **kw: fake)   # time_rounds()
+    case = D.DecodeCase(2, 1, 64, 1, "contiguous", head_dim=16)
+    one = D.measure(case, "xla", warmup=0, repeats=1, max_inner=3, back_to_back=3)
+    [rounds] = D.measure_interleaved([(case, "xla", None)], rounds=2, repeats=1, max_inner=3,
+                                     back_to_back=3)
+    for row in (one, rounds):
+        assert row["inner"] == 3
+        assert row["steady_ms"] == pytest.approx(12.0 / 3) and row["steady_issue_ms"] == pytest.approx(4.0 / 3)
+        assert row["steady_gbps"] == pytest.approx(row["bytes"] / 0.004 / 1e9)
+
+
 def test_rounds_time_waited_then_back_to_back_calls():
     """timing.time_rounds: per round and call, `repeats` waited-for calls, then
     `back_to_back` issued without waiting (outputs all alive until one wait); each call's

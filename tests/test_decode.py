@@ -326,8 +326,10 @@ def test_tile_width_follows_the_cache_layout_and_query_rows():
     assert wide(rows=32, page_size=128) == 64           # a tile inside one page
     assert wide(rows=32, page_size=16, head_dim=256) == 64   # shared memory
     assert wide(rows=32, page_size=16, itemsize=4) == 64     # float32 cache
+    assert wide(rows=32, page_size=16, head_dim=64, itemsize=4) == 128   # ... of 256-byte rows, as bf16 D128
     assert default_decode_config(128, interpret=False, page_size=16) == DecodeConfig(128, 8, 3)  # MQA, Tq 4
     assert default_decode_config(128, interpret=False, page_size=64) == DecodeConfig(64, 8, 3)   # not measured
+    assert default_decode_config(128, interpret=False, page_size=8).block_kv == 64               # not measured
     assert default_decode_config(128, interpret=False, page_size=16, head_dim=256).block_kv == 64
     assert default_decode_config(32, interpret=True, page_size=16).block_kv == 16
 
@@ -486,7 +488,7 @@ def _check_real_size(k, tq, layout, mask=None, score_mod=None, h=128):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("k,tq", [(8, 1), (8, 4), (1, 4), (1, 1)])   # (1, 1): 128-key paged tiles
+@pytest.mark.parametrize("k,tq", [(8, 1), (8, 4), (1, 4), (1, 1)])   # K = 1: 128-key tiles over 16-slot pages
 @pytest.mark.parametrize("layout,mask", [("contiguous", None), ("contiguous", M.LocalMask(1023, 0)),
                                          ("paged16", None), ("paged64", M.LocalMask(511, 0))])
 def test_gpu_real_sizes(k, tq, layout, mask):
@@ -497,7 +499,7 @@ def test_gpu_real_sizes(k, tq, layout, mask):
 @pytest.mark.parametrize("h", [96, 80])
 @pytest.mark.parametrize("k,tq,layout,mask", [(8, 1, "contiguous", None), (1, 4, "contiguous", M.LocalMask(1023, 0)),
                                               (8, 1, "paged16", None), (8, 4, "paged64", M.LocalMask(511, 0)),
-                                              (1, 1, "paged16", None)])
+                                              (1, 1, "paged16", None), (1, 4, "paged16", None)])
 def test_gpu_real_sizes_head_dim_not_power_of_two(h, k, tq, layout, mask):
     """H = 96 and 80 tiled as 128 columns, K/V loaded with a column mask from the cache as
     it is (contiguous blocks, one page per tile, and 16-slot pages gathered into a tile)."""

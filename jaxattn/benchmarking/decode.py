@@ -15,11 +15,12 @@ run without the chain credited XLA with more than the HBM's bandwidth). Cache co
 rotate so that together they exceed the L2 where they fit; median over the repeats.
 
 Two figures per row. `gbps`: each call waited for (`jax.block_until_ready`), so every
-`inner` steps also carry one call's issue and wait (0.1–0.4 ms on the H200 of
-BENCHMARKS.md), which weighs most where a step is long and `inner` small. `steady_gbps`:
+`inner` steps also carry one call's issue and wait (0.2–0.5 ms a call on an H200:
+BENCHMARKS.md, twelfth run), which weighs most where a step is long and `inner` small. `steady_gbps`:
 `BACK_TO_BACK_CALLS` calls issued without waiting and one wait at the end, the host ahead
 of the device as in a serving loop that does not stop to look at every token: the
-time the device spends per step.
+time the device spends per step (one such batch per row, or per round and row in
+interleaved rounds, whose median it then is).
 """
 
 from __future__ import annotations
@@ -204,10 +205,11 @@ def measure(case: DecodeCase, impl: str, *, dtype=jnp.bfloat16, key=None, warmup
         return row
     try:
         timing = time_call(compiled, [args], warmup=warmup, repeats=repeats)
-        b2b = time_back_to_back(compiled, [args], repeats=back_to_back, warmup=0) if back_to_back else None
-        _record(row, timing.median_s, inner, hbm_gbps, None if b2b is None else b2b.per_call_s)
+        _record(row, timing.median_s, inner, hbm_gbps)
         row["timing"] = timing.as_dict()
-        if b2b is not None:
+        if back_to_back:   # all its calls' outputs alive at once: may fail where one call did not
+            b2b = time_back_to_back(compiled, [args], repeats=back_to_back, warmup=0)
+            _record(row, timing.median_s, inner, hbm_gbps, b2b.per_call_s)
             row["timing"]["back_to_back"] = b2b.as_dict()
             row["steady_issue_ms"] = b2b.issue_s / inner * 1e3
     except Exception as e:  # noqa: BLE001 - record and go on with the next measurement

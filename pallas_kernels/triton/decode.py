@@ -132,16 +132,17 @@ def default_decode_config(rows: int, *, interpret: bool, page_size: int | None =
     8 × 32k 1815 vs 1966, 1 × 4k and 8 × 4k level; page 64 — 64 × 32k 3138 vs 3465
     (3572), 8 × 128k 3024 vs 3230 (3283), 1 × 32k and 8 × 32k level. With 16 padded query
     rows (K = 8, Tq 1) 128-key tiles were slower (8 × 128k page 16: 3833 vs 3325), so
-    those keep 64. MQA with four new tokens (128 query rows, 8 warps) over 16-slot pages
-    gathers 128-key tiles too: two interleaved rounds on an H200, GB/s issued back to
+    those keep 64. A 128-row query tile (8 warps; 65 to 128 rows pad to it: MQA with three
+    or four new tokens) over 16-slot pages gathers 128-key tiles too: two interleaved rounds on an H200, GB/s issued back to
     back, 64-key / 128-key tiles (3 stages; contiguous cache in the same process):
     1 × 128k 1316 / 1440 (1848), 8 × 32k 1261 / 1572 (2500), 8 × 128k 1747 / 2205 (3166),
-    64 × 32k 1842 / 2302 (3080); 2 stages, 4 warps and 32-key tiles were no better
-    overall. 1 × 32k, not in that sweep, lost (639 against 709–725 in other processes:
-    ~2 wide tiles per split at B·K = 1). 128 rows over larger pages and other row counts
-    are not measured and keep 64-key tiles. Rows wider than
-    256 bytes (head dims above 128 in 16 bits, float32 caches) keep 64-key tiles: their
-    stages would not fit in shared memory as bf16 D128's do.
+    64 × 32k 1842 / 2302 (3080); with 2 stages 1326 / 1646 / 2297 / 2445 (more from B = 8,
+    less at B = 1), 4 warps and 32-key tiles no better overall. 1 × 32k, not in that
+    sweep, lost (639 against 709–725 in other processes: ~2 wide tiles per split at
+    B·K = 1). 128 rows over other page sizes, and other row counts, are not measured and
+    keep 64-key tiles. Rows wider than 256 bytes (head dims above 128 in 16 bits, above 64
+    in float32) keep 64-key tiles: their stages would not fit in shared memory as bf16
+    D128's do.
 
     A contiguous cache read by a 32-row query tile keeps 4 K/V stages in flight instead
     of 3 (64-key tiles of rows up to 256 bytes: 128 KB of shared memory). Three
@@ -157,7 +158,7 @@ def default_decode_config(rows: int, *, interpret: bool, page_size: int | None =
     num_warps = 4 if rows <= 64 else 8
     narrow_rows = head_dim * itemsize <= 256
     gathered_wide = narrow_rows and page_size is not None and (
-        (rows == 32 and page_size < 128) or (rows == 128 and page_size <= 16))
+        (rows == 32 and page_size < 128) or (rows == 128 and page_size == 16))
     deep = page_size is None and rows == 32 and narrow_rows
     return DecodeConfig(block_kv=128 if gathered_wide else 64, num_warps=num_warps,
                         num_stages=4 if deep else 3)
