@@ -176,18 +176,23 @@ def prepare(case: DecodeCase, impl: str, *, dtype=jnp.bfloat16, key=None, fn=Non
     return row, compiled, (queries, caches, lengths), inner
 
 
-def _record(row, seconds_per_call, inner, hbm_gbps, back_to_back_s=None):
-    """GB/s and time per step of the waited-for calls and, when timed, of the calls
-    issued back to back (`steady_*`)."""
+def _record(row, seconds_per_call, inner, hbm_gbps):
+    """GB/s and time per step of the waited-for calls."""
     seconds = seconds_per_call / inner
     row.update(median_ms=seconds * 1e3, gbps=row["bytes"] / seconds / 1e9)
     if hbm_gbps:
         row["pct_hbm"] = 100 * row["bytes"] / seconds / 1e9 / hbm_gbps
-    if back_to_back_s is not None:
-        step = back_to_back_s / inner
-        row.update(steady_ms=step * 1e3, steady_gbps=row["bytes"] / step / 1e9)
-        if hbm_gbps:
-            row["steady_pct_hbm"] = 100 * row["bytes"] / step / 1e9 / hbm_gbps
+
+
+def _record_steady(row, seconds_per_call, issue_s_per_call, inner, hbm_gbps):
+    """GB/s and time per step of the calls issued back to back (`steady_*`), and the
+    host's time to issue a step: where it reaches steady_ms the host, not the device,
+    set the pace."""
+    step = seconds_per_call / inner
+    row.update(steady_ms=step * 1e3, steady_gbps=row["bytes"] / step / 1e9,
+               steady_issue_ms=issue_s_per_call / inner * 1e3)
+    if hbm_gbps:
+        row["steady_pct_hbm"] = 100 * row["bytes"] / step / 1e9 / hbm_gbps
 
 
 def measure(case: DecodeCase, impl: str, *, dtype=jnp.bfloat16, key=None, warmup=2, repeats=20,
@@ -209,9 +214,8 @@ def measure(case: DecodeCase, impl: str, *, dtype=jnp.bfloat16, key=None, warmup
         row["timing"] = timing.as_dict()
         if back_to_back:   # all its calls' outputs alive at once: may fail where one call did not
             b2b = time_back_to_back(compiled, [args], repeats=back_to_back, warmup=0)
-            _record(row, timing.median_s, inner, hbm_gbps, b2b.per_call_s)
+            _record_steady(row, b2b.per_call_s, b2b.issue_s, inner, hbm_gbps)
             row["timing"]["back_to_back"] = b2b.as_dict()
-            row["steady_issue_ms"] = b2b.issue_s / inner * 1e3
     except Exception as e:  # noqa: BLE001 - record and go on with the next measurement
         row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
         traceback.print_exc(limit=2)
@@ -233,13 +237,12 @@ def measure_interleaved(plan, *, rounds: int, dtype=jnp.bfloat16, repeats=10,
 
     def record(r, times):
         for (row, _, _, inner), t in zip(timed, times):
-            _record(row, statistics.median(t.waited_s), inner, hbm_gbps,
-                    statistics.median(t.back_to_back_s) if t.back_to_back_s else None)
+            _record(row, statistics.median(t.waited_s), inner, hbm_gbps)
             row["round_gbps"] = [row["bytes"] / (s / inner) / 1e9 for s in t.waited_s]
             if t.back_to_back_s:
+                _record_steady(row, statistics.median(t.back_to_back_s),
+                               statistics.median(t.back_to_back_issue_s), inner, hbm_gbps)
                 row["round_steady_gbps"] = [row["bytes"] / (s / inner) / 1e9 for s in t.back_to_back_s]
-                # Where this reaches steady_ms the host, not the device, set the pace.
-                row["steady_issue_ms"] = statistics.median(t.back_to_back_issue_s) / inner * 1e3
             row["rounds"] = len(t.waited_s)
         if on_round is not None:
             on_round([None if p is None else p[0] for p in prepared])

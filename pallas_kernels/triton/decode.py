@@ -133,8 +133,9 @@ def default_decode_config(rows: int, *, interpret: bool, page_size: int | None =
     (3572), 8 × 128k 3024 vs 3230 (3283), 1 × 32k and 8 × 32k level. With 16 padded query
     rows (K = 8, Tq 1) 128-key tiles were slower (8 × 128k page 16: 3833 vs 3325), so
     those keep 64. A 128-row query tile (8 warps; 65 to 128 rows pad to it: MQA with three
-    or four new tokens) over 16-slot pages gathers 128-key tiles too: two interleaved rounds on an H200, GB/s issued back to
-    back, 64-key / 128-key tiles (3 stages; contiguous cache in the same process):
+    or four new tokens) over 16-slot pages gathers 128-key tiles too: two interleaved
+    rounds on an H200, GB/s issued back to back, 64-key / 128-key tiles (3 stages;
+    contiguous cache in the same process):
     1 × 128k 1316 / 1440 (1848), 8 × 32k 1261 / 1572 (2500), 8 × 128k 1747 / 2205 (3166),
     64 × 32k 1842 / 2302 (3080); with 2 stages 1326 / 1646 / 2297 / 2445 (more from B = 8,
     less at B = 1), 4 warps and 32-key tiles no better overall. 1 × 32k, not in that
