@@ -314,6 +314,13 @@ def test_split_count_fills_the_gpu():
     assert default_num_splits(8, 1, 256, cores=132, paged=True, pages_per_tile=8, block_kv=128) == 33
     assert default_num_splits(64, 1, 32, cores=132, paged=True, pages_per_tile=2, block_kv=128) == 4
     assert default_num_splits(1, 1, 256, cores=132, paged=True, pages_per_tile=8, block_kv=128) == 128
+    # a 128-row query tile fills its core alone: paged caches keep one wave, no 4-split floor
+    alone = dict(cores=132, paged=True, pages_per_tile=8, block_kv=128, one_program_per_core=True)
+    assert default_num_splits(8, 1, 256, **alone) == 16
+    assert default_num_splits(8, 1, 1024, **alone) == 16
+    assert default_num_splits(64, 1, 256, **alone) == 2
+    assert default_num_splits(1, 1, 256, **alone) == 128
+    assert default_num_splits(64, 1, 256, cores=132, one_program_per_core=True) == 4  # contiguous
 
 
 def test_tile_width_follows_the_cache_layout_and_query_rows():

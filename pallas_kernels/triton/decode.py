@@ -177,7 +177,8 @@ def num_cores(interpret: bool) -> int:
 
 def default_num_splits(batch: int, kv_heads: int, kv_tiles: int, *, cores: int,
                        min_tiles_per_split: int = 4, long_cache_tiles: int = 128,
-                       paged: bool = False, pages_per_tile: int = 1, block_kv: int = 64) -> int:
+                       paged: bool = False, pages_per_tile: int = 1, block_kv: int = 64,
+                       one_program_per_core: bool = False) -> int:
     """Splits per (row, KV head), from a sweep on an H200 (BENCHMARKS.md, decode):
 
     * one wave: B·K·splits <= `cores` programs. Small batches need the cache split to
@@ -211,18 +212,29 @@ def default_num_splits(batch: int, kv_heads: int, kv_tiles: int, *, cores: int,
       (3311), 64 × 4k 2032 / 2243 (2318); 64-slot pages 8 × 32k 2117 / 2471 (2551),
       8 × 128k 3314 / 3459 (3445), 64 × 4k 2175 / 2374 (2441); at B·K = 1 both rules
       give the same count (the cap below, or the cache's tiles / 2);
+    * except where a program fills its core alone (`one_program_per_core`: the 128-row
+      query tiles of MQA with 3 or 4 new tokens, 8 warps, whose registers and shared
+      memory leave room for one program per SM; set by decode() only where measured, over
+      pages smaller than their gathered tiles of 128 keys): there a paged cache keeps one
+      wave, and no long-cache minimum. The second wave then runs after the first instead of beside
+      it, and writes twice the partials. Two interleaved rounds on an H200, MQA Tq 4 over
+      16-slot pages, 128-key tiles, GB/s back to back at 2 / 4 / 8 / 16 / 33 splits:
+      8 × 32k 355 / 700 / 1265 / 1980 / 1605, 8 × 128k 368 / 747 / 1458 / 2644 / 2220,
+      64 × 32k 2742 / 2310 / 2280 / 2153 / 1889 (contiguous 2516, 3032, 3028); at 1 × 32k
+      the cap below gives the same count either way;
     * a paged row never gets more splits than there are cores (one wave of programs for
       that row alone, the contiguous optimum at B·K = 1: MQA 1 × 32k ran 581 GB/s with
       132 splits, 550 with 66); paged caches at B·K < 8 are not measured;
     * each split keeps at least `min_tiles_per_split` tiles of keys
       (GATHERED_MIN_TILES_PER_SPLIT where tiles gather several pages, above)."""
     waves = 1
-    if paged:
+    alone = paged and one_program_per_core
+    if paged and not alone:
         waves = 4 if pages_per_tile > 1 and block_kv < WIDE_GATHERED_TILE else 2
     want = max(1, waves * cores // (batch * kv_heads))
     if paged:
         want = min(want, cores)
-    if kv_tiles >= long_cache_tiles:
+    if kv_tiles >= long_cache_tiles and not alone:
         want = max(want, 4)
     if paged and pages_per_tile > 1:
         min_tiles_per_split = min(min_tiles_per_split, GATHERED_MIN_TILES_PER_SPLIT)
@@ -231,6 +243,8 @@ def default_num_splits(batch: int, kv_heads: int, kv_tiles: int, *, cores: int,
 
 # Tiles per split at least, for caches whose tiles gather rows of several pages.
 GATHERED_MIN_TILES_PER_SPLIT = 2
+# Query tiles of this many rows (8 warps) run one program per SM (default_num_splits).
+WIDE_QUERY_TILE = 128
 # Gathered tiles at least this many keys wide keep two waves of splits (default_num_splits).
 WIDE_GATHERED_TILE = 128
 
@@ -470,11 +484,15 @@ def decode(static: DecodeStatic, q, k_cache, v_cache, lengths, page_table=None, 
         bk = min(bk, 1 << (slots.bit_length() - 1))
         clamp_last = slots % bk != 0   # the last tile is read from slots - bk
 
+    # A 128-row query tile (8 warps) leaves room for one program per SM; measured only
+    # over pages smaller than its gathered tiles of 128 keys or more (default_num_splits).
+    wide_gathered_rows = (rp == WIDE_QUERY_TILE and pages_per_tile > 1
+                          and bk >= WIDE_GATHERED_TILE)
     span = static.bounds.span(tq)
     kv_tiles = -(-min(capacity, span if span is not None else capacity) // bk)
     splits = static.num_splits or default_num_splits(
         b, kh, kv_tiles, cores=num_cores(static.interpret), paged=paged, pages_per_tile=pages_per_tile,
-        block_kv=bk)
+        block_kv=bk, one_program_per_core=wide_gathered_rows)
     splits = max(1, min(splits, -(-capacity // bk)))
 
     # [B, Tq, K·G, H] -> [B, K, Tq·G, H]: the G heads of KV head h and the Tq tokens as
