@@ -11,8 +11,9 @@ inputs. The two engines are timed in interleaved rounds (--rounds rounds of --ca
 waited-for calls each, engine after engine), so that a drift of the card's clock during
 the run moves both alike; a row reports the median over the rounds of each round's median,
 the spread of the round medians, and the time per call of --calls calls issued back to
-back. The engines and inputs are tokamax_bench.py's. The dispatch rule in
-jaxattn/implementations.py cites these rows.
+back. The engines and inputs are tokamax_bench.py's (--engines: jaxattn and cudnn by
+default; triton_backward adds the Hopper forward with the Triton backward). The dispatch
+rule in jaxattn/implementations.py cites these rows.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from benchmarks.tokamax_bench import attention, make_inputs  # noqa: E402
+from benchmarks.tokamax_bench import OPTIONAL_ENGINES, attention, make_inputs  # noqa: E402
 from jaxattn.benchmarking.cases import BenchCase  # noqa: E402
 from jaxattn.benchmarking.timing import time_back_to_back, time_interleaved  # noqa: E402
 
@@ -58,10 +59,10 @@ def compiled_steps(engine, case, inputs):
             "fwd_bwd": (jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(*bwd_args).compile(), bwd_args)}
 
 
-def measure(case, rounds, calls):
+def measure(case, rounds, calls, engines=ENGINES):
     inputs = make_inputs(case)
-    steps = {e: compiled_steps(e, case, inputs) for e in ENGINES}
-    entries = [(e, m) for e in ENGINES for m in MODES]
+    steps = {e: compiled_steps(e, case, inputs) for e in engines}
+    entries = [(e, m) for e in engines for m in MODES]
     medians = time_interleaved([steps[e][m] for e, m in entries], rounds=rounds, repeats=calls)
     row = {"case": case.name, "batch": case.batch, "heads": case.heads, "seq_len": case.seq_len,
            "head_dim": case.head_dim, "pattern": case.pattern}
@@ -76,13 +77,15 @@ def measure(case, rounds, calls):
     return row
 
 
-def line(row):
+def line(row, engines=ENGINES):
     cells = []
     for m in ("fwd", "fwd_bwd"):
-        a, c = row["jaxattn_" + m], row["cudnn_" + m]
-        cells.append(f"{m} {a['tflops']:.0f} ({min(a['round_tflops']):.0f}-{max(a['round_tflops']):.0f}, "
-                     f"b2b {a['b2b_tflops']:.0f}) vs cuDNN {c['tflops']:.0f} "
-                     f"({min(c['round_tflops']):.0f}-{max(c['round_tflops']):.0f}, b2b {c['b2b_tflops']:.0f})")
+        parts = []
+        for e in engines:
+            a = row[e + "_" + m]
+            parts.append(f"{e} {a['tflops']:.0f} ({min(a['round_tflops']):.0f}-"
+                         f"{max(a['round_tflops']):.0f}, b2b {a['b2b_tflops']:.0f})")
+        cells.append(f"{m} " + " vs ".join(parts))
     return f"{row['case']}: " + " | ".join(cells)
 
 
@@ -94,6 +97,8 @@ def main(argv=None):
     p.add_argument("--patterns", nargs="*", default=["full", "causal"], choices=["full", "causal"])
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--calls", type=int, default=10)
+    p.add_argument("--engines", nargs="*", default=list(ENGINES),
+                   choices=["jaxattn", "cudnn", *OPTIONAL_ENGINES])
     a = p.parse_args(argv)
     for s in a.lengths:
         if s <= 0 or TOKENS % s:
@@ -103,8 +108,8 @@ def main(argv=None):
               "rounds": a.rounds, "calls": a.calls, "rows": []}
     for case in cases(a.lengths, a.head_dims, a.patterns):
         try:
-            row = measure(case, a.rounds, a.calls)
-            print(line(row), flush=True)
+            row = measure(case, a.rounds, a.calls, tuple(a.engines))
+            print(line(row, tuple(a.engines)), flush=True)
         except Exception as e:  # noqa: BLE001 - record the failure and go on
             row = {"case": case.name, "error": f"{type(e).__name__}: {e}"[:500]}
             print(case.name, row["error"], flush=True)

@@ -16,6 +16,11 @@ persistent schedule runs one CTA per SM, so only more work items than SMs (4 q-b
 heads > 132 on an H200, e.g. N = 68) make a CTA loop over several items.
 SANITIZE_KV_HEADS=M (default 2) sets the K/V heads: the persistent dK/dV kernel's items are
 4 kv-blocks × M heads, so M = 68 makes its CTAs loop too.
+SANITIZE_HEAD_DIM=H (default 64) sets the head dim: 256 runs the Mosaic backward's
+column-split dK/dV kernel and one-warpgroup dQ kernel (one resident buffer each; 8
+kv-blocks of 64 keys per head, so M = 68 loops there too). At 256 the Mosaic kernels
+refuse docs (traced segment ids: no finite-input check there; the Triton kernels serve
+it), so name causal, window and bigbird.
 """
 import os
 import sys
@@ -35,8 +40,9 @@ masks = {"causal": M.CausalMask(), "window": M.CausalMask() & M.LocalMask(128, 0
          "dense": M.DenseMask(np.random.default_rng(0).random((512, 512)) < 0.3)}
 heads = int(os.environ.get("SANITIZE_HEADS", "4"))
 kv_heads = int(os.environ.get("SANITIZE_KV_HEADS", "2"))
-q = jnp.asarray(np.random.default_rng(1).standard_normal((1, 512, heads, 64)), jnp.bfloat16)
-k = jnp.asarray(np.random.default_rng(2).standard_normal((1, 512, kv_heads, 64)), jnp.bfloat16)
+head_dim = int(os.environ.get("SANITIZE_HEAD_DIM", "64"))
+q = jnp.asarray(np.random.default_rng(1).standard_normal((1, 512, heads, head_dim)), jnp.bfloat16)
+k = jnp.asarray(np.random.default_rng(2).standard_normal((1, 512, kv_heads, head_dim)), jnp.bfloat16)
 
 
 biases = {"bias": jnp.asarray(np.random.default_rng(3).standard_normal((1, heads, 512, 512)), jnp.bfloat16),

@@ -13,7 +13,10 @@ Engines (--engines):
            (`custom_calls`), which name the kernels that actually ran;
   tokamax  `tokamax.dot_product_attention(..., implementation="mosaic")` (0.0.17, with its
            dependencies, carried as wheels: the GPU image has no package index);
-  cudnn    `jax.nn.dot_product_attention(..., implementation="cudnn")`.
+  cudnn    `jax.nn.dot_product_attention(..., implementation="cudnn")`;
+  triton_backward  the Hopper forward with the Triton backward (the head dim's
+           MosaicConfig with `backward` set to the Triton config): what a head dim the
+           Mosaic backward kernels did not serve ran before they did (named only).
 tokamax and cuDNN take jax.nn's is_causal / local_window_size arguments, or, for a mask
 those cannot express (BigBird), the same pairs as a dense bool [1, 1, S, S] mask passed
 as a jit argument.
@@ -29,6 +32,7 @@ one input set per case.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import functools
 import json
@@ -56,6 +60,8 @@ CASES = (
     BenchCase("D128 S524288 B1 H8 causal", 1, 8, 524288, 128, "causal"),
 )
 ENGINES = ("jaxattn", "default", "tokamax", "cudnn")
+# engines timed only when named (--engines)
+OPTIONAL_ENGINES = ("triton_backward",)
 
 # From this many tokens per sequence one forward+backward call takes seconds: time
 # --long-repeats calls after LONG_WARMUP warm-ups.
@@ -101,6 +107,16 @@ def attention(engine, case):
         implementation = "pallas_mosaic_gpu" if engine == "jaxattn" else None
         return (lambda q, k, v: jaxattn.dot_product_attention(q, k, v, mask=mask,
                                                               implementation=implementation)), ()
+    if engine == "triton_backward":
+        from jaxattn.flash import pallas_attention
+        from pallas_kernels import mosaic_gpu
+        from pallas_kernels.triton.config import config_for_head_dim as triton_config
+        hp = mosaic_gpu.padded_head_dim(case.head_dim)
+        config = dataclasses.replace(mosaic_gpu.config_for_head_dim(hp), backward=triton_config(hp))
+        mask = canonical_mask(case.mask())
+        return (lambda q, k, v: pallas_attention(
+            "pallas_mosaic_gpu", q, k, v, None, mask, scale=case.head_dim ** -0.5,
+            logits_soft_cap=None, return_residuals=False, config=config)), ()
     kwargs, dense = jax_nn_arguments(case)
     if engine == "tokamax":
         tokamax = import_tokamax()
@@ -108,7 +124,7 @@ def attention(engine, case):
     elif engine == "cudnn":
         call = functools.partial(jax.nn.dot_product_attention, implementation="cudnn", **kwargs)
     else:
-        raise ValueError(f"engine: expected one of {list(ENGINES)}, got {engine!r}.")
+        raise ValueError(f"engine: expected one of {list(ENGINES + OPTIONAL_ENGINES)}, got {engine!r}.")
     if dense is None:
         return call, ()
     return (lambda q, k, v, mask: call(q, k, v, mask=mask)), (dense,)
@@ -198,7 +214,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="tokamax_bench.json")
     p.add_argument("--cases", nargs="*", default=None, help="substrings of case names")
-    p.add_argument("--engines", nargs="*", default=list(ENGINES), choices=ENGINES)
+    p.add_argument("--engines", nargs="*", default=list(ENGINES), choices=ENGINES + OPTIONAL_ENGINES)
     p.add_argument("--repeats", type=int, default=DEFAULT_REPEATS,
                    help=f"timed calls per measurement (after {DEFAULT_WARMUP} warm-ups)")
     p.add_argument("--long-repeats", type=int, default=DEFAULT_LONG_REPEATS,

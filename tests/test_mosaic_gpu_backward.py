@@ -30,12 +30,16 @@ from jaxattn.parallel.masks import localize
 # the dK/dV kernel per item, fused, persistent; and persistent with D formed in its dQ
 # kernel (D handed over as a DeltaOfOutput, as jaxattn's own VJP does)
 VARIANTS = ("two_kernels", "fused", "persistent", "persistent_own_delta")
+# head dim 256 has one shape (column halves in dK/dV, one dQ warpgroup): as shipped
+VARIANTS_D256 = ("default", "default_own_delta")
 
 
 def _static_and_metas(mask, t, s, h, cap=None, variant="two_kernels"):
     """(static, metas, operands) as jaxattn builds them, at the backward kernels' tiles."""
-    config = dataclasses.replace(mb.default_backward_config(mb.padded_head_dim(h)),
-                                 fused=variant == "fused", persistent=variant.startswith("persistent"))
+    config = mb.default_backward_config(mb.padded_head_dim(h))
+    if not variant.startswith("default"):
+        config = dataclasses.replace(config, fused=variant == "fused",
+                                     persistent=variant.startswith("persistent"))
     return build_call("pallas_mosaic_gpu", mask, t, s, scale=h ** -0.5, logits_soft_cap=cap,
                       config=config, interpret=False)
 
@@ -95,6 +99,27 @@ LOWERING_CASES = {
                                       ((64, 128), (384, 128)), ((64, 128), (384, 128))),
                              dict(t=256, s=256, h=64)),
 }
+
+
+# Head dim 256 (and 129–255, padded to it): the dK/dV warpgroups split the columns.
+LOWERING_CASES_D256 = {
+    "causal_gqa": (M.CausalMask(), dict(h=256, n=4, kh=2)),
+    "window_ragged_softcap": (M.LocalMask(100, 0), dict(t=300, s=200, h=256, cap=30.0)),
+    "bigbird": (M.bigbird_mask(512, window=64, num_global=32, num_random_blocks=1,
+                               block_size=128, causal=True), dict(t=512, s=512, h=256)),
+    "documents_f16_d200": (M.causal_document_mask(jnp.asarray(np.repeat(np.arange(2), [90, 166])[None])),
+                           dict(h=200, dtype=jnp.float16)),
+}
+
+
+@pytest.mark.parametrize("variant", VARIANTS_D256)
+@pytest.mark.parametrize("name", list(LOWERING_CASES_D256))
+def test_head_dim_256_lowers_for_h100(name, variant):
+    mask, kwargs = LOWERING_CASES_D256[name]
+    text = _lowered_text(mask, **{**kwargs, "variant": variant})
+    assert "jaxattn_mosaic_dkdv_persistent" in text and "jaxattn_mosaic_dq_persistent" in text
+    # the column split's meeting point: both compute warpgroups (256 threads) at barrier 4
+    assert "bar.sync 4, 256" in text
 
 
 @pytest.mark.parametrize("mask, reads", [
@@ -195,6 +220,7 @@ def test_persistent_kernels_lower_for_h100(name):
     mask, kwargs = LOWERING_CASES[name]
     text = _lowered_text(mask, **{**kwargs, "variant": "persistent"})
     assert "jaxattn_mosaic_dkdv_persistent" in text
+    assert "bar.sync 4, 256" not in text   # rows split between the warpgroups: no meeting
     if kwargs.get("parts") != ("dkdv",):
         assert "jaxattn_mosaic_dq_persistent" in text
 
@@ -295,7 +321,9 @@ class _Request:   # the fields of a KernelRequest that backward_supports reads
     (_Request(head_dim=96, dtype=jnp.float16, operand_kinds=(("q", None), ("kv", None))), None),
     (_Request(operand_kinds=(("block", (128, 128)),)), None),
     (_Request(dtype=jnp.float32), "bfloat16 and float16"),
-    (_Request(head_dim=256), "head dims up to 128"),
+    (_Request(head_dim=256), None),
+    (_Request(head_dim=200, dtype=jnp.float16, operand_kinds=(("q", None), ("kv", None))), None),
+    (_Request(head_dim=320), "head dims up to 256"),
     (_Request(has_bias=True), "no bias"),
     (_Request(operand_kinds=(("qkv", None),)), "dense"),
     (_Request(operand_kinds=(("block", (64, 64)),)), "not multiples"),
@@ -311,6 +339,27 @@ def test_backward_supports_names_what_it_declines(request_, reason):
 def test_config_checks_its_tiles():
     with pytest.raises(ValueError, match="block_kv_dkv must be 64 rows"):
         mb.MosaicBackwardConfig(block_kv_dkv=64)
+    with pytest.raises(ValueError, match="block_q_dq must be 64 rows per dQ warpgroup × 1"):
+        mb.MosaicBackwardConfig(dq_warpgroups=1)
+    with pytest.raises(ValueError, match="both share the rows"):
+        mb.MosaicBackwardConfig(split_columns=True)
+    with pytest.raises(ValueError, match="split_columns=True.*persistent=True"):
+        mb.MosaicBackwardConfig(block_kv_dkv=64, split_columns=True, persistent=False)
+    for bad in (3, True):
+        with pytest.raises(ValueError, match="resident_buffers must be 1 or 2"):
+            mb.MosaicBackwardConfig(resident_buffers=bad)
+    # dq_warpgroups follows compute_warpgroups unless set
+    one = mb.MosaicBackwardConfig(compute_warpgroups=1, block_kv_dkv=64, block_q_dq=64)
+    assert one.dq_warpgroups == 1 and mb.MosaicBackwardConfig().dq_warpgroups == 2
+    # head dim 256: column halves in dK/dV, one dQ warpgroup, one resident buffer each
+    d256 = mb.default_backward_config(256)
+    assert d256.split_columns and d256.dq_warpgroups == 1 and d256.resident_buffers == 1
+    assert d256.metadata_tiles() == {"dkdv": (64, 64), "dq": (64, 64)}
+    sizes = d256.kernel_smem_bytes(256, 2)
+    assert sizes == {"dkdv": 64 * 1024 + 2 * (64 * 1024 + 512) + 1024, "dq": 192 * 1024 + 1024}
+    assert max(sizes.values()) < mb.SMEM_BYTES
+    assert dataclasses.replace(d256, resident_buffers=2).smem_bytes(256, 2) > mb.SMEM_BYTES
+    assert mb.padded_head_dim(96) == 128 and mb.padded_head_dim(160) == 256
     with pytest.raises(ValueError, match="multiple of 64"):
         mb.MosaicBackwardConfig(block_q_dkv=32)
     cfg = mb.MosaicBackwardConfig()
@@ -331,6 +380,19 @@ def test_config_checks_its_tiles():
     for bad in (20, 44, 40.0, 264):
         with pytest.raises(ValueError, match="memory_registers must be a multiple of 8"):
             mb.MosaicBackwardConfig(memory_registers=bad)
+
+
+def test_head_dim_256_needs_the_column_split():
+    """dK and dV of 64 keys over 256 float32 columns would take 256 registers a thread:
+    a config without split_columns is refused at head dim 256 (even one that fits in
+    shared memory), with what to use instead."""
+    static, metas, _ = _static_and_metas(M.CausalMask(), 256, 256, 256, variant="default")
+    static = dataclasses.replace(static, config=mb.MosaicBackwardConfig(
+        block_kv_dkv=128, block_q_dq=128, persistent=False, num_stages=1))
+    x = jnp.zeros((1, 256, 1, 256), jnp.bfloat16)
+    lse = jnp.zeros((1, 1, 256), jnp.float32)
+    with pytest.raises(ValueError, match=r"needs split_columns=True.*default_backward_config\(256\)"):
+        mb.backward(static, x, x, x, None, x, lse, x, lse, metas, (), parts=("dkdv",))
 
 
 def test_metadata_for_other_tiles_is_refused():
@@ -382,6 +444,19 @@ GPU_CASES = {
     # 512 kv-block items: a persistent CTA runs ~4 of them, reusing both K/V buffers
     "many_items_causal_gqa_d64": (M.CausalMask(), 4, 1024, 1024, 32, 16, 64),
 }
+# Head dim 256 (200 pads to it): column halves in dK/dV, one dQ warpgroup, one buffer.
+GPU_CASES_D256 = {
+    "causal_gqa_d256": (M.CausalMask(), 1, 384, 384, 4, 2, 256),
+    "ragged_t_ne_s_d256": (M.FullMask(), 1, 200, 333, 2, 1, 256),
+    "empty_rows_d256": (M.CausalMask(offset=-50), 1, 300, 200, 2, 1, 256),
+    "window_softcap_gqa_d256": (M.LocalMask(100, 30), 1, 384, 384, 4, 2, 256, 20.0),
+    "bigbird_gqa_d256": (M.bigbird_mask(640, window=64, num_global=32, num_random_blocks=1,
+                                        block_size=128, causal=True), 1, 640, 640, 4, 2, 256),
+    "documents_d200": (M.causal_document_mask(jnp.asarray(np.repeat(np.arange(3), [100, 250, 162])[None])),
+                       1, 512, 512, 2, 1, 200),
+    # 512 kv-block items, ~4 per CTA: its one K/V buffer refilled after each item's stores
+    "many_items_causal_gqa_d256": (M.CausalMask(), 4, 1024, 1024, 16, 8, 256),
+}
 
 
 def worst_row_error(got, want) -> float:
@@ -400,7 +475,7 @@ def _reference_case(name):
     """(q, k, v, dO in bf16; out, lse, (dQ, dK, dV) of the float32 reference) for a GPU
     case: one jitted program (op-by-op it spends most of a test compiling small
     programs), computed once per process for all the variants."""
-    mask, b, t, s, n, kh, h, *cap = GPU_CASES[name]
+    mask, b, t, s, n, kh, h, *cap = {**GPU_CASES, **GPU_CASES_D256}[name]
     cap = cap[0] if cap else None
     ks = jax.random.split(jax.random.key(1), 4)
     q = jax.random.normal(ks[0], (b, t, n, h), jnp.bfloat16)
@@ -422,10 +497,10 @@ def _reference_case(name):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("variant", VARIANTS)
-@pytest.mark.parametrize("name", list(GPU_CASES))
+@pytest.mark.parametrize("variant, name", [*((v, c) for c in GPU_CASES for v in VARIANTS),
+                                           *((v, c) for c in GPU_CASES_D256 for v in VARIANTS_D256)])
 def test_gradients_match_the_reference_per_row(name, variant):
-    mask, b, t, s, n, kh, h, *cap = GPU_CASES[name]
+    mask, b, t, s, n, kh, h, *cap = {**GPU_CASES, **GPU_CASES_D256}[name]
     cap = cap[0] if cap else None
     q, k, v, do, out, lse, want = _reference_case(name)
     run = jax.jit(_backward_fn(mask, t, s, h, cap, variant=variant))

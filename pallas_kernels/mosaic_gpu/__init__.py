@@ -3,9 +3,9 @@
 Implements the kernel-backend protocol (name, padded_head_dim, default_config, supports,
 forward, backward, decode). The forward is the warp-specialised TMA + wgmma kernel of
 forward.py; it adds a bias and reads dense ("qkv") mask operands (tile_inputs.py). The
-backward is this package's dQ and dK/dV kernels (backward_kernels.py) for head dims up
-to 128 without a bias or dense mask operands; otherwise (head dim 256, a bias and its
-gradient, a dense mask) it is the Triton backend's kernels, run on metadata built for
+backward is this package's dQ and dK/dV kernels (backward_kernels.py) for calls
+without a bias or dense mask operands; otherwise (a bias and its gradient, a dense
+mask) it is the Triton backend's kernels, run on metadata built for
 the Triton tiles that ``MosaicConfig.backward`` names (same metadata contract, same
 residuals: out and the natural-log lse). Masks that may leave unreached rows in PARTIAL
 tiles (segment ids, sequence lengths, tile-cutting edges) run the Mosaic forward when
@@ -88,6 +88,13 @@ def metadata_reason(static, metas) -> str | None:
                 "the Mosaic GPU forward does not zero them, so NaN/Inf held there could reach "
                 "the result, and at head dim 256 it has no finite-input check with a Triton "
                 "fallback (the Triton kernels serve it)")
+    if not static.config.triton_backward and (
+            ("dq" in metas and metas["dq"].partial_isolates_keys)
+            or ("dkdv" in metas and metas["dkdv"].partial_isolates_queries)):
+        return ("this mask leaves keys (or queries) inside a PARTIAL backward tile that no "
+                "row (or key) of the tile attends; the Mosaic GPU backward does not zero them, "
+                "and at head dim 256 it has no finite-input check with a Triton fallback (the "
+                "Triton kernels serve it)")
     return None
 
 
@@ -102,7 +109,7 @@ def forward(static, q, k, v, bias, metas, operands):
 
 def backward(static, q, k, v, bias, out, lse, dout, delta, metas, operands, parts):
     """This package's backward kernels, or the Triton backend's (a TritonConfig in
-    MosaicConfig.backward: head dim 256, a bias and its gradient, dense mask operands; see
+    MosaicConfig.backward: a bias and its gradient, dense mask operands; see
     default_config), which computes every part asked for, "dbias" included."""
     if not static.config.triton_backward:
         if nonfinite_fallback.backward_needs_check(

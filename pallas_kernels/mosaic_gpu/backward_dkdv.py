@@ -110,7 +110,8 @@ def dkdv_call(q, k, v, do, lse2, delta, meta_arrays, *, block_q: int, block_kv: 
                 plgpu.barrier_arrive(done)
                 return value
 
-            ds_t = dkdv_tile(arith, k_smem, v_smem, q_smem, do_smem, dk_acc, dv_acc,
+            ds_t = dkdv_tile(arith, (k_smem,), (v_smem,), (q_smem,), (do_smem,), dk_acc, dv_acc,
+                             q_cols=q_smem, do_cols=do_smem,
                              lse_row=lambda: load_row(lse_smem, lse_done),
                              delta_row=lambda: load_row(delta_smem, delta_done),
                              partial=step.partial, q_start=step.block * block_q,

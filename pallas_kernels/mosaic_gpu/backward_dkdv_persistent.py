@@ -6,26 +6,35 @@ causal windows, BigBird, the residue classes of a strided plan, where an item is
 a few tiles — each CTA's chain (load K_j, V_j → products → stage and store dK, dV) is
 exposed, one CTA per SM: on the H200 that kernel moved 805 MB at 2.9 TB/s for strided &
 causal, where the persistent forward runs at the memory bound (BACKWARD_NOTES.md). Here
-a CTA keeps two K/V buffers, so the next item's K_j, V_j and its first Q/dO tiles are
-loaded while the current item computes and stores, and no launch sits between items.
+a CTA keeps two K/V buffers (`resident_buffers`), so the next item's K_j, V_j and its
+first Q/dO tiles are loaded while the current item computes and stores, and no launch
+sits between items.
 
 Three warpgroups, as in forward.py:
 * the producer (warpgroup `wgs`, 40 registers) walks this CTA's items (dealt by the
   transposed lists' work, schedule.dealt_by_counts: longest first to the least loaded
   CTA when the counts are static, else a snake over the items sorted on the device;
   either way heaviest kv-blocks first, equal ones in order) and per item copies K_j,
-  V_j into buffer `item % 2` once the compute warpgroups have released it (their dK,
-  dV stores of the item two back have read it), then every step of the item's
+  V_j into buffer `item % resident_buffers` once the compute warpgroups have released
+  it (their dK, dV stores of the item that last used it have read it), then every step of the item's
   TRANSPOSED lists (GQA: once per query head of the group): Q_i, dO_i, lse_i, D_i into
   slot `(first + step) % stages`, once released (backward_walk.run_persistent_producer,
   the loop both persistent kernels share);
-* the compute warpgroups each own block_kv / wgs keys of the item: they zero dK and dV,
+* the compute warpgroups each own block_kv / wgs keys of the item (split_columns, below:
+  all of them, half the columns each): they zero dK and dV,
   run every step with backward_tiles.dkdv_tile (the per-block kernel's products in
   the same order), then stage dK, dV in the
   item's K/V buffer and store them by TMA, and release the buffer once the stores have
   read it.
 Slots turn over every step of every item of the CTA (`first` counts the CTA's steps so
 far), buffers every item. EMPTY tiles are in no list and are never loaded.
+
+At head dim 256 (`split_columns`, one buffer) the two compute warpgroups own the same
+64 keys and each accumulates one 128-column half of dK and dV (two full-width
+accumulators would need 256 registers a thread): every tile is copied into shared
+memory as its two column halves, both warpgroups form the full-depth Sᵀ and dPᵀ from
+both halves, each multiplies its own half of dO and Q, and the two meet at a named
+barrier before staging their halves in the K/V buffer (BACKWARD_NOTES.md).
 """
 
 from __future__ import annotations
@@ -37,6 +46,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from pallas_kernels.mosaic_gpu import named_barrier
 from pallas_kernels.mosaic_gpu.backward_tiles import TileArithmetic, dkdv_tile
 from pallas_kernels.mosaic_gpu.backward_walk import (WGMMA_COL, OperandTiles, TileLists,
                                                      copy_resident_rows, run_persistent_producer,
@@ -74,13 +84,22 @@ def dkdv_schedule(meta_arrays, meta, *, kv_heads: int, groups: int, batch: int,
 def dkdv_persistent_call(q, k, v, do, lse2, delta, meta_arrays, *, block_q: int, block_kv: int,
                          wgs: int, stages: int, memory_registers: int = 40, scale: float, cap,
                          mask_fn, kv_len: int, operands=(), operand_kinds=(), meta=None,
-                         q_len: int | None = None):
+                         q_len: int | None = None, resident_buffers: int = KV_BUFFERS,
+                         split_columns: bool = False):
     """Arguments and result as backward_dkdv.dkdv_call (without rank_arrays); `meta`, the
-    BlockMetadata the lists come from, gives the deal its static tile counts."""
+    BlockMetadata the lists come from, gives the deal its static tile counts.
+    resident_buffers: K/V buffers (1: the next item's K_j, V_j wait for this item's stores).
+    split_columns (head dim 256, two warpgroups): both warpgroups own all block_kv keys and
+    each accumulates one half of dK's and dV's columns; every tile sits in shared memory
+    as its two column halves (Sᵀ and dPᵀ are computed by both warpgroups)."""
     b, tp, n, hp = q.shape
     sp, kh = k.shape[1], k.shape[2]
     groups = n // kh
-    rows = block_kv // wgs                     # key rows per compute warpgroup
+    if split_columns and wgs != 2:
+        raise ValueError(f"split_columns needs two compute warpgroups (one per column half), got {wgs}")
+    halves = 2 if split_columns else 1         # column parts of every tile in shared memory
+    width = hp // halves
+    rows = block_kv if split_columns else block_kv // wgs   # key rows per compute warpgroup
     dtype = q.dtype
     n_blocks = meta_arrays[0].shape[-1]
     kv_padded = n_blocks * block_kv != kv_len   # the last tile holds padded keys
@@ -88,6 +107,14 @@ def dkdv_persistent_call(q, k, v, do, lse2, delta, meta_arrays, *, block_q: int,
                              num_ctas=num_sms())
     n_schedule = len(schedule.arrays())
     compute_registers = min(256, (512 - memory_registers) // wgs) // 8 * 8
+    compute_barrier = named_barrier.first_free_id(wgs + 1)   # the compute warpgroups' own
+    resident_copies = 2 * (halves if split_columns else wgs)  # K and V: per half or per share
+    # The column halves of a [.., Hp] array in global memory: [.., 2, Hp / 2] (free).
+    columns = (lambda x: x.reshape(*x.shape[:-1], halves, width)) if split_columns else (lambda x: x)
+
+    def part(ref, *index, h):
+        """Column part h of the [rows, ·] block of `ref` at `index` in global memory."""
+        return ref.at[(*index, h)] if split_columns else ref.at[index]
 
     def kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, tfc_ref, tfi_ref, tpc_ref,
                tpi_ref, *refs):
@@ -115,17 +142,26 @@ def dkdv_persistent_call(q, k, v, do, lse2, delta, meta_arrays, *, block_q: int,
 
                 def run_item(item, first):
                     j, head_kv, bi, lists = item_lists(item)
-                    buf = lax.rem(item, KV_BUFFERS)
-                    kv_base = j * block_kv + wg * rows
-                    k_tile, v_tile = k_smem.at[buf, wg], v_smem.at[buf, wg]
+                    buf = lax.rem(item, resident_buffers)
+                    # What this warpgroup accumulates and stores: its rows of K_j, V_j, or
+                    # (split) its column half of all of them, at the same place.
+                    kv_base = j * block_kv + (0 if split_columns else wg * rows)
+                    k_own, v_own = k_smem.at[buf, wg], v_smem.at[buf, wg]
+                    k_parts = tuple(k_smem.at[buf, h] for h in range(halves)) if split_columns \
+                        else (k_own,)
+                    v_parts = tuple(v_smem.at[buf, h] for h in range(halves)) if split_columns \
+                        else (v_own,)
                     plgpu.barrier_wait(kv_ready.at[buf])
 
                     def step_products(s, dk_acc, dv_acc):
                         slot = lax.rem(first + s, stages)
                         step = lists.decode(s)
-                        q_tile, do_tile = q_smem.at[slot], do_smem.at[slot]
+                        q_parts = tuple(q_smem.at[slot, h] for h in range(halves))
+                        do_parts = tuple(do_smem.at[slot, h] for h in range(halves))
+                        own = wg if split_columns else 0
                         plgpu.barrier_wait(step_ready.at[slot])
-                        dkdv_tile(arith, k_tile, v_tile, q_tile, do_tile, dk_acc, dv_acc,
+                        dkdv_tile(arith, k_parts, v_parts, q_parts, do_parts, dk_acc, dv_acc,
+                                  q_cols=q_smem.at[slot, own], do_cols=do_smem.at[slot, own],
                                   lse_row=lambda: plgpu.load(lse_smem.at[slot], (), layout=WGMMA_COL),
                                   delta_row=lambda: plgpu.load(delta_smem.at[slot], (),
                                                                layout=WGMMA_COL),
@@ -140,16 +176,20 @@ def dkdv_persistent_call(q, k, v, do, lse2, delta, meta_arrays, *, block_q: int,
                             step_products(s, dk_acc, dv_acc)
                         return dk_acc[...], dv_acc[...]
 
-                    acc = plgpu.ACC((rows, hp), jnp.float32)
+                    acc = plgpu.ACC((rows, width), jnp.float32)
                     dk, dv = pl.run_scoped(accumulate, acc, acc)
+                    if split_columns:
+                        # Both warpgroups read both halves of K_j and V_j: neither may
+                        # overwrite its half until the other's last products are done.
+                        named_barrier.bar_sync(compute_barrier, 128 * wgs)
                     # K_j and V_j are no longer read: their buffer stages the results.
-                    k_tile[...] = (dk * scale).astype(dtype)
-                    v_tile[...] = dv.astype(dtype)
+                    k_own[...] = (dk * scale).astype(dtype)
+                    v_own[...] = dv.astype(dtype)
                     plgpu.commit_smem()
                     kv_rows = pl.ds(kv_base, rows)
-                    plgpu.copy_smem_to_gmem(k_tile, dk_ref.at[bi, kv_rows, head_kv],
+                    plgpu.copy_smem_to_gmem(k_own, part(dk_ref, bi, kv_rows, head_kv, h=wg),
                                             commit_group=False)
-                    plgpu.copy_smem_to_gmem(v_tile, dv_ref.at[bi, kv_rows, head_kv],
+                    plgpu.copy_smem_to_gmem(v_own, part(dv_ref, bi, kv_rows, head_kv, h=wg),
                                             commit_group=False)
                     plgpu.commit_smem_to_gmem_group()
                     # The producer may refill this buffer once the stores have read it.
@@ -166,8 +206,15 @@ def dkdv_persistent_call(q, k, v, do, lse2, delta, meta_arrays, *, block_q: int,
 
                 def copy_resident(item_data, buf):
                     j, head_kv, bi, _ = item_data
-                    copy_resident_rows((k_ref, v_ref), (k_smem, v_smem), buf, kv_ready.at[buf],
-                                       batch=bi, block=j, head=head_kv, rows=rows, wgs=wgs)
+                    if not split_columns:
+                        copy_resident_rows((k_ref, v_ref), (k_smem, v_smem), buf, kv_ready.at[buf],
+                                           batch=bi, block=j, head=head_kv, rows=rows, wgs=wgs)
+                        return
+                    kv_rows = pl.ds(j * block_kv, block_kv)
+                    for h in range(halves):
+                        for source, buffer in ((k_ref, k_smem), (v_ref, v_smem)):
+                            plgpu.copy_gmem_to_smem(part(source, bi, kv_rows, head_kv, h=h),
+                                                    buffer.at[buf, h], kv_ready.at[buf])
 
                 def locate_step(item_data, s):
                     _, head_kv, _, lists = item_data
@@ -178,31 +225,38 @@ def dkdv_persistent_call(q, k, v, do, lse2, delta, meta_arrays, *, block_q: int,
                     bi = item_data[2]
                     head, q_rows = where
                     ready = step_ready.at[slot]
-                    plgpu.copy_gmem_to_smem(q_ref.at[bi, q_rows, head], q_smem.at[slot], ready)
-                    plgpu.copy_gmem_to_smem(do_ref.at[bi, q_rows, head], do_smem.at[slot], ready)
+                    for h in range(halves):
+                        plgpu.copy_gmem_to_smem(part(q_ref, bi, q_rows, head, h=h),
+                                                q_smem.at[slot, h], ready)
+                        plgpu.copy_gmem_to_smem(part(do_ref, bi, q_rows, head, h=h),
+                                                do_smem.at[slot, h], ready)
                     plgpu.copy_gmem_to_smem(lse_ref.at[bi, head, q_rows], lse_smem.at[slot], ready)
                     plgpu.copy_gmem_to_smem(delta_ref.at[bi, head, q_rows], delta_smem.at[slot],
                                             ready)
 
-                run_persistent_producer(my_items, item_lists, buffers=KV_BUFFERS, buffer_free=kv_free,
-                                        copy_resident=copy_resident, stages=stages,
-                                        slot_free=step_free, locate_step=locate_step,
-                                        copy_step=copy_step)
+                run_persistent_producer(my_items, item_lists, buffers=resident_buffers,
+                                        buffer_free=kv_free, copy_resident=copy_resident,
+                                        stages=stages, slot_free=step_free,
+                                        locate_step=locate_step, copy_step=copy_step)
 
-        kv_smem = plgpu.SMEM((KV_BUFFERS, wgs, rows, hp), dtype, transforms=swizzled((rows, hp), dtype))
-        qdo_smem = plgpu.SMEM((stages, block_q, hp), dtype, transforms=swizzled((block_q, hp), dtype))
+        # [buffers, wgs, rows, width]: per warpgroup its rows, or (split) per half its columns
+        kv_smem = plgpu.SMEM((resident_buffers, wgs, rows, width), dtype,
+                             transforms=swizzled((rows, width), dtype))
+        qdo_smem = plgpu.SMEM((stages, halves, block_q, width), dtype,
+                              transforms=swizzled((block_q, width), dtype))
         row_smem = plgpu.SMEM((stages, block_q), jnp.float32)
         pl.run_scoped(
             body, kv_smem, kv_smem, qdo_smem, qdo_smem, row_smem, row_smem,
-            plgpu.Barrier(num_arrivals=2 * wgs, num_barriers=KV_BUFFERS),   # K and V copies
-            plgpu.Barrier(num_arrivals=4, num_barriers=stages),             # Q, dO, lse, D
-            plgpu.Barrier(num_arrivals=wgs, num_barriers=KV_BUFFERS),
+            plgpu.Barrier(num_arrivals=resident_copies, num_barriers=resident_buffers),
+            plgpu.Barrier(num_arrivals=2 * halves + 2, num_barriers=stages),    # Q, dO, lse, D
+            plgpu.Barrier(num_arrivals=wgs, num_barriers=resident_buffers),
             plgpu.Barrier(num_arrivals=wgs, num_barriers=stages),
             collective_axes="wg")
 
-    out = jax.ShapeDtypeStruct((b, sp, kh, hp), dtype)
+    out = jax.ShapeDtypeStruct((b, sp, kh, halves, width) if split_columns else (b, sp, kh, hp),
+                               dtype)
     grid, grid_names = schedule.grid()
-    return plgpu.kernel(
+    dk, dv = plgpu.kernel(
         kernel,
         out_type=(out, out),
         compiler_params=plgpu.CompilerParams(approx_math=True),
@@ -211,4 +265,6 @@ def dkdv_persistent_call(q, k, v, do, lse2, delta, meta_arrays, *, block_q: int,
         num_threads=wgs + 1,
         thread_name="wg",
         kernel_name="jaxattn_mosaic_dkdv_persistent",
-    )(q, k, v, do, lse2, delta, *meta_arrays, *schedule.arrays(), *operands)
+    )(columns(q), columns(k), columns(v), columns(do), lse2, delta, *meta_arrays,
+      *schedule.arrays(), *operands)
+    return dk.reshape(b, sp, kh, hp), dv.reshape(b, sp, kh, hp)

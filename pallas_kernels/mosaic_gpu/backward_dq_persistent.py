@@ -4,9 +4,9 @@ its docstring and BACKWARD_NOTES.md).
 
 * the producer (warpgroup `wgs`, 40 registers) walks this CTA's items (schedule.py's
   balanced deal of the dQ lists, as the forward's: a table, a sorted snake or a snake,
-  heaviest q-blocks first) and per item copies Q_i and dO_i into buffer `item % 2`
-  once the compute warpgroups have released it (their dQ store of the item two back has
-  read it), then every K_j, V_j on q-block i's lists — FULL kv-blocks first, then PARTIAL
+  heaviest q-blocks first) and per item copies Q_i and dO_i into buffer
+  `item % resident_buffers` (2; 1 at head dim 256) once the compute warpgroups have
+  released it (their dQ store of the item that last used it has read it), then every K_j, V_j on q-block i's lists — FULL kv-blocks first, then PARTIAL
   ones — into slot `(first + step) % stages`, once released
   (backward_walk.run_persistent_producer);
 * the compute warpgroups each own block_q / wgs query rows of the item: they read their
@@ -53,12 +53,14 @@ def dq_schedule(meta, *, n_q_blocks: int, heads: int, batch: int, num_ctas: int)
 def dq_persistent_call(q, k, v, do, lse2, delta, meta_arrays, *, block_q: int, block_kv: int,
                        wgs: int, stages: int, memory_registers: int = 40, scale: float, cap,
                        mask_fn, kv_len: int, operands=(), operand_kinds=(), meta=None,
-                       out=None, dlse=None):
+                       out=None, dlse=None, resident_buffers: int = QDO_BUFFERS):
     """Arguments and result as backward_dq.dq_call; `meta`, the BlockMetadata the lists
     come from, lets the deal balance the items' work (its static tile counts, or its
     traced ones sorted on the device). With `out` (O padded like q) and delta None, the
     kernel forms D = rowsum(dO ∘ O) − dlse itself (`dlse` float32 [B, N, Tp] or None)
-    and returns (dq, D float32 [B, N, nQ · block_q]), nQ the lists' q-blocks."""
+    and returns (dq, D float32 [B, N, nQ · block_q]), nQ the lists' q-blocks.
+    resident_buffers: Q/dO buffers (1: the next item's Q_i, dO_i wait for this item's
+    store; head dim 256, where two do not fit beside two K/V stages)."""
     own_delta = out is not None
     if own_delta == (delta is not None):
         raise ValueError("dq_persistent_call takes exactly one of delta (D formed) or out (D "
@@ -111,7 +113,7 @@ def dq_persistent_call(q, k, v, do, lse2, delta, meta_arrays, *, block_q: int, b
 
                 def run_item(item, first):
                     i, head, bi, lists = item_lists(item)
-                    buf = lax.rem(item, QDO_BUFFERS)
+                    buf = lax.rem(item, resident_buffers)
                     q_base = i * block_q + wg * rows
                     q_rows = pl.ds(q_base, rows)
                     q_tile, do_tile = q_smem.at[buf, wg], do_smem.at[buf, wg]
@@ -190,19 +192,19 @@ def dq_persistent_call(q, k, v, do, lse2, delta, meta_arrays, *, block_q: int, b
                     plgpu.copy_gmem_to_smem(k_ref.at[bi, kv_rows, head_kv], k_smem.at[slot], ready)
                     plgpu.copy_gmem_to_smem(v_ref.at[bi, kv_rows, head_kv], v_smem.at[slot], ready)
 
-                run_persistent_producer(my_items, item_lists, buffers=QDO_BUFFERS, buffer_free=qdo_free,
+                run_persistent_producer(my_items, item_lists, buffers=resident_buffers, buffer_free=qdo_free,
                                         copy_resident=copy_resident, stages=stages,
                                         slot_free=kv_free, locate_step=locate_step,
                                         copy_step=copy_step)
 
-        qdo_smem = plgpu.SMEM((QDO_BUFFERS, wgs, rows, hp), dtype,
+        qdo_smem = plgpu.SMEM((resident_buffers, wgs, rows, hp), dtype,
                               transforms=swizzled((rows, hp), dtype))
         kv_smem = plgpu.SMEM((stages, block_kv, hp), dtype, transforms=swizzled((block_kv, hp), dtype))
         pl.run_scoped(
             body, qdo_smem, qdo_smem, kv_smem, kv_smem,
-            plgpu.Barrier(num_arrivals=2 * wgs, num_barriers=QDO_BUFFERS),   # Q and dO copies
+            plgpu.Barrier(num_arrivals=2 * wgs, num_barriers=resident_buffers),   # Q and dO copies
             plgpu.Barrier(num_arrivals=2, num_barriers=stages),              # K and V
-            plgpu.Barrier(num_arrivals=wgs, num_barriers=QDO_BUFFERS),
+            plgpu.Barrier(num_arrivals=wgs, num_barriers=resident_buffers),
             plgpu.Barrier(num_arrivals=wgs, num_barriers=stages),
             *((plgpu.SMEM((wgs, rows), jnp.float32),) if own_delta else ()),
             collective_axes="wg")

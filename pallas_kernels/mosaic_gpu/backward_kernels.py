@@ -11,7 +11,9 @@ By default each kernel is persistent (backward_dkdv_persistent.py,
 backward_dq_persistent.py): one CTA per SM loops over a balanced share of the items,
 loading the next item's resident tiles during the current one. With
 MosaicBackwardConfig(persistent=False), one CTA per item (backward_dkdv.py,
-backward_dq.py). Either way a tile's products are backward_tiles.py's.
+backward_dq.py). Either way a tile's products are backward_tiles.py's. At head dim 256
+the dK/dV warpgroups split the columns instead of the rows and the dQ kernel runs one
+warpgroup (MosaicBackwardConfig's docstring).
 
 Or, with MosaicBackwardConfig.fused, one kernel: the dK/dV kernel also adding dQ's
 partial sums in a fixed order (backward_fused.py; deterministic too, but measured slower
@@ -57,9 +59,10 @@ SMEM_BYTES = 227 * 1024     # what one sm90 CTA may allocate (checked at lowerin
 
 @dataclasses.dataclass(frozen=True)
 class MosaicBackwardConfig:
-    """Tiles of the two backward kernels. The dK/dV kernel splits block_kv_dkv and the
-    dQ kernel block_q_dq between `compute_warpgroups` warpgroups of 64 rows each;
-    `num_stages` tiles of the streamed operand are in flight.
+    """Tiles of the two backward kernels. The dK/dV kernel splits block_kv_dkv between
+    `compute_warpgroups` warpgroups of 64 rows each (or, with `split_columns`, both
+    share its 64 rows and split the head dim), the dQ kernel block_q_dq between
+    `dq_warpgroups`; `num_stages` tiles of the streamed operand are in flight.
 
     fused (off): one kernel for dK, dV and dQ (backward_fused.py); it needs
     block_q_dkv = 64 and adds 16 KB of dSᵀ and 64 KB of float32 dQ staging to the dK/dV
@@ -72,7 +75,16 @@ class MosaicBackwardConfig:
     (64 KB); the persistent kernels hold two of the resident pair (~193 and 192 KB).
     Registers per compute thread at D128: dK and dV accumulators 64 + 64, Sᵀ and dPᵀ
     32 + 32 (of the 232 the default memory_registers leaves each of two compute
-    warpgroups)."""
+    warpgroups).
+
+    Head dim 256 (default_backward_config): dK and dV of 64 keys over 256 columns would
+    be 256 registers a thread, and a second resident buffer does not fit in shared
+    memory. So the dK/dV kernel's two warpgroups share 64 keys and split the columns
+    (`split_columns`: each accumulates dK and dV over 128 of them, 64 + 64 registers, and
+    both compute the tile's full-depth Sᵀ and dPᵀ), the dQ kernel runs one warpgroup of
+    64 query rows over all 256 columns (`dq_warpgroups` = 1: dQ 128 registers, S and dP
+    32 + 32, of the 256 a lone compute warpgroup may take), and both keep one buffer of
+    their resident tiles (`resident_buffers` = 1): ~197 and ~193 KB of shared memory."""
     block_q_dkv: int = 64
     block_kv_dkv: int = 128
     block_q_dq: int = 128
@@ -96,6 +108,15 @@ class MosaicBackwardConfig:
     # warpgroup gets (512 - memory_registers) / compute_warpgroups, rounded down to 8 and
     # at most 256 (232 with the defaults).
     memory_registers: int = 40
+    # Compute warpgroups of the dQ kernel (block_q_dq = 64 × this); None: as many as
+    # `compute_warpgroups`, the dK/dV kernel's.
+    dq_warpgroups: int | None = None
+    # The dK/dV kernel's two warpgroups share block_kv_dkv = 64 keys and each keeps half
+    # of dK's and dV's columns (head dim 256; the persistent kernel only).
+    split_columns: bool = False
+    # Buffers of the resident tiles (K/V, Q/dO) in the persistent kernels: with 2 the
+    # next item's load overlaps this item; 1 where two do not fit (head dim 256).
+    resident_buffers: int = 2
 
     def __post_init__(self):
         for name in ("block_q_dkv", "block_kv_dq"):
@@ -103,23 +124,46 @@ class MosaicBackwardConfig:
             if value <= 0 or value % 64:
                 raise ValueError(f"MosaicBackwardConfig.{name} must be a positive multiple of 64 "
                                  f"(wgmma's K), got {value}.")
-        for name in ("block_kv_dkv", "block_q_dq"):
+        for flag in ("fused", "persistent", "split_columns"):
+            if not isinstance(getattr(self, flag), bool):
+                raise ValueError(f"MosaicBackwardConfig.{flag} must be True or False, got "
+                                 f"{getattr(self, flag)!r}.")
+        if self.dq_warpgroups is None:
+            object.__setattr__(self, "dq_warpgroups", self.compute_warpgroups)
+        for name in ("compute_warpgroups", "dq_warpgroups"):
             value = getattr(self, name)
-            if value != ROWS_PER_WARPGROUP * self.compute_warpgroups:
+            if not isinstance(value, int) or isinstance(value, bool) or value not in (1, 2):
+                raise ValueError(f"MosaicBackwardConfig.{name} must be 1 or 2, got {value!r}.")
+        dkdv_owners = 1 if self.split_columns else self.compute_warpgroups
+        for name, owners, what in (("block_kv_dkv", dkdv_owners, "dK/dV"),
+                                   ("block_q_dq", self.dq_warpgroups, "dQ")):
+            value = getattr(self, name)
+            if value != ROWS_PER_WARPGROUP * owners:
+                shared = " (split_columns: both share the rows)" if name == "block_kv_dkv" \
+                    and self.split_columns else ""
+                knob = "dq_warpgroups" if name == "block_q_dq" else "compute_warpgroups"
                 raise ValueError(
-                    f"MosaicBackwardConfig.{name} must be {ROWS_PER_WARPGROUP} rows per compute "
-                    f"warpgroup × {self.compute_warpgroups} warpgroups = "
-                    f"{ROWS_PER_WARPGROUP * self.compute_warpgroups}, got {value}.")
+                    f"MosaicBackwardConfig.{name} must be {ROWS_PER_WARPGROUP} rows per {what} "
+                    f"warpgroup × {owners} = {ROWS_PER_WARPGROUP * owners}{shared}, got {value}: "
+                    f"set {name}={ROWS_PER_WARPGROUP * owners} or change {knob}.")
+        if (not isinstance(self.resident_buffers, int) or isinstance(self.resident_buffers, bool)
+                or self.resident_buffers not in (1, 2)):
+            raise ValueError(f"MosaicBackwardConfig.resident_buffers must be 1 or 2, got "
+                             f"{self.resident_buffers!r}.")
+        if self.split_columns and (self.compute_warpgroups != 2 or not self.persistent
+                                   or self.fused):
+            raise ValueError(
+                "MosaicBackwardConfig(split_columns=True) runs the persistent dK/dV kernel "
+                "with two compute warpgroups, one per column half: it needs "
+                "compute_warpgroups=2, persistent=True and fused=False, got "
+                f"compute_warpgroups={self.compute_warpgroups}, persistent={self.persistent}, "
+                f"fused={self.fused}.")
         if self.num_stages < 1:
             raise ValueError(f"MosaicBackwardConfig.num_stages must be >= 1, got {self.num_stages}.")
         if (not isinstance(self.memory_registers, int) or isinstance(self.memory_registers, bool)
                 or self.memory_registers % 8 or not 24 <= self.memory_registers <= 256):
             raise ValueError("MosaicBackwardConfig.memory_registers must be a multiple of 8 "
                              f"between 24 and 256 (setmaxnreg's range), got {self.memory_registers}.")
-        for flag in ("fused", "persistent"):
-            if not isinstance(getattr(self, flag), bool):
-                raise ValueError(f"MosaicBackwardConfig.{flag} must be True or False, got "
-                                 f"{getattr(self, flag)!r}.")
         if self.fused and self.block_q_dkv != ROWS_PER_WARPGROUP:
             raise ValueError(
                 f"MosaicBackwardConfig(fused=True) needs block_q_dkv={ROWS_PER_WARPGROUP} (its "
@@ -135,7 +179,7 @@ class MosaicBackwardConfig:
         when fused): operand tiles, the fused kernel's dSᵀ and float32 dQ staging, and
         1 KB for barriers and alignment."""
         row = head_dim * itemsize
-        resident_buffers = 2 if self.persistent else 1
+        resident_buffers = self.resident_buffers if self.persistent else 1
         streamed_dkdv = self.num_stages * (2 * self.block_q_dkv * row + 2 * self.block_q_dkv * 4)
         sizes = {"dkdv": resident_buffers * 2 * self.block_kv_dkv * row + streamed_dkdv,
                  "dq": resident_buffers * 2 * self.block_q_dq * row
@@ -152,14 +196,18 @@ class MosaicBackwardConfig:
 
 
 def default_backward_config(head_dim: int) -> MosaicBackwardConfig:
-    """Config for a padded head dim (64 or 128; see backward_supports for 256)."""
-    del head_dim   # one shape serves 64 and 128; more stages did not fit a measured gain yet
-    return MosaicBackwardConfig()
+    """Config for a padded head dim: one shape serves 64 and 128 (more stages did not
+    fit a measured gain yet); 256 splits the dK/dV columns (class docstring)."""
+    if head_dim <= 128:
+        return MosaicBackwardConfig()
+    return MosaicBackwardConfig(block_kv_dkv=ROWS_PER_WARPGROUP, block_q_dq=ROWS_PER_WARPGROUP,
+                                dq_warpgroups=1, split_columns=True, resident_buffers=1)
 
 
 def padded_head_dim(h: int) -> int:
-    """Head dim the backward kernels run at: wgmma's K is a multiple of 64."""
-    return -(-h // 64) * 64
+    """Head dim the backward kernels run at: wgmma's K is a multiple of 64; above 128,
+    256 (the column halves of split_columns are 128 wide)."""
+    return -(-h // 64) * 64 if h <= 128 else 256
 
 
 def backward_supports(request) -> str | None:
@@ -168,11 +216,9 @@ def backward_supports(request) -> str | None:
     dtype = jnp.dtype(request.dtype)
     if dtype not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
         return f"the Mosaic GPU backward runs bfloat16 and float16, not {dtype}"
+    if request.head_dim > 256:
+        return f"the Mosaic GPU backward runs head dims up to 256, got {request.head_dim}"
     hp = padded_head_dim(request.head_dim)
-    if hp > 128:
-        return (f"the Mosaic GPU backward runs head dims up to 128 (got {request.head_dim}): "
-                "at 256 the dK and dV accumulators alone need 256 registers per thread and "
-                "K, V plus two stages of Q, dO need 256 KB of shared memory")
     if request.has_bias:
         return ("the Mosaic GPU backward kernels add no bias and compute no bias gradient (the "
                 "backend's default_config gives such calls the Triton backward)")
@@ -222,9 +268,17 @@ def backward(static, q, k, v, bias, out, lse, dout, delta, metas, operands,
         config = default_backward_config(padded_head_dim(q.shape[-1]))
     t, h = q.shape[1], q.shape[3]
     s = k.shape[1]
+    if h > 256:
+        raise NotImplementedError(f"the Mosaic GPU backward runs head dims up to 256, got {h}")
     hp = padded_head_dim(h)
-    if hp > 128:
-        raise NotImplementedError(f"the Mosaic GPU backward runs head dims up to 128, got {h}")
+    if config.split_columns and hp != 256:
+        raise ValueError(f"MosaicBackwardConfig(split_columns=True) splits head dim 256 into "
+                         f"two halves of 128; this call's head dim pads to {hp}: use "
+                         f"default_backward_config({hp}).")
+    if hp > 128 and "dkdv" in parts and not config.split_columns:
+        raise ValueError(f"MosaicBackwardConfig at head dim {hp} needs split_columns=True (dK and "
+                         f"dV of 64 keys × {hp} columns in float32 would take {hp} registers a "
+                         f"thread); got split_columns=False: use default_backward_config({hp}).")
     want_dq, want_dkdv = "dq" in parts, "dkdv" in parts
     tiles = {name: (metas[name].block_q, metas[name].block_kv)
              for name, wanted in (("dq", want_dq), ("dkdv", want_dkdv)) if wanted}
@@ -244,8 +298,12 @@ def backward(static, q, k, v, bias, out, lse, dout, delta, metas, operands,
     sizes = config.kernel_smem_bytes(hp, q.dtype.itemsize)
     for kernel in running:
         if sizes[kernel] > SMEM_BYTES:
-            persistent_fix = (", or set persistent=False (one buffer of the resident tiles "
-                              "instead of two)") if config.persistent and kernel != "fused" else ""
+            persistent_fix = ""
+            if config.persistent and kernel != "fused" and config.resident_buffers == 2:
+                persistent_fix = (", or set resident_buffers=1 (one buffer of the resident "
+                                  "tiles instead of two)" if config.split_columns else
+                                  ", or set persistent=False or resident_buffers=1 (one buffer "
+                                  "of the resident tiles instead of two)")
             raise ValueError(
                 f"MosaicBackwardConfig's {kernel} kernel needs {sizes[kernel]} bytes of shared "
                 f"memory per CTA at head dim {hp} ({q.dtype.name}), more than the {SMEM_BYTES} "
@@ -264,7 +322,8 @@ def backward(static, q, k, v, bias, out, lse, dout, delta, metas, operands,
                       and not (want_dkdv and config.fused))
     delta_p = None if dq_forms_delta else _pad(
         delta_array(delta, out, dout).astype(jnp.float32), 2, tp)
-    common = dict(wgs=config.compute_warpgroups, stages=config.num_stages,
+    dq_args = dict(wgs=config.dq_warpgroups, resident_buffers=config.resident_buffers)
+    common = dict(stages=config.num_stages,
                   memory_registers=config.memory_registers, scale=static.scale,
                   cap=static.logits_soft_cap, mask_fn=static.mask_fn, kv_len=s,
                   operands=prepare_operands(operands, static.operand_kinds, q_pad=tp, kv_pad=sp),
@@ -285,16 +344,16 @@ def backward(static, q, k, v, bias, out, lse, dout, delta, metas, operands,
             dlse = None if delta.dlse is None else _pad(delta.dlse.astype(jnp.float32), 2, tp)
             dq, delta_p = dq_persistent_call(qp, kp, vp, dop, lse2, None, lists, block_q=m.block_q,
                                              block_kv=m.block_kv, meta=m, out=btnh(out, tp),
-                                             dlse=dlse, **common)
+                                             dlse=dlse, **dq_args, **common)
             # D holds the dQ kernel's q-blocks; the dK/dV kernel's may reach further (tiles
             # whose sizes do not divide each other): zeros there, as for every padded row.
             delta_p = _pad(delta_p, 2, tp)
         elif config.persistent:
             dq = dq_persistent_call(qp, kp, vp, dop, lse2, delta_p, lists, block_q=m.block_q,
-                                    block_kv=m.block_kv, meta=m, **common)
+                                    block_kv=m.block_kv, meta=m, **dq_args, **common)
         else:
             dq = dq_call(qp, kp, vp, dop, lse2, delta_p, lists, block_q=m.block_q,
-                         block_kv=m.block_kv, **common)
+                         block_kv=m.block_kv, wgs=config.dq_warpgroups, **common)
         dq = dq[:, :t, :, :h]
     if fused:
         m = jax.tree.map(lambda a: jnp.asarray(a, jnp.int32), metas["dkdv"])
@@ -302,7 +361,7 @@ def backward(static, q, k, v, bias, out, lse, dout, delta, metas, operands,
         rank_full, rank_partial, visitors = contributor_ranks(m)
         sums, dk, dv = dkdv_call(qp, kp, vp, dop, lse2, delta_p, lists, block_q=m.block_q,
                                  block_kv=m.block_kv, rank_arrays=(rank_full, rank_partial),
-                                 q_len=padded_q_len, **common)
+                                 q_len=padded_q_len, wgs=config.compute_warpgroups, **common)
         # q-blocks that no kv-block visits were never written: their dQ is 0.
         b, n = q.shape[0], q.shape[2]
         seen = _pad(jnp.broadcast_to(visitors > 0, (b, n, visitors.shape[-1])), 2,
@@ -317,9 +376,13 @@ def backward(static, q, k, v, bias, out, lse, dout, delta, metas, operands,
         lists = tuple(jnp.asarray(a, jnp.int32) for a in lists)
         if config.persistent:
             dk, dv = dkdv_persistent_call(qp, kp, vp, dop, lse2, delta_p, lists, block_q=m.block_q,
-                                          block_kv=m.block_kv, meta=m, q_len=padded_q_len, **common)
+                                          block_kv=m.block_kv, meta=m, q_len=padded_q_len,
+                                          wgs=config.compute_warpgroups,
+                                          resident_buffers=config.resident_buffers,
+                                          split_columns=config.split_columns, **common)
         else:
             dk, dv = dkdv_call(qp, kp, vp, dop, lse2, delta_p, lists, block_q=m.block_q,
-                               block_kv=m.block_kv, q_len=padded_q_len, **common)
+                               block_kv=m.block_kv, q_len=padded_q_len,
+                               wgs=config.compute_warpgroups, **common)
         dk, dv = dk[:, :s, :, :h].astype(k.dtype), dv[:, :s, :, :h].astype(v.dtype)
     return dq, dk, dv, None

@@ -8,6 +8,10 @@ dK/dV, rows = keys, columns = queries, so that Pᵀ and dSᵀ are already the re
 operands of the next wgmma (FlashAttention-2, Algorithm 2):
     Sᵀ = K Qᵀ;  Pᵀ = exp2(scale·log2e·Sᵀ − lse·log2e), masked on PARTIAL tiles;
     dPᵀ = V dOᵀ;  dV += Pᵀ dO;  dSᵀ = Pᵀ ∘ (dPᵀ − D), 0 where Pᵀ is;  dK += dSᵀ Q.
+At head dim 256 the dK/dV kernel's two warpgroups share the tile's rows and each keeps
+half of dK's and dV's columns (backward_dkdv_persistent.py): its operands sit in shared
+memory as column halves, Sᵀ and dPᵀ sum one product per half, and dV, dK multiply the
+warpgroup's own half of dO and Q.
 dQ, rows = queries:
     dP = dO Vᵀ;  S = Q Kᵀ;  P as above;  dS = P ∘ (dP − D), 0 where P is;  dQ += dS K.
 dK and dQ are scaled once at the end, by the callers.
@@ -69,18 +73,22 @@ class TileArithmetic:
         return lax.cond(partial, lambda: jnp.where(p == 0.0, 0.0, ds), lambda: ds)
 
 
-def dkdv_tile(arith: TileArithmetic, k_tile, v_tile, q_tile, do_tile, dk_acc, dv_acc, *,
-              lse_row: Callable, delta_row: Callable, partial, q_start, kv_start, batch, head):
-    """One (kv-block, q-block) tile of the dK/dV pass: K, V [rows, Hp] and Q, dO
-    [block_q, Hp] in shared memory; dk_acc, dv_acc the warpgroup's float32 accumulators.
-    lse_row() / delta_row() load the q-block's lse·log2e and D in the column layout
-    (called when needed: D only after dPᵀ, so it is not live through the mask). Issues
-    dK += dSᵀ Q last, without waiting for it, and returns dSᵀ (the fused kernel's dQ
-    partial reuses it)."""
-    rows, block_q = k_tile.shape[0], q_tile.shape[0]
+def dkdv_tile(arith: TileArithmetic, k_parts, v_parts, q_parts, do_parts, dk_acc, dv_acc, *,
+              q_cols, do_cols, lse_row: Callable, delta_row: Callable, partial, q_start,
+              kv_start, batch, head):
+    """One (kv-block, q-block) tile of the dK/dV pass. K, V [rows, ·] and Q, dO
+    [block_q, ·] sit in shared memory as column parts (`*_parts`: the whole head dim as
+    one part, or its halves at head dim 256), so Sᵀ and dPᵀ sum one product per part;
+    dk_acc, dv_acc are the warpgroup's float32 accumulators over the columns of
+    `q_cols` / `do_cols` (one of the parts, or the whole tile). lse_row() / delta_row()
+    load the q-block's lse·log2e and D in the column layout (called when needed: D only
+    after dPᵀ, so it is not live through the mask). Issues dK += dSᵀ Q last, without
+    waiting for it, and returns dSᵀ (the fused kernel's dQ partial reuses it)."""
+    rows, block_q = k_parts[0].shape[0], q_parts[0].shape[0]
 
     def scores(acc):
-        plgpu.wgmma(acc, k_tile, q_tile.T)                          # Sᵀ = K Qᵀ
+        for k_part, q_part in zip(k_parts, q_parts):
+            plgpu.wgmma(acc, k_part, q_part.T)                      # Sᵀ = K Qᵀ
         return acc[...], lse_row()
 
     tile_acc = plgpu.ACC((rows, block_q), jnp.float32)
@@ -89,14 +97,15 @@ def dkdv_tile(arith: TileArithmetic, k_tile, v_tile, q_tile, do_tile, dk_acc, dv
                                     kv_start=kv_start, batch=batch, head=head)
 
     def probabilities_grad(acc):
-        plgpu.wgmma(acc, v_tile, do_tile.T)                         # dPᵀ = V dOᵀ
-        plgpu.wgmma(dv_acc, p_t.astype(arith.dtype), do_tile)       # dV += Pᵀ dO
+        for v_part, do_part in zip(v_parts, do_parts):
+            plgpu.wgmma(acc, v_part, do_part.T)                     # dPᵀ = V dOᵀ
+        plgpu.wgmma(dv_acc, p_t.astype(arith.dtype), do_cols)       # dV += Pᵀ dO
         return plgpu.wgmma_accumulator_load(acc, wait_n=1)          # dPᵀ only
 
     dp_t = pl.run_scoped(probabilities_grad, tile_acc)
     ds_t = arith.dlogits(p_t, dp_t, delta_row(), tanh, row_axis=1,
                          partial=partial).astype(arith.dtype)
-    plgpu.wgmma(dk_acc, ds_t, q_tile)                               # dK += dSᵀ Q
+    plgpu.wgmma(dk_acc, ds_t, q_cols)                               # dK += dSᵀ Q
     return ds_t
 
 

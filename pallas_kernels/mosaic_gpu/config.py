@@ -28,11 +28,11 @@ shared-memory mbarrier; consumer_turns.py) is off: on the H200 (2026-11-30) it p
 every value check and ran level with the default back to back (dense S16k 625 vs 624,
 causal 621 vs 625, S1k 559 vs 573 TFLOP/s; NOTES.md beside this file).
 
-Backward: head dims up to 128 run this package's own dQ and dK/dV kernels
-(backward_kernels.py, their config ``MosaicBackwardConfig``); at head dim 256 (beyond
-those kernels' registers and shared memory), and for calls with a bias or a dense mask
-operand (which those kernels do not read; the backend's default_config), the backward
-is the Triton backend's, with the Triton config for that head dim.
+Backward: this package's own dQ and dK/dV kernels (backward_kernels.py, their config
+``MosaicBackwardConfig``; at head dim 256 the dK/dV warpgroups split the columns and
+the dQ kernel runs one warpgroup, default_backward_config); for calls with a bias or a
+dense mask operand (which those kernels do not read; the backend's default_config), the
+backward is the Triton backend's, with the Triton config for that head dim.
 """
 
 from __future__ import annotations
@@ -41,7 +41,6 @@ import dataclasses
 
 from pallas_kernels.mosaic_gpu.backward_kernels import MosaicBackwardConfig, default_backward_config
 from pallas_kernels.triton.config import TritonConfig
-from pallas_kernels.triton.config import config_for_head_dim as triton_config_for_head_dim
 
 # Rows of one consumer warpgroup: the M of one wgmma.
 ROWS_PER_WARPGROUP = 64
@@ -106,4 +105,4 @@ def default_config(head_dim: int) -> MosaicConfig:
         return MosaicConfig(block_q=128, block_kv=128, num_stages=2, persistent=True,
                             backward=default_backward_config(head_dim))
     return MosaicConfig(block_q=128, block_kv=64, num_stages=2,
-                        backward=triton_config_for_head_dim(head_dim), finite_check=False)
+                        backward=default_backward_config(head_dim), finite_check=False)

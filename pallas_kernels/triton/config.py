@@ -70,7 +70,7 @@ def default_config(request: KernelRequest, *, interpret: bool = False) -> Triton
 
 def config_for_head_dim(head_dim: int, *, interpret: bool = False) -> TritonConfig:
     """The config of `default_config` for a padded head dim (other backends that borrow
-    these kernels, e.g. the Mosaic GPU backward at head dim 256, ask by head dim)."""
+    these kernels, e.g. the Mosaic GPU backend for calls with a bias, ask by head dim)."""
     if interpret:
         return TritonConfig(block_q=32, block_kv=32, block_q_dkv=16, block_kv_dkv=32,
                             block_q_dq=32, block_kv_dq=16)
