@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels.registry import backend_names, get_backend
+from jaxattn.flash import decline_reason as hopper_decline_reason
 from jaxattn.flash import kernel_request, pallas_attention
 from jaxattn.jax_nn import cudnn_reason, jax_nn_attention, jax_nn_mask_arguments
 from jaxattn.masks import Mask
@@ -64,11 +65,12 @@ def decline_reason(query, key, bias, mask: Mask, *, logits_soft_cap, return_resi
         return f"cuDNN attention takes bfloat16/float16, not {query.dtype}"
     # Checked here, not left to the halves: under jax.grad of a jit, a checkpoint or a scan
     # the cuDNN half is traced after dispatch, where a refusal can fall back to nothing.
-    # Up to 128 the Hopper forward also takes every mask (its finite-input check is on).
+    # Up to 128 the Hopper forward also takes every mask (its finite-input check is on);
+    # above, only masks its block metadata shows safe (checked last, below).
     h = query.shape[-1]
-    if h % 8 or h > 128:
-        return (f"it runs head dims that are multiples of 8 up to 128 (cuDNN's multiples of 8; "
-                f"the Hopper forward's finite-input check up to 128), got {h}")
+    if h % 8 or h > 256:
+        return (f"it runs head dims that are multiples of 8 up to 256 (cuDNN's multiples of 8; "
+                f"the Hopper forward's up to 256), got {h}")
     if jax_nn_mask_arguments(mask) is None:
         return "jax.nn has no structured argument for this mask (cuDNN would need it dense)"
     reason = cudnn_reason(mask, query.shape[1], key.shape[1])
@@ -78,9 +80,14 @@ def decline_reason(query, key, bias, mask: Mask, *, logits_soft_cap, return_resi
         return "cuDNN and the Hopper kernels need a CUDA GPU"
     if HOPPER_KERNELS not in backend_names():
         return f"the {HOPPER_KERNELS} backend is not registered"
-    request = kernel_request(query, key, None, mask, None)
-    reason = get_backend(HOPPER_KERNELS).supports(request, interpret=False)
-    return None if reason is None else f"{HOPPER_KERNELS}: {reason}"
+    if h <= 128:
+        request = kernel_request(query, key, None, mask, None)
+        reason = get_backend(HOPPER_KERNELS).supports(request, interpret=False)
+        return None if reason is None else f"{HOPPER_KERNELS}: {reason}"
+    # Above 128 the Hopper forward has no finite-input check: it refuses a mask whose
+    # block metadata may leave unattended keys inside a tile (built as the call builds it).
+    return hopper_decline_reason(HOPPER_KERNELS, query, key, mask, scale=1.0,
+                                 logits_soft_cap=None)
 
 
 def mosaic_forward_cudnn_training(query, key, value, bias, mask: Mask, *, scale,

@@ -87,6 +87,12 @@ def default_order(mask: Mask | None = None, dtype=None, logits_soft_cap=None,
       full 8k 494 against 521, 16k 503 against 542), while the Hopper forward leads on
       causal attention (16k: 530 against 508, 608 against 580 back to back) and is level
       on the full mask (16k: 584 against 602, 636 against 612 back to back);
+    - at head dim 256, causal self-attention (no window) of WIDE_SPLIT_LENGTHS tokens goes
+      to mosaic_forward_cudnn_training: there the Hopper forward leads cuDNN's (4k: 432
+      against 365, 16k: 594 against 503; thirteenth run of 2026-11-30) and cuDNN's
+      training step leads (310 against 329, 354 against 401: the Hopper backward
+      computes Sᵀ and dPᵀ twice at that head dim); the full mask's forward was level
+      (482 against 468, 611 against 611) and stays with cuDNN;
     - anything else native, and all of these at other head dims or shorter queries, goes
       to cuDNN first.
     Not with a bias: those measurements had none, and with one the Hopper forward hands
@@ -112,6 +118,10 @@ def default_order(mask: Mask | None = None, dtype=None, logits_soft_cap=None,
             return (HOPPER_KERNELS, "cudnn", *rest, "reference")
         if measured and (causal or full):
             return (FORWARD_SPLIT, "cudnn", *kernels, "reference")
+        wide_measured = (HOPPER_KERNELS in kernels and not has_bias and head_dim == WIDE_HEAD_DIM
+                         and q_len is not None and WIDE_SPLIT_LENGTHS[0] <= q_len <= WIDE_SPLIT_LENGTHS[1])
+        if wide_measured and self_attention and causal and window is None:
+            return (FORWARD_SPLIT, "cudnn", *kernels, "reference")
         return ("cudnn", *kernels, "reference")
     return (*kernels, "cudnn", "reference")
 
@@ -128,6 +138,10 @@ CAUSAL_TRAINING_LENGTH = 8192
 FULL_TRAINING_LENGTH = 4096
 MEASURED_HEAD_DIMS = (128,)
 MIN_QUERIES = 1024
+# Head dim 256: causal self-attention from the first to the last of these lengths (the
+# measured ones) takes the split.
+WIDE_HEAD_DIM = 256
+WIDE_SPLIT_LENGTHS = (4096, 16384)
 
 
 def _causal(mask: Mask) -> bool:

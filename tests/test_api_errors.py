@@ -248,6 +248,20 @@ def test_gpu_order_falls_back_through_cudnn_to_reference(monkeypatch):
                                                  q_len=q_len)[0] == "cudnn"
         assert implementations.default_order(mask, jnp.bfloat16, None, 128, has_bias=True,
                                              q_len=4096)[0] == "cudnn"
+    # head dim 256: causal self-attention of 4k-16k tokens takes the split (the Hopper
+    # forward measured ahead there); longer or shorter, T != S, windows, the full mask and
+    # a bias stay with cuDNN
+    for length in (4096, 16384):
+        assert implementations.default_order(M.CausalMask(), jnp.bfloat16, None, 256, q_len=length,
+                                             kv_len=length) == split_first
+    for mask, q_len, kv_len in ((M.CausalMask(), 2048, 2048), (M.CausalMask(), 32768, 32768),
+                                (M.CausalMask(), 4096, 8192), (M.CausalMask(), 4096, None),
+                                (M.CausalMask() & M.LocalMask(2048, 0), 4096, 4096),
+                                (M.FullMask(), 4096, 4096)):
+        assert implementations.default_order(mask, jnp.bfloat16, None, 256, q_len=q_len,
+                                             kv_len=kv_len)[0] == "cudnn", (mask, q_len, kv_len)
+    assert implementations.default_order(M.CausalMask(), jnp.bfloat16, None, 256, has_bias=True,
+                                         q_len=4096, kv_len=4096)[0] == "cudnn"
     for mask, dtype, cap in ((M.CausalMask(), jnp.float32, None), (M.CausalMask(), jnp.bfloat16, 30.0),
                              (M.CausalMask() & M.StridedMask(4), jnp.bfloat16, None)):
         assert implementations.default_order(mask, dtype, cap) == (*kernels, "cudnn", "reference")

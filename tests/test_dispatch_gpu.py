@@ -138,12 +138,20 @@ def test_default_dispatch_where_the_hopper_kernels_come_first(name):
         assert "cudnn" not in forward_text + gradient_text, "the Hopper kernels alone"
 
 
+def test_default_dispatch_at_head_dim_256():
+    """Head dim 256, causal self-attention of 4096 tokens: the split (the Hopper forward
+    for values, cuDNN's gradient), right values and gradients."""
+    forward_text, gradient_text = _check_default_dispatch(CausalMask(), 4096, 4096, 256)
+    assert "mosaic_gpu" in forward_text and "cudnn" not in forward_text
+    assert "cudnn" in gradient_text and "mosaic_gpu" not in gradient_text
+
+
 SPLIT_MASKS = ("causal", "window_ending_at_query", "causal_and_window")
 
 
-@pytest.mark.parametrize("h", [64, 128])
 @pytest.mark.parametrize("t, s", SHAPES[:2], ids=lambda x: str(x))
-@pytest.mark.parametrize("name", SPLIT_MASKS)
+@pytest.mark.parametrize("name, h", [*((m, h) for m in SPLIT_MASKS for h in (64, 128)),
+                                     ("causal", 256)])
 def test_hopper_forward_with_cudnn_training(name, t, s, h):
     """mosaic_forward_cudnn_training: the value alone is the Hopper forward's (bitwise),
     a differentiated call cuDNN's gradient; both against the reference row by row."""

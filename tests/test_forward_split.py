@@ -79,8 +79,8 @@ def test_registered_and_declines_off_a_gpu_with_its_reason():
     (dict(logits_soft_cap=30.0), CausalMask(), "soft cap"),
     ({}, StridedMask(4) & CausalMask(), "structured argument"),
     ({}, LocalMask(8, 4), "past the query"),
-    (dict(h=36), CausalMask(), "multiples of 8 up to 128"),
-    (dict(h=160), CausalMask(), "multiples of 8 up to 128"),
+    (dict(h=36), CausalMask(), "multiples of 8 up to 256"),
+    (dict(h=264), CausalMask(), "multiples of 8 up to 256"),
 ])
 def test_declines_what_either_half_cannot_serve(kwargs, mask, expected):
     q, k, v, _ = _inputs(h=kwargs.get("h", 16))
@@ -89,3 +89,32 @@ def test_declines_what_either_half_cannot_serve(kwargs, mask, expected):
     reason = decline_reason(q, k, bias, mask, logits_soft_cap=kwargs.get("logits_soft_cap"),
                             return_residuals=kwargs.get("return_residuals", False))
     assert expected in reason
+
+
+def test_above_head_dim_128_the_hopper_forwards_metadata_decides(monkeypatch):
+    """At head dim 256 the Hopper forward has no finite-input check: the split serves a
+    mask only where that forward's block metadata leaves no unattended key in a tile
+    (causal self-attention and aligned windows do; a window of 100 keys cuts tiles of 64
+    keys, leaving keys no row of a tile attends), and says why not. The GPU is
+    pretended: the platform, and the backend's supports()."""
+    from pallas_kernels import mosaic_gpu
+    from jaxattn.masks import canonical_mask
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(mosaic_gpu, "supports", lambda request, interpret=False: None)
+
+    def reason(mask, h):
+        q, k, _, _ = _inputs(t=512, s=512, h=h)
+        return decline_reason(q.astype(jnp.bfloat16), k.astype(jnp.bfloat16), None,
+                              canonical_mask(mask), logits_soft_cap=None, return_residuals=False)
+    assert reason(CausalMask(), 256) is None
+    assert reason(LocalMask(128, 0), 256) is None        # 128 keys back: whole tiles
+    cut = reason(LocalMask(99, 0), 256)
+    assert "pallas_mosaic_gpu cannot serve this call" in cut and "head dim 256" in cut
+    # up to 128 the forward checks its inputs instead (a Triton fallback for NaN/Inf):
+    # no metadata is consulted, and the same mask is served
+    from jaxattn import forward_split
+
+    def consulted(*args, **kwargs):
+        raise AssertionError("the block metadata was consulted at head dim 128")
+    monkeypatch.setattr(forward_split, "hopper_decline_reason", consulted)
+    assert reason(LocalMask(99, 0), 128) is None
