@@ -12,8 +12,9 @@ waited-for calls each, engine after engine), so that a drift of the card's clock
 the run moves both alike; a row reports the median over the rounds of each round's median,
 the spread of the round medians, and the time per call of --calls calls issued back to
 back. The engines and inputs are tokamax_bench.py's (--engines: jaxattn and cudnn by
-default; triton_backward adds the Hopper forward with the Triton backward). The dispatch
-rule in jaxattn/implementations.py cites these rows.
+default; triton_backward adds the Hopper forward with the Triton backward,
+duplicated_products the head-dim-256 backward with both products in both dK/dV
+warpgroups). The dispatch rule in jaxattn/implementations.py cites these rows.
 """
 
 from __future__ import annotations

@@ -16,7 +16,10 @@ Engines (--engines):
   cudnn    `jax.nn.dot_product_attention(..., implementation="cudnn")`;
   triton_backward  the Hopper forward with the Triton backward (the head dim's
            MosaicConfig with `backward` set to the Triton config): what a head dim the
-           Mosaic backward kernels did not serve ran before they did (named only).
+           Mosaic backward kernels did not serve ran before they did (named only);
+  duplicated_products  the Hopper kernels at head dim 256 with both dK/dV warpgroups
+           forming Sᵀ and dPᵀ (MosaicBackwardConfig.share_products off: what calls with a
+           soft cap run, and the D256 default before it was on; named only).
 tokamax and cuDNN take jax.nn's is_causal / local_window_size arguments, or, for a mask
 those cannot express (BigBird), the same pairs as a dense bool [1, 1, S, S] mask passed
 as a jit argument.
@@ -61,7 +64,7 @@ CASES = (
 )
 ENGINES = ("jaxattn", "default", "tokamax", "cudnn")
 # engines timed only when named (--engines)
-OPTIONAL_ENGINES = ("triton_backward",)
+OPTIONAL_ENGINES = ("triton_backward", "duplicated_products")
 
 # From this many tokens per sequence one forward+backward call takes seconds: time
 # --long-repeats calls after LONG_WARMUP warm-ups.
@@ -107,12 +110,20 @@ def attention(engine, case):
         implementation = "pallas_mosaic_gpu" if engine == "jaxattn" else None
         return (lambda q, k, v: jaxattn.dot_product_attention(q, k, v, mask=mask,
                                                               implementation=implementation)), ()
-    if engine == "triton_backward":
+    if engine in OPTIONAL_ENGINES:
         from jaxattn.flash import pallas_attention
         from pallas_kernels import mosaic_gpu
         from pallas_kernels.triton.config import config_for_head_dim as triton_config
         hp = mosaic_gpu.padded_head_dim(case.head_dim)
-        config = dataclasses.replace(mosaic_gpu.config_for_head_dim(hp), backward=triton_config(hp))
+        config = mosaic_gpu.config_for_head_dim(hp)
+        if engine == "triton_backward":
+            backward = triton_config(hp)
+        elif getattr(config.backward, "split_columns", False):
+            backward = dataclasses.replace(config.backward, share_products=False)
+        else:
+            raise ValueError(f"engine {engine!r} runs head dim 256 (its dK/dV column split), "
+                             f"got head dim {case.head_dim}: pass --head-dims 256.")
+        config = dataclasses.replace(config, backward=backward)
         mask = canonical_mask(case.mask())
         return (lambda q, k, v: pallas_attention(
             "pallas_mosaic_gpu", q, k, v, None, mask, scale=case.head_dim ** -0.5,

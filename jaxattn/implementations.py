@@ -90,9 +90,11 @@ def default_order(mask: Mask | None = None, dtype=None, logits_soft_cap=None,
     - at head dim 256, causal self-attention (no window) of WIDE_SPLIT_LENGTHS tokens goes
       to mosaic_forward_cudnn_training: there the Hopper forward leads cuDNN's (4k: 432
       against 365, 16k: 594 against 503; thirteenth run of 2026-11-30) and cuDNN's
-      training step leads (310 against 329, 354 against 401: the Hopper backward
-      computes Sᵀ and dPᵀ twice at that head dim); the full mask's forward was level
-      (482 against 468, 611 against 611) and stays with cuDNN;
+      training step led (310 against 329, 354 against 401) while the Hopper backward
+      formed Sᵀ and dPᵀ twice at that head dim; with them shared it leads at 16k (417
+      against 394, full 434 against 390), not yet measured at other lengths, so the
+      training step stays cuDNN's; the full mask's forward was level (482 against 468,
+      611 against 611) and stays with cuDNN;
     - anything else native, and all of these at other head dims or shorter queries, goes
       to cuDNN first.
     Not with a bias: those measurements had none, and with one the Hopper forward hands

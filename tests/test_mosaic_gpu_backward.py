@@ -30,14 +30,18 @@ from jaxattn.parallel.masks import localize
 # the dK/dV kernel per item, fused, persistent; and persistent with D formed in its dQ
 # kernel (D handed over as a DeltaOfOutput, as jaxattn's own VJP does)
 VARIANTS = ("two_kernels", "fused", "persistent", "persistent_own_delta")
-# head dim 256 has one shape (column halves in dK/dV, one dQ warpgroup): as shipped
-VARIANTS_D256 = ("default", "default_own_delta")
+# head dim 256 (column halves in dK/dV, one dQ warpgroup): as shipped (the dK/dV
+# warpgroups share Sᵀ and dPᵀ), and with both products formed by both warpgroups (what
+# calls with a soft cap run)
+VARIANTS_D256 = ("default", "default_own_delta", "duplicated", "duplicated_own_delta")
 
 
 def _static_and_metas(mask, t, s, h, cap=None, variant="two_kernels"):
     """(static, metas, operands) as jaxattn builds them, at the backward kernels' tiles."""
     config = mb.default_backward_config(mb.padded_head_dim(h))
-    if not variant.startswith("default"):
+    if variant.startswith("duplicated"):
+        config = dataclasses.replace(config, share_products=False)
+    elif not variant.startswith("default"):
         config = dataclasses.replace(config, fused=variant == "fused",
                                      persistent=variant.startswith("persistent"))
     return build_call("pallas_mosaic_gpu", mask, t, s, scale=h ** -0.5, logits_soft_cap=cap,
@@ -120,6 +124,9 @@ def test_head_dim_256_lowers_for_h100(name, variant):
     assert "jaxattn_mosaic_dkdv_persistent" in text and "jaxattn_mosaic_dq_persistent" in text
     # the column split's meeting point: both compute warpgroups (256 threads) at barrier 4
     assert "bar.sync 4, 256" in text
+    # sharing the products: Pᵀ and dSᵀ handed over at barriers 5 and 6 (not with a cap)
+    shared = not variant.startswith("duplicated") and kwargs.get("cap") is None
+    assert ("bar.arrive 5, 256" in text and "bar.sync 6, 256" in text) == shared
 
 
 @pytest.mark.parametrize("mask, reads", [
@@ -348,17 +355,25 @@ def test_config_checks_its_tiles():
     for bad in (3, True):
         with pytest.raises(ValueError, match="resident_buffers must be 1 or 2"):
             mb.MosaicBackwardConfig(resident_buffers=bad)
+    with pytest.raises(ValueError,
+                       match=r"share_products=True.*split_columns=False.*default_backward_config\(256\)"):
+        mb.MosaicBackwardConfig(share_products=True)
     # dq_warpgroups follows compute_warpgroups unless set
     one = mb.MosaicBackwardConfig(compute_warpgroups=1, block_kv_dkv=64, block_q_dq=64)
     assert one.dq_warpgroups == 1 and mb.MosaicBackwardConfig().dq_warpgroups == 2
-    # head dim 256: column halves in dK/dV, one dQ warpgroup, one resident buffer each
+    # head dim 256: column halves in dK/dV sharing Sᵀ and dPᵀ, one dQ warpgroup, one
+    # resident buffer each
     d256 = mb.default_backward_config(256)
-    assert d256.split_columns and d256.dq_warpgroups == 1 and d256.resident_buffers == 1
+    assert d256.split_columns and d256.share_products
+    assert d256.dq_warpgroups == 1 and d256.resident_buffers == 1
     assert d256.metadata_tiles() == {"dkdv": (64, 64), "dq": (64, 64)}
-    sizes = d256.kernel_smem_bytes(256, 2)
-    assert sizes == {"dkdv": 64 * 1024 + 2 * (64 * 1024 + 512) + 1024, "dq": 192 * 1024 + 1024}
+    sizes = d256.kernel_smem_bytes(256, 2)     # + Pᵀ and dSᵀ hand-overs, 8 KB each
+    assert sizes == {"dkdv": 64 * 1024 + 2 * (64 * 1024 + 512) + 16 * 1024 + 1024,
+                     "dq": 192 * 1024 + 1024}
     assert max(sizes.values()) < mb.SMEM_BYTES
     assert dataclasses.replace(d256, resident_buffers=2).smem_bytes(256, 2) > mb.SMEM_BYTES
+    duplicated = dataclasses.replace(d256, share_products=False)
+    assert duplicated.kernel_smem_bytes(256, 2)["dkdv"] == sizes["dkdv"] - 16 * 1024
     assert mb.padded_head_dim(96) == 128 and mb.padded_head_dim(160) == 256
     with pytest.raises(ValueError, match="multiple of 64"):
         mb.MosaicBackwardConfig(block_q_dkv=32)

@@ -23,7 +23,7 @@ Three warpgroups, as in forward.py:
 * the compute warpgroups each own block_kv / wgs keys of the item (split_columns, below:
   all of them, half the columns each): they zero dK and dV,
   run every step with backward_tiles.dkdv_tile (the per-block kernel's products in
-  the same order), then stage dK, dV in the
+  the same order; dkdv_tile_shared with share_products), then stage dK, dV in the
   item's K/V buffer and store them by TMA, and release the buffer once the stores have
   read it.
 Slots turn over every step of every item of the CTA (`first` counts the CTA's steps so
@@ -34,7 +34,10 @@ At head dim 256 (`split_columns`, one buffer) the two compute warpgroups own the
 accumulators would need 256 registers a thread): every tile is copied into shared
 memory as its two column halves, both warpgroups form the full-depth Sᵀ and dPᵀ from
 both halves, each multiplies its own half of dO and Q, and the two meet at a named
-barrier before staging their halves in the K/V buffer (BACKWARD_NOTES.md).
+barrier before staging their halves in the K/V buffer (BACKWARD_NOTES.md). With
+`share_products` (the default there, without a soft cap) warpgroup 0 forms Sᵀ and
+warpgroup 1 dPᵀ only, and they hand Pᵀ and dSᵀ to each other through shared memory
+(backward_tiles.dkdv_tile_shared).
 """
 
 from __future__ import annotations
@@ -47,7 +50,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.mosaic_gpu import named_barrier
-from pallas_kernels.mosaic_gpu.backward_tiles import TileArithmetic, dkdv_tile
+from pallas_kernels.mosaic_gpu.backward_tiles import (Exchange, TileArithmetic, dkdv_tile,
+                                                      dkdv_tile_shared)
 from pallas_kernels.mosaic_gpu.backward_walk import (WGMMA_COL, OperandTiles, TileLists,
                                                      copy_resident_rows, run_persistent_producer,
                                                      swizzled)
@@ -85,18 +89,25 @@ def dkdv_persistent_call(q, k, v, do, lse2, delta, meta_arrays, *, block_q: int,
                          wgs: int, stages: int, memory_registers: int = 40, scale: float, cap,
                          mask_fn, kv_len: int, operands=(), operand_kinds=(), meta=None,
                          q_len: int | None = None, resident_buffers: int = KV_BUFFERS,
-                         split_columns: bool = False):
+                         split_columns: bool = False, share_products: bool = False):
     """Arguments and result as backward_dkdv.dkdv_call (without rank_arrays); `meta`, the
     BlockMetadata the lists come from, gives the deal its static tile counts.
     resident_buffers: K/V buffers (1: the next item's K_j, V_j wait for this item's stores).
     split_columns (head dim 256, two warpgroups): both warpgroups own all block_kv keys and
     each accumulates one half of dK's and dV's columns; every tile sits in shared memory
-    as its two column halves (Sᵀ and dPᵀ are computed by both warpgroups)."""
+    as its two column halves (Sᵀ and dPᵀ are computed by both warpgroups).
+    share_products (with split_columns, no soft cap): each product formed once, warpgroup
+    0 Sᵀ and Pᵀ, warpgroup 1 dPᵀ and dSᵀ, handed over through shared memory
+    (backward_tiles.dkdv_tile_shared); K/V and Q/dO then sit stacked, [.., 2, halves, ..],
+    so a warpgroup names its product's operands by its index."""
     b, tp, n, hp = q.shape
     sp, kh = k.shape[1], k.shape[2]
     groups = n // kh
     if split_columns and wgs != 2:
         raise ValueError(f"split_columns needs two compute warpgroups (one per column half), got {wgs}")
+    if share_products and (not split_columns or cap is not None):
+        raise ValueError("share_products needs split_columns=True and no soft cap (dSᵀ would need "
+                         f"the cap's tanh too), got split_columns={split_columns}, cap={cap}")
     halves = 2 if split_columns else 1         # column parts of every tile in shared memory
     width = hp // halves
     rows = block_kv if split_columns else block_kv // wgs   # key rows per compute warpgroup
@@ -108,6 +119,7 @@ def dkdv_persistent_call(q, k, v, do, lse2, delta, meta_arrays, *, block_q: int,
     n_schedule = len(schedule.arrays())
     compute_registers = min(256, (512 - memory_registers) // wgs) // 8 * 8
     compute_barrier = named_barrier.first_free_id(wgs + 1)   # the compute warpgroups' own
+    p_ready, ds_ready = compute_barrier + 1, compute_barrier + 2   # share_products' hand-overs
     resident_copies = 2 * (halves if split_columns else wgs)  # K and V: per half or per share
     # The column halves of a [.., Hp] array in global memory: [.., 2, Hp / 2] (free).
     columns = (lambda x: x.reshape(*x.shape[:-1], halves, width)) if split_columns else (lambda x: x)
@@ -125,8 +137,24 @@ def dkdv_persistent_call(q, k, v, do, lse2, delta, meta_arrays, *, block_q: int,
                                len(operand_kinds), dtype, q_len)
         meta_refs = (tfc_ref, tfi_ref, tpc_ref, tpi_ref)
 
-        def body(k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem, kv_ready, step_ready,
-                 kv_free, step_free):
+        def body(*scratch):
+            if share_products:
+                (kv_smem, qdo_smem, lse_smem, delta_smem, kv_ready, step_ready, kv_free, step_free,
+                 p_smem, ds_smem) = scratch
+                exchange = Exchange(p_smem, ds_smem, p_ready, ds_ready)
+
+                def K(buf, h): return kv_smem.at[buf, 0, h]
+                def V(buf, h): return kv_smem.at[buf, 1, h]
+                def Q(slot, h): return qdo_smem.at[slot, 0, h]
+                def DO(slot, h): return qdo_smem.at[slot, 1, h]
+            else:
+                (k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem, kv_ready, step_ready,
+                 kv_free, step_free) = scratch
+
+                def K(buf, h): return k_smem.at[buf, h]
+                def V(buf, h): return v_smem.at[buf, h]
+                def Q(slot, h): return q_smem.at[slot, h]
+                def DO(slot, h): return do_smem.at[slot, h]
             wg = lax.axis_index("wg")
             my_items = deal.my_item_count()
 
@@ -146,27 +174,33 @@ def dkdv_persistent_call(q, k, v, do, lse2, delta, meta_arrays, *, block_q: int,
                     # What this warpgroup accumulates and stores: its rows of K_j, V_j, or
                     # (split) its column half of all of them, at the same place.
                     kv_base = j * block_kv + (0 if split_columns else wg * rows)
-                    k_own, v_own = k_smem.at[buf, wg], v_smem.at[buf, wg]
-                    k_parts = tuple(k_smem.at[buf, h] for h in range(halves)) if split_columns \
-                        else (k_own,)
-                    v_parts = tuple(v_smem.at[buf, h] for h in range(halves)) if split_columns \
-                        else (v_own,)
+                    k_own, v_own = K(buf, wg), V(buf, wg)
+                    k_parts = tuple(K(buf, h) for h in range(halves)) if split_columns else (k_own,)
+                    v_parts = tuple(V(buf, h) for h in range(halves)) if split_columns else (v_own,)
                     plgpu.barrier_wait(kv_ready.at[buf])
 
                     def step_products(s, dk_acc, dv_acc):
                         slot = lax.rem(first + s, stages)
                         step = lists.decode(s)
-                        q_parts = tuple(q_smem.at[slot, h] for h in range(halves))
-                        do_parts = tuple(do_smem.at[slot, h] for h in range(halves))
                         own = wg if split_columns else 0
                         plgpu.barrier_wait(step_ready.at[slot])
-                        dkdv_tile(arith, k_parts, v_parts, q_parts, do_parts, dk_acc, dv_acc,
-                                  q_cols=q_smem.at[slot, own], do_cols=do_smem.at[slot, own],
-                                  lse_row=lambda: plgpu.load(lse_smem.at[slot], (), layout=WGMMA_COL),
-                                  delta_row=lambda: plgpu.load(delta_smem.at[slot], (),
-                                                               layout=WGMMA_COL),
-                                  partial=step.partial, q_start=step.block * block_q,
-                                  kv_start=kv_base, batch=bi, head=head_kv * groups + step.head)
+                        rows_of_step = dict(
+                            lse_row=lambda: plgpu.load(lse_smem.at[slot], (), layout=WGMMA_COL),
+                            delta_row=lambda: plgpu.load(delta_smem.at[slot], (), layout=WGMMA_COL),
+                            partial=step.partial, q_start=step.block * block_q, kv_start=kv_base,
+                            batch=bi, head=head_kv * groups + step.head)
+                        if share_products:
+                            # warpgroup 0: Sᵀ = K Qᵀ, warpgroup 1: dPᵀ = V dOᵀ (stacked K/V, Q/dO)
+                            x_parts = tuple((kv_smem.at[buf, wg, h], qdo_smem.at[slot, wg, h])
+                                            for h in range(halves))
+                            dkdv_tile_shared(arith, x_parts, dk_acc, dv_acc, role=wg,
+                                             q_cols=Q(slot, wg), do_cols=DO(slot, wg),
+                                             exchange=exchange, **rows_of_step)
+                        else:
+                            q_parts = tuple(Q(slot, h) for h in range(halves))
+                            do_parts = tuple(DO(slot, h) for h in range(halves))
+                            dkdv_tile(arith, k_parts, v_parts, q_parts, do_parts, dk_acc, dv_acc,
+                                      q_cols=Q(slot, own), do_cols=DO(slot, own), **rows_of_step)
                         plgpu.wgmma_wait(0)
                         plgpu.barrier_arrive(step_free.at[slot])                # slot read
 
@@ -212,9 +246,9 @@ def dkdv_persistent_call(q, k, v, do, lse2, delta, meta_arrays, *, block_q: int,
                         return
                     kv_rows = pl.ds(j * block_kv, block_kv)
                     for h in range(halves):
-                        for source, buffer in ((k_ref, k_smem), (v_ref, v_smem)):
+                        for source, buffer in ((k_ref, K), (v_ref, V)):
                             plgpu.copy_gmem_to_smem(part(source, bi, kv_rows, head_kv, h=h),
-                                                    buffer.at[buf, h], kv_ready.at[buf])
+                                                    buffer(buf, h), kv_ready.at[buf])
 
                 def locate_step(item_data, s):
                     _, head_kv, _, lists = item_data
@@ -226,10 +260,10 @@ def dkdv_persistent_call(q, k, v, do, lse2, delta, meta_arrays, *, block_q: int,
                     head, q_rows = where
                     ready = step_ready.at[slot]
                     for h in range(halves):
-                        plgpu.copy_gmem_to_smem(part(q_ref, bi, q_rows, head, h=h),
-                                                q_smem.at[slot, h], ready)
-                        plgpu.copy_gmem_to_smem(part(do_ref, bi, q_rows, head, h=h),
-                                                do_smem.at[slot, h], ready)
+                        plgpu.copy_gmem_to_smem(part(q_ref, bi, q_rows, head, h=h), Q(slot, h),
+                                                ready)
+                        plgpu.copy_gmem_to_smem(part(do_ref, bi, q_rows, head, h=h), DO(slot, h),
+                                                ready)
                     plgpu.copy_gmem_to_smem(lse_ref.at[bi, head, q_rows], lse_smem.at[slot], ready)
                     plgpu.copy_gmem_to_smem(delta_ref.at[bi, head, q_rows], delta_smem.at[slot],
                                             ready)
@@ -239,19 +273,27 @@ def dkdv_persistent_call(q, k, v, do, lse2, delta, meta_arrays, *, block_q: int,
                                         stages=stages, slot_free=step_free,
                                         locate_step=locate_step, copy_step=copy_step)
 
-        # [buffers, wgs, rows, width]: per warpgroup its rows, or (split) per half its columns
-        kv_smem = plgpu.SMEM((resident_buffers, wgs, rows, width), dtype,
-                             transforms=swizzled((rows, width), dtype))
-        qdo_smem = plgpu.SMEM((stages, halves, block_q, width), dtype,
-                              transforms=swizzled((block_q, width), dtype))
         row_smem = plgpu.SMEM((stages, block_q), jnp.float32)
-        pl.run_scoped(
-            body, kv_smem, kv_smem, qdo_smem, qdo_smem, row_smem, row_smem,
-            plgpu.Barrier(num_arrivals=resident_copies, num_barriers=resident_buffers),
-            plgpu.Barrier(num_arrivals=2 * halves + 2, num_barriers=stages),    # Q, dO, lse, D
-            plgpu.Barrier(num_arrivals=wgs, num_barriers=resident_buffers),
-            plgpu.Barrier(num_arrivals=wgs, num_barriers=stages),
-            collective_axes="wg")
+        barriers = (plgpu.Barrier(num_arrivals=resident_copies, num_barriers=resident_buffers),
+                    plgpu.Barrier(num_arrivals=2 * halves + 2, num_barriers=stages),  # Q, dO, lse, D
+                    plgpu.Barrier(num_arrivals=wgs, num_barriers=resident_buffers),
+                    plgpu.Barrier(num_arrivals=wgs, num_barriers=stages))
+        if share_products:
+            # K and V stacked [buffers, 2, halves, rows, width], Q and dO [stages, 2, ...]; Pᵀ
+            # and dSᵀ hand-over buffers
+            pair = lambda lead, r: plgpu.SMEM((lead, 2, halves, r, width), dtype,  # noqa: E731
+                                              transforms=swizzled((r, width), dtype))
+            handover = plgpu.SMEM((rows, block_q), dtype, transforms=swizzled((rows, block_q), dtype))
+            pl.run_scoped(body, pair(resident_buffers, rows), pair(stages, block_q), row_smem,
+                          row_smem, *barriers, handover, handover, collective_axes="wg")
+        else:
+            # [buffers, wgs, rows, width]: per warpgroup its rows, or (split) per half its columns
+            kv_smem = plgpu.SMEM((resident_buffers, wgs, rows, width), dtype,
+                                 transforms=swizzled((rows, width), dtype))
+            qdo_smem = plgpu.SMEM((stages, halves, block_q, width), dtype,
+                                  transforms=swizzled((block_q, width), dtype))
+            pl.run_scoped(body, kv_smem, kv_smem, qdo_smem, qdo_smem, row_smem, row_smem,
+                          *barriers, collective_axes="wg")
 
     out = jax.ShapeDtypeStruct((b, sp, kh, halves, width) if split_columns else (b, sp, kh, hp),
                                dtype)

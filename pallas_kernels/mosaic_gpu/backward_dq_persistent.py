@@ -6,9 +6,9 @@ its docstring and BACKWARD_NOTES.md).
   balanced deal of the dQ lists, as the forward's: a table, a sorted snake or a snake,
   heaviest q-blocks first) and per item copies Q_i and dO_i into buffer
   `item % resident_buffers` (2; 1 at head dim 256) once the compute warpgroups have
-  released it (their dQ store of the item that last used it has read it), then every K_j, V_j on q-block i's lists — FULL kv-blocks first, then PARTIAL
-  ones — into slot `(first + step) % stages`, once released
-  (backward_walk.run_persistent_producer);
+  released it (their dQ store of the item that last used it has read it), then every
+  K_j, V_j on q-block i's lists — FULL kv-blocks first, then PARTIAL ones — into slot
+  `(first + step) % stages`, once released (backward_walk.run_persistent_producer);
 * the compute warpgroups each own block_q / wgs query rows of the item: they read their
   lse and D rows, run every step with backward_tiles.dq_tile (the per-block kernel's
   products in the same order), then stage dQ in the item's Q buffer, store it by TMA and

@@ -80,11 +80,15 @@ class MosaicBackwardConfig:
     Head dim 256 (default_backward_config): dK and dV of 64 keys over 256 columns would
     be 256 registers a thread, and a second resident buffer does not fit in shared
     memory. So the dK/dV kernel's two warpgroups share 64 keys and split the columns
-    (`split_columns`: each accumulates dK and dV over 128 of them, 64 + 64 registers, and
-    both compute the tile's full-depth Sᵀ and dPᵀ), the dQ kernel runs one warpgroup of
-    64 query rows over all 256 columns (`dq_warpgroups` = 1: dQ 128 registers, S and dP
-    32 + 32, of the 256 a lone compute warpgroup may take), and both keep one buffer of
-    their resident tiles (`resident_buffers` = 1): ~197 and ~193 KB of shared memory."""
+    (`split_columns`: each accumulates dK and dV over 128 of them, 64 + 64 registers)
+    and share the tile's full-depth products (`share_products`: warpgroup 0 forms Sᵀ and
+    Pᵀ, warpgroup 1 dPᵀ and dSᵀ, handed over through shared memory), the dQ kernel runs
+    one warpgroup of 64 query rows over all 256 columns (`dq_warpgroups` = 1: dQ 128
+    registers, S and dP 32 + 32, of the 256 a lone compute warpgroup may take), and both
+    keep one buffer of their resident tiles (`resident_buffers` = 1): ~210 and ~193 KiB of
+    shared memory. On an H200 sharing the products made the D256 S16k training step 17–20 %
+    faster than both warpgroups forming both (causal 417 against 355 TFLOP/s, full 434
+    against 363; cuDNN 394, 390; BENCHMARKS.md, thirteenth run)."""
     block_q_dkv: int = 64
     block_kv_dkv: int = 128
     block_q_dq: int = 128
@@ -117,6 +121,10 @@ class MosaicBackwardConfig:
     # Buffers of the resident tiles (K/V, Q/dO) in the persistent kernels: with 2 the
     # next item's load overlaps this item; 1 where two do not fit (head dim 256).
     resident_buffers: int = 2
+    # With split_columns: each of Sᵀ and dPᵀ formed once, by one warpgroup, Pᵀ and dSᵀ
+    # handed over through shared memory (4 products a tile instead of 6; calls with a soft
+    # cap keep the 6: dSᵀ would need the cap's tanh too). On at head dim 256.
+    share_products: bool = False
 
     def __post_init__(self):
         for name in ("block_q_dkv", "block_kv_dq"):
@@ -124,7 +132,7 @@ class MosaicBackwardConfig:
             if value <= 0 or value % 64:
                 raise ValueError(f"MosaicBackwardConfig.{name} must be a positive multiple of 64 "
                                  f"(wgmma's K), got {value}.")
-        for flag in ("fused", "persistent", "split_columns"):
+        for flag in ("fused", "persistent", "split_columns", "share_products"):
             if not isinstance(getattr(self, flag), bool):
                 raise ValueError(f"MosaicBackwardConfig.{flag} must be True or False, got "
                                  f"{getattr(self, flag)!r}.")
@@ -164,6 +172,10 @@ class MosaicBackwardConfig:
                 or self.memory_registers % 8 or not 24 <= self.memory_registers <= 256):
             raise ValueError("MosaicBackwardConfig.memory_registers must be a multiple of 8 "
                              f"between 24 and 256 (setmaxnreg's range), got {self.memory_registers}.")
+        if self.share_products and not self.split_columns:
+            raise ValueError("MosaicBackwardConfig(share_products=True) hands products between the "
+                             "warpgroups of split_columns, got split_columns=False: start from "
+                             "default_backward_config(256).")
         if self.fused and self.block_q_dkv != ROWS_PER_WARPGROUP:
             raise ValueError(
                 f"MosaicBackwardConfig(fused=True) needs block_q_dkv={ROWS_PER_WARPGROUP} (its "
@@ -176,12 +188,13 @@ class MosaicBackwardConfig:
 
     def kernel_smem_bytes(self, head_dim: int, itemsize: int) -> dict[str, int]:
         """Shared memory of each kernel this config can run ("dkdv", "dq", and "fused"
-        when fused): operand tiles, the fused kernel's dSᵀ and float32 dQ staging, and
-        1 KB for barriers and alignment."""
+        when fused): operand tiles, the fused kernel's dSᵀ and float32 dQ staging, the
+        shared products' Pᵀ and dSᵀ hand-overs, and 1 KB for barriers and alignment."""
         row = head_dim * itemsize
         resident_buffers = self.resident_buffers if self.persistent else 1
         streamed_dkdv = self.num_stages * (2 * self.block_q_dkv * row + 2 * self.block_q_dkv * 4)
-        sizes = {"dkdv": resident_buffers * 2 * self.block_kv_dkv * row + streamed_dkdv,
+        handover = 2 * self.block_kv_dkv * self.block_q_dkv * itemsize if self.share_products else 0
+        sizes = {"dkdv": resident_buffers * 2 * self.block_kv_dkv * row + streamed_dkdv + handover,
                  "dq": resident_buffers * 2 * self.block_q_dq * row
                  + self.num_stages * 2 * self.block_kv_dq * row}
         if self.fused:
@@ -201,7 +214,8 @@ def default_backward_config(head_dim: int) -> MosaicBackwardConfig:
     if head_dim <= 128:
         return MosaicBackwardConfig()
     return MosaicBackwardConfig(block_kv_dkv=ROWS_PER_WARPGROUP, block_q_dq=ROWS_PER_WARPGROUP,
-                                dq_warpgroups=1, split_columns=True, resident_buffers=1)
+                                dq_warpgroups=1, split_columns=True, resident_buffers=1,
+                                share_products=True)
 
 
 def padded_head_dim(h: int) -> int:
@@ -295,7 +309,9 @@ def backward(static, q, k, v, bias, out, lse, dout, delta, metas, operands,
     if reason is not None:
         raise NotImplementedError(reason)
     running = ("fused",) if want_dkdv and want_dq and config.fused else tuple(tiles)
-    sizes = config.kernel_smem_bytes(hp, q.dtype.itemsize)
+    # with a soft cap the dK/dV warpgroups form both products (no hand-over buffers)
+    share = config.share_products and static.logits_soft_cap is None
+    sizes = dataclasses.replace(config, share_products=share).kernel_smem_bytes(hp, q.dtype.itemsize)
     for kernel in running:
         if sizes[kernel] > SMEM_BYTES:
             persistent_fix = ""
@@ -379,7 +395,8 @@ def backward(static, q, k, v, bias, out, lse, dout, delta, metas, operands,
                                           block_kv=m.block_kv, meta=m, q_len=padded_q_len,
                                           wgs=config.compute_warpgroups,
                                           resident_buffers=config.resident_buffers,
-                                          split_columns=config.split_columns, **common)
+                                          split_columns=config.split_columns,
+                                          share_products=share, **common)
         else:
             dk, dv = dkdv_call(qp, kp, vp, dop, lse2, delta_p, lists, block_q=m.block_q,
                                block_kv=m.block_kv, q_len=padded_q_len,

@@ -11,7 +11,9 @@ operands of the next wgmma (FlashAttention-2, Algorithm 2):
 At head dim 256 the dK/dV kernel's two warpgroups share the tile's rows and each keeps
 half of dK's and dV's columns (backward_dkdv_persistent.py): its operands sit in shared
 memory as column halves, Sᵀ and dPᵀ sum one product per half, and dV, dK multiply the
-warpgroup's own half of dO and Q.
+warpgroup's own half of dO and Q. By default each product is formed once and Pᵀ, dSᵀ
+handed over between the warpgroups (dkdv_tile_shared); with a soft cap both warpgroups
+form both (dkdv_tile with two column parts).
 dQ, rows = queries:
     dP = dO Vᵀ;  S = Q Kᵀ;  P as above;  dS = P ∘ (dP − D), 0 where P is;  dQ += dS K.
 dK and dQ are scaled once at the end, by the callers.
@@ -28,6 +30,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from pallas_kernels.mosaic_gpu import named_barrier
 from pallas_kernels.mosaic_gpu.backward_walk import (OperandTiles, dlogits, keep_partial,
                                                      logits_and_probabilities, tile_positions)
 
@@ -130,3 +133,58 @@ def dq_tile(arith: TileArithmetic, q_tile, do_tile, k_tile, v_tile, dq_acc, *, l
                                   kv_start=kv_start, batch=batch, head=head)
     ds = arith.dlogits(p, dp, delta, tanh, row_axis=0, partial=partial)
     plgpu.wgmma(dq_acc, ds.astype(arith.dtype), k_tile)            # dQ += dS K
+
+
+@dataclasses.dataclass(frozen=True)
+class Exchange:
+    """Where the two warpgroups of the shared-products dK/dV tile hand Pᵀ and dSᵀ over:
+    two [rows, block_q] 16-bit buffers in shared memory and the named barriers that
+    say each is written (warpgroup 0 arrives on `p_ready` and waits on `ds_ready`,
+    warpgroup 1 the other way round; 256 threads each)."""
+    p_smem: Any
+    ds_smem: Any
+    p_ready: int
+    ds_ready: int
+
+
+def dkdv_tile_shared(arith: TileArithmetic, x_parts, dk_acc, dv_acc, *, role, q_cols, do_cols,
+                     exchange: Exchange, lse_row: Callable, delta_row: Callable, partial,
+                     q_start, kv_start, batch, head):
+    """One tile of the dK/dV pass at head dim 256 with each product formed once: both
+    warpgroups own the tile's keys and one column half of dK and dV each. Warpgroup
+    `role` 0 forms Sᵀ = K Qᵀ and Pᵀ, warpgroup 1 dPᵀ = V dOᵀ (x_parts: the (A, B) column
+    halves of its product, summed); Pᵀ goes to warpgroup 1 through shared memory, which
+    forms dSᵀ = Pᵀ ∘ (dPᵀ − D) (0 where Pᵀ is, on PARTIAL tiles) and hands it back; then
+    each multiplies its half: dV += Pᵀ dO, dK += dSᵀ Q (q_cols / do_cols). No soft cap
+    (dSᵀ would need its tanh too). Issues the last two products without waiting."""
+    rows, block_q = x_parts[0][0].shape[0], x_parts[0][1].shape[0]
+    threads = 2 * 128
+
+    def product(acc):
+        for a, b in x_parts:
+            plgpu.wgmma(acc, a, b.T)
+        return acc[...]
+
+    x = pl.run_scoped(product, plgpu.ACC((rows, block_q), jnp.float32))
+
+    def scores():          # warpgroup 0: x = Sᵀ
+        p_t, _ = arith.probabilities(x, lse_row(), row_axis=1, partial=partial, q_start=q_start,
+                                     kv_start=kv_start, batch=batch, head=head)
+        p_b = p_t.astype(arith.dtype)
+        exchange.p_smem[...] = p_b
+        named_barrier.bar_arrive(exchange.p_ready, threads)
+        named_barrier.bar_sync(exchange.ds_ready, threads)
+        return p_b, plgpu.load(exchange.ds_smem, (), layout=plgpu.Layout.WGMMA)
+
+    def gradients():       # warpgroup 1: x = dPᵀ
+        named_barrier.bar_sync(exchange.p_ready, threads)
+        p_b = plgpu.load(exchange.p_smem, (), layout=plgpu.Layout.WGMMA)
+        ds_b = arith.dlogits(p_b.astype(jnp.float32), x, delta_row(), None, row_axis=1,
+                             partial=partial).astype(arith.dtype)
+        exchange.ds_smem[...] = ds_b
+        named_barrier.bar_arrive(exchange.ds_ready, threads)
+        return p_b, ds_b
+
+    p_b, ds_b = lax.cond(role == 0, scores, gradients)
+    plgpu.wgmma(dv_acc, p_b, do_cols)                               # dV += Pᵀ dO
+    plgpu.wgmma(dk_acc, ds_b, q_cols)                               # dK += dSᵀ Q
