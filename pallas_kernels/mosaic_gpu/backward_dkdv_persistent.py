@@ -16,8 +16,8 @@ Three warpgroups, as in forward.py:
   CTA when the counts are static, else a snake over the items sorted on the device;
   either way heaviest kv-blocks first, equal ones in order) and per item copies K_j,
   V_j into buffer `item % resident_buffers` once the compute warpgroups have released
-  it (their dK, dV stores of the item that last used it have read it), then every step of the item's
-  TRANSPOSED lists (GQA: once per query head of the group): Q_i, dO_i, lse_i, D_i into
+  it (their dK, dV stores of the item that last used it have read it), then every step
+  of the item's TRANSPOSED lists (GQA: once per query head of the group): Q_i, dO_i, lse_i, D_i into
   slot `(first + step) % stages`, once released (backward_walk.run_persistent_producer,
   the loop both persistent kernels share);
 * the compute warpgroups each own block_kv / wgs keys of the item (split_columns, below:
