@@ -175,14 +175,11 @@ def dkdv_persistent_call(q, k, v, do, lse2, delta, meta_arrays, *, block_q: int,
                     # (split) its column half of all of them, at the same place.
                     kv_base = j * block_kv + (0 if split_columns else wg * rows)
                     k_own, v_own = K(buf, wg), V(buf, wg)
-                    k_parts = tuple(K(buf, h) for h in range(halves)) if split_columns else (k_own,)
-                    v_parts = tuple(V(buf, h) for h in range(halves)) if split_columns else (v_own,)
                     plgpu.barrier_wait(kv_ready.at[buf])
 
                     def step_products(s, dk_acc, dv_acc):
                         slot = lax.rem(first + s, stages)
                         step = lists.decode(s)
-                        own = wg if split_columns else 0
                         plgpu.barrier_wait(step_ready.at[slot])
                         rows_of_step = dict(
                             lse_row=lambda: plgpu.load(lse_smem.at[slot], (), layout=WGMMA_COL),
@@ -196,11 +193,15 @@ def dkdv_persistent_call(q, k, v, do, lse2, delta, meta_arrays, *, block_q: int,
                             dkdv_tile_shared(arith, x_parts, dk_acc, dv_acc, role=wg,
                                              q_cols=Q(slot, wg), do_cols=DO(slot, wg),
                                              exchange=exchange, **rows_of_step)
-                        else:
-                            q_parts = tuple(Q(slot, h) for h in range(halves))
-                            do_parts = tuple(DO(slot, h) for h in range(halves))
-                            dkdv_tile(arith, k_parts, v_parts, q_parts, do_parts, dk_acc, dv_acc,
-                                      q_cols=Q(slot, own), do_cols=DO(slot, own), **rows_of_step)
+                        elif split_columns:   # both products from both halves, in both
+                            parts = [tuple(ref(at, h) for h in range(halves))
+                                     for ref, at in ((K, buf), (V, buf), (Q, slot), (DO, slot))]
+                            dkdv_tile(arith, *parts, dk_acc, dv_acc, q_cols=Q(slot, wg),
+                                      do_cols=DO(slot, wg), **rows_of_step)
+                        else:                 # this warpgroup's rows, the whole head dim
+                            dkdv_tile(arith, (k_own,), (v_own,), (Q(slot, 0),), (DO(slot, 0),),
+                                      dk_acc, dv_acc, q_cols=Q(slot, 0), do_cols=DO(slot, 0),
+                                      **rows_of_step)
                         plgpu.wgmma_wait(0)
                         plgpu.barrier_arrive(step_free.at[slot])                # slot read
 
